@@ -42,7 +42,7 @@ def _read_idx(path):
         magic, = struct.unpack(">I", f.read(4))
         ndim = magic & 0xFF
         shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
+        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape).copy()
 
 
 def _find_idx(folder, stem):

@@ -17,7 +17,6 @@ import math
 import sys
 from dataclasses import dataclass
 
-import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmRestarts, LambdaLR, SequentialLR
 
 SCHEDULES = ("standard", "cyclic", "constant")
@@ -105,8 +104,7 @@ def cycles_for_epochs(warmup_epochs, t0, t_mult, epochs):
         if math.isclose(e, epochs, rel_tol=1e-9):
             return n
         if e > epochs:
-            below = [v for v in valid[:n - 1]]
-            nearest = ([f"{below[-1]:g} ({n - 1} cycles)"] if below else []) + [f"{e:g} ({n} cycles)"]
+            nearest = ([f"{valid[n - 2]:g} ({n - 1} cycles)"] if n > 1 else []) + [f"{e:g} ({n} cycles)"]
             raise ValueError(f"--epochs {epochs:g} does not end a cycle (warmup {warmup_epochs:g} + t0 {t0:g} "
                              f"x t_mult {t_mult}); use --epochs {' or '.join(nearest)}, or --cycles N")
     raise ValueError(f"--epochs {epochs:g} is too large for t0 {t0:g}")
@@ -114,11 +112,16 @@ def cycles_for_epochs(warmup_epochs, t0, t_mult, epochs):
 
 def make_plan(schedule, epochs, warmup_epochs, t0, t_mult, steps_per_epoch):
     """Plan in steps; periods are rounded to whole optimizer steps."""
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    if schedule == "standard":
+        return Plan(schedule, round(epochs * steps_per_epoch), warmup_steps)
     if schedule == "constant":
         t_mult = 1
-    return Plan(schedule=schedule, total_steps=round(epochs * steps_per_epoch),
-                warmup_steps=round(warmup_epochs * steps_per_epoch),
-                t0_steps=round(t0 * steps_per_epoch) if schedule != "standard" else 0, t_mult=t_mult)
+    # Total from the rounded periods, so that the run ends exactly on a cycle end.
+    t0_steps = round(t0 * steps_per_epoch)
+    cycles = cycles_for_epochs(warmup_epochs, t0, t_mult, epochs)
+    return Plan(schedule, warmup_steps + t0_steps * sum(t_mult ** i for i in range(cycles)), warmup_steps,
+                t0_steps, t_mult)
 
 
 def speedup_ratio(t_mult, n):

@@ -255,7 +255,6 @@ def main(argv=None):
     cycle_ends = set(plan.cycle_end_steps())
     every = round(cfg.eval_every * loader.steps_per_epoch) if cfg.eval_every else 0
     eval_steps = cycle_ends | {plan.total_steps} | (set(range(every, plan.total_steps, every)) if every else set())
-    K = cfg.grad_accum
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
     steps_since_row, images_since_row, time_since_row = 0, 0, 0.0
     last_lr = schedules.lr_at(plan, step - 1, cfg.lr, cfg.eta_min) if step else 0.0
@@ -269,18 +268,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     while step < plan.total_steps:
         for x, y in loader.epoch(step // loader.steps_per_epoch, step % loader.steps_per_epoch):
-            model.train()
-            for micro, (xm, ym) in enumerate(zip(x.chunk(K), y.chunk(K))):
-                xm, ym = objective.prepare(xm, ym, (step, rank, micro))
-                last_micro = micro == K - 1
-                with (model.no_sync() if ddp and not last_micro else contextlib.nullcontext()), autocast:
-                    loss = objective.loss(model(xm), ym) / K
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
             last_lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum += train_step(model, optimizer, scaler, objective, autocast, x, y, cfg.grad_accum, ddp, (step, rank))
             scheduler.step()
             step += 1
             steps_since_row += 1
@@ -332,10 +321,31 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, ddp, draw_key):
+    """One optimizer step over this rank's batch in `grad_accum` micro-steps; returns the mean loss
+    (a device tensor: reading it would sync). DDP all-reduces gradients on the last micro-step only."""
+    model.train()
+    total = torch.zeros((), device=x.device)
+    for micro, (xm, ym) in enumerate(zip(x.chunk(grad_accum), y.chunk(grad_accum))):
+        xm, ym = objective.prepare(xm, ym, (*draw_key, micro))
+        sync = not ddp or micro == grad_accum - 1
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            loss = objective.loss(model(xm), ym) / grad_accum
+        scaler.scale(loss).backward()
+        total += loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 @torch.no_grad()
 def evaluate(model, data, rank, world_size, autocast, channels_last, ddp):
     """Plain cross-entropy and top-1/top-5 over this rank's shard, summed over ranks: exact on the whole set."""
     model.eval()
+    if ddp:  # BN running stats drift per rank during training: evaluate rank 0's, the model that is saved
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
     device = data.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
     for x, y in data.val_batches(rank, world_size):

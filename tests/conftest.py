@@ -1,0 +1,28 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A tiny real run: synthetic data, 256 images, batch 32: 8 steps per epoch, cycle ends at 2 and 4.
+TINY = ["--data", "synthetic", "--subset", "256", "--batch-size", "32", "--warmup-epochs", "1", "--t0", "1",
+        "--cycles", "2", "--lr", "0.1", "--no-progress"]
+
+
+def run_train(args, env=None, torchrun=0, check=True):
+    """Run train.py (or torchrun with `torchrun` processes) in a subprocess; returns CompletedProcess."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+                              if torchrun else []) + [os.path.join(ROOT, "train.py")] + list(args)
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture
+def tiny_run_args():
+    return list(TINY)

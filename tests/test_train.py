@@ -1,0 +1,144 @@
+"""train.py end to end: the run-format contract, torchrun, gradient accumulation, bad flags."""
+import copy
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, run_train
+
+CONTRACT_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s", "cycle",
+                    "cycle_end"]
+CONTRACT_KEYS = ["schedule", "methods", "seed", "epochs", "warmup_epochs", "t0", "t_mult", "model", "dataset",
+                 "batch_size", "grad_accum", "world_size", "lr", "momentum", "weight_decay", "amp"]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cyclic_run_follows_the_contract(tmp_path):
+    run = tmp_path / "run"
+    run_train(TINY + ["--run-dir", str(run), "--eval-every", "1"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert all(k in cfg for k in CONTRACT_KEYS)
+    assert cfg["schedule"] == "cyclic" and cfg["methods"] == [] and cfg["epochs"] == 4 and cfg["world_size"] == 1
+    assert (run / "done").exists() and (run / "checkpoints" / "last.pt").exists()
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:len(CONTRACT_COLUMNS)] == CONTRACT_COLUMNS
+    rows = read_metrics(run)
+    # 8 steps per epoch; evaluations every epoch; cycle ends at epochs 2 and 4
+    assert [int(r["step"]) for r in rows] == [8, 16, 24, 32]
+    assert [float(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["cycle"]) for r in rows] == [-1, 0, 1, 1]
+    assert [int(r["cycle_end"]) for r in rows] == [0, 1, 0, 1]
+    assert float(rows[0]["lr"]) == pytest.approx(0.1)  # last warmup step is at the peak
+    assert float(rows[1]["lr"]) < 0.01 and float(rows[3]["lr"]) < 0.01  # cycle ends at the LR minimum
+    times = [float(r["train_time_s"]) for r in rows]
+    assert all(b > a for a, b in zip(times, times[1:]))
+    for r in rows:
+        assert 0 <= float(r["val_acc1"]) <= float(r["val_acc5"]) <= 100
+
+
+def test_standard_run_and_default_run_dir(tmp_path):
+    p = run_train(["--data", "synthetic", "--subset", "128", "--batch-size", "32", "--schedule", "standard",
+                   "--epochs", "3", "--warmup-epochs", "1", "--no-progress", "--seed", "3"], env={"PWD": str(tmp_path)})
+    run = os.path.join(os.path.dirname(os.path.dirname(__file__)), "runs",
+                       "synthetic_small_resnet_standard-e3_baseline_s3")
+    try:
+        rows = read_metrics(run)
+        assert [int(r["cycle_end"]) for r in rows] == [0, 0, 1] and [int(r["cycle"]) for r in rows] == [-1, 0, 0]
+        cfg = json.load(open(os.path.join(run, "config.json")))
+        assert cfg["t0"] == 2 and cfg["t_mult"] == 1
+    finally:
+        import shutil
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_torchrun_two_processes_match_single_process_evaluation(tmp_path):
+    run = tmp_path / "ddp"
+    args = TINY + ["--run-dir", str(run), "--amp", "none"]
+    run_train(args, torchrun=2)
+    rows = read_metrics(run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["world_size"] == 2 and (run / "done").exists()
+    assert [int(r["cycle_end"]) for r in rows if int(r["cycle_end"])] == [1, 1]
+    # evaluate the saved weights in this single process: the sharded, reduced accuracy is exact
+    from data import build_data
+    from models import build_model
+    from train import evaluate
+    data = build_data("synthetic", None, torch.device("cpu"), subset=256)
+    model = build_model("small_resnet", data.num_classes, data.in_chans)
+    model.load_state_dict(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
+    val = evaluate(model, data, 0, 1, torch.autocast("cpu", enabled=False), False, False)
+    assert float(rows[-1]["val_acc1"]) == pytest.approx(val["acc1"], abs=1e-4)
+    assert float(rows[-1]["val_loss"]) == pytest.approx(val["loss"], rel=1e-4)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    from methods import Objective
+    from train import train_step
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10))
+    x, y = torch.randn(24, 3, 8, 8), torch.randint(0, 10, (24,))
+    cfg = type("Cfg", (), dict(channels_last=False, label_smoothing=0.0, mixup=0.0, seed=0, blurpool=False))()
+    results = []
+    for k in (1, 4):
+        model = copy.deepcopy(net)
+        from timm.optim import SGDW
+        opt = SGDW(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        for _ in range(2):
+            loss = train_step(model, opt, scaler, Objective(cfg, 10), torch.autocast("cpu", enabled=False), x, y, k,
+                              False, (0, 0))
+        results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results[0][1][0], net[0].weight)  # the step did change the weights
+
+
+BAD = [
+    (["--lr", "-0.1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--batch-size", "30", "--grad-accum", "4"], "--batch-size"),
+    (["--epochs", "5"], "--epochs 5 does not end a cycle"),
+    (["--cycles", "2", "--epochs", "4"], "--cycles"),
+    (["--data", "mnist-ish"], "--data"),
+    (["--data-dir", "/nonexistent/fmnist"], "--data-dir"),
+    (["--data", "imagenet"], "--data-dir"),
+    (["--data", "cifar10"], "--data-dir"),
+    (["--schedule", "linear"], "--schedule"),
+    (["--amp", "fp16"], "--amp"),
+    (["--amp", "int8"], "--amp"),
+    (["--momentum", "1.5"], "--momentum"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--schedule", "standard", "--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--t0", "0"], "--t0"),
+    (["--schedule", "constant", "--t-mult", "2"], "--t-mult"),
+    (["--label-smoothing", "1.5"], "--label-smoothing"),
+    (["--mixup", "0.2", "--batch-size", "6", "--grad-accum", "2"], "--mixup"),
+    (["--model", "no_such_net"], "--model"),
+    (["--resume"], "--resume"),
+    (["--resume", "--overwrite"], "--resume"),
+    (["--subset", "-3"], "--subset"),
+    (["--batch-size", "512", "--subset", "100"], "--batch-size"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_flags_fail_with_one_line_and_write_nothing(argv, flag, tmp_path, capsys, monkeypatch):
+    import train
+    monkeypatch.delenv("RANK", raising=False)
+    run = tmp_path / "r"
+    base = [] if "--data" in argv or "--data-dir" in argv else ["--data", "synthetic"]
+    with pytest.raises(SystemExit) as e:
+        train.main(base + argv + ["--run-dir", str(run), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error:") and flag in err, err
+    assert not run.exists()
