@@ -5,12 +5,13 @@ fsynced and renamed into place; metrics.csv is appended and fsynced row by row."
 import csv
 import json
 import os
-import warnings
+import sys
 
 import torch
 
 METRICS_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s",
-                   "cycle", "cycle_end", "images_per_s", "eval_time_s"]
+                   "cycle", "cycle_end", "images_per_s", "eval_time_s",
+                   "skipped_steps"]
 RUN_FILES = ("config.json", "metrics.csv", "done", "checkpoints")
 
 
@@ -107,5 +108,6 @@ def load_checkpoint(run_dir, map_location="cpu"):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # truncated or corrupt file: try the older one
-            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
+            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); trying the previous one",
+                  file=sys.stderr)
     return None

@@ -75,6 +75,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=float, default=None,
                    help="epochs between extra evaluations (default: 1 for resident datasets, else cycle ends only)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N optimizer steps whose loss is NaN/inf instead of stopping (checks every step)")
     return p.parse_args(argv)
 
 
@@ -114,6 +116,7 @@ def resolve(cfg, world_size, device):
         (not (cfg.mixup > 0 and (cfg.batch_size // (world_size * max(cfg.grad_accum, 1))) % 2),
          "--mixup needs an even micro-batch (batch / (world size x grad-accum))"),
         (cfg.eval_every is None or cfg.eval_every >= 0, f"--eval-every must be >= 0, got {cfg.eval_every}"),
+        (cfg.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {cfg.skip_nonfinite}"),
         (not (cfg.amp == "fp16" and device.type == "cpu"), "--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other; pick one"),
         (cfg.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{cfg.resume}'"),
@@ -165,8 +168,8 @@ def prepare_run_dir(cfg):
             if diffs:
                 fail(f"--resume: these options differ from the run in {cfg.run_dir}: {'; '.join(diffs)}")
             return ckpt
-        if holds_run(cfg.run_dir) and not os.path.exists(os.path.join(cfg.run_dir, "checkpoints")):
-            return None  # 'auto' on a run that died before its first checkpoint: nothing to lose, start again
+        cfg.overwrite = True  # 'auto' with no checkpoint: the run died before its first one, nothing to lose
+        return None
     if holds_run(cfg.run_dir) and not cfg.overwrite:
         fail(f"--run-dir {cfg.run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
              f"or choose another --run-dir")
@@ -222,13 +225,14 @@ def main(argv=None):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    step, train_time, metrics_rows = 0, 0.0, 0
+    step, train_time, metrics_rows, skipped = 0, 0.0, 0, 0
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, train_time, metrics_rows = ckpt["step"], ckpt["train_time_s"], ckpt["metrics_rows"]
+        step, train_time, metrics_rows, skipped = (ckpt["step"], ckpt["train_time_s"], ckpt["metrics_rows"],
+                                                   ckpt["skipped_steps"])
         restore_rng(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     if cfg.compile:
         model = torch.compile(model)
@@ -256,7 +260,8 @@ def main(argv=None):
     every = round(cfg.eval_every * loader.steps_per_epoch) if cfg.eval_every else 0
     eval_steps = cycle_ends | {plan.total_steps} | (set(range(every, plan.total_steps, every)) if every else set())
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-    steps_since_row, images_since_row, time_since_row = 0, 0, 0.0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+    steps_since_row, loss_steps, images_since_row, time_since_row = 0, 0, 0, 0.0
     last_lr = schedules.lr_at(plan, step - 1, cfg.lr, cfg.eta_min) if step else 0.0
     bar = tqdm(total=plan.total_steps, initial=step, disable=not master or cfg.no_progress, unit="step",
                dynamic_ncols=True, leave=False)
@@ -269,7 +274,16 @@ def main(argv=None):
     while step < plan.total_steps:
         for x, y in loader.epoch(step // loader.steps_per_epoch, step % loader.steps_per_epoch):
             last_lr = optimizer.param_groups[0]["lr"]
-            loss_sum += train_step(model, optimizer, scaler, objective, autocast, x, y, cfg.grad_accum, ddp, (step, rank))
+            loss = train_step(model, optimizer, scaler, objective, autocast, x, y, cfg.grad_accum, ddp, (step, rank),
+                              check_finite=skipped < cfg.skip_nonfinite)
+            if loss is None:  # non-finite and --skip-nonfinite allows it: no update, the schedule goes on
+                skipped += 1
+                if master:
+                    tqdm.write(f"skipped step {step + 1}: non-finite loss ({skipped}/{cfg.skip_nonfinite} allowed)")
+            else:
+                loss_sum += loss
+                loss_steps += 1
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             scheduler.step()
             step += 1
             steps_since_row += 1
@@ -277,7 +291,7 @@ def main(argv=None):
             bar.update(1)
             if master and not cfg.no_progress and (step % 25 == 0 or step in eval_steps):
                 bar.set_postfix(epoch=f"{step / loader.steps_per_epoch:.2f}", cycle=plan.cycle_of_step(step - 1),
-                                lr=f"{last_lr:.4f}", loss=f"{loss_sum.item() / steps_since_row:.4f}",
+                                lr=f"{last_lr:.4f}", loss=f"{loss_sum.item() / max(loss_steps, 1):.4f}",
                                 img_s=f"{images_since_row / (time.perf_counter() - t_start + time_since_row):.0f}")
             if step in eval_steps:
                 sync()
@@ -285,30 +299,31 @@ def main(argv=None):
                 train_time += elapsed
                 time_since_row += elapsed
                 t_eval = time.perf_counter()
-                train_loss = reduce_mean(loss_sum / steps_since_row, ddp)
-                if not math.isfinite(train_loss):
-                    fail_nonfinite(master, step, last_lr)
+                bad = reduce_max(first_bad, ddp)
+                if bad >= 0:
+                    fail_nonfinite(master, bad + 1, schedules.lr_at(plan, bad, cfg.lr, cfg.eta_min))
+                train_loss = reduce_mean(loss_sum / max(loss_steps, 1), ddp)
                 val = evaluate(raw_model, data, rank, world_size, autocast, cfg.channels_last, ddp)
                 row = dict(epoch=f"{step / loader.steps_per_epoch:.6g}", step=step, lr=f"{last_lr:.8g}",
                            train_loss=f"{train_loss:.6f}", val_loss=f"{val['loss']:.6f}", val_acc1=f"{val['acc1']:.4f}",
                            val_acc5=f"{val['acc5']:.4f}" if val["acc5"] is not None else None,
                            train_time_s=f"{train_time:.3f}", cycle=plan.cycle_of_step(step - 1),
                            cycle_end=int(step in cycle_ends or step == plan.total_steps),
-                           images_per_s=f"{images_since_row / time_since_row:.1f}")
+                           images_per_s=f"{images_since_row / time_since_row:.1f}", skipped_steps=skipped)
                 row["eval_time_s"] = f"{time.perf_counter() - t_eval:.3f}"
                 if master:
                     log.append(row)
                     save_checkpoint(cfg.run_dir, dict(
                         model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict(), step=step, train_time_s=train_time, metrics_rows=log.rows,
-                        rng=gather_rng(ddp)))
+                        skipped_steps=skipped, rng=gather_rng(ddp)))
                     tqdm.write(f"epoch {row['epoch']:>6} step {step:>6} cycle {row['cycle']:>2} lr {last_lr:.4f} | "
                                f"train loss {row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
                                f"{row['images_per_s']} img/s, {train_time:.1f}s" + (" | cycle end" if row["cycle_end"] else ""))
                 elif ddp:
                     gather_rng(ddp)
                 loss_sum.zero_()
-                steps_since_row, images_since_row, time_since_row = 0, 0, 0.0
+                steps_since_row, loss_steps, images_since_row, time_since_row = 0, 0, 0, 0.0
                 t_start = time.perf_counter()
             if step >= plan.total_steps:
                 break
@@ -321,9 +336,10 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, ddp, draw_key):
+def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, ddp, draw_key, check_finite=False):
     """One optimizer step over this rank's batch in `grad_accum` micro-steps; returns the mean loss
-    (a device tensor: reading it would sync). DDP all-reduces gradients on the last micro-step only."""
+    (a device tensor: reading it would sync). DDP all-reduces gradients on the last micro-step only.
+    With check_finite, a non-finite loss on any rank skips the update on all ranks and returns None."""
     model.train()
     total = torch.zeros((), device=x.device)
     for micro, (xm, ym) in enumerate(zip(x.chunk(grad_accum), y.chunk(grad_accum))):
@@ -333,6 +349,13 @@ def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, 
             loss = objective.loss(model(xm), ym) / grad_accum
         scaler.scale(loss).backward()
         total += loss.detach()
+    if check_finite:
+        finite = torch.isfinite(total).float()
+        if ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            optimizer.zero_grad(set_to_none=True)
+            return None
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -363,6 +386,13 @@ def evaluate(model, data, rank, world_size, autocast, channels_last, ddp):
     return dict(loss=loss / n, acc1=100 * c1 / n, acc5=100 * c5 / n if data.num_classes >= 5 else None)
 
 
+def reduce_max(t, ddp):
+    if ddp:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def reduce_mean(t, ddp):
     if ddp:
         t = t.clone()
@@ -373,8 +403,8 @@ def reduce_mean(t, ddp):
 
 def fail_nonfinite(master, step, lr):
     if master:
-        print(f"train.py: error: non-finite training loss by step {step} (lr {lr:.6g}); the last good checkpoint is "
-              f"kept; lower --lr or use --amp bf16/none", file=sys.stderr)
+        print(f"train.py: error: non-finite training loss at step {step} (lr {lr:.6g}); the last good checkpoint is "
+              f"kept; lower --lr, use --amp bf16/none, or allow a few with --skip-nonfinite N", file=sys.stderr)
     sys.exit(3)
 
 

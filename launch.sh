@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# launch.sh: set up, run the demo, run sweeps, run the tests.
+#
+#   ./launch.sh setup                 venv in .venv, requirements, Fashion-MNIST (Debian package)
+#   ./launch.sh demo                  setup + a real cyclic-vs-standard curve on Fashion-MNIST + report
+#   ./launch.sh test                  setup + the test suite
+#   ./launch.sh sweep [options]       cyclic + standard runs for every seed x method set, then the report
+#   ./launch.sh repro [options]       the paper's seven method sets on Fashion-MNIST (a sweep preset)
+#
+# Sweep options (each also as an environment variable, e.g. SEEDS="0 1"):
+#   --seeds "0 1"  --methods baseline,bp,cl,ls,mx,ls+mx,bp+cl+ls+mx  --warmup 1 --t0 1 --t-mult 2 --cycles 4
+#   --data fashion-mnist --data-dir DIR --model small_resnet  --gpus N (torchrun --nproc_per_node)
+#   --nnodes N --rdzv-endpoint HOST:PORT (multi-node)  --constant (add constant-period runs)
+#   --out runs/sweep  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
+# A finished run (has 'done') is skipped; an unfinished one is resumed (--resume auto), so a killed
+# sweep continues where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    # system site packages: reuse a torch already installed on the machine instead of a second 5 GB copy
+    python3 -m venv --system-site-packages "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+  if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      apt-get install -y -q dataset-fashion-mnist >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+    else
+      echo "launch.sh: Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu)," \
+           "or put the four IDX files in a folder and pass --data-dir" >&2
+    fi
+  fi
+}
+
+PY() { if [ -x "$VENV/bin/python" ]; then "$VENV/bin/python" "$@"; else python3 "$@"; fi; }
+
+# ---- sweep ----------------------------------------------------------------------------------
+SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
+CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
+GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
+DRY=${DRY:-0}; EXTRA=()
+
+parse_sweep() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --seeds) SEEDS=$2; shift 2;; --methods) METHODS=$2; shift 2;; --warmup) WARMUP=$2; shift 2;;
+      --t0) T0=$2; shift 2;; --t-mult) T_MULT=$2; shift 2;; --cycles) CYCLES=$2; shift 2;;
+      --data) DATA=$2; shift 2;; --data-dir) DATA_DIR=$2; shift 2;; --model) MODEL=$2; shift 2;;
+      --gpus) GPUS=$2; shift 2;; --nnodes) NNODES=$2; shift 2;; --rdzv-endpoint) RDZV=$2; shift 2;;
+      --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
+      --) shift; EXTRA=("$@"); break;;
+      *) echo "launch.sh: unknown sweep option '$1' (see the top of launch.sh)" >&2; exit 2;;
+    esac
+  done
+}
+
+method_flags() {  # bp+cl -> --blurpool --channels-last
+  local set=$1 flags=() m
+  [ "$set" = baseline ] && return 0
+  IFS=+ read -ra parts <<<"$set"
+  for m in "${parts[@]}"; do
+    case "$m" in
+      bp) flags+=(--blurpool);; cl) flags+=(--channels-last);; ls) flags+=(--label-smoothing);; mx) flags+=(--mixup);;
+      *) echo "launch.sh: unknown method '$m' in --methods (use baseline, bp, cl, ls, mx joined by +)" >&2; exit 2;;
+    esac
+  done
+  echo "${flags[@]}"
+}
+
+launcher() {
+  if [ "$GPUS" -gt 0 ]; then
+    local rdzv=(--standalone)
+    [ "$NNODES" -gt 1 ] && rdzv=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV" --rdzv-id "${RDZV_ID:-sweep}")
+    echo "$VENV/bin/torchrun ${rdzv[*]} --nproc_per_node $GPUS --max-restarts ${MAX_RESTARTS:-0}"
+  else
+    echo "$VENV/bin/python"
+  fi
+}
+
+one_run() {  # run_dir, then train.py flags
+  local dir=$1; shift
+  if [ -e "$dir/done" ]; then echo "skip (done): $dir"; return 0; fi
+  local cmd="$(launcher) train.py --run-dir $dir --resume auto --no-progress $*"
+  if [ "$DRY" = 1 ]; then echo "$cmd"; else echo "+ $cmd"; $cmd; fi
+}
+
+sweep() {
+  parse_sweep "$@"
+  local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 ${DATA_DIR:+--data-dir $DATA_DIR} ${EXTRA[*]:-}"
+  local ends
+  ends=$(PY -c "import schedules as s; print(' '.join(f'{e:g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES)))")
+  IFS=, read -ra sets <<<"$METHODS"
+  for seed in $SEEDS; do
+    for set in "${sets[@]}"; do
+      local mf; mf=$(method_flags "$set")
+      one_run "$OUT/$set/s$seed/cyclic" --schedule cyclic --t-mult "$T_MULT" --cycles "$CYCLES" --seed "$seed" $mf $common
+      for e in $ends; do
+        one_run "$OUT/$set/s$seed/standard-e$e" --schedule standard --epochs "$e" --seed "$seed" $mf $common
+      done
+      if [ "$CONSTANT" = 1 ]; then
+        one_run "$OUT/$set/s$seed/constant" --schedule constant --cycles "$(( (1 << CYCLES) - 1 ))" --seed "$seed" $mf $common
+      fi
+    done
+  done
+  if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $OUT --out $OUT/report"; else PY -m analysis.report "$OUT" --out "$OUT/report"; fi
+}
+
+case "${1:-}" in
+  setup) setup;;
+  test) setup; shift; PY -m pytest -q tests "$@";;
+  demo)
+    setup
+    # 20k of the 60k training images keep the whole demo at a few minutes on a 2-core CPU.
+    sweep --out runs/demo --warmup 0.5 --t0 0.5 --cycles 3 -- --subset "${SUBSET:-20000}"
+    echo "report: runs/demo/report/report.md (tradeoff figure: runs/demo/report/fig3_tradeoff.png)";;
+  sweep) shift; [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]] || setup; sweep "$@";;
+  repro)
+    shift; [[ " $* " == *" --dry-run "* ]] || setup
+    sweep --out runs/repro --seeds "0 1" --methods baseline,bp,cl,ls,mx,ls+mx,bp+cl+ls+mx --warmup 0.5 --t0 0.5 \
+      --t-mult 2 --cycles 4 "$@" -- --subset "${SUBSET:-10000}";;
+  *) sed -n '2,20p' "$0"; exit 2;;
+esac
