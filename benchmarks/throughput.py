@@ -1,0 +1,135 @@
+"""Training throughput: our loop against the model's compute limit and a conventional pipeline.
+
+    python -m benchmarks.throughput [--batch-size 256] [--channels-last] [--amp auto] [--steps 60] [--json FILE]
+
+In one process, with the same model, batch, precision and memory format:
+  (a) compute limit: forward + backward + optimizer step on one fixed resident batch;
+  (b) train.py's own loop on Fashion-MNIST (resident data, batched augmentation, logging), read
+      from the images_per_s of its metrics.csv;
+  (c) a conventional pipeline: torchvision's FashionMNIST with per-sample RandomCrop / Flip /
+      ToTensor / Normalize through a DataLoader, feeding the same training step.
+Prints images/s, b/a and b/c, and achieved model FLOP/s for (a) and (b).
+"""
+import argparse
+import contextlib
+import csv
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from data import STATS
+from methods import Objective, prepare_model
+from models import build_model
+
+
+def make_step(model, cfg, amp):
+    from timm.optim import SGDW
+    opt = SGDW(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    objective = Objective(cfg, 10)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
+    return lambda x, y: train.train_step(model, opt, scaler, objective, autocast, x, y, 1, False, (0, 0))
+
+
+def flops_per_image(model, x, y, step):
+    with FlopCounterMode(display=False) as counter:
+        step(x, y)
+    return counter.get_total_flops() / len(x)
+
+
+def timed(step, batches, n):
+    """images/s over n steps after five warm-up steps; `batches` yields (x, y)."""
+    it = iter(batches)
+    for _ in range(5):
+        step(*next(it))
+    t, images = time.perf_counter(), 0
+    for _ in range(n):
+        x, y = next(it)
+        step(x, y).item()  # the loss read forces the step to finish (a no-op on CPU)
+        images += len(x)
+    return images / (time.perf_counter() - t)
+
+
+def torchvision_root(tmp):
+    """torchvision's FashionMNIST layout (raw, uncompressed IDX files) from the Debian package."""
+    src = "/usr/share/datasets/fashion-mnist"
+    raw = os.path.join(tmp, "FashionMNIST", "raw")
+    os.makedirs(raw)
+    for name in os.listdir(src):
+        with gzip.open(os.path.join(src, name)) as f, open(os.path.join(raw, name[:-3]), "wb") as out:
+            shutil.copyfileobj(f, out)
+    return tmp
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--model", default="small_resnet")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16"))
+    p.add_argument("--steps", type=int, default=60, help="timed optimizer steps for each measurement")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for (c)")
+    p.add_argument("--json", help="write the figures to this file")
+    a = p.parse_args(argv)
+    amp = a.amp
+    if amp == "auto":
+        amp = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
+    cfg = argparse.Namespace(blurpool=False, channels_last=a.channels_last, label_smoothing=0.0, mixup=0.0, seed=0)
+    torch.manual_seed(0)
+    model = prepare_model(build_model(a.model, 10, 1), cfg)
+    step = make_step(model, cfg, amp)
+
+    # (a) one fixed resident batch
+    x = torch.randn(a.batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (a.batch_size,))
+    a_img_s = timed(step, iter(lambda: (x, y), None), a.steps)
+    flops = flops_per_image(model, x, y, step)
+
+    # (b) train.py's loop, end to end, on as many images as the timed steps need
+    with tempfile.TemporaryDirectory() as tmp:
+        n_images = a.batch_size * (a.steps + 5)
+        args = ["--data", "fashion-mnist", "--subset", str(n_images), "--batch-size", str(a.batch_size),
+                "--schedule", "standard", "--epochs", "1", "--warmup-epochs", "0.1", "--amp", amp, "--model", a.model,
+                "--run-dir", os.path.join(tmp, "run"), "--no-progress"] + (["--channels-last"] if a.channels_last else [])
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            train.main(args)
+        with open(os.path.join(tmp, "run", "metrics.csv")) as f:
+            b_img_s = float(list(csv.DictReader(f))[-1]["images_per_s"])
+    # the limit again, now that the process is warm: the better of the two is the limit
+    a_img_s = max(a_img_s, timed(step, iter(lambda: (x, y), None), a.steps))
+
+    # (c) torchvision dataset + per-sample transforms + DataLoader
+    import torchvision.transforms as T
+    from torchvision.datasets import FashionMNIST
+    mean, std = STATS["fashion-mnist"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = FashionMNIST(torchvision_root(tmp), train=True, transform=T.Compose([
+            T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
+        loader = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
+                                             drop_last=True, persistent_workers=a.workers > 0)
+        c_img_s = timed(step, iter(loader), min(a.steps, len(loader) - 5))
+
+    out = dict(a_img_s=a_img_s, b_img_s=b_img_s, c_img_s=c_img_s, b_over_a=b_img_s / a_img_s, b_over_c=b_img_s / c_img_s,
+               flops_per_image=flops, a_flop_s=a_img_s * flops, b_flop_s=b_img_s * flops, batch_size=a.batch_size,
+               model=a.model, amp=amp, channels_last=a.channels_last, threads=torch.get_num_threads(),
+               dataloader_workers=a.workers)
+    print(f"model {a.model}, batch {a.batch_size}, amp {amp}, channels_last {a.channels_last}, "
+          f"{torch.get_num_threads()} threads; {flops / 1e6:.1f} MFLOP per training image")
+    print(f"(a) compute limit, fixed resident batch: {a_img_s:8.0f} img/s  {out['a_flop_s'] / 1e9:6.1f} GFLOP/s")
+    print(f"(b) train.py loop on Fashion-MNIST:      {b_img_s:8.0f} img/s  {out['b_flop_s'] / 1e9:6.1f} GFLOP/s")
+    print(f"(c) torchvision dataset + DataLoader:    {c_img_s:8.0f} img/s  ({a.workers} workers)")
+    print(f"b/a = {out['b_over_a']:.3f}   b/c = {out['b_over_c']:.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
