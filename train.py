@@ -237,7 +237,7 @@ def main(argv=None):
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        init_distributed(device, rank, world_size)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     config = {k: v for k, v in vars(cfg).items()}
@@ -334,6 +334,18 @@ def main(argv=None):
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def init_distributed(device, rank, world_size):
+    """Process group from the torchrun environment, its keys prefixed by the restart count: torchrun's
+    agent store outlives a worker restart, and without the prefix restarted gloo workers read the dead
+    workers' addresses and fail to connect."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_store)
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
+                            device_id=device if device.type == "cuda" else None)
 
 
 def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, ddp, draw_key, check_finite=False):

@@ -12,12 +12,19 @@ TINY = ["--data", "synthetic", "--subset", "256", "--batch-size", "32", "--warmu
         "--cycles", "2", "--lr", "0.1", "--no-progress"]
 
 
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def train_cmd(args, torchrun=0, torchrun_args=()):
+    """The command line of train.py, or of torchrun running it in `torchrun` processes."""
+    return [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+                                *torchrun_args] if torchrun else []) + [os.path.join(ROOT, "train.py")] + list(args)
+
+
 def run_train(args, env=None, torchrun=0, check=True):
     """Run train.py (or torchrun with `torchrun` processes) in a subprocess; returns CompletedProcess."""
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-                              if torchrun else []) + [os.path.join(ROOT, "train.py")] + list(args)
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
-    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(train_cmd(args, torchrun), cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True,
+                       text=True, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

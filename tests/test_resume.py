@@ -3,13 +3,12 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_train
+from conftest import ENV, ROOT, TINY, run_train, train_cmd
 
 TIME_COLUMNS = {"train_time_s", "images_per_s", "eval_time_s"}
 # Mid-cycle evaluations every half epoch give checkpoints to resume from; MixUp adds its own RNG.
@@ -32,18 +31,20 @@ def reference(tmp_path_factory):
     return str(run)
 
 
-def kill_after(args, rows, extra_delay):
-    """Start train.py, SIGKILL it once metrics.csv has `rows` rows (plus a delay), return when dead."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def wait_for_rows(process, args, rows, extra_delay):
     metrics = os.path.join(args[args.index("--run-dir") + 1], "metrics.csv")
     deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
+    while time.time() < deadline and process.poll() is None:
         if os.path.exists(metrics) and sum(1 for _ in open(metrics)) - 1 >= rows:
             time.sleep(extra_delay)
-            break
+            return
         time.sleep(0.01)
+
+
+def kill_after(args, rows, extra_delay):
+    """Start train.py, SIGKILL it once metrics.csv has `rows` rows (plus a delay), return when dead."""
+    p = subprocess.Popen(train_cmd(args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_rows(p, args, rows, extra_delay)
     p.send_signal(signal.SIGKILL)
     p.wait()
 
@@ -88,3 +89,21 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
     assert p.returncode == 3, p.stderr[-500:]
     assert "non-finite training loss at step" in p.stderr and "lr" in p.stderr
     assert not os.path.exists(os.path.join(run, "done"))
+
+
+def test_torchrun_restarts_a_killed_worker_and_finishes_the_same_run(tmp_path):
+    ddp_args = ARGS + ["--amp", "none"]
+    ref = str(tmp_path / "ref")
+    run_train(ddp_args + ["--run-dir", ref], torchrun=2)
+    run = str(tmp_path / "run")
+    args = ddp_args + ["--run-dir", run, "--resume", "auto"]
+    p = subprocess.Popen(train_cmd(args, torchrun=2, torchrun_args=["--max-restarts", "1"]), cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(p, args, 3, 0.1)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(p.pid), "train.py"], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)  # one worker dies; the agent restarts both, which resume
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    assert os.path.exists(os.path.join(run, "done"))
+    assert metrics_without_time(run) == metrics_without_time(ref)
