@@ -192,7 +192,8 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // local_world))  # ranks on one machine share its cores
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -311,6 +312,8 @@ def main(argv=None):
                            cycle_end=int(step in cycle_ends or step == plan.total_steps),
                            images_per_s=f"{images_since_row / time_since_row:.1f}", skipped_steps=skipped)
                 row["eval_time_s"] = f"{time.perf_counter() - t_eval:.3f}"
+                if device.type == "cuda":
+                    row["peak_mem_gb"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}"
                 if master:
                     log.append(row)
                     save_checkpoint(cfg.run_dir, dict(
@@ -319,7 +322,9 @@ def main(argv=None):
                         skipped_steps=skipped, rng=gather_rng(ddp)))
                     tqdm.write(f"epoch {row['epoch']:>6} step {step:>6} cycle {row['cycle']:>2} lr {last_lr:.4f} | "
                                f"train loss {row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
-                               f"{row['images_per_s']} img/s, {train_time:.1f}s" + (" | cycle end" if row["cycle_end"] else ""))
+                               f"{row['images_per_s']} img/s, {train_time:.1f}s"
+                               + (f", peak {row['peak_mem_gb']} GiB" if "peak_mem_gb" in row else "")
+                               + (" | cycle end" if row["cycle_end"] else ""))
                 elif ddp:
                     gather_rng(ddp)
                 loss_sum.zero_()

@@ -41,6 +41,18 @@ def xlabel(x):
     return "training time (s, log scale)" if x == "time" else "training epochs (log scale)"
 
 
+def finish_axes(ax, x_label, y_label, title, legend_loc="lower right", log_x=True):
+    """The axis dressing every curve figure shares."""
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    if y_label:
+        ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc=legend_loc)
+    ax.grid(alpha=0.3)
+
+
 def plot_curve(ax, pts, x, colour, schedule, label):
     ax.errorbar([xval(p, x) for p in pts], [p.acc_mean for p in pts], yerr=[p.acc_std for p in pts], color=colour,
                 label=label, capsize=3, **STYLE[schedule])
@@ -116,12 +128,7 @@ def fig_tradeoff(cmap, methods_sets, col, x, out):
         for p in cmap.get(("baseline", "cyclic"), []) if title == "all" else []:
             ax.annotate(f"{p.epochs:g} ep", (xval(p, x), p.acc_mean), fontsize=7, xytext=(3, -10),
                         textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_title(title if title == "all" else f"{title} vs baseline", fontsize=10)
-        ax.set_xlabel(xlabel(x))
-        ax.set_ylabel("validation top-1 (%)")
-        ax.legend(fontsize=7, loc="lower right")
-        ax.grid(alpha=0.3)
+        finish_axes(ax, xlabel(x), "validation top-1 (%)", title if title == "all" else f"{title} vs baseline")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     return save(fig, out, "fig3_tradeoff")
@@ -145,12 +152,8 @@ def fig_improvement(cmap, methods_sets, col, out):
             if pts:
                 ax.plot([e for e, _ in pts], [d for _, d in pts], color=col[m], label=f"{m} {sched}", **STYLE[sched])
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel("epochs"))
-    ax.set_ylabel("accuracy - baseline (pp)")
-    ax.set_title("Improvement over the baseline (standard solid, cyclic dashed)")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
+    finish_axes(ax, xlabel("epochs"), "accuracy - baseline (pp)",
+                "Improvement over the baseline (standard solid, cyclic dashed)", legend_loc="best")
     return save(fig, out, "fig4_improvement")
 
 
@@ -164,12 +167,7 @@ def fig_constant(cmap, methods_sets, col, x, out):
         for sched in ("standard", "cyclic", "constant"):
             if (m, sched) in cmap:
                 plot_curve(ax, cmap[(m, sched)], x, col[m], sched, f"{m} {sched}")
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel(x))
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title("Constant-period cycles against the standard curve")
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
+    finish_axes(ax, xlabel(x), "validation top-1 (%)", "Constant-period cycles against the standard curve")
     return save(fig, out, "fig5_constant")
 
 
@@ -180,11 +178,7 @@ def fig_ordering(cmap, methods_sets, col, x, out):
         for m in methods_sets:
             if (m, sched) in cmap:
                 plot_curve(ax, cmap[(m, sched)], x, col[m], sched, m)
-        ax.set_xscale("log")
-        ax.set_title(f"{sched} curves")
-        ax.set_xlabel(xlabel(x))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        finish_axes(ax, xlabel(x), None, f"{sched} curves")
     axes[0].set_ylabel("validation top-1 (%)")
     return save(fig, out, "fig6_ordering")
 

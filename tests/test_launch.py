@@ -1,0 +1,57 @@
+"""launch.sh sweeps: the dry-run plan, skip and resume, and a tiny real sweep with its report."""
+import os
+import subprocess
+
+from conftest import ENV, ROOT
+
+SWEEP = ["--seeds", "0 1", "--methods", "baseline,bp+mx", "--warmup", "1", "--t0", "1", "--cycles", "2"]
+
+
+def launch(*args, out, check=True):
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "sweep", "--out", str(out), *args], cwd=ROOT,
+                       env=dict(ENV, VENV=os.environ.get("VIRTUAL_ENV", os.path.join(ROOT, ".venv"))),
+                       capture_output=True, text=True, timeout=900)
+    if check:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p
+
+
+def test_dry_run_plans_each_run_once(tmp_path):
+    out = tmp_path / "sweep"
+    lines = launch(*SWEEP, "--dry-run", "--", "--data", "synthetic", out=out).stdout.splitlines()
+    runs = [l for l in lines if "train.py" in l]
+    dirs = [l.split("--run-dir ")[1].split()[0] for l in runs]
+    assert len(runs) == len(set(dirs)) == 2 * 2 * 3  # seeds x method sets x (cyclic + standard at 2 and 4 epochs)
+    assert all("--resume auto" in l for l in runs)
+    bp_cyclic = [l for l in runs if "/bp+mx/s1/cyclic" in l][0]
+    assert "--blurpool" in bp_cyclic and "--mixup" in bp_cyclic and "--seed 1" in bp_cyclic and "--cycles 2" in bp_cyclic
+    std = sorted(l.split("--epochs ")[1].split()[0] for l in runs if "/baseline/s0/standard" in l)
+    assert std == ["2", "4"]  # the standard runs sit at the cyclic run's cycle ends
+    assert lines[-1].endswith(f"analysis.report {out} --out {out}/report")
+    # a finished run is skipped, an unfinished one is still launched (and resumes through --resume auto)
+    done = out / "baseline" / "s0" / "cyclic"
+    done.mkdir(parents=True)
+    (done / "done").touch()
+    (out / "baseline" / "s1" / "cyclic").mkdir(parents=True)
+    lines = launch(*SWEEP, "--dry-run", out=out).stdout.splitlines()
+    assert f"skip (done): {done}" in lines
+    assert sum("train.py" in l for l in lines) == 11 and any("/baseline/s1/cyclic" in l for l in lines)
+
+
+def test_bad_method_name_is_refused(tmp_path):
+    p = launch("--methods", "baseline,xx", "--dry-run", out=tmp_path, check=False)
+    assert p.returncode == 2 and "unknown method 'xx'" in p.stderr
+
+
+def test_tiny_real_sweep_end_to_end(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["--seeds", "0", "--methods", "baseline,cl", "--warmup", "1", "--t0", "1", "--cycles", "2", "--",
+            "--data", "synthetic", "--subset", "128", "--batch-size", "32", "--lr", "0.05"]
+    launch(*args, out=out)
+    for d in ("baseline/s0/cyclic", "baseline/s0/standard-e2", "baseline/s0/standard-e4", "cl/s0/cyclic"):
+        assert (out / d / "done").exists(), d
+    report = (out / "report" / "report.md").read_text()
+    assert "| baseline | 2 |" in report and "| channels_last | 2 |" in report
+    assert (out / "report" / "fig3_tradeoff.png").stat().st_size > 1000
+    second = launch(*args, out=out).stdout  # everything is done: all skipped, the report made again
+    assert second.count("skip (done)") == 6 and "train.py" not in second.replace("skip (done)", "")
