@@ -193,7 +193,8 @@ def main(argv=None):
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // local_world))  # ranks on one machine share its cores
+        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, cores // local_world)
+        torch.set_num_threads(threads)  # ranks on one machine share its cores; OMP_NUM_THREADS overrides
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
