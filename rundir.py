@@ -15,10 +15,6 @@ METRICS_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", 
 RUN_FILES = ("config.json", "metrics.csv", "done", "checkpoints")
 
 
-class RunDirError(ValueError):
-    pass
-
-
 def holds_run(run_dir):
     return any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES)
 

@@ -26,7 +26,7 @@ import schedules
 from data import DATASETS, DataError, build_data
 from methods import SHORT, Objective, prepare_model, selected_methods
 from models import SMALL_RESNET, build_model
-from rundir import (MetricsLog, RunDirError, holds_run, load_checkpoint, mark_done, read_config, save_checkpoint,
+from rundir import (MetricsLog, holds_run, load_checkpoint, mark_done, read_config, save_checkpoint,
                     write_config)
 
 # Options that define the result: a resume with any of them changed is refused.
@@ -242,7 +242,7 @@ def main(argv=None):
         init_distributed(device, rank, world_size)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    config = {k: v for k, v in vars(cfg).items()}
+    config = dict(vars(cfg))
     config.update(steps_per_epoch=loader.steps_per_epoch, total_steps=plan.total_steps,
                   cycle_end_epochs=[s / loader.steps_per_epoch for s in plan.cycle_end_steps()],
                   speedup_ratio_eq1=schedules.speedup_ratio(cfg.t_mult, cfg.cycles) if cfg.schedule != "standard" else 1.0,
@@ -263,7 +263,7 @@ def main(argv=None):
     eval_steps = cycle_ends | {plan.total_steps} | (set(range(every, plan.total_steps, every)) if every else set())
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-    steps_since_row, loss_steps, images_since_row, time_since_row = 0, 0, 0, 0.0
+    loss_steps, images_since_row, time_since_row = 0, 0, 0.0
     last_lr = schedules.lr_at(plan, step - 1, cfg.lr, cfg.eta_min) if step else 0.0
     bar = tqdm(total=plan.total_steps, initial=step, disable=not master or cfg.no_progress, unit="step",
                dynamic_ncols=True, leave=False)
@@ -288,7 +288,6 @@ def main(argv=None):
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             scheduler.step()
             step += 1
-            steps_since_row += 1
             images_since_row += cfg.batch_size
             bar.update(1)
             if master and not cfg.no_progress and (step % 25 == 0 or step in eval_steps):
@@ -329,7 +328,7 @@ def main(argv=None):
                 elif ddp:
                     gather_rng(ddp)
                 loss_sum.zero_()
-                steps_since_row, loss_steps, images_since_row, time_since_row = 0, 0, 0, 0.0
+                loss_steps, images_since_row, time_since_row = 0, 0, 0.0
                 t_start = time.perf_counter()
             if step >= plan.total_steps:
                 break

@@ -213,7 +213,7 @@ def main(argv=None):
     gap_cols = ["methods", "n_points", "mean_gap_pp", "max_abs_gap_pp", "improvement_corr", "budgets", "note"]
     time_cols = ["methods", "standard_time_s", "cyclic_time_s", "time_ratio", "eq1_ratio"]
     specs = {"mean_gap_pp": "+.2f", "standard_time_s": ".1f", "cyclic_time_s": ".1f"}
-    md = [f"# Tradeoff-curve report", "",
+    md = ["# Tradeoff-curve report", "",
           f"{len(runs)} runs from {', '.join(args.runs)}; accuracy metric `{args.metric}`; gap = cyclic - standard, "
           f"percentage points, over budgets matched within 5 %.", "", "## Gaps", "", markdown_table(gap_cols, gaps, specs),
           "", "## Time to build each curve", "",

@@ -44,7 +44,7 @@ def test_cyclic_run_follows_the_contract(tmp_path):
 
 
 def test_standard_run_and_default_run_dir(tmp_path):
-    p = run_train(["--data", "synthetic", "--subset", "128", "--batch-size", "32", "--schedule", "standard",
+    run_train(["--data", "synthetic", "--subset", "128", "--batch-size", "32", "--schedule", "standard",
                    "--epochs", "3", "--warmup-epochs", "1", "--no-progress", "--seed", "3"], env={"PWD": str(tmp_path)})
     run = os.path.join(os.path.dirname(os.path.dirname(__file__)), "runs",
                        "synthetic_small_resnet_standard-e3_baseline_s3")
