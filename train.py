@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import schedules
 from data import DATASETS, DataError, build_data
-from methods import SHORT, Objective, prepare_model, selected_methods
+from methods import SHORT, Objective, prepare_model, selected_methods, to_channels_last
 from models import SMALL_RESNET, build_model
 from rundir import (MetricsLog, holds_run, load_checkpoint, mark_done, read_config, save_checkpoint,
                     write_config)
@@ -141,6 +141,8 @@ def resolve(cfg, world_size, device):
         cfg.cycles = n
     if cfg.warmup_epochs >= cfg.epochs:
         fail(f"--warmup-epochs {cfg.warmup_epochs:g} must be shorter than the run ({cfg.epochs:g} epochs)")
+    if cfg.schedule == "standard":  # recorded shape: one cosine period over the rest of the run
+        cfg.t0, cfg.t_mult = cfg.epochs - cfg.warmup_epochs, 1
     if cfg.amp == "auto":
         if device.type == "cuda":
             cfg.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -212,8 +214,6 @@ def main(argv=None):
         fail(f"--t0 {cfg.t0:g} epochs is under one optimizer step ({loader.steps_per_epoch} steps per epoch); raise --t0")
     if cfg.eval_every is None:
         cfg.eval_every = 1.0 if hasattr(data, "train_x") else 0.0
-    if cfg.schedule == "standard":  # one cosine period over the rest of the run
-        cfg.t0, cfg.t_mult = cfg.epochs - cfg.warmup_epochs, 1
     cfg.run_dir = cfg.run_dir or default_run_dir(cfg)
     ckpt = prepare_run_dir(cfg)  # every rank decides alike: they all read the same files
 
@@ -300,10 +300,10 @@ def main(argv=None):
                 train_time += elapsed
                 time_since_row += elapsed
                 t_eval = time.perf_counter()
-                bad = reduce_max(first_bad, ddp)
+                bad = reduced(first_bad, ddp, op="max")
                 if bad >= 0:
                     fail_nonfinite(master, bad + 1, schedules.lr_at(plan, bad, cfg.lr, cfg.eta_min))
-                train_loss = reduce_mean(loss_sum / max(loss_steps, 1), ddp)
+                train_loss = reduced(loss_sum / max(loss_steps, 1), ddp)
                 val = evaluate(raw_model, data, rank, world_size, autocast, cfg.channels_last, ddp)
                 row = dict(epoch=f"{step / loader.steps_per_epoch:.6g}", step=step, lr=f"{last_lr:.8g}",
                            train_loss=f"{train_loss:.6f}", val_loss=f"{val['loss']:.6f}", val_acc1=f"{val['acc1']:.4f}",
@@ -390,7 +390,7 @@ def evaluate(model, data, rank, world_size, autocast, channels_last, ddp):
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
     for x, y in data.val_batches(rank, world_size):
         if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = to_channels_last(x)
         with autocast:
             logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -403,18 +403,13 @@ def evaluate(model, data, rank, world_size, autocast, channels_last, ddp):
     return dict(loss=loss / n, acc1=100 * c1 / n, acc5=100 * c5 / n if data.num_classes >= 5 else None)
 
 
-def reduce_max(t, ddp):
+def reduced(t, ddp, op="mean"):
+    """The value of a 0-d tensor over all ranks, their mean or max (all ranks must call this when ddp)."""
     if ddp:
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
-def reduce_mean(t, ddp):
-    if ddp:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= dist.get_world_size()
     return t.item()
 
 
