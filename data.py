@@ -125,7 +125,7 @@ class ResidentData:
     def train_loader(self, batch_size, rank, world_size, seed):
         return ResidentLoader(self, batch_size, rank, world_size, seed)
 
-    def val_batches(self, rank, world_size, batch_size=2000):
+    def val_batches(self, rank, world_size, batch_size):
         """This rank's strided shard of the validation set: every image is seen by exactly one rank."""
         idx = torch.arange(rank, len(self.val_y), world_size, device=self.device)
         for i in range(0, len(idx), batch_size):
@@ -187,12 +187,10 @@ class FolderData:
     def train_loader(self, batch_size, rank, world_size, seed):
         return FolderLoader(self, batch_size, rank, world_size, seed)
 
-    def val_batches(self, rank, world_size, batch_size=250):
+    def val_batches(self, rank, world_size, batch_size):
         # Strided shard without padding (DistributedSampler would repeat images to even the shards).
         idx = list(range(rank, len(self.val_set), world_size))
-        loader = self._loader(torch.utils.data.Subset(self.val_set, idx), None, batch_size, False)
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        yield from on_device(self._loader(self.val_set, idx, batch_size, False), self.device)
 
 
 class FolderLoader:
@@ -204,10 +202,35 @@ class FolderLoader:
 
     def epoch(self, epoch, start_step=0):
         self.sampler.set_epoch(epoch)
-        loader = self.data._loader(self.data.train_set, self.sampler, self.local, True)
-        for step, (x, y) in enumerate(loader):
-            if step >= start_step:  # resuming mid-epoch: the same order, the first steps skipped
-                yield x.to(self.data.device, non_blocking=True), y.to(self.data.device, non_blocking=True)
+        # Resuming mid-epoch: the same order with the finished steps' indices dropped, so their images
+        # are not decoded again (an index list is a valid DataLoader sampler).
+        order = list(self.sampler)[start_step * self.local:]
+        yield from on_device(self.data._loader(self.data.train_set, order, self.local, True), self.data.device)
+
+
+def on_device(loader, device):
+    """The loader's (x, y) batches on `device`. On CUDA the next batch's copy is issued on a side stream
+    before the current batch is handed out, so host-to-device copies overlap the training step."""
+    if device.type != "cuda":
+        yield from ((x.to(device), y.to(device)) for x, y in loader)
+        return
+    stream, batches = torch.cuda.Stream(device), iter(loader)
+
+    def copy_next():
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(stream):
+            return tuple(t.to(device, non_blocking=True) for t in batch)
+
+    ready = copy_next()
+    while ready is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(stream)
+        for t in ready:  # the caching allocator must not reuse these while the compute stream reads them
+            t.record_stream(compute)
+        current, ready = ready, copy_next()
+        yield current
 
 
 def build_data(name, data_dir, device, subset=0, download=False, workers=8):

@@ -132,8 +132,38 @@ def test_imagenet_from_image_folder(tmp_path):
     assert loader.steps_per_epoch == 3
     x, y = next(loader.epoch(0))
     assert x.shape == (4, 3, 224, 224)
-    val = list(data.val_batches(0, 2)) + list(data.val_batches(1, 2))
+    val = list(data.val_batches(0, 2, 250)) + list(data.val_batches(1, 2, 250))
     assert sum(len(v[1]) for v in val) == 4  # sharded without repeats
+
+
+def test_image_folder_resume_mid_epoch_skips_decoding(tmp_path):
+    """A resumed epoch yields the rest of the same order and never loads the finished steps' images."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for i in range(12):
+            (tmp_path / split / str(i % 3)).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / split / str(i % 3) / f"{i}.png")
+    data = build_data("imagenet", str(tmp_path), torch.device("cpu"), workers=0)
+    loaded = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            loaded.append(i)
+            return self.inner[i]
+    data.train_set = Counting(data.train_set)
+    loader = data.train_loader(4, 0, 1, seed=5)
+    full = [y.tolist() for _, y in loader.epoch(2)]
+    order = list(loaded)
+    loaded.clear()
+    rest = [y.tolist() for _, y in loader.epoch(2, start_step=2)]
+    assert len(full) == 3 and rest == full[2:]
+    assert loaded == order[8:]  # only the last step's 4 images were read
     with pytest.raises(DataError, match="has no train/ folder"):
         build_data("imagenet", str(tmp_path / "train"), torch.device("cpu"))
 

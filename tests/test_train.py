@@ -73,7 +73,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(tmp_path):
     data = build_data("synthetic", None, torch.device("cpu"), subset=256)
     model = build_model("small_resnet", data.num_classes, data.in_chans)
     model.load_state_dict(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
-    val = evaluate(model, data, 0, 1, torch.autocast("cpu", enabled=False), False, False)
+    val = evaluate(model, data, 0, 1, 100, torch.autocast("cpu", enabled=False), False, False)
     assert float(rows[-1]["val_acc1"]) == pytest.approx(val["acc1"], abs=1e-4)
     assert float(rows[-1]["val_loss"]) == pytest.approx(val["loss"], rel=1e-4)
 
