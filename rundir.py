@@ -43,11 +43,6 @@ def write_config(run_dir, config):
                  lambda f: f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
 
 
-def read_config(run_dir):
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return json.load(f)
-
-
 class MetricsLog:
     """metrics.csv, one row per evaluation, each row flushed and fsynced as it is written."""
 

@@ -26,7 +26,7 @@ import schedules
 from data import DATASETS, DataError, build_data
 from methods import SHORT, Objective, prepare_model, selected_methods, to_channels_last
 from models import SMALL_RESNET, build_model
-from rundir import (MetricsLog, holds_run, load_checkpoint, mark_done, read_config, save_checkpoint,
+from rundir import (MetricsLog, holds_run, load_checkpoint, mark_done, save_checkpoint,
                     write_config)
 
 # Options that define the result: a resume with any of them changed is refused.
@@ -165,7 +165,11 @@ def prepare_run_dir(cfg):
             fail(f"--resume: no readable checkpoint in {cfg.run_dir}/checkpoints; start it without --resume "
                  f"(or with --resume auto)")
         if ckpt is not None:
-            old = read_config(cfg.run_dir)
+            # the checkpoint carries the options it was trained with, so a stray config.json cannot mislead
+            old = ckpt.get("config")
+            if old is None:
+                fail(f"--resume: the checkpoint in {cfg.run_dir}/checkpoints does not record its options (written by "
+                     f"an older train.py); start the run again with --overwrite")
             diffs = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESULT_KEYS if old.get(k) != getattr(cfg, k)]
             if diffs:
                 fail(f"--resume: these options differ from the run in {cfg.run_dir}: {'; '.join(diffs)}")
@@ -320,7 +324,7 @@ def main(argv=None):
                     save_checkpoint(cfg.run_dir, dict(
                         model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict(), step=step, train_time_s=train_time, metrics_rows=log.rows,
-                        skipped_steps=skipped, rng=gather_rng(ddp)))
+                        skipped_steps=skipped, rng=gather_rng(ddp), config={k: getattr(cfg, k) for k in RESULT_KEYS}))
                     tqdm.write(f"epoch {row['epoch']:>6} step {step:>6} cycle {row['cycle']:>2} lr {last_lr:.4f} | "
                                f"train loss {row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
                                f"{row['images_per_s']} img/s, {train_time:.1f}s"

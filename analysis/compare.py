@@ -90,10 +90,11 @@ def curve_rows(curve_map):
 
 
 def format_gap_table(rows):
-    head = f"{'methods':<42} {'n':>3} {'gap pp':>8} {'max|gap|':>9} {'corr':>6} {'std s':>9} {'cyc s':>9} {'ratio':>6} {'Eq.1':>6}"
+    w = max([len("methods")] + [len(r["methods"]) for r in rows])
+    head = f"{'methods':<{w}} {'n':>3} {'gap pp':>8} {'max|gap|':>9} {'corr':>6} {'std s':>9} {'cyc s':>9} {'ratio':>6} {'Eq.1':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['methods']:<42} {r['n_points']:>3} {fmt(r['mean_gap_pp'], '+.2f'):>8} "
+        lines.append(f"{r['methods']:<{w}} {r['n_points']:>3} {fmt(r['mean_gap_pp'], '+.2f'):>8} "
                      f"{fmt(r['max_abs_gap_pp']):>9} {fmt(r['improvement_corr']):>6} {fmt(r['standard_time_s'], '.1f'):>9} "
                      f"{fmt(r['cyclic_time_s'], '.1f'):>9} {fmt(r['time_ratio']):>6} {fmt(r['eq1_ratio']):>6}"
                      + (f"  ({r['note']})" if r["note"] else ""))

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 import schedules  # noqa: E402
 from analysis.compare import (CURVE_COLUMNS, GAP_COLUMNS, add_common_args, analyse, curve_rows, fmt,  # noqa: E402
@@ -43,8 +44,11 @@ def xlabel(x):
 
 def finish_axes(ax, x_label, y_label, title, legend_loc="lower right", log_x=True):
     """The axis dressing every curve figure shares."""
-    if log_x:
+    if log_x:  # ticks at 1, 2, 5 x 10^k written as plain numbers: matplotlib's minor labels overlap
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(x_label)
     if y_label:
         ax.set_ylabel(y_label)

@@ -77,6 +77,13 @@ def test_resume_auto_starts_fresh_without_checkpoint_and_refuses_changes(tmp_pat
     assert os.path.exists(os.path.join(run, "done"))
     p = run_train(TINY + ["--run-dir", run, "--resume", "--lr", "0.2"], check=False)
     assert p.returncode == 2 and "--resume" in p.stderr and "lr: 0.1 -> 0.2" in p.stderr
+    config = os.path.join(run, "config.json")
+    edited = open(config).read().replace('"lr": 0.1,', '"lr": 0.2,')
+    assert edited != open(config).read()
+    with open(config, "w") as f:  # the checkpoint, not an edited config.json, says what the run was trained with
+        f.write(edited)
+    p = run_train(TINY + ["--run-dir", run, "--resume", "--lr", "0.2"], check=False)
+    assert p.returncode == 2 and "lr: 0.1 -> 0.2" in p.stderr
     before = open(os.path.join(run, "metrics.csv")).read()
     p = run_train(TINY + ["--run-dir", run], check=False)
     assert p.returncode == 2 and "already holds a run" in p.stderr
