@@ -84,6 +84,12 @@ def test_resume_auto_starts_fresh_without_checkpoint_and_refuses_changes(tmp_pat
         f.write(edited)
     p = run_train(TINY + ["--run-dir", run, "--resume", "--lr", "0.2"], check=False)
     assert p.returncode == 2 and "lr: 0.1 -> 0.2" in p.stderr
+    last = os.path.join(run, "checkpoints", "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["config"]  # as an older train.py wrote it: nothing to check a resume against
+    torch.save(ckpt, last)
+    p = run_train(TINY + ["--run-dir", run, "--resume"], check=False)
+    assert p.returncode == 2 and "does not record its options" in p.stderr and "--overwrite" in p.stderr
     before = open(os.path.join(run, "metrics.csv")).read()
     p = run_train(TINY + ["--run-dir", run], check=False)
     assert p.returncode == 2 and "already holds a run" in p.stderr
