@@ -3,7 +3,7 @@
     python -m benchmarks.throughput [--batch-size 256] [--channels-last] [--amp auto] [--steps 60] [--json FILE]
 
 In one process, with the same model, batch, precision and memory format:
-  (a) compute limit: forward + backward + optimizer step on one fixed resident batch;
+  (a) compute limit: forward + backward + optimizer step on one fixed resident batch of real images;
   (b) train.py's own loop on Fashion-MNIST (resident data, batched augmentation, logging), read
       from the images_per_s of its metrics.csv;
   (c) a conventional pipeline: torchvision's FashionMNIST with per-sample RandomCrop / Flip /
@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from data import STATS
+from data import STATS, build_data
 from methods import Objective, prepare_model
 from models import build_model
 
@@ -86,24 +86,28 @@ def main(argv=None):
     model = prepare_model(build_model(a.model, 10, 1), cfg)
     step = make_step(model, cfg, amp)
 
-    # (a) one fixed resident batch
-    x = torch.randn(a.batch_size, 1, 28, 28)
-    y = torch.randint(0, 10, (a.batch_size,))
+    # (a) one fixed batch of real, augmented images: on this CPU the same step runs about 1.4x faster
+    # on Fashion-MNIST than on randn inputs, so a random batch would understate the limit
+    x, y = next(build_data("fashion-mnist", None, torch.device("cpu"), subset=a.batch_size)
+                .train_loader(a.batch_size, 0, 1, 0).epoch(0))
     a_img_s = timed(step, iter(lambda: (x, y), None), a.steps)
     flops = flops_per_image(model, x, y, step)
 
-    # (b) train.py's loop, end to end, on as many images as the timed steps need
-    with tempfile.TemporaryDirectory() as tmp:
-        n_images = a.batch_size * (a.steps + 5)
-        args = ["--data", "fashion-mnist", "--subset", str(n_images), "--batch-size", str(a.batch_size),
-                "--schedule", "standard", "--epochs", "1", "--warmup-epochs", "0.1", "--amp", amp, "--model", a.model,
-                "--run-dir", os.path.join(tmp, "run"), "--no-progress"] + (["--channels-last"] if a.channels_last else [])
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
-            train.main(args)
-        with open(os.path.join(tmp, "run", "metrics.csv")) as f:
-            b_img_s = float(list(csv.DictReader(f))[-1]["images_per_s"])
-    # the limit again, now that the process is warm: the better of the two is the limit
-    a_img_s = max(a_img_s, timed(step, iter(lambda: (x, y), None), a.steps))
+    # (b) train.py's loop, end to end, on as many images as the timed steps need. (a) and (b) are each
+    # measured twice, alternating, and the better of each kept: this VM's speed drifts by 10-20 %.
+    b_img_s = 0.0
+    for _ in range(2):
+        with tempfile.TemporaryDirectory() as tmp:
+            n_images = a.batch_size * (a.steps + 5)
+            args = ["--data", "fashion-mnist", "--subset", str(n_images), "--batch-size", str(a.batch_size),
+                    "--schedule", "standard", "--epochs", "1", "--warmup-epochs", "0.1", "--amp", amp, "--model",
+                    a.model, "--run-dir", os.path.join(tmp, "run"), "--no-progress"] + (
+                        ["--channels-last"] if a.channels_last else [])
+            with contextlib.redirect_stdout(open(os.devnull, "w")):
+                train.main(args)
+            with open(os.path.join(tmp, "run", "metrics.csv")) as f:
+                b_img_s = max(b_img_s, float(list(csv.DictReader(f))[-1]["images_per_s"]))
+        a_img_s = max(a_img_s, timed(step, iter(lambda: (x, y), None), a.steps))
 
     # (c) torchvision dataset + per-sample transforms + DataLoader
     import torchvision.transforms as T
