@@ -87,6 +87,11 @@ def fail(flag_message):
     sys.exit(2)
 
 
+def micro_batch_size(cfg, world_size):
+    """Images per forward pass on one rank (before --grad-accum is validated, 0 counts as 1)."""
+    return cfg.batch_size // (world_size * max(cfg.grad_accum, 1))
+
+
 def resolve(cfg, world_size, device):
     """Validate every flag and derive the schedule; fail() on the first bad one."""
     checks = [
@@ -113,7 +118,7 @@ def resolve(cfg, world_size, device):
         (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (cfg.mixup >= 0, f"--mixup must be >= 0, got {cfg.mixup}"),
-        (not (cfg.mixup > 0 and (cfg.batch_size // (world_size * max(cfg.grad_accum, 1))) % 2),
+        (not (cfg.mixup > 0 and micro_batch_size(cfg, world_size) % 2),
          "--mixup needs an even micro-batch (batch / (world size x grad-accum))"),
         (cfg.eval_every is None or cfg.eval_every >= 0, f"--eval-every must be >= 0, got {cfg.eval_every}"),
         (cfg.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {cfg.skip_nonfinite}"),
@@ -231,7 +236,6 @@ def main(argv=None):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    micro_batch = cfg.batch_size // (world_size * cfg.grad_accum)
     step, train_time, metrics_rows, skipped = 0, 0.0, 0, 0
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
@@ -309,7 +313,8 @@ def main(argv=None):
                 if bad >= 0:
                     fail_nonfinite(master, bad + 1, schedules.lr_at(plan, bad, cfg.lr, cfg.eta_min))
                 train_loss = reduced(loss_sum / max(loss_steps, 1), ddp)
-                val = evaluate(raw_model, data, rank, world_size, micro_batch, autocast, cfg.channels_last, ddp)
+                val = evaluate(raw_model, data, rank, world_size, micro_batch_size(cfg, world_size), autocast,
+                               cfg.channels_last, ddp)
                 row = dict(epoch=f"{step / loader.steps_per_epoch:.6g}", step=step, lr=f"{last_lr:.8g}",
                            train_loss=f"{train_loss:.6f}", val_loss=f"{val['loss']:.6f}", val_acc1=f"{val['acc1']:.4f}",
                            val_acc5=f"{val['acc5']:.4f}" if val["acc5"] is not None else None,
