@@ -1,18 +1,24 @@
 """Datasets: small ones resident on the training device with batched augmentation, ImageNet
 through a DataLoader.
 
-Both loaders yield, for each optimizer step, this rank's share of the global batch, and both
-derive the data order from (seed, epoch) alone, so resuming at step k of an epoch needs nothing
-but k, and a method flag never changes which images a step sees.
+Both loaders yield, for each optimizer step, this rank's slice of the global batch, and both derive
+the data order and every augmentation draw from (seed, epoch) and the image's position in the epoch
+alone, so resuming at step k of an epoch needs nothing but k, the global batch does not depend on the
+number of ranks or workers, and a method flag never changes which images a step sees.
+Batches are NCHW-contiguous (the channels-last method converts them itself).
 """
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FIX = ("get a good copy: 'apt-get install --reinstall dataset-fashion-mnist', or download the file "
+                     "again from github.com/zalandoresearch/fashion-mnist")
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 
 # Per-channel mean and std of the training images (0-1 scale).
@@ -30,42 +36,71 @@ class DataError(ValueError):
 
 
 def epoch_generator(seed, epoch, salt=0):
-    """A CPU generator that depends only on (seed, epoch, salt): the source of every data-order draw."""
+    """A CPU generator that depends only on the integers (seed, epoch, salt): the source of every data draw."""
     return torch.Generator().manual_seed(hash((seed, epoch, salt)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def rank_slots(step, batch_size, rank, world_size):
+    """The positions in the epoch's order that `rank` trains on at `step`: its slice of the global batch."""
+    local = batch_size // world_size
+    lo = step * batch_size + rank * local
+    return slice(lo, lo + local)
+
+
+def check_split(images_file, labels_file, x, y, image_shape, num_classes):
+    """Refuses images and labels that do not add up, naming the file at fault."""
+    if len(x) == 0:
+        raise DataError(f"--data-dir: {images_file} holds no images; replace it with a complete copy")
+    if tuple(x.shape[1:]) != tuple(image_shape):
+        raise DataError(f"--data-dir: {images_file} holds images of shape {tuple(x.shape[1:])}, expected "
+                        f"{tuple(image_shape)}; is it the right dataset?")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"--data-dir: {labels_file} holds {len(y)} labels for the {len(x)} images of {images_file}; "
+                        f"replace them with a matching, complete pair")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(f"--data-dir: {labels_file} has label {y.min() if y.min() < 0 else y.max()}, outside "
+                        f"0..{num_classes - 1}; is it the right dataset?")
 
 
 # ---- readers -------------------------------------------------------------------------------
 
-def _read_idx(path):
+def read_idx(path):
+    """An IDX file of uint8 (gzipped when it ends in .gz) as an array; a corrupt file is a DataError."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        magic, = struct.unpack(">I", f.read(4))
-        ndim = magic & 0xFF
-        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape).copy()
-
-
-def _find_idx(folder, stem):
-    for name in (stem, stem + ".gz"):
-        if os.path.exists(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    return None
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError, a truncated .gz an EOFError
+        raise DataError(f"--data-dir: cannot read {path} ({e}); {FASHION_MNIST_FIX}")
+    ndim = raw[3] if len(raw) >= 4 and raw[:3] == b"\0\0\x08" else 0
+    if not ndim or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"--data-dir: {path} is not an IDX file of uint8 (bad header); {FASHION_MNIST_FIX}")
+    shape = struct.unpack_from(">" + "I" * ndim, raw, 4)
+    size, have = int(np.prod(shape)), len(raw) - 4 - 4 * ndim
+    if have != size:
+        raise DataError(f"--data-dir: {path} is truncated or corrupt: its header promises "
+                        f"{' x '.join(map(str, shape))} = {size} bytes, it holds {have}; {FASHION_MNIST_FIX}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def load_fashion_mnist(data_dir):
-    folders = [data_dir] if data_dir else [FASHION_MNIST_SYSTEM_DIR]
+    """The four Fashion-MNIST IDX files of `data_dir` (or the Debian package's folder), checked."""
+    folder = data_dir or FASHION_MNIST_SYSTEM_DIR
     stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    for folder in folders:
-        paths = [_find_idx(folder, s) for s in stems]
-        if all(paths):
-            xtr, ytr, xva, yva = (_read_idx(p) for p in paths)
-            return xtr[:, None], ytr, xva[:, None], yva
-    where = data_dir or FASHION_MNIST_SYSTEM_DIR
-    raise DataError(f"--data-dir: no Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...) in {where}; "
-                    f"run 'apt-get install dataset-fashion-mnist' or pass --data-dir with the four IDX files")
+    paths = [next((p for p in (os.path.join(folder, s), os.path.join(folder, s + ".gz")) if os.path.exists(p)), None)
+             for s in stems]
+    if not all(paths):
+        missing = ", ".join(s + "[.gz]" for s, p in zip(stems, paths) if not p)
+        raise DataError(f"--data-dir: no Fashion-MNIST IDX files {missing} in {folder}; run 'apt-get install "
+                        f"dataset-fashion-mnist' or pass --data-dir with the four IDX files")
+    xtr, ytr, xva, yva = (read_idx(p) for p in paths)
+    check_split(paths[0], paths[1], xtr, ytr, (28, 28), 10)
+    check_split(paths[2], paths[3], xva, yva, (28, 28), 10)
+    return xtr[:, None], ytr, xva[:, None], yva
 
 
 def load_cifar(name, data_dir, download):
+    """CIFAR-10/100 from the torchvision layout under `data_dir`, as NCHW uint8 arrays, checked."""
     import torchvision
     if not data_dir:
         raise DataError(f"--data-dir is required for --data {name}: the folder holding the torchvision layout "
@@ -75,8 +110,13 @@ def load_cifar(name, data_dir, download):
         tr, va = (cls(data_dir, train=t, download=download) for t in (True, False))
     except RuntimeError as e:
         raise DataError(f"--data-dir: {name} not found in {data_dir} ({e}); add --download where there is internet")
-    as_nchw = lambda ds: np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))
-    return as_nchw(tr), np.array(tr.targets), as_nchw(va), np.array(va.targets)
+    arrays = []
+    for ds, split in ((tr, "train"), (va, "test")):
+        where = f"{os.path.join(data_dir, ds.base_folder)} ({split} batches)"
+        x, y = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.array(ds.targets)
+        check_split(where, where, x, y, (3, 32, 32), 100 if name == "cifar100" else 10)
+        arrays += [x, y]
+    return tuple(arrays)
 
 
 def make_synthetic(num_classes=10, n_train=4096, n_val=1024, size=32, seed=0):
@@ -106,21 +146,25 @@ class ResidentData:
         self.in_chans, self.image_size = self.train_x.shape[1], self.train_x.shape[2]
 
     def normalize(self, x_uint8):
+        """uint8 images as floats normalised per channel, in their memory layout."""
         return (x_uint8.float() - self.mean) / self.std
 
     def augment(self, x, shifts, flips):
-        """Random crop with zero padding (as a per-image translation) and horizontal flip, batched."""
-        n, _, h, w = x.shape
-        if self.pad:
-            p = self.pad
-            x = torch.nn.functional.pad(x, (p, p, p, p))
-            rows = (torch.arange(h, device=x.device) + p + shifts[:, :1])  # (n, h)
-            cols = (torch.arange(w, device=x.device) + p + shifts[:, 1:])  # (n, w)
-            x = x[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-            x = x.permute(0, 3, 1, 2)
-        if self.flip:
-            x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
-        return x
+        """Random crop with zero padding (a per-image translation by `shifts`) and horizontal flip, as two
+        gathers that keep the batch NCHW-contiguous."""
+        n, c, h, w = x.shape
+        p = self.pad
+        if not (p or self.flip):
+            return x
+        if p:
+            x = F.pad(x, (p, p, p, p))
+            rows = torch.arange(h, device=x.device) + p + shifts[:, :1]  # (n, h)
+            x = x.gather(2, rows[:, None, :, None].expand(n, c, h, x.shape[3]))
+        cols = torch.arange(w, device=x.device)
+        if self.flip:  # flipping the crop is reading its columns right to left
+            cols = torch.where(flips[:, None], w - 1 - cols, cols)
+        cols = cols + p + shifts[:, 1:]  # (n, w)
+        return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
     def train_loader(self, batch_size, rank, world_size, seed):
         return ResidentLoader(self, batch_size, rank, world_size, seed)
@@ -150,10 +194,8 @@ class ResidentLoader:
         shifts = torch.randint(-d.pad, d.pad + 1, (n, 2), generator=g)
         flips = torch.rand(n, generator=g) < 0.5
         perm, shifts, flips = perm.to(d.device), shifts.to(d.device), flips.to(d.device)
-        local = self.batch_size // self.world_size
         for step in range(start_step, self.steps_per_epoch):
-            lo = step * self.batch_size + self.rank * local
-            sel = slice(lo, lo + local)
+            sel = rank_slots(step, self.batch_size, self.rank, self.world_size)
             idx = perm[sel]
             x = d.augment(d.train_x[idx], shifts[sel], flips[sel])
             yield d.normalize(x), d.train_y[idx]
@@ -161,27 +203,45 @@ class ResidentLoader:
 
 # ---- the folder path (ImageNet) ------------------------------------------------------------
 
+def image_folder(root, split, transform):
+    """torchvision's ImageFolder of root/split, or a DataError saying how to arrange the tree."""
+    from torchvision.datasets import ImageFolder
+    path = os.path.join(root, split)
+    layout = "--data imagenet needs an ImageFolder tree with train/<class>/*.JPEG and val/<class>/*.JPEG"
+    if not os.path.isdir(path):
+        raise DataError(f"--data-dir: {root} has no {split}/ folder; {layout}")
+    if not any(entry.is_dir() for entry in os.scandir(path)):
+        how = " (the ILSVRC download's flat val/: sort it with the well-known valprep.sh script)" * (split == "val")
+        raise DataError(f"--data-dir: {path} has no class folders; {layout}{how}")
+    try:
+        return ImageFolder(path, transform)
+    except FileNotFoundError as e:  # a class folder without images
+        raise DataError(f"--data-dir: {path}: {e}")
+
+
 class FolderData:
     """An ImageFolder tree (train/, val/) read by DataLoader workers with the standard ResNet transforms."""
 
     def __init__(self, root, device, workers, image_size=224):
         import torchvision.transforms as T
-        from torchvision.datasets import ImageFolder
-        for split in ("train", "val"):
-            if not os.path.isdir(os.path.join(root, split)):
-                raise DataError(f"--data-dir: {root} has no {split}/ folder; --data imagenet needs an ImageFolder "
-                                f"tree with train/<class>/*.JPEG and val/<class>/*.JPEG")
         mean, std = STATS["imagenet"]
-        self.train_set = ImageFolder(os.path.join(root, "train"), T.Compose([
+        self.train_set = image_folder(root, "train", T.Compose([
             T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
-        self.val_set = ImageFolder(os.path.join(root, "val"), T.Compose([
+        self.val_set = image_folder(root, "val", T.Compose([
             T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)]))
+        train_classes, val_classes = set(self.train_set.classes), set(self.val_set.classes)
+        if train_classes != val_classes:  # labels are indices into the sorted class list: they would not match
+            few = lambda names: ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "") or "none"
+            raise DataError(f"--data-dir: {root}/val/ and train/ have different class folders (only in train/: "
+                            f"{few(train_classes - val_classes)}; only in val/: {few(val_classes - train_classes)}); "
+                            f"val/ needs exactly train/'s classes")
         self.num_classes, self.in_chans, self.image_size = len(self.train_set.classes), 3, image_size
         self.device, self.workers = device, workers
 
-    def _loader(self, dataset, sampler, batch_size, drop_last):
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                                           num_workers=self.workers, pin_memory=self.device.type == "cuda",
+    def _loader(self, dataset, keys, batch_size, generator):
+        # The generator gives the workers their seeds and keeps the DataLoader off the global RNG.
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=self.workers,
+                                           pin_memory=self.device.type == "cuda", generator=generator,
                                            persistent_workers=False, prefetch_factor=4 if self.workers else None)
 
     def train_loader(self, batch_size, rank, world_size, seed):
@@ -190,22 +250,53 @@ class FolderData:
     def val_batches(self, rank, world_size, batch_size):
         # Strided shard without padding (DistributedSampler would repeat images to even the shards).
         idx = list(range(rank, len(self.val_set), world_size))
-        yield from on_device(self._loader(self.val_set, idx, batch_size, False), self.device)
+        yield from on_device(self._loader(self.val_set, idx, batch_size, torch.Generator().manual_seed(0)), self.device)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """`dataset[index]` for the key (index, draw_seed), with torch's global CPU generator seeded by draw_seed:
+    torchvision's random transforms draw from it, so an image's crop and flip depend on its key alone, in
+    whichever worker or process it is decoded. The caller's generator state is restored."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, draw_seed = key
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(draw_seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
 
 
 class FolderLoader:
+    """Per optimizer step, this rank's slice of the global batch, decoded and augmented by DataLoader workers.
+
+    An epoch's order and each position's augmentation seed come from one generator seeded by (seed, epoch),
+    as on the resident path; a resumed epoch lists only the remaining steps' keys, so the finished steps'
+    images are not decoded again and the rest get the same crops and flips as without the interruption."""
+
     def __init__(self, data, batch_size, rank, world_size, seed):
-        self.data, self.local = data, batch_size // world_size
-        self.sampler = torch.utils.data.DistributedSampler(data.train_set, world_size, rank, shuffle=True,
-                                                           seed=seed, drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // self.local
+        self.data, self.batch_size, self.rank, self.world_size, self.seed = data, batch_size, rank, world_size, seed
+        self.steps_per_epoch = len(data.train_set) // batch_size
 
     def epoch(self, epoch, start_step=0):
-        self.sampler.set_epoch(epoch)
-        # Resuming mid-epoch: the same order with the finished steps' indices dropped, so their images
-        # are not decoded again (an index list is a valid DataLoader sampler).
-        order = list(self.sampler)[start_step * self.local:]
-        yield from on_device(self.data._loader(self.data.train_set, order, self.local, True), self.data.device)
+        n = len(self.data.train_set)
+        g = epoch_generator(self.seed, epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        draw_seeds = torch.randint(0, 2 ** 62, (n,), generator=g).tolist()
+        keys = [key for step in range(start_step, self.steps_per_epoch)
+                for key in zip(*(a[rank_slots(step, self.batch_size, self.rank, self.world_size)]
+                                 for a in (order, draw_seeds)))]
+        workers_seed = epoch_generator(self.seed, epoch, salt=1 + self.rank)
+        loader = self.data._loader(SeededSamples(self.data.train_set), keys, self.batch_size // self.world_size,
+                                   workers_seed)
+        yield from on_device(loader, self.data.device)
 
 
 def on_device(loader, device):
@@ -234,7 +325,9 @@ def on_device(loader, device):
 
 
 def build_data(name, data_dir, device, subset=0, download=False, workers=8):
-    """The dataset named by --data, ready to iterate on `device`."""
+    """The dataset named by --data, ready to iterate on `device`. --subset N keeps the first N training images
+    of a resident dataset (their files are already in random order) and a fixed random N of an ImageNet tree
+    (sorted by class; drawn with seed 0, so every run trains on the same images)."""
     if name not in DATASETS:
         raise DataError(f"--data: unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     if data_dir and not os.path.isdir(data_dir):
@@ -243,8 +336,9 @@ def build_data(name, data_dir, device, subset=0, download=False, workers=8):
         if not data_dir:
             raise DataError("--data-dir is required for --data imagenet (an ImageFolder tree with train/ and val/)")
         data = FolderData(data_dir, device, workers)
-        if subset:
-            data.train_set = torch.utils.data.Subset(data.train_set, range(min(subset, len(data.train_set))))
+        if subset and subset < len(data.train_set):
+            keep = torch.randperm(len(data.train_set), generator=torch.Generator().manual_seed(0))[:subset]
+            data.train_set = torch.utils.data.Subset(data.train_set, keep.sort().values.tolist())
         return data
     if name == "fashion-mnist":
         arrays, pad, flip = load_fashion_mnist(data_dir), 2, True

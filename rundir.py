@@ -1,8 +1,12 @@
-"""The run directory of ../shared/run-format.md: config.json, metrics.csv, checkpoints/, done.
+"""The run directory (docs/run-format.md): config.json, metrics.csv, checkpoints/, done, and a lock.
 
 Only rank 0 calls the writers. Files that must survive a crash are written to a temporary file,
-fsynced and renamed into place; metrics.csv is appended and fsynced row by row."""
+fsynced and renamed into place; metrics.csv is appended and fsynced row by row. Every write that
+fails (a full disk, a read-only folder) raises RunDirError with one line naming the file, after
+removing its temporary file, so the previous version stays intact."""
 import csv
+import errno
+import fcntl
 import json
 import os
 import sys
@@ -10,13 +14,69 @@ import sys
 import torch
 
 METRICS_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s",
-                   "cycle", "cycle_end", "images_per_s", "eval_time_s",
+                   "cycle", "cycle_end", "curve_cost_s", "images_per_s", "eval_time_s",
                    "skipped_steps", "peak_mem_gb"]
 RUN_FILES = ("config.json", "metrics.csv", "done", "checkpoints")
 
 
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used or written; the message is one line naming the file and the fix."""
+
+
 def holds_run(run_dir):
     return any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES)
+
+
+def is_done(run_dir):
+    return os.path.exists(os.path.join(run_dir, "done"))
+
+
+def check_writable(run_dir):
+    """Refuse, before any data or model is loaded, a --run-dir that cannot hold a run."""
+    path = os.path.abspath(run_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunDirError(f"--run-dir {run_dir} is an existing file, not a directory; choose another --run-dir")
+    parent = path
+    while not os.path.exists(parent):  # the deepest folder that exists must be a writable directory
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunDirError(f"--run-dir {run_dir}: {parent} is a file, not a directory; choose another --run-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"--run-dir {run_dir}: {parent} is not writable; choose another --run-dir or fix "
+                          f"its permissions")
+
+
+def lock_run_dir(run_dir):
+    """Create run_dir and hold an exclusive lock on run_dir/lock for the life of this process: one writer
+    per run directory. Returns the open lock file (keep it referenced). The kernel drops the lock when the
+    process dies, so a killed run never leaves it behind."""
+    _guard(lambda: os.makedirs(run_dir, exist_ok=True), run_dir)
+    path = os.path.join(run_dir, "lock")
+    f = _guard(lambda: open(path, "a+"), path)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunDirError(f"--run-dir {run_dir} is in use by another train.py (pid {holder}); wait for it to "
+                          f"finish, stop it, or choose another --run-dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _guard(write, path):
+    """Run write(); turn an OSError into RunDirError naming `path` (a full disk says so)."""
+    try:
+        return write()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise RunDirError(f"disk full while writing {path}; free space and resume with --resume") from None
+        raise RunDirError(f"cannot write {path} ({e.strerror or e}); check the folder and resume with --resume") \
+            from None
 
 
 def _fsync_dir(path):
@@ -28,19 +88,43 @@ def _fsync_dir(path):
 
 
 def atomic_write(path, write):
-    """write(file) into path.tmp, fsync, rename over path: readers see the old file or the new, whole."""
+    """write(file) into path.tmp, fsync, rename over path: readers see the old file or the new, whole.
+    On any failure the .tmp is removed, the old file is untouched and RunDirError names the file."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+
+    def attempt():
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path) or ".")
+    try:
+        _guard(attempt, path)
+    except RuntimeError as e:  # torch.save reports a full disk as "unexpected pos" / "file write failed"
+        if isinstance(e, RunDirError):
+            raise
+        raise RunDirError(f"cannot write {path} ({str(e).splitlines()[0][:120]}); is the disk full? Free space "
+                          f"and resume with --resume") from None
 
 
 def write_config(run_dir, config):
     atomic_write(os.path.join(run_dir, "config.json"),
                  lambda f: f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def metrics_rows(run_dir):
+    """Number of data rows in run_dir/metrics.csv, or None when the file is missing."""
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.exists(path):
+        return None
+    with open(path, newline="", errors="replace") as f:
+        return max(sum(1 for line in f if line.strip()) - 1, 0)
 
 
 class MetricsLog:
@@ -58,10 +142,13 @@ class MetricsLog:
         self.rows = 0 if keep_rows is None else keep_rows
 
     def append(self, row):
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerow(["" if row.get(c) is None else row[c] for c in METRICS_COLUMNS])
-            f.flush()
-            os.fsync(f.fileno())
+        def write():
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f, lineterminator="\n").writerow(["" if row.get(c) is None else row[c]
+                                                             for c in METRICS_COLUMNS])
+                f.flush()
+                os.fsync(f.fileno())
+        _guard(write, self.path)
         self.rows += 1
 
 
@@ -69,7 +156,16 @@ def mark_done(run_dir):
     atomic_write(os.path.join(run_dir, "done"), lambda f: None)
 
 
-# ---- checkpoints -----------------------------------------------------------------------------
+def remove_run(run_dir):
+    """Delete a run's files (for --overwrite); the lock and anything else in the folder stay."""
+    import shutil
+    for name in ("config.json", "metrics.csv", "done"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+
+
+# ---- checkpoints: save and restore side by side -----------------------------------------------
 
 def checkpoint_paths(run_dir):
     d = os.path.join(run_dir, "checkpoints")
@@ -79,20 +175,19 @@ def checkpoint_paths(run_dir):
 def save_checkpoint(run_dir, state):
     """last.pt is replaced only once the new one is complete; the one before is kept as prev.pt."""
     last, prev = checkpoint_paths(run_dir)
-    os.makedirs(os.path.dirname(last), exist_ok=True)
-    tmp = last + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    _guard(lambda: os.makedirs(os.path.dirname(last), exist_ok=True), os.path.dirname(last))
+    tmp = last + ".new"
+    atomic_write(tmp, lambda f: torch.save(state, f))
     if os.path.exists(last):
         os.replace(last, prev)
     os.replace(tmp, last)
     _fsync_dir(os.path.dirname(last))
 
 
-def load_checkpoint(run_dir, map_location="cpu"):
-    """The newest checkpoint that loads, or None. A corrupt newest one falls back to the previous."""
+def load_checkpoint(run_dir, map_location="cpu", discard_corrupt=False):
+    """The newest checkpoint that loads, or None. A corrupt newest one falls back to the previous; with
+    discard_corrupt (rank 0 only) the corrupt file is renamed to *.corrupt, so that the next save cannot
+    rotate it over the good one."""
     for path in checkpoint_paths(run_dir):
         if not os.path.exists(path):
             continue
@@ -101,4 +196,6 @@ def load_checkpoint(run_dir, map_location="cpu"):
         except Exception as e:  # truncated or corrupt file: try the older one
             print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); trying the previous one",
                   file=sys.stderr)
+            if discard_corrupt:
+                os.replace(path, path + ".corrupt")
     return None

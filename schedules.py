@@ -1,13 +1,23 @@
-"""Learning-rate schedules of the paper, in optimizer steps, plus the arithmetic of cycles.
+"""Learning-rate schedules of the paper and the one-run curve estimators, in optimizer steps.
 
-Three schedules, each a linear warmup followed by:
-  standard  cosine decay to eta_min over the rest of the run (CosineAnnealingLR)
-  cyclic    cosine cycles whose period grows by t_mult (CosineAnnealingWarmRestarts)
-  constant  cyclic with t_mult = 1 (the paper's Appendix B)
+Every schedule is a linear warmup followed by:
+  standard       cosine decay to eta_min over the rest of the run (CosineAnnealingLR): one budget
+  cyclic         cosine cycles whose period grows by t_mult (CosineAnnealingWarmRestarts): a budget per cycle end
+  constant       cyclic with t_mult = 1 (the paper's Appendix B)
+  cyclic-decay   cyclic whose cycle peaks decay: peak of cycle i = lr * gamma^i (--cycle-decay)
+  wsd            warmup-stable-decay (Haegele et al. 2024): a trunk at the peak LR, and for every budget T_k a
+                 cooldown branch copied from the trunk at (1 - f) T_k that decays to eta_min over f T_k
+  schedule-free  SGDScheduleFree (Defazio et al. 2024): no schedule but its own warmup, evaluated at every budget
+
+The one-run estimators take their budgets from the cyclic run of the same shape (warmup, t0, t_mult,
+cycles), so all of them sample the same steps, and a standard run at such a budget ends on that step too.
 
 Every period is counted in optimizer steps and the scheduler is stepped once per optimizer step,
 after optimizer.step(). The closed form `lr_at` is the definition; `build_scheduler` composes
-PyTorch's schedulers and the tests check that the two agree at every step.
+PyTorch's schedulers (a LambdaLR with the closed form where torch has none) and the tests check that
+the two agree at every step. A wsd run is a sequence of segments (trunk, branch 0, trunk, branch 1,
+...): its *run step* counts every optimizer step the process takes, its *path step* the steps along
+one model's own path (which also fix the data a step sees); the two coincide for every other schedule.
 
 Run as a script it plans a cyclic run: `python schedules.py --warmup-epochs 8 --t0 8 --cycles 6`.
 """
@@ -19,21 +29,38 @@ from dataclasses import dataclass
 
 from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmRestarts, LambdaLR, SequentialLR
 
-SCHEDULES = ("standard", "cyclic", "constant")
+SCHEDULES = ("standard", "cyclic", "constant", "cyclic-decay", "wsd", "schedule-free")
+CYCLIC = ("cyclic", "constant", "cyclic-decay")  # schedules made of cosine cycles
+COOLDOWN_SHAPES = ("1-sqrt", "linear")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of a run: path steps [start, end) of the trunk, or of cooldown branch `branch` (0-based)."""
+    kind: str  # "trunk" or "branch"
+    start: int
+    end: int
+    run_start: int  # run step of its first step
+    branch: int = -1
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A schedule's shape in optimizer steps. Cyclic fields are unused by 'standard'."""
+    """A schedule's shape in optimizer steps. Cyclic fields are unused by 'standard'; budget_steps are the
+    curve points of wsd and schedule-free (the cycle ends of the cyclic run of the same shape)."""
     schedule: str
-    total_steps: int
+    total_steps: int  # path steps of the longest path
     warmup_steps: int
     t0_steps: int = 0
     t_mult: int = 2
+    cycle_decay: float = 1.0
+    budget_steps: tuple = ()
+    cooldown_frac: float = 0.2
+    cooldown_shape: str = "1-sqrt"
 
     def cycle_lengths(self):
-        """Length in steps of each cosine cycle (one for 'standard')."""
-        if self.schedule == "standard":
+        """Length in steps of each cosine cycle (one for 'standard' and the one-run estimators)."""
+        if self.schedule not in CYCLIC:
             return [self.total_steps - self.warmup_steps]
         lengths, left, period = [], self.total_steps - self.warmup_steps, self.t0_steps
         while left > 0:
@@ -43,7 +70,10 @@ class Plan:
         return lengths
 
     def cycle_end_steps(self):
-        """Optimizer-step counts after which a cycle ends (LR at its minimum): the curve's points."""
+        """Path steps after which a curve point is read: the cycle ends (LR at its minimum), the budgets of
+        wsd and schedule-free, the end of a standard run."""
+        if self.budget_steps:
+            return list(self.budget_steps)
         ends, s = [], self.warmup_steps
         for n in self.cycle_lengths():
             s += n
@@ -51,35 +81,85 @@ class Plan:
         return ends
 
     def cycle_of_step(self, step):
-        """Cycle index of the optimizer step with 0-based index `step`; -1 during warmup."""
+        """Cycle (budget) index of the path step with 0-based index `step`; -1 during warmup."""
         if step < self.warmup_steps:
             return -1
-        for i, end in enumerate(self.cycle_end_steps()):
+        ends = self.cycle_end_steps()
+        for i, end in enumerate(ends):
             if step < end:
                 return i
-        return len(self.cycle_end_steps()) - 1
+        return len(ends) - 1
+
+    def segments(self):
+        """The run in order: for wsd trunk, branch 0, trunk, branch 1, ...; for the others one trunk."""
+        if self.schedule != "wsd":
+            return [Segment("trunk", 0, self.total_steps, 0)]
+        out, at, run = [], 0, 0
+        for k, budget in enumerate(self.budget_steps):
+            branch_at = budget - round(self.cooldown_frac * budget)
+            if branch_at > at:
+                out.append(Segment("trunk", at, branch_at, run))
+                run += branch_at - at
+                at = branch_at
+            out.append(Segment("branch", branch_at, budget, run, k))
+            run += budget - branch_at
+        return out
+
+    @property
+    def run_steps(self):
+        """Optimizer steps the whole run takes (wsd: trunk plus every branch)."""
+        last = self.segments()[-1]
+        return last.run_start + last.end - last.start
+
+    def segment_at(self, run_step):
+        """The segment that holds run step `run_step` (0-based), and the path step it trains."""
+        segments = self.segments()
+        for seg in segments:
+            if run_step < seg.run_start + seg.end - seg.start:
+                return seg, seg.start + run_step - seg.run_start
+        return segments[-1], segments[-1].end
+
+
+def cooldown_factor(shape, t, length):
+    """Fraction of the way from eta_min to the peak at step t (0-based) of a cooldown of `length` steps."""
+    x = t / length
+    return 1 - math.sqrt(x) if shape == "1-sqrt" else 1 - x
 
 
 def lr_at(plan, step, peak_lr, eta_min=0.0):
-    """Closed-form LR used by optimizer step `step` (0-based): the schedule's definition."""
-    if step < plan.warmup_steps:
+    """Closed-form LR used by optimizer step `step` (0-based run step): the schedule's definition.
+    For schedule-free it is the warmup the optimizer applies itself (SGDScheduleFree's scheduled_lr)."""
+    seg, step = plan.segment_at(step)
+    if step < plan.warmup_steps and seg.kind == "trunk":
         return peak_lr * (step + 1) / plan.warmup_steps
+    if plan.schedule == "schedule-free" or (plan.schedule == "wsd" and seg.kind == "trunk"):
+        return peak_lr
+    if plan.schedule == "wsd":
+        return eta_min + (peak_lr - eta_min) * cooldown_factor(plan.cooldown_shape, step - seg.start,
+                                                               seg.end - seg.start)
     cycle = plan.cycle_of_step(step)
     start = plan.warmup_steps + sum(plan.cycle_lengths()[:cycle])
     if plan.schedule == "standard":
         period = plan.total_steps - plan.warmup_steps
     else:
         period = plan.t0_steps * plan.t_mult ** cycle
+        peak_lr = peak_lr * plan.cycle_decay ** cycle
     t_cur = step - start
     return eta_min + (peak_lr - eta_min) * (1 + math.cos(math.pi * t_cur / period)) / 2
 
 
 def build_scheduler(optimizer, plan, eta_min=0.0):
-    """PyTorch schedulers for `plan`; step once after every optimizer.step().
+    """PyTorch schedulers for `plan`; step once after every optimizer.step(). None for schedule-free.
 
-    The warmup is a LambdaLR; SequentialLR hands over to the cosine scheduler at the milestone.
-    Resume by building a fresh one and calling load_state_dict (never with last_epoch >= 0:
-    pytorch/pytorch#49630)."""
+    standard and cyclic/constant: a LambdaLR warmup handed over by SequentialLR to CosineAnnealingLR or
+    CosineAnnealingWarmRestarts at the milestone. cyclic-decay and wsd, for which torch has no scheduler:
+    one LambdaLR with the closed form. Resume by building a fresh one and calling load_state_dict
+    (never with last_epoch >= 0: pytorch/pytorch#49630)."""
+    if plan.schedule == "schedule-free":
+        return None
+    if plan.schedule in ("cyclic-decay", "wsd"):
+        peak = optimizer.param_groups[0]["lr"]
+        return LambdaLR(optimizer, lambda s: lr_at(plan, min(s, plan.run_steps - 1), peak, eta_min) / peak)
     if plan.schedule == "standard":
         main = CosineAnnealingLR(optimizer, T_max=plan.total_steps - plan.warmup_steps, eta_min=eta_min)
     else:
@@ -110,31 +190,51 @@ def cycles_for_epochs(warmup_epochs, t0, t_mult, epochs):
     raise ValueError(f"--epochs {epochs:g} is too large for t0 {t0:g}")
 
 
-def make_plan(schedule, epochs, warmup_epochs, t0, t_mult, steps_per_epoch):
-    """Plan in steps; periods are rounded to whole optimizer steps."""
+def cycle_end_epochs(warmup_epochs, t0, t_mult, cycles):
+    return [cyclic_epochs(warmup_epochs, t0, t_mult, n) for n in range(1, cycles + 1)]
+
+
+def budget_steps(epochs, warmup_epochs, t0, t_mult, steps_per_epoch):
+    """Optimizer steps of a run of `epochs`: when `epochs` ends a cycle of the cyclic run of this shape,
+    exactly the step where that cycle ends (periods rounded to whole steps as the cyclic run rounds
+    them), so standard and cyclic curves sample the same step; otherwise epochs x steps, rounded."""
+    try:
+        n = cycles_for_epochs(warmup_epochs, t0, t_mult, epochs)
+    except ValueError:
+        return round(epochs * steps_per_epoch)
+    return round(warmup_epochs * steps_per_epoch) + round(t0 * steps_per_epoch) * sum(t_mult ** i for i in range(n))
+
+
+def make_plan(schedule, epochs, warmup_epochs, t0, t_mult, steps_per_epoch, cycle_decay=1.0, cooldown_frac=0.2,
+              cooldown_shape="1-sqrt"):
+    """Plan in steps; periods are rounded to whole optimizer steps. For every schedule but standard,
+    `epochs` must end a cycle of (warmup_epochs, t0, t_mult); for standard, (t0, t_mult) are the shape of
+    the cyclic family whose budget it samples (see budget_steps)."""
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     if schedule == "standard":
-        return Plan(schedule, round(epochs * steps_per_epoch), warmup_steps)
+        return Plan(schedule, budget_steps(epochs, warmup_epochs, t0, t_mult, steps_per_epoch), warmup_steps)
     if schedule == "constant":
         t_mult = 1
-    # Total from the rounded periods, so that the run ends exactly on a cycle end.
     t0_steps = round(t0 * steps_per_epoch)
     cycles = cycles_for_epochs(warmup_epochs, t0, t_mult, epochs)
-    return Plan(schedule, warmup_steps + t0_steps * sum(t_mult ** i for i in range(cycles)), warmup_steps,
-                t0_steps, t_mult)
+    ends = [warmup_steps + t0_steps * sum(t_mult ** i for i in range(n)) for n in range(1, cycles + 1)]
+    if schedule in ("wsd", "schedule-free"):
+        return Plan(schedule, ends[-1], warmup_steps, t0_steps, t_mult, budget_steps=tuple(ends),
+                    cooldown_frac=cooldown_frac, cooldown_shape=cooldown_shape)
+    return Plan(schedule, ends[-1], warmup_steps, t0_steps, t_mult, cycle_decay if schedule == "cyclic-decay" else 1.0)
+
+
+def eq1_ratio(budgets):
+    """The paper's Eq. 1 applied to a set of budgets: the epochs of one standard run per budget over the
+    epochs of the one run that reaches the largest, sum(budgets) / max(budgets). With warmup = t0 the
+    budgets are 2 T0 r^i and this is exactly Eq. 1; otherwise it counts the warmup in every run, as the
+    measured wall-clock ratio does. The one definition that config.json and analysis use."""
+    return sum(budgets) / max(budgets)
 
 
 def speedup_ratio(t_mult, n):
-    """The paper's Eq. 1: total epochs of n standard runs at the cycle ends over the cyclic run's,
-    warmup not counted: sum_{i<n} T0 r^i / (T0 r^(n-1))."""
-    if t_mult == 1:
-        return float(n)
-    r = t_mult
-    return (1 - r ** n) / ((1 - r) * r ** (n - 1))
-
-
-def cycle_end_epochs(warmup_epochs, t0, t_mult, cycles):
-    return [cyclic_epochs(warmup_epochs, t0, t_mult, n) for n in range(1, cycles + 1)]
+    """Eq. 1 in closed form for n cycles: sum_{i<n} T0 r^i / (T0 r^(n-1))."""
+    return eq1_ratio([t_mult ** i for i in range(n)])
 
 
 # ---- planning command ----------------------------------------------------------------------
@@ -154,18 +254,17 @@ def main(argv=None):
     for flag, bad in (("--cycles", a.cycles < 1), ("--t0", a.t0 <= 0), ("--t-mult", a.t_mult < 1),
                       ("--warmup-epochs", a.warmup_epochs < 0), ("--steps-per-epoch", a.steps_per_epoch < 1)):
         if bad:
-            sys.exit(f"schedules.py: error: {flag} is out of range (cycles, t0, t-mult, steps-per-epoch >= 1; warmup >= 0)")
+            sys.exit(f"schedules.py: error: {flag} is out of range (cycles, t0, t-mult, steps-per-epoch >= 1; "
+                     f"warmup >= 0)")
     t_mult = 1 if a.schedule == "constant" else a.t_mult
     ends = cycle_end_epochs(a.warmup_epochs, a.t0, t_mult, a.cycles)
     total = ends[-1]
-    ratio = speedup_ratio(t_mult, a.cycles)
-    ratio_warm = sum(ends) / total
     print(f"schedule {a.schedule}: warmup {a.warmup_epochs:g} + t0 {a.t0:g} x t_mult {t_mult}, {a.cycles} cycles")
     print(f"sample points (cycle-end epochs): {', '.join(f'{e:g}' for e in ends)}")
     print(f"cyclic run: {total:g} epochs")
     print(f"standard runs at the same points: {' + '.join(f'{e:g}' for e in ends)} = {sum(ends):g} epochs")
-    print(f"speedup ratio, Eq. 1 (warmup not counted): {ratio:.4f}")
-    print(f"speedup ratio, warmup counted in every run: {ratio_warm:.4f}")
+    print(f"speedup ratio, Eq. 1 on these budgets (warmup counted in every run): {eq1_ratio(ends):.4f}")
+    print(f"speedup ratio, Eq. 1 in closed form (warmup not counted): {speedup_ratio(t_mult, a.cycles):.4f}")
     if a.csv:
         plan = make_plan(a.schedule, total, a.warmup_epochs, a.t0, t_mult, a.steps_per_epoch)
         with open(a.csv, "w", newline="") as f:

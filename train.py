@@ -1,19 +1,22 @@
-"""Train one network and write one run directory (../shared/run-format.md).
+"""Train one network and write one run directory (the run format: docs/run-format.md).
 
     python train.py                                   # small ResNet, Fashion-MNIST, cyclic, 3 cycles
     torchrun --nproc_per_node=8 train.py --data imagenet --data-dir /data/imagenet --model resnet50 ...
 
 DDP comes from the torchrun environment (NCCL on CUDA, gloo on CPU); only rank 0 writes files.
 The LR follows schedules.py and is stepped once per optimizer step; validation runs at every
-cycle end (the tradeoff-curve points), at the end, and every --eval-every epochs.
+curve point (cycle ends, budgets), at the end, and every --eval-every epochs; checkpoints are written
+after every evaluation and every --checkpoint-every minutes between them.
 """
 import argparse
 import contextlib
+import copy
 import math
 import os
 import random
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -24,34 +27,45 @@ from tqdm import tqdm
 
 import schedules
 from data import DATASETS, DataError, build_data
-from methods import SHORT, Objective, prepare_model, selected_methods, to_channels_last
+from methods import SHORT, Objective, blurred_layers, prepare_model, selected_methods, to_channels_last
 from models import SMALL_RESNET, build_model
-from rundir import (MetricsLog, holds_run, load_checkpoint, mark_done, save_checkpoint,
-                    write_config)
+from rundir import (MetricsLog, RunDirError, check_writable, holds_run, is_done, load_checkpoint, lock_run_dir,
+                    mark_done, metrics_rows, remove_run, save_checkpoint, write_config)
 
 # Options that define the result: a resume with any of them changed is refused.
 RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
                "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
-               "amp", "methods", "label_smoothing", "mixup", "seed", "compile")
+               "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay", "cooldown_frac",
+               "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode")
+NO_STEP = 2 ** 62  # "no non-finite step yet"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--data", dest="dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--data-dir", default=None, help="dataset folder (default for fashion-mnist: Debian's package)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data-dir")
-    g.add_argument("--subset", type=int, default=0, help="train on the first N images only (0: all)")
+    g.add_argument("--subset", type=int, default=0, help="train on N images only (0: all)")
     g.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank (imagenet)")
     g.add_argument("--model", default=SMALL_RESNET, help=f"{SMALL_RESNET} or any timm model name")
     g = p.add_argument_group("schedule (periods in epochs, applied per optimizer step)")
-    g.add_argument("--schedule", default="cyclic", help="standard | cyclic | constant")
-    g.add_argument("--epochs", type=float, default=None, help="total epochs (cyclic: must end a cycle)")
-    g.add_argument("--cycles", type=int, default=None, help="cyclic: number of cycles, instead of --epochs (default 3)")
+    g.add_argument("--schedule", default="cyclic", help=" | ".join(schedules.SCHEDULES))
+    g.add_argument("--epochs", type=float, default=None, help="total epochs (all but standard: must end a cycle)")
+    g.add_argument("--cycles", type=int, default=None, help="number of cycles (budgets), instead of --epochs (3)")
     g.add_argument("--warmup-epochs", type=float, default=0.5)
     g.add_argument("--t0", type=float, default=0.5, help="first cycle's period")
     g.add_argument("--t-mult", type=int, default=None, help="period multiplier (default 2; constant: 1)")
     g.add_argument("--eta-min", type=float, default=0.0)
+    g.add_argument("--cycle-decay", type=float, default=0.7, metavar="GAMMA",
+                   help="cyclic-decay: peak of cycle i is lr * GAMMA^i")
+    g.add_argument("--cooldown-frac", type=float, default=0.2, metavar="F",
+                   help="wsd: each budget T's cooldown branch starts at (1 - F) T")
+    g.add_argument("--cooldown-shape", default="1-sqrt", help="wsd: 1-sqrt | linear")
+    g.add_argument("--sf-lr", type=float, default=None, help="schedule-free: its LR (default 5 x --lr)")
+    g.add_argument("--sf-warmup-epochs", type=float, default=None,
+                   help="schedule-free: its linear warmup (default --warmup-epochs)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=256, help="global batch per optimizer step")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -64,27 +78,53 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("methods")
     g.add_argument("--blurpool", action="store_true", help="anti-aliased downsampling (BlurPool)")
+    g.add_argument("--blurpool-mode", default="blur-first",
+                   help="blur-first: a stride-1 blur, then the strided layer (the paper's, Composer's default); "
+                        "conv-first: the layer at stride 1, then a strided blur (about 2x the FLOPs)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and batches")
     g.add_argument("--label-smoothing", type=float, nargs="?", const=0.1, default=0.0, metavar="EPS")
     g.add_argument("--mixup", type=float, nargs="?", const=0.2, default=0.0, metavar="ALPHA")
     g = p.add_argument_group("run directory and logging")
-    g.add_argument("--run-dir", default=None, help="default: runs/<dataset>_<model>_<schedule>-e<epochs>_<methods>_s<seed>")
+    g.add_argument("--run-dir", default=None,
+                   help="default: runs/<dataset>_<model>_<schedule>-e<epochs>_<methods>_s<seed>")
     g.add_argument("--resume", nargs="?", const="must", default=None, metavar="auto",
                    help="continue the run in --run-dir; 'auto' starts fresh when there is no checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
     g.add_argument("--eval-every", type=float, default=None,
-                   help="epochs between extra evaluations (default: 1 for resident datasets, else cycle ends only)")
+                   help="epochs between extra evaluations (default: 1 for resident datasets, else curve points only)")
+    g.add_argument("--checkpoint-every", type=float, default=30.0, metavar="MINUTES",
+                   help="also checkpoint (and check for non-finite loss) this often between evaluations; 0: never")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="skip up to N optimizer steps whose loss is NaN/inf instead of stopping (checks every step)")
     return p.parse_args(argv)
 
 
-def fail(flag_message):
-    """One line on stderr naming the flag and the fix, exit status 2, nothing written."""
+@dataclass(frozen=True)
+class Setup:
+    """What the options imply, derived once; config.json records these over the options of the same name."""
+    epochs: float
+    cycles: int
+    t0: float  # as recorded: a standard run's one cosine period
+    t_mult: int
+    family_t0: float  # the cyclic shape whose budgets the run samples (a standard run's t0/t_mult as given)
+    family_t_mult: int
+    amp: str
+    methods: list
+    world_size: int
+    eval_every: float
+    run_dir: str
+    sf_lr: float
+    sf_warmup_epochs: float
+
+
+def fail(message, code=2):
+    """One line on stderr naming the flag and the fix, a non-zero exit; nothing written."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"train.py: error: {flag_message}", file=sys.stderr)
-    sys.exit(2)
+        print(f"train.py: error: {message}", file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
 
 
 def micro_batch_size(cfg, world_size):
@@ -92,111 +132,525 @@ def micro_batch_size(cfg, world_size):
     return cfg.batch_size // (world_size * max(cfg.grad_accum, 1))
 
 
-def resolve(cfg, world_size, device):
-    """Validate every flag and derive the schedule; fail() on the first bad one."""
+def resolve(args, world_size, device):
+    """Validate every flag and derive the Setup; fail() on the first bad one."""
+    a = args
     checks = [
-        (cfg.dataset in DATASETS, f"--data: unknown dataset '{cfg.dataset}'; choose one of {', '.join(DATASETS)}"),
-        (cfg.schedule in schedules.SCHEDULES, f"--schedule: unknown '{cfg.schedule}'; choose standard, cyclic or constant"),
-        (cfg.amp in ("auto", "none", "bf16", "fp16"), f"--amp: unknown '{cfg.amp}'; choose auto, none, bf16 or fp16"),
-        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
-        (cfg.eta_min >= 0 and cfg.eta_min < cfg.lr, f"--eta-min must be in [0, --lr), got {cfg.eta_min}"),
-        (cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
-        (cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}"),
-        (cfg.batch_size % (world_size * max(cfg.grad_accum, 1)) == 0,
-         f"--batch-size {cfg.batch_size} is not divisible by world size {world_size} x --grad-accum {cfg.grad_accum}; "
-         f"use a multiple of {world_size * max(cfg.grad_accum, 1)}"),
-        (cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}"),
-        (cfg.t0 > 0, f"--t0 must be positive, got {cfg.t0}"),
-        (cfg.t_mult is None or cfg.t_mult >= 1, f"--t-mult must be an integer >= 1, got {cfg.t_mult}"),
-        (not (cfg.schedule == "constant" and cfg.t_mult not in (None, 1)), "--t-mult: a constant schedule has t_mult 1; drop --t-mult or use --schedule cyclic"),
-        (cfg.cycles is None or cfg.cycles >= 1, f"--cycles must be >= 1, got {cfg.cycles}"),
-        (cfg.epochs is None or cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}"),
-        (cfg.subset >= 0, f"--subset must be >= 0, got {cfg.subset}"),
-        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
-        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
-        (cfg.mixup >= 0, f"--mixup must be >= 0, got {cfg.mixup}"),
-        (not (cfg.mixup > 0 and micro_batch_size(cfg, world_size) % 2),
+        (a.dataset in DATASETS, f"--data: unknown dataset '{a.dataset}'; choose one of {', '.join(DATASETS)}"),
+        (a.schedule in schedules.SCHEDULES,
+         f"--schedule: unknown '{a.schedule}'; choose one of {', '.join(schedules.SCHEDULES)}"),
+        (a.amp in ("auto", "none", "bf16", "fp16"), f"--amp: unknown '{a.amp}'; choose auto, none, bf16 or fp16"),
+        (a.lr > 0 and math.isfinite(a.lr), f"--lr must be a positive number, got {a.lr}"),
+        (0 <= a.momentum < 1, f"--momentum must be in [0, 1), got {a.momentum}"),
+        (not (a.nesterov and a.momentum == 0), "--nesterov needs --momentum > 0"),
+        (a.weight_decay >= 0, f"--weight-decay must be >= 0, got {a.weight_decay}"),
+        (0 <= a.eta_min < a.lr, f"--eta-min must be in [0, --lr), got {a.eta_min}"),
+        (a.batch_size > 0, f"--batch-size must be positive, got {a.batch_size}"),
+        (a.grad_accum > 0, f"--grad-accum must be positive, got {a.grad_accum}"),
+        (a.batch_size % (world_size * max(a.grad_accum, 1)) == 0,
+         f"--batch-size {a.batch_size} is not divisible by world size {world_size} x --grad-accum {a.grad_accum}; "
+         f"use a multiple of {world_size * max(a.grad_accum, 1)}"),
+        (a.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {a.warmup_epochs}"),
+        (a.t0 > 0, f"--t0 must be positive, got {a.t0}"),
+        (a.t_mult is None or a.t_mult >= 1, f"--t-mult must be an integer >= 1, got {a.t_mult}"),
+        (not (a.schedule == "constant" and a.t_mult not in (None, 1)),
+         "--t-mult: a constant schedule has t_mult 1; drop --t-mult or use --schedule cyclic"),
+        (a.cycles is None or a.cycles >= 1, f"--cycles must be >= 1, got {a.cycles}"),
+        (a.epochs is None or a.epochs > 0, f"--epochs must be positive, got {a.epochs}"),
+        (0 < a.cycle_decay <= 1, f"--cycle-decay must be in (0, 1], got {a.cycle_decay}"),
+        (0 < a.cooldown_frac < 1, f"--cooldown-frac must be in (0, 1), got {a.cooldown_frac}"),
+        (a.cooldown_shape in schedules.COOLDOWN_SHAPES,
+         f"--cooldown-shape: unknown '{a.cooldown_shape}'; choose {' or '.join(schedules.COOLDOWN_SHAPES)}"),
+        (a.sf_lr is None or a.sf_lr > 0, f"--sf-lr must be positive, got {a.sf_lr}"),
+        (a.sf_warmup_epochs is None or a.sf_warmup_epochs >= 0,
+         f"--sf-warmup-epochs must be >= 0, got {a.sf_warmup_epochs}"),
+        (not (a.schedule == "schedule-free" and a.momentum == 0), "--schedule schedule-free needs --momentum > 0"),
+        (a.blurpool_mode in ("blur-first", "conv-first"),
+         f"--blurpool-mode: unknown '{a.blurpool_mode}'; choose blur-first or conv-first"),
+        (a.subset >= 0, f"--subset must be >= 0, got {a.subset}"),
+        (a.workers >= 0, f"--workers must be >= 0, got {a.workers}"),
+        (0 <= a.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {a.label_smoothing}"),
+        (a.mixup >= 0, f"--mixup must be >= 0, got {a.mixup}"),
+        (not (a.mixup > 0 and micro_batch_size(a, world_size) % 2),
          "--mixup needs an even micro-batch (batch / (world size x grad-accum))"),
-        (cfg.eval_every is None or cfg.eval_every >= 0, f"--eval-every must be >= 0, got {cfg.eval_every}"),
-        (cfg.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {cfg.skip_nonfinite}"),
-        (not (cfg.amp == "fp16" and device.type == "cpu"), "--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU"),
-        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other; pick one"),
-        (cfg.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{cfg.resume}'"),
+        (a.eval_every is None or a.eval_every >= 0, f"--eval-every must be >= 0, got {a.eval_every}"),
+        (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 minutes, got {a.checkpoint_every}"),
+        (a.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {a.skip_nonfinite}"),
+        (not (a.amp == "fp16" and device.type == "cpu"), "--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU"),
+        (not (a.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()),
+         "--amp bf16: this GPU has no bf16; use --amp fp16 (or auto)"),
+        (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other; pick one"),
+        (a.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{a.resume}'"),
     ]
     for ok, message in checks:
         if not ok:
             fail(message)
-    cfg.t_mult = 1 if cfg.schedule == "constant" else (cfg.t_mult or 2)
-    if cfg.schedule == "standard":
-        cfg.epochs = cfg.epochs or schedules.cyclic_epochs(cfg.warmup_epochs, cfg.t0, 2, cfg.cycles or 3)
-        cfg.cycles = 1
-    elif cfg.epochs is None:
-        cfg.cycles = cfg.cycles or 3
-        cfg.epochs = schedules.cyclic_epochs(cfg.warmup_epochs, cfg.t0, cfg.t_mult, cfg.cycles)
+    t_mult = 1 if a.schedule == "constant" else (a.t_mult or 2)
+    if a.schedule == "standard":  # the epochs of the cyclic run's cycles, if given as --cycles
+        epochs, cycles = a.epochs or schedules.cyclic_epochs(a.warmup_epochs, a.t0, t_mult, a.cycles or 3), 1
+    elif a.epochs is None:
+        cycles = a.cycles or 3
+        epochs = schedules.cyclic_epochs(a.warmup_epochs, a.t0, t_mult, cycles)
     else:
+        epochs = a.epochs
         try:
-            n = schedules.cycles_for_epochs(cfg.warmup_epochs, cfg.t0, cfg.t_mult, cfg.epochs)
+            cycles = schedules.cycles_for_epochs(a.warmup_epochs, a.t0, t_mult, a.epochs)
         except ValueError as e:
             fail(str(e))
-        if cfg.cycles not in (None, n):
-            fail(f"--cycles {cfg.cycles} disagrees with --epochs {cfg.epochs:g} ({n} cycles); give only one of them")
-        cfg.cycles = n
-    if cfg.warmup_epochs >= cfg.epochs:
-        fail(f"--warmup-epochs {cfg.warmup_epochs:g} must be shorter than the run ({cfg.epochs:g} epochs)")
-    if cfg.schedule == "standard":  # recorded shape: one cosine period over the rest of the run
-        cfg.t0, cfg.t_mult = cfg.epochs - cfg.warmup_epochs, 1
-    if cfg.amp == "auto":
+        if a.cycles not in (None, cycles):
+            fail(f"--cycles {a.cycles} disagrees with --epochs {a.epochs:g} ({cycles} cycles); give only one of them")
+    if a.warmup_epochs >= epochs:
+        fail(f"--warmup-epochs {a.warmup_epochs:g} must be shorter than the run ({epochs:g} epochs)")
+    amp = a.amp
+    if amp == "auto":
         if device.type == "cuda":
-            cfg.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            cfg.amp = "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
-    cfg.methods = selected_methods(cfg)
-    cfg.world_size = world_size
+            native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            amp = "bf16" if native else "none"
+    methods = selected_methods(a)
+    standard = a.schedule == "standard"  # recorded shape: one cosine period over the rest of the run
+    return Setup(epochs=epochs, cycles=cycles, t0=epochs - a.warmup_epochs if standard else a.t0,
+                 t_mult=1 if standard else t_mult, family_t0=a.t0, family_t_mult=t_mult, amp=amp, methods=methods,
+                 world_size=world_size, eval_every=a.eval_every if a.eval_every is not None else
+                 (0.0 if a.dataset == "imagenet" else 1.0),
+                 run_dir=a.run_dir or default_run_dir(a, epochs, methods),
+                 sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
+                 else a.sf_warmup_epochs)
 
 
-def default_run_dir(cfg):
-    methods = "+".join(SHORT[m] for m in cfg.methods) or "baseline"
-    return os.path.join("runs", f"{cfg.dataset}_{cfg.model}_{cfg.schedule}-e{cfg.epochs:g}_{methods}_s{cfg.seed}")
+def default_run_dir(args, epochs, methods):
+    label = "+".join(SHORT[m] for m in methods) or "baseline"
+    return os.path.join("runs", f"{args.dataset}_{args.model}_{args.schedule}-e{epochs:g}_{label}_s{args.seed}")
 
 
-def prepare_run_dir(cfg):
-    """Decide fresh / resume / refuse before anything is written. Returns the checkpoint to resume or None."""
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.run_dir) if os.path.isdir(cfg.run_dir) else None
-        if ckpt is None and cfg.resume == "must":
-            fail(f"--resume: no readable checkpoint in {cfg.run_dir}/checkpoints; start it without --resume "
+def resume_decision(args, setup, master):
+    """Read run_dir and decide: (checkpoint to resume or None, whether to wipe the old run first).
+    Exits 0 for a finished run under --resume, and fail()s on anything that would lose or mix results."""
+    run_dir, options = setup.run_dir, result_options(args, setup)
+    if args.resume:
+        ckpt = load_checkpoint(run_dir, discard_corrupt=master) if os.path.isdir(run_dir) else None
+        recorded = ckpt.get("config") if ckpt is not None else None
+        if ckpt is not None and recorded is None:
+            fail(f"--resume: the checkpoint in {run_dir}/checkpoints does not record its options (written by "
+                 f"an older train.py); start the run again with --overwrite")
+        if recorded is not None:  # the checkpoint says what it was trained with: a stray config.json cannot mislead
+            diffs = [f"{k}: {recorded.get(k)!r} -> {options[k]!r}" for k in RESULT_KEYS if recorded.get(k) != options[k]]
+            if diffs:
+                fail(f"--resume: these options differ from the run in {run_dir}: {'; '.join(diffs)}")
+        if is_done(run_dir):  # never redo a finished run (sweeps rely on this); --overwrite replaces it
+            if master:
+                print(f"run {run_dir} is already finished (it has 'done'); nothing to do. Pass --overwrite "
+                      f"instead of --resume to train it again")
+            sys.exit(0)
+        if ckpt is None and args.resume == "must":
+            fail(f"--resume: no readable checkpoint in {run_dir}/checkpoints; start it without --resume "
                  f"(or with --resume auto)")
         if ckpt is not None:
-            # the checkpoint carries the options it was trained with, so a stray config.json cannot mislead
-            old = ckpt.get("config")
-            if old is None:
-                fail(f"--resume: the checkpoint in {cfg.run_dir}/checkpoints does not record its options (written by "
-                     f"an older train.py); start the run again with --overwrite")
-            diffs = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESULT_KEYS if old.get(k) != getattr(cfg, k)]
-            if diffs:
-                fail(f"--resume: these options differ from the run in {cfg.run_dir}: {'; '.join(diffs)}")
-            return ckpt
-        cfg.overwrite = True  # 'auto' with no checkpoint: the run died before its first one, nothing to lose
-        return None
-    if holds_run(cfg.run_dir) and not cfg.overwrite:
-        fail(f"--run-dir {cfg.run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            rows = metrics_rows(run_dir)
+            if rows is None:
+                fail(f"--resume: {run_dir}/metrics.csv is missing, so the curve before the checkpoint is lost; "
+                     f"restore the file or start again with --overwrite")
+            if rows < ckpt["metrics_rows"]:
+                fail(f"--resume: {run_dir}/metrics.csv has {rows} rows but the checkpoint recorded "
+                     f"{ckpt['metrics_rows']}; restore the file or start again with --overwrite")
+            return ckpt, False
+        return None, True  # 'auto' with no checkpoint: the run died before its first one, nothing to lose
+    if holds_run(run_dir) and not args.overwrite:
+        fail(f"--run-dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
              f"or choose another --run-dir")
-    return None
+    return None, args.overwrite
+
+
+def hold_lock(run_dir):
+    try:
+        return lock_run_dir(run_dir)
+    except RunDirError as e:
+        fail(str(e))
+
+
+def result_options(args, setup):
+    merged = {**vars(args), **asdict(setup)}
+    return {k: merged[k] for k in RESULT_KEYS}
 
 
 # ---- the run ---------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    args = parse_args(argv)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank, master = int(os.environ.get("LOCAL_RANK", 0)), rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    resolve(cfg, world_size, device)
-    master = rank == 0
+    setup = resolve(args, world_size, device)
+    try:
+        check_writable(setup.run_dir)  # before anything slow is loaded
+    except RunDirError as e:
+        fail(str(e))
+    configure_device(device)
+    torch.manual_seed(args.seed)  # every rank builds the same initial model
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    try:
+        data = build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers)
+        model = build_model(args.model, data.num_classes, data.in_chans)
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    loader = data.train_loader(args.batch_size, rank, world_size, args.seed)
+    spe = loader.steps_per_epoch
+    if spe < 1:
+        fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset")
+    plan = make_plan(args, setup, spe)
+
+    # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
+    # run (a folder that does not exist yet holds nothing to read, and is created only once the flags pass).
+    lock = hold_lock(setup.run_dir) if master and os.path.isdir(setup.run_dir) else None
+    ckpt, wipe = resume_decision(args, setup, master)  # every rank decides alike: they all read the same files
+    lock = lock or (hold_lock(setup.run_dir) if master else None)  # noqa: F841 (held until the process ends)
+    model = prepare_model(model, args).to(device)
+    replaced = blurred_layers(model)
+    raw_model = model
+    optimizer = build_optimizer(model, args, setup, plan)
+    scheduler = schedules.build_scheduler(optimizer, plan, args.eta_min)
+    scaler = torch.amp.GradScaler(device.type, enabled=setup.amp == "fp16")
+    objective = Objective(args, data.num_classes)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.amp)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    state = TrainState()
+    if ckpt is not None:
+        state = restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, rank)
+    else:  # the model-side RNG (dropout, drop-path) differs per rank; rank 0 keeps the seed
+        torch.manual_seed(args.seed if rank == 0 else hash((args.seed, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        init_distributed(device, rank, world_size)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
+                                                          else None)
+
+    config = {**vars(args), **asdict(setup), "steps_per_epoch": spe, "total_steps": plan.total_steps,
+              "run_steps": plan.run_steps, "cycle_end_epochs": [s / spe for s in plan.cycle_end_steps()],
+              "speedup_ratio_eq1": schedules.eq1_ratio(schedules.cycle_end_epochs(
+                  args.warmup_epochs, setup.family_t0, setup.family_t_mult, setup.cycles)),
+              "blurpool_layers": replaced, "device": device.type, "torch_version": torch.__version__,
+              "argv": sys.argv[1:] if argv is None else list(argv)}
+    log = None
+    if master:
+        try:
+            if wipe:
+                remove_run(setup.run_dir)
+            write_config(setup.run_dir, config)
+            log = MetricsLog(setup.run_dir, keep_rows=state.metrics_rows if ckpt is not None else None)
+        except RunDirError as e:
+            fail(str(e))
+        print(f"run {setup.run_dir}: {args.schedule}, {setup.epochs:g} epochs = {plan.run_steps} steps, curve points "
+              f"at epochs {', '.join(f'{e:g}' for e in config['cycle_end_epochs'])}; methods "
+              f"{', '.join(setup.methods) or 'none'} (label smoothing eps {objective.label_smoothing:g}, mixup alpha "
+              f"{objective.mixup_alpha:g}); {device.type} x{world_size}, "
+              f"amp {setup.amp}" + (f"; resumed at step {state.step}" if ckpt is not None else ""))
+        if replaced:
+            print(f"blurpool ({args.blurpool_mode}) on {len(replaced)} layers: {', '.join(replaced)}")
+
+    run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, objective, autocast,
+              rank, world_size, ddp, device, log)
+    steps_here = run.train(state)
+    if master:
+        mark_done(setup.run_dir)
+        print(f"done: {setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
+              f"process")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@dataclass
+class TrainState:
+    """Everything the loop advances, and a checkpoint restores."""
+    step: int = 0  # optimizer steps the run has taken (wsd: trunk and branches)
+    path_time: float = 0.0  # training seconds along the current model's own path: the row's train_time_s
+    cost_time: float = 0.0  # training seconds the whole run has spent: the row's curve_cost_s
+    metrics_rows: int = 0
+    skipped: int = 0
+    loss_sum: float = 0.0  # this rank's sum of step losses since the last row
+    loss_steps: int = 0
+    images: int = 0  # images trained since the last row, and the seconds they took
+    row_time: float = 0.0
+    trunk: dict = None  # wsd, inside a branch: the trunk's state at the branch point, restored after it
+
+
+class Run:
+    """The training loop and what it needs; one object so the loop reads without a dozen arguments."""
+
+    def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, objective,
+                 autocast, rank, world_size, ddp, device, log):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+        self.master = rank == 0
+        spe = loader.steps_per_epoch
+        every = round(setup.eval_every * spe) if setup.eval_every else 0
+        self.curve_points = set(plan.cycle_end_steps())
+        # evaluations on the trunk (every run but wsd: the whole run); a wsd branch is evaluated at its end
+        trunk_evals = set(range(every, plan.total_steps, every)) if every else set()
+        if plan.schedule != "wsd":
+            trunk_evals |= self.curve_points | {plan.total_steps}
+        self.trunk_evals = trunk_evals
+        self.sf = plan.schedule == "schedule-free"
+
+    def train(self, state):
+        """Run the plan from state.step to the end; returns the optimizer steps taken by this process."""
+        a, plan, spe = self.args, self.plan, self.loader.steps_per_epoch
+        first_step = state.step
+        first_bad = torch.full((), NO_STEP, dtype=torch.long, device=self.device)  # earliest non-finite step
+        loss_sum = torch.full((), state.loss_sum, device=self.device)  # summed on the device: no sync per step
+        clock = Clock(self.device)
+        last_save = time.monotonic()
+        bar = tqdm(total=plan.run_steps, initial=state.step, disable=not self.master or a.no_progress, unit="step",
+                   dynamic_ncols=True, leave=False)
+        while state.step < plan.run_steps:
+            seg, at = plan.segment_at(state.step)
+            if seg.kind == "branch" and state.trunk is None:  # wsd: keep the trunk, train a copy down to 0
+                state.trunk = self.snapshot(state, loss_sum)
+            for path_step, x, y in batches(self.loader, at, seg.end):
+                # -- 1. learning rate: the scheduler set it for this step (schedule-free: the optimizer does)
+                lr = self.optimizer.param_groups[0]["lr"]
+                # -- 2. forward, backward, update
+                loss = train_step(self.model, self.optimizer, self.scaler, self.objective, self.autocast, x, y,
+                                  a.grad_accum, self.ddp, (path_step, self.rank),
+                                  check_finite=state.skipped < a.skip_nonfinite)
+                if self.sf:
+                    lr = self.optimizer.param_groups[0]["scheduled_lr"]
+                if loss is None:  # non-finite and --skip-nonfinite allows it: no update, the schedule goes on
+                    state.skipped += 1
+                    if self.master:
+                        tqdm.write(f"skipped step {state.step + 1}: non-finite loss "
+                                   f"({state.skipped}/{a.skip_nonfinite} allowed)")
+                else:
+                    loss_sum += loss
+                    state.loss_steps += 1
+                    first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss), state.step, first_bad)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                state.step += 1
+                state.images += a.batch_size
+                bar.update(1)
+                # -- 3. evaluate and log at the curve points; checkpoint after that or every few minutes
+                done = path_step + 1
+                row_due = done == seg.end if seg.kind == "branch" else done in self.trunk_evals
+                save_due = row_due or self.checkpoint_due(last_save, state.step)
+                if save_due:
+                    clock.pause(state)
+                    state.loss_sum = self.check_finite(first_bad, loss_sum)
+                    if row_due:
+                        self.evaluate_and_log(state, seg, done, lr)
+                        loss_sum.zero_()
+                    if seg.kind == "branch" and done == seg.end:  # the branch is over: back to the trunk
+                        state.loss_sum = self.restore_snapshot(state)
+                        loss_sum.fill_(state.loss_sum)
+                    self.save(state)
+                    last_save = time.monotonic()
+                    clock.start()
+                # -- 4. progress
+                if self.master and not a.no_progress and (state.step % 25 == 0 or row_due):
+                    bar.set_postfix(epoch=f"{done / spe:.2f}", lr=f"{lr:.4f}",
+                                    loss=f"{loss_sum.item() / max(state.loss_steps, 1):.4f}",
+                                    img_s=f"{state.images / max(state.row_time + clock.elapsed(), 1e-9):.0f}")
+        bar.close()
+        return state.step - first_step
+
+    def checkpoint_due(self, last_save, step):
+        """--checkpoint-every: rank 0's clock decides, every 25 steps under DDP so that ranks agree."""
+        if not self.args.checkpoint_every:
+            return False
+        if not self.ddp:
+            return time.monotonic() - last_save >= 60 * self.args.checkpoint_every
+        if step % 25:
+            return False
+        due = torch.tensor(float(time.monotonic() - last_save >= 60 * self.args.checkpoint_every), device=self.device)
+        dist.broadcast(due, 0)
+        return bool(due.item())
+
+    def check_finite(self, first_bad, loss_sum):
+        """Stop with the earliest non-finite step over all ranks; returns this rank's loss sum as a float."""
+        bad = reduced(first_bad, self.ddp, op="min")
+        if bad < NO_STEP:
+            lr = schedules.lr_at(self.plan, bad, self.args.lr, self.args.eta_min)
+            fail(f"non-finite training loss at step {bad + 1} (lr {lr:.6g}); the last good checkpoint is kept; "
+                 f"lower --lr, use --amp bf16/none, or allow a few with --skip-nonfinite N", code=3)
+        return loss_sum.item()
+
+    def evaluate_and_log(self, state, seg, done, lr):
+        """Validate, append the metrics row (rank 0), reset the row's accumulators."""
+        t_eval = time.perf_counter()
+        sums = torch.tensor([state.loss_sum, state.loss_steps], dtype=torch.float64, device=self.device)
+        if self.ddp:
+            dist.all_reduce(sums)
+        val = self.evaluate_point(done)
+        spe, plan = self.loader.steps_per_epoch, self.plan
+        curve_point = done in self.curve_points and (seg.kind == "branch" or plan.schedule != "wsd")
+        row = dict(epoch=f"{done / spe:.6g}", step=done, lr=f"{lr:.8g}",
+                   train_loss=f"{sums[0] / sums[1]:.6f}" if sums[1] else None,  # no mean over zero steps
+                   val_loss=f"{val['loss']:.6f}", val_acc1=f"{val['acc1']:.4f}",
+                   val_acc5=f"{val['acc5']:.4f}" if val["acc5"] is not None else None,
+                   train_time_s=f"{state.path_time:.3f}", curve_cost_s=f"{state.cost_time:.3f}",
+                   cycle=seg.branch if seg.kind == "branch" else plan.cycle_of_step(done - 1),
+                   cycle_end=int(curve_point or (done == plan.total_steps and plan.schedule != "wsd")),
+                   images_per_s=f"{state.images / max(state.row_time, 1e-9):.1f}", skipped_steps=state.skipped,
+                   eval_time_s=f"{time.perf_counter() - t_eval:.3f}")
+        if self.device.type == "cuda":
+            row["peak_mem_gb"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}"
+        if self.master:
+            self.log.append(row)
+            tqdm.write(f"epoch {row['epoch']:>6} step {done:>6} cycle {row['cycle']:>2} lr {lr:.4f} | train loss "
+                       f"{row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
+                       f"{row['images_per_s']} img/s, {state.path_time:.1f}s"
+                       + (f", peak {row['peak_mem_gb']} GiB" if "peak_mem_gb" in row else "")
+                       + (" | curve point" if row["cycle_end"] else ""))
+        state.metrics_rows += 1
+        state.loss_sum, state.loss_steps, state.images, state.row_time = 0.0, 0, 0, 0.0
+        if not math.isfinite(val["loss"]):
+            fail(f"non-finite validation loss at step {done} (the row is logged, no checkpoint is written, the last "
+                 f"good one is kept); lower --lr or use --amp none", code=3)
+
+    def evaluate_point(self, done):
+        """Validation of the model at this point; schedule-free evaluates its averaged weights with BatchNorm
+        statistics recomputed on a few training batches, as its authors prescribe."""
+        if not self.sf:
+            return evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
+                            self.args.channels_last, self.ddp)
+        self.optimizer.eval()
+        recompute_bn(self.raw_model, self.loader, done, self.objective, self.autocast)
+        val = evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
+                       self.args.channels_last, self.ddp)
+        self.optimizer.train()
+        return val
+
+    def micro_batch(self):
+        return micro_batch_size(self.args, self.world_size)
+
+    # ---- checkpoints and wsd snapshots: save and restore side by side ----------------------------
+
+    def snapshot(self, state, loss_sum):
+        """The trunk at a branch point: model (BN buffers too), optimizer, scaler, this rank's RNG and row."""
+        return dict(model=copy.deepcopy(self.raw_model.state_dict()),
+                    optimizer=copy.deepcopy(self.optimizer.state_dict()), scaler=self.scaler.state_dict(),
+                    rng=rng_state(), loss_sum=float(loss_sum), loss_steps=state.loss_steps, images=state.images,
+                    row_time=state.row_time, path_time=state.path_time)
+
+    def restore_snapshot(self, state):
+        """Put the trunk back after its branch; returns its row's loss sum."""
+        t, state.trunk = state.trunk, None
+        self.raw_model.load_state_dict(t["model"])
+        self.optimizer.load_state_dict(t["optimizer"])
+        self.scaler.load_state_dict(t["scaler"])
+        restore_rng(t["rng"])
+        state.loss_steps, state.images, state.row_time, state.path_time = (t["loss_steps"], t["images"],
+                                                                           t["row_time"], t["path_time"])
+        return t["loss_sum"]
+
+    def save(self, state):
+        """Checkpoint (rank 0 writes; every rank contributes its RNG and row sums: a collective)."""
+        mine = dict(rng=rng_state(), loss_sum=state.loss_sum, loss_steps=state.loss_steps,
+                    trunk=state.trunk and {k: state.trunk[k] for k in ("rng", "loss_sum", "loss_steps")})
+        ranks = gather(mine, self.ddp)
+        if not self.master:
+            return
+        trunk = state.trunk and {k: v for k, v in state.trunk.items() if k not in ("rng", "loss_sum", "loss_steps")}
+        try:
+            save_checkpoint(self.setup.run_dir, dict(
+                model=self.raw_model.state_dict(), optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+                scaler=self.scaler.state_dict(), step=state.step, train_time_s=state.path_time,
+                curve_cost_s=state.cost_time, metrics_rows=state.metrics_rows, skipped_steps=state.skipped,
+                images=state.images, row_time=state.row_time, ranks=ranks, trunk=trunk,
+                config=result_options(self.args, self.setup)))
+        except RunDirError as e:
+            fail(str(e))
+
+
+def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, rank):
+    """Load what Run.save wrote; returns the TrainState to continue from."""
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    mine = ckpt["ranks"][rank] if rank < len(ckpt["ranks"]) else ckpt["ranks"][0]
+    restore_rng(mine["rng"])
+    trunk = None
+    if ckpt["trunk"] is not None:
+        trunk = dict(ckpt["trunk"], **mine["trunk"])
+    return TrainState(step=ckpt["step"], path_time=ckpt["train_time_s"], cost_time=ckpt["curve_cost_s"],
+                      metrics_rows=ckpt["metrics_rows"], skipped=ckpt["skipped_steps"], loss_sum=mine["loss_sum"],
+                      loss_steps=mine["loss_steps"], images=ckpt["images"], row_time=ckpt["row_time"], trunk=trunk)
+
+
+class Clock:
+    """Training seconds, paused around evaluation and checkpoints: one timer for every time column."""
+
+    def __init__(self, device):
+        self.device = device
+        self.start()
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def elapsed(self):
+        return time.perf_counter() - self.t0
+
+    def pause(self, state):
+        """Add the seconds since start() to the run's path, cost and row times."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = self.elapsed()
+        state.path_time += dt
+        state.cost_time += dt
+        state.row_time += dt
+
+
+def batches(loader, start, end):
+    """(path step, x, y) for path steps [start, end), across epochs; data depend on the path step alone."""
+    spe, step = loader.steps_per_epoch, start
+    while step < end:
+        for x, y in loader.epoch(step // spe, step % spe):
+            yield step, x, y
+            step += 1
+            if step >= end or step % spe == 0:
+                break
+
+
+def make_plan(args, setup, spe):
+    """The schedule in optimizer steps; fail() where it cannot be trained at this number of steps per epoch."""
+    plan = schedules.make_plan(args.schedule, setup.epochs, args.warmup_epochs, setup.family_t0, setup.family_t_mult,
+                               spe, args.cycle_decay, args.cooldown_frac, args.cooldown_shape)
+    if args.schedule == "schedule-free":
+        plan = replace(plan, warmup_steps=round(setup.sf_warmup_epochs * spe))
+    if args.schedule != "standard" and plan.t0_steps < 1:
+        fail(f"--t0 {args.t0:g} epochs is under one optimizer step ({spe} steps per epoch); raise --t0")
+    for seg in plan.segments():
+        if seg.kind == "branch" and (seg.end == seg.start or seg.start < plan.warmup_steps):
+            fail(f"--cooldown-frac {args.cooldown_frac:g}: the budget at {seg.end / spe:g} epochs ({seg.end} steps) is "
+                 f"too short for a cooldown after the warmup; raise --cooldown-frac or --t0, or lower --warmup-epochs")
+    return plan
+
+
+def build_optimizer(model, args, setup, plan):
+    """SGDW with decoupled weight decay (timm decays by lr * wd per step, so wd / peak lr gives wd * lr / peak),
+    or SGDScheduleFree (its own warmup; weight decay as its L2 term)."""
+    if args.schedule != "schedule-free":
+        return SGDW(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                    weight_decay=args.weight_decay / args.lr)
+    try:
+        from schedulefree import SGDScheduleFree
+    except ImportError:
+        fail("--schedule schedule-free needs the schedulefree package: pip install -r requirements.txt")
+    optimizer = SGDScheduleFree(model.parameters(), lr=setup.sf_lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay, warmup_steps=plan.warmup_steps)
+    optimizer.train()
+    return optimizer
+
+
+def configure_device(device):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -206,149 +660,6 @@ def main(argv=None):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, cores // local_world)
         torch.set_num_threads(threads)  # ranks on one machine share its cores; OMP_NUM_THREADS overrides
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-
-    try:
-        data = build_data(cfg.dataset, cfg.data_dir, device, cfg.subset, cfg.download, cfg.workers)
-        model = build_model(cfg.model, data.num_classes, data.in_chans)
-    except (DataError, ValueError) as e:
-        fail(str(e))
-    loader = data.train_loader(cfg.batch_size, rank, world_size, cfg.seed)
-    if loader.steps_per_epoch < 1:
-        fail(f"--batch-size {cfg.batch_size} is larger than the training set; lower it or drop --subset")
-    plan = schedules.make_plan(cfg.schedule, cfg.epochs, cfg.warmup_epochs, cfg.t0, cfg.t_mult, loader.steps_per_epoch)
-    if plan.schedule != "standard" and plan.t0_steps < 1:
-        fail(f"--t0 {cfg.t0:g} epochs is under one optimizer step ({loader.steps_per_epoch} steps per epoch); raise --t0")
-    if cfg.eval_every is None:
-        cfg.eval_every = 1.0 if hasattr(data, "train_x") else 0.0
-    cfg.run_dir = cfg.run_dir or default_run_dir(cfg)
-    ckpt = prepare_run_dir(cfg)  # every rank decides alike: they all read the same files
-
-    model = prepare_model(model, cfg).to(device)
-    raw_model = model
-    optimizer = SGDW(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                     weight_decay=cfg.weight_decay / cfg.lr)  # timm's SGDW decays by lr * wd per step
-    scheduler = schedules.build_scheduler(optimizer, plan, cfg.eta_min)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    objective = Objective(cfg, data.num_classes)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    step, train_time, metrics_rows, skipped = 0, 0.0, 0, 0
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, train_time, metrics_rows, skipped = (ckpt["step"], ckpt["train_time_s"], ckpt["metrics_rows"],
-                                                   ckpt["skipped_steps"])
-        restore_rng(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        init_distributed(device, rank, world_size)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    config = dict(vars(cfg))
-    config.update(steps_per_epoch=loader.steps_per_epoch, total_steps=plan.total_steps,
-                  cycle_end_epochs=[s / loader.steps_per_epoch for s in plan.cycle_end_steps()],
-                  speedup_ratio_eq1=schedules.speedup_ratio(cfg.t_mult, cfg.cycles) if cfg.schedule != "standard" else 1.0,
-                  device=device.type, torch_version=torch.__version__, argv=sys.argv[1:] if argv is None else list(argv))
-    if master:
-        if ckpt is None and cfg.overwrite:
-            remove_run(cfg.run_dir)
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        write_config(cfg.run_dir, config)
-        log = MetricsLog(cfg.run_dir, keep_rows=metrics_rows if ckpt is not None else None)
-        print(f"run {cfg.run_dir}: {cfg.schedule}, {cfg.epochs:g} epochs = {plan.total_steps} steps, "
-              f"cycle ends at epochs {', '.join(f'{e:g}' for e in config['cycle_end_epochs'])}; methods "
-              f"{', '.join(cfg.methods) or 'none'}; {device.type} x{world_size}, amp {cfg.amp}"
-              + (f"; resumed at step {step}" if ckpt is not None else ""))
-
-    cycle_ends = set(plan.cycle_end_steps())
-    every = round(cfg.eval_every * loader.steps_per_epoch) if cfg.eval_every else 0
-    eval_steps = cycle_ends | {plan.total_steps} | (set(range(every, plan.total_steps, every)) if every else set())
-    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-    loss_steps, images_since_row, time_since_row = 0, 0, 0.0
-    last_lr = schedules.lr_at(plan, step - 1, cfg.lr, cfg.eta_min) if step else 0.0
-    bar = tqdm(total=plan.total_steps, initial=step, disable=not master or cfg.no_progress, unit="step",
-               dynamic_ncols=True, leave=False)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    t_start = time.perf_counter()
-    while step < plan.total_steps:
-        for x, y in loader.epoch(step // loader.steps_per_epoch, step % loader.steps_per_epoch):
-            last_lr = optimizer.param_groups[0]["lr"]
-            loss = train_step(model, optimizer, scaler, objective, autocast, x, y, cfg.grad_accum, ddp, (step, rank),
-                              check_finite=skipped < cfg.skip_nonfinite)
-            if loss is None:  # non-finite and --skip-nonfinite allows it: no update, the schedule goes on
-                skipped += 1
-                if master:
-                    tqdm.write(f"skipped step {step + 1}: non-finite loss ({skipped}/{cfg.skip_nonfinite} allowed)")
-            else:
-                loss_sum += loss
-                loss_steps += 1
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            scheduler.step()
-            step += 1
-            images_since_row += cfg.batch_size
-            bar.update(1)
-            if master and not cfg.no_progress and (step % 25 == 0 or step in eval_steps):
-                bar.set_postfix(epoch=f"{step / loader.steps_per_epoch:.2f}", cycle=plan.cycle_of_step(step - 1),
-                                lr=f"{last_lr:.4f}", loss=f"{loss_sum.item() / max(loss_steps, 1):.4f}",
-                                img_s=f"{images_since_row / (time.perf_counter() - t_start + time_since_row):.0f}")
-            if step in eval_steps:
-                sync()
-                elapsed = time.perf_counter() - t_start
-                train_time += elapsed
-                time_since_row += elapsed
-                t_eval = time.perf_counter()
-                bad = reduced(first_bad, ddp, op="max")
-                if bad >= 0:
-                    fail_nonfinite(master, bad + 1, schedules.lr_at(plan, bad, cfg.lr, cfg.eta_min))
-                train_loss = reduced(loss_sum / max(loss_steps, 1), ddp)
-                val = evaluate(raw_model, data, rank, world_size, micro_batch_size(cfg, world_size), autocast,
-                               cfg.channels_last, ddp)
-                row = dict(epoch=f"{step / loader.steps_per_epoch:.6g}", step=step, lr=f"{last_lr:.8g}",
-                           train_loss=f"{train_loss:.6f}", val_loss=f"{val['loss']:.6f}", val_acc1=f"{val['acc1']:.4f}",
-                           val_acc5=f"{val['acc5']:.4f}" if val["acc5"] is not None else None,
-                           train_time_s=f"{train_time:.3f}", cycle=plan.cycle_of_step(step - 1),
-                           cycle_end=int(step in cycle_ends or step == plan.total_steps),
-                           images_per_s=f"{images_since_row / time_since_row:.1f}", skipped_steps=skipped)
-                row["eval_time_s"] = f"{time.perf_counter() - t_eval:.3f}"
-                if device.type == "cuda":
-                    row["peak_mem_gb"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}"
-                if master:
-                    log.append(row)
-                    save_checkpoint(cfg.run_dir, dict(
-                        model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict(), step=step, train_time_s=train_time, metrics_rows=log.rows,
-                        skipped_steps=skipped, rng=gather_rng(ddp), config={k: getattr(cfg, k) for k in RESULT_KEYS}))
-                    tqdm.write(f"epoch {row['epoch']:>6} step {step:>6} cycle {row['cycle']:>2} lr {last_lr:.4f} | "
-                               f"train loss {row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
-                               f"{row['images_per_s']} img/s, {train_time:.1f}s"
-                               + (f", peak {row['peak_mem_gb']} GiB" if "peak_mem_gb" in row else "")
-                               + (" | cycle end" if row["cycle_end"] else ""))
-                elif ddp:
-                    gather_rng(ddp)
-                loss_sum.zero_()
-                loss_steps, images_since_row, time_since_row = 0, 0, 0.0
-                t_start = time.perf_counter()
-            if step >= plan.total_steps:
-                break
-    bar.close()
-    if master:
-        mark_done(cfg.run_dir)
-        print(f"done: {cfg.run_dir}, {train_time:.1f}s of training")
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def init_distributed(device, rank, world_size):
@@ -366,8 +677,10 @@ def init_distributed(device, rank, world_size):
 def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, ddp, draw_key, check_finite=False):
     """One optimizer step over this rank's batch in `grad_accum` micro-steps; returns the mean loss
     (a device tensor: reading it would sync). DDP all-reduces gradients on the last micro-step only.
-    With check_finite, a non-finite loss on any rank skips the update on all ranks and returns None."""
+    With check_finite, a non-finite loss on any rank skips the update on all ranks, puts back the
+    BatchNorm statistics the forward pass moved, and returns None: the step leaves no trace."""
     model.train()
+    buffers = [b.clone() for b in model.buffers()] if check_finite else None
     total = torch.zeros((), device=x.device)
     for micro, (xm, ym) in enumerate(zip(x.chunk(grad_accum), y.chunk(grad_accum))):
         xm, ym = objective.prepare(xm, ym, (*draw_key, micro))
@@ -382,6 +695,9 @@ def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, 
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), buffers):
+                    b.copy_(saved)
             return None
     scaler.step(optimizer)
     scaler.update()
@@ -390,10 +706,33 @@ def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, 
 
 
 @torch.no_grad()
+def recompute_bn(model, loader, path_step, objective, autocast, batches_used=8):
+    """BatchNorm running statistics recomputed from scratch on a few training batches (plain, unmixed
+    images of the current epoch): schedule-free's averaged weights never ran forward during training."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches below
+    model.train()
+    for i, (x, _) in enumerate(loader.epoch((path_step - 1) // loader.steps_per_epoch, 0)):
+        if i == batches_used:
+            break
+        if objective.channels_last:
+            x = to_channels_last(x)
+        with autocast:
+            model(x)
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+
+
+@torch.no_grad()
 def evaluate(model, data, rank, world_size, batch_size, autocast, channels_last, ddp):
     """Plain cross-entropy and top-1/top-5 over this rank's shard, summed over ranks: exact on the whole set.
     Batches of the training micro-batch size: known to fit, and on CPU 2-3x faster than batches of
-    thousands, whose activations spill out of the caches."""
+    thousands, whose activations spill out of the caches. Same memory format as training."""
     model.eval()
     if ddp:  # BN running stats drift per rank during training: evaluate rank 0's, the model that is saved
         for buf in model.buffers():
@@ -416,20 +755,23 @@ def evaluate(model, data, rank, world_size, batch_size, autocast, channels_last,
 
 
 def reduced(t, ddp, op="mean"):
-    """The value of a 0-d tensor over all ranks, their mean or max (all ranks must call this when ddp)."""
+    """The value of a 0-d tensor over all ranks: their mean, max or min (all ranks must call this when ddp)."""
     if ddp:
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        ops = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(t, op=ops.get(op, dist.ReduceOp.SUM))
         if op == "mean":
             t /= dist.get_world_size()
     return t.item()
 
 
-def fail_nonfinite(master, step, lr):
-    if master:
-        print(f"train.py: error: non-finite training loss at step {step} (lr {lr:.6g}); the last good checkpoint is "
-              f"kept; lower --lr, use --amp bf16/none, or allow a few with --skip-nonfinite N", file=sys.stderr)
-    sys.exit(3)
+def gather(obj, ddp):
+    """Every rank's `obj`, in rank order (all ranks must call this when ddp)."""
+    if not ddp:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def rng_state():
@@ -445,24 +787,6 @@ def restore_rng(state):
         torch.cuda.set_rng_state(state["cuda"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
     random.setstate((3, tuple(state["python"]), None))
-
-
-def gather_rng(ddp):
-    """Every rank's RNG states, in rank order (all ranks must call this when ddp)."""
-    mine = rng_state()
-    if not ddp:
-        return [mine]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return out
-
-
-def remove_run(run_dir):
-    import shutil
-    for name in ("config.json", "metrics.csv", "done"):
-        if os.path.exists(os.path.join(run_dir, name)):
-            os.remove(os.path.join(run_dir, name))
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
 
 
 if __name__ == "__main__":

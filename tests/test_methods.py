@@ -6,44 +6,59 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import BlurPool2d
+from torch.utils.flop_counter import FlopCounterMode
 
 from methods import METHOD_NAMES, Objective, prepare_model, selected_methods
-from methods.blurpool import apply_blurpool
+from methods.blurpool import apply_blurpool, blurred_layers
 from models import build_model
 
 
 def cfg(**kw):
-    base = dict(blurpool=False, channels_last=False, label_smoothing=0.0, mixup=0.0, seed=0)
+    base = dict(blurpool=False, blurpool_mode="blur-first", channels_last=False, label_smoothing=0.0, mixup=0.0, seed=0)
     base.update(kw)
     return SimpleNamespace(**base)
 
 
+def max_stride(m):
+    return m.stride if isinstance(m.stride, int) else max(m.stride)
+
+
 def strided(model):
-    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))
-            and max((m.stride,) if isinstance(m.stride, int) else m.stride) > 1]
+    """Names of the strided convs and max-pools."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and max_stride(m) > 1]
 
 
-@pytest.mark.parametrize("name,in_chans,size", [("small_resnet", 1, 28), ("resnet18", 3, 64)])
-def test_blurpool_surgery(name, in_chans, size):
+BINOMIAL = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16
+
+
+def composer_blur(x, stride):
+    """Composer's blur_2d: the binomial filter per channel, zero padding 1."""
+    return F.conv2d(x, BINOMIAL.repeat(x.shape[1], 1, 1, 1), stride=stride, padding=1, groups=x.shape[1])
+
+
+@pytest.mark.parametrize("name,in_chans,size,stem", [("small_resnet", 1, 28, []), ("resnet18", 3, 64, ["conv1"])])
+def test_blurpool_surgery(name, in_chans, size, stem):
     torch.manual_seed(0)
     plain = build_model(name, 10, in_chans).eval()
-    before = strided(plain)
     blurred = copy.deepcopy(plain)
     replaced = apply_blurpool(blurred)
     blurred.eval()
-    stem = [m for m in before if isinstance(m, nn.Conv2d) and m.in_channels < 16]
-    assert replaced == len(before) - len(stem) > 0
-    # nothing strided is left but the stem conv, and every replaced layer is followed by a blur
-    assert [m for m in strided(blurred)] == [m for m in strided(blurred) if isinstance(m, BlurPool2d)] + \
-        [m for m in strided(blurred) if isinstance(m, nn.Conv2d) and m.in_channels < 16]
-    seqs = [m for m in blurred.modules() if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], BlurPool2d)]
-    assert len(seqs) == replaced and all(s[0].stride in ((1, 1), 1) for s in seqs)
-    binomial = torch.tensor([1.0, 2.0, 1.0])
-    expected = (binomial[:, None] * binomial[None, :]) / 16
-    for s in seqs:
-        filt = s[1].filt
-        assert torch.allclose(filt[0, 0], expected)
+    # every strided layer but the stem (image input, < 16 channels) is replaced, and reported by name
+    assert [n for n in strided(plain) if getattr(plain.get_submodule(n), "in_channels", 16) < 16] == stem
+    assert replaced == blurred_layers(blurred) == [n for n in strided(plain) if n not in stem]
+    assert all(type(blurred.get_submodule(n)) is nn.Conv2d for n in stem)
+    for n in replaced:
+        first, second = blurred.get_submodule(n)
+        original = plain.get_submodule(n)
+        if isinstance(original, nn.Conv2d):  # a binomial blur at stride 1, then the conv as it was
+            assert isinstance(first, BlurPool2d) and first.stride == 1 and first.channels == original.in_channels
+            assert second.stride == original.stride and torch.equal(second.weight, original.weight)
+        else:  # the max-pool at stride 1, then the blur with the pool's stride
+            assert first.stride == 1 and isinstance(second, BlurPool2d) and second.stride == original.stride
+        blur = first if isinstance(first, BlurPool2d) else second
+        assert all(torch.equal(f[0], BINOMIAL) for f in blur.filt)
     x = torch.randn(2, in_chans, size, size)
     with torch.no_grad():
         a, b = plain(x), blurred(x)
@@ -51,21 +66,65 @@ def test_blurpool_surgery(name, in_chans, size):
     assert not torch.allclose(a, b, atol=1e-4)  # same weights, different function
 
 
+@pytest.mark.parametrize("blur_first", [True, False])
+def test_blurpool_computes_composers_layers(blur_first):
+    torch.manual_seed(0)
+    conv, pool = nn.Conv2d(16, 8, 3, 2, 1), nn.MaxPool2d(3, 2, 1)
+    model = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(pool))
+    assert apply_blurpool(model, blur_first=blur_first) == ["0", "1"]
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        dense = F.conv2d(x, conv.weight, conv.bias, stride=1, padding=1)
+        expected = conv(composer_blur(x, 1)) if blur_first else composer_blur(dense, 2)
+        torch.testing.assert_close(model[0](x), expected)
+        torch.testing.assert_close(model[1](x), composer_blur(F.max_pool2d(x, 3, 1, 1), 2))
+
+
+def forward_flops(model, shape):
+    """Forward FLOPs as FlopCounterMode counts them (convs and matmuls), on the meta device: no compute."""
+    model = model.to("meta").eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.empty(shape, device="meta"))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name,shape", [("small_resnet", (1, 1, 28, 28)), ("resnet50", (1, 3, 224, 224))])
+def test_blurpool_flops(name, shape):
+    plain = forward_flops(build_model(name, 10, shape[1]), shape)
+    blur_first = prepare_model(build_model(name, 10, shape[1]), cfg(blurpool=True))
+    # the depthwise 3x3 blurs are counted: 2 * 9 FLOPs per output element
+    blur_outputs = []
+    for m in blur_first.modules():
+        if isinstance(m, BlurPool2d):
+            m.register_forward_hook(lambda m, args, out: blur_outputs.append(out.numel()))
+    with_blur = forward_flops(blur_first, shape)
+    assert len(blur_outputs) == len(blurred_layers(blur_first)) > 0
+    conv_first = prepare_model(build_model(name, 10, shape[1]), cfg(blurpool=True, blurpool_mode="conv-first"))
+    assert 1.0 < with_blur / plain <= 1.10
+    assert with_blur - plain == 2 * 9 * sum(blur_outputs)  # the blur-first convs cost exactly what they did
+    assert forward_flops(conv_first, shape) / plain > 1.4
+
+
 def test_channels_last_model_and_batches():
     model = prepare_model(build_model("small_resnet", 10, 1), cfg(channels_last=True))
-    four_d = [p for p in model.parameters() if p.dim() == 4]
-    assert four_d and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in four_d
-                          if p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1)  # else both layouts coincide
-    obj = Objective(cfg(channels_last=True), 10)
+    # 4-D weights whose two layouts differ (else both layouts coincide and the check is void)
+    four_d = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
+    assert four_d and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in four_d)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
-    xc, yc = obj.prepare(x, y, (0, 0, 0))
-    assert xc.is_contiguous(memory_format=torch.channels_last) and not xc.is_contiguous()
-    assert torch.equal(xc, x) and torch.equal(yc, y)  # same values: only the layout changes
+    for ls, mx in itertools.product([0.0, 0.1], [0.0, 0.2]):  # the layout survives the soft-target methods
+        for channels_last in (False, True):
+            obj = Objective(cfg(channels_last=channels_last, label_smoothing=ls, mixup=mx), 10)
+            xc, yc = obj.prepare(x.clone(), y, (0, 0, 0))
+            assert xc.is_contiguous(memory_format=torch.channels_last) is channels_last
+            assert xc.is_contiguous() is not channels_last
+            if not (ls or mx):
+                assert torch.equal(xc, x) and torch.equal(yc, y)  # same values: only the layout changes
 
 
 def test_label_smoothing_targets_and_loss():
     eps, C = 0.1, 10
     obj = Objective(cfg(label_smoothing=eps), C)
+    assert (obj.label_smoothing, obj.mixup_alpha) == (eps, 0.0)
     x, y = torch.randn(6, 3, 4, 4), torch.randint(0, C, (6,))
     xp, t = obj.prepare(x, y, (0, 0, 0))
     assert torch.equal(xp, x)
@@ -83,24 +142,35 @@ def one_hot(y, C):
     return nn.functional.one_hot(y, C).float()
 
 
+def mixing_weight(x, xm):
+    """The lambda solving xm = lam * x + (1 - lam) * x.flip(0), by least squares."""
+    d = (x - x.flip(0)).flatten()
+    return float(((xm - x.flip(0)).flatten() @ d) / (d @ d))
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_mixup_batch_and_targets_are_the_same_convex_combination(eps):
     C = 10
     obj = Objective(cfg(mixup=0.2, label_smoothing=eps), C)
+    assert (obj.mixup_alpha, obj.label_smoothing) == (0.2, eps)
     torch.manual_seed(1)
     x, y = torch.randn(8, 3, 4, 4), torch.arange(8) % C
-    xm, t = obj.prepare(x.clone(), y, (5, 0, 0))
-    # solve x_mixed = lam * x + (1 - lam) * x.flip(0) for lam
-    d = (x - x.flip(0)).flatten()
-    lam = float(((xm - x.flip(0)).flatten() @ d) / (d @ d))
-    assert 0 < lam < 1 and abs(lam - 0.5) > 1e-6 or lam == pytest.approx(1.0)
-    torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0), rtol=1e-5, atol=1e-5)
     smooth = one_hot(y, C) * (1 - eps) + eps / C
-    torch.testing.assert_close(t, lam * smooth + (1 - lam) * smooth.flip(0), rtol=1e-5, atol=1e-5)
+    lams = []
+    for step in range(200):
+        xm, t = obj.prepare(x.clone(), y, (step, 0, 0))
+        lam = mixing_weight(x, xm)
+        torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(t, lam * smooth + (1 - lam) * smooth.flip(0), rtol=1e-5, atol=1e-5)
+        lams.append(lam)
+    lams = torch.tensor(lams)
+    # lambda ~ Beta(0.2, 0.2): in [0, 1], mean 1/2, std 1 / sqrt(4 (2 alpha + 1)) = 0.423 (0 if MixUp does nothing)
+    assert ((lams >= 0) & (lams <= 1)).all()
+    assert abs(lams.mean() - 0.5) < 0.1 and abs(lams.std() - 0.423) < 0.03
     # lambda depends on the draw key only: the same key draws the same, another key another
-    xm2, _ = obj.prepare(x.clone(), y, (5, 0, 0))
-    xm3, _ = obj.prepare(x.clone(), y, (6, 0, 0))
-    assert torch.equal(xm, xm2) and not torch.allclose(xm, xm3)
+    xm5, _ = obj.prepare(x.clone(), y, (5, 0, 0))
+    xm6, _ = obj.prepare(x.clone(), y, (6, 0, 0))
+    assert mixing_weight(x, xm5) == pytest.approx(lams[5].item()) and not torch.allclose(xm5, xm6)
 
 
 ALL_SETS = [combo for r in range(5) for combo in itertools.combinations(METHOD_NAMES, r)]
