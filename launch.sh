@@ -5,13 +5,15 @@
 #   ./launch.sh demo                  setup + a real cyclic-vs-standard curve on Fashion-MNIST + report
 #   ./launch.sh test                  setup + the test suite
 #   ./launch.sh sweep [options]       cyclic + standard runs for every seed x method set, then the report
-#   ./launch.sh repro [options]       the paper's seven method sets on Fashion-MNIST (a sweep preset)
+#   ./launch.sh repro [options]       the study: eight method sets x 3 seeds on Fashion-MNIST + estimators (a preset)
+#   ./launch.sh gpu-check             on a CUDA machine: CUDA tests, bf16/fp16/compile runs, benchmark (< 10 min)
 #
 # Sweep options (each also as an environment variable, e.g. SEEDS="0 1"):
 #   --seeds "0 1"  --methods baseline,bp,cl,ls,mx,ls+mx,bp+cl+ls+mx  --warmup 1 --t0 1 --t-mult 2 --cycles 4
 #   --data fashion-mnist --data-dir DIR --model small_resnet  --gpus N (torchrun --nproc_per_node)
 #   --nnodes N --rdzv-endpoint HOST:PORT (multi-node)  --constant (add constant-period runs)
-#   --out runs/sweep  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
+#   --schedules cyclic,cyclic-decay,wsd,schedule-free (one-run estimators; standard runs are always made)
+#   --out runs/sweep  --no-report  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
 # A finished run (has 'done') is skipped; an unfinished one is resumed (--resume auto), so a killed
 # sweep continues where it stopped.
 set -euo pipefail
@@ -40,7 +42,7 @@ PY() { if [ -x "$VENV/bin/python" ]; then "$VENV/bin/python" "$@"; else python3 
 SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
 GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
-DRY=${DRY:-0}; EXTRA=()
+DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; EXTRA=()
 
 parse_sweep() {
   while [ $# -gt 0 ]; do
@@ -50,6 +52,7 @@ parse_sweep() {
       --data) DATA=$2; shift 2;; --data-dir) DATA_DIR=$2; shift 2;; --model) MODEL=$2; shift 2;;
       --gpus) GPUS=$2; shift 2;; --nnodes) NNODES=$2; shift 2;; --rdzv-endpoint) RDZV=$2; shift 2;;
       --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
+      --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;;
       --) shift; EXTRA=("$@"); break;;
       *) echo "launch.sh: unknown sweep option '$1' (see the top of launch.sh)" >&2; exit 2;;
     esac
@@ -95,7 +98,14 @@ sweep() {
   for seed in $SEEDS; do
     for set in "${sets[@]}"; do
       local mf; mf=$(method_flags "$set")
-      one_run "$OUT/$set/s$seed/cyclic" --schedule cyclic --t-mult "$T_MULT" --cycles "$CYCLES" --seed "$seed" $mf $common
+      for sched in ${SCHEDULES//,/ }; do
+        case "$sched" in
+          cyclic|cyclic-decay|wsd|schedule-free) ;;
+          *) echo "launch.sh: unknown schedule '$sched' in --schedules (cyclic, cyclic-decay, wsd, schedule-free)" >&2
+             exit 2;;
+        esac
+        one_run "$OUT/$set/s$seed/$sched" --schedule "$sched" --t-mult "$T_MULT" --cycles "$CYCLES" --seed "$seed" $mf $common
+      done
       for e in $ends; do
         one_run "$OUT/$set/s$seed/standard-e$e" --schedule standard --epochs "$e" --seed "$seed" $mf $common
       done
@@ -104,12 +114,17 @@ sweep() {
       fi
     done
   done
+  [ "$REPORT" = 1 ] || return 0
   if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $OUT --out $OUT/report"; else PY -m analysis.report "$OUT" --out "$OUT/report"; fi
 }
 
 case "${1:-}" in
   setup) setup;;
-  test) setup; shift; PY -m pytest -q tests "$@";;
+  test)
+    setup
+    # test-only packages (nbclient to execute the notebook)
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-test.txt
+    shift; PY -m pytest -q tests "$@";;
   demo)
     setup
     # 20k of the 60k training images keep the whole demo at a few minutes on a 2-core CPU.
@@ -117,12 +132,39 @@ case "${1:-}" in
     echo "report: runs/demo/report/report.md (tradeoff figure: runs/demo/report/fig3_tradeoff.png)";;
   sweep) shift; [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]] || setup; sweep "$@";;
   repro)
-    # 7168 training images (28 steps per epoch: cycle ends fall on whole epochs) and evaluations at the
-    # cycle ends only keep the 70 runs within about an hour on 2 CPU cores. The runs go straight into
-    # results/fashion-mnist, where git keeps config.json, metrics.csv and done (checkpoints are ignored),
-    # so a later `repro` skips what is committed.
+    # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
+    # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp auto (bf16 where
+    # the CPU has it natively). Warmup = t0 = 0.5 epochs, t_mult 2, 4 cycles: budgets 1, 2, 4, 8 epochs.
+    # The paper's eight method sets, seeds 0 1 2 (REPRO_SEEDS), seed by seed so that every set gains a seed
+    # before any gains its next; then the one-run estimators on baseline, LS and MX with the same seeds.
+    # Evaluations at the curve points only; a checkpoint every minute, so a paused study loses < 1 minute.
+    # Runs go straight into results/fashion-mnist, where git keeps config.json, metrics.csv and done.
     shift; [[ " $* " == *" --dry-run "* ]] || setup
-    sweep --out results/fashion-mnist --seeds "0 1" --methods baseline,bp,cl,ls,mx,ls+mx,bp+cl+ls+mx --warmup 0.5 \
-      --t0 0.5 --t-mult 2 --cycles 4 "$@" -- --subset "${SUBSET:-7168}" --eval-every 0;;
-  *) sed -n '2,20p' "$0"; exit 2;;
+    shape=(--out results/fashion-mnist --warmup 0.5 --t0 0.5 --t-mult 2 --cycles 4 --no-report)
+    for seed in ${REPRO_SEEDS:-0 1 2}; do
+      sweep "${shape[@]}" --seeds "$seed" --methods baseline,bp,cl,ls,mx,bp+cl,ls+mx,bp+cl+ls+mx \
+        --schedules cyclic "$@" -- --eval-every 0 --checkpoint-every 1
+      sweep "${shape[@]}" --seeds "$seed" --methods baseline,ls,mx --schedules cyclic-decay,wsd,schedule-free \
+        "$@" -- --eval-every 0 --checkpoint-every 1
+    done
+    if [[ " $* " == *" --dry-run "* ]]; then echo "$VENV/bin/python -m analysis.report results/fashion-mnist --out results/fashion-mnist/report"
+    else PY -m analysis.report results/fashion-mnist --out results/fashion-mnist/report; fi;;
+  gpu-check)
+    # Once on a CUDA machine: the CUDA-marked tests, short torchrun runs in bf16, fp16 (GradScaler) and with
+    # --compile, and the throughput benchmark; one summary at the end. About 5 minutes on one GPU.
+    setup
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-test.txt
+    out=${OUT_GPU:-runs/gpu-check}; mkdir -p "$out"; summary=()
+    PY -m pytest -q -m cuda tests && summary+=("cuda tests: passed") || summary+=("cuda tests: FAILED")
+    for variant in "bf16" "fp16" "bf16 --compile"; do
+      set -- $variant; name="${1}${2:+-compile}"
+      if "$VENV/bin/torchrun" --standalone --nproc_per_node 1 train.py --run-dir "$out/$name" --overwrite --no-progress \
+          --amp "$@" --cycles 3 --channels-last; then
+        summary+=("run $name: $(tail -n 1 "$out/$name/metrics.csv" | cut -d, -f6,8,12-15 --output-delimiter=' ')")
+      else summary+=("run $name: FAILED"); fi
+    done
+    PY -m benchmarks.throughput --json "$out/throughput.json" && summary+=("benchmark: $out/throughput.json") \
+      || summary+=("benchmark: FAILED")
+    printf '%s\n' "gpu-check summary (val_acc1 train_time_s images_per_s eval_time_s skipped peak_mem_gb):" "${summary[@]}";;
+  *) sed -n '2,18p' "$0"; exit 2;;
 esac
