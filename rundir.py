@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -41,9 +42,11 @@ def check_writable(run_dir):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise RunDirError(f"--run-dir {run_dir}: {parent} is a file, not a directory; choose another --run-dir")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RunDirError(f"--run-dir {run_dir}: {parent} is not writable; choose another --run-dir or fix "
-                          f"its permissions")
+    try:  # a real write: permission bits say nothing to root or about a read-only file system
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise RunDirError(f"--run-dir {run_dir}: {parent} is not writable ({e.strerror}); choose another --run-dir "
+                          f"or fix its permissions") from None
 
 
 def lock_run_dir(run_dir):

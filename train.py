@@ -185,6 +185,11 @@ def resolve(args, world_size, device):
     for ok, message in checks:
         if not ok:
             fail(message)
+    if a.schedule == "schedule-free":
+        try:
+            import schedulefree  # noqa: F401
+        except ImportError:
+            fail("--schedule schedule-free needs the schedulefree package: pip install -r requirements.txt")
     t_mult = 1 if a.schedule == "constant" else (a.t_mult or 2)
     if a.schedule == "standard":  # the epochs of the cyclic run's cycles, if given as --cycles
         epochs, cycles = a.epochs or schedules.cyclic_epochs(a.warmup_epochs, a.t0, t_mult, a.cycles or 3), 1
@@ -410,7 +415,9 @@ class Run:
         while state.step < plan.run_steps:
             seg, at = plan.segment_at(state.step)
             if seg.kind == "branch" and state.trunk is None:  # wsd: keep the trunk, train a copy down to 0
+                clock.pause(state)  # the trunk's time so far belongs to the snapshot
                 state.trunk = self.snapshot(state, loss_sum)
+                clock.start()
             for path_step, x, y in batches(self.loader, at, seg.end):
                 # -- 1. learning rate: the scheduler set it for this step (schedule-free: the optimizer does)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -640,10 +647,7 @@ def build_optimizer(model, args, setup, plan):
     if args.schedule != "schedule-free":
         return SGDW(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                     weight_decay=args.weight_decay / args.lr)
-    try:
-        from schedulefree import SGDScheduleFree
-    except ImportError:
-        fail("--schedule schedule-free needs the schedulefree package: pip install -r requirements.txt")
+    from schedulefree import SGDScheduleFree  # resolve() checked it is installed
     optimizer = SGDScheduleFree(model.parameters(), lr=setup.sf_lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, warmup_steps=plan.warmup_steps)
     optimizer.train()

@@ -133,3 +133,20 @@ def test_fractional_periods_round_to_whole_steps_and_end_on_a_cycle():
     plan = S.make_plan("cyclic", 4, 0.5, 0.5, 2, steps_per_epoch=117)  # 58.5 steps per half epoch
     assert plan.cycle_lengths() == [58, 116, 232]
     assert plan.cycle_end_steps()[-1] == plan.total_steps == 58 + 58 * 7
+
+
+def test_standard_budgets_end_on_the_cyclic_runs_step_for_awkward_step_counts():
+    # 117 steps per epoch, warmup = t0 = 0.5 epochs: 58.5 steps round to 58, so the cyclic run's cycles end at
+    # 116, 232, 464; a standard run at 1, 2, 4 epochs must end there too, not at 117, 234, 468
+    for spe in (117, 13, 391):
+        cyclic = S.make_plan("cyclic", 4, 0.5, 0.5, 2, steps_per_epoch=spe)
+        standard = [S.make_plan("standard", e, 0.5, 0.5, 2, steps_per_epoch=spe).total_steps for e in (1, 2, 4)]
+        assert standard == cyclic.cycle_end_steps(), spe
+    assert S.make_plan("standard", 1, 0.5, 0.5, 2, 117).total_steps == 116
+    assert S.make_plan("standard", 3, 0.5, 0.5, 2, 117).total_steps == 351  # not a cycle end: epochs x steps
+
+
+def test_eq1_ratio_is_one_definition():
+    assert S.eq1_ratio([16, 32, 64, 128, 256, 512]) == pytest.approx(1008 / 512)
+    assert S.eq1_ratio([1, 2, 4, 8]) == S.speedup_ratio(2, 4) == pytest.approx(15 / 8)
+    assert S.eq1_ratio(S.cycle_end_epochs(1, 2, 2, 3)) == pytest.approx((3 + 5 + 9) / 9)  # warmup counted

@@ -127,6 +127,14 @@ BAD = [
     (["--resume", "--overwrite"], "--resume"),
     (["--subset", "-3"], "--subset"),
     (["--batch-size", "512", "--subset", "100"], "--batch-size"),
+    (["--schedule", "wsd", "--cooldown-frac", "1.5"], "--cooldown-frac"),
+    (["--schedule", "wsd", "--cooldown-frac", "0"], "--cooldown-frac"),
+    (["--schedule", "wsd", "--cooldown-shape", "cubic"], "--cooldown-shape"),
+    (["--schedule", "wsd", "--warmup-epochs", "1", "--t0", "0.25", "--cooldown-frac", "0.5"], "--cooldown-frac"),
+    (["--schedule", "cyclic-decay", "--cycle-decay", "0"], "--cycle-decay"),
+    (["--schedule", "cyclic-decay", "--cycle-decay", "1.2"], "--cycle-decay"),
+    (["--blurpool", "--blurpool-mode", "sideways"], "--blurpool-mode"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"),
 ]
 
 
@@ -142,3 +150,92 @@ def test_bad_flags_fail_with_one_line_and_write_nothing(argv, flag, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("train.py: error:") and flag in err, err
     assert not run.exists()
+
+
+# ---- guards found by the mutation audit (tests/README.md) ------------------------------------------
+
+def test_a_resumed_process_continues_instead_of_restarting(tmp_path):
+    from test_resume import ARGS, kill_after
+    run = str(tmp_path / "run")
+    kill_after(ARGS + ["--run-dir", run], 3, 0.0)
+    p = run_train(ARGS + ["--run-dir", run, "--resume"])
+    resumed = int(p.stdout.split("resumed at step ")[1].split()[0])
+    taken = int(p.stdout.split("s of training, ")[1].split()[0])
+    assert resumed >= 4 and taken == 32 - resumed  # 8 steps per epoch, 4 epochs; checkpoints every 4 steps
+
+
+def test_two_ranks_with_accumulation_equal_one_process(tmp_path):
+    """2 gloo ranks x --grad-accum 2 see the same four micro-batches as one process with --grad-accum 4:
+    equal weights after the run only if DDP all-reduces on the last micro-step."""
+    args = ["--data", "synthetic", "--subset", "128", "--batch-size", "32", "--schedule", "standard", "--epochs", "2",
+            "--warmup-epochs", "1", "--lr", "0.2", "--amp", "none", "--no-progress", "--eval-every", "0"]
+    run_train(args + ["--run-dir", str(tmp_path / "one"), "--grad-accum", "4"])
+    run_train(args + ["--run-dir", str(tmp_path / "two"), "--grad-accum", "2"], torchrun=2)
+    one, two = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in ("one", "two"))
+    params = [k for k in one if "running" not in k and "num_batches" not in k]  # BN buffers are rank 0's own
+    # equal up to the all-reduce's summation order (measured: < 7e-4 after 8 steps at lr 0.2); a sync on the
+    # wrong micro-step, or other micro-batches, differs by about 0.1
+    for k in params:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-2, atol=3e-3, msg=k)
+
+
+def test_bare_method_flags_take_their_documented_values(tmp_path):
+    run = tmp_path / "run"
+    p = run_train(TINY + ["--run-dir", str(run), "--label-smoothing", "--mixup", "--cycles", "1"])
+    assert "label smoothing eps 0.1, mixup alpha 0.2" in p.stdout
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["label_smoothing"] == 0.1 and cfg["mixup"] == 0.2 and cfg["methods"] == ["label_smoothing", "mixup"]
+
+
+def test_sgdw_decays_by_wd_times_lr_over_peak():
+    """Decoupled weight decay: with zero gradient one step at LR l scales weights by 1 - wd * l / peak."""
+    import train
+    args = train.parse_args(["--lr", "0.4", "--weight-decay", "0.05"])
+    p = torch.nn.Parameter(torch.full((3,), 2.0))
+    opt = train.build_optimizer(type("M", (), {"parameters": lambda self: [p]})(), args, None, None)
+    for lr in (0.4, 0.1):
+        opt.param_groups[0]["lr"] = lr
+        before = p.detach().clone()
+        p.grad = torch.zeros(3)
+        opt.step()
+        torch.testing.assert_close(p.detach(), before * (1 - 0.05 * lr / 0.4))
+
+
+def test_baseline_and_channels_last_run_different_kernels(tmp_path):
+    """The baseline trains NCHW, --channels-last NHWC: same arithmetic, other kernels, so their losses agree
+    closely but not to the last bit (they did when the baseline's batches were channels-last by accident)."""
+    losses = {}
+    for name, flags in (("nchw", []), ("cl", ["--channels-last"])):
+        run = tmp_path / name
+        run_train(TINY + ["--run-dir", str(run), "--amp", "none", "--eval-every", "1"] + flags)
+        losses[name] = [float(r["train_loss"]) for r in read_metrics(run)]
+    assert losses["nchw"] != losses["cl"]
+    assert losses["nchw"] == pytest.approx(losses["cl"], rel=0.05)
+
+
+def test_checkpoints_between_evaluations_resume_exactly(tmp_path):
+    """--checkpoint-every writes checkpoints between the evaluations (here after nearly every step) without a
+    metrics row; killed after one, the run resumes to the same rows and weights."""
+    from test_resume import ARGS, kill_after, metrics_without_time
+    args = ARGS + ["--eval-every", "0"]
+    ref = str(tmp_path / "ref")
+    run_train(args + ["--run-dir", ref])
+    run = str(tmp_path / "run")
+    kill_after(args + ["--run-dir", run, "--checkpoint-every", "1e-6"], 1, 0.15)
+    step = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["step"]
+    assert step not in (16, 32)  # not an evaluation's checkpoint
+    assert len(read_metrics(run)) == 1
+    run_train(args + ["--run-dir", run, "--checkpoint-every", "1e-6", "--resume"])
+    assert metrics_without_time(run) == metrics_without_time(ref)
+    a, b = (torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=True)["model"] for r in (ref, run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_standard_takes_t_mult_and_ends_on_the_cyclic_step(tmp_path):
+    run = tmp_path / "run"
+    run_train(["--data", "synthetic", "--subset", "117", "--batch-size", "1", "--schedule", "standard", "--cycles", "2",
+               "--t-mult", "3", "--warmup-epochs", "0.5", "--t0", "0.5", "--eval-every", "0", "--amp", "none",
+               "--run-dir", str(run), "--no-progress", "--lr", "0.01"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["epochs"] == 2.5  # warmup 0.5 + 0.5 + 1.5: t_mult 3, not a hard-coded 2
+    assert read_metrics(run)[-1]["step"] == str(58 + 58 * 4)  # the cyclic run's second cycle ends at step 290

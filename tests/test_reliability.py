@@ -1,0 +1,216 @@
+"""What a hostile user breaks: NaN that must stop the run, two writers, lost rows, full disks, bad run dirs."""
+import csv
+import errno
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+import rundir
+from conftest import ENV, ROOT, TINY, run_train, train_cmd
+
+
+def rows(run):
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def ckpt_step(run, name="last.pt"):
+    return torch.load(os.path.join(run, "checkpoints", name), weights_only=True)["step"]
+
+
+# ---- NaN ---------------------------------------------------------------------------------------
+
+def test_a_skipped_step_leaves_no_trace_in_weights_or_batchnorm():
+    from methods import Objective
+    from models import build_model
+    from timm.optim import SGDW
+    from train import train_step
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 10, 1)
+    opt = SGDW(model.parameters(), lr=0.1, momentum=0.9)
+    cfg = SimpleNamespace(channels_last=False, label_smoothing=0.0, mixup=0.0, seed=0, blurpool=False)
+    args = (opt, torch.amp.GradScaler("cpu", enabled=False), Objective(cfg, 10), torch.autocast("cpu", enabled=False))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    train_step(model, *args, x, y, 1, False, (0, 0), check_finite=True)  # one good step: momentum exists
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x[3, 0, 5, 5] = float("nan")
+    assert train_step(model, *args, x, y, 2, False, (1, 0), check_finite=True) is None
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k],
+                                                                                                        after[k])]
+    assert train_step(model, *args, x.nan_to_num(), y, 1, False, (2, 0), check_finite=True) is not None
+
+
+def test_first_bad_step_is_reported_and_the_checkpoint_before_it_kept(tmp_path, monkeypatch, capsys):
+    """NaN injected at step 11 (0-based 10), after the checkpoint of step 8: the error names step 11, not the
+    evaluation at 16, and last.pt still holds step 8."""
+    import train
+    real = train.train_step
+
+    def poisoned(*a, **k):
+        loss = real(*a, **k)
+        return loss * float("nan") if a[9][0] == 10 else loss
+    monkeypatch.setattr(train, "train_step", poisoned)
+    monkeypatch.delenv("RANK", raising=False)
+    run = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--run-dir", run, "--eval-every", "1", "--amp", "none", "--checkpoint-every", "0"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "non-finite training loss at step 11 " in err and "last good checkpoint is kept" in err
+    assert ckpt_step(run) == 8 and not os.path.exists(os.path.join(run, "done"))
+
+
+def test_non_finite_validation_stops_the_run_without_done(tmp_path, monkeypatch, capsys):
+    import train
+    real, calls = train.evaluate, []
+
+    def broken(*a, **k):
+        calls.append(1)
+        val = real(*a, **k)
+        return dict(val, loss=float("nan")) if len(calls) == 2 else val
+    monkeypatch.setattr(train, "evaluate", broken)
+    monkeypatch.delenv("RANK", raising=False)
+    run = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--run-dir", run, "--eval-every", "1", "--amp", "none"])
+    assert e.value.code == 3 and "non-finite validation loss at step 16" in capsys.readouterr().err
+    assert ckpt_step(run) == 8 and not os.path.exists(os.path.join(run, "done"))
+    assert [r["val_loss"] for r in rows(run)][1] == "nan"  # the evidence is logged
+
+
+def test_a_row_after_only_skipped_steps_has_no_train_loss(tmp_path, monkeypatch):
+    """Every step of the second epoch is non-finite and skipped: its row leaves train_loss empty, never 0."""
+    import train
+    real = train.train_step
+
+    def poisoned(model, optimizer, scaler, objective, autocast, x, y, *rest, **k):
+        if 8 <= rest[2][0] < 16:
+            x = x * float("nan")
+        return real(model, optimizer, scaler, objective, autocast, x, y, *rest, **k)
+    monkeypatch.setattr(train, "train_step", poisoned)
+    monkeypatch.delenv("RANK", raising=False)
+    run = str(tmp_path / "run")
+    train.main(TINY + ["--run-dir", run, "--eval-every", "1", "--amp", "none", "--skip-nonfinite", "8"])
+    r = rows(run)
+    assert r[1]["train_loss"] == "" and r[1]["skipped_steps"] == "8"
+    assert all(float(x["train_loss"]) > 0 for x in r[2:]) and float(r[-1]["val_loss"]) < 3  # the model is sane
+    assert os.path.exists(os.path.join(run, "done"))
+
+
+# ---- one writer, nothing lost ----------------------------------------------------------------------
+
+def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    args = TINY + ["--run-dir", run, "--resume", "auto", "--subset", "2048", "--cycles", "3"]
+    first = subprocess.Popen(train_cmd(args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = os.path.join(run, "lock")
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(lock) and open(lock).read().strip()):
+            time.sleep(0.05)
+        second = run_train(args, check=False)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by another train.py (pid {first.pid})" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_resume_refuses_a_metrics_file_shorter_than_the_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    run_train(TINY + ["--run-dir", run, "--eval-every", "1"])
+    os.remove(os.path.join(run, "done"))  # as if it had died after its last checkpoint
+    path = os.path.join(run, "metrics.csv")
+    lines = open(path).read().splitlines(keepends=True)
+    with open(path, "w") as f:
+        f.writelines(lines[:2])
+    config = open(os.path.join(run, "config.json")).read()
+    p = run_train(TINY + ["--run-dir", run, "--eval-every", "1", "--resume"], check=False)
+    assert p.returncode == 2 and "metrics.csv has 1 rows but the checkpoint recorded 4" in p.stderr
+    os.remove(path)
+    p = run_train(TINY + ["--run-dir", run, "--eval-every", "1", "--resume"], check=False)
+    assert p.returncode == 2 and "metrics.csv is missing" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert open(os.path.join(run, "config.json")).read() == config  # nothing rewritten
+
+
+def test_a_finished_run_is_never_redone_by_resume(tmp_path):
+    run = str(tmp_path / "run")
+    run_train(TINY + ["--run-dir", run])
+    before = open(os.path.join(run, "metrics.csv")).read()
+    import shutil
+    shutil.rmtree(os.path.join(run, "checkpoints"))
+    for flag in (["--resume", "auto"], ["--resume"]):
+        p = run_train(TINY + ["--run-dir", run] + flag)
+        assert "already finished" in p.stdout
+    assert open(os.path.join(run, "metrics.csv")).read() == before
+    p = run_train(TINY + ["--run-dir", run, "--overwrite"])  # unless asked to
+    assert "done:" in p.stdout
+
+
+def test_resume_from_prev_moves_the_corrupt_last_aside(tmp_path):
+    run = str(tmp_path / "run")
+    from test_resume import kill_after, ARGS
+    kill_after(ARGS + ["--run-dir", run], 4, 0.0)
+    last = os.path.join(run, "checkpoints", "last.pt")
+    with open(last, "r+b") as f:
+        f.truncate(100)
+    run_train(ARGS + ["--run-dir", run, "--resume"])
+    assert os.path.exists(last + ".corrupt")
+    for name in ("last.pt", "prev.pt"):  # both loadable: the corrupt file was never rotated into prev.pt
+        assert isinstance(ckpt_step(run, name), int)
+
+
+# ---- clear lines instead of tracebacks ------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["file", "parent-file", "read-only"])
+def test_unusable_run_dir_is_one_line_before_any_data_is_loaded(tmp_path, case):
+    target = tmp_path / "x"
+    if case == "file":
+        target.write_text("not a folder")
+        run = target
+    elif case == "parent-file":
+        target.write_text("not a folder")
+        run = target / "run"
+    else:
+        target.mkdir()
+        os.chmod(target, 0o555)
+        run = target / "run"
+        if os.access(target, os.W_OK):
+            pytest.skip("this user (root) writes into read-only folders")
+    # a dataset that would fail to load: the run-dir line must come first
+    p = run_train(["--data", "imagenet", "--data-dir", str(tmp_path / "missing"), "--run-dir", str(run)], check=False)
+    assert p.returncode == 2 and "--run-dir" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error):
+    run = str(tmp_path)
+    rundir.save_checkpoint(run, {"step": 1})
+    rundir.save_checkpoint(run, {"step": 2})
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise error
+    monkeypatch.setattr(rundir.torch, "save", full)
+    with pytest.raises(rundir.RunDirError) as e:
+        rundir.save_checkpoint(run, {"step": 3})
+    assert "disk" in str(e.value) and "last.pt" in str(e.value) and "\n" not in str(e.value)
+    assert ckpt_step(run) == 2 and ckpt_step(run, "prev.pt") == 1
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["last.pt", "prev.pt"]  # no stray temporary file
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
+    log = rundir.MetricsLog(str(tmp_path))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(rundir.os, "fsync", full)
+    with pytest.raises(rundir.RunDirError, match="disk full while writing .*metrics.csv"):
+        log.append({"epoch": 1})
