@@ -1,103 +1,341 @@
-"""Diff standard against cyclic tradeoff curves.
+"""Diff the standard tradeoff curve against each one-run estimator's, every number with a 95 % CI over seeds.
 
-    python -m analysis.compare RUN_DIR_OR_PARENT... [--out DIR] [--metric max|final] [--min-epochs E]
+    python -m analysis.compare RUN_DIR_OR_PARENT... [--out DIR] [--metric max|final] [--min-epochs E] [--x time|epochs]
 
-Prints the gap table and writes DIR/curves.csv and DIR/gaps.csv (columns fixed by the run format).
+Prints the gap table and writes to DIR: curves.csv, gaps.csv (cyclic vs standard), estimators.csv (every one-run
+schedule vs standard), points.csv (cyclic vs standard per budget), improvement.csv, ranking.csv and fits.csv.
+Runs that differ in a result-defining option (analysis.runs.RESULT_KEYS) form separate groups, compared apart.
 """
 import argparse
 import csv
 import os
 import sys
+from dataclasses import dataclass
 
-from analysis.runs import RunError, curves, load_runs, match, pearson
+import numpy as np
 
-CURVE_COLUMNS = ["methods", "schedule", "epochs", "n", "acc_mean", "acc_std", "time_mean"]
+from analysis import fit, stats
+from analysis.runs import (ESTIMATORS, MATCH_TOLERANCE, RunError, group_curves, group_runs, load_runs, match,
+                           order_methods)
+
+CURVE_COLUMNS = ["methods", "schedule", "epochs", "n", "acc_mean", "acc_std", "time_mean", "acc_lo", "acc_hi",
+                 "cost_mean", "group"]
 GAP_COLUMNS = ["methods", "n_points", "mean_gap_pp", "max_abs_gap_pp", "improvement_corr", "standard_time_s",
-               "cyclic_time_s", "time_ratio", "eq1_ratio", "budgets", "note"]
+               "cyclic_time_s", "time_ratio", "eq1_ratio", "budgets", "note", "n_seeds", "mean_gap_lo", "mean_gap_hi",
+               "resolved", "pairing", "mean_abs_gap_pp", "mean_abs_gap_lo", "mean_abs_gap_hi", "time_ratio_lo",
+               "time_ratio_hi", "group"]
+ESTIMATOR_COLUMNS = ["methods", "estimator"] + GAP_COLUMNS[1:]
+POINT_COLUMNS = ["methods", "budget", "standard_mean", "standard_std", "standard_n", "cyclic_mean", "cyclic_std",
+                 "cyclic_n", "gap_pp", "gap_lo", "gap_hi", "resolved", "pairing", "group"]
+IMPROVEMENT_COLUMNS = ["methods", "schedule", "budget", "improvement_pp", "lo", "hi", "n", "n_baseline", "pairing",
+                       "group"]
+RANKING_COLUMNS = ["estimator", "budget", "n_methods", "standard_order", "estimator_order", "kendall_tau",
+                   "discordant_pairs", "n_pairs", "swaps", "group"]
+FIT_COLUMNS = ["methods", "schedule", "x", "n_points", "a", "b", "c", "rmse_pp", "max_abs_residual_pp", "residuals_pp",
+               "range_lo", "range_hi", "area_vs_standard", "mean_fitted_gap_pp", "note", "group"]
 
 
-def gap_table(curve_map, min_epochs=0.0):
-    """One row per method set: cyclic minus standard over matched budgets, and the time to build each curve."""
-    methods_sets = sorted({m for m, _ in curve_map}, key=lambda m: (m != "baseline", m.count("+"), m))
-    base_std, base_cyc = curve_map.get(("baseline", "standard"), []), curve_map.get(("baseline", "cyclic"), [])
+@dataclass
+class Analysis:
+    """Everything compare and report need: the runs, their curves per group and every table by file name."""
+    runs: list
+    groups: dict  # {group: [Run]}: runs that differ only in seed (analysis.runs.group_runs)
+    curves: dict  # {group: {(methods, schedule): [CurvePoint]}}
+    tables: dict  # {"gaps.csv": (columns, rows), ...}
+    dropped: list  # (group, methods, schedule, epochs, other schedule) of budgets without a partner
+
+    def rows(self, name):
+        return self.tables[name][1]
+
+
+def sides(pairs):
+    """The two stats.Side of the accuracies of matched (a, b) point pairs, one column per pair."""
+    return stats.side([a.samples("acc") for a, _ in pairs]), stats.side([b.samples("acc") for _, b in pairs])
+
+
+def ci_at(boot, diffs, j):
+    """CI of column j of the resampled differences, (None, None) where a side has one seed there."""
+    return stats.percentile_ci(diffs[:, j]) if boot.defined_at[j] else (None, None)
+
+
+def estimator_of(cmap):
+    """The one-run schedules with curves in `cmap`: the known ones in ESTIMATORS order, then unknown ones."""
+    present = {s for _, s in cmap if s != "standard"}
+    return [s for s in ESTIMATORS if s in present] + sorted(present - set(ESTIMATORS))
+
+
+def improvement_corr(cmap, m, estimator, pairs):
+    """Pearson r over budgets of (m - baseline) on the standard curve against the same on the estimator's."""
+    base_est, base_std = cmap.get(("baseline", estimator), []), cmap.get(("baseline", "standard"), [])
+    xs, ys = [], []
+    for c, s in pairs:  # at the budgets where the baseline has both curves too
+        bc, bs = match([c], base_est), match([s], base_std)
+        if bc and bs:
+            xs.append(s.acc_mean - bs[0][1].acc_mean)
+            ys.append(c.acc_mean - bc[0][1].acc_mean)
+    return stats.pearson(xs, ys)
+
+
+def time_stats(pairs):
+    """standard_time_s, cyclic_time_s (curve_cost_s at the largest budget), their ratio, its CI and the Boot."""
+    last = max(pairs, key=lambda p: p[0].epochs)[0]
+    boot = stats.bootstrap(stats.side([last.samples("cost")]), stats.side([s.samples("time") for _, s in pairs]))
+    standard, cost = sum(s.time_mean for _, s in pairs), last.cost_mean
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero cost resamples to inf, which the CI drops
+        resampled = boot.b.sum(1) / boot.a[:, 0]
+    lo, hi = stats.percentile_ci(resampled) if boot.defined else (None, None)
+    return standard, cost, (standard / cost if cost else None), lo, hi, boot
+
+
+def compare_one(cmap, m, estimator, min_epochs=0.0):
+    """The gaps.csv row of method set m, estimator against standard; '_points' holds its per-budget rows."""
+    row = {c: None for c in ESTIMATOR_COLUMNS}
+    row.update(methods=m, estimator=estimator, n_points=0, _points=[])
+    std, est = cmap.get((m, "standard"), []), cmap.get((m, estimator), [])
+    if not std or not est:
+        row["note"] = f"no {'standard' if not std else estimator} runs"
+        return row
+    pairs = match(est, std, min_epochs)  # (estimator, standard)
+    row["n_points"] = len(pairs)
+    if not pairs:
+        row["note"] = f"no budgets match within {MATCH_TOLERANCE:.0%}"
+        return row
+    boot = stats.bootstrap(*sides(pairs))
+    gaps, resampled = [c.acc_mean - s.acc_mean for c, s in pairs], boot.a - boot.b
+    row.update(mean_gap_pp=sum(gaps) / len(gaps), max_abs_gap_pp=max(abs(g) for g in gaps),
+               mean_abs_gap_pp=sum(abs(g) for g in gaps) / len(gaps), n_seeds=boot.n_seeds, pairing=boot.pairing,
+               eq1_ratio=sum(s.epochs for _, s in pairs) / max(s.epochs for _, s in pairs),
+               budgets=" ".join(f"{c.epochs:g}" for c, _ in pairs))
+    notes = []
+    if boot.defined:
+        row["mean_gap_lo"], row["mean_gap_hi"] = stats.percentile_ci(resampled.mean(1))
+        row["mean_abs_gap_lo"], row["mean_abs_gap_hi"] = stats.percentile_ci(np.abs(resampled).mean(1))
+        row["resolved"] = stats.resolved(row["mean_gap_lo"], row["mean_gap_hi"])
+        row["_abs_boot"] = np.abs(resampled).mean(1)
+    else:
+        notes.append(f"{boot.n_seeds} seed at some budget: no CI")
+    (row["standard_time_s"], row["cyclic_time_s"], row["time_ratio"], row["time_ratio_lo"], row["time_ratio_hi"],
+     time_boot) = time_stats(pairs)
+    row["_cost_boot"] = (time_boot.a[:, 0], time_boot.b.sum(1)) if time_boot.defined else None
+    if m != "baseline":
+        row["improvement_corr"] = improvement_corr(cmap, m, estimator, pairs)
+        if row["improvement_corr"] is None:
+            notes.append("correlation needs 2+ budgets with baseline curves and non-constant improvements")
+    row["note"] = "; ".join(notes) or None
+    for j, (c, s) in enumerate(pairs):
+        lo, hi = ci_at(boot, resampled, j)
+        row["_points"].append(dict(methods=m, budget=s.epochs, standard_mean=s.acc_mean, standard_std=s.acc_std,
+                                   standard_n=s.n, cyclic_mean=c.acc_mean, cyclic_std=c.acc_std, cyclic_n=c.n,
+                                   gap_pp=c.acc_mean - s.acc_mean, gap_lo=lo, gap_hi=hi,
+                                   resolved=stats.resolved(lo, hi), pairing=boot.pairing))
+    return row
+
+
+def improvement_series(cmap, m, schedule, min_epochs=0.0):
+    """improvement.csv rows of m on one curve: (m - baseline) accuracy at each budget both have, with its CI."""
+    pairs = match(cmap.get((m, schedule), []), cmap.get(("baseline", schedule), []), min_epochs)
+    if not pairs:
+        return []
+    boot = stats.bootstrap(*sides(pairs))
+    out = []
+    for j, (a, b) in enumerate(pairs):
+        lo, hi = ci_at(boot, boot.a - boot.b, j)
+        out.append(dict(methods=m, schedule=schedule, budget=a.epochs, improvement_pp=a.acc_mean - b.acc_mean, lo=lo,
+                        hi=hi, n=a.n, n_baseline=b.n, pairing=boot.pairing))
+    return out
+
+
+def budget_keys(epochs_lists):
+    """A representative budget for each epochs value: values within 5 % of an earlier one share its key."""
+    keys = {}
+    for e in sorted({e for es in epochs_lists for e in es}):
+        near = [k for k in set(keys.values()) if abs(k - e) <= MATCH_TOLERANCE * max(k, e)]
+        keys[e] = near[0] if near else e
+    return keys
+
+
+def order_text(names, scores):
+    """'a > b = c': names by descending score, '=' between exact ties."""
+    ranked = sorted(zip(scores, names), key=lambda t: (-t[0], t[1]))
+    text = ranked[0][1]
+    for (prev, _), (score, name) in zip(ranked, ranked[1:]):
+        text += f" {'=' if score == prev else '>'} {name}"
+    return text
+
+
+def ranking_row(estimator, budget, names, std_scores, est_scores):
+    """One ranking.csv row: the two orderings, Kendall's tau-b and the pairs that swap."""
+    tau, discordant = stats.kendall_tau(std_scores, est_scores)
+    n = len(names)
+    return dict(estimator=estimator, budget=budget, n_methods=n, standard_order=order_text(names, std_scores),
+                estimator_order=order_text(names, est_scores), kendall_tau=tau, discordant_pairs=len(discordant),
+                n_pairs=n * (n - 1) // 2, swaps="; ".join(f"{names[i]} <> {names[j]}" for i, j in discordant),
+                _names=names, _std=std_scores, _est=est_scores)
+
+
+def ranking_rows(cmap, estimator, min_epochs=0.0):
+    """Does the estimator's curve order the method sets like the standard one? Per budget, then 'overall'.
+
+    Overall scores are mean accuracies over the budgets every method set has on both curves."""
+    paired = {m: match(cmap[(m, estimator)], cmap[(m, "standard")], min_epochs)
+              for m in order_methods(m for m, s in cmap if s == estimator) if (m, "standard") in cmap}
+    keys = budget_keys([[s.epochs for _, s in pairs] for pairs in paired.values()])
+    at = {m: {keys[s.epochs]: (s.acc_mean, c.acc_mean) for c, s in pairs} for m, pairs in paired.items()}
     rows = []
-    for m in methods_sets:
-        std, cyc = curve_map.get((m, "standard"), []), curve_map.get((m, "cyclic"), [])
-        row = {c: None for c in GAP_COLUMNS}
-        row["methods"] = m
-        if not std or not cyc:
-            row["n_points"] = 0
-            row["note"] = f"no {'standard' if not std else 'cyclic'} runs"
+    for budget in sorted(set(keys.values())):
+        names = [m for m in at if budget in at[m]]
+        if len(names) >= 2:
+            rows.append(ranking_row(estimator, budget, names, [at[m][budget][0] for m in names],
+                                    [at[m][budget][1] for m in names]))
+    common = set.intersection(*(set(v) for v in at.values())) if at else set()
+    names = [m for m in at if at[m]]
+    if common and len(names) >= 2:
+        mean = lambda m, k: sum(at[m][b][k] for b in common) / len(common)  # noqa: E731
+        rows.append(ranking_row(estimator, "overall", names, [mean(m, 0) for m in names], [mean(m, 1) for m in names]))
+    return rows
+
+
+def fit_rows(cmap, x):
+    """fits.csv rows: acc = a - b x^-c per curve; estimator rows add the area to the standard fit over the shared x."""
+    fits, rows = {}, []
+    curves_in_order = [(m, s) for m in order_methods(m for m, _ in cmap) for s in ["standard"] + estimator_of(cmap)
+                       if (m, s) in cmap]
+    for m, sched in curves_in_order:
+        pts = cmap[(m, sched)]
+        row = {c: None for c in FIT_COLUMNS}
+        row.update(methods=m, schedule=sched, x=x, n_points=len(pts))
+        try:
+            f = fits[(m, sched)] = fit.fit_curve(pts, x)
+        except fit.FitError as e:
+            row["note"] = f"not fitted: {e}"
             rows.append(row)
             continue
-        pairs = match(cyc, std, min_epochs)  # (cyclic, standard)
-        row["n_points"] = len(pairs)
-        if not pairs:
-            row["note"] = "no budgets match within 5 %"
-            rows.append(row)
-            continue
-        gaps = [c.acc_mean - s.acc_mean for c, s in pairs]
-        row["mean_gap_pp"] = sum(gaps) / len(gaps)
-        row["max_abs_gap_pp"] = max(abs(g) for g in gaps)
-        row["standard_time_s"] = sum(s.time_mean for _, s in pairs)
-        row["cyclic_time_s"] = max(pairs, key=lambda p: p[0].epochs)[0].time_mean
-        row["time_ratio"] = row["standard_time_s"] / row["cyclic_time_s"] if row["cyclic_time_s"] else None
-        row["eq1_ratio"] = sum(s.epochs for _, s in pairs) / max(s.epochs for _, s in pairs)
-        row["budgets"] = " ".join(f"{c.epochs:g}" for c, _ in pairs)
-        if m != "baseline":
-            xs, ys = [], []
-            for c, s in pairs:  # (method - baseline) at the budgets where the baseline has both curves too
-                bc = match([c], base_cyc)
-                bs = match([s], base_std)
-                if bc and bs:
-                    xs.append(s.acc_mean - bs[0][1].acc_mean)
-                    ys.append(c.acc_mean - bc[0][1].acc_mean)
-            row["improvement_corr"] = pearson(xs, ys)
-            if row["improvement_corr"] is None:
-                row["note"] = "correlation needs 2+ budgets with baseline curves and non-constant improvements"
+        row.update(a=f.a, b=f.b, c=f.c, rmse_pp=f.rmse, max_abs_residual_pp=float(np.abs(f.residuals).max()),
+                   residuals_pp=" ".join(f"{r:.3g}" for r in f.residuals))
+        standard = fits.get((m, "standard"))
+        span = fit.common_range(f, standard) if standard and sched != "standard" else None
+        if span:
+            row["range_lo"], row["range_hi"] = span
+            row["area_vs_standard"] = fit.area_between(f, standard, *span)
+            row["mean_fitted_gap_pp"] = row["area_vs_standard"] / np.log(span[1] / span[0])
+        elif standard and sched != "standard":
+            row["note"] = "no x range shared with the standard curve"
         rows.append(row)
     return rows
 
 
-def dropped_budgets(curve_map, min_epochs=0.0):
-    """Budgets of one curve that found no partner in the other: (methods, schedule, epochs)."""
+def dropped_budgets(cmap, min_epochs=0.0):
+    """Budgets of a curve without a partner on the other: (methods, schedule, epochs, other schedule)."""
     out = []
-    for (m, sched), pts in curve_map.items():
-        other = curve_map.get((m, "standard" if sched == "cyclic" else "cyclic"))
-        if sched not in ("standard", "cyclic") or other is None:
-            continue
-        matched = {id(a) for a, _ in match(pts, other, min_epochs)}
-        out += [(m, sched, p.epochs) for p in pts if id(p) not in matched and p.epochs >= min_epochs]
-    return sorted(out)
+    for estimator in estimator_of(cmap):
+        for m in order_methods(m for m, s in cmap if s == estimator):
+            std, est = cmap.get((m, "standard")), cmap[(m, estimator)]
+            if std is None:
+                continue
+            for pts, other, sched, pick in ((est, std, estimator, 0), (std, est, "standard", 1)):
+                matched = {id(p[pick]) for p in match(est, std, min_epochs)}
+                out += [(m, sched, p.epochs, other[0].schedule) for p in pts
+                        if id(p) not in matched and p.epochs >= min_epochs]
+    return out
+
+
+def tag(group, rows):
+    """Rows with their group label set."""
+    for r in rows:
+        r["group"] = group
+    return rows
+
+
+def group_tables(cmap, min_epochs, x):
+    """Every table's rows for one group's curves."""
+    methods, estimators = order_methods(m for m, _ in cmap), estimator_of(cmap)
+    comparisons = [compare_one(cmap, m, e, min_epochs) for m in methods
+                   for e in ["cyclic"] + [e for e in estimators if e != "cyclic"]]
+    gaps = [r for r in comparisons if r["estimator"] == "cyclic"]
+    return {
+        "curves.csv": [dict(methods=p.methods, schedule=p.schedule, epochs=p.epochs, n=p.n, acc_mean=p.acc_mean,
+                            acc_std=p.acc_std, time_mean=p.time_mean, acc_lo=p.acc_lo, acc_hi=p.acc_hi,
+                            cost_mean=p.cost_mean) for key in sorted(cmap) for p in cmap[key]],
+        "gaps.csv": gaps,
+        "estimators.csv": [r for r in comparisons if (r["methods"], r["estimator"]) in cmap],
+        "points.csv": [p for r in gaps for p in r["_points"]],
+        "improvement.csv": [r for m in methods if m != "baseline" for s in ["standard"] + estimators
+                            for r in improvement_series(cmap, m, s, min_epochs)],
+        "ranking.csv": [r for e in estimators for r in ranking_rows(cmap, e, min_epochs)],
+        "fits.csv": fit_rows(cmap, x),
+    }
+
+
+TABLE_COLUMNS = {"curves.csv": CURVE_COLUMNS, "gaps.csv": GAP_COLUMNS, "estimators.csv": ESTIMATOR_COLUMNS,
+                 "points.csv": POINT_COLUMNS, "improvement.csv": IMPROVEMENT_COLUMNS, "ranking.csv": RANKING_COLUMNS,
+                 "fits.csv": FIT_COLUMNS}
+
+
+def analyse_runs(runs, metric="max", min_epochs=0.0, x="time"):
+    """Curves per group and every table of `runs` (from analysis.runs.load_runs) as an Analysis."""
+    groups = group_runs(runs)
+    curve_sets = {group: group_curves(members, metric) for group, members in groups.items()}
+    tables = {name: (cols, []) for name, cols in TABLE_COLUMNS.items()}
+    dropped = []
+    for group, cmap in curve_sets.items():
+        for name, rows in group_tables(cmap, min_epochs, x).items():
+            tables[name][1].extend(tag(group, rows))
+        dropped += [(group,) + d for d in dropped_budgets(cmap, min_epochs)]
+    return Analysis(runs, groups, curve_sets, tables, dropped)
+
+
+def analyse(args):
+    """analyse_runs on the command line's runs; exits with one line when there is nothing to analyse."""
+    try:
+        runs = load_runs(args.runs, args.include_partial)
+    except RunError as e:
+        sys.exit(f"analysis: error: {e}")
+    if not runs:
+        sys.exit(f"analysis: error: no readable finished runs below {' '.join(args.runs)}")
+    return analyse_runs(runs, args.metric, args.min_epochs, args.x)
 
 
 def fmt(v, spec=".2f"):
-    return "" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
+    """A table cell: '' for None, booleans as true/false, floats by `spec`."""
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v)).lower()
+    return format(v, spec) if isinstance(v, float) else str(v)
 
 
-def write_csv(path, columns, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(columns)
-        for r in rows:
-            w.writerow([fmt(r[c], ".10g") for c in columns])
+def write_tables(out, analysis):
+    """Every table of `analysis` as DIR/<name>.csv; returns the paths."""
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for name, (columns, rows) in analysis.tables.items():
+        paths.append(os.path.join(out, name))
+        with open(paths[-1], "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(columns)
+            for r in rows:
+                w.writerow([fmt(r[c], ".10g") for c in columns])
+    return paths
 
 
-def curve_rows(curve_map):
-    return [dict(methods=p.methods, schedule=p.schedule, epochs=p.epochs, n=p.n, acc_mean=p.acc_mean,
-                 acc_std=p.acc_std, time_mean=p.time_mean)
-            for key in sorted(curve_map) for p in curve_map[key]]
+def ci_text(lo, hi, spec="+.2f"):
+    """'[lo, hi]', or 'no CI' when undefined."""
+    return "no CI" if lo is None else f"[{lo:{spec}}, {hi:{spec}}]"
 
 
-def format_gap_table(rows):
-    w = max([len("methods")] + [len(r["methods"]) for r in rows])
-    head = f"{'methods':<{w}} {'n':>3} {'gap pp':>8} {'max|gap|':>9} {'corr':>6} {'std s':>9} {'cyc s':>9} {'ratio':>6} {'Eq.1':>6}"
+def format_gap_table(rows, label="methods"):
+    """The printed gap table: a line per row, the 95 % CI next to each gap, '*' where it excludes 0."""
+    w = max([len(label)] + [len(r[label]) for r in rows])
+    head = (f"{label:<{w}} {'n':>3} {'seeds':>5} {'gap pp':>8} {'95 % CI':>16} {'max|gap|':>9} {'corr':>6} "
+            f"{'std s':>9} {'cyc s':>9} {'ratio':>6} {'Eq.1':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['methods']:<{w}} {r['n_points']:>3} {fmt(r['mean_gap_pp'], '+.2f'):>8} "
-                     f"{fmt(r['max_abs_gap_pp']):>9} {fmt(r['improvement_corr']):>6} {fmt(r['standard_time_s'], '.1f'):>9} "
-                     f"{fmt(r['cyclic_time_s'], '.1f'):>9} {fmt(r['time_ratio']):>6} {fmt(r['eq1_ratio']):>6}"
-                     + (f"  ({r['note']})" if r["note"] else ""))
+        ci = "" if r["mean_gap_pp"] is None else ci_text(r["mean_gap_lo"], r["mean_gap_hi"]) + (
+            "*" if r["resolved"] else " ")
+        lines.append(f"{r[label]:<{w}} {r['n_points']:>3} {fmt(r['n_seeds']):>5} {fmt(r['mean_gap_pp'], '+.2f'):>8} "
+                     f"{ci:>16} {fmt(r['max_abs_gap_pp']):>9} {fmt(r['improvement_corr']):>6} "
+                     f"{fmt(r['standard_time_s'], '.1f'):>9} {fmt(r['cyclic_time_s'], '.1f'):>9} "
+                     f"{fmt(r['time_ratio']):>6} {fmt(r['eq1_ratio']):>6}" + (f"  ({r['note']})" if r["note"] else ""))
     return "\n".join(lines)
 
 
@@ -107,34 +345,41 @@ def add_common_args(p):
                    help="max: best val_acc1 in the run (standard) or cycle (cyclic); final: the point's own row")
     p.add_argument("--min-epochs", type=float, default=0.0, help="ignore budgets below this many epochs")
     p.add_argument("--include-partial", action="store_true", help="use runs without 'done' too")
+    p.add_argument("--x", choices=("time", "epochs"), default="time", help="x of the curves and their fits")
 
 
-def analyse(args):
-    """Load runs and build curves, gaps and dropped budgets; exits with a message when there is nothing."""
-    try:
-        runs = load_runs(args.runs, args.include_partial)
-    except RunError as e:
-        sys.exit(f"analysis: error: {e}")
-    if not runs:
-        sys.exit(f"analysis: error: no readable finished runs below {' '.join(args.runs)}")
-    cmap = curves(runs, args.metric)
-    return runs, cmap, gap_table(cmap, args.min_epochs), dropped_budgets(cmap, args.min_epochs)
+def group_line(analysis):
+    """One line naming the groups when runs differ in result-defining options, else None."""
+    if len(analysis.curves) < 2:
+        return None
+    return (f"{len(analysis.curves)} groups of runs differ in result-defining options and are compared apart: "
+            + "; ".join(analysis.curves))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Diff standard against cyclic tradeoff curves.")
+    p = argparse.ArgumentParser(description="Diff the standard tradeoff curve against one-run estimators' curves.")
     add_common_args(p)
-    p.add_argument("--out", default="out/compare", help="folder for curves.csv and gaps.csv")
+    p.add_argument("--out", default="out/compare", help="folder for the CSV tables")
     args = p.parse_args(argv)
-    runs, cmap, gaps, dropped = analyse(args)
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, "curves.csv"), CURVE_COLUMNS, curve_rows(cmap))
-    write_csv(os.path.join(args.out, "gaps.csv"), GAP_COLUMNS, gaps)
-    print(f"{len(runs)} runs, metric {args.metric}; gap = cyclic - standard (percentage points)")
-    print(format_gap_table(gaps))
-    for m, sched, e in dropped:
-        print(f"unmatched budget: {m} {sched} at {e:g} epochs")
-    print(f"wrote {os.path.join(args.out, 'curves.csv')} and {os.path.join(args.out, 'gaps.csv')}")
+    analysis = analyse(args)
+    paths = write_tables(args.out, analysis)
+    print(f"{len(analysis.runs)} runs, metric {args.metric}; gap = cyclic - standard (percentage points), "
+          f"95 % CI: {stats.CI_METHOD}; * = CI excludes 0")
+    if group_line(analysis):
+        print(group_line(analysis))
+    for group in analysis.curves:
+        print(f"\n[{group}]" if group else "")
+        print(format_gap_table([r for r in analysis.rows("gaps.csv") if r["group"] == group]))
+        others = [r for r in analysis.rows("estimators.csv") if r["group"] == group and r["estimator"] != "cyclic"]
+        for r in others:
+            r["estimator / methods"] = f"{r['estimator']} / {r['methods']}"
+        if others:
+            print("\nother one-run estimators against standard (cyclic s = the estimator's curve_cost_s)")
+            print(format_gap_table(others, "estimator / methods"))
+    for group, m, sched, e, other in analysis.dropped:
+        print(f"unmatched budget: {(group + ' ') if group else ''}{m} {sched} at {e:g} epochs (no {other} point "
+              f"within {MATCH_TOLERANCE:.0%})")
+    print(f"wrote {', '.join(paths)}")
 
 
 if __name__ == "__main__":

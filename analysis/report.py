@@ -1,8 +1,9 @@
-"""The paper's figures and a report.md for a folder of runs.
+"""The paper's figures and a report.md for a folder of runs, every gap with its 95 % CI over seeds.
 
     python -m analysis.report RUNS... --out DIR [--x time|epochs] [--metric max|final]
 
-Writes DIR/curves.csv, DIR/gaps.csv, each figure as PNG and PDF, and DIR/report.md linking them.
+Writes every table of analysis.compare, each figure as PNG and PDF, and DIR/report.md linking them. When the runs
+form several groups (they differ in a result-defining option), each group gets its own figures, named with _gN.
 """
 import argparse
 import os
@@ -11,14 +12,24 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 import schedules  # noqa: E402
-from analysis.compare import (CURVE_COLUMNS, GAP_COLUMNS, add_common_args, analyse, curve_rows, fmt,  # noqa: E402
-                              write_csv)
-from analysis.runs import match  # noqa: E402
+from analysis import stats  # noqa: E402
+from analysis.compare import (add_common_args, analyse, ci_text, fmt, group_line, improvement_series,  # noqa: E402
+                              write_tables)
+from analysis.runs import MATCH_TOLERANCE, order_methods  # noqa: E402
 
-STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"), "constant": dict(ls=":", marker="^")}
+STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"),
+         "constant": dict(ls=":", marker="^"), "cyclic-decay": dict(ls="-.", marker="D"),
+         "wsd": dict(ls=(0, (5, 1, 1, 1)), marker="v"), "schedule-free": dict(ls=(0, (1, 2)), marker="P")}
+CI_NOTE = "bars and bands: 95 % CI over seeds (none where a point has one seed)"
+
+
+def style(schedule):
+    """Line style and marker of a schedule's curves; unknown schedules get a fallback."""
+    return STYLE.get(schedule.split(" (")[0], dict(ls=(0, (3, 1)), marker="x"))
 
 
 def colours(methods_sets):
@@ -27,15 +38,11 @@ def colours(methods_sets):
 
 
 def save(fig, out, name):
-    fig.tight_layout()
+    """Write fig as DIR/name.png and .pdf; returns the PNG's file name."""
     for ext in ("png", "pdf"):
-        fig.savefig(os.path.join(out, f"{name}.{ext}"), dpi=130)
+        fig.savefig(os.path.join(out, f"{name}.{ext}"), dpi=130, bbox_inches="tight")
     plt.close(fig)
     return f"{name}.png"
-
-
-def xval(p, x):
-    return p.time_mean if x == "time" else p.epochs
 
 
 def xlabel(x):
@@ -43,7 +50,7 @@ def xlabel(x):
 
 
 def finish_axes(ax, x_label, y_label, title, legend_loc="lower right", log_x=True):
-    """The axis dressing every curve figure shares."""
+    """The axis dressing every curve figure shares; legend_loc None leaves the legend to the caller."""
     if log_x:  # ticks at 1, 2, 5 x 10^k written as plain numbers: matplotlib's minor labels overlap
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
@@ -53,16 +60,30 @@ def finish_axes(ax, x_label, y_label, title, legend_loc="lower right", log_x=Tru
     if y_label:
         ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc=legend_loc)
+    if legend_loc and ax.get_legend_handles_labels()[0]:  # an empty panel gets no empty legend
+        ax.legend(fontsize=7, loc=legend_loc)
     ax.grid(alpha=0.3)
 
 
+def outside_legend(ax):
+    """The legend right of the axes, where it hides no data however many curves there are."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def yerr(means, los, his):
+    """Asymmetric error bars from CIs; zero length where a CI is missing."""
+    return np.array([[m - lo if lo is not None else 0.0 for m, lo in zip(means, los)],
+                     [hi - m if hi is not None else 0.0 for m, hi in zip(means, his)]])
+
+
 def plot_curve(ax, pts, x, colour, schedule, label):
-    ax.errorbar([xval(p, x) for p in pts], [p.acc_mean for p in pts], yerr=[p.acc_std for p in pts], color=colour,
-                label=label, capsize=3, **STYLE[schedule])
+    """A tradeoff curve with 95 % CI bars over seeds."""
+    means = [p.acc_mean for p in pts]
+    ax.errorbar([p.x(x) for p in pts], means, yerr=yerr(means, [p.acc_lo for p in pts], [p.acc_hi for p in pts]),
+                color=colour, label=label, capsize=3, **style(schedule))
 
 
-def fig_schedules(runs, out):
+def fig_schedules(runs, out, name):
     """Fig. 1A: LR (top) and validation accuracy (bottom) against epoch, one standard and one cyclic run."""
     pick = {}
     for sched in ("standard", "cyclic"):
@@ -72,7 +93,7 @@ def fig_schedules(runs, out):
             pick[sched] = max(base, key=lambda r: r.rows[-1]["epoch"])
     if not pick:
         return None
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, layout="constrained")
     for sched, run in pick.items():
         c = run.config
         colour = "tab:blue" if sched == "standard" else "tab:orange"
@@ -85,7 +106,7 @@ def fig_schedules(runs, out):
         else:
             top.plot([r["epoch"] for r in run.rows], [r["lr"] for r in run.rows], color=colour, label=sched)
         bottom.plot([r["epoch"] for r in run.rows], [r["val_acc1"] for r in run.rows], color=colour, marker=".",
-                    **{k: v for k, v in STYLE[sched].items() if k == "ls"}, label=sched)
+                    ls=style(sched)["ls"], label=sched)
         ends = [r for r in run.rows if r["cycle_end"] == 1]
         bottom.scatter([r["epoch"] for r in ends], [r["val_acc1"] for r in ends], color=colour, s=50, zorder=3)
     top.set_ylabel("learning rate")
@@ -94,35 +115,37 @@ def fig_schedules(runs, out):
     bottom.set_ylabel("validation top-1 (%)")
     bottom.legend(loc="lower right", fontsize=8)
     top.set_title("Schedules and accuracy during training (large dots: cycle ends)")
-    return save(fig, out, "fig1_schedules")
+    return save(fig, out, name)
 
 
-def fig_total_time(gaps, out):
-    """Fig. 1B / 3D: time to build each curve, standard vs cyclic, with Eq. 1's prediction."""
+def fig_total_time(gaps, out, name):
+    """Fig. 1B / 3D: time to build each curve, standard vs cyclic, with Eq. 1's prediction and the ratio's CI."""
     rows = [g for g in gaps if g["standard_time_s"] is not None]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4), layout="constrained")
     xs = range(len(rows))
     ax.bar([i - 0.2 for i in xs], [g["standard_time_s"] for g in rows], 0.4, label="standard (sum of runs)")
     ax.bar([i + 0.2 for i in xs], [g["cyclic_time_s"] for g in rows], 0.4, label="cyclic (one run)")
     ax.scatter([i - 0.2 for i in xs], [g["cyclic_time_s"] * g["eq1_ratio"] for g in rows], marker="_", s=600,
                color="k", zorder=3, label="Eq. 1: cyclic time x epoch ratio")
     for i, g in enumerate(rows):
-        ax.annotate(f"{g['time_ratio']:.2f}x", (i - 0.2, g["standard_time_s"]), ha="center", va="bottom", fontsize=8)
+        ci = "" if g["time_ratio_lo"] is None else f"\n[{g['time_ratio_lo']:.2f}, {g['time_ratio_hi']:.2f}]"
+        ax.annotate(f"{g['time_ratio']:.2f}x{ci}", (i - 0.2, g["standard_time_s"]), ha="center", va="bottom",
+                    fontsize=7)
     ax.set_xticks(list(xs), [g["methods"] for g in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("total training time (s)")
-    ax.set_title("Time to build a tradeoff curve")
-    ax.legend(fontsize=8)
-    return save(fig, out, "fig2_total_time")
+    ax.set_title("Time to build a tradeoff curve (ratio with its 95 % CI over seeds)")
+    ax.legend(fontsize=8, loc="lower right")
+    return save(fig, out, name)
 
 
-def fig_tradeoff(cmap, methods_sets, col, x, out):
+def fig_tradeoff(cmap, methods_sets, col, x, out, name):
     """Fig. 1C / 2: accuracy against time, standard solid, cyclic dashed; a panel per method set plus one with all."""
     panels = [("all", methods_sets)] + [(m, ["baseline", m]) for m in methods_sets if m != "baseline"]
     ncol = min(3, len(panels))
     nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow), squeeze=False, layout="constrained")
     for ax, (title, sets) in zip(axes.flat, panels):
         for m in dict.fromkeys(sets):
             for sched in ("standard", "cyclic"):
@@ -131,69 +154,260 @@ def fig_tradeoff(cmap, methods_sets, col, x, out):
                     label = f"{m} {sched}" if title != "all" else (m if sched == "standard" else "_nolegend_")
                     plot_curve(ax, pts, x, col[m], sched, label)
         for p in cmap.get(("baseline", "cyclic"), []) if title == "all" else []:
-            ax.annotate(f"{p.epochs:g} ep", (xval(p, x), p.acc_mean), fontsize=7, xytext=(3, -10),
+            ax.annotate(f"{p.epochs:g} ep", (p.x(x), p.acc_mean), fontsize=7, xytext=(3, -10),
                         textcoords="offset points")
         finish_axes(ax, xlabel(x), "validation top-1 (%)",
-                    "all (standard solid, cyclic dashed)" if title == "all" else f"{title} vs baseline")
+                    "all (standard solid, cyclic dashed)" if title == "all" else f"{title} vs baseline",
+                    legend_loc=None if title == "all" else "lower right")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:  # below the figure, where it covers no curve however many sets there are
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8,
+                   title=f"method sets (all panel); {CI_NOTE}", title_fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    return save(fig, out, "fig3_tradeoff")
+    return save(fig, out, name)
 
 
-def improvement(cmap, m, sched):
-    """(epochs, method - baseline) at the budgets both curves have."""
-    pairs = match(cmap.get((m, sched), []), cmap.get(("baseline", sched), []))
-    return [(a.epochs, a.acc_mean - b.acc_mean) for a, b in pairs]
-
-
-def fig_improvement(cmap, methods_sets, col, out):
-    """Fig. 3A-C: improvement over the baseline at each budget, standard solid, cyclic dashed."""
-    others = [m for m in methods_sets if m != "baseline"]
-    if not others or ("baseline", "standard") not in cmap and ("baseline", "cyclic") not in cmap:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in others:
+def improvement_plot_data(cmap, methods_sets, min_epochs=0.0):
+    """{(methods, schedule): (budgets, method - baseline in pp, CI los, CI his)}: exactly what fig4 draws."""
+    data = {}
+    for m in methods_sets:
         for sched in ("standard", "cyclic"):
-            pts = improvement(cmap, m, sched)
-            if pts:
-                ax.plot([e for e, _ in pts], [d for _, d in pts], color=col[m], label=f"{m} {sched}", **STYLE[sched])
+            rows = improvement_series(cmap, m, sched, min_epochs) if m != "baseline" else []
+            if rows:
+                data[(m, sched)] = tuple([r[k] for r in rows] for k in ("budget", "improvement_pp", "lo", "hi"))
+    return data
+
+
+def fig_improvement(cmap, methods_sets, col, out, name):
+    """Fig. 3A-C: improvement over the baseline at each budget, standard solid, cyclic dashed, with CIs."""
+    data = improvement_plot_data(cmap, methods_sets)
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for (m, sched), (budgets, diffs, los, his) in data.items():
+        ax.errorbar(budgets, diffs, yerr=yerr(diffs, los, his), color=col[m], label=f"{m} {sched}", capsize=3,
+                    **style(sched))
     ax.axhline(0, color="k", lw=0.8)
     finish_axes(ax, xlabel("epochs"), "accuracy - baseline (pp)",
-                "Improvement over the baseline (standard solid, cyclic dashed)", legend_loc="best")
-    return save(fig, out, "fig4_improvement")
+                f"Improvement over the baseline (standard solid, cyclic dashed)\n{CI_NOTE}", legend_loc=None)
+    outside_legend(ax)
+    return save(fig, out, name)
 
 
-def fig_constant(cmap, methods_sets, col, x, out):
+def fig_constant(cmap, methods_sets, col, x, out, name):
     """Fig. S1: constant-period cyclic runs against the standard curve, when there are any."""
     sets = [m for m in methods_sets if (m, "constant") in cmap]
     if not sets:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for m in sets:
         for sched in ("standard", "cyclic", "constant"):
             if (m, sched) in cmap:
                 plot_curve(ax, cmap[(m, sched)], x, col[m], sched, f"{m} {sched}")
     finish_axes(ax, xlabel(x), "validation top-1 (%)", "Constant-period cycles against the standard curve")
-    return save(fig, out, "fig5_constant")
+    return save(fig, out, name)
 
 
-def fig_ordering(cmap, methods_sets, col, x, out):
-    """Fig. S2: the method sets' ordering, standard curves in one panel and cyclic in the other."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+def average_ranks(scores):
+    """Rank of each score, 0 for the best; exact ties share the mean of their ranks."""
+    return [sum(t > s for t in scores) + (sum(t == s for t in scores) - 1) / 2 for s in scores]
+
+
+def draw_swaps(ax, row, col, label_right):
+    """Slope chart of one ranking row: rank on the standard curve (left) to rank on the cyclic one (right)."""
+    swapped = {n for pair in row["swaps"].split("; ") if pair for n in pair.split(" <> ")}
+    right_names = {}
+    for m, left, right in zip(row["_names"], average_ranks(row["_std"]), average_ranks(row["_est"])):
+        ax.plot([0, 1], [left, right], color=col[m], marker="o", lw=2.5 if m in swapped else 1,
+                ls="-" if m in swapped else ":")
+        right_names.setdefault(right, []).append(m)
+    for right, names in right_names.items() if label_right else ():  # tied sets share a rank and one label
+        ax.annotate(" = ".join(names), (1, right), xytext=(6, 0), textcoords="offset points", va="center", fontsize=7)
+    budget = row["budget"] if row["budget"] == "overall" else f"{row['budget']:g} ep"
+    tau = "tau n/a" if row["kendall_tau"] is None else f"tau {row['kendall_tau']:.2f}"
+    ax.set_title(f"{budget}: {tau}, {row['discordant_pairs']} swap(s)", fontsize=8)
+    ax.set_xticks([0, 1], ["standard", row["estimator"]], fontsize=7)
+    ax.set_xlim(-0.2, 1.2)
+    ax.set_yticks([])
+    ax.invert_yaxis()
+
+
+def fig_ordering(cmap, methods_sets, ranking, col, x, out, name):
+    """Fig. S2: curves of the method sets per schedule, and below the rank of each set on both (thick: swaps)."""
+    rows = [r for r in ranking if r["estimator"] == "cyclic"]
+    fig = plt.figure(figsize=(max(11, 2.4 * len(rows)), 8 if rows else 4.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.3, 1]) if rows else (fig, None)
+    axes = top.subplots(1, 2, sharey=True)
     for ax, sched in zip(axes, ("standard", "cyclic")):
         for m in methods_sets:
             if (m, sched) in cmap:
                 plot_curve(ax, cmap[(m, sched)], x, col[m], sched, m)
         finish_axes(ax, xlabel(x), None, f"{sched} curves")
     axes[0].set_ylabel("validation top-1 (%)")
-    return save(fig, out, "fig6_ordering")
+    if rows:
+        for i, (ax, row) in enumerate(zip(bottom.subplots(1, len(rows), squeeze=False)[0], rows)):
+            draw_swaps(ax, row, col, label_right=i == len(rows) - 1)
+        bottom.suptitle("Rank of each method set (top = best); thick lines: pairs whose order swaps", fontsize=9)
+    return save(fig, out, name)
 
 
-def markdown_table(columns, rows, specs):
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r[c], specs.get(c, ".2f")) for c in columns) + " |")
-    return "\n".join(lines)
+def gap_plot_data(rows):
+    """{(methods, estimator): (budgets, gap pp, CI los, CI his)} from estimators.csv rows: what fig7 draws."""
+    return {(r["methods"], r["estimator"]): tuple([p[k] for p in r["_points"]] for k in ("budget", "gap_pp", "gap_lo",
+                                                                                         "gap_hi"))
+            for r in rows if r["_points"]}
+
+
+def fig_gap(rows, col, out, name):
+    """Gap (estimator - standard) at each budget per method set, with its 95 % CI as a band."""
+    data = gap_plot_data(rows)
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for (m, est), (budgets, gaps, los, his) in data.items():
+        ax.plot(budgets, gaps, color=col[m], label=f"{m} {est}" if est != "cyclic" else m, **style(est))
+        band = [(b, g, lo, hi) for b, g, lo, hi in zip(budgets, gaps, los, his) if lo is not None]
+        if len(band) > 1:
+            ax.fill_between([b for b, *_ in band], [lo for *_, lo, _ in band], [hi for *_, hi in band], color=col[m],
+                            alpha=0.15, lw=0)
+        elif band:  # a band needs two budgets
+            b, g, lo, hi = band[0]
+            ax.errorbar([b], [g], yerr=yerr([g], [lo], [hi]), color=col[m], capsize=3)
+    ax.axhline(0, color="k", lw=0.8)
+    finish_axes(ax, xlabel("epochs"), "estimator - standard (pp)", f"Gap per budget\n{CI_NOTE}", legend_loc=None)
+    outside_legend(ax)
+    return save(fig, out, name)
+
+
+def fidelity_points(rows):
+    """{estimator: (cost / standard cost, mean |gap| pp, cost CI, |gap| CI)} pooled over method sets; CIs (None,
+    None) unless every set has one. Cost is the estimator's curve_cost_s, summed over sets, over the standard's."""
+    out = {}
+    for est in dict.fromkeys(r["estimator"] for r in rows):
+        mine = [r for r in rows if r["estimator"] == est and r["mean_abs_gap_pp"] is not None]
+        if not mine:
+            continue
+        standard = sum(r["standard_time_s"] for r in mine)
+        if not standard:
+            continue
+        cost = sum(r["cyclic_time_s"] for r in mine) / standard
+        gap = sum(r["mean_abs_gap_pp"] for r in mine) / len(mine)
+        cost_ci, gap_ci = (None, None), (None, None)
+        if all(r.get("_cost_boot") is not None for r in mine):
+            cost_ci = stats.percentile_ci(sum(r["_cost_boot"][0] for r in mine) / sum(r["_cost_boot"][1] for r in mine))
+        if all(r.get("_abs_boot") is not None for r in mine):
+            gap_ci = stats.percentile_ci(sum(r["_abs_boot"] for r in mine) / len(mine))
+        out[est] = (cost, gap, cost_ci, gap_ci)
+    return out
+
+
+def fig_fidelity(rows, out, name):
+    """Fidelity against cost: one point per one-run estimator, mean |gap| to the standard curve over its cost."""
+    data = fidelity_points(rows)
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+    for i, (est, (cost, gap, cost_ci, gap_ci)) in enumerate(data.items()):
+        ax.errorbar([cost], [gap], xerr=yerr([cost], [cost_ci[0]], [cost_ci[1]]),
+                    yerr=yerr([gap], [gap_ci[0]], [gap_ci[1]]), marker=style(est)["marker"], ms=8, capsize=3,
+                    color=plt.get_cmap("tab10")(i), ls="none", label=est)
+    ax.axvline(1, color="k", lw=0.8, ls=":")
+    highest_cost = max(c if ci[1] is None else ci[1] for c, _, ci, _ in data.values())
+    highest_gap = max(g if ci[1] is None else ci[1] for _, g, _, ci in data.values())
+    ax.set_xlim(0, max(1.05, 1.1 * highest_cost))  # both axes from 0: the origin is a free, exact estimator
+    ax.set_ylim(0, 1.15 * highest_gap or 1)
+    finish_axes(ax, "cost relative to the standard curve (curve_cost_s / sum of standard runs)",
+                "mean |estimator - standard| (pp)", f"Fidelity vs cost, pooled over method sets\n{CI_NOTE}",
+                legend_loc="best", log_x=False)
+    return save(fig, out, name)
+
+
+def md_table(header, rows):
+    """A markdown table from a header and rows of already formatted cells."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def gap_cell(value, lo, hi, spec="+.2f"):
+    return "" if value is None else f"{value:{spec}} {ci_text(lo, hi, spec)}"
+
+
+def resolved_cell(r):
+    return "" if r is None else ("yes" if r else "no")
+
+
+def verdict_lines(gaps):
+    """Which mean gaps are resolved (CI excludes 0), which not, and which have no CI."""
+    have = [g for g in gaps if g["mean_gap_pp"] is not None]
+    names = lambda f: ", ".join(f"{g['methods']} ({g['mean_gap_pp']:+.2f})" for g in have if f(g)) or "none"  # noqa
+    return [f"- Resolved (95 % CI excludes 0): {names(lambda g: g['resolved'] is True)}.",
+            f"- Not resolved (CI includes 0): {names(lambda g: g['resolved'] is False)}.",
+            f"- No CI (a budget with one seed on a curve): {names(lambda g: g['resolved'] is None)}.", ""]
+
+
+def gap_section(gaps, points):
+    """report.md's tables of mean gaps and per-budget gaps, each with its CI."""
+    md = ["## Gaps (cyclic - standard)", "", md_table(
+        ["methods", "budgets", "seeds", "mean gap [95 % CI]", "resolved", "mean abs gap [95 % CI]", "max abs gap",
+         "improvement corr", "pairing", "note"],
+        [[g["methods"], g["budgets"] or "", fmt(g["n_seeds"]),
+          gap_cell(g["mean_gap_pp"], g["mean_gap_lo"], g["mean_gap_hi"]), resolved_cell(g["resolved"]),
+          gap_cell(g["mean_abs_gap_pp"], g["mean_abs_gap_lo"], g["mean_abs_gap_hi"], ".2f"), fmt(g["max_abs_gap_pp"]),
+          fmt(g["improvement_corr"]), fmt(g["pairing"]), fmt(g["note"])] for g in gaps]), ""]
+    md += verdict_lines(gaps)
+    md += ["### Per budget", "", md_table(
+        ["methods", "budget", "standard mean ± std (n)", "cyclic mean ± std (n)", "gap [95 % CI]", "resolved"],
+        [[p["methods"], f"{p['budget']:g}", f"{p['standard_mean']:.2f} ± {p['standard_std']:.2f} ({p['standard_n']})",
+          f"{p['cyclic_mean']:.2f} ± {p['cyclic_std']:.2f} ({p['cyclic_n']})",
+          gap_cell(p["gap_pp"], p["gap_lo"], p["gap_hi"]), resolved_cell(p["resolved"])] for p in points]), ""]
+    return md
+
+
+def ranking_section(ranking):
+    """report.md's comparison of the method orderings on the standard and each estimator's curve."""
+    if not ranking:
+        return ["## Ordering of method sets", "", "(needs 2+ method sets with both curves)", ""]
+    return ["## Ordering of method sets", "",
+            "Method sets ordered by accuracy on each curve (`=`: exact tie); Kendall's tau-b between the orderings.",
+            "",
+            md_table(["estimator", "budget", "standard order", "estimator order", "tau", "discordant / pairs", "swaps"],
+                     [[r["estimator"], fmt(r["budget"], "g"), r["standard_order"], r["estimator_order"],
+                       fmt(r["kendall_tau"]), f"{r['discordant_pairs']} / {r['n_pairs']}", r["swaps"] or "none"]
+                      for r in ranking]), ""]
+
+
+def estimator_section(rows):
+    """report.md's table of every one-run estimator against the standard curve."""
+    if not any(r["estimator"] != "cyclic" for r in rows):
+        return []
+    return ["## One-run estimators against the standard curve", "",
+            "Cost: the estimator run's `curve_cost_s` at its largest matched budget (all the compute it spent, "
+            "branches included); standard: the sum of the standard runs' training time at the matched budgets.", "",
+            md_table(["estimator", "methods", "budgets", "seeds", "mean gap [95 % CI]", "resolved",
+                      "mean abs gap [95 % CI]", "estimator cost s", "standard s", "ratio [95 % CI]", "note"],
+                     [[r["estimator"], r["methods"], r["budgets"] or "", fmt(r["n_seeds"]),
+                       gap_cell(r["mean_gap_pp"], r["mean_gap_lo"], r["mean_gap_hi"]), resolved_cell(r["resolved"]),
+                       gap_cell(r["mean_abs_gap_pp"], r["mean_abs_gap_lo"], r["mean_abs_gap_hi"], ".2f"),
+                       fmt(r["cyclic_time_s"], ".1f"), fmt(r["standard_time_s"], ".1f"),
+                       "" if r["time_ratio"] is None else f"{r['time_ratio']:.2f} "
+                       f"{ci_text(r['time_ratio_lo'], r['time_ratio_hi'], '.2f')}", fmt(r["note"])] for r in rows]), ""]
+
+
+def fit_section(fits, x):
+    """report.md's table of power-law fits and the mean gap between fitted curves."""
+    unit = "s" if x == "time" else "epochs"
+    return ["## Power-law fits", "",
+            f"acc(x) = a - b x^(-c) by least squares on each curve's mean points, x = training {unit}. Fitted gap: "
+            "the area between the fitted estimator and standard curves over their shared x range, integrated over "
+            "ln x, divided by that range's length in ln x (a mean gap in pp, log-x weighted).", "",
+            md_table(["methods", "schedule", "points", "a", "b", "c", "rmse pp", "residuals pp", "x range",
+                      "area (pp ln x)", "fitted gap pp", "note"],
+                     [[f["methods"], f["schedule"], f["n_points"], fmt(f["a"]), fmt(f["b"]), fmt(f["c"], ".3f"),
+                       fmt(f["rmse_pp"]), fmt(f["residuals_pp"]),
+                       "" if f["range_lo"] is None else f"{f['range_lo']:.3g}-{f['range_hi']:.3g}",
+                       fmt(f["area_vs_standard"], "+.3f"), fmt(f["mean_fitted_gap_pp"], "+.2f"), fmt(f["note"])]
+                      for f in fits]), ""]
 
 
 def pooled_time_line(gaps):
@@ -203,50 +417,81 @@ def pooled_time_line(gaps):
         return []
     standard, cyclic = sum(g["standard_time_s"] for g in timed), sum(g["cyclic_time_s"] for g in timed)
     predicted = sum(g["cyclic_time_s"] * g["eq1_ratio"] for g in timed) / cyclic
+    ratio = standard / cyclic
     return [f"All {len(timed)} method sets pooled: standard {standard:.1f} s, cyclic {cyclic:.1f} s, ratio "
-            f"{standard / cyclic:.3f} against Eq. 1's {predicted:.3f} ({100 * (standard / cyclic / predicted - 1):+.1f} %).",
-            ""]
+            f"{ratio:.3f} against Eq. 1's {predicted:.3f} ({100 * (ratio / predicted - 1):+.1f} %).", ""]
+
+
+def time_section(gaps):
+    timed = [g for g in gaps if g["standard_time_s"] is not None]
+    return ["## Time to build each curve", "",
+            "Standard: sum of the mean training time of the standard runs at the matched budgets. Cyclic: the cyclic "
+            "run's training time at the largest matched budget. Eq. 1: the epoch ratio the paper predicts for those "
+            "budgets.", "",
+            md_table(["methods", "standard s", "cyclic s", "ratio [95 % CI]", "Eq. 1"],
+                     [[g["methods"], f"{g['standard_time_s']:.1f}", f"{g['cyclic_time_s']:.1f}",
+                       f"{g['time_ratio']:.2f} {ci_text(g['time_ratio_lo'], g['time_ratio_hi'], '.2f')}",
+                       f"{g['eq1_ratio']:.2f}"] for g in timed]), ""] + pooled_time_line(gaps)
+
+
+def group_report(analysis, group, cmap, args, suffix):
+    """report.md lines and figures of one group of runs."""
+    pick = lambda name: [r for r in analysis.rows(name) if r["group"] == group]  # noqa: E731
+    gaps, estimators, ranking = pick("gaps.csv"), pick("estimators.csv"), pick("ranking.csv")
+    methods_sets = order_methods(m for m, _ in cmap)
+    col = colours(methods_sets)
+    out, x = args.out, args.x
+    figures = [
+        ("Schedules and accuracy during training (Fig. 1A)",
+         fig_schedules(analysis.groups[group], out, f"fig1_schedules{suffix}")),
+        ("Time to build each curve (Fig. 1B / 3D)", fig_total_time(gaps, out, f"fig2_total_time{suffix}")),
+        ("Tradeoff curves (Fig. 1C, 2)", fig_tradeoff(cmap, methods_sets, col, x, out, f"fig3_tradeoff{suffix}")),
+        ("Improvement over the baseline (Fig. 3A-C)",
+         fig_improvement(cmap, methods_sets, col, out, f"fig4_improvement{suffix}")),
+        ("Constant-period cycles (Fig. S1)", fig_constant(cmap, methods_sets, col, x, out, f"fig5_constant{suffix}")),
+        ("Ordering of method sets and their swaps (Fig. S2)",
+         fig_ordering(cmap, methods_sets, ranking, col, x, out, f"fig6_ordering{suffix}")),
+        ("Gap per budget", fig_gap(estimators, col, out, f"fig7_gap_per_budget{suffix}")),
+        ("Fidelity vs cost of the one-run estimators", fig_fidelity(estimators, out, f"fig8_fidelity_cost{suffix}")),
+    ]
+    md = gap_section(gaps, [p for g in gaps for p in g["_points"]]) + ranking_section(ranking)
+    md += estimator_section(estimators) + fit_section(pick("fits.csv"), args.x) + time_section(gaps)
+    dropped = [d for d in analysis.dropped if d[0] == group]
+    if dropped:
+        md += ["## Budgets left unmatched", ""] + [f"- {m} {s} at {e:g} epochs (no {o} point within "
+                                                   f"{MATCH_TOLERANCE:.0%})" for _, m, s, e, o in dropped] + [""]
+    md += ["## Figures", ""]
+    for title, name in figures:
+        md += [f"### {title}", "", f"![{title}]({name})" if name else "(no runs of the kind this figure needs)", ""]
+    return md, sum(1 for _, n in figures if n)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Draw the paper's figures and write report.md for a folder of runs.")
     add_common_args(p)
     p.add_argument("--out", required=True, help="folder for the figures, CSVs and report.md")
-    p.add_argument("--x", choices=("time", "epochs"), default="time", help="x axis of the tradeoff curves")
     args = p.parse_args(argv)
-    runs, cmap, gaps, dropped = analyse(args)
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, "curves.csv"), CURVE_COLUMNS, curve_rows(cmap))
-    write_csv(os.path.join(args.out, "gaps.csv"), GAP_COLUMNS, gaps)
-    methods_sets = sorted({m for m, _ in cmap}, key=lambda m: (m != "baseline", m.count("+"), m))
-    col = colours(methods_sets)
-    figures = [
-        ("Schedules and accuracy during training (Fig. 1A)", fig_schedules(runs, args.out)),
-        ("Time to build each curve (Fig. 1B / 3D)", fig_total_time(gaps, args.out)),
-        ("Tradeoff curves (Fig. 1C, 2)", fig_tradeoff(cmap, methods_sets, col, args.x, args.out)),
-        ("Improvement over the baseline (Fig. 3A-C)", fig_improvement(cmap, methods_sets, col, args.out)),
-        ("Constant-period cycles (Fig. S1)", fig_constant(cmap, methods_sets, col, args.x, args.out)),
-        ("Ordering of method sets (Fig. S2)", fig_ordering(cmap, methods_sets, col, args.x, args.out)),
-    ]
-    gap_cols = ["methods", "n_points", "mean_gap_pp", "max_abs_gap_pp", "improvement_corr", "budgets", "note"]
-    time_cols = ["methods", "standard_time_s", "cyclic_time_s", "time_ratio", "eq1_ratio"]
-    specs = {"mean_gap_pp": "+.2f", "standard_time_s": ".1f", "cyclic_time_s": ".1f"}
+    analysis = analyse(args)
+    write_tables(args.out, analysis)
     md = ["# Tradeoff-curve report", "",
-          f"{len(runs)} runs from {', '.join(args.runs)}; accuracy metric `{args.metric}`; gap = cyclic - standard, "
-          f"percentage points, over budgets matched within 5 %.", "", "## Gaps", "", markdown_table(gap_cols, gaps, specs),
-          "", "## Time to build each curve", "",
-          "Standard: sum of the mean training time of the standard runs at the matched budgets. Cyclic: the cyclic run's "
-          "training time at the largest matched budget. Eq. 1: the epoch ratio the paper predicts for those budgets.",
-          "", markdown_table(time_cols, [g for g in gaps if g["standard_time_s"] is not None], specs), ""]
-    md += pooled_time_line(gaps)
-    if dropped:
-        md += ["## Budgets left unmatched", ""] + [f"- {m} {s} at {e:g} epochs" for m, s, e in dropped] + [""]
-    md += ["## Figures", ""]
-    for title, name in figures:
-        md += [f"### {title}", "", f"![{title}]({name})" if name else "(no runs of the kind this figure needs)", ""]
+          f"{len(analysis.runs)} runs from {', '.join(args.runs)}; accuracy metric `{args.metric}`; gap = cyclic - "
+          f"standard, percentage points, over budgets matched within {MATCH_TOLERANCE:.0%}.", "",
+          f"Uncertainty: 95 % CI by {stats.CI_METHOD}. A resample draws seeds with replacement and keeps each seed's "
+          "runs together across budgets; the two curves are `paired` (cyclic seed s against standard seed s) when both "
+          "hold the same seeds at every budget, else resampled `independent`ly. With 2-3 seeds a percentile CI is "
+          "narrow and rough; with one seed there is none.", ""]
+    if group_line(analysis):
+        md += [group_line(analysis) + ".", ""]
+    n_figures = 0
+    for i, (group, cmap) in enumerate(analysis.curves.items(), start=1):
+        if len(analysis.curves) > 1:
+            md += [f"# Group {i}: {group}", ""]
+        lines, n = group_report(analysis, group, cmap, args, f"_g{i}" if len(analysis.curves) > 1 else "")
+        md += lines
+        n_figures += n
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write("\n".join(md))
-    print(f"wrote {os.path.join(args.out, 'report.md')} with {sum(1 for _, n in figures if n)} figures")
+    print(f"wrote {os.path.join(args.out, 'report.md')} with {n_figures} figures")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Read run directories (../shared/run-format.md) into tradeoff-curve points and match curves.
+"""Read run directories (docs/run-format.md) into tradeoff-curve points, grouped so that only seeds are averaged.
 
 Only config.json, metrics.csv and done are read, so runs from any tool that writes the format work.
+Public: load_runs, read_run, RunError, group_runs, curves, group_curves, match, point_records, row_records,
+order_methods.
 """
 import csv
+import io
 import json
 import math
 import os
@@ -10,10 +13,24 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from analysis import stats
+
 REQUIRED_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s", "cycle",
                     "cycle_end")
 NUMERIC = ("epoch", "step", "lr", "val_acc1", "train_time_s", "cycle", "cycle_end")
+FINITE = ("epoch", "step", "cycle", "cycle_end")  # a curve point cannot be placed without these
 MATCH_TOLERANCE = 0.05  # budgets match across curves when epochs agree within 5 %
+ESTIMATORS = ("cyclic", "constant", "cyclic-decay", "wsd", "schedule-free")  # one run gives a whole curve
+CYCLE_MAX = ("cyclic", "constant", "cyclic-decay")  # --metric max: best row of the point's cycle (else its own row)
+# Options that change a run's result, seed aside: runs differing in any are never averaged (group_runs). t0 and
+# t_mult are left out because a standard run records t0 = epochs - warmup: they only separate estimator runs
+# (SHAPE_KEYS). A method's or a schedule's own options (METHOD_KEYS, ESTIMATOR_KEYS) split method sets and curves.
+RESULT_KEYS = ("dataset", "model", "subset", "lr", "batch_size", "grad_accum", "warmup_epochs", "eta_min", "amp",
+               "momentum", "nesterov", "weight_decay")
+SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
+ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape"),
+                  "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only
+METHOD_KEYS = {"label_smoothing": ("label_smoothing",), "mixup": ("mixup",), "blurpool": ("blurpool_mode",)}
 
 
 class RunError(ValueError):
@@ -24,16 +41,53 @@ class RunError(ValueError):
 class Run:
     path: str
     config: dict
-    rows: list  # dicts with floats for NUMERIC columns
+    rows: list  # dicts with floats for NUMERIC columns (and curve_cost_s where present)
     done: bool
+    variant: str = ""  # set by group_runs where a method set was run with several strengths: "mixup=0.4"
+    schedule_variant: str = ""  # likewise for a schedule's own options: "cooldown_frac=0.4"
 
     @property
     def methods(self):
-        return methods_label(self.config.get("methods", []))
+        label = methods_label(self.config.get("methods", []))
+        return f"{label} ({self.variant})" if self.variant else label
 
     @property
     def schedule(self):
         return self.config["schedule"]
+
+    def option(self, key):
+        """config[key] as a hashable value: None when missing, JSON text for a list or an object."""
+        value = self.config.get(key)
+        return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+    @property
+    def seed(self):
+        return self.option("seed")
+
+    @property
+    def family(self):
+        """The result-defining options, seed and schedule shape aside; a missing key counts as None."""
+        return tuple((k, self.option(k)) for k in RESULT_KEYS)
+
+    @property
+    def curve(self):
+        """The name of the run's curve: its schedule, with its variant where one schedule has several."""
+        return f"{self.schedule} ({self.schedule_variant})" if self.schedule_variant else self.schedule
+
+    @property
+    def method_params(self):
+        """The options of the run's active methods (label smoothing's epsilon, MixUp's alpha, BlurPool's mode)."""
+        return tuple((k, self.option(k)) for m in sorted(self.config["methods"]) for k in METHOD_KEYS.get(m, ()))
+
+    @property
+    def schedule_params(self):
+        """The options only the run's schedule uses (wsd's cooldown, schedule-free's LR, ...)."""
+        return tuple((k, self.option(k)) for k in ESTIMATOR_KEYS.get(self.schedule, ()))
+
+    @property
+    def shape(self):
+        """An estimator's schedule shape; () for a standard run, which joins every shape of its family."""
+        return () if self.schedule == "standard" else tuple((k, self.option(k)) for k in SHAPE_KEYS)
 
 
 @dataclass
@@ -44,6 +98,8 @@ class Point:
     time_s: float
     acc: float
     run: str
+    seed: object = None
+    cost_s: float = None  # curve_cost_s: the whole run's compute so far (train_time_s where absent)
 
 
 @dataclass
@@ -56,10 +112,32 @@ class CurvePoint:
     acc_std: float
     time_mean: float
     accs: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    times: list = field(default_factory=list)
+    costs: list = field(default_factory=list)
+    acc_lo: float = None  # 95 % CI of acc_mean over seeds; None with one seed
+    acc_hi: float = None
+
+    @property
+    def cost_mean(self):
+        return sum(self.costs) / len(self.costs)
+
+    def x(self, axis):
+        """Where the point sits on a curve's x axis: 'time' (mean train_time_s) or 'epochs'."""
+        return self.time_mean if axis == "time" else self.epochs
+
+    def samples(self, value="acc"):
+        """(seed, value) per run behind the point; value is 'acc', 'time' or 'cost'."""
+        return list(zip(self.seeds, {"acc": self.accs, "time": self.times, "cost": self.costs}[value]))
 
 
 def methods_label(methods):
     return "+".join(sorted(methods)) or "baseline"
+
+
+def order_methods(method_sets):
+    """Method-set labels in display order: the baseline, then by number of methods, then by name."""
+    return sorted(set(method_sets), key=lambda m: (m != "baseline", m.count("+"), m))
 
 
 def warn(message):
@@ -79,87 +157,218 @@ def find_run_dirs(paths):
     return sorted(set(found))
 
 
-def read_run(path):
-    cfg_path, csv_path = os.path.join(path, "config.json"), os.path.join(path, "metrics.csv")
+def read_text(path):
+    """A file's text; RunError naming the file and line when it is unreadable or not UTF-8."""
     try:
-        with open(cfg_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"{cfg_path}: unreadable ({e})")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RunError(f"{path}: unreadable ({e.strerror})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise RunError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); the file is damaged")
+
+
+def read_config(path):
+    """config.json as a dict holding valid schedule, methods and epochs; RunError otherwise."""
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        config = json.loads(read_text(cfg_path))
+    except json.JSONDecodeError as e:
+        raise RunError(f"{cfg_path}: not JSON ({e.msg} at line {e.lineno})")
+    if not isinstance(config, dict):
+        raise RunError(f"{cfg_path}: holds {type(config).__name__}, not an object of options")
     for key in ("schedule", "methods", "epochs"):
         if key not in config:
             raise RunError(f"{cfg_path}: missing key '{key}'")
+    if not isinstance(config["schedule"], str):
+        raise RunError(f"{cfg_path}: 'schedule' must be a name, not {config['schedule']!r}")
+    if not isinstance(config["methods"], list) or not all(isinstance(m, str) for m in config["methods"]):
+        raise RunError(f"{cfg_path}: 'methods' must be a list of names, not {config['methods']!r}")
+    return config
+
+
+def parse_row(raw, csv_path, line):
+    """One metrics.csv row with NUMERIC columns (and curve_cost_s) as floats; RunError on a bad cell."""
+    row = dict(raw)
+    for c in NUMERIC:
+        try:
+            row[c] = float(raw[c])
+        except (TypeError, ValueError):
+            raise RunError(f"{csv_path}:{line}: column {c} is not a number ({raw[c]!r})")
+        if c in FINITE and not math.isfinite(row[c]):
+            raise RunError(f"{csv_path}:{line}: column {c} is {raw[c]!r}")
     try:
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise RunError(f"{csv_path}: missing column(s) {', '.join(missing)}")
-            rows = []
-            for line, raw in enumerate(reader, start=2):
-                row = dict(raw)
-                for c in NUMERIC:
-                    try:
-                        row[c] = float(raw[c])
-                    except (TypeError, ValueError):
-                        raise RunError(f"{csv_path}:{line}: column {c} is not a number ({raw[c]!r})")
-                rows.append(row)
-    except OSError as e:
-        raise RunError(f"{csv_path}: unreadable ({e})")
-    if not rows:
+        row["curve_cost_s"] = float(raw.get("curve_cost_s"))
+    except (TypeError, ValueError):
+        row["curve_cost_s"] = row["train_time_s"]  # old runs, and runs where nothing branches
+    row["line"] = line
+    return row
+
+
+def read_metrics(path, done):
+    """metrics.csv's rows; a last row cut short mid-write is dropped with a warning, or refused in a done run."""
+    csv_path = os.path.join(path, "metrics.csv")
+    text = read_text(csv_path)
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise RunError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+    raws = list(enumerate(reader, start=2))
+    if raws and not text.endswith("\n") and None in raws[-1][1].values():  # fewer fields than the header
+        if done:
+            raise RunError(f"{csv_path}:{raws[-1][0]}: last row cut short, yet the run is marked done")
+        warn(f"{csv_path}:{raws[-1][0]}: last row cut short (run still being written?), ignored")
+        raws.pop()
+    if not raws:
         raise RunError(f"{csv_path}: no rows")
-    return Run(path, config, rows, os.path.exists(os.path.join(path, "done")))
+    return [parse_row(raw, csv_path, line) for line, raw in raws]
+
+
+def read_run(path):
+    """The Run in directory `path`; RunError naming the file when it cannot be read."""
+    done = os.path.exists(os.path.join(path, "done"))
+    return Run(path, read_config(path), read_metrics(path, done), done)
 
 
 def load_runs(paths, include_partial=False):
     """Readable runs below `paths`; malformed ones and (unless asked) unfinished ones are skipped with a warning."""
-    runs = []
+    runs, unknown = [], defaultdict(list)
     for d in find_run_dirs(paths):
+        if not include_partial and not os.path.exists(os.path.join(d, "done")):
+            warn(f"skipped unfinished run {d} (no 'done'; --include-partial to use it)")
+            continue
         try:
             run = read_run(d)
         except RunError as e:
             warn(f"skipped: {e}")
             continue
-        if not run.done and not include_partial:
-            warn(f"skipped unfinished run {d} (no 'done'; --include-partial to use it)")
-            continue
+        if run.schedule not in ("standard",) + ESTIMATORS:
+            unknown[run.schedule].append(d)
         runs.append(run)
+    for schedule, dirs in unknown.items():
+        warn(f"unknown schedule '{schedule}' ({len(dirs)} runs, e.g. {dirs[0]}): read as a one-run estimator "
+             "(a point per cycle_end row, at that row's accuracy)")
     return runs
 
 
-def run_points(run, metric="max"):
-    """The curve points of one run: a standard run gives one, a cyclic or constant run one per cycle end."""
+def point_acc(run, row, metric):
+    """A point's accuracy: its own row's, or with metric max the best of its run (standard) or its cycle."""
+    if metric != "max":
+        return row["val_acc1"]
     if run.schedule == "standard":
-        last = run.rows[-1]
-        acc = max(r["val_acc1"] for r in run.rows) if metric == "max" else last["val_acc1"]
-        return [Point(run.methods, "standard", last["epoch"], last["train_time_s"], acc, run.path)]
-    points = []
-    for r in run.rows:
-        if r["cycle_end"] != 1:
+        rows = run.rows
+    elif run.schedule in CYCLE_MAX:
+        rows = [x for x in run.rows if x["cycle"] == row["cycle"] and x["step"] <= row["step"]]
+    else:  # wsd branches, schedule-free budgets, unknown schedules: rows of other points are not comparable
+        rows = [row]
+    return max((x["val_acc1"] for x in rows if math.isfinite(x["val_acc1"])), default=math.nan)
+
+
+def run_points(run, metric="max"):
+    """The curve points of one run: a standard run gives one, an estimator one per cycle_end row.
+
+    A point whose own row has a non-finite val_acc1 (a diverged run) is left out with one warning per run."""
+    ends = [run.rows[-1]] if run.schedule == "standard" else [r for r in run.rows if r["cycle_end"] == 1]
+    points, lost = [], []
+    for r in ends:
+        if not math.isfinite(r["val_acc1"]):
+            lost.append(r)
             continue
-        acc = r["val_acc1"]
-        if metric == "max":
-            acc = max(x["val_acc1"] for x in run.rows if x["cycle"] == r["cycle"] and x["step"] <= r["step"])
-        points.append(Point(run.methods, run.schedule, r["epoch"], r["train_time_s"], acc, run.path))
+        points.append(Point(run.methods, run.curve, r["epoch"], r["train_time_s"], point_acc(run, r, metric),
+                            run.path, run.seed, r["curve_cost_s"]))
+    if lost:
+        warn(f"{os.path.join(run.path, 'metrics.csv')}: val_acc1 is not a finite number at epoch(s) "
+             f"{', '.join(format(r['epoch'], 'g') for r in lost)}; those points left out")
     return points
 
 
-def curves(runs, metric="max"):
-    """{(methods, schedule): [CurvePoint sorted by epochs]}: points averaged over seeds."""
-    groups = defaultdict(list)
+def describe(keys_values, differing):
+    """'k=v k=v' for the keys in `differing`."""
+    return " ".join(f"{k}={v}" for k, v in keys_values if k in differing)
+
+
+def differing_keys(tuples):
+    """Keys whose values are not the same in every one of the (key, value) tuples."""
+    return {k for k in {k for t in tuples for k, _ in t} if len({dict(t).get(k) for t in tuples}) > 1}
+
+
+def name_variants(runs):
+    """Set run.variant (run.schedule_variant) where runs of one family and method set (schedule) differ in the
+    options of a method (of the schedule), so that they make separate method sets (curves)."""
+    for run in runs:
+        run.variant = run.schedule_variant = ""
+    for attr, params, key in (("variant", "method_params", "methods"), ("schedule_variant", "schedule_params",
+                                                                         "schedule")):
+        sets = defaultdict(list)
+        for run in runs:
+            sets[(run.family, getattr(run, key))].append(run)
+        for members in sets.values():
+            differing = differing_keys({getattr(r, params) for r in members})
+            for r in members:
+                setattr(r, attr, describe(getattr(r, params), differing))
+
+
+def group_runs(runs):
+    """{label: runs} where runs differ only in seed; the label names the options that differ between groups.
+
+    One group per family of result-defining options. Within a family, estimator runs of several schedule shapes
+    (t0, t_mult) make a group per shape, each holding the family's standard runs too; a method set run with
+    several strengths becomes one method set per strength, named like 'mixup (mixup=0.4)'."""
+    families = defaultdict(list)
+    for run in runs:
+        families[run.family].append(run)
+    name_variants(runs)
+    varying = differing_keys(list(families))
+    groups = {}
+    for family, members in families.items():
+        label = describe(family, varying)
+        shapes = {r.shape for r in members if r.schedule != "standard"}
+        per_schedule = defaultdict(set)
+        for r in members:
+            per_schedule[r.schedule].add(r.shape)
+        if all(len(s) <= 1 for s in per_schedule.values()):
+            groups[label] = members
+            continue
+        standard = [r for r in members if r.schedule == "standard"]
+        shape_keys = differing_keys(list(shapes))
+        for shape in sorted(shapes, key=repr):
+            same_shape = [r for r in members if r.shape == shape]
+            groups[f"{label} {describe(shape, shape_keys)}".strip()] = standard + same_shape
+    return groups
+
+
+def average(points):
+    """One CurvePoint from the points of one (group, methods, schedule, budget): their mean, std and 95 % CI."""
+    accs = [p.acc for p in points]
+    mean = sum(accs) / len(accs)
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+    lo, hi = stats.mean_ci(accs)
+    p0 = points[0]
+    return CurvePoint(p0.methods, p0.schedule, p0.epochs, len(points), mean, std,
+                      sum(p.time_s for p in points) / len(points), accs, [p.seed for p in points],
+                      [p.time_s for p in points], [p.cost_s for p in points], lo, hi)
+
+
+def group_curves(runs, metric="max"):
+    """{(methods, schedule): [CurvePoint sorted by epochs]} of runs of one group: points averaged over seeds."""
+    buckets = defaultdict(list)
     for run in runs:
         for p in run_points(run, metric):
-            groups[(p.methods, p.schedule, round(p.epochs, 3))].append(p)
-    out = defaultdict(list)
-    for (methods, schedule, epochs), pts in groups.items():
-        accs = [p.acc for p in pts]
-        mean = sum(accs) / len(accs)
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-        out[(methods, schedule)].append(CurvePoint(methods, schedule, epochs, len(pts), mean, std,
-                                                   sum(p.time_s for p in pts) / len(pts), accs))
-    for pts in out.values():
+            buckets[(p.methods, p.schedule, round(p.epochs, 3))].append(p)
+    cmap = defaultdict(list)
+    for (methods, schedule, _), pts in buckets.items():
+        cmap[(methods, schedule)].append(average(pts))
+    for pts in cmap.values():
         pts.sort(key=lambda p: p.epochs)
-    return dict(out)
+    return dict(cmap)
+
+
+def curves(runs, metric="max"):
+    """{group: {(methods, schedule): [CurvePoint sorted by epochs]}}, the groups of group_runs."""
+    return {label: group_curves(members, metric) for label, members in group_runs(runs).items()}
 
 
 def match(curve_a, curve_b, min_epochs=0.0):
@@ -175,12 +384,15 @@ def match(curve_a, curve_b, min_epochs=0.0):
     return pairs
 
 
-def pearson(xs, ys):
-    if len(xs) < 2:
-        return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    if sxx == 0 or syy == 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
+def point_records(runs, metric="max"):
+    """One dict per curve point of each run (group, methods, schedule, seed, epochs, time_s, cost_s, acc, run)."""
+    return [dict(group=label, methods=p.methods, schedule=p.schedule, seed=p.seed, epochs=p.epochs, time_s=p.time_s,
+                 cost_s=p.cost_s, acc=p.acc, run=p.run)
+            for label, members in group_runs(runs).items() for run in members for p in run_points(run, metric)]
+
+
+def row_records(runs):
+    """One dict per metrics.csv row, with its run's group, methods, schedule, seed and path in front."""
+    return [dict(group=label, methods=run.methods, schedule=run.curve, seed=run.seed, run=run.path,
+                 **{k: v for k, v in row.items() if k != "line"})
+            for label, members in group_runs(runs).items() for run in members for row in run.rows]

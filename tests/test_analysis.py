@@ -5,24 +5,26 @@ import math
 
 import pytest
 
-from analysis import compare, report
+from analysis import compare, report, runs
 
 COLS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s", "cycle", "cycle_end"]
 
 
-def write_run(root, name, schedule, methods, rows, seed=0, done=True):
-    """rows: (epoch, acc, time, cycle, cycle_end)."""
+def write_run(root, name, schedule, methods, rows, seed=0, done=True, **config):
+    """rows: (epoch, acc, time, cycle, cycle_end[, curve_cost_s]); `config` adds or overrides config.json keys."""
     d = root / name
     d.mkdir(parents=True)
     epochs = rows[-1][0]
     cfg = dict(schedule=schedule, methods=methods, seed=seed, epochs=epochs, warmup_epochs=1, t0=1,
                t_mult=2 if schedule == "cyclic" else 1, lr=0.1, steps_per_epoch=4)
+    cfg.update(config)
     (d / "config.json").write_text(json.dumps(cfg))
+    cost = any(len(r) > 5 for r in rows)
     with open(d / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(COLS)
-        for e, acc, t, cyc, end in rows:
-            w.writerow([e, int(e * 4), 0.01, 1.0, 1.0, acc, 99.0, t, cyc, end])
+        w.writerow(COLS + ["curve_cost_s"] * cost)
+        for e, acc, t, cyc, end, *c in rows:
+            w.writerow([e, int(e * 4), 0.01, 1.0, 1.0, acc, 99.0, t, cyc, end] + c)
     if done:
         (d / "done").touch()
     return d
@@ -36,10 +38,11 @@ def cyclic_rows(accs, times, mid=None):
     return rows + [(8, accs[2], times[2], 2, 1)]
 
 
-def standard(root, methods, budgets_accs, seed=0, time_per_epoch=1.0):
+def standard(root, methods, budgets_accs, seed=0, time_per_epoch=1.0, **config):
     for e, acc in budgets_accs:
         write_run(root, f"std_{'+'.join(methods) or 'base'}_{e}_s{seed}", "standard", methods,
-                  [(e / 2, acc - 5, e / 2 * time_per_epoch, 0, 0), (e, acc, e * time_per_epoch, 0, 1)], seed)
+                  [(e / 2, acc - 5, e / 2 * time_per_epoch, 0, 0), (e, acc, e * time_per_epoch, 0, 1)], seed,
+                  **config)
 
 
 @pytest.fixture
@@ -127,7 +130,7 @@ def test_report_writes_every_figure_and_links_them(sweep, tmp_path):
     report.main([str(sweep), "--out", str(out)])
     md = (out / "report.md").read_text()
     for fig in ("fig1_schedules", "fig2_total_time", "fig3_tradeoff", "fig4_improvement", "fig5_constant",
-                "fig6_ordering"):
+                "fig6_ordering", "fig7_gap_per_budget", "fig8_fidelity_cost"):
         for ext in ("png", "pdf"):
             assert (out / f"{fig}.{ext}").stat().st_size > 1000, fig
         assert f"]({fig}.png)" in md
@@ -137,3 +140,195 @@ def test_report_writes_every_figure_and_links_them(sweep, tmp_path):
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no readable finished runs"):
         compare.main([str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def seeded(root, methods, std_accs, cyc_accs, seed, **config):
+    """A standard run per budget 2, 4, 8 and a cyclic run, all of one seed (metric final reads these accuracies)."""
+    standard(root, methods, zip((2, 4, 8), std_accs), seed=seed, **config)
+    write_run(root, f"cyc_{'+'.join(methods) or 'base'}_s{seed}", "cyclic", methods,
+              cyclic_rows(cyc_accs, [2, 4, 8]), seed, **config)
+
+
+def test_one_seed_gives_no_ci_and_equal_seeds_a_zero_width_one(tmp_path, capsys):
+    for seed in (0, 1):  # baseline: two seeds with equal accuracies
+        seeded(tmp_path, [], [80, 85, 90], [79, 86, 89], seed)
+    seeded(tmp_path, ["mixup"], [81, 87, 93], [80, 88, 91], 0)  # one seed
+    out = tmp_path / "rep"
+    report.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    gaps = read_csv(out / "gaps.csv")
+    b, m = gaps["baseline"], gaps["mixup"]
+    assert float(b["mean_gap_lo"]) == float(b["mean_gap_hi"]) == pytest.approx(-1 / 3)
+    assert (b["n_seeds"], b["pairing"], b["resolved"]) == ("2", "paired", "true")
+    assert m["mean_gap_lo"] == m["mean_gap_hi"] == m["resolved"] == "" and m["n_seeds"] == "1"
+    assert "1 seed at some budget: no CI" in m["note"]
+    points = {(p["methods"], float(p["budget"])): p for p in read_rows(out / "points.csv")}
+    assert float(points[("mixup", 8)]["gap_pp"]) == -2 and points[("mixup", 8)]["gap_lo"] == ""
+    assert points[("baseline", 4)]["gap_lo"] == points[("baseline", 4)]["gap_hi"] == "1"
+    md = (out / "report.md").read_text()
+    assert "- No CI (a budget with one seed on a curve): mixup (-0.67)." in md
+    assert "| baseline | 2 4 8 | 2 | -0.33 [-0.33, -0.33] | yes |" in md
+
+
+def test_a_true_gap_is_resolved_and_noise_around_zero_is_not(tmp_path):
+    offsets = [0.0, 2.0, -1.5]  # seed effects larger than the gaps: only pairing by seed resolves them
+    for seed, off, eps, noise in zip((0, 1, 2), offsets, (0.05, -0.05, 0.0), (1.0, -1.0, 0.5)):
+        std = [80 + off, 85 + off, 90 + off]
+        seeded(tmp_path, [], std, [a + 1 + eps for a in std], seed)
+        seeded(tmp_path, ["mixup"], std, [a + noise for a in std], seed)
+    out = tmp_path / "rep"
+    report.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    gaps = read_csv(out / "gaps.csv")
+    b, m = gaps["baseline"], gaps["mixup"]
+    assert float(b["mean_gap_pp"]) == pytest.approx(1) and b["resolved"] == "true"
+    assert 0.94 <= float(b["mean_gap_lo"]) < 1 < float(b["mean_gap_hi"]) <= 1.06
+    assert float(m["mean_gap_pp"]) == pytest.approx(0.5 / 3) and m["resolved"] == "false"
+    assert (float(m["mean_gap_lo"]), float(m["mean_gap_hi"])) == pytest.approx((-1, 1))
+    md = (out / "report.md").read_text()
+    assert "- Resolved (95 % CI excludes 0): baseline (+1.00)." in md
+    assert "- Not resolved (CI includes 0): mixup (+0.17)." in md
+
+
+def test_runs_that_differ_in_a_result_option_are_never_averaged(tmp_path, capsys):
+    for seed in (0, 1):
+        seeded(tmp_path, [], [80 + seed, 85, 90], [79, 86, 89], seed)
+    standard(tmp_path / "lr", [], [(8, 50)], lr=0.2)
+    odd = write_run(tmp_path, "no_lr_key", "standard", [], [(8, 40, 8, 0, 1)])
+    cfg = json.loads((odd / "config.json").read_text())
+    del cfg["lr"]  # an old hand-written config: the missing key is a value of its own
+    (odd / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    assert "3 groups of runs differ in result-defining options" in capsys.readouterr().out
+    std8 = {c["group"]: c for c in read_rows(out / "curves.csv") if c["schedule"] == "standard" and c["epochs"] == "8"}
+    assert {g: (float(c["acc_mean"]), int(c["n"])) for g, c in std8.items()} == {
+        "lr=0.1": (90, 2), "lr=0.2": (50, 1), "lr=None": (40, 1)}
+    gaps = {r["group"]: r for r in read_rows(out / "gaps.csv")}
+    assert float(gaps["lr=0.1"]["mean_gap_pp"]) == pytest.approx((-1.5 + 1 - 1) / 3)
+    assert gaps["lr=0.2"]["note"] == "no cyclic runs"
+
+
+def test_method_strengths_are_separate_method_sets(tmp_path):
+    seeded(tmp_path, [], [80, 85, 90], [79, 86, 89], 0, mixup=0.0)
+    seeded(tmp_path, ["mixup"], [81, 87, 93], [80, 88, 91], 0, mixup=0.2)
+    seeded(tmp_path / "strong", ["mixup"], [70, 75, 80], [70, 75, 80], 0, mixup=0.4)
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    gaps = read_csv(out / "gaps.csv")
+    assert list(gaps) == ["baseline", "mixup (mixup=0.2)", "mixup (mixup=0.4)"]
+    assert float(gaps["mixup (mixup=0.4)"]["mean_gap_pp"]) == 0 and gaps["baseline"]["group"] == ""
+
+
+@pytest.mark.parametrize("file,content,message", [
+    ("config.json", b"\x89PNG\r\n\x1a\n\xff\xfe", "config.json:1: not UTF-8 text (byte 0x89)"),
+    ("config.json", b"null", "config.json: holds NoneType, not an object of options"),
+    ("config.json", b'{"schedule": "standard", "methods": 5, "epochs": 8}', "'methods' must be a list of names, not 5"),
+    ("metrics.csv", ",".join(COLS).encode() + b"\n8,32,0.01,1,1,9\xff,99,8,0,1\n", "metrics.csv:2: not UTF-8 text"),
+])
+def test_a_damaged_run_is_skipped_with_its_file_named(sweep, tmp_path, capsys, file, content, message):
+    bad = write_run(sweep, "damaged", "standard", [], [(8, 10, 8, 0, 1)])
+    (bad / file).write_bytes(content)
+    out = tmp_path / "out"
+    compare.main([str(sweep), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"skipped: {bad / file}" in err and message in err
+    assert float(read_csv(out / "gaps.csv")["baseline"]["mean_gap_pp"]) == pytest.approx(1 / 3)
+
+
+def test_cut_rows_and_nan_accuracies_cost_only_their_points(sweep, tmp_path, capsys):
+    header = ",".join(COLS) + "\n"
+    done = write_run(sweep, "cut_done", "standard", ["blurpool"], [(8, 50, 8, 0, 1)])
+    (done / "metrics.csv").write_text(header + "4,16,0.01,1,1,40,99,4,0,0\n8,32,0.0")
+    live = write_run(sweep, "cut_live", "cyclic", ["label_smoothing"], cyclic_rows([70, 75, 80], [2, 4, 8]), done=False)
+    (live / "metrics.csv").write_text((live / "metrics.csv").read_text().rsplit("\n", 2)[0] + "\n8,32,0.0")
+    nan = write_run(sweep, "diverged", "cyclic", ["mixup"], cyclic_rows([80, float("nan"), 91], [2, 4, 8]), seed=1)
+    out = tmp_path / "out"
+    compare.main([str(sweep), "--out", str(out), "--include-partial", "--metric", "final"])
+    err = capsys.readouterr().err
+    assert f"skipped: {done / 'metrics.csv'}:3: last row cut short, yet the run is marked done" in err
+    assert f"{live / 'metrics.csv'}:5: last row cut short (run still being written?), ignored" in err
+    assert f"{nan / 'metrics.csv'}: val_acc1 is not a finite number at epoch(s) 4; those points left out" in err
+    cyc = {(c["methods"], float(c["epochs"])): c for c in read_rows(out / "curves.csv") if c["schedule"] == "cyclic"}
+    assert float(cyc[("label_smoothing", 4)]["acc_mean"]) == 75 and ("label_smoothing", 8) not in cyc
+    assert (int(cyc[("mixup", 4)]["n"]), int(cyc[("mixup", 8)]["n"])) == (1, 2)
+    assert "blurpool" not in read_csv(out / "gaps.csv")
+
+
+def test_improvement_figure_data_has_the_sign_of_method_minus_baseline(sweep):
+    cmap = runs.curves(runs.load_runs([str(sweep)]), "final")[""]
+    data = report.improvement_plot_data(cmap, ["baseline", "mixup"])
+    assert set(data) == {("mixup", "standard"), ("mixup", "cyclic")}
+    budgets, diffs, lo, hi = data[("mixup", "standard")]
+    assert budgets == [2, 4, 8] and diffs == pytest.approx([1, 2, 3])  # mixup 81/87/93 (2 seeds) vs 80/85/90
+    assert lo == [None] * 3  # the baseline has one seed
+    assert data[("mixup", "cyclic")][1] == pytest.approx([1, 2, 2])
+    gap = report.gap_plot_data([compare.compare_one(cmap, "mixup", "cyclic")])
+    assert gap[("mixup", "cyclic")][1] == pytest.approx([80 - 81, 88 - 87, 91 - 93])
+
+
+def test_ranking_names_the_pairs_that_swap(tmp_path):
+    seeded(tmp_path, [], [80, 85, 90], [80, 85, 90], 0)
+    seeded(tmp_path, ["mixup"], [81, 87, 93], [81, 86, 92], 0)
+    seeded(tmp_path, ["blurpool"], [79, 86, 91], [79, 87, 91], 0)
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    rank = {r["budget"]: r for r in read_rows(out / "ranking.csv")}
+    assert list(rank) == ["2", "4", "8", "overall"]
+    r4 = rank["4"]
+    assert r4["standard_order"] == "mixup > blurpool > baseline"
+    assert r4["estimator_order"] == "blurpool > mixup > baseline"
+    assert (float(r4["kendall_tau"]), r4["discordant_pairs"], r4["swaps"]) == (pytest.approx(1 / 3), "1",
+                                                                               "blurpool <> mixup")
+    assert (float(rank["overall"]["kendall_tau"]), rank["overall"]["swaps"]) == (1, "")
+
+
+def test_estimators_read_their_own_rows_and_cost_from_curve_cost(sweep, tmp_path, capsys):
+    # wsd: branch ends at 2, 4, 8 interleaved with trunk rows; the trunk's 95 must not count for any point
+    write_run(sweep, "wsd_base", "wsd", [], [(1, 60, 1, 0, 0, 1), (2, 78, 2.5, 0, 1, 2.5), (3, 95, 3, 0, 0, 3),
+                                             (4, 84, 4.5, 0, 1, 5.5), (8, 89, 8.5, 0, 1, 11)])
+    write_run(sweep, "sf_base", "schedule-free", [], [(2, 81, 2, 0, 1), (4, 86, 4, 0, 1), (8, 90.5, 8, 0, 1)])
+    write_run(sweep, "odd_base", "lion-magic", [], [(2, 80, 2, 0, 1), (8, 90, 8, 0, 1)])
+    out = tmp_path / "rep"
+    report.main([str(sweep), "--out", str(out)])
+    assert "unknown schedule 'lion-magic' (1 runs" in capsys.readouterr().err
+    est = {(r["methods"], r["estimator"]): r for r in read_rows(out / "estimators.csv")}
+    assert list(est) == [("baseline", "cyclic"), ("baseline", "wsd"), ("baseline", "schedule-free"),
+                         ("baseline", "lion-magic"), ("mixup", "cyclic")]
+    wsd, sf = est[("baseline", "wsd")], est[("baseline", "schedule-free")]
+    assert float(wsd["mean_gap_pp"]) == pytest.approx(-4 / 3) and float(wsd["max_abs_gap_pp"]) == 2
+    assert (float(wsd["cyclic_time_s"]), float(wsd["standard_time_s"])) == (11, 14)
+    assert float(wsd["time_ratio"]) == pytest.approx(14 / 11)
+    assert float(sf["cyclic_time_s"]) == 8 and float(sf["mean_gap_pp"]) == pytest.approx(2.5 / 3)
+    assert {r["methods"] for r in read_rows(out / "gaps.csv")} == {"baseline", "mixup"}
+    fidelity = report.fidelity_points(compare.analyse_runs(runs.load_runs([str(sweep)])).rows("estimators.csv"))
+    assert fidelity["wsd"][:2] == pytest.approx((11 / 14, 4 / 3))
+    assert (out / "fig8_fidelity_cost.png").stat().st_size > 1000
+    assert "## One-run estimators against the standard curve" in (out / "report.md").read_text()
+
+
+def test_fits_refuse_short_curves_with_a_note(sweep, tmp_path):
+    standard(sweep, ["label_smoothing"], [(4, 70)])
+    out = tmp_path / "out"
+    compare.main([str(sweep), "--out", str(out), "--x", "epochs"])
+    fits = {(r["methods"], r["schedule"]): r for r in read_rows(out / "fits.csv")}
+    assert fits[("label_smoothing", "standard")]["note"] == "not fitted: needs 3+ points at distinct budgets, has 1"
+    base = fits[("baseline", "cyclic")]
+    assert base["x"] == "epochs" and float(base["range_lo"]) == 2 and float(base["range_hi"]) == 8
+    assert float(base["rmse_pp"]) < 1 and base["mean_fitted_gap_pp"] != ""
+
+
+def test_a_schedule_run_with_other_options_is_another_curve(sweep, tmp_path):
+    rows = [(2, 78, 2, 0, 1, 2), (4, 84, 4, 1, 1, 6), (8, 89, 8, 2, 1, 14)]
+    write_run(sweep, "wsd_a", "wsd", [], rows, cooldown_frac=0.2, cooldown_shape="1-sqrt")
+    write_run(sweep, "wsd_b", "wsd", [], [(e, a + 1, t, c, 1, k) for e, a, t, c, _, k in rows], cooldown_frac=0.4,
+              cooldown_shape="1-sqrt")
+    out = tmp_path / "out"
+    compare.main([str(sweep), "--out", str(out), "--metric", "final"])
+    est = {(r["methods"], r["estimator"]): r for r in read_rows(out / "estimators.csv")}
+    assert float(est[("baseline", "wsd (cooldown_frac=0.2)")]["mean_gap_pp"]) == pytest.approx(-4 / 3)
+    assert float(est[("baseline", "wsd (cooldown_frac=0.4)")]["mean_gap_pp"]) == pytest.approx(-1 / 3)
+    assert est[("baseline", "wsd (cooldown_frac=0.4)")]["cyclic_time_s"] == "14"

@@ -1,0 +1,160 @@
+"""Uncertainty over seeds (percentile bootstrap), Pearson's r and Kendall's tau; numpy only.
+
+The bootstrap unit is a seed: one resample draws seeds with replacement and applies the draw to every column
+(budget) at once, so a seed's cyclic run, whose points at all budgets are correlated, stays whole.
+Two sides are paired (the same draw on both) when they hold the same seeds at the same columns, so each
+cyclic seed s is compared with standard seed s; otherwise each side is resampled on its own.
+"""
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+N_BOOT = 10000  # resamples: the 2.5 % and 97.5 % quantiles move by well under 0.01 pp between RNG seeds
+BOOT_SEED = 0  # fixed, so every table and figure is reproducible
+LEVEL = 0.95
+CI_METHOD = f"percentile bootstrap over seeds, {N_BOOT} resamples, RNG seed {BOOT_SEED}"
+
+
+@dataclass
+class Side:
+    """One side of a comparison: a row per seed, a column per budget, NaN where that seed has no point."""
+    ids: list  # (seed, k): the k-th run of that seed at a column, so repeated seeds stay separate rows
+    values: np.ndarray  # (len(ids), columns)
+
+    def counts(self):
+        """Seeds with a finite value, per column."""
+        return np.isfinite(self.values).sum(0)
+
+
+@dataclass
+class Boot:
+    """Resampled column means of both sides, (N_BOOT, columns) each, and how they were drawn."""
+    a: np.ndarray
+    b: np.ndarray
+    paired: bool
+    counts: np.ndarray  # per column: seeds on the side with fewer
+
+    @property
+    def defined_at(self):
+        """Per column: 2+ seeds on each side, without which a CI would be a fake zero width."""
+        return self.counts >= 2
+
+    @property
+    def defined(self):
+        """A CI exists for statistics that use every column."""
+        return bool(self.defined_at.all())
+
+    @property
+    def n_seeds(self):
+        """The fewest seeds behind any column, on either side."""
+        return int(self.counts.min()) if self.counts.size else 0
+
+    @property
+    def pairing(self):
+        return "paired" if self.paired else "independent"
+
+
+def side(samples_per_column):
+    """A Side from one list of (seed, value) per column."""
+    rows, cells = {}, []
+    for j, samples in enumerate(samples_per_column):
+        seen = Counter()
+        for seed, value in samples:
+            key = (seed, seen[seed])
+            seen[seed] += 1
+            rows.setdefault(key, len(rows))
+            cells.append((rows[key], j, value))
+    values = np.full((len(rows), len(samples_per_column)), np.nan)
+    for i, j, v in cells:
+        values[i, j] = v
+    return Side(list(rows), values)
+
+
+def resampled_means(values, idx):
+    """Column means over the rows that `idx` (resamples, n) draws, skipping NaN; NaN where a draw has none."""
+    picked = values[idx]
+    finite = np.isfinite(picked)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite, picked, 0.0).sum(1) / finite.sum(1)
+
+
+def can_pair(a, b):
+    """Both sides hold the same seeds with values at the same columns."""
+    if sorted(a.ids, key=repr) != sorted(b.ids, key=repr):
+        return False
+    order = [b.ids.index(i) for i in a.ids]
+    return bool(np.array_equal(np.isfinite(a.values), np.isfinite(b.values[order])))
+
+
+def bootstrap(a, b, n_boot=N_BOOT, seed=BOOT_SEED):
+    """Resampled column means of sides a and b: paired by seed when can_pair(a, b), else independently."""
+    rng = np.random.default_rng(seed)
+    paired = can_pair(a, b)
+    idx_a = rng.integers(0, len(a.ids), size=(n_boot, len(a.ids)))
+    if paired:
+        b = Side(a.ids, b.values[[b.ids.index(i) for i in a.ids]])
+        idx_b = idx_a
+    else:
+        idx_b = rng.integers(0, len(b.ids), size=(n_boot, len(b.ids)))
+    counts = np.minimum(a.counts(), b.counts())
+    return Boot(resampled_means(a.values, idx_a), resampled_means(b.values, idx_b), paired, counts)
+
+
+def percentile_ci(resamples, level=LEVEL):
+    """(lo, hi) quantiles of the finite resamples, or (None, None) when there are none."""
+    r = np.asarray(resamples, dtype=float)
+    r = r[np.isfinite(r)]
+    if r.size == 0:
+        return None, None
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(r, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def mean_ci(values, n_boot=N_BOOT, seed=BOOT_SEED):
+    """95 % CI of the mean of `values` (one per seed); (None, None) with fewer than 2 finite values."""
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
+    if v.size < 2:
+        return None, None
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))
+    return percentile_ci(v[idx].mean(1))
+
+
+def resolved(lo, hi):
+    """True when the CI excludes 0, None when there is no CI."""
+    return None if lo is None else bool(lo > 0 or hi < 0)
+
+
+def pearson(xs, ys):
+    """Pearson's r, or None with fewer than 2 points or a constant side."""
+    if len(xs) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def kendall_tau(xs, ys):
+    """(tau-b, discordant index pairs) of two score lists; pairs tied on either side are neither."""
+    concordant, discordant, ties_x, ties_y = 0, [], 0, 0
+    for i in range(len(xs)):
+        for j in range(i + 1, len(xs)):
+            dx, dy = np.sign(xs[i] - xs[j]), np.sign(ys[i] - ys[j])
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif dx == dy:
+                concordant += 1
+            else:
+                discordant.append((i, j))
+    untied = concordant + len(discordant)
+    denominator = math.sqrt((untied + ties_y) * (untied + ties_x))
+    return ((concordant - len(discordant)) / denominator if denominator else None), discordant

@@ -1,0 +1,95 @@
+"""analysis.stats and analysis.fit on constructed inputs with known answers."""
+import math
+
+import numpy as np
+import pytest
+
+from analysis import fit, stats
+
+
+def gap_ci(cyclic, standard):
+    """CI of mean(cyclic) - mean(standard) over one column; each side a list of (seed, value)."""
+    boot = stats.bootstrap(stats.side([cyclic]), stats.side([standard]))
+    lo, hi = stats.percentile_ci((boot.a - boot.b)[:, 0]) if boot.defined else (None, None)
+    return lo, hi, boot.pairing
+
+
+def test_zero_width_ci_only_with_two_or_more_equal_values():
+    assert stats.mean_ci([5.0, 5.0]) == (5.0, 5.0)
+    assert stats.mean_ci([5.0]) == (None, None)
+    lo, hi = stats.mean_ci([5.0, 5.5])
+    assert (lo, hi) == (5.0, 5.5)
+    assert gap_ci([(0, 81.0)], [(0, 80.0)])[:2] == (None, None)  # one seed: no interval, not a zero-width one
+    assert gap_ci([(0, 81.0), (1, 81.0)], [(0, 80.0), (1, 80.0)]) == (1.0, 1.0, "paired")
+
+
+def test_pairing_by_seed_removes_the_seed_effect():
+    rng = np.random.default_rng(1)
+    seeds = range(5)
+    effect = {s: 3.0 * rng.standard_normal() for s in seeds}  # seed effects 3x the gap
+    cyclic = [(s, 81.0 + effect[s] + 0.05 * rng.standard_normal()) for s in seeds]
+    standard = [(s, 80.0 + effect[s]) for s in seeds]
+    lo, hi, pairing = gap_ci(cyclic, standard)
+    assert pairing == "paired" and 0.9 < lo < 1 < hi < 1.1 and stats.resolved(lo, hi)
+    lo, hi, pairing = gap_ci(cyclic, [(s + 10, v) for s, v in standard])  # other seeds: resampled apart, wide
+    assert pairing == "independent" and lo < 0 < hi and not stats.resolved(lo, hi)
+
+
+def test_noise_around_zero_is_not_resolved():
+    gaps = [1.0, -1.0, 0.6, -0.8, 0.3]  # +-1 pp around 0
+    lo, hi, _ = gap_ci([(s, 80 + g) for s, g in enumerate(gaps)], [(s, 80.0) for s in range(5)])
+    assert lo < 0 < hi and stats.resolved(lo, hi) is False
+    assert stats.resolved(None, None) is None
+
+
+def test_a_seed_stays_whole_across_columns():
+    # seed 0 is +1 at both budgets, seed 1 is -1 at both: the mean over budgets keeps the seed's sign per draw
+    a = stats.side([[(0, 1.0), (1, -1.0)], [(0, 1.0), (1, -1.0)]])
+    b = stats.side([[(0, 0.0), (1, 0.0)], [(0, 0.0), (1, 0.0)]])
+    boot = stats.bootstrap(a, b)
+    assert boot.paired and boot.n_seeds == 2 and boot.defined
+    assert set(np.unique((boot.a - boot.b).mean(1))) == {-1.0, 0.0, 1.0}
+    assert stats.bootstrap(a, b).a.tolist() == boot.a.tolist()  # fixed RNG seed: reproducible
+
+
+def test_missing_budget_makes_the_sides_independent_and_the_column_undefined():
+    a = stats.side([[(0, 1.0), (1, 2.0)], [(0, 3.0)]])
+    b = stats.side([[(0, 0.0), (1, 0.0)], [(0, 0.0), (1, 0.0)]])
+    boot = stats.bootstrap(a, b)
+    assert not boot.paired and boot.defined_at.tolist() == [True, False] and not boot.defined
+
+
+def test_kendall_tau_by_hand_for_four_methods():
+    # A > B > C > D on one curve, A > C > B > D on the other: 5 concordant pairs, 1 discordant (B, C)
+    tau, discordant = stats.kendall_tau([4, 3, 2, 1], [4, 2, 3, 1])
+    assert tau == pytest.approx((5 - 1) / 6) and discordant == [(1, 2)]
+    tau, discordant = stats.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1])
+    assert tau == -1 and len(discordant) == 6
+    # a tie on one side (tau-b): C=4, D=1, one pair tied only in y -> (4 - 1) / sqrt((5 + 1) * 5)
+    tau, discordant = stats.kendall_tau([1, 2, 3, 4], [1, 1, 3, 2])
+    assert tau == pytest.approx(3 / math.sqrt(30)) and discordant == [(2, 3)]
+    assert stats.kendall_tau([1, 1], [2, 3])[0] is None
+
+
+@pytest.mark.parametrize("a,b,c", [(90.0, 20.0, 0.7), (95.0, 60.0, 1.3), (76.0, 30.0, 0.25)])
+def test_power_law_fit_recovers_known_parameters(a, b, c):
+    x = np.array([1.0, 2, 4, 8, 16, 32])
+    f = fit.fit_power_law(x, a - b * x ** -c)
+    assert (f.a, f.b, f.c) == pytest.approx((a, b, c), rel=1e-6)
+    assert f.rmse < 1e-6 and f.predict(64) == pytest.approx(a - b * 64 ** -c)
+
+
+def test_power_law_fit_with_noise_and_too_few_points():
+    rng = np.random.default_rng(0)
+    x = np.geomspace(1, 64, 12)
+    f = fit.fit_power_law(x, 90 - 20 * x ** -0.7 + 0.01 * rng.standard_normal(x.size))
+    assert (f.a, f.b, f.c) == pytest.approx((90, 20, 0.7), rel=0.02)
+    with pytest.raises(fit.FitError, match="needs 3"):
+        fit.fit_power_law([1, 2, 2], [1, 2, 3])
+
+
+def test_area_between_two_curves_that_differ_by_a_constant():
+    x = np.array([1.0, 2, 4, 8])
+    f, g = fit.fit_power_law(x, 91 - 20 * x ** -0.5), fit.fit_power_law(x * 2, 90 - 20 * (x * 2) ** -0.5)
+    assert fit.common_range(f, g) == (2, 8)
+    assert fit.area_between(f, g, 2, 8) == pytest.approx(1 * math.log(4), rel=1e-6)
