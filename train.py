@@ -176,7 +176,8 @@ def resolve(args, world_size, device):
         (a.eval_every is None or a.eval_every >= 0, f"--eval-every must be >= 0, got {a.eval_every}"),
         (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 minutes, got {a.checkpoint_every}"),
         (a.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {a.skip_nonfinite}"),
-        (not (a.amp == "fp16" and device.type == "cpu"), "--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU"),
+        (not (a.amp == "fp16" and device.type == "cpu"),
+         "--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU"),
         (not (a.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()),
          "--amp bf16: this GPU has no bf16; use --amp fp16 (or auto)"),
         (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other; pick one"),
@@ -240,7 +241,8 @@ def resume_decision(args, setup, master):
             fail(f"--resume: the checkpoint in {run_dir}/checkpoints does not record its options (written by "
                  f"an older train.py); start the run again with --overwrite")
         if recorded is not None:  # the checkpoint says what it was trained with: a stray config.json cannot mislead
-            diffs = [f"{k}: {recorded.get(k)!r} -> {options[k]!r}" for k in RESULT_KEYS if recorded.get(k) != options[k]]
+            diffs = [f"{k}: {recorded.get(k)!r} -> {options[k]!r}" for k in RESULT_KEYS
+                     if recorded.get(k) != options[k]]
             if diffs:
                 fail(f"--resume: these options differ from the run in {run_dir}: {'; '.join(diffs)}")
         if is_done(run_dir):  # never redo a finished run (sweeps rely on this); --overwrite replaces it

@@ -105,6 +105,8 @@ def main(argv=None):
                 train.main(args + ["--run-dir", os.path.join(tmp, "run")])
             with open(os.path.join(tmp, "run", "metrics.csv")) as f:
                 b_img_s = max(b_img_s, float(list(csv.DictReader(f))[-1]["images_per_s"]))
+            with open(os.path.join(tmp, "run", "config.json")) as f:
+                b_cfg = json.load(f)
         a_img_s = max(a_img_s, timed(step, iter(lambda: (x, y), None), a.steps))
 
     # (c) torchvision dataset + per-sample transforms + DataLoader
@@ -117,11 +119,21 @@ def main(argv=None):
         loader = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
                                              drop_last=True, persistent_workers=a.workers > 0)
         c_img_s = timed(step, iter(loader), min(a.steps, len(loader) - 5))
+        c_x, _ = next(iter(loader))
 
-    out = dict(a_img_s=a_img_s, b_img_s=b_img_s, c_img_s=c_img_s, b_over_a=b_img_s / a_img_s, b_over_c=b_img_s / c_img_s,
+    # what each measurement really ran, so that a reader (and the tests) can check they are comparable
+    ran = dict(a=dict(model=a.model, batch_size=len(x), amp=amp, channels_last=a.channels_last,
+                      shape=list(x.shape[1:])),
+               b=dict(model=b_cfg["model"], batch_size=b_cfg["batch_size"], amp=b_cfg["amp"],
+                      channels_last="channels_last" in b_cfg["methods"], shape=list(x.shape[1:])),
+               c=dict(model=a.model, batch_size=len(c_x), amp=amp, channels_last=a.channels_last,
+                      shape=list(c_x.shape[1:])))
+
+    out = dict(a_img_s=a_img_s, b_img_s=b_img_s, c_img_s=c_img_s, b_over_a=b_img_s / a_img_s,
+               b_over_c=b_img_s / c_img_s,
                flops_per_image=flops, a_flop_s=a_img_s * flops, b_flop_s=b_img_s * flops, batch_size=a.batch_size,
                model=a.model, amp=amp, channels_last=a.channels_last, threads=torch.get_num_threads(),
-               dataloader_workers=a.workers)
+               dataloader_workers=a.workers, ran=ran)
     print(f"model {a.model}, batch {a.batch_size}, amp {amp}, channels_last {a.channels_last}, "
           f"{torch.get_num_threads()} threads; {flops / 1e6:.1f} MFLOP per training image")
     print(f"(a) compute limit, fixed resident batch: {a_img_s:8.0f} img/s  {out['a_flop_s'] / 1e9:6.1f} GFLOP/s")

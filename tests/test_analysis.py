@@ -109,7 +109,8 @@ def test_partial_malformed_and_one_sided_runs(sweep, tmp_path, capsys):
     (bad / "metrics.csv").write_text("epoch,step\n1,2\n")
     bad2 = write_run(sweep, "bad2", "standard", [], [(8, 50.5, 8, 0, 1)])
     (bad2 / "metrics.csv").write_text((bad2 / "metrics.csv").read_text().replace(",50.5,", ",abc,"))
-    write_run(sweep, "empty", "standard", [], [(8, 50, 8, 0, 1)]).joinpath("metrics.csv").write_text(",".join(COLS) + "\n")
+    empty = write_run(sweep, "empty", "standard", [], [(8, 50, 8, 0, 1)])
+    empty.joinpath("metrics.csv").write_text(",".join(COLS) + "\n")
     standard(sweep, ["label_smoothing"], [(4, 70)])
     out = tmp_path / "out"
     compare.main([str(sweep), "--out", str(out)])

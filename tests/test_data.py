@@ -318,12 +318,18 @@ def test_image_folder_flat_or_mismatched_val_is_refused(tmp_path):
         build_data("imagenet", str(tmp_path), CPU)
 
 
-def test_benchmark_runs_in_a_tiny_configuration(tmp_path):
+def test_benchmark_compares_like_with_like(tmp_path):
+    """(a) compute limit, (b) train.py's loop and (c) the DataLoader pipeline must run the same model, batch,
+    precision, layout and image shape, or their ratios mean nothing."""
     out = tmp_path / "bench.json"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--steps", "2", "--batch-size", "32", "--json",
-                    str(out)], cwd=root, check=True, capture_output=True, timeout=600)
-    figures = json.loads(out.read_text())
-    for key in ("a_img_s", "b_img_s", "c_img_s", "b_over_a", "b_over_c"):
-        assert figures[key] > 0
-    assert figures["b_over_a"] == pytest.approx(figures["b_img_s"] / figures["a_img_s"])
+    for flags in ([], ["--channels-last", "--amp", "none"]):
+        subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--steps", "2", "--batch-size", "32", "--json",
+                        str(out)] + flags, cwd=root, check=True, capture_output=True, timeout=600)
+        figures = json.loads(out.read_text())
+        ran = figures["ran"]
+        assert ran["a"] == ran["b"] == ran["c"], ran
+        assert ran["a"]["batch_size"] == 32 and ran["a"]["shape"] == [1, 28, 28]
+        assert ran["a"]["channels_last"] == ("--channels-last" in flags)
+        assert (ran["a"]["amp"] == "none") if flags else ran["a"]["amp"] in ("bf16", "none")
+        assert all(figures[k] > 0 for k in ("a_img_s", "b_img_s", "c_img_s"))

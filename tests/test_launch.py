@@ -24,7 +24,7 @@ def test_dry_run_plans_each_run_once(tmp_path):
     assert len(runs) == len(set(dirs)) == 2 * 2 * 3  # seeds x method sets x (cyclic + standard at 2 and 4 epochs)
     assert all("--resume auto" in l for l in runs)
     bp_cyclic = [l for l in runs if "/bp+mx/s1/cyclic" in l][0]
-    assert "--blurpool" in bp_cyclic and "--mixup" in bp_cyclic and "--seed 1" in bp_cyclic and "--cycles 2" in bp_cyclic
+    assert all(flag in bp_cyclic for flag in ("--blurpool", "--mixup", "--seed 1", "--cycles 2"))
     std = sorted(l.split("--epochs ")[1].split()[0] for l in runs if "/baseline/s0/standard" in l)
     assert std == ["2", "4"]  # the standard runs sit at the cyclic run's cycle ends
     assert lines[-1].endswith(f"analysis.report {out} --out {out}/report")

@@ -46,14 +46,14 @@ def test_a_skipped_step_leaves_no_trace_in_weights_or_batchnorm():
 
 
 def test_first_bad_step_is_reported_and_the_checkpoint_before_it_kept(tmp_path, monkeypatch, capsys):
-    """NaN injected at step 11 (0-based 10), after the checkpoint of step 8: the error names step 11, not the
-    evaluation at 16, and last.pt still holds step 8."""
+    """NaN injected at steps 11 and 13 (0-based 10, 12), after the checkpoint of step 8: the error names the
+    earliest, step 11, not the latest nor the evaluation at 16, and last.pt still holds step 8."""
     import train
     real = train.train_step
 
     def poisoned(*a, **k):
         loss = real(*a, **k)
-        return loss * float("nan") if a[9][0] == 10 else loss
+        return loss * float("nan") if a[9][0] in (10, 12) else loss
     monkeypatch.setattr(train, "train_step", poisoned)
     monkeypatch.delenv("RANK", raising=False)
     run = str(tmp_path / "run")

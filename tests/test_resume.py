@@ -113,7 +113,8 @@ def test_torchrun_restarts_a_killed_worker_and_finishes_the_same_run(tmp_path):
     p = subprocess.Popen(train_cmd(args, torchrun=2, torchrun_args=["--max-restarts", "1"]), cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_rows(p, args, 3, 0.1)
-    workers = subprocess.run(["pgrep", "-f", "-P", str(p.pid), "train.py"], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(["pgrep", "-f", "-P", str(p.pid), "train.py"], capture_output=True,
+                             text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[1]), signal.SIGKILL)  # one worker dies; the agent restarts both, which resume
     _, err = p.communicate(timeout=600)

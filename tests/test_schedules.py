@@ -119,7 +119,8 @@ def test_speedup_ratio_eq1():
 
 def test_planning_command(tmp_path):
     out = subprocess.run([sys.executable, "schedules.py", "--schedule", "cyclic", "--warmup-epochs", "8", "--t0", "8",
-                          "--t-mult", "2", "--cycles", "6", "--steps-per-epoch", "3", "--csv", str(tmp_path / "lr.csv")],
+                          "--t-mult", "2", "--cycles", "6", "--steps-per-epoch", "3",
+                          "--csv", str(tmp_path / "lr.csv")],
                          capture_output=True, text=True, check=True, cwd=S.__file__.rsplit("/", 1)[0]).stdout
     assert "16, 32, 64, 128, 256, 512" in out and "512 epochs" in out
     assert "16 + 32 + 64 + 128 + 256 + 512 = 1008 epochs" in out

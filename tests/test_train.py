@@ -82,7 +82,8 @@ def test_gradient_accumulation_equals_full_batch():
     from methods import Objective
     from train import train_step
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 6 * 6, 10))
     x, y = torch.randn(24, 3, 8, 8), torch.randint(0, 10, (24,))
     cfg = type("Cfg", (), dict(channels_last=False, label_smoothing=0.0, mixup=0.0, seed=0, blurpool=False))()
     results = []
@@ -171,7 +172,8 @@ def test_two_ranks_with_accumulation_equal_one_process(tmp_path):
             "--warmup-epochs", "1", "--lr", "0.2", "--amp", "none", "--no-progress", "--eval-every", "0"]
     run_train(args + ["--run-dir", str(tmp_path / "one"), "--grad-accum", "4"])
     run_train(args + ["--run-dir", str(tmp_path / "two"), "--grad-accum", "2"], torchrun=2)
-    one, two = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in ("one", "two"))
+    one, two = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True)["model"]
+                for r in ("one", "two"))
     params = [k for k in one if "running" not in k and "num_batches" not in k]  # BN buffers are rank 0's own
     # equal up to the all-reduce's summation order (measured: < 7e-4 after 8 steps at lr 0.2); a sync on the
     # wrong micro-step, or other micro-batches, differs by about 0.1

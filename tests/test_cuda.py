@@ -1,0 +1,41 @@
+"""The CUDA branches: side-stream prefetch, resident data on the GPU, fp16 with a GradScaler, NCCL, peak memory,
+--compile. Skipped without a GPU; `./launch.sh gpu-check` runs them on one."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, run_train
+
+pytestmark = pytest.mark.cuda
+
+
+def test_side_stream_prefetch_hands_out_the_loaders_batches():
+    from data import on_device
+    batches = [(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))) for _ in range(5)]
+    got = list(on_device(iter(batches), torch.device("cuda")))
+    assert len(got) == 5
+    for (x, y), (gx, gy) in zip(batches, got):
+        assert gx.is_cuda and torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
+
+
+def test_resident_batches_live_on_the_gpu_and_are_nchw():
+    from data import build_data
+    data = build_data("synthetic", None, torch.device("cuda"), subset=256)
+    x, y = next(data.train_loader(32, 0, 1, 0).epoch(0))
+    assert x.is_cuda and y.is_cuda and x.is_contiguous()
+
+
+@pytest.mark.parametrize("amp,extra", [("fp16", []), ("bf16", []), ("bf16", ["--compile"])])
+def test_a_short_cuda_run_under_torchrun(tmp_path, amp, extra):
+    run = tmp_path / "run"
+    run_train(TINY + ["--run-dir", str(run), "--amp", amp, "--channels-last"] + extra, torchrun=1)
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert json.loads((run / "config.json").read_text())["device"] == "cuda"
+    assert all(float(r["peak_mem_gb"]) > 0 for r in rows) and float(rows[-1]["val_acc1"]) > 10
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    if amp == "fp16":  # the GradScaler's state travels with the checkpoint
+        assert ckpt["scaler"]["scale"] > 0
