@@ -10,21 +10,7 @@ import torch
 import schedules as S
 from conftest import TINY, run_train
 from test_resume import kill_after
-
-PEAK, ETA = 0.8, 0.01
-
-
-def lambda_lrs(plan, eta_min=ETA):
-    """The LR the optimizer actually uses at every run step, from build_scheduler."""
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=PEAK)
-    sched = S.build_scheduler(opt, plan, eta_min)
-    out = []
-    for _ in range(plan.run_steps):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+from test_schedules import ETA, PEAK, pytorch_lrs as lambda_lrs  # the LR the optimizer really uses
 
 
 def test_cyclic_decay_peaks_decay_by_gamma_and_match_the_closed_form():

@@ -15,7 +15,7 @@ def pytorch_lrs(plan, eta_min=ETA):
     opt = torch.optim.SGD([p], lr=PEAK)
     sched = S.build_scheduler(opt, plan, eta_min)
     lrs = []
-    for _ in range(plan.total_steps):
+    for _ in range(plan.run_steps):  # = total_steps but for wsd, whose branches add steps
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
