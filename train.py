@@ -36,7 +36,7 @@ from rundir import (MetricsLog, RunDirError, check_writable, holds_run, is_done,
 RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
                "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
                "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay", "cooldown_frac",
-               "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode")
+               "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0", "family_t_mult")
 NO_STEP = 2 ** 62  # "no non-finite step yet"
 
 
@@ -241,8 +241,8 @@ def resume_decision(args, setup, master):
             fail(f"--resume: the checkpoint in {run_dir}/checkpoints does not record its options (written by "
                  f"an older train.py); start the run again with --overwrite")
         if recorded is not None:  # the checkpoint says what it was trained with: a stray config.json cannot mislead
-            diffs = [f"{k}: {recorded.get(k)!r} -> {options[k]!r}" for k in RESULT_KEYS
-                     if recorded.get(k) != options[k]]
+            diffs = [f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
+                     if k in recorded and recorded[k] != options[k]]
             if diffs:
                 fail(f"--resume: these options differ from the run in {run_dir}: {'; '.join(diffs)}")
         if is_done(run_dir):  # never redo a finished run (sweeps rely on this); --overwrite replaces it
@@ -363,7 +363,10 @@ def main(argv=None):
               rank, world_size, ddp, device, log)
     steps_here = run.train(state)
     if master:
-        mark_done(setup.run_dir)
+        try:
+            mark_done(setup.run_dir)
+        except RunDirError as e:
+            fail(str(e))
         print(f"done: {setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
               f"process")
     if ddp:
@@ -453,7 +456,8 @@ class Run:
                     if row_due:
                         self.evaluate_and_log(state, seg, done, lr)
                         loss_sum.zero_()
-                    if seg.kind == "branch" and done == seg.end:  # the branch is over: back to the trunk
+                    if seg.kind == "branch" and done == seg.end and state.step < plan.run_steps:  # back to the trunk
+                        # (after the last branch the run is over: last.pt keeps the model of the last row)
                         state.loss_sum = self.restore_snapshot(state)
                         loss_sum.fill_(state.loss_sum)
                     self.save(state)
@@ -483,7 +487,7 @@ class Run:
         """Stop with the earliest non-finite step over all ranks; returns this rank's loss sum as a float."""
         bad = reduced(first_bad, self.ddp, op="min")
         if bad < NO_STEP:
-            lr = schedules.lr_at(self.plan, bad, self.args.lr, self.args.eta_min)
+            lr = schedules.lr_at(self.plan, bad, self.setup.sf_lr if self.sf else self.args.lr, self.args.eta_min)
             fail(f"non-finite training loss at step {bad + 1} (lr {lr:.6g}); the last good checkpoint is kept; "
                  f"lower --lr, use --amp bf16/none, or allow a few with --skip-nonfinite N", code=3)
         return loss_sum.item()
@@ -509,7 +513,10 @@ class Run:
         if self.device.type == "cuda":
             row["peak_mem_gb"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}"
         if self.master:
-            self.log.append(row)
+            try:
+                self.log.append(row)
+            except RunDirError as e:
+                fail(str(e))
             tqdm.write(f"epoch {row['epoch']:>6} step {done:>6} cycle {row['cycle']:>2} lr {lr:.4f} | train loss "
                        f"{row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
                        f"{row['images_per_s']} img/s, {state.path_time:.1f}s"
@@ -551,6 +558,8 @@ class Run:
         t, state.trunk = state.trunk, None
         self.raw_model.load_state_dict(t["model"])
         self.optimizer.load_state_dict(t["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the snapshot's LR was the branch's first; the trunk continues on the schedule's
         self.scaler.load_state_dict(t["scaler"])
         restore_rng(t["rng"])
         state.loss_steps, state.images, state.row_time, state.path_time = (t["loss_steps"], t["images"],
@@ -713,8 +722,9 @@ def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, 
 
 @torch.no_grad()
 def recompute_bn(model, loader, path_step, objective, autocast, batches_used=8):
-    """BatchNorm running statistics recomputed from scratch on a few training batches (plain, unmixed
-    images of the current epoch): schedule-free's averaged weights never ran forward during training."""
+    """BatchNorm running statistics recomputed from scratch on the first few training batches of the current
+    epoch (cropped and flipped as the loader yields them, never mixed): schedule-free's averaged weights never
+    ran forward during training, so the statistics gathered on the other weights do not fit them."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return

@@ -55,7 +55,7 @@ def sides(pairs):
 
 def ci_at(boot, diffs, j):
     """CI of column j of the resampled differences, (None, None) where a side has one seed there."""
-    return stats.percentile_ci(diffs[:, j]) if boot.defined_at[j] else (None, None)
+    return stats.interval(diffs[:, j], int(boot.counts[j])) if boot.defined_at[j] else (None, None)
 
 
 def estimator_of(cmap):
@@ -83,8 +83,9 @@ def time_stats(pairs):
     standard, cost = sum(s.time_mean for _, s in pairs), last.cost_mean
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero cost resamples to inf, which the CI drops
         resampled = boot.b.sum(1) / boot.a[:, 0]
-    lo, hi = stats.percentile_ci(resampled) if boot.defined else (None, None)
-    return standard, cost, (standard / cost if cost else None), lo, hi, boot
+    ratio = standard / cost if cost else None
+    lo, hi = stats.interval(resampled, boot.n_seeds, ratio) if boot.defined and ratio else (None, None)
+    return standard, cost, ratio, lo, hi, boot
 
 
 def compare_one(cmap, m, estimator, min_epochs=0.0):
@@ -108,8 +109,10 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
                budgets=" ".join(f"{c.epochs:g}" for c, _ in pairs))
     notes = []
     if boot.defined:
-        row["mean_gap_lo"], row["mean_gap_hi"] = stats.percentile_ci(resampled.mean(1))
-        row["mean_abs_gap_lo"], row["mean_abs_gap_hi"] = stats.percentile_ci(np.abs(resampled).mean(1))
+        n = boot.n_seeds
+        row["mean_gap_lo"], row["mean_gap_hi"] = stats.interval(resampled.mean(1), n, row["mean_gap_pp"])
+        row["mean_abs_gap_lo"], row["mean_abs_gap_hi"] = stats.interval(np.abs(resampled).mean(1), n,
+                                                                        row["mean_abs_gap_pp"])
         row["resolved"] = stats.resolved(row["mean_gap_lo"], row["mean_gap_hi"])
         row["_abs_boot"] = np.abs(resampled).mean(1)
     else:

@@ -295,9 +295,11 @@ def fidelity_points(rows):
         gap = sum(r["mean_abs_gap_pp"] for r in mine) / len(mine)
         cost_ci, gap_ci = (None, None), (None, None)
         if all(r.get("_cost_boot") is not None for r in mine):
-            cost_ci = stats.percentile_ci(sum(r["_cost_boot"][0] for r in mine) / sum(r["_cost_boot"][1] for r in mine))
+            cost_ci = stats.interval(sum(r["_cost_boot"][0] for r in mine) / sum(r["_cost_boot"][1] for r in mine),
+                                     min(r["n_seeds"] for r in mine), cost)
         if all(r.get("_abs_boot") is not None for r in mine):
-            gap_ci = stats.percentile_ci(sum(r["_abs_boot"] for r in mine) / len(mine))
+            gap_ci = stats.interval(sum(r["_abs_boot"] for r in mine) / len(mine), min(r["n_seeds"] for r in mine),
+                                    gap)
         out[est] = (cost, gap, cost_ci, gap_ci)
     return out
 
@@ -478,8 +480,7 @@ def main(argv=None):
           f"standard, percentage points, over budgets matched within {MATCH_TOLERANCE:.0%}.", "",
           f"Uncertainty: 95 % CI by {stats.CI_METHOD}. A resample draws seeds with replacement and keeps each seed's "
           "runs together across budgets; the two curves are `paired` (cyclic seed s against standard seed s) when both "
-          "hold the same seeds at every budget, else resampled `independent`ly. With 2-3 seeds a percentile CI is "
-          "narrow and rough; with one seed there is none.", ""]
+          "hold the same seeds at every budget, else resampled `independent`ly. With one seed there is no CI.", ""]
     if group_line(analysis):
         md += [group_line(analysis) + ".", ""]
     n_figures = 0

@@ -25,8 +25,9 @@ CYCLE_MAX = ("cyclic", "constant", "cyclic-decay")  # --metric max: best row of 
 # Options that change a run's result, seed aside: runs differing in any are never averaged (group_runs). t0 and
 # t_mult are left out because a standard run records t0 = epochs - warmup: they only separate estimator runs
 # (SHAPE_KEYS). A method's or a schedule's own options (METHOD_KEYS, ESTIMATOR_KEYS) split method sets and curves.
+# world_size changes each rank's BatchNorm batch and MixUp draws; device and compile change the time axis.
 RESULT_KEYS = ("dataset", "model", "subset", "lr", "batch_size", "grad_accum", "warmup_epochs", "eta_min", "amp",
-               "momentum", "nesterov", "weight_decay")
+               "momentum", "nesterov", "weight_decay", "world_size", "device", "compile")
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
 ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only
@@ -354,13 +355,18 @@ def average(points):
 
 def group_curves(runs, metric="max"):
     """{(methods, schedule): [CurvePoint sorted by epochs]} of runs of one group: points averaged over seeds."""
-    buckets = defaultdict(list)
+    buckets = defaultdict(dict)
     for run in runs:
         for p in run_points(run, metric):
-            buckets[(p.methods, p.schedule, round(p.epochs, 3))].append(p)
+            seeds = buckets[(p.methods, p.schedule, round(p.epochs, 3))]
+            if p.seed in seeds:  # a copy of a run (another folder, a rerun) is not another seed
+                warn(f"seed {p.seed} of {p.methods} {p.schedule} at {p.epochs:g} epochs appears twice ({seeds[p.seed].run}"
+                     f" and {p.run}); using the first only")
+                continue
+            seeds[p.seed] = p
     cmap = defaultdict(list)
-    for (methods, schedule, _), pts in buckets.items():
-        cmap[(methods, schedule)].append(average(pts))
+    for (methods, schedule, _), seeds in buckets.items():
+        cmap[(methods, schedule)].append(average(list(seeds.values())))
     for pts in cmap.values():
         pts.sort(key=lambda p: p.epochs)
     return dict(cmap)

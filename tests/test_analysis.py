@@ -186,9 +186,13 @@ def test_a_true_gap_is_resolved_and_noise_around_zero_is_not(tmp_path):
     gaps = read_csv(out / "gaps.csv")
     b, m = gaps["baseline"], gaps["mixup"]
     assert float(b["mean_gap_pp"]) == pytest.approx(1) and b["resolved"] == "true"
-    assert 0.94 <= float(b["mean_gap_lo"]) < 1 < float(b["mean_gap_hi"]) <= 1.06
+    half = 4.303 * 0.05 / 3 ** 0.5  # per-seed gaps 1.05, 0.95, 1.00: t(2) x sd / sqrt(3), by hand
+    assert float(b["mean_gap_lo"]) == pytest.approx(1 - half, abs=0.01)
+    assert float(b["mean_gap_hi"]) == pytest.approx(1 + half, abs=0.01)
     assert float(m["mean_gap_pp"]) == pytest.approx(0.5 / 3) and m["resolved"] == "false"
-    assert (float(m["mean_gap_lo"]), float(m["mean_gap_hi"])) == pytest.approx((-1, 1))
+    sd = (sum((g - 0.5 / 3) ** 2 for g in (1.0, -1.0, 0.5)) / 2) ** 0.5  # per-seed gaps 1, -1, 0.5
+    assert (float(m["mean_gap_lo"]), float(m["mean_gap_hi"])) == pytest.approx(
+        (0.5 / 3 - 4.303 * sd / 3 ** 0.5, 0.5 / 3 + 4.303 * sd / 3 ** 0.5), abs=0.02)
     md = (out / "report.md").read_text()
     assert "- Resolved (95 % CI excludes 0): baseline (+1.00)." in md
     assert "- Not resolved (CI includes 0): mixup (+0.17)." in md
@@ -333,3 +337,19 @@ def test_a_schedule_run_with_other_options_is_another_curve(sweep, tmp_path):
     assert float(est[("baseline", "wsd (cooldown_frac=0.2)")]["mean_gap_pp"]) == pytest.approx(-4 / 3)
     assert float(est[("baseline", "wsd (cooldown_frac=0.4)")]["mean_gap_pp"]) == pytest.approx(-1 / 3)
     assert est[("baseline", "wsd (cooldown_frac=0.4)")]["cyclic_time_s"] == "14"
+
+
+def test_a_copied_run_is_not_another_seed_and_other_hardware_is_another_group(tmp_path, capsys):
+    """The same seed twice (a run copied to another folder) counts once, with a warning naming both; runs on other
+    hardware or world sizes are compared apart (their time axes and BatchNorm batches differ)."""
+    for seed in (0, 1):
+        seeded(tmp_path / "a", [], [80 + seed, 85, 90], [79, 86, 89], seed)
+    seeded(tmp_path / "copy", [], [80, 85, 90], [79, 86, 89], 0)
+    standard(tmp_path / "gpu", [], [(8, 91)], device="cuda")
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    err = capsys.readouterr().err
+    assert "seed 0 of baseline standard at 8 epochs appears twice" in err and "/copy/" in err
+    curves = read_rows(out / "curves.csv")
+    std8 = [c for c in curves if c["schedule"] == "standard" and c["epochs"] == "8"]
+    assert sorted((c["acc_mean"], c["n"]) for c in std8) == [("90", "2"), ("91", "1")]

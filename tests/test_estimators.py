@@ -9,7 +9,6 @@ import torch
 
 import schedules as S
 from conftest import TINY, run_train
-from test_resume import kill_after
 from test_schedules import ETA, PEAK, pytorch_lrs as lambda_lrs  # the LR the optimizer really uses
 
 
@@ -97,14 +96,35 @@ def test_a_wsd_branch_is_a_true_copy(wsd_reference, tmp_path):
         assert one[0][col] == two[1][col], col
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.25, 0.6])
-def test_wsd_resumes_exactly_inside_and_between_branches(wsd_reference, tmp_path, delay):
-    """Checkpoints every step (--checkpoint-every 1e-6 minutes), killed at different points of the trunk and
-    branches: the resumed run ends with the same rows and weights as the uninterrupted one."""
+# train.py in a process that dies (exit 9) when it is about to take optimizer step k + 1
+CRASH_AT = """import sys, train
+real, calls = train.train_step, [0]
+def crash(*a, **k):
+    calls[0] += 1
+    if calls[0] > int(sys.argv[1]):
+        raise SystemExit(9)
+    return real(*a, **k)
+train.train_step = crash
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("steps,in_branch", [(14, True), (16, False), (18, False), (31, True)])
+def test_wsd_resumes_exactly_inside_and_between_branches(wsd_reference, tmp_path, steps, in_branch):
+    """Run steps 12-15 are branch 0, 16-27 the trunk again, 28-35 branch 1. Checkpoints after every step
+    (--checkpoint-every 1e-6 minutes); the process dies after `steps` steps: inside a branch (its checkpoint
+    carries the trunk), at a branch's end, on the trunk. Resumed, it ends with the uninterrupted run's rows
+    and final weights (the last branch's model)."""
+    import subprocess
+    from conftest import ENV, ROOT
     run = str(tmp_path / "run")
     args = WSD + ["--run-dir", run, "--checkpoint-every", "1e-6"]
-    kill_after(args, 0, delay)
-    run_train(args + ["--resume", "auto"])
+    p = subprocess.run([sys.executable, "-c", CRASH_AT, str(steps)] + args, cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 9, p.stderr[-2000:]
+    ckpt = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    assert ckpt["step"] == steps and (ckpt["trunk"] is not None) == in_branch
+    run_train(args + ["--resume"])
     drop = ("train_time_s", "curve_cost_s", "images_per_s", "eval_time_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(read(run)) == strip(read(wsd_reference))

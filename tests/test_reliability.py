@@ -214,3 +214,16 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.os, "fsync", full)
     with pytest.raises(rundir.RunDirError, match="disk full while writing .*metrics.csv"):
         log.append({"epoch": 1})
+
+
+def test_a_full_disk_during_a_run_is_one_line_from_train_py(tmp_path, monkeypatch, capsys):
+    import train
+
+    def full(self, row):
+        raise rundir.RunDirError(f"disk full while writing {self.path}; free space and resume with --resume")
+    monkeypatch.setattr(train.MetricsLog, "append", full)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("train.py: error: disk full") and len(err.splitlines()) == 1
