@@ -28,7 +28,8 @@ setup() {
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
   if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-      apt-get install -y -q dataset-fashion-mnist >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+      apt-get install -y -q dataset-fashion-mnist >/dev/null \
+        || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
     else
       echo "launch.sh: Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu)," \
            "or put the four IDX files in a folder and pass --data-dir" >&2
@@ -75,7 +76,8 @@ method_flags() {  # bp+cl -> --blurpool --channels-last
 launcher() {
   if [ "$GPUS" -gt 0 ]; then
     local rdzv=(--standalone)
-    [ "$NNODES" -gt 1 ] && rdzv=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV" --rdzv-id "${RDZV_ID:-sweep}")
+    [ "$NNODES" -gt 1 ] && rdzv=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV"
+                                 --rdzv-id "${RDZV_ID:-sweep}")
     echo "$VENV/bin/torchrun ${rdzv[*]} --nproc_per_node $GPUS --max-restarts ${MAX_RESTARTS:-0}"
   else
     echo "$VENV/bin/python"
@@ -91,9 +93,12 @@ one_run() {  # run_dir, then train.py flags
 
 sweep() {
   parse_sweep "$@"
-  local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 ${DATA_DIR:+--data-dir $DATA_DIR} ${EXTRA[*]:-}"
+  # --t-mult goes to the standard runs too: they end on the step where the cyclic run of this shape ends a cycle
+  local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 --t-mult $T_MULT"
+  common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${EXTRA[*]:-}"
   local ends
-  ends=$(PY -c "import schedules as s; print(' '.join(f'{e:g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES)))")
+  ends=$(PY -c "import schedules as s
+print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES)))")
   IFS=, read -ra sets <<<"$METHODS"
   for seed in $SEEDS; do
     for set in "${sets[@]}"; do
@@ -104,18 +109,20 @@ sweep() {
           *) echo "launch.sh: unknown schedule '$sched' in --schedules (cyclic, cyclic-decay, wsd, schedule-free)" >&2
              exit 2;;
         esac
-        one_run "$OUT/$set/s$seed/$sched" --schedule "$sched" --t-mult "$T_MULT" --cycles "$CYCLES" --seed "$seed" $mf $common
+        one_run "$OUT/$set/s$seed/$sched" --schedule "$sched" --cycles "$CYCLES" --seed "$seed" $mf $common
       done
       for e in $ends; do
         one_run "$OUT/$set/s$seed/standard-e$e" --schedule standard --epochs "$e" --seed "$seed" $mf $common
       done
       if [ "$CONSTANT" = 1 ]; then
-        one_run "$OUT/$set/s$seed/constant" --schedule constant --cycles "$(( (1 << CYCLES) - 1 ))" --seed "$seed" $mf $common
+        one_run "$OUT/$set/s$seed/constant" --schedule constant --cycles "$(( (1 << CYCLES) - 1 ))" --seed "$seed" \
+          $mf ${common/--t-mult $T_MULT/}
       fi
     done
   done
   [ "$REPORT" = 1 ] || return 0
-  if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $OUT --out $OUT/report"; else PY -m analysis.report "$OUT" --out "$OUT/report"; fi
+  if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $OUT --out $OUT/report"
+  else PY -m analysis.report "$OUT" --out "$OUT/report"; fi
 }
 
 case "${1:-}" in
@@ -136,19 +143,19 @@ case "${1:-}" in
     # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp auto (bf16 where
     # the CPU has it natively). Warmup = t0 = 0.5 epochs, t_mult 2, 4 cycles: budgets 1, 2, 4, 8 epochs.
     # The paper's eight method sets, seeds 0 1 2 (REPRO_SEEDS), seed by seed so that every set gains a seed
-    # before any gains its next; then the one-run estimators on baseline, LS and MX with the same seeds.
+    # before any gains its next; baseline, LS and MX also with the one-run estimators, first.
     # Evaluations at the curve points only; a checkpoint every minute, so a paused study loses < 1 minute.
     # Runs go straight into results/fashion-mnist, where git keeps config.json, metrics.csv and done.
     shift; [[ " $* " == *" --dry-run "* ]] || setup
     shape=(--out results/fashion-mnist --warmup 0.5 --t0 0.5 --t-mult 2 --cycles 4 --no-report)
     for seed in ${REPRO_SEEDS:-0 1 2}; do
-      sweep "${shape[@]}" --seeds "$seed" --methods baseline,bp,cl,ls,mx,bp+cl,ls+mx,bp+cl+ls+mx \
-        --schedules cyclic "$@" -- --eval-every 0 --checkpoint-every 1
-      sweep "${shape[@]}" --seeds "$seed" --methods baseline,ls,mx --schedules cyclic-decay,wsd,schedule-free \
+      sweep "${shape[@]}" --seeds "$seed" --methods baseline,ls,mx \
+        --schedules cyclic,cyclic-decay,wsd,schedule-free "$@" -- --eval-every 0 --checkpoint-every 1
+      sweep "${shape[@]}" --seeds "$seed" --methods bp,cl,bp+cl,ls+mx,bp+cl+ls+mx --schedules cyclic \
         "$@" -- --eval-every 0 --checkpoint-every 1
     done
-    if [[ " $* " == *" --dry-run "* ]]; then echo "$VENV/bin/python -m analysis.report results/fashion-mnist --out results/fashion-mnist/report"
-    else PY -m analysis.report results/fashion-mnist --out results/fashion-mnist/report; fi;;
+    report=(-m analysis.report results/fashion-mnist --out results/fashion-mnist/report)
+    if [[ " $* " == *" --dry-run "* ]]; then echo "$VENV/bin/python ${report[*]}"; else PY "${report[@]}"; fi;;
   gpu-check)
     # Once on a CUDA machine: the CUDA-marked tests, short torchrun runs in bf16, fp16 (GradScaler) and with
     # --compile, and the throughput benchmark; one summary at the end. About 5 minutes on one GPU.
@@ -158,13 +165,14 @@ case "${1:-}" in
     PY -m pytest -q -m cuda tests && summary+=("cuda tests: passed") || summary+=("cuda tests: FAILED")
     for variant in "bf16" "fp16" "bf16 --compile"; do
       set -- $variant; name="${1}${2:+-compile}"
-      if "$VENV/bin/torchrun" --standalone --nproc_per_node 1 train.py --run-dir "$out/$name" --overwrite --no-progress \
-          --amp "$@" --cycles 3 --channels-last; then
+      if "$VENV/bin/torchrun" --standalone --nproc_per_node 1 train.py --run-dir "$out/$name" --overwrite \
+          --no-progress --amp "$@" --cycles 3 --channels-last; then
         summary+=("run $name: $(tail -n 1 "$out/$name/metrics.csv" | cut -d, -f6,8,12-15 --output-delimiter=' ')")
       else summary+=("run $name: FAILED"); fi
     done
     PY -m benchmarks.throughput --json "$out/throughput.json" && summary+=("benchmark: $out/throughput.json") \
       || summary+=("benchmark: FAILED")
-    printf '%s\n' "gpu-check summary (val_acc1 train_time_s images_per_s eval_time_s skipped peak_mem_gb):" "${summary[@]}";;
+    printf '%s\n' "gpu-check summary (val_acc1 train_time_s images_per_s eval_time_s skipped peak_mem_gb):" \
+      "${summary[@]}";;
   *) sed -n '2,18p' "$0"; exit 2;;
 esac
