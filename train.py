@@ -394,9 +394,11 @@ class Run:
 
     def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, objective,
                  autocast, rank, world_size, ddp, device, log):
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
-        self.master = rank == 0
+        self.args, self.setup, self.plan, self.data, self.loader = args, setup, plan, data, loader
+        self.model, self.raw_model, self.optimizer, self.scheduler, self.scaler = (model, raw_model, optimizer,
+                                                                                   scheduler, scaler)
+        self.objective, self.autocast, self.log = objective, autocast, log
+        self.rank, self.world_size, self.ddp, self.device, self.master = rank, world_size, ddp, device, rank == 0
         spe = loader.steps_per_epoch
         every = round(setup.eval_every * spe) if setup.eval_every else 0
         self.curve_points = set(plan.cycle_end_steps())
