@@ -43,7 +43,7 @@ PY() { if [ -x "$VENV/bin/python" ]; then "$VENV/bin/python" "$@"; else python3 
 SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
 GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
-DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; EXTRA=()
+DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; EXTRA=(); FAILED=()
 
 parse_sweep() {
   while [ $# -gt 0 ]; do
@@ -88,7 +88,17 @@ one_run() {  # run_dir, then train.py flags
   local dir=$1; shift
   if [ -e "$dir/done" ]; then echo "skip (done): $dir"; return 0; fi
   local cmd="$(launcher) train.py --run-dir $dir --resume auto --no-progress $*"
-  if [ "$DRY" = 1 ]; then echo "$cmd"; else echo "+ $cmd"; $cmd; fi
+  if [ "$DRY" = 1 ]; then echo "$cmd"; return 0; fi
+  echo "+ $cmd"
+  # a failed run (a NaN, a full disk) is reported at the end; the rest of a long sweep goes on
+  $cmd || { echo "launch.sh: FAILED (exit $?): $dir" >&2; FAILED+=("$dir"); }
+}
+
+report_failures() {
+  [ ${#FAILED[@]} -eq 0 ] && return 0
+  printf 'launch.sh: %d run(s) failed, see their messages above:\n' "${#FAILED[@]}" >&2
+  printf '  %s\n' "${FAILED[@]}" >&2
+  exit 1
 }
 
 sweep() {
@@ -137,7 +147,7 @@ case "${1:-}" in
     # 20k of the 60k training images keep the whole demo at a few minutes on a 2-core CPU.
     sweep --out runs/demo --warmup 0.5 --t0 0.5 --cycles 3 -- --subset "${SUBSET:-20000}"
     echo "report: runs/demo/report/report.md (tradeoff figure: runs/demo/report/fig3_tradeoff.png)";;
-  sweep) shift; [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]] || setup; sweep "$@";;
+  sweep) shift; [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]] || setup; sweep "$@"; report_failures;;
   repro)
     # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
     # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp auto (bf16 where
@@ -165,7 +175,8 @@ case "${1:-}" in
       sweep "${shape[@]}" --seeds "$seed" --methods bp,cl,bp+cl,ls+mx,bp+cl+ls+mx --schedules cyclic "$@" "${flags[@]}"
     done
     report=(-m analysis.report results/fashion-mnist --out results/fashion-mnist/report)
-    if [[ " $* " == *" --dry-run "* ]]; then echo "$VENV/bin/python ${report[*]}"; else PY "${report[@]}"; fi;;
+    if [[ " $* " == *" --dry-run "* ]]; then echo "$VENV/bin/python ${report[*]}"; else PY "${report[@]}"; fi
+    report_failures;;
   gpu-check)
     # Once on a CUDA machine: the CUDA-marked tests, short torchrun runs in bf16, fp16 (GradScaler) and with
     # --compile, and the throughput benchmark; one summary at the end. About 5 minutes on one GPU.
