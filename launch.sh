@@ -146,7 +146,8 @@ case "${1:-}" in
     setup
     # 20k of the 60k training images keep the whole demo at a few minutes on a 2-core CPU.
     sweep --out runs/demo --warmup 0.5 --t0 0.5 --cycles 3 -- --subset "${SUBSET:-20000}"
-    echo "report: runs/demo/report/report.md (tradeoff figure: runs/demo/report/fig3_tradeoff.png)";;
+    echo "report: runs/demo/report/report.md (tradeoff figure: runs/demo/report/fig3_tradeoff.png)"
+    report_failures;;
   sweep) shift; [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]] || setup; sweep "$@"; report_failures;;
   repro)
     # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
@@ -158,7 +159,7 @@ case "${1:-}" in
     # any gains its next. Evaluations at the curve points only; a checkpoint every minute, so a paused
     # study loses < 1 minute. Runs go straight into results/fashion-mnist (git keeps config.json,
     # metrics.csv and done).
-    shift; [[ " $* " == *" --dry-run "* ]] || setup
+    shift; [[ " $* " == *" --dry-run "* ]] && DRY=1; [ "$DRY" = 1 ] || setup
     shape=(--out results/fashion-mnist --warmup 0.5 --t0 0.5 --t-mult 2 --cycles 4 --no-report)
     flags=(-- --eval-every 0 --checkpoint-every 1)
     seeds=${REPRO_SEEDS:-0 1 2}
@@ -175,7 +176,7 @@ case "${1:-}" in
       sweep "${shape[@]}" --seeds "$seed" --methods bp,cl,bp+cl,ls+mx,bp+cl+ls+mx --schedules cyclic "$@" "${flags[@]}"
     done
     report=(-m analysis.report results/fashion-mnist --out results/fashion-mnist/report)
-    if [[ " $* " == *" --dry-run "* ]]; then echo "$VENV/bin/python ${report[*]}"; else PY "${report[@]}"; fi
+    if [ "$DRY" = 1 ]; then echo "$VENV/bin/python ${report[*]}"; else PY "${report[@]}"; fi
     report_failures;;
   gpu-check)
     # Once on a CUDA machine: the CUDA-marked tests, short torchrun runs in bf16, fp16 (GradScaler) and with

@@ -142,7 +142,6 @@ class MetricsLog:
             with open(self.path, newline="") as f:
                 lines = f.read().splitlines(keepends=True)
             atomic_write(self.path, lambda f: f.write("".join(lines[:1 + keep_rows]).encode()))
-        self.rows = 0 if keep_rows is None else keep_rows
 
     def append(self, row):
         def write():
@@ -152,7 +151,6 @@ class MetricsLog:
                 f.flush()
                 os.fsync(f.fileno())
         _guard(write, self.path)
-        self.rows += 1
 
 
 def mark_done(run_dir):

@@ -179,9 +179,9 @@ def improvement_plot_data(cmap, methods_sets, min_epochs=0.0):
     return data
 
 
-def fig_improvement(cmap, methods_sets, col, out, name):
+def fig_improvement(cmap, methods_sets, col, out, name, min_epochs=0.0):
     """Fig. 3A-C: improvement over the baseline at each budget, standard solid, cyclic dashed, with CIs."""
-    data = improvement_plot_data(cmap, methods_sets)
+    data = improvement_plot_data(cmap, methods_sets, min_epochs)
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
@@ -449,7 +449,7 @@ def group_report(analysis, group, cmap, args, suffix):
         ("Time to build each curve (Fig. 1B / 3D)", fig_total_time(gaps, out, f"fig2_total_time{suffix}")),
         ("Tradeoff curves (Fig. 1C, 2)", fig_tradeoff(cmap, methods_sets, col, x, out, f"fig3_tradeoff{suffix}")),
         ("Improvement over the baseline (Fig. 3A-C)",
-         fig_improvement(cmap, methods_sets, col, out, f"fig4_improvement{suffix}")),
+         fig_improvement(cmap, methods_sets, col, out, f"fig4_improvement{suffix}", args.min_epochs)),
         ("Constant-period cycles (Fig. S1)", fig_constant(cmap, methods_sets, col, x, out, f"fig5_constant{suffix}")),
         ("Ordering of method sets and their swaps (Fig. S2)",
          fig_ordering(cmap, methods_sets, ranking, col, x, out, f"fig6_ordering{suffix}")),

@@ -360,8 +360,8 @@ def group_curves(runs, metric="max"):
         for p in run_points(run, metric):
             seeds = buckets[(p.methods, p.schedule, round(p.epochs, 3))]
             if p.seed in seeds:  # a copy of a run (another folder, a rerun) is not another seed
-                warn(f"seed {p.seed} of {p.methods} {p.schedule} at {p.epochs:g} epochs appears twice ({seeds[p.seed].run}"
-                     f" and {p.run}); using the first only")
+                warn(f"seed {p.seed} of {p.methods} {p.schedule} at {p.epochs:g} epochs appears twice "
+                     f"({seeds[p.seed].run} and {p.run}); using the first only")
                 continue
             seeds[p.seed] = p
     cmap = defaultdict(list)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-N_BOOT = 10000  # resamples: the 2.5 % and 97.5 % quantiles move by well under 0.01 pp between RNG seeds
+N_BOOT = 10000  # resamples: the bootstrap standard error moves by well under 1 % between RNG seeds
 BOOT_SEED = 0  # fixed, so every table and figure is reproducible
-LEVEL = 0.95
+LEVEL = 0.95  # the level of every interval (T975 holds its t quantiles)
 CI_METHOD = (f"Student-t over seeds (t with n-1 degrees of freedom x the standard error of a bootstrap over seeds, "
              f"{N_BOOT} resamples, RNG seed {BOOT_SEED})")
 # two-sided 95 % quantiles of Student's t by degrees of freedom; beyond the table the normal's 1.96 is within 1 %

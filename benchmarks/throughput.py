@@ -125,7 +125,7 @@ def main(argv=None):
     ran = dict(a=dict(model=a.model, batch_size=len(x), amp=amp, channels_last=a.channels_last,
                       shape=list(x.shape[1:])),
                b=dict(model=b_cfg["model"], batch_size=b_cfg["batch_size"], amp=b_cfg["amp"],
-                      channels_last="channels_last" in b_cfg["methods"], shape=list(x.shape[1:])),
+                      channels_last="channels_last" in b_cfg["methods"]),  # images: train.py's Fashion-MNIST
                c=dict(model=a.model, batch_size=len(c_x), amp=amp, channels_last=a.channels_last,
                       shape=list(c_x.shape[1:])))
 
