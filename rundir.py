@@ -174,14 +174,16 @@ def checkpoint_paths(run_dir):
 
 
 def save_checkpoint(run_dir, state):
-    """last.pt is replaced only once the new one is complete; the one before is kept as prev.pt."""
+    """The new checkpoint is written whole to last.pt.new, then last.pt becomes prev.pt and last.pt.new
+    becomes last.pt. A kill between those renames leaves last.pt.new, complete and newest: load_checkpoint
+    reads it first."""
     last, prev = checkpoint_paths(run_dir)
     _guard(lambda: os.makedirs(os.path.dirname(last), exist_ok=True), os.path.dirname(last))
-    tmp = last + ".new"
-    atomic_write(tmp, lambda f: torch.save(state, f))
+    new = last + ".new"
+    atomic_write(new, lambda f: torch.save(state, f))
     if os.path.exists(last):
         os.replace(last, prev)
-    os.replace(tmp, last)
+    os.replace(new, last)
     _fsync_dir(os.path.dirname(last))
 
 
@@ -189,7 +191,8 @@ def load_checkpoint(run_dir, map_location="cpu", discard_corrupt=False):
     """The newest checkpoint that loads, or None. A corrupt newest one falls back to the previous; with
     discard_corrupt (rank 0 only) the corrupt file is renamed to *.corrupt, so that the next save cannot
     rotate it over the good one."""
-    for path in checkpoint_paths(run_dir):
+    last, prev = checkpoint_paths(run_dir)
+    for path in (last + ".new", last, prev):
         if not os.path.exists(path):
             continue
         try:
