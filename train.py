@@ -271,13 +271,6 @@ def resume_decision(args, setup, master):
     return None, args.overwrite
 
 
-def hold_lock(run_dir):
-    try:
-        return lock_run_dir(run_dir)
-    except RunDirError as e:
-        fail(str(e))
-
-
 def result_options(args, setup):
     merged = {**vars(args), **asdict(setup)}
     return {k: merged[k] for k in RESULT_KEYS}
@@ -286,16 +279,22 @@ def result_options(args, setup):
 # ---- the run ---------------------------------------------------------------------------------
 
 def main(argv=None):
+    """train.py's entry point: a run-directory problem (unusable folder, lock held, full disk) anywhere in the
+    run is one line and exit 2, like a bad flag."""
+    try:
+        run_main(argv)
+    except RunDirError as e:
+        fail(str(e))
+
+
+def run_main(argv=None):
     args = parse_args(argv)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     local_rank, master = int(os.environ.get("LOCAL_RANK", 0)), rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     setup = resolve(args, world_size, device)
-    try:
-        check_writable(setup.run_dir)  # before anything slow is loaded
-    except RunDirError as e:
-        fail(str(e))
+    check_writable(setup.run_dir)  # before anything slow is loaded
     configure_device(device)
     torch.manual_seed(args.seed)  # every rank builds the same initial model
     random.seed(args.seed)
@@ -314,9 +313,9 @@ def main(argv=None):
 
     # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
     # run (a folder that does not exist yet holds nothing to read, and is created only once the flags pass).
-    lock = hold_lock(setup.run_dir) if master and os.path.isdir(setup.run_dir) else None
+    lock = lock_run_dir(setup.run_dir) if master and os.path.isdir(setup.run_dir) else None
     ckpt, wipe = resume_decision(args, setup, master)  # every rank decides alike: they all read the same files
-    lock = lock or (hold_lock(setup.run_dir) if master else None)  # noqa: F841 (held until the process ends)
+    lock = lock or (lock_run_dir(setup.run_dir) if master else None)  # noqa: F841 (held until the process ends)
     model = prepare_model(model, args).to(device)
     replaced = blurred_layers(model)
     raw_model = model
@@ -346,13 +345,10 @@ def main(argv=None):
               "argv": sys.argv[1:] if argv is None else list(argv)}
     log = None
     if master:
-        try:
-            if wipe:
-                remove_run(setup.run_dir)
-            write_config(setup.run_dir, config)
-            log = MetricsLog(setup.run_dir, keep_rows=state.metrics_rows if ckpt is not None else None)
-        except RunDirError as e:
-            fail(str(e))
+        if wipe:
+            remove_run(setup.run_dir)
+        write_config(setup.run_dir, config)
+        log = MetricsLog(setup.run_dir, keep_rows=state.metrics_rows if ckpt is not None else None)
         print(f"run {setup.run_dir}: {args.schedule}, {setup.epochs:g} epochs = {plan.run_steps} steps, curve points "
               f"at epochs {', '.join(f'{e:g}' for e in config['cycle_end_epochs'])}; methods "
               f"{', '.join(setup.methods) or 'none'} (label smoothing eps {objective.label_smoothing:g}, mixup alpha "
@@ -365,10 +361,7 @@ def main(argv=None):
               rank, world_size, ddp, device, log)
     steps_here = run.train(state)
     if master:
-        try:
-            mark_done(setup.run_dir)
-        except RunDirError as e:
-            fail(str(e))
+        mark_done(setup.run_dir)
         print(f"done: {setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
               f"process")
     if ddp:
@@ -517,10 +510,7 @@ class Run:
         if self.device.type == "cuda":
             row["peak_mem_gb"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}"
         if self.master:
-            try:
-                self.log.append(row)
-            except RunDirError as e:
-                fail(str(e))
+            self.log.append(row)
             tqdm.write(f"epoch {row['epoch']:>6} step {done:>6} cycle {row['cycle']:>2} lr {lr:.4f} | train loss "
                        f"{row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
                        f"{row['images_per_s']} img/s, {state.path_time:.1f}s"
@@ -578,16 +568,13 @@ class Run:
         if not self.master:
             return
         trunk = state.trunk and {k: v for k, v in state.trunk.items() if k not in ("rng", "loss_sum", "loss_steps")}
-        try:
-            save_checkpoint(self.setup.run_dir, dict(
-                model=self.raw_model.state_dict(), optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-                scaler=self.scaler.state_dict(), step=state.step, train_time_s=state.path_time,
-                curve_cost_s=state.cost_time, metrics_rows=state.metrics_rows, skipped_steps=state.skipped,
-                images=state.images, row_time=state.row_time, ranks=ranks, trunk=trunk,
-                config=result_options(self.args, self.setup)))
-        except RunDirError as e:
-            fail(str(e))
+        save_checkpoint(self.setup.run_dir, dict(
+            model=self.raw_model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            scaler=self.scaler.state_dict(), step=state.step, train_time_s=state.path_time,
+            curve_cost_s=state.cost_time, metrics_rows=state.metrics_rows, skipped_steps=state.skipped,
+            images=state.images, row_time=state.row_time, ranks=ranks, trunk=trunk,
+            config=result_options(self.args, self.setup)))
 
 
 def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, rank):
