@@ -84,6 +84,8 @@ launcher() {
   fi
 }
 
+wants_dry_run() { [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]]; }  # the options given, or DRY=1
+
 one_run() {  # run_dir, then train.py flags
   local dir=$1; shift
   if [ -e "$dir/done" ]; then echo "skip (done): $dir"; return 0; fi
@@ -92,6 +94,11 @@ one_run() {  # run_dir, then train.py flags
   echo "+ $cmd"
   # a failed run (a NaN, a full disk) is reported at the end; the rest of a long sweep goes on
   $cmd || { echo "launch.sh: FAILED (exit $?): $dir" >&2; FAILED+=("$dir"); }
+}
+
+report() {  # the report of the runs under $1, into $1/report (printed instead under --dry-run)
+  if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $1 --out $1/report"
+  else PY -m analysis.report "$1" --out "$1/report"; fi
 }
 
 report_failures() {
@@ -131,8 +138,7 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
     done
   done
   [ "$REPORT" = 1 ] || return 0
-  if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $OUT --out $OUT/report"
-  else PY -m analysis.report "$OUT" --out "$OUT/report"; fi
+  report "$OUT"
 }
 
 case "${1:-}" in
@@ -148,7 +154,7 @@ case "${1:-}" in
     sweep --out runs/demo --warmup 0.5 --t0 0.5 --cycles 3 -- --subset "${SUBSET:-20000}"
     echo "report: runs/demo/report/report.md (tradeoff figure: runs/demo/report/fig3_tradeoff.png)"
     report_failures;;
-  sweep) shift; [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]] || setup; sweep "$@"; report_failures;;
+  sweep) shift; wants_dry_run "$@" || setup; sweep "$@"; report_failures;;
   repro)
     # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
     # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp auto (bf16 where
@@ -159,7 +165,7 @@ case "${1:-}" in
     # any gains its next. Evaluations at the curve points only; a checkpoint every minute, so a paused
     # study loses < 1 minute. Runs go straight into results/fashion-mnist (git keeps config.json,
     # metrics.csv and done).
-    shift; [[ " $* " == *" --dry-run "* ]] && DRY=1; [ "$DRY" = 1 ] || setup
+    shift; wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || setup
     shape=(--out results/fashion-mnist --warmup 0.5 --t0 0.5 --t-mult 2 --cycles 4 --no-report)
     flags=(-- --eval-every 0 --checkpoint-every 1)
     seeds=${REPRO_SEEDS:-0 1 2}
@@ -175,8 +181,7 @@ case "${1:-}" in
         "${flags[@]}"
       sweep "${shape[@]}" --seeds "$seed" --methods bp,cl,bp+cl,ls+mx,bp+cl+ls+mx --schedules cyclic "$@" "${flags[@]}"
     done
-    report=(-m analysis.report results/fashion-mnist --out results/fashion-mnist/report)
-    if [ "$DRY" = 1 ]; then echo "$VENV/bin/python ${report[*]}"; else PY "${report[@]}"; fi
+    report results/fashion-mnist
     report_failures;;
   gpu-check)
     # Once on a CUDA machine: the CUDA-marked tests, short torchrun runs in bf16, fp16 (GradScaler) and with

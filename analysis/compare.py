@@ -111,8 +111,8 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
     if boot.defined:
         n = boot.n_seeds
         row["mean_gap_lo"], row["mean_gap_hi"] = stats.interval(resampled.mean(1), n, row["mean_gap_pp"])
-        row["mean_abs_gap_lo"], row["mean_abs_gap_hi"] = stats.interval(np.abs(resampled).mean(1), n,
-                                                                        row["mean_abs_gap_pp"])
+        lo, row["mean_abs_gap_hi"] = stats.interval(np.abs(resampled).mean(1), n, row["mean_abs_gap_pp"])
+        row["mean_abs_gap_lo"] = None if lo is None else max(lo, 0.0)  # a mean |gap| is never negative
         row["resolved"] = stats.resolved(row["mean_gap_lo"], row["mean_gap_hi"])
         row["_abs_boot"] = np.abs(resampled).mean(1)
     else:

@@ -14,14 +14,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from analysis import stats
+from schedules import CYCLIC, SCHEDULES
 
 REQUIRED_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s", "cycle",
                     "cycle_end")
 NUMERIC = ("epoch", "step", "lr", "val_acc1", "train_time_s", "cycle", "cycle_end")
 FINITE = ("epoch", "step", "cycle", "cycle_end")  # a curve point cannot be placed without these
 MATCH_TOLERANCE = 0.05  # budgets match across curves when epochs agree within 5 %
-ESTIMATORS = ("cyclic", "constant", "cyclic-decay", "wsd", "schedule-free")  # one run gives a whole curve
-CYCLE_MAX = ("cyclic", "constant", "cyclic-decay")  # --metric max: best row of the point's cycle (else its own row)
+ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a whole curve
 # Options that change a run's result, seed aside: runs differing in any are never averaged (group_runs). t0 and
 # t_mult are left out because a standard run records t0 = epochs - warmup: they only separate estimator runs
 # (SHAPE_KEYS). A method's or a schedule's own options (METHOD_KEYS, ESTIMATOR_KEYS) split method sets and curves.
@@ -261,7 +261,7 @@ def point_acc(run, row, metric):
         return row["val_acc1"]
     if run.schedule == "standard":
         rows = run.rows
-    elif run.schedule in CYCLE_MAX:
+    elif run.schedule in CYCLIC:  # the best row of the point's own cycle
         rows = [x for x in run.rows if x["cycle"] == row["cycle"] and x["step"] <= row["step"]]
     else:  # wsd branches, schedule-free budgets, unknown schedules: rows of other points are not comparable
         rows = [row]
@@ -391,14 +391,18 @@ def match(curve_a, curve_b, min_epochs=0.0):
 
 
 def point_records(runs, metric="max"):
-    """One dict per curve point of each run (group, methods, schedule, seed, epochs, time_s, cost_s, acc, run)."""
+    """One dict per curve point of each run (group, methods, schedule, seed, epochs, time_s, cost_s, acc, run).
+
+    A standard run serves every schedule shape of its family, so it appears once in each such group: filter on
+    `group` before counting runs."""
     return [dict(group=label, methods=p.methods, schedule=p.schedule, seed=p.seed, epochs=p.epochs, time_s=p.time_s,
                  cost_s=p.cost_s, acc=p.acc, run=p.run)
             for label, members in group_runs(runs).items() for run in members for p in run_points(run, metric)]
 
 
 def row_records(runs):
-    """One dict per metrics.csv row, with its run's group, methods, schedule, seed and path in front."""
+    """One dict per metrics.csv row, with its run's group, methods, schedule, seed and path in front (a standard
+    run's rows once per group that holds it, as in point_records)."""
     return [dict(group=label, methods=run.methods, schedule=run.curve, seed=run.seed, run=run.path,
                  **{k: v for k, v in row.items() if k != "line"})
             for label, members in group_runs(runs).items() for run in members for row in run.rows]

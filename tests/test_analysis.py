@@ -193,6 +193,9 @@ def test_a_true_gap_is_resolved_and_noise_around_zero_is_not(tmp_path):
     sd = (sum((g - 0.5 / 3) ** 2 for g in (1.0, -1.0, 0.5)) / 2) ** 0.5  # per-seed gaps 1, -1, 0.5
     assert (float(m["mean_gap_lo"]), float(m["mean_gap_hi"])) == pytest.approx(
         (0.5 / 3 - 4.303 * sd / 3 ** 0.5, 0.5 / 3 + 4.303 * sd / 3 ** 0.5), abs=0.02)
+    # mixup's mean |gap| (|mean gap| 1/6 at every budget) has a t interval reaching below 0: cut at 0
+    assert float(m["mean_abs_gap_pp"]) == pytest.approx(0.5 / 3)
+    assert float(m["mean_abs_gap_lo"]) == 0.0 < float(m["mean_abs_gap_pp"]) < float(m["mean_abs_gap_hi"])
     md = (out / "report.md").read_text()
     assert "- Resolved (95 % CI excludes 0): baseline (+1.00)." in md
     assert "- Not resolved (CI includes 0): mixup (+0.17)." in md
