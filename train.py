@@ -538,60 +538,68 @@ class Run:
     def micro_batch(self):
         return micro_batch_size(self.args, self.world_size)
 
-    # ---- checkpoints and wsd snapshots: save and restore side by side ----------------------------
+    # ---- checkpoints and wsd snapshots: one path state, saved and restored side by side ----------
+
+    def path_state(self, state):
+        """The current model's path: model (BN buffers too), optimizer, scaler, RNG and the open row's sums.
+        A wsd branch point keeps a copy (the trunk); a checkpoint saves it, PER_RANK parts gathered."""
+        return dict(model=self.raw_model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict(), rng=rng_state(),
+                    **{k: getattr(state, k) for k in ROW_FIELDS})
 
     def snapshot(self, state, loss_sum):
-        """The trunk at a branch point: model (BN buffers too), optimizer, scaler, this rank's RNG and row."""
-        return dict(model=copy.deepcopy(self.raw_model.state_dict()),
-                    optimizer=copy.deepcopy(self.optimizer.state_dict()), scaler=self.scaler.state_dict(),
-                    rng=rng_state(), loss_sum=float(loss_sum), loss_steps=state.loss_steps, images=state.images,
-                    row_time=state.row_time, path_time=state.path_time)
+        """The trunk at a branch point (a deep copy: the branch trains the live model on)."""
+        state.loss_sum = float(loss_sum)
+        return copy.deepcopy(self.path_state(state))
 
     def restore_snapshot(self, state):
         """Put the trunk back after its branch; returns its row's loss sum."""
         t, state.trunk = state.trunk, None
-        self.raw_model.load_state_dict(t["model"])
-        self.optimizer.load_state_dict(t["optimizer"])
+        for k, v in load_path(t, self.raw_model, self.optimizer, self.scaler).items():
+            setattr(state, k, v)
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # the snapshot's LR was the branch's first; the trunk continues on the schedule's
-        self.scaler.load_state_dict(t["scaler"])
-        restore_rng(t["rng"])
-        state.loss_steps, state.images, state.row_time, state.path_time = (t["loss_steps"], t["images"],
-                                                                           t["row_time"], t["path_time"])
-        return t["loss_sum"]
+        return state.loss_sum
 
     def save(self, state):
         """Checkpoint (rank 0 writes; every rank contributes its RNG and row sums: a collective)."""
-        mine = dict(rng=rng_state(), loss_sum=state.loss_sum, loss_steps=state.loss_steps,
-                    trunk=state.trunk and {k: state.trunk[k] for k in ("rng", "loss_sum", "loss_steps")})
+        path = self.path_state(state)
+        mine = {k: path.pop(k) for k in PER_RANK}
+        mine["trunk"] = state.trunk and {k: state.trunk[k] for k in PER_RANK}
         ranks = gather(mine, self.ddp)
         if not self.master:
             return
-        trunk = state.trunk and {k: v for k, v in state.trunk.items() if k not in ("rng", "loss_sum", "loss_steps")}
+        path["train_time_s"] = path.pop("path_time")  # the checkpoint's name for it, as in metrics.csv
+        trunk = state.trunk and {k: v for k, v in state.trunk.items() if k not in PER_RANK}
         save_checkpoint(self.setup.run_dir, dict(
-            model=self.raw_model.state_dict(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-            scaler=self.scaler.state_dict(), step=state.step, train_time_s=state.path_time,
-            curve_cost_s=state.cost_time, metrics_rows=state.metrics_rows, skipped_steps=state.skipped,
-            images=state.images, row_time=state.row_time, ranks=ranks, trunk=trunk,
-            config=result_options(self.args, self.setup)))
+            path, scheduler=self.scheduler.state_dict() if self.scheduler is not None else None, step=state.step,
+            curve_cost_s=state.cost_time, metrics_rows=state.metrics_rows, skipped_steps=state.skipped, ranks=ranks,
+            trunk=trunk, config=result_options(self.args, self.setup)))
+
+
+ROW_FIELDS = ("loss_sum", "loss_steps", "images", "row_time", "path_time")  # TrainState fields a path carries
+PER_RANK = ("rng", "loss_sum", "loss_steps")  # path parts that differ between DDP ranks
+
+
+def load_path(path, raw_model, optimizer, scaler):
+    """Put back what Run.path_state captured: model, optimizer, scaler, RNG; returns its ROW_FIELDS."""
+    raw_model.load_state_dict(path["model"])
+    optimizer.load_state_dict(path["optimizer"])
+    scaler.load_state_dict(path["scaler"])
+    restore_rng(path["rng"])
+    return {k: path[k] for k in ROW_FIELDS}
 
 
 def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, rank):
     """Load what Run.save wrote; returns the TrainState to continue from."""
-    raw_model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    mine = ckpt["ranks"][rank] if rank < len(ckpt["ranks"]) else ckpt["ranks"][0]
+    path = dict(ckpt, path_time=ckpt["train_time_s"], **{k: mine[k] for k in PER_RANK})
+    row = load_path(path, raw_model, optimizer, scaler)
     if scheduler is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    mine = ckpt["ranks"][rank] if rank < len(ckpt["ranks"]) else ckpt["ranks"][0]
-    restore_rng(mine["rng"])
-    trunk = None
-    if ckpt["trunk"] is not None:
-        trunk = dict(ckpt["trunk"], **mine["trunk"])
-    return TrainState(step=ckpt["step"], path_time=ckpt["train_time_s"], cost_time=ckpt["curve_cost_s"],
-                      metrics_rows=ckpt["metrics_rows"], skipped=ckpt["skipped_steps"], loss_sum=mine["loss_sum"],
-                      loss_steps=mine["loss_steps"], images=ckpt["images"], row_time=ckpt["row_time"], trunk=trunk)
+    trunk = None if ckpt["trunk"] is None else dict(ckpt["trunk"], **{k: mine["trunk"][k] for k in PER_RANK})
+    return TrainState(step=ckpt["step"], cost_time=ckpt["curve_cost_s"], metrics_rows=ckpt["metrics_rows"],
+                      skipped=ckpt["skipped_steps"], trunk=trunk, **row)
 
 
 class Clock:
