@@ -131,7 +131,7 @@ def test_report_writes_every_figure_and_links_them(sweep, tmp_path):
     report.main([str(sweep), "--out", str(out)])
     md = (out / "report.md").read_text()
     for fig in ("fig1_schedules", "fig2_total_time", "fig3_tradeoff", "fig4_improvement", "fig5_constant",
-                "fig6_ordering", "fig7_gap_per_budget", "fig8_fidelity_cost"):
+                "fig6_ordering", "fig7_gap_per_budget", "fig8_fidelity_cost", "fig9_estimator_gaps"):
         for ext in ("png", "pdf"):
             assert (out / f"{fig}.{ext}").stat().st_size > 1000, fig
         assert f"]({fig}.png)" in md
