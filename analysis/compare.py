@@ -23,7 +23,7 @@ CURVE_COLUMNS = ["methods", "schedule", "epochs", "n", "acc_mean", "acc_std", "t
 GAP_COLUMNS = ["methods", "n_points", "mean_gap_pp", "max_abs_gap_pp", "improvement_corr", "standard_time_s",
                "cyclic_time_s", "time_ratio", "eq1_ratio", "budgets", "note", "n_seeds", "mean_gap_lo", "mean_gap_hi",
                "resolved", "pairing", "mean_abs_gap_pp", "mean_abs_gap_lo", "mean_abs_gap_hi", "time_ratio_lo",
-               "time_ratio_hi", "group"]
+               "time_ratio_hi", "group", "per_run_abs_gap_pp", "per_run_abs_gap_lo", "per_run_abs_gap_hi"]
 ESTIMATOR_COLUMNS = ["methods", "estimator"] + GAP_COLUMNS[1:]
 POINT_COLUMNS = ["methods", "budget", "standard_mean", "standard_std", "standard_n", "cyclic_mean", "cyclic_std",
                  "cyclic_n", "gap_pp", "gap_lo", "gap_hi", "resolved", "pairing", "group"]
@@ -51,6 +51,17 @@ class Analysis:
 def sides(pairs):
     """The two stats.Side of the accuracies of matched (a, b) point pairs, one column per pair."""
     return stats.side([a.samples("acc") for a, _ in pairs]), stats.side([b.samples("acc") for _, b in pairs])
+
+
+def per_run_abs_gaps(pairs):
+    """Per seed, the mean over budgets of |estimator - standard| of that seed's own runs: how far one run's
+    curve lies from the standard curve (seed-averaged gaps of opposite signs cancel; these do not). None unless
+    both sides hold the same seeds at every budget."""
+    a, b = sides(pairs)
+    if not stats.can_pair(a, b):
+        return None
+    with np.errstate(invalid="ignore"):  # a seed missing a budget on both sides: mean over the budgets it has
+        return np.nanmean(np.abs(a.values - b.values[[b.ids.index(i) for i in a.ids]]), axis=1)
 
 
 def ci_at(boot, diffs, j):
@@ -117,6 +128,11 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
         row["_abs_boot"] = np.abs(resampled).mean(1)
     else:
         notes.append(f"{boot.n_seeds} seed at some budget: no CI")
+    per_run = per_run_abs_gaps(pairs)
+    if per_run is not None:
+        row["per_run_abs_gap_pp"] = float(np.nanmean(per_run))
+        lo, row["per_run_abs_gap_hi"] = stats.mean_ci(per_run)
+        row["per_run_abs_gap_lo"] = None if lo is None else max(lo, 0.0)
     (row["standard_time_s"], row["cyclic_time_s"], row["time_ratio"], row["time_ratio_lo"], row["time_ratio_hi"],
      time_boot) = time_stats(pairs)
     row["_cost_boot"] = (time_boot.a[:, 0], time_boot.b.sum(1)) if time_boot.defined else None

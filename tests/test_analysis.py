@@ -75,6 +75,7 @@ def test_gaps_correlation_and_times_equal_hand_computation(sweep, tmp_path):
     assert float(b["cyclic_time_s"]) == pytest.approx(8.8)
     assert float(b["time_ratio"]) == pytest.approx(14 / 8.8)
     assert float(m["mean_gap_pp"]) == pytest.approx(((80 - 81) + (88 - 87) + (91 - 93)) / 3)
+    assert m["per_run_abs_gap_pp"] == ""  # standard seeds 0, 1 against cyclic seed 0: no run-by-run pairs
     xs, ys = [1, 2, 3], [1, 2, 2]  # method - baseline on the standard and on the cyclic curves
     mx, my = 2, 5 / 3
     r = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(
@@ -196,6 +197,11 @@ def test_a_true_gap_is_resolved_and_noise_around_zero_is_not(tmp_path):
     # mixup's mean |gap| (|mean gap| 1/6 at every budget) has a t interval reaching below 0: cut at 0
     assert float(m["mean_abs_gap_pp"]) == pytest.approx(0.5 / 3)
     assert float(m["mean_abs_gap_lo"]) == 0.0 < float(m["mean_abs_gap_pp"]) < float(m["mean_abs_gap_hi"])
+    # one run at a time the seeds do not cancel: per-run |gap| 1, 1, 0.5 (mixup), 1.05, 0.95, 1.00 (baseline)
+    assert float(m["per_run_abs_gap_pp"]) == pytest.approx(2.5 / 3)
+    sd = (sum((g - 2.5 / 3) ** 2 for g in (1.0, 1.0, 0.5)) / 2) ** 0.5
+    assert float(m["per_run_abs_gap_hi"]) == pytest.approx(2.5 / 3 + 4.303 * sd / 3 ** 0.5, abs=0.01)
+    assert float(b["per_run_abs_gap_pp"]) == pytest.approx(1.0)
     md = (out / "report.md").read_text()
     assert "- Resolved (95 % CI excludes 0): baseline (+1.00)." in md
     assert "- Not resolved (CI includes 0): mixup (+0.17)." in md
