@@ -53,15 +53,20 @@ def sides(pairs):
     return stats.side([a.samples("acc") for a, _ in pairs]), stats.side([b.samples("acc") for _, b in pairs])
 
 
-def per_run_abs_gaps(pairs):
-    """Per seed, the mean over budgets of |estimator - standard| of that seed's own runs: how far one run's
-    curve lies from the standard curve (seed-averaged gaps of opposite signs cancel; these do not). None unless
-    both sides hold the same seeds at every budget."""
-    a, b = sides(pairs)
-    if not stats.can_pair(a, b):
+def per_run_abs_gaps(a, b):
+    """Per seed, the mean over budgets of |estimator - standard| of that seed's own runs (sides a, b): how far
+    one run's curve lies from the standard curve (seed-averaged gaps of opposite signs cancel; these do not).
+    None unless both sides hold the same seeds at every budget."""
+    b = stats.aligned(a, b)
+    if b is None:
         return None
     with np.errstate(invalid="ignore"):  # a seed missing a budget on both sides: mean over the budgets it has
-        return np.nanmean(np.abs(a.values - b.values[[b.ids.index(i) for i in a.ids]]), axis=1)
+        return np.nanmean(np.abs(a.values - b.values), axis=1)
+
+
+def nonnegative(lo):
+    """A CI's lower end for a statistic that is never negative (a mean |gap|): the t interval's tail cut at 0."""
+    return None if lo is None else max(lo, 0.0)
 
 
 def ci_at(boot, diffs, j):
@@ -112,7 +117,8 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
     if not pairs:
         row["note"] = f"no budgets match within {MATCH_TOLERANCE:.0%}"
         return row
-    boot = stats.bootstrap(*sides(pairs))
+    side_a, side_b = sides(pairs)
+    boot = stats.bootstrap(side_a, side_b)
     gaps, resampled = [c.acc_mean - s.acc_mean for c, s in pairs], boot.a - boot.b
     row.update(mean_gap_pp=sum(gaps) / len(gaps), max_abs_gap_pp=max(abs(g) for g in gaps),
                mean_abs_gap_pp=sum(abs(g) for g in gaps) / len(gaps), n_seeds=boot.n_seeds, pairing=boot.pairing,
@@ -123,16 +129,16 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
         n = boot.n_seeds
         row["mean_gap_lo"], row["mean_gap_hi"] = stats.interval(resampled.mean(1), n, row["mean_gap_pp"])
         lo, row["mean_abs_gap_hi"] = stats.interval(np.abs(resampled).mean(1), n, row["mean_abs_gap_pp"])
-        row["mean_abs_gap_lo"] = None if lo is None else max(lo, 0.0)  # a mean |gap| is never negative
+        row["mean_abs_gap_lo"] = nonnegative(lo)
         row["resolved"] = stats.resolved(row["mean_gap_lo"], row["mean_gap_hi"])
         row["_abs_boot"] = np.abs(resampled).mean(1)
     else:
         notes.append(f"{boot.n_seeds} seed at some budget: no CI")
-    per_run = per_run_abs_gaps(pairs)
+    per_run = per_run_abs_gaps(side_a, side_b)
     if per_run is not None:
         row["per_run_abs_gap_pp"] = float(np.nanmean(per_run))
         lo, row["per_run_abs_gap_hi"] = stats.mean_ci(per_run)
-        row["per_run_abs_gap_lo"] = None if lo is None else max(lo, 0.0)
+        row["per_run_abs_gap_lo"] = nonnegative(lo)
     (row["standard_time_s"], row["cyclic_time_s"], row["time_ratio"], row["time_ratio_lo"], row["time_ratio_hi"],
      time_boot) = time_stats(pairs)
     row["_cost_boot"] = (time_boot.a[:, 0], time_boot.b.sum(1)) if time_boot.defined else None

@@ -99,13 +99,19 @@ def can_pair(a, b):
     return bool(np.array_equal(np.isfinite(a.values), np.isfinite(b.values[order])))
 
 
+def aligned(a, b):
+    """Side b with its rows in a's seed order when can_pair(a, b), else None."""
+    return Side(a.ids, b.values[[b.ids.index(i) for i in a.ids]]) if can_pair(a, b) else None
+
+
 def bootstrap(a, b, n_boot=N_BOOT, seed=BOOT_SEED):
     """Resampled column means of sides a and b: paired by seed when can_pair(a, b), else independently."""
     rng = np.random.default_rng(seed)
-    paired = can_pair(a, b)
+    b_paired = aligned(a, b)
+    paired = b_paired is not None
     idx_a = rng.integers(0, len(a.ids), size=(n_boot, len(a.ids)))
     if paired:
-        b = Side(a.ids, b.values[[b.ids.index(i) for i in a.ids]])
+        b = b_paired
         idx_b = idx_a
     else:
         idx_b = rng.integers(0, len(b.ids), size=(n_boot, len(b.ids)))
