@@ -1,6 +1,7 @@
 """Diff the standard tradeoff curve against each one-run estimator's, every number with a 95 % CI over seeds.
 
     python -m analysis.compare RUN_DIR_OR_PARENT... [--out DIR] [--metric max|final] [--min-epochs E] [--x time|epochs]
+                               [--complete-seeds]
 
 Prints the gap table and writes to DIR: curves.csv, gaps.csv (cyclic vs standard), estimators.csv (every one-run
 schedule vs standard), points.csv (cyclic vs standard per budget), improvement.csv, ranking.csv and fits.csv.
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis import fit, stats
-from analysis.runs import (ESTIMATORS, MATCH_TOLERANCE, RunError, group_curves, group_runs, load_runs, match,
-                           order_methods)
+from analysis.runs import (ESTIMATORS, MATCH_TOLERANCE, RunError, complete_seeds, group_curves, group_runs, load_runs,
+                           match, order_methods)
 
 CURVE_COLUMNS = ["methods", "schedule", "epochs", "n", "acc_mean", "acc_std", "time_mean", "acc_lo", "acc_hi",
                  "cost_mean", "group"]
@@ -43,6 +44,7 @@ class Analysis:
     curves: dict  # {group: {(methods, schedule): [CurvePoint]}}
     tables: dict  # {"gaps.csv": (columns, rows), ...}
     dropped: list  # (group, methods, schedule, epochs, other schedule) of budgets without a partner
+    left_out: list = None  # (group, methods, seed, missing runs) of seeds --complete-seeds set aside
 
     def rows(self, name):
         return self.tables[name][1]
@@ -296,9 +298,17 @@ TABLE_COLUMNS = {"curves.csv": CURVE_COLUMNS, "gaps.csv": GAP_COLUMNS, "estimato
                  "fits.csv": FIT_COLUMNS}
 
 
-def analyse_runs(runs, metric="max", min_epochs=0.0, x="time"):
-    """Curves per group and every table of `runs` (from analysis.runs.load_runs) as an Analysis."""
-    groups = group_runs(runs)
+def analyse_runs(runs, metric="max", min_epochs=0.0, x="time", only_complete_seeds=False):
+    """Curves per group and every table of `runs` (from analysis.runs.load_runs) as an Analysis; with
+    only_complete_seeds, each method set's seeds that miss a run some other seed has are set aside
+    (analysis.runs.complete_seeds) and listed in Analysis.left_out."""
+    groups, left_out = group_runs(runs), []
+    if only_complete_seeds:
+        for group, members in groups.items():
+            groups[group], out = complete_seeds(members)
+            left_out += [(group,) + o for o in out]
+        kept = {id(r) for members in groups.values() for r in members}
+        runs = [r for r in runs if id(r) in kept]
     curve_sets = {group: group_curves(members, metric) for group, members in groups.items()}
     tables = {name: (cols, []) for name, cols in TABLE_COLUMNS.items()}
     dropped = []
@@ -306,7 +316,7 @@ def analyse_runs(runs, metric="max", min_epochs=0.0, x="time"):
         for name, rows in group_tables(cmap, min_epochs, x).items():
             tables[name][1].extend(tag(group, rows))
         dropped += [(group,) + d for d in dropped_budgets(cmap, min_epochs)]
-    return Analysis(runs, groups, curve_sets, tables, dropped)
+    return Analysis(runs, groups, curve_sets, tables, dropped, left_out)
 
 
 def analyse(args):
@@ -317,7 +327,7 @@ def analyse(args):
         sys.exit(f"analysis: error: {e}")
     if not runs:
         sys.exit(f"analysis: error: no readable finished runs below {' '.join(args.runs)}")
-    return analyse_runs(runs, args.metric, args.min_epochs, args.x)
+    return analyse_runs(runs, args.metric, args.min_epochs, args.x, args.complete_seeds)
 
 
 def fmt(v, spec=".2f"):
@@ -371,6 +381,17 @@ def add_common_args(p):
     p.add_argument("--min-epochs", type=float, default=0.0, help="ignore budgets below this many epochs")
     p.add_argument("--include-partial", action="store_true", help="use runs without 'done' too")
     p.add_argument("--x", choices=("time", "epochs"), default="time", help="x of the curves and their fits")
+    p.add_argument("--complete-seeds", action="store_true",
+                   help="per method set, use only the seeds that have every run some seed of the set has (an "
+                        "unfinished sweep then compares seed-paired curves over the same seeds)")
+
+
+def left_out_lines(analysis):
+    """One line per seed that --complete-seeds set aside, naming the runs it lacks."""
+    return [f"left out (--complete-seeds): {(group + ' ') if group else ''}{m} seed {seed}, which lacks "
+            + ", ".join(f"{curve} {epochs:g}" if isinstance(epochs, (int, float)) else str(curve)
+                        for curve, epochs in missing)
+            for group, m, seed, missing in analysis.left_out or []]
 
 
 def group_line(analysis):
@@ -388,6 +409,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     analysis = analyse(args)
     paths = write_tables(args.out, analysis)
+    for line in left_out_lines(analysis):
+        print(line)
     print(f"{len(analysis.runs)} runs, metric {args.metric}; gap = cyclic - standard (percentage points), "
           f"95 % CI: {stats.CI_METHOD}; * = CI excludes 0")
     if group_line(analysis):

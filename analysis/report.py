@@ -18,7 +18,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 import schedules  # noqa: E402
 from analysis import stats  # noqa: E402
 from analysis.compare import (add_common_args, analyse, ci_text, fmt, group_line, improvement_series,  # noqa: E402
-                              write_tables)
+                              left_out_lines, write_tables)
 from analysis.runs import MATCH_TOLERANCE, order_methods  # noqa: E402
 
 STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"),
@@ -496,6 +496,8 @@ def main(argv=None):
           "hold the same seeds at every budget, else resampled `independent`ly. With one seed there is no CI.", ""]
     if group_line(analysis):
         md += [group_line(analysis) + ".", ""]
+    if analysis.left_out:
+        md += [f"- {line}" for line in left_out_lines(analysis)] + [""]
     n_figures = 0
     for i, (group, cmap) in enumerate(analysis.curves.items(), start=1):
         if len(analysis.curves) > 1:

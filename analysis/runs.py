@@ -1,8 +1,8 @@
 """Read run directories (docs/run-format.md) into tradeoff-curve points, grouped so that only seeds are averaged.
 
 Only config.json, metrics.csv and done are read, so runs from any tool that writes the format work.
-Public: load_runs, read_run, RunError, group_runs, curves, group_curves, match, point_records, row_records,
-order_methods.
+Public: load_runs, read_run, RunError, group_runs, complete_seeds, curves, group_curves, match, point_records,
+row_records, order_methods.
 """
 import csv
 import io
@@ -339,6 +339,23 @@ def group_runs(runs):
             same_shape = [r for r in members if r.shape == shape]
             groups[f"{label} {describe(shape, shape_keys)}".strip()] = standard + same_shape
     return groups
+
+
+def complete_seeds(runs):
+    """(kept, left_out) for the runs of one group: per method set only the seeds that have every run (curve and
+    epochs) some seed of the set has, so that while a sweep is unfinished each comparison is cyclic seed s against
+    standard seed s over the same seeds. left_out: (methods, seed, [missing (curve, epochs)]); a set without a
+    complete seed keeps all its runs."""
+    held = defaultdict(lambda: defaultdict(set))  # methods -> seed -> {(curve, epochs)}
+    for r in runs:
+        held[r.methods][r.seed].add((r.curve, r.option("epochs")))
+    left_out = []
+    for m, seeds in held.items():
+        wanted = set().union(*seeds.values())
+        if any(got == wanted for got in seeds.values()):
+            left_out += [(m, seed, sorted(wanted - got, key=repr)) for seed, got in seeds.items() if got != wanted]
+    dropped = {(m, seed) for m, seed, _ in left_out}
+    return [r for r in runs if (r.methods, r.seed) not in dropped], left_out
 
 
 def average(points):

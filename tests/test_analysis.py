@@ -362,3 +362,26 @@ def test_a_copied_run_is_not_another_seed_and_other_hardware_is_another_group(tm
     curves = read_rows(out / "curves.csv")
     std8 = [c for c in curves if c["schedule"] == "standard" and c["epochs"] == "8"]
     assert sorted((c["acc_mean"], c["n"]) for c in std8) == [("90", "2"), ("91", "1")]
+
+
+def test_complete_seeds_compares_an_unfinished_sweep_over_the_seeds_both_curves_have(tmp_path, capsys):
+    seeded(tmp_path, [], [80, 85, 90], [79, 86, 89], 0)  # per-seed gaps -1, +1, -1
+    seeded(tmp_path, [], [82, 87, 92], [82, 87, 92], 1)  # 0, 0, 0
+    write_run(tmp_path, "cyc_base_s2", "cyclic", [], cyclic_rows([70, 70, 70], [2, 4, 8]), 2)  # no standard runs yet
+    standard(tmp_path, ["mixup"], [(2, 81)], seed=0)  # no seed of mixup has every run: all kept
+    write_run(tmp_path, "cyc_mx_s1", "cyclic", ["mixup"], cyclic_rows([80, 88, 91], [2, 4, 8]), 1)
+    loose, paired = tmp_path / "loose", tmp_path / "paired"
+    compare.main([str(tmp_path), "--out", str(loose), "--metric", "final"])
+    assert "left out" not in capsys.readouterr().out
+    b = read_csv(loose / "gaps.csv")["baseline"]
+    # all three cyclic seeds against two standard ones: cyclic means 77, 81, 83.67 against 81, 86, 91
+    assert b["pairing"] == "independent" and float(b["mean_gap_pp"]) == pytest.approx((-4 - 5 - 22 / 3) / 3)
+    report.main([str(tmp_path), "--out", str(paired), "--metric", "final", "--complete-seeds"])
+    b = read_csv(paired / "gaps.csv")["baseline"]
+    assert (b["pairing"], b["n_seeds"]) == ("paired", "2")
+    assert float(b["mean_gap_pp"]) == pytest.approx(-1 / 6)  # seeds 0 and 1: (-1 + 1 - 1) / 3 / 2
+    assert float(b["per_run_abs_gap_pp"]) == pytest.approx(0.5)  # seed 0: 1, seed 1: 0
+    line = "left out (--complete-seeds): baseline seed 2, which lacks standard 2, standard 4, standard 8"
+    assert line in (paired / "report.md").read_text()
+    cyc = [c for c in read_rows(paired / "curves.csv") if c["schedule"] == "cyclic"]
+    assert {(c["methods"], int(c["n"])) for c in cyc} == {("baseline", 2), ("mixup", 1)}
