@@ -141,6 +141,7 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
         row["per_run_abs_gap_pp"] = float(np.nanmean(per_run))
         lo, row["per_run_abs_gap_hi"] = stats.mean_ci(per_run)
         row["per_run_abs_gap_lo"] = nonnegative(lo)
+        row["_per_run"] = dict(zip(side_a.ids, per_run.tolist()))  # {(seed, k): that run's mean |gap|}
     (row["standard_time_s"], row["cyclic_time_s"], row["time_ratio"], row["time_ratio_lo"], row["time_ratio_hi"],
      time_boot) = time_stats(pairs)
     row["_cost_boot"] = (time_boot.a[:, 0], time_boot.b.sum(1)) if time_boot.defined else None

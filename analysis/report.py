@@ -7,6 +7,7 @@ form several groups (they differ in a result-defining option), each group gets i
 """
 import argparse
 import os
+from typing import NamedTuple
 
 import matplotlib
 
@@ -18,7 +19,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 import schedules  # noqa: E402
 from analysis import stats  # noqa: E402
 from analysis.compare import (add_common_args, analyse, ci_text, fmt, group_line, improvement_series,  # noqa: E402
-                              left_out_lines, write_tables)
+                              left_out_lines, nonnegative, write_tables)
 from analysis.runs import MATCH_TOLERANCE, order_methods  # noqa: E402
 
 STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"),
@@ -286,48 +287,83 @@ def fig_gap(rows, col, out, name):
     return save(fig, out, name)
 
 
+class Fidelity(NamedTuple):
+    cost: float  # relative to the standard curve's
+    gap: float  # mean |gap| of the seed-averaged curves (pp)
+    cost_ci: tuple
+    gap_ci: tuple
+    run_gap: float = None  # per-run |gap|: each seed's runs against its own standard runs (pp)
+    run_ci: tuple = (None, None)
+
+
+def pooled_rows(rows):
+    """The estimator rows with a |gap|, restricted to the method sets every estimator has where there are such
+    sets, so that the estimators' fidelities are pooled over the same sets."""
+    rows = [r for r in rows if r["mean_abs_gap_pp"] is not None]
+    sets_of = {est: {r["methods"] for r in rows if r["estimator"] == est} for est in {r["estimator"] for r in rows}}
+    shared = set.intersection(*sets_of.values()) if sets_of else set()
+    return [r for r in rows if r["methods"] in shared] if shared else rows
+
+
 def fidelity_points(rows):
-    """{estimator: (cost / standard cost, mean |gap| pp, cost CI, |gap| CI)} pooled over method sets; CIs (None,
-    None) unless every set has one. Cost is the estimator's curve_cost_s, summed over sets, over the standard's."""
+    """{estimator: Fidelity} pooled over pooled_rows' method sets: cost = the estimator's curve_cost_s, summed over
+    sets, over the standard runs'; gap = mean |gap| of the seed-averaged curves; run_gap = per-run |gap| (each
+    seed's own runs), averaged over sets. CIs are (None, None) unless every set has one (run_gap's: unless every set
+    holds the same seeds, the unit the interval is over)."""
     out = {}
+    rows = pooled_rows(rows)
     for est in dict.fromkeys(r["estimator"] for r in rows):
-        mine = [r for r in rows if r["estimator"] == est and r["mean_abs_gap_pp"] is not None]
-        if not mine:
-            continue
+        mine = [r for r in rows if r["estimator"] == est]
         standard = sum(r["standard_time_s"] for r in mine)
         if not standard:
             continue
         cost = sum(r["cyclic_time_s"] for r in mine) / standard
         gap = sum(r["mean_abs_gap_pp"] for r in mine) / len(mine)
-        cost_ci, gap_ci = (None, None), (None, None)
+        cost_ci, gap_ci, run_gap, run_ci = (None, None), (None, None), None, (None, None)
         if all(r.get("_cost_boot") is not None for r in mine):
             cost_ci = stats.interval(sum(r["_cost_boot"][0] for r in mine) / sum(r["_cost_boot"][1] for r in mine),
                                      min(r["n_seeds"] for r in mine), cost)
         if all(r.get("_abs_boot") is not None for r in mine):
             gap_ci = stats.interval(sum(r["_abs_boot"] for r in mine) / len(mine), min(r["n_seeds"] for r in mine),
                                     gap)
-        out[est] = (cost, gap, cost_ci, gap_ci)
+        if all(r.get("_per_run") for r in mine):
+            run_gap = sum(r["per_run_abs_gap_pp"] for r in mine) / len(mine)
+            seeds = mine[0]["_per_run"].keys()
+            if all(r["_per_run"].keys() == seeds for r in mine):  # per seed, its runs' |gap| averaged over sets
+                run_ci = stats.mean_ci([sum(r["_per_run"][s] for r in mine) / len(mine) for s in seeds])
+                run_ci = (nonnegative(run_ci[0]), run_ci[1])
+        out[est] = Fidelity(cost, gap, cost_ci, gap_ci, run_gap, run_ci)
     return out
 
 
 def fig_fidelity(rows, out, name):
-    """Fidelity against cost: one point per one-run estimator, mean |gap| to the standard curve over its cost."""
+    """Fidelity against cost: per one-run estimator, its per-run |gap| to the standard curve (filled, where every
+    method set has one) and the |gap| of its seed-averaged curve (hollow), over its cost."""
     data = fidelity_points(rows)
     if not data:
         return None
+    n_sets = len({r["methods"] for r in pooled_rows(rows)})
     fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
-    for i, (est, (cost, gap, cost_ci, gap_ci)) in enumerate(data.items()):
-        ax.errorbar([cost], [gap], xerr=yerr([cost], [cost_ci[0]], [cost_ci[1]]),
-                    yerr=yerr([gap], [gap_ci[0]], [gap_ci[1]]), marker=style(est)["marker"], ms=8, capsize=3,
-                    color=plt.get_cmap("tab10")(i), ls="none", label=est)
+    tops = []
+    for i, (est, f) in enumerate(data.items()):
+        colour, marker = plt.get_cmap("tab10")(i), style(est)["marker"]
+        xerr = yerr([f.cost], [f.cost_ci[0]], [f.cost_ci[1]])
+        if f.run_gap is not None:
+            ax.errorbar([f.cost], [f.run_gap], xerr=xerr, yerr=yerr([f.run_gap], [f.run_ci[0]], [f.run_ci[1]]),
+                        marker=marker, ms=8, capsize=3, color=colour, ls="none", label=f"{est}, per run")
+            tops.append(f.run_gap if f.run_ci[1] is None else f.run_ci[1])
+        ax.errorbar([f.cost], [f.gap], xerr=None if f.run_gap is not None else xerr,
+                    yerr=yerr([f.gap], [f.gap_ci[0]], [f.gap_ci[1]]), marker=marker, ms=7, mfc="none", capsize=2,
+                    color=colour, ls="none", alpha=0.6, label=f"{est}, mean curve")
+        tops.append(f.gap if f.gap_ci[1] is None else f.gap_ci[1])
     ax.axvline(1, color="k", lw=0.8, ls=":")
-    highest_cost = max(c if ci[1] is None else ci[1] for c, _, ci, _ in data.values())
-    highest_gap = max(g if ci[1] is None else ci[1] for _, g, _, ci in data.values())
+    highest_cost = max(f.cost if f.cost_ci[1] is None else f.cost_ci[1] for f in data.values())
     ax.set_xlim(0, max(1.05, 1.1 * highest_cost))  # both axes from 0: the origin is a free, exact estimator
-    ax.set_ylim(0, 1.15 * highest_gap or 1)
+    ax.set_ylim(0, 1.15 * max(tops) or 1)
     finish_axes(ax, "cost relative to the standard curve (curve_cost_s / sum of standard runs)",
-                "mean |estimator - standard| (pp)", f"Fidelity vs cost, pooled over method sets\n{CI_NOTE}",
-                legend_loc="best", log_x=False)
+                "|estimator - standard| (pp), mean over budgets",
+                f"Fidelity vs cost, pooled over {n_sets} method sets\nfilled: each seed's run vs its own standard "
+                f"runs; hollow: seed-averaged curves\n{CI_NOTE}", legend_loc="best", log_x=False)
     return save(fig, out, name)
 
 

@@ -202,6 +202,13 @@ def test_a_true_gap_is_resolved_and_noise_around_zero_is_not(tmp_path):
     sd = (sum((g - 2.5 / 3) ** 2 for g in (1.0, 1.0, 0.5)) / 2) ** 0.5
     assert float(m["per_run_abs_gap_hi"]) == pytest.approx(2.5 / 3 + 4.303 * sd / 3 ** 0.5, abs=0.01)
     assert float(b["per_run_abs_gap_pp"]) == pytest.approx(1.0)
+    # fig8 pools the two sets: per seed the mean of its two runs' |gap|, then a t interval over the 3 seeds
+    f = report.fidelity_points(compare.analyse_runs(runs.load_runs([str(tmp_path)]), "final").rows("estimators.csv"))
+    assert (f["cyclic"].gap, f["cyclic"].run_gap) == pytest.approx(((1 + 0.5 / 3) / 2, (1 + 2.5 / 3) / 2))
+    per_seed = [(1.05 + 1) / 2, (0.95 + 1) / 2, (1 + 0.5) / 2]
+    sd = (sum((g - (1 + 2.5 / 3) / 2) ** 2 for g in per_seed) / 2) ** 0.5
+    assert f["cyclic"].run_ci == pytest.approx(((1 + 2.5 / 3) / 2 - 4.303 * sd / 3 ** 0.5,
+                                                (1 + 2.5 / 3) / 2 + 4.303 * sd / 3 ** 0.5), abs=0.01)
     md = (out / "report.md").read_text()
     assert "- Resolved (95 % CI excludes 0): baseline (+1.00)." in md
     assert "- Not resolved (CI includes 0): mixup (+0.17)." in md
@@ -320,6 +327,8 @@ def test_estimators_read_their_own_rows_and_cost_from_curve_cost(sweep, tmp_path
     assert {r["methods"] for r in read_rows(out / "gaps.csv")} == {"baseline", "mixup"}
     fidelity = report.fidelity_points(compare.analyse_runs(runs.load_runs([str(sweep)])).rows("estimators.csv"))
     assert fidelity["wsd"][:2] == pytest.approx((11 / 14, 4 / 3))
+    # cyclic over baseline only, the set every estimator has (mixup's |gap| 4/3 would move it to 7/6)
+    assert fidelity["cyclic"][:2] == pytest.approx((8.8 / 14, 1))
     assert (out / "fig8_fidelity_cost.png").stat().st_size > 1000
     assert "## One-run estimators against the standard curve" in (out / "report.md").read_text()
 
