@@ -27,7 +27,6 @@ import math
 import sys
 from dataclasses import dataclass
 
-from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmRestarts, LambdaLR, SequentialLR
 
 SCHEDULES = ("standard", "cyclic", "constant", "cyclic-decay", "wsd", "schedule-free")
 CYCLIC = ("cyclic", "constant", "cyclic-decay")  # schedules made of cosine cycles
@@ -155,6 +154,8 @@ def build_scheduler(optimizer, plan, eta_min=0.0):
     CosineAnnealingWarmRestarts at the milestone. cyclic-decay and wsd, for which torch has no scheduler:
     one LambdaLR with the closed form. Resume by building a fresh one and calling load_state_dict
     (never with last_epoch >= 0: pytorch/pytorch#49630)."""
+    # imported here so that planning and the analysis (which reads the schedule lists) run without torch
+    from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmRestarts, LambdaLR, SequentialLR
     if plan.schedule == "schedule-free":
         return None
     if plan.schedule in ("cyclic-decay", "wsd"):
