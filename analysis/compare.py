@@ -390,8 +390,7 @@ def add_common_args(p):
 def left_out_lines(analysis):
     """One line per seed that --complete-seeds set aside, naming the runs it lacks."""
     return [f"left out (--complete-seeds): {(group + ' ') if group else ''}{m} seed {seed}, which lacks "
-            + ", ".join(f"{curve} {epochs:g}" if isinstance(epochs, (int, float)) else str(curve)
-                        for curve, epochs in missing)
+            + ", ".join(f"{curve} {epochs:g}" for curve, epochs in missing)
             for group, m, seed, missing in analysis.left_out or []]
 
 

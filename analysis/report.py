@@ -297,12 +297,12 @@ class Fidelity(NamedTuple):
 
 
 def pooled_rows(rows):
-    """The estimator rows with a |gap|, restricted to the method sets every estimator has where there are such
-    sets, so that the estimators' fidelities are pooled over the same sets."""
+    """(rows, shared): the estimator rows with a |gap|, restricted to the method sets every estimator has where
+    there are such sets (shared True), so that the estimators' fidelities are pooled over the same sets."""
     rows = [r for r in rows if r["mean_abs_gap_pp"] is not None]
     sets_of = {est: {r["methods"] for r in rows if r["estimator"] == est} for est in {r["estimator"] for r in rows}}
     shared = set.intersection(*sets_of.values()) if sets_of else set()
-    return [r for r in rows if r["methods"] in shared] if shared else rows
+    return ([r for r in rows if r["methods"] in shared], True) if shared else (rows, False)
 
 
 def fidelity_points(rows):
@@ -311,7 +311,7 @@ def fidelity_points(rows):
     seed's own runs), averaged over sets. CIs are (None, None) unless every set has one (run_gap's: unless every set
     holds the same seeds, the unit the interval is over)."""
     out = {}
-    rows = pooled_rows(rows)
+    rows, _ = pooled_rows(rows)
     for est in dict.fromkeys(r["estimator"] for r in rows):
         mine = [r for r in rows if r["estimator"] == est]
         standard = sum(r["standard_time_s"] for r in mine)
@@ -342,7 +342,10 @@ def fig_fidelity(rows, out, name):
     data = fidelity_points(rows)
     if not data:
         return None
-    n_sets = len({r["methods"] for r in pooled_rows(rows)})
+    pooled, shared = pooled_rows(rows)
+    n_sets = len({r["methods"] for r in pooled})
+    over = (f"pooled over the {n_sets} method sets every estimator has" if shared
+            else f"over {n_sets} method sets (none has every estimator)")
     fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
     tops = []
     for i, (est, f) in enumerate(data.items()):
@@ -354,7 +357,8 @@ def fig_fidelity(rows, out, name):
             tops.append(f.run_gap if f.run_ci[1] is None else f.run_ci[1])
         ax.errorbar([f.cost], [f.gap], xerr=None if f.run_gap is not None else xerr,
                     yerr=yerr([f.gap], [f.gap_ci[0]], [f.gap_ci[1]]), marker=marker, ms=7, mfc="none", capsize=2,
-                    color=colour, ls="none", alpha=0.6, label=f"{est}, mean curve")
+                    color=colour, ls="none", alpha=0.6,
+                    label=f"{est}, mean curve" + ("" if f.run_gap is not None else " (per run n/a: a set unpaired)"))
         tops.append(f.gap if f.gap_ci[1] is None else f.gap_ci[1])
     ax.axvline(1, color="k", lw=0.8, ls=":")
     highest_cost = max(f.cost if f.cost_ci[1] is None else f.cost_ci[1] for f in data.values())
@@ -362,7 +366,7 @@ def fig_fidelity(rows, out, name):
     ax.set_ylim(0, 1.15 * max(tops) or 1)
     finish_axes(ax, "cost relative to the standard curve (curve_cost_s / sum of standard runs)",
                 "|estimator - standard| (pp), mean over budgets",
-                f"Fidelity vs cost, pooled over {n_sets} method sets\nfilled: each seed's run vs its own standard "
+                f"Fidelity vs cost, {over}\nfilled: each seed's run vs its own standard "
                 f"runs; hollow: seed-averaged curves\n{CI_NOTE}", legend_loc="best", log_x=False)
     return save(fig, out, name)
 

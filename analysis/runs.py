@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from analysis import stats
@@ -188,6 +188,8 @@ def read_config(path):
         raise RunError(f"{cfg_path}: 'schedule' must be a name, not {config['schedule']!r}")
     if not isinstance(config["methods"], list) or not all(isinstance(m, str) for m in config["methods"]):
         raise RunError(f"{cfg_path}: 'methods' must be a list of names, not {config['methods']!r}")
+    if isinstance(config["epochs"], bool) or not isinstance(config["epochs"], (int, float)):
+        raise RunError(f"{cfg_path}: 'epochs' must be a number, not {config['epochs']!r}")
     return config
 
 
@@ -342,18 +344,23 @@ def group_runs(runs):
 
 
 def complete_seeds(runs):
-    """(kept, left_out) for the runs of one group: per method set only the seeds that have every run (curve and
-    epochs) some seed of the set has, so that while a sweep is unfinished each comparison is cyclic seed s against
-    standard seed s over the same seeds. left_out: (methods, seed, [missing (curve, epochs)]); a set without a
-    complete seed keeps all its runs."""
+    """(kept, left_out) for the runs of one group: per method set only the seeds that have every run it needs, so
+    that while a sweep is unfinished each comparison is cyclic seed s against standard seed s over the same seeds.
+    A seed needs every standard budget some seed of the set has and every estimator run that 2+ seeds have (a
+    one-seed run, an ablation, drops nobody). left_out: (methods, seed, [missing (curve, epochs)]). A set where
+    no seed has all it needs keeps every seed, with a warning (its comparisons stay unpaired)."""
     held = defaultdict(lambda: defaultdict(set))  # methods -> seed -> {(curve, epochs)}
     for r in runs:
-        held[r.methods][r.seed].add((r.curve, r.option("epochs")))
+        held[r.methods][r.seed].add((r.curve, round(float(r.config["epochs"]), 3)))
     left_out = []
     for m, seeds in held.items():
-        wanted = set().union(*seeds.values())
-        if any(got == wanted for got in seeds.values()):
-            left_out += [(m, seed, sorted(wanted - got, key=repr)) for seed, got in seeds.items() if got != wanted]
+        count = Counter(slot for got in seeds.values() for slot in got)
+        needed = {slot for slot, n in count.items() if slot[0] == "standard" or n >= min(2, len(seeds))}
+        missing = {seed: sorted(needed - got) for seed, got in seeds.items()}
+        if all(missing.values()):
+            warn(f"--complete-seeds: no seed of {m} has every run the others have; all its seeds are kept")
+            continue
+        left_out += [(m, seed, lacks) for seed, lacks in missing.items() if lacks]
     dropped = {(m, seed) for m, seed, _ in left_out}
     return [r for r in runs if (r.methods, r.seed) not in dropped], left_out
 

@@ -248,6 +248,7 @@ def test_method_strengths_are_separate_method_sets(tmp_path):
     ("config.json", b"\x89PNG\r\n\x1a\n\xff\xfe", "config.json:1: not UTF-8 text (byte 0x89)"),
     ("config.json", b"null", "config.json: holds NoneType, not an object of options"),
     ("config.json", b'{"schedule": "standard", "methods": 5, "epochs": 8}', "'methods' must be a list of names, not 5"),
+    ("config.json", b'{"schedule": "standard", "methods": [], "epochs": "8"}', "'epochs' must be a number, not '8'"),
     ("metrics.csv", ",".join(COLS).encode() + b"\n8,32,0.01,1,1,9\xff,99,8,0,1\n", "metrics.csv:2: not UTF-8 text"),
 ])
 def test_a_damaged_run_is_skipped_with_its_file_named(sweep, tmp_path, capsys, file, content, message):
@@ -377,8 +378,14 @@ def test_complete_seeds_compares_an_unfinished_sweep_over_the_seeds_both_curves_
     seeded(tmp_path, [], [80, 85, 90], [79, 86, 89], 0)  # per-seed gaps -1, +1, -1
     seeded(tmp_path, [], [82, 87, 92], [82, 87, 92], 1)  # 0, 0, 0
     write_run(tmp_path, "cyc_base_s2", "cyclic", [], cyclic_rows([70, 70, 70], [2, 4, 8]), 2)  # no standard runs yet
-    standard(tmp_path, ["mixup"], [(2, 81)], seed=0)  # no seed of mixup has every run: all kept
-    write_run(tmp_path, "cyc_mx_s1", "cyclic", ["mixup"], cyclic_rows([80, 88, 91], [2, 4, 8]), 1)
+    write_run(tmp_path, "wsd_base_s0", "wsd", [], [(8, 90, 8, 0, 1)], 0)  # a one-seed ablation: drops nobody
+    # mixup: seed 1's 8-epoch run says 8.0000001 epochs, the same budget; seed 2 is as far as seed 1
+    standard(tmp_path, ["mixup"], [(2, 81), (4, 86), (8, 91)], seed=0)
+    standard(tmp_path, ["mixup"], [(2, 81), (4, 86)], seed=1)
+    write_run(tmp_path, "std_mx_8_s1", "standard", ["mixup"], [(8.0000001, 91, 8, 0, 1)], 1)
+    # label smoothing: seed 0 lacks the 8-epoch run and seed 1 the 4-epoch one, so no seed is complete
+    standard(tmp_path, ["label_smoothing"], [(2, 81), (4, 86)], seed=0)
+    standard(tmp_path, ["label_smoothing"], [(2, 81), (8, 91)], seed=1)
     loose, paired = tmp_path / "loose", tmp_path / "paired"
     compare.main([str(tmp_path), "--out", str(loose), "--metric", "final"])
     assert "left out" not in capsys.readouterr().out
@@ -386,11 +393,16 @@ def test_complete_seeds_compares_an_unfinished_sweep_over_the_seeds_both_curves_
     # all three cyclic seeds against two standard ones: cyclic means 77, 81, 83.67 against 81, 86, 91
     assert b["pairing"] == "independent" and float(b["mean_gap_pp"]) == pytest.approx((-4 - 5 - 22 / 3) / 3)
     report.main([str(tmp_path), "--out", str(paired), "--metric", "final", "--complete-seeds"])
+    out, err = capsys.readouterr()
+    assert "no seed of label_smoothing has every run the others have; all its seeds are kept" in err
     b = read_csv(paired / "gaps.csv")["baseline"]
     assert (b["pairing"], b["n_seeds"]) == ("paired", "2")
     assert float(b["mean_gap_pp"]) == pytest.approx(-1 / 6)  # seeds 0 and 1: (-1 + 1 - 1) / 3 / 2
     assert float(b["per_run_abs_gap_pp"]) == pytest.approx(0.5)  # seed 0: 1, seed 1: 0
-    line = "left out (--complete-seeds): baseline seed 2, which lacks standard 2, standard 4, standard 8"
-    assert line in (paired / "report.md").read_text()
-    cyc = [c for c in read_rows(paired / "curves.csv") if c["schedule"] == "cyclic"]
-    assert {(c["methods"], int(c["n"])) for c in cyc} == {("baseline", 2), ("mixup", 1)}
+    left_out = [line for line in (paired / "report.md").read_text().splitlines() if "left out" in line]
+    assert left_out == ["- left out (--complete-seeds): baseline seed 2, which lacks standard 2, standard 4, "
+                        "standard 8"]
+    std = [(c["methods"], float(c["epochs"]), int(c["n"])) for c in read_rows(paired / "curves.csv")
+           if c["schedule"] == "standard"]
+    assert ("mixup", 8.0, 2) in std and ("label_smoothing", 2.0, 2) in std
+    assert [c["n"] for c in read_rows(paired / "curves.csv") if c["schedule"] == "wsd"] == ["1"]
