@@ -161,8 +161,8 @@ case "${1:-}" in
     # the CPU has it natively). Warmup = t0 = 0.5 epochs, t_mult 2, 4 cycles: budgets 1, 2, 4, 8 epochs.
     # The paper's eight method sets x seeds 0 1 2 (REPRO_SEEDS); baseline, LS and MX also with the one-run
     # estimators. Order: the baseline's cyclic and standard curves for every seed first (the baseline's gap
-    # and its CI), then its estimators, then seed by seed the other sets, so every set gains a seed before
-    # any gains its next. Evaluations at the curve points only; a checkpoint every minute, so a paused
+    # and its CI), then its estimators, then seed by seed the other sets' cyclic and standard curves, so every
+    # set gains a seed before any gains its next, then LS's and MX's estimators. Evaluations at the curve points only; a checkpoint every minute, so a paused
     # study loses < 1 minute. Runs go straight into results/fashion-mnist (git keeps config.json,
     # metrics.csv and done).
     shift; wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || setup
@@ -177,9 +177,11 @@ case "${1:-}" in
         "${flags[@]}"
     done
     for seed in $seeds; do
-      sweep "${shape[@]}" --seeds "$seed" --methods ls,mx --schedules cyclic,cyclic-decay,wsd,schedule-free "$@" \
+      sweep "${shape[@]}" --seeds "$seed" --methods ls,mx,bp,cl,bp+cl,ls+mx,bp+cl+ls+mx --schedules cyclic "$@" \
         "${flags[@]}"
-      sweep "${shape[@]}" --seeds "$seed" --methods bp,cl,bp+cl,ls+mx,bp+cl+ls+mx --schedules cyclic "$@" "${flags[@]}"
+    done
+    for seed in $seeds; do
+      sweep "${shape[@]}" --seeds "$seed" --methods ls,mx --schedules cyclic-decay,wsd,schedule-free "$@" "${flags[@]}"
     done
     report results/fashion-mnist
     report_failures;;
