@@ -183,7 +183,7 @@ case "${1:-}" in
     for seed in $seeds; do
       sweep "${shape[@]}" --seeds "$seed" --methods ls,mx --schedules cyclic-decay,wsd,schedule-free "$@" "${flags[@]}"
     done
-    report results/fashion-mnist
+    report "$OUT"  # results/fashion-mnist unless --out says otherwise
     report_failures;;
   gpu-check)
     # Once on a CUDA machine: the CUDA-marked tests, short torchrun runs in bf16, fp16 (GradScaler) and with

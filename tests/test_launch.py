@@ -55,3 +55,30 @@ def test_tiny_real_sweep_end_to_end(tmp_path):
     assert (out / "report" / "fig3_tradeoff.png").stat().st_size > 1000
     second = launch(*args, out=out).stdout  # everything is done: all skipped, the report made again
     assert second.count("skip (done)") == 6 and "train.py" not in second.replace("skip (done)", "")
+
+
+def test_repro_plans_the_whole_study_seed_by_seed(tmp_path):
+    out = tmp_path / "study"
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "repro", "--dry-run", "--out", str(out)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    dirs = list(dict.fromkeys(l.split("--run-dir ")[1].split()[0] for l in lines if "train.py" in l))
+    core = ["cyclic", "standard-e1", "standard-e2", "standard-e4", "standard-e8"]
+    extra = ["cyclic-decay", "wsd", "schedule-free"]
+    sets = ["baseline", "ls", "mx", "bp", "cl", "bp+cl", "ls+mx", "bp+cl+ls+mx"]
+    plan = {f"{out}/{m}/s{s}/{r}" for m in sets for s in range(3) for r in core}
+    plan |= {f"{out}/{m}/s{s}/{r}" for m in ("baseline", "ls", "mx") for s in range(3) for r in extra}
+    assert set(dirs) == plan and len(dirs) == 147
+    # every set's cyclic and standard runs of seed s come before any of seed s + 1, and before LS's and MX's
+    # estimators (the baseline's come first, as its gap and CI were measured first)
+    first_of = {s: min(i for i, d in enumerate(dirs) if f"/s{s}/" in d and "baseline" not in d) for s in range(3)}
+    last_of = {s: max(i for i, d in enumerate(dirs) if f"/s{s}/" in d and d.rsplit("/", 1)[1] in core) for s in range(3)}
+    assert last_of[0] < first_of[1] and last_of[1] < first_of[2]
+    assert max(i for i, d in enumerate(dirs) if d.rsplit("/", 1)[1] in core) < min(
+        i for i, d in enumerate(dirs) if "baseline" not in d and d.rsplit("/", 1)[1] in extra)
+    cyc = next(l for l in lines if f"{out}/bp+cl+ls+mx/s2/cyclic " in l)
+    for flag in ("--blurpool", "--channels-last", "--label-smoothing", "--mixup", "--seed 2", "--warmup-epochs 0.5",
+                 "--t0 0.5", "--t-mult 2", "--cycles 4", "--data fashion-mnist", "--eval-every 0"):
+        assert flag in cyc, flag
+    assert lines[-1].endswith(f"analysis.report {out} --out {out}/report")
