@@ -67,7 +67,8 @@ def per_run_abs_gaps(a, b):
 
 
 def nonnegative(lo):
-    """A CI's lower end for a statistic that is never negative (a mean |gap|): the t interval's tail cut at 0."""
+    """A CI's lower end for a statistic that is never negative (a mean |gap|, a time ratio): the t interval's tail
+    cut at 0."""
     return None if lo is None else max(lo, 0.0)
 
 
@@ -103,7 +104,7 @@ def time_stats(pairs):
         resampled = boot.b.sum(1) / boot.a[:, 0]
     ratio = standard / cost if cost else None
     lo, hi = stats.interval(resampled, boot.n_seeds, ratio) if boot.defined and ratio else (None, None)
-    return standard, cost, ratio, lo, hi, boot
+    return standard, cost, ratio, nonnegative(lo), hi, boot
 
 
 def compare_one(cmap, m, estimator, min_epochs=0.0):

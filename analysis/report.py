@@ -321,8 +321,9 @@ def fidelity_points(rows):
         gap = sum(r["mean_abs_gap_pp"] for r in mine) / len(mine)
         cost_ci, gap_ci, run_gap, run_ci = (None, None), (None, None), None, (None, None)
         if all(r.get("_cost_boot") is not None for r in mine):
-            cost_ci = stats.interval(sum(r["_cost_boot"][0] for r in mine) / sum(r["_cost_boot"][1] for r in mine),
-                                     min(r["n_seeds"] for r in mine), cost)
+            lo, hi = stats.interval(sum(r["_cost_boot"][0] for r in mine) / sum(r["_cost_boot"][1] for r in mine),
+                                    min(r["n_seeds"] for r in mine), cost)
+            cost_ci = (nonnegative(lo), hi)
         if all(r.get("_abs_boot") is not None for r in mine):
             gap_ci = stats.interval(sum(r["_abs_boot"] for r in mine) / len(mine), min(r["n_seeds"] for r in mine),
                                     gap)

@@ -406,3 +406,13 @@ def test_complete_seeds_compares_an_unfinished_sweep_over_the_seeds_both_curves_
            if c["schedule"] == "standard"]
     assert ("mixup", 8.0, 2) in std and ("label_smoothing", 2.0, 2) in std
     assert [c["n"] for c in read_rows(paired / "curves.csv") if c["schedule"] == "wsd"] == ["1"]
+
+
+def test_a_time_ratio_interval_never_reaches_below_zero(tmp_path):
+    for seed, per_epoch in ((0, 1.0), (1, 10.0)):  # standard runs 10x slower in seed 1: ratios 1.75 and 17.5
+        standard(tmp_path, [], [(2, 80), (4, 85), (8, 90)], seed=seed, time_per_epoch=per_epoch)
+        write_run(tmp_path, f"cyc_s{seed}", "cyclic", [], cyclic_rows([79, 86, 89], [2, 4, 8]), seed)
+    compare.main([str(tmp_path), "--out", str(tmp_path / "out"), "--metric", "final"])
+    b = read_csv(tmp_path / "out" / "gaps.csv")["baseline"]
+    assert float(b["time_ratio"]) == pytest.approx((14 + 140) / 2 / 8)
+    assert float(b["time_ratio_lo"]) == 0.0 < float(b["time_ratio"]) < float(b["time_ratio_hi"])
