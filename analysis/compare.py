@@ -384,8 +384,8 @@ def add_common_args(p):
     p.add_argument("--include-partial", action="store_true", help="use runs without 'done' too")
     p.add_argument("--x", choices=("time", "epochs"), default="time", help="x of the curves and their fits")
     p.add_argument("--complete-seeds", action="store_true",
-                   help="per method set, use only the seeds that have every run some seed of the set has (an "
-                        "unfinished sweep then compares seed-paired curves over the same seeds)")
+                   help="per method set, use only the seeds that have every standard budget and every estimator "
+                        "run of 2+ seeds (an unfinished sweep then compares seed-paired curves over the same seeds)")
 
 
 def left_out_lines(analysis):
