@@ -162,9 +162,9 @@ case "${1:-}" in
     # The paper's eight method sets x seeds 0 1 2 (REPRO_SEEDS); baseline, LS and MX also with the one-run
     # estimators. Order: the baseline's cyclic and standard curves for every seed first (the baseline's gap
     # and its CI), then its estimators, then seed by seed the other sets' cyclic and standard curves, so every
-    # set gains a seed before any gains its next, then LS's and MX's estimators. Evaluations at the curve points only; a checkpoint every minute, so a paused
-    # study loses < 1 minute. Runs go straight into results/fashion-mnist (git keeps config.json,
-    # metrics.csv and done).
+    # set gains a seed before any gains its next, then LS's and MX's estimators. Evaluations at the curve
+    # points only; a checkpoint every minute, so a paused study loses < 1 minute. Runs go straight into
+    # results/fashion-mnist (git keeps config.json, metrics.csv and done).
     shift; wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || setup
     shape=(--out results/fashion-mnist --warmup 0.5 --t0 0.5 --t-mult 2 --cycles 4 --no-report)
     flags=(-- --eval-every 0 --checkpoint-every 1)

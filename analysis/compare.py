@@ -44,7 +44,7 @@ class Analysis:
     curves: dict  # {group: {(methods, schedule): [CurvePoint]}}
     tables: dict  # {"gaps.csv": (columns, rows), ...}
     dropped: list  # (group, methods, schedule, epochs, other schedule) of budgets without a partner
-    left_out: list = None  # (group, methods, seed, missing runs) of seeds --complete-seeds set aside
+    left_out: list  # (group, methods, seed, missing runs) of seeds --complete-seeds set aside
 
     def rows(self, name):
         return self.tables[name][1]
@@ -392,7 +392,7 @@ def left_out_lines(analysis):
     """One line per seed that --complete-seeds set aside, naming the runs it lacks."""
     return [f"left out (--complete-seeds): {(group + ' ') if group else ''}{m} seed {seed}, which lacks "
             + ", ".join(f"{curve} {epochs:g}" for curve, epochs in missing)
-            for group, m, seed, missing in analysis.left_out or []]
+            for group, m, seed, missing in analysis.left_out]
 
 
 def group_line(analysis):

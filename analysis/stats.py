@@ -91,21 +91,17 @@ def resampled_means(values, idx):
         return np.where(finite, picked, 0.0).sum(1) / finite.sum(1)
 
 
-def can_pair(a, b):
-    """Both sides hold the same seeds with values at the same columns."""
-    if sorted(a.ids, key=repr) != sorted(b.ids, key=repr):
-        return False
-    order = [b.ids.index(i) for i in a.ids]
-    return bool(np.array_equal(np.isfinite(a.values), np.isfinite(b.values[order])))
-
-
 def aligned(a, b):
-    """Side b with its rows in a's seed order when can_pair(a, b), else None."""
-    return Side(a.ids, b.values[[b.ids.index(i) for i in a.ids]]) if can_pair(a, b) else None
+    """Side b with its rows in a's seed order when both sides hold the same seeds with values at the same columns
+    (they can be paired), else None."""
+    if sorted(a.ids, key=repr) != sorted(b.ids, key=repr):
+        return None
+    values = b.values[[b.ids.index(i) for i in a.ids]]
+    return Side(a.ids, values) if np.array_equal(np.isfinite(a.values), np.isfinite(values)) else None
 
 
 def bootstrap(a, b, n_boot=N_BOOT, seed=BOOT_SEED):
-    """Resampled column means of sides a and b: paired by seed when can_pair(a, b), else independently."""
+    """Resampled column means of sides a and b: paired by seed when aligned(a, b) exists, else independently."""
     rng = np.random.default_rng(seed)
     b_paired = aligned(a, b)
     paired = b_paired is not None

@@ -72,11 +72,12 @@ def test_repro_plans_the_whole_study_seed_by_seed(tmp_path):
     assert set(dirs) == plan and len(dirs) == 147
     # every set's cyclic and standard runs of seed s come before any of seed s + 1, and before LS's and MX's
     # estimators (the baseline's come first, as its gap and CI were measured first)
+    kind = [d.rsplit("/", 1)[1] for d in dirs]  # cyclic, standard-e1, ..., wsd
     first_of = {s: min(i for i, d in enumerate(dirs) if f"/s{s}/" in d and "baseline" not in d) for s in range(3)}
-    last_of = {s: max(i for i, d in enumerate(dirs) if f"/s{s}/" in d and d.rsplit("/", 1)[1] in core) for s in range(3)}
+    last_of = {s: max(i for i, d in enumerate(dirs) if f"/s{s}/" in d and kind[i] in core) for s in range(3)}
     assert last_of[0] < first_of[1] and last_of[1] < first_of[2]
-    assert max(i for i, d in enumerate(dirs) if d.rsplit("/", 1)[1] in core) < min(
-        i for i, d in enumerate(dirs) if "baseline" not in d and d.rsplit("/", 1)[1] in extra)
+    assert max(i for i, k in enumerate(kind) if k in core) < min(
+        i for i, d in enumerate(dirs) if "baseline" not in d and kind[i] in extra)
     cyc = next(l for l in lines if f"{out}/bp+cl+ls+mx/s2/cyclic " in l)
     for flag in ("--blurpool", "--channels-last", "--label-smoothing", "--mixup", "--seed 2", "--warmup-epochs 0.5",
                  "--t0 0.5", "--t-mult 2", "--cycles 4", "--data fashion-mnist", "--eval-every 0"):
