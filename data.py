@@ -250,7 +250,8 @@ class FolderData:
     def val_batches(self, rank, world_size, batch_size):
         # Strided shard without padding (DistributedSampler would repeat images to even the shards).
         idx = list(range(rank, len(self.val_set), world_size))
-        yield from on_device(self._loader(self.val_set, idx, batch_size, torch.Generator().manual_seed(0)), self.device)
+        yield from on_device(self._loader(NamedSamples(self.val_set), idx, batch_size, torch.Generator().manual_seed(0)),
+                             self.device)
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -269,9 +270,36 @@ class SeededSamples(torch.utils.data.Dataset):
         state = torch.get_rng_state()
         torch.default_generator.manual_seed(draw_seed)
         try:
-            return self.dataset[index]
+            return named_sample(self.dataset, index)
         finally:
             torch.set_rng_state(state)
+
+
+class NamedSamples(torch.utils.data.Dataset):
+    """`dataset[index]`, with a damaged image named (the validation set's reader)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return named_sample(self.dataset, index)
+
+
+def named_sample(dataset, index):
+    """dataset[index] of an ImageFolder (or a Subset of one); an image that cannot be decoded (truncated, not an
+    image) is a DataError naming its file. The run stops there rather than skip it: a skipped image would change
+    the batch, and so the run, without a word."""
+    try:
+        return dataset[index]
+    except Exception as e:
+        while isinstance(dataset, torch.utils.data.Subset):
+            dataset, index = dataset.dataset, dataset.indices[index]
+        path = dataset.samples[index][0] if hasattr(dataset, "samples") else f"image {index}"
+        raise DataError(f"--data-dir: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                        f"replace it with a good copy of the image and continue with --resume") from None
 
 
 class FolderLoader:
@@ -302,10 +330,11 @@ class FolderLoader:
 def on_device(loader, device):
     """The loader's (x, y) batches on `device`. On CUDA the next batch's copy is issued on a side stream
     before the current batch is handed out, so host-to-device copies overlap the training step."""
+    batches = worker_errors_named(loader)
     if device.type != "cuda":
-        yield from ((x.to(device), y.to(device)) for x, y in loader)
+        yield from ((x.to(device), y.to(device)) for x, y in batches)
         return
-    stream, batches = torch.cuda.Stream(device), iter(loader)
+    stream = torch.cuda.Stream(device)
 
     def copy_next():
         batch = next(batches, None)
@@ -322,6 +351,15 @@ def on_device(loader, device):
             t.record_stream(compute)
         current, ready = ready, copy_next()
         yield current
+
+
+def worker_errors_named(loader):
+    """The loader's batches; a DataError raised in a worker (which DataLoader re-raises with the worker's whole
+    traceback as its message) comes back as its own one line."""
+    try:
+        yield from loader
+    except DataError as e:
+        raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 def build_data(name, data_dir, device, subset=0, download=False, workers=8):

@@ -86,14 +86,28 @@ launcher() {
 
 wants_dry_run() { [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]]; }  # the options given, or DRY=1
 
+same_argv() {  # run_dir, then train.py's arguments: true when the run recorded exactly these (no torch import)
+  PY -c 'import json, sys
+try: sys.exit(json.load(open(sys.argv[1] + "/config.json")).get("argv") != sys.argv[2:])
+except (OSError, ValueError, AttributeError): sys.exit(1)' "$@"
+}
+
 one_run() {  # run_dir, then train.py flags
   local dir=$1; shift
-  if [ -e "$dir/done" ]; then echo "skip (done): $dir"; return 0; fi
-  local cmd="$(launcher) train.py --run-dir $dir --resume auto --no-progress $*"
+  local argv="--run-dir $dir --resume auto --no-progress $*"
+  # a finished run is skipped when it was asked for with these very flags; otherwise train.py compares its
+  # result-defining options with the run's: equal, it says so and exits 0; different, it names them (exit 2)
+  if [ -e "$dir/done" ] && same_argv "$dir" $argv; then echo "skip (done): $dir"; return 0; fi
+  local cmd="$(launcher) train.py $argv"
   if [ "$DRY" = 1 ]; then echo "$cmd"; return 0; fi
   echo "+ $cmd"
-  # a failed run (a NaN, a full disk) is reported at the end; the rest of a long sweep goes on
-  $cmd || { echo "launch.sh: FAILED (exit $?): $dir" >&2; FAILED+=("$dir"); }
+  local rc=0
+  $cmd || rc=$?
+  [ $rc = 0 ] && return 0
+  # exit 2 is a refusal (a flag, the run folder, a finished run of other options, damaged data): the same would
+  # stop every run, so the sweep stops here. Another failure (a NaN) is reported at the end; the sweep goes on.
+  if [ $rc = 2 ]; then echo "launch.sh: stopped: $dir was refused (exit 2, the reason above)" >&2; exit 2; fi
+  echo "launch.sh: FAILED (exit $rc): $dir" >&2; FAILED+=("$dir")
 }
 
 report() {  # the report of the runs under $1, into $1/report (printed instead under --dry-run)

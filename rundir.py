@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import zipfile
 
 import torch
 
@@ -121,27 +122,44 @@ def write_config(run_dir, config):
                  lambda f: f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
 
 
-def metrics_rows(run_dir):
-    """Number of data rows in run_dir/metrics.csv, or None when the file is missing."""
+def metrics_lines(run_dir):
+    """metrics.csv as (header line, data lines), or None when the file is missing. One reading for counting and
+    for keeping rows: a data line is a non-blank line ending in a newline; blank lines are not rows, and a last
+    line without its newline (a write cut short by a kill) is not one either."""
     path = os.path.join(run_dir, "metrics.csv")
     if not os.path.exists(path):
         return None
     with open(path, newline="", errors="replace") as f:
-        return max(sum(1 for line in f if line.strip()) - 1, 0)
+        lines = f.read().splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith("\n") and line.strip()]
+    return (complete[0] if complete else ""), complete[1:]
+
+
+def metrics_rows(run_dir):
+    """Number of data rows in run_dir/metrics.csv (as metrics_lines counts them), or None when it is missing."""
+    lines = metrics_lines(run_dir)
+    return None if lines is None else len(lines[1])
 
 
 class MetricsLog:
     """metrics.csv, one row per evaluation, each row flushed and fsynced as it is written."""
 
     def __init__(self, run_dir, keep_rows=None):
-        """keep_rows=None starts a new file; an int keeps that many rows of an existing one (resume)."""
+        """keep_rows=None starts a new file; an int keeps that many rows of an existing one (resume): the rows
+        after them, a last line cut short and blank lines are dropped. A kept row that is not a whole row (other
+        than the header's number of fields) is refused with RunDirError naming its line."""
         self.path = os.path.join(run_dir, "metrics.csv")
         if keep_rows is None:
             atomic_write(self.path, lambda f: f.write((",".join(METRICS_COLUMNS) + "\n").encode()))
-        else:
-            with open(self.path, newline="") as f:
-                lines = f.read().splitlines(keepends=True)
-            atomic_write(self.path, lambda f: f.write("".join(lines[:1 + keep_rows]).encode()))
+            return
+        header, rows = metrics_lines(run_dir)
+        width = len(next(csv.reader([header])))
+        for i, line in enumerate(rows[:keep_rows]):
+            if len(next(csv.reader([line]))) != width:
+                raise RunDirError(f"--resume: {self.path} data row {i + 1} has {len(next(csv.reader([line])))} "
+                                  f"fields, not the header's {width}: the file is damaged; restore it or start "
+                                  f"again with --overwrite")
+        atomic_write(self.path, lambda f: f.write("".join([header] + rows[:keep_rows]).encode()))
 
     def append(self, row):
         def write():
@@ -187,19 +205,48 @@ def save_checkpoint(run_dir, state):
     _fsync_dir(os.path.dirname(last))
 
 
+def verify_checkpoint(path):
+    """Raise ValueError unless every record of the zip file torch.save wrote matches its CRC-32: torch.load does
+    not check them, and a checkpoint with flipped bytes would load silently with damaged weights."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"not a whole checkpoint ({e})") from None
+    if bad is not None:
+        raise ValueError(f"record {bad} fails its CRC check")
+
+
 def load_checkpoint(run_dir, map_location="cpu", discard_corrupt=False):
-    """The newest checkpoint that loads, or None. A corrupt newest one falls back to the previous; with
-    discard_corrupt (rank 0 only) the corrupt file is renamed to *.corrupt, so that the next save cannot
-    rotate it over the good one."""
+    """The newest checkpoint that passes verify_checkpoint and loads, or None. A corrupt newest one falls back to
+    the previous; with discard_corrupt (rank 0 only) the corrupt file is renamed to *.corrupt, so that the next
+    save cannot rotate it over the good one."""
     last, prev = checkpoint_paths(run_dir)
     for path in (last + ".new", last, prev):
         if not os.path.exists(path):
             continue
         try:
+            verify_checkpoint(path)
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # truncated or corrupt file: try the older one
-            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); trying the previous one",
-                  file=sys.stderr)
+            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); trying the "
+                  f"previous one", file=sys.stderr)
             if discard_corrupt:
                 os.replace(path, path + ".corrupt")
     return None
+
+
+def checkpoint_files(run_dir):
+    """The checkpoint files in run_dir/checkpoints, readable or not (*.corrupt included; not a save's .tmp)."""
+    d = os.path.join(run_dir, "checkpoints")
+    return sorted(f for f in os.listdir(d) if not f.endswith(".tmp")) if os.path.isdir(d) else []
+
+
+def recorded_options(run_dir):
+    """config.json's options as a dict, or None when it is missing or not a JSON object."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None

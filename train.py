@@ -30,14 +30,15 @@ from data import DATASETS, DataError, build_data
 from methods import (BLURPOOL_MODES, SHORT, Objective, blurred_layers, prepare_model, selected_methods,
                      to_channels_last)
 from models import SMALL_RESNET, build_model
-from rundir import (MetricsLog, RunDirError, check_writable, holds_run, is_done, load_checkpoint, lock_run_dir,
-                    mark_done, metrics_rows, remove_run, save_checkpoint, write_config)
+from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
+                    lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
 
 # Options that define the result: a resume with any of them changed is refused.
 RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
                "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
                "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay", "cooldown_frac",
-               "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0", "family_t_mult")
+               "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0", "family_t_mult",
+               "eval_every")  # eval_every: the rows --metric max takes its peak from
 NO_STEP = 2 ** 62  # "no non-finite step yet"
 
 
@@ -137,6 +138,9 @@ def micro_batch_size(cfg, world_size):
 def resolve(args, world_size, device):
     """Validate every flag and derive the Setup; fail() on the first bad one."""
     a = args
+    for name, value in sorted(vars(a).items()):  # before anything is written: inf and nan pass every bound below
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     checks = [
         (a.dataset in DATASETS, f"--data: unknown dataset '{a.dataset}'; choose one of {', '.join(DATASETS)}"),
         (a.schedule in schedules.SCHEDULES,
@@ -209,6 +213,9 @@ def resolve(args, world_size, device):
             fail(f"--cycles {a.cycles} disagrees with --epochs {a.epochs:g} ({cycles} cycles); give only one of them")
     if a.warmup_epochs >= epochs:
         fail(f"--warmup-epochs {a.warmup_epochs:g} must be shorter than the run ({epochs:g} epochs)")
+    if a.schedule == "schedule-free" and (a.sf_warmup_epochs or 0) >= epochs:
+        fail(f"--sf-warmup-epochs {a.sf_warmup_epochs:g} must be shorter than the run ({epochs:g} epochs): the LR "
+             f"would never reach its peak")
     amp = a.amp
     if amp == "auto":
         if device.type == "cuda":
@@ -234,41 +241,70 @@ def default_run_dir(args, epochs, methods):
 
 def resume_decision(args, setup, master):
     """Read run_dir and decide: (checkpoint to resume or None, whether to wipe the old run first).
-    Exits 0 for a finished run under --resume, and fail()s on anything that would lose or mix results."""
+    Exits 0 for a finished run of the same options under --resume, and fail()s on anything that would lose or mix
+    results: other options, a damaged metrics.csv, a folder that is not provably an empty start of this run."""
     run_dir, options = setup.run_dir, result_options(args, setup)
-    if args.resume:
-        ckpt = load_checkpoint(run_dir, discard_corrupt=master) if os.path.isdir(run_dir) else None
-        recorded = ckpt.get("config") if ckpt is not None else None
-        if ckpt is not None and recorded is None:
-            fail(f"--resume: the checkpoint in {run_dir}/checkpoints does not record its options (written by "
-                 f"an older train.py); start the run again with --overwrite")
-        if recorded is not None:  # the checkpoint says what it was trained with: a stray config.json cannot mislead
-            diffs = [f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
-                     if k in recorded and recorded[k] != options[k]]
-            if diffs:
-                fail(f"--resume: these options differ from the run in {run_dir}: {'; '.join(diffs)}")
-        if is_done(run_dir):  # never redo a finished run (sweeps rely on this); --overwrite replaces it
-            if master:
-                print(f"run {run_dir} is already finished (it has 'done'); nothing to do. Pass --overwrite "
-                      f"instead of --resume to train it again")
-            sys.exit(0)
-        if ckpt is None and args.resume == "must":
+    if not args.resume:
+        if holds_run(run_dir) and not args.overwrite:
+            fail(f"--run-dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                 f"or choose another --run-dir")
+        return None, args.overwrite
+    ckpt = load_checkpoint(run_dir, discard_corrupt=master) if os.path.isdir(run_dir) else None
+    if ckpt is not None and ckpt.get("config") is None:
+        fail(f"--resume: the checkpoint in {run_dir}/checkpoints does not record its options (written by "
+             f"an older train.py); start the run again with --overwrite")
+    # the checkpoint says what it was trained with (a stray config.json cannot mislead); without one, config.json
+    recorded = ckpt["config"] if ckpt is not None else recorded_options(run_dir)
+    if recorded is not None:
+        diffs = [f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
+                 if k in recorded and recorded[k] != options[k]]
+        if diffs:
+            fail(f"--resume: these options differ from the run in {run_dir}: {'; '.join(diffs)}; pass the run's "
+                 f"options, or choose another --run-dir (--overwrite replaces the run)")
+    if is_done(run_dir):  # never redo a finished run (sweeps rely on this); --overwrite replaces it
+        if recorded is None:
+            fail(f"--resume: {run_dir} is marked done but records no options (no config.json or checkpoint), so it "
+                 f"cannot be checked against this one; choose another --run-dir or --overwrite it")
+        if master:
+            print(f"run {run_dir} is already finished (it has 'done'); nothing to do. Pass --overwrite "
+                  f"instead of --resume to train it again")
+        sys.exit(0)
+    if ckpt is None:
+        if args.resume == "must":
             fail(f"--resume: no readable checkpoint in {run_dir}/checkpoints; start it without --resume "
                  f"(or with --resume auto)")
-        if ckpt is not None:
-            rows = metrics_rows(run_dir)
-            if rows is None:
-                fail(f"--resume: {run_dir}/metrics.csv is missing, so the curve before the checkpoint is lost; "
-                     f"restore the file or start again with --overwrite")
-            if rows < ckpt["metrics_rows"]:
-                fail(f"--resume: {run_dir}/metrics.csv has {rows} rows but the checkpoint recorded "
-                     f"{ckpt['metrics_rows']}; restore the file or start again with --overwrite")
-            return ckpt, False
-        return None, True  # 'auto' with no checkpoint: the run died before its first one, nothing to lose
-    if holds_run(run_dir) and not args.overwrite:
-        fail(f"--run-dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-             f"or choose another --run-dir")
-    return None, args.overwrite
+        return None, fresh_start_allowed(run_dir, recorded, master)
+    rows = metrics_rows(run_dir)
+    if rows is None:
+        fail(f"--resume: {run_dir}/metrics.csv is missing, so the curve before the checkpoint is lost; "
+             f"restore the file or start again with --overwrite")
+    if rows < ckpt["metrics_rows"]:
+        fail(f"--resume: {run_dir}/metrics.csv has {rows} whole rows but the checkpoint recorded "
+             f"{ckpt['metrics_rows']}; restore the file or start again with --overwrite")
+    return ckpt, False
+
+
+def fresh_start_allowed(run_dir, recorded, master):
+    """--resume auto without a checkpoint: start again only where nothing can be lost, i.e. the folder holds no
+    run, or the start of this very run (its config.json, with the options already compared) that died before its
+    first checkpoint: no checkpoint file of any kind and at most the one row written just before it. Anything else
+    is refused, and nothing is removed."""
+    if not holds_run(run_dir):
+        return False
+    files, rows = checkpoint_files(run_dir), metrics_rows(run_dir)
+    ours = recorded is not None and all(k in recorded for k in ("schedule", "seed", "epochs", "lr"))
+    if ours and not files and (rows or 0) <= 1:
+        if master:
+            print(f"--resume auto: {run_dir} has no checkpoint (the run stopped before its first); starting it "
+                  f"again, removing its config.json" + (f" and metrics.csv ({rows} row(s))" if rows is not None
+                                                        else ""))
+        return True
+    held = ", ".join(([f"checkpoints/{', '.join(files)}"] if files else []) +
+                     ([f"metrics.csv ({rows} rows)"] if rows is not None else []) +
+                     (["config.json"] if os.path.exists(os.path.join(run_dir, "config.json")) else []))
+    why = "no readable checkpoint" if ours else "no config.json of a train.py run"
+    fail(f"--resume auto: {run_dir} holds {held or 'run files'} but {why}, so it cannot be resumed and nothing was "
+         f"removed; start it again with --overwrite (deletes them) or choose another --run-dir")
 
 
 def result_options(args, setup):
@@ -279,11 +315,11 @@ def result_options(args, setup):
 # ---- the run ---------------------------------------------------------------------------------
 
 def main(argv=None):
-    """train.py's entry point: a run-directory problem (unusable folder, lock held, full disk) anywhere in the
-    run is one line and exit 2, like a bad flag."""
+    """train.py's entry point: a run-directory problem (unusable folder, lock held, full disk) or a damaged image
+    anywhere in the run is one line and exit 2, like a bad flag; the last checkpoint is kept."""
     try:
         run_main(argv)
-    except RunDirError as e:
+    except (RunDirError, DataError) as e:  # DataError mid-run: a damaged image, named by the loader
         fail(str(e))
 
 
@@ -295,6 +331,10 @@ def run_main(argv=None):
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     setup = resolve(args, world_size, device)
     check_writable(setup.run_dir)  # before anything slow is loaded
+    # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
+    # run (a folder that does not exist yet holds nothing to read, and is created only once the flags pass).
+    lock = lock_run_dir(setup.run_dir) if master and os.path.isdir(setup.run_dir) else None
+    ckpt, wipe = resume_decision(args, setup, master)  # every rank decides alike: they all read the same files
     configure_device(device)
     torch.manual_seed(args.seed)  # every rank builds the same initial model
     random.seed(args.seed)
@@ -310,11 +350,6 @@ def run_main(argv=None):
     if spe < 1:
         fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset")
     plan = make_plan(args, setup, spe)
-
-    # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
-    # run (a folder that does not exist yet holds nothing to read, and is created only once the flags pass).
-    lock = lock_run_dir(setup.run_dir) if master and os.path.isdir(setup.run_dir) else None
-    ckpt, wipe = resume_decision(args, setup, master)  # every rank decides alike: they all read the same files
     lock = lock or (lock_run_dir(setup.run_dir) if master else None)  # noqa: F841 (held until the process ends)
     model = prepare_model(model, args).to(device)
     replaced = blurred_layers(model)
@@ -347,8 +382,8 @@ def run_main(argv=None):
     if master:
         if wipe:
             remove_run(setup.run_dir)
+        log = MetricsLog(setup.run_dir, keep_rows=state.metrics_rows if ckpt is not None else None)  # may refuse
         write_config(setup.run_dir, config)
-        log = MetricsLog(setup.run_dir, keep_rows=state.metrics_rows if ckpt is not None else None)
         print(f"run {setup.run_dir}: {args.schedule}, {setup.epochs:g} epochs = {plan.run_steps} steps, curve points "
               f"at epochs {', '.join(f'{e:g}' for e in config['cycle_end_epochs'])}; methods "
               f"{', '.join(setup.methods) or 'none'} (label smoothing eps {objective.label_smoothing:g}, mixup alpha "

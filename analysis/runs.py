@@ -25,13 +25,20 @@ ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a w
 # Options that change a run's result, seed aside: runs differing in any are never averaged (group_runs). t0 and
 # t_mult are left out because a standard run records t0 = epochs - warmup: they only separate estimator runs
 # (SHAPE_KEYS). A method's or a schedule's own options (METHOD_KEYS, ESTIMATOR_KEYS) split method sets and curves.
-# world_size changes each rank's BatchNorm batch and MixUp draws; device and compile change the time axis.
+# world_size changes each rank's BatchNorm batch and MixUp draws; device and compile change the time axis;
+# eval_every the rows that --metric max (the default) takes its peak from.
 RESULT_KEYS = ("dataset", "model", "subset", "lr", "batch_size", "grad_accum", "warmup_epochs", "eta_min", "amp",
-               "momentum", "nesterov", "weight_decay", "world_size", "device", "compile")
+               "momentum", "nesterov", "weight_decay", "world_size", "device", "compile", "eval_every")
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
 ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only
 METHOD_KEYS = {"label_smoothing": ("label_smoothing",), "mixup": ("mixup",), "blurpool": ("blurpool_mode",)}
+
+
+# config.json keys read as numbers (the curve's budgets, the schedule figure's LR): checked when a run is read, so
+# that one damaged run is skipped with one line instead of stopping a report.
+NUMBER_KEYS = ("epochs", "warmup_epochs", "t0", "t_mult", "lr", "eta_min", "steps_per_epoch")
+OPTIONAL_NUMBER_KEYS = ("eta_min", "steps_per_epoch")  # runs from other tools may lack these
 
 
 class RunError(ValueError):
@@ -188,8 +195,12 @@ def read_config(path):
         raise RunError(f"{cfg_path}: 'schedule' must be a name, not {config['schedule']!r}")
     if not isinstance(config["methods"], list) or not all(isinstance(m, str) for m in config["methods"]):
         raise RunError(f"{cfg_path}: 'methods' must be a list of names, not {config['methods']!r}")
-    if isinstance(config["epochs"], bool) or not isinstance(config["epochs"], (int, float)):
-        raise RunError(f"{cfg_path}: 'epochs' must be a number, not {config['epochs']!r}")
+    for key in NUMBER_KEYS:
+        if key not in config and key not in OPTIONAL_NUMBER_KEYS:
+            raise RunError(f"{cfg_path}: missing key '{key}'")
+        value = config.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RunError(f"{cfg_path}: '{key}' must be a finite number, not {value!r}")
     return config
 
 

@@ -248,7 +248,7 @@ def test_method_strengths_are_separate_method_sets(tmp_path):
     ("config.json", b"\x89PNG\r\n\x1a\n\xff\xfe", "config.json:1: not UTF-8 text (byte 0x89)"),
     ("config.json", b"null", "config.json: holds NoneType, not an object of options"),
     ("config.json", b'{"schedule": "standard", "methods": 5, "epochs": 8}', "'methods' must be a list of names, not 5"),
-    ("config.json", b'{"schedule": "standard", "methods": [], "epochs": "8"}', "'epochs' must be a number, not '8'"),
+    ("config.json", b'{"schedule": "standard", "methods": [], "epochs": "8"}', "'epochs' must be a finite number, not '8'"),
     ("metrics.csv", ",".join(COLS).encode() + b"\n8,32,0.01,1,1,9\xff,99,8,0,1\n", "metrics.csv:2: not UTF-8 text"),
 ])
 def test_a_damaged_run_is_skipped_with_its_file_named(sweep, tmp_path, capsys, file, content, message):
@@ -259,6 +259,25 @@ def test_a_damaged_run_is_skipped_with_its_file_named(sweep, tmp_path, capsys, f
     err = capsys.readouterr().err
     assert f"skipped: {bad / file}" in err and message in err
     assert float(read_csv(out / "gaps.csv")["baseline"]["mean_gap_pp"]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (dict(t0=None), "missing key 't0'"),
+    (dict(lr="0.1"), "'lr' must be a finite number, not '0.1'"),
+    (dict(lr={"peak": 0.1}), "'lr' must be a finite number, not {'peak': 0.1}"),
+    (dict(steps_per_epoch=[4]), "'steps_per_epoch' must be a finite number, not [4]"),
+])
+def test_report_skips_a_run_whose_config_the_figures_cannot_use(sweep, tmp_path, capsys, damage, message):
+    # the schedule figure draws the longest baseline run's LR from its config: make that run the damaged one
+    bad = write_run(sweep, "damaged", "standard", [], [(8, 10, 8, 0, 0), (16, 10, 16, 0, 1)])
+    config = json.loads((bad / "config.json").read_text())
+    config.update(damage)
+    (bad / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    out = tmp_path / "out"
+    report.main([str(sweep), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"skipped: {bad / 'config.json'}: {message}" in err
+    assert (out / "report.md").exists() and (out / "fig1_schedules.png").exists()
 
 
 def test_cut_rows_and_nan_accuracies_cost_only_their_points(sweep, tmp_path, capsys):

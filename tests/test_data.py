@@ -333,3 +333,26 @@ def test_benchmark_compares_like_with_like(tmp_path):
         assert ran["a"]["channels_last"] == ("--channels-last" in flags)
         assert (ran["a"]["amp"] == "none") if flags else ran["a"]["amp"] in ("bf16", "none")
         assert all(figures[k] > 0 for k in ("a_img_s", "b_img_s", "c_img_s"))
+
+
+@pytest.mark.parametrize("split,damage", [("train", "truncated"), ("val", "not an image")])
+def test_a_damaged_image_stops_the_run_with_one_line_naming_it(tmp_path, split, damage):
+    """Read by a DataLoader worker mid-run, a damaged file is one line naming it (not the worker's traceback),
+    exit 2; the folder keeps its checkpoint to resume from once the file is replaced."""
+    from conftest import run_train
+    g = np.random.default_rng(0)
+    write_image_folder(tmp_path / "tree", {"train": 4, "val": 2},
+                       pixels=lambda i: g.integers(0, 256, (40, 50, 3), np.uint8))
+    bad = tmp_path / "tree" / split / "b" / ("5.png" if split == "train" else "3.png")
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:200])
+    else:
+        bad.write_text("this is not an image\n")
+    run = tmp_path / "run"
+    p = run_train(["--data", "imagenet", "--data-dir", str(tmp_path / "tree"), "--workers", "1", "--batch-size", "4",
+                   "--warmup-epochs", "1", "--t0", "1", "--cycles", "1", "--amp", "none", "--no-progress",
+                   "--run-dir", str(run)], check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1, p.stderr[-3000:]
+    assert err[0].startswith("train.py: error: --data-dir: cannot read") and str(bad) in err[0], err
+    assert "--resume" in err[0] and not (run / "done").exists()

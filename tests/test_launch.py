@@ -1,4 +1,5 @@
 """launch.sh sweeps: the dry-run plan, skip and resume, and a tiny real sweep with its report."""
+import json
 import os
 import subprocess
 
@@ -28,14 +29,18 @@ def test_dry_run_plans_each_run_once(tmp_path):
     std = sorted(l.split("--epochs ")[1].split()[0] for l in runs if "/baseline/s0/standard" in l)
     assert std == ["2", "4"]  # the standard runs sit at the cyclic run's cycle ends
     assert lines[-1].endswith(f"analysis.report {out} --out {out}/report")
-    # a finished run is skipped, an unfinished one is still launched (and resumes through --resume auto)
-    done = out / "baseline" / "s0" / "cyclic"
-    done.mkdir(parents=True)
-    (done / "done").touch()
+    # a finished run asked for with the flags it recorded is skipped; one asked for with other flags goes to
+    # train.py (which compares the options); an unfinished one is launched (and resumes through --resume auto)
+    for seed in ("0", "1"):  # both record s1's flags: s1 is asked for with them again, s0 with its own
+        done = out / "bp+mx" / f"s{seed}" / "cyclic"
+        done.mkdir(parents=True)
+        (done / "done").touch()
+        (done / "config.json").write_text(json.dumps({"argv": bp_cyclic.split(" train.py ")[1].split()}))
     (out / "baseline" / "s1" / "cyclic").mkdir(parents=True)
-    lines = launch(*SWEEP, "--dry-run", out=out).stdout.splitlines()
-    assert f"skip (done): {done}" in lines
+    lines = launch(*SWEEP, "--dry-run", "--", "--data", "synthetic", out=out).stdout.splitlines()
+    assert f"skip (done): {out / 'bp+mx' / 's1' / 'cyclic'}" in lines
     assert sum("train.py" in l for l in lines) == 11 and any("/baseline/s1/cyclic" in l for l in lines)
+    assert any("/bp+mx/s0/cyclic" in l and "train.py" in l for l in lines)
 
 
 def test_bad_method_name_is_refused(tmp_path):
@@ -55,6 +60,12 @@ def test_tiny_real_sweep_end_to_end(tmp_path):
     assert (out / "report" / "fig3_tradeoff.png").stat().st_size > 1000
     second = launch(*args, out=out).stdout  # everything is done: all skipped, the report made again
     assert second.count("skip (done)") == 6 and "train.py" not in second.replace("skip (done)", "")
+    # asked again with another result-defining option: the first finished run names the difference, the sweep
+    # stops there (no run redone, no report rebuilt from runs of other options)
+    (out / "report" / "report.md").unlink()
+    third = launch(*args[:-1], "0.1", out=out, check=False)
+    assert third.returncode == 2 and "lr: 0.05 -> 0.1" in third.stderr and "stopped" in third.stderr
+    assert third.stdout.count("train.py") == 1 and not (out / "report" / "report.md").exists()
 
 
 def test_repro_plans_the_whole_study_seed_by_seed(tmp_path):

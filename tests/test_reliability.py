@@ -132,7 +132,7 @@ def test_resume_refuses_a_metrics_file_shorter_than_the_checkpoint(tmp_path):
         f.writelines(lines[:2])
     config = open(os.path.join(run, "config.json")).read()
     p = run_train(TINY + ["--run-dir", run, "--eval-every", "1", "--resume"], check=False)
-    assert p.returncode == 2 and "metrics.csv has 1 rows but the checkpoint recorded 4" in p.stderr
+    assert p.returncode == 2 and "metrics.csv has 1 whole rows but the checkpoint recorded 4" in p.stderr
     os.remove(path)
     p = run_train(TINY + ["--run-dir", run, "--eval-every", "1", "--resume"], check=False)
     assert p.returncode == 2 and "metrics.csv is missing" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -1,6 +1,8 @@
 """Runs that survive crashes: exact resume after SIGKILL, corrupt checkpoints, refusals, NaN."""
 import csv
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ENV, ROOT, TINY, run_train, train_cmd
+from rundir import load_checkpoint
 
 TIME_COLUMNS = {"train_time_s", "curve_cost_s", "images_per_s", "eval_time_s"}
 # Mid-cycle evaluations every half epoch give checkpoints to resume from; MixUp adds its own RNG.
@@ -123,3 +126,91 @@ def test_torchrun_restarts_a_killed_worker_and_finishes_the_same_run(tmp_path):
     assert p.returncode == 0, err[-2000:]
     assert os.path.exists(os.path.join(run, "done"))
     assert metrics_without_time(run) == metrics_without_time(ref)
+
+
+# ---- damaged run folders (reliability round 3) -----------------------------------------------
+
+def unfinished_copy(reference, tmp_path):
+    """The finished reference run, copied and made unfinished: its checkpoints are the last two rows'."""
+    run = str(tmp_path / "run")
+    shutil.copytree(reference, run)
+    os.remove(os.path.join(run, "done"))
+    return run
+
+
+def test_a_cut_last_row_and_blank_lines_are_repaired_on_resume(reference, tmp_path):
+    run = str(tmp_path / "run")
+    kill_after(ARGS + ["--run-dir", run], 3, 0.1)
+    metrics = os.path.join(run, "metrics.csv")
+    lines = open(metrics).read().splitlines(keepends=True)
+    with open(metrics, "w") as f:  # a blank line between rows, and a row cut short mid-write after the last one
+        f.write("".join(lines[:2] + ["\n"] + lines[2:]) + "9.5,76,0.0")
+    run_train(ARGS + ["--run-dir", run, "--resume"])
+    assert metrics_without_time(run) == metrics_without_time(reference)
+    assert open(metrics).read().count("\n") == len(metrics_without_time(reference)) + 1
+
+
+def test_a_cut_row_that_the_checkpoint_counts_is_refused_and_kept(tmp_path):
+    run = str(tmp_path / "run")
+    kill_after(ARGS + ["--run-dir", run], 3, 0.1)
+    counted = load_checkpoint(run)["metrics_rows"]  # the newest checkpoint, as --resume reads it
+    metrics = os.path.join(run, "metrics.csv")
+    lines = open(metrics).read().splitlines(keepends=True)
+    damaged = "".join(lines[:counted]) + lines[counted][:-12]  # the checkpoint's last row, cut short
+    open(metrics, "w").write(damaged)
+    p = run_train(ARGS + ["--run-dir", run, "--resume"], check=False)
+    assert p.returncode == 2 and f"has {counted - 1} whole rows but the checkpoint recorded {counted}" in p.stderr
+    assert open(metrics).read() == damaged
+
+
+def test_a_checkpoint_with_flipped_bytes_is_never_loaded(reference, tmp_path):
+    run = unfinished_copy(reference, tmp_path)
+    last = os.path.join(run, "checkpoints", "last.pt")
+    data = bytearray(open(last, "rb").read())
+    middle = len(data) // 2  # inside the model's weights
+    data[middle:middle + 64] = bytes(64)
+    open(last, "wb").write(data)
+    torch.load(last, weights_only=True)  # torch.load alone takes it, damaged weights and all
+    p = run_train(ARGS + ["--run-dir", run, "--resume"])
+    assert "last.pt is unreadable" in p.stderr and "CRC" in p.stderr
+    assert os.path.exists(last + ".corrupt")  # set aside: the next save cannot rotate it over prev.pt
+    assert metrics_without_time(run) == metrics_without_time(reference)  # resumed from prev.pt, one row earlier
+    ref_w, w = final_weights(reference), final_weights(run)
+    assert all(torch.equal(ref_w[k], w[k]) for k in ref_w)
+
+
+def test_resume_auto_removes_nothing_it_cannot_resume(tmp_path):
+    foreign = tmp_path / "foreign"  # someone else's run: a config.json of other keys, five rows, no checkpoint
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"note": "results of another tool"}))
+    (foreign / "metrics.csv").write_text("epoch,val_acc1\n" + "".join(f"{e},{50 + e}\n" for e in range(5)))
+    before = {f: (foreign / f).read_text() for f in ("config.json", "metrics.csv")}
+    p = run_train(ARGS + ["--run-dir", str(foreign), "--resume", "auto"], check=False)
+    assert p.returncode == 2 and "cannot be resumed and nothing was removed" in p.stderr and "--overwrite" in p.stderr
+    assert {f: (foreign / f).read_text() for f in before} == before
+    run = str(tmp_path / "run")  # a run of ours whose two checkpoints are both damaged
+    kill_after(ARGS + ["--run-dir", run], 3, 0.1)
+    for name in os.listdir(os.path.join(run, "checkpoints")):
+        open(os.path.join(run, "checkpoints", name), "r+b").write(b"garbage")
+    rows = open(os.path.join(run, "metrics.csv")).read()
+    p = run_train(ARGS + ["--run-dir", run, "--resume", "auto"], check=False)
+    assert p.returncode == 2 and "no readable checkpoint" in p.stderr and ".corrupt" in p.stderr
+    assert open(os.path.join(run, "metrics.csv")).read() == rows
+    assert any(n.endswith(".corrupt") for n in os.listdir(os.path.join(run, "checkpoints")))
+
+
+def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(reference, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(os.path.join(reference, "config.json"), run)  # this very run's options, written at its start
+    header = open(os.path.join(reference, "metrics.csv")).readline()
+    (run / "metrics.csv").write_text(header)
+    p = run_train(ARGS + ["--run-dir", str(run), "--resume", "auto"])
+    assert "has no checkpoint (the run stopped before its first); starting it again" in p.stdout
+    assert metrics_without_time(str(run)) == metrics_without_time(reference)
+
+
+def test_resume_with_another_evaluation_cadence_is_refused(reference, tmp_path):
+    run = unfinished_copy(reference, tmp_path)
+    p = run_train(ARGS + ["--run-dir", run, "--resume", "--eval-every", "1"], check=False)
+    assert p.returncode == 2 and "eval_every: 0.5 -> 1.0" in p.stderr

@@ -136,6 +136,18 @@ BAD = [
     (["--schedule", "cyclic-decay", "--cycle-decay", "1.2"], "--cycle-decay"),
     (["--blurpool", "--blurpool-mode", "sideways"], "--blurpool-mode"),
     (["--checkpoint-every", "-1"], "--checkpoint-every"),
+    # non-finite values pass every bound; each is refused before anything is written
+    (["--lr", "inf"], "--lr"),
+    (["--eval-every", "inf"], "--eval-every"),
+    (["--t0", "inf"], "--t0"),
+    (["--schedule", "schedule-free", "--sf-warmup-epochs", "inf"], "--sf-warmup-epochs"),
+    (["--schedule", "schedule-free", "--sf-lr", "inf"], "--sf-lr"),
+    (["--weight-decay", "inf"], "--weight-decay"),
+    (["--mixup", "inf"], "--mixup"),
+    (["--label-smoothing", "nan"], "--label-smoothing"),
+    (["--epochs", "nan", "--schedule", "standard"], "--epochs"),
+    # a warmup as long as the run never reaches the peak LR, for every schedule
+    (["--schedule", "schedule-free", "--cycles", "2", "--sf-warmup-epochs", "4"], "--sf-warmup-epochs"),
 ]
 
 
