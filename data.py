@@ -250,8 +250,8 @@ class FolderData:
     def val_batches(self, rank, world_size, batch_size):
         # Strided shard without padding (DistributedSampler would repeat images to even the shards).
         idx = list(range(rank, len(self.val_set), world_size))
-        yield from on_device(self._loader(NamedSamples(self.val_set), idx, batch_size, torch.Generator().manual_seed(0)),
-                             self.device)
+        loader = self._loader(NamedSamples(self.val_set), idx, batch_size, torch.Generator().manual_seed(0))
+        yield from on_device(loader, self.device)
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -294,12 +294,15 @@ def named_sample(dataset, index):
     the batch, and so the run, without a word."""
     try:
         return dataset[index]
-    except Exception as e:
+    except (OSError, SyntaxError, EOFError, ValueError) as e:  # what PIL raises for a file it cannot decode
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's (EIO, ESTALE, EMFILE): not the image
+            raise
         while isinstance(dataset, torch.utils.data.Subset):
             dataset, index = dataset.dataset, dataset.indices[index]
         path = dataset.samples[index][0] if hasattr(dataset, "samples") else f"image {index}"
-        raise DataError(f"--data-dir: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                        f"replace it with a good copy of the image and continue with --resume") from None
+        why = (str(e).splitlines() or [""])[0][:100]
+        raise DataError(f"--data-dir: cannot read {path} ({type(e).__name__}: {why}); replace it with a good copy of "
+                        f"the image and continue with --resume") from None
 
 
 class FolderLoader:

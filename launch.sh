@@ -78,7 +78,8 @@ launcher() {
     local rdzv=(--standalone)
     [ "$NNODES" -gt 1 ] && rdzv=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV"
                                  --rdzv-id "${RDZV_ID:-sweep}")
-    echo "$VENV/bin/torchrun ${rdzv[*]} --nproc_per_node $GPUS --max-restarts ${MAX_RESTARTS:-0}"
+    # python -m torch.distributed.run, not .venv/bin/torchrun: a venv that reuses the system's torch has no such script
+    echo "$VENV/bin/python -m torch.distributed.run ${rdzv[*]} --nproc_per_node $GPUS --max-restarts ${MAX_RESTARTS:-0}"
   else
     echo "$VENV/bin/python"
   fi
@@ -101,13 +102,16 @@ one_run() {  # run_dir, then train.py flags
   local cmd="$(launcher) train.py $argv"
   if [ "$DRY" = 1 ]; then echo "$cmd"; return 0; fi
   echo "+ $cmd"
-  local rc=0
-  $cmd || rc=$?
-  [ $rc = 0 ] && return 0
-  # exit 2 is a refusal (a flag, the run folder, a finished run of other options, damaged data): the same would
-  # stop every run, so the sweep stops here. Another failure (a NaN) is reported at the end; the sweep goes on.
-  if [ $rc = 2 ]; then echo "launch.sh: stopped: $dir was refused (exit 2, the reason above)" >&2; exit 2; fi
-  echo "launch.sh: FAILED (exit $rc): $dir" >&2; FAILED+=("$dir")
+  local rc=0 refusal; refusal=$(mktemp)
+  TRAIN_REFUSAL_FILE=$refusal $cmd || rc=$?
+  # train.py writes the file when it refuses the options themselves (a bad value, a run of other options): every
+  # run would be refused alike, so the sweep stops (torchrun exits 1 whatever the worker's code: hence a file).
+  # Any other failure (a NaN, one damaged folder) is reported at the end, and the sweep goes on.
+  if [ $rc != 0 ] && [ -s "$refusal" ]; then
+    rm -f "$refusal"; echo "launch.sh: stopped: $dir: train.py refused the options (the reason above)" >&2; exit 2
+  fi
+  rm -f "$refusal"
+  [ $rc = 0 ] || { echo "launch.sh: FAILED (exit $rc): $dir" >&2; FAILED+=("$dir"); }
 }
 
 report() {  # the report of the runs under $1, into $1/report (printed instead under --dry-run)
@@ -208,8 +212,8 @@ case "${1:-}" in
     PY -m pytest -q -m cuda tests && summary+=("cuda tests: passed") || summary+=("cuda tests: FAILED")
     for variant in "bf16" "fp16" "bf16 --compile"; do
       set -- $variant; name="${1}${2:+-compile}"
-      if "$VENV/bin/torchrun" --standalone --nproc_per_node 1 train.py --run-dir "$out/$name" --overwrite \
-          --no-progress --amp "$@" --cycles 3 --channels-last; then
+      if "$VENV/bin/python" -m torch.distributed.run --standalone --nproc_per_node 1 train.py --run-dir "$out/$name" \
+          --overwrite --no-progress --amp "$@" --cycles 3 --channels-last; then
         summary+=("run $name: $(tail -n 1 "$out/$name/metrics.csv" | cut -d, -f6,8,12-15 --output-delimiter=' ')")
       else summary+=("run $name: FAILED"); fi
     done

@@ -42,11 +42,34 @@ class SmallResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def build_model(name, num_classes, in_chans):
-    """`small_resnet`, or any name timm.create_model knows (randomly initialised)."""
+def parse_model_kwargs(text):
+    """--model-kwargs 'key=value,...' as a dict; values are Python literals (2, 0.1, True, 'x') or plain words."""
+    import ast
+    kwargs = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"--model-kwargs: '{item}' is not key=value; write e.g. drop_path_rate=0.1,depth=6")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def build_model(name, num_classes, in_chans, model_kwargs=None):
+    """`small_resnet`, or any name timm.create_model knows (randomly initialised), with `model_kwargs` passed to
+    timm (drop_rate, drop_path_rate, img_size, depth, ...)."""
+    model_kwargs = model_kwargs or {}
     if name == SMALL_RESNET:
+        if model_kwargs:
+            raise ValueError(f"--model-kwargs: {SMALL_RESNET} takes none (got {', '.join(model_kwargs)}); they are "
+                             f"for timm models")
         return SmallResNet(num_classes, in_chans)
     if not timm.is_model(name):
         raise ValueError(f"--model: unknown model '{name}'; use {SMALL_RESNET} or a timm model name "
                          f"(python -c \"import timm; print(timm.list_models('resnet*'))\")")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+    except TypeError as e:
+        raise ValueError(f"--model-kwargs: {name} does not take {', '.join(model_kwargs)} ({e})") from None

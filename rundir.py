@@ -176,9 +176,10 @@ def mark_done(run_dir):
 
 
 def remove_run(run_dir):
-    """Delete a run's files (for --overwrite); the lock and anything else in the folder stay."""
+    """Delete a run's files (for --overwrite); the lock and anything else in the folder stay. config.json goes
+    last, so that a folder killed half-way still says whose it is."""
     import shutil
-    for name in ("config.json", "metrics.csv", "done"):
+    for name in ("done", "metrics.csv", "config.json"):
         if os.path.exists(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)

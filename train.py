@@ -29,7 +29,7 @@ import schedules
 from data import DATASETS, DataError, build_data
 from methods import (BLURPOOL_MODES, SHORT, Objective, blurred_layers, prepare_model, selected_methods,
                      to_channels_last)
-from models import SMALL_RESNET, build_model
+from models import SMALL_RESNET, build_model, parse_model_kwargs
 from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
                     lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
 
@@ -38,7 +38,7 @@ RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "
                "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
                "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay", "cooldown_frac",
                "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0", "family_t_mult",
-               "eval_every")  # eval_every: the rows --metric max takes its peak from
+               "eval_every", "model_kwargs")  # eval_every: the rows --metric max takes its peak from
 NO_STEP = 2 ** 62  # "no non-finite step yet"
 
 
@@ -52,6 +52,8 @@ def parse_args(argv=None):
     g.add_argument("--subset", type=int, default=0, help="train on N images only (0: all)")
     g.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank (imagenet)")
     g.add_argument("--model", default=SMALL_RESNET, help=f"{SMALL_RESNET} or any timm model name")
+    g.add_argument("--model-kwargs", default="", metavar="K=V,...",
+                   help="options for timm.create_model, e.g. drop_rate=0.1,drop_path_rate=0.1,img_size=32")
     g = p.add_argument_group("schedule (periods in epochs, applied per optimizer step)")
     g.add_argument("--schedule", default="cyclic", help=" | ".join(schedules.SCHEDULES))
     g.add_argument("--epochs", type=float, default=None, help="total epochs (all but standard: must end a cycle)")
@@ -119,12 +121,20 @@ class Setup:
     run_dir: str
     sf_lr: float
     sf_warmup_epochs: float
+    model_kwargs: dict  # --model-kwargs parsed
 
 
-def fail(message, code=2):
-    """One line on stderr naming the flag and the fix, a non-zero exit; nothing written."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"train.py: error: {message}", file=sys.stderr)
+def fail(message, code=2, every_rank=False, options=False):
+    """One line on stderr naming the flag and the fix, a non-zero exit; nothing written. options=True marks a
+    refusal of the options themselves (a bad value, a run of other options): it would refuse every run of a sweep,
+    so it is also written to $TRAIN_REFUSAL_FILE where launch.sh set one (torchrun turns every exit code into 1)."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0 or every_rank:
+        where = f"rank {rank}: " if every_rank and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"train.py: error: {where}{message}", file=sys.stderr)
+    if options and rank == 0 and os.environ.get("TRAIN_REFUSAL_FILE"):
+        with open(os.environ["TRAIN_REFUSAL_FILE"], "w") as f:
+            f.write(message + "\n")
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)
@@ -140,7 +150,7 @@ def resolve(args, world_size, device):
     a = args
     for name, value in sorted(vars(a).items()):  # before anything is written: inf and nan pass every bound below
         if isinstance(value, float) and not math.isfinite(value):
-            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}", options=True)
     checks = [
         (a.dataset in DATASETS, f"--data: unknown dataset '{a.dataset}'; choose one of {', '.join(DATASETS)}"),
         (a.schedule in schedules.SCHEDULES,
@@ -191,12 +201,13 @@ def resolve(args, world_size, device):
     ]
     for ok, message in checks:
         if not ok:
-            fail(message)
+            fail(message, options=True)
     if a.schedule == "schedule-free":
         try:
             import schedulefree  # noqa: F401
         except ImportError:
-            fail("--schedule schedule-free needs the schedulefree package: pip install -r requirements.txt")
+            fail("--schedule schedule-free needs the schedulefree package: pip install -r requirements.txt",
+                 options=True)
     t_mult = 1 if a.schedule == "constant" else (a.t_mult or 2)
     if a.schedule == "standard":  # the epochs of the cyclic run's cycles, if given as --cycles
         epochs, cycles = a.epochs or schedules.cyclic_epochs(a.warmup_epochs, a.t0, t_mult, a.cycles or 3), 1
@@ -208,14 +219,15 @@ def resolve(args, world_size, device):
         try:
             cycles = schedules.cycles_for_epochs(a.warmup_epochs, a.t0, t_mult, a.epochs)
         except ValueError as e:
-            fail(str(e))
+            fail(str(e), options=True)
         if a.cycles not in (None, cycles):
-            fail(f"--cycles {a.cycles} disagrees with --epochs {a.epochs:g} ({cycles} cycles); give only one of them")
+            fail(f"--cycles {a.cycles} disagrees with --epochs {a.epochs:g} ({cycles} cycles); give only one of them",
+                 options=True)
     if a.warmup_epochs >= epochs:
-        fail(f"--warmup-epochs {a.warmup_epochs:g} must be shorter than the run ({epochs:g} epochs)")
+        fail(f"--warmup-epochs {a.warmup_epochs:g} must be shorter than the run ({epochs:g} epochs)", options=True)
     if a.schedule == "schedule-free" and (a.sf_warmup_epochs or 0) >= epochs:
         fail(f"--sf-warmup-epochs {a.sf_warmup_epochs:g} must be shorter than the run ({epochs:g} epochs): the LR "
-             f"would never reach its peak")
+             f"would never reach its peak", options=True)
     amp = a.amp
     if amp == "auto":
         if device.type == "cuda":
@@ -224,6 +236,10 @@ def resolve(args, world_size, device):
             native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
             amp = "bf16" if native else "none"
     methods = selected_methods(a)
+    try:
+        model_kwargs = parse_model_kwargs(a.model_kwargs)
+    except ValueError as e:
+        fail(str(e), options=True)
     standard = a.schedule == "standard"  # recorded shape: one cosine period over the rest of the run
     return Setup(epochs=epochs, cycles=cycles, t0=epochs - a.warmup_epochs if standard else a.t0,
                  t_mult=1 if standard else t_mult, family_t0=a.t0, family_t_mult=t_mult, amp=amp, methods=methods,
@@ -231,7 +247,7 @@ def resolve(args, world_size, device):
                  (0.0 if a.dataset == "imagenet" else 1.0),
                  run_dir=a.run_dir or default_run_dir(a, epochs, methods),
                  sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
-                 else a.sf_warmup_epochs)
+                 else a.sf_warmup_epochs, model_kwargs=model_kwargs)
 
 
 def default_run_dir(args, epochs, methods):
@@ -253,15 +269,21 @@ def resume_decision(args, setup, master):
     if ckpt is not None and ckpt.get("config") is None:
         fail(f"--resume: the checkpoint in {run_dir}/checkpoints does not record its options (written by "
              f"an older train.py); start the run again with --overwrite")
-    # the checkpoint says what it was trained with (a stray config.json cannot mislead); without one, config.json
-    recorded = ckpt["config"] if ckpt is not None else recorded_options(run_dir)
+    # the checkpoint says what it was trained with (a stray config.json cannot mislead); config.json fills in the
+    # keys an older checkpoint predates, and stands alone where there is no checkpoint
+    from_config = recorded_options(run_dir)
+    recorded = None if ckpt is None and from_config is None else {**(from_config or {}),
+                                                                  **(ckpt["config"] if ckpt is not None else {})}
+    done = is_done(run_dir)
     if recorded is not None:
+        # a finished run made elsewhere stays valid: its data folder and what --amp auto chose there are the host's
+        host = ("data_dir",) + (("amp",) if args.amp == "auto" else ()) if done else ()
         diffs = [f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
-                 if k in recorded and recorded[k] != options[k]]
+                 if k in recorded and k not in host and recorded[k] != options[k]]
         if diffs:
-            fail(f"--resume: these options differ from the run in {run_dir}: {'; '.join(diffs)}; pass the run's "
-                 f"options, or choose another --run-dir (--overwrite replaces the run)")
-    if is_done(run_dir):  # never redo a finished run (sweeps rely on this); --overwrite replaces it
+            fail(f"--resume: these options differ from the {'finished ' * done}run in {run_dir}: {'; '.join(diffs)}; "
+                 f"ask for the run's options, or use another --run-dir (a sweep: another --out)", options=True)
+    if done:  # never redo a finished run (sweeps rely on this); --overwrite replaces it
         if recorded is None:
             fail(f"--resume: {run_dir} is marked done but records no options (no config.json or checkpoint), so it "
                  f"cannot be checked against this one; choose another --run-dir or --overwrite it")
@@ -293,18 +315,20 @@ def fresh_start_allowed(run_dir, recorded, master):
         return False
     files, rows = checkpoint_files(run_dir), metrics_rows(run_dir)
     ours = recorded is not None and all(k in recorded for k in ("schedule", "seed", "epochs", "lr"))
-    if ours and not files and (rows or 0) <= 1:
+    bare = recorded is None and rows == 0 and not os.path.exists(os.path.join(run_dir, "done"))  # a header only
+    if (ours or bare) and not files and (rows or 0) <= 1:
         if master:
             print(f"--resume auto: {run_dir} has no checkpoint (the run stopped before its first); starting it "
-                  f"again, removing its config.json" + (f" and metrics.csv ({rows} row(s))" if rows is not None
-                                                        else ""))
+                  f"again, removing its " + " and ".join(["config.json"] * ours + [f"metrics.csv ({rows} row(s))"]
+                                                         * (rows is not None)))
         return True
     held = ", ".join(([f"checkpoints/{', '.join(files)}"] if files else []) +
                      ([f"metrics.csv ({rows} rows)"] if rows is not None else []) +
                      (["config.json"] if os.path.exists(os.path.join(run_dir, "config.json")) else []))
     why = "no readable checkpoint" if ours else "no config.json of a train.py run"
     fail(f"--resume auto: {run_dir} holds {held or 'run files'} but {why}, so it cannot be resumed and nothing was "
-         f"removed; start it again with --overwrite (deletes them) or choose another --run-dir")
+         f"removed; start it again with --overwrite (deletes them), or use another --run-dir (a sweep: delete that "
+         f"folder or use another --out)")
 
 
 def result_options(args, setup):
@@ -319,8 +343,10 @@ def main(argv=None):
     anywhere in the run is one line and exit 2, like a bad flag; the last checkpoint is kept."""
     try:
         run_main(argv)
-    except (RunDirError, DataError) as e:  # DataError mid-run: a damaged image, named by the loader
+    except RunDirError as e:
         fail(str(e))
+    except DataError as e:  # mid-run: a damaged image, named by the loader of whichever rank read it
+        fail(str(e), every_rank=True)
 
 
 def run_main(argv=None):
@@ -342,13 +368,13 @@ def run_main(argv=None):
 
     try:
         data = build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers)
-        model = build_model(args.model, data.num_classes, data.in_chans)
+        model = build_model(args.model, data.num_classes, data.in_chans, setup.model_kwargs)
     except (DataError, ValueError) as e:
-        fail(str(e))
+        fail(str(e), options=True)
     loader = data.train_loader(args.batch_size, rank, world_size, args.seed)
     spe = loader.steps_per_epoch
     if spe < 1:
-        fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset")
+        fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset", options=True)
     plan = make_plan(args, setup, spe)
     lock = lock or (lock_run_dir(setup.run_dir) if master else None)  # noqa: F841 (held until the process ends)
     model = prepare_model(model, args).to(device)
@@ -382,8 +408,11 @@ def run_main(argv=None):
     if master:
         if wipe:
             remove_run(setup.run_dir)
+        if ckpt is None:  # config.json first: the folder says whose it is before anything else is in it
+            write_config(setup.run_dir, config)
         log = MetricsLog(setup.run_dir, keep_rows=state.metrics_rows if ckpt is not None else None)  # may refuse
-        write_config(setup.run_dir, config)
+        if ckpt is not None:  # after MetricsLog has checked the rows it keeps
+            write_config(setup.run_dir, config)
         print(f"run {setup.run_dir}: {args.schedule}, {setup.epochs:g} epochs = {plan.run_steps} steps, curve points "
               f"at epochs {', '.join(f'{e:g}' for e in config['cycle_end_epochs'])}; methods "
               f"{', '.join(setup.methods) or 'none'} (label smoothing eps {objective.label_smoothing:g}, mixup alpha "
@@ -679,11 +708,12 @@ def make_plan(args, setup, spe):
     if args.schedule == "schedule-free":
         plan = replace(plan, warmup_steps=round(setup.sf_warmup_epochs * spe))
     if args.schedule != "standard" and plan.t0_steps < 1:
-        fail(f"--t0 {args.t0:g} epochs is under one optimizer step ({spe} steps per epoch); raise --t0")
+        fail(f"--t0 {args.t0:g} epochs is under one optimizer step ({spe} steps per epoch); raise --t0", options=True)
     for seg in plan.segments():
         if seg.kind == "branch" and (seg.end == seg.start or seg.start < plan.warmup_steps):
             fail(f"--cooldown-frac {args.cooldown_frac:g}: the budget at {seg.end / spe:g} epochs ({seg.end} steps) is "
-                 f"too short for a cooldown after the warmup; raise --cooldown-frac or --t0, or lower --warmup-epochs")
+                 f"too short for a cooldown after the warmup; raise --cooldown-frac or --t0, or lower --warmup-epochs",
+                 options=True)
     return plan
 
 

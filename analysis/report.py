@@ -20,7 +20,7 @@ import schedules  # noqa: E402
 from analysis import stats  # noqa: E402
 from analysis.compare import (add_common_args, analyse, ci_text, fmt, group_line, improvement_series,  # noqa: E402
                               left_out_lines, nonnegative, write_tables)
-from analysis.runs import MATCH_TOLERANCE, order_methods  # noqa: E402
+from analysis.runs import MATCH_TOLERANCE, SCHEDULE_KEYS, order_methods  # noqa: E402
 
 STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"),
          "constant": dict(ls=":", marker="^"), "cyclic-decay": dict(ls="-.", marker="D"),
@@ -84,6 +84,19 @@ def plot_curve(ax, pts, x, colour, schedule, label):
                 color=colour, label=label, capsize=3, **style(schedule))
 
 
+def schedule_of(run):
+    """The run's schedule rebuilt from its config, or None where the config cannot (keys missing, or values that
+    make no schedule, such as t_mult 2.5): the figure then draws the LR logged in metrics.csv."""
+    c = run.config
+    if not all(k in c for k in SCHEDULE_KEYS):
+        return None
+    try:
+        return schedules.make_plan(run.schedule, c["epochs"], c["warmup_epochs"], c["t0"], c["t_mult"],
+                                   c["steps_per_epoch"])
+    except (ValueError, TypeError, ZeroDivisionError):
+        return None
+
+
 def fig_schedules(runs, out, name):
     """Fig. 1A: LR (top) and validation accuracy (bottom) against epoch, one standard and one cyclic run."""
     pick = {}
@@ -98,9 +111,9 @@ def fig_schedules(runs, out, name):
     for sched, run in pick.items():
         c = run.config
         colour = "tab:blue" if sched == "standard" else "tab:orange"
+        plan = schedule_of(run)
         spe = c.get("steps_per_epoch")
-        if spe:  # the LR at every step, from the run's own schedule
-            plan = schedules.make_plan(sched, c["epochs"], c["warmup_epochs"], c["t0"], c["t_mult"], spe)
+        if plan is not None:  # the LR at every step, from the run's own schedule
             top.plot([s / spe for s in range(plan.total_steps)],
                      [schedules.lr_at(plan, s, c["lr"], c.get("eta_min", 0.0)) for s in range(plan.total_steps)],
                      color=colour, label=f"{sched} ({run.methods})")

@@ -28,7 +28,8 @@ ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a w
 # world_size changes each rank's BatchNorm batch and MixUp draws; device and compile change the time axis;
 # eval_every the rows that --metric max (the default) takes its peak from.
 RESULT_KEYS = ("dataset", "model", "subset", "lr", "batch_size", "grad_accum", "warmup_epochs", "eta_min", "amp",
-               "momentum", "nesterov", "weight_decay", "world_size", "device", "compile", "eval_every")
+               "momentum", "nesterov", "weight_decay", "world_size", "device", "compile", "eval_every", "model_kwargs")
+ADDED_DEFAULTS = {"model_kwargs": {}}  # keys added after runs were made, as runs without them were run
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
 ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only
@@ -36,9 +37,10 @@ METHOD_KEYS = {"label_smoothing": ("label_smoothing",), "mixup": ("mixup",), "bl
 
 
 # config.json keys read as numbers (the curve's budgets, the schedule figure's LR): checked when a run is read, so
-# that one damaged run is skipped with one line instead of stopping a report.
+# that one damaged run is skipped with one line instead of stopping a report. SCHEDULE_KEYS: what the schedule
+# figure needs to redraw a run's LR from its config (without them it draws the logged LR).
 NUMBER_KEYS = ("epochs", "warmup_epochs", "t0", "t_mult", "lr", "eta_min", "steps_per_epoch")
-OPTIONAL_NUMBER_KEYS = ("eta_min", "steps_per_epoch")  # runs from other tools may lack these
+SCHEDULE_KEYS = ("epochs", "warmup_epochs", "t0", "t_mult", "lr", "steps_per_epoch")
 
 
 class RunError(ValueError):
@@ -64,8 +66,9 @@ class Run:
         return self.config["schedule"]
 
     def option(self, key):
-        """config[key] as a hashable value: None when missing, JSON text for a list or an object."""
-        value = self.config.get(key)
+        """config[key] as a hashable value: None when missing (the default for keys runs predate), JSON text for a
+        list or an object."""
+        value = self.config.get(key, ADDED_DEFAULTS.get(key))
         return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
 
     @property
@@ -195,9 +198,7 @@ def read_config(path):
         raise RunError(f"{cfg_path}: 'schedule' must be a name, not {config['schedule']!r}")
     if not isinstance(config["methods"], list) or not all(isinstance(m, str) for m in config["methods"]):
         raise RunError(f"{cfg_path}: 'methods' must be a list of names, not {config['methods']!r}")
-    for key in NUMBER_KEYS:
-        if key not in config and key not in OPTIONAL_NUMBER_KEYS:
-            raise RunError(f"{cfg_path}: missing key '{key}'")
+    for key in NUMBER_KEYS:  # a missing one is a value of its own (None), as in a hand-written config
         value = config.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RunError(f"{cfg_path}: '{key}' must be a finite number, not {value!r}")

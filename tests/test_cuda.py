@@ -35,7 +35,10 @@ def test_a_short_cuda_run_under_torchrun(tmp_path, amp, extra):
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert json.loads((run / "config.json").read_text())["device"] == "cuda"
-    assert all(float(r["peak_mem_gb"]) > 0 for r in rows) and float(rows[-1]["val_acc1"]) > 10
+    assert all(float(r["peak_mem_gb"]) > 0 for r in rows)
+    # it learns as on the CPU (there, fp32 and bf16: train loss 2.33 -> 1.18-1.24, last val_acc1 30-38 %), not
+    # merely above chance (10 %)
+    assert float(rows[-1]["train_loss"]) < 0.75 * float(rows[0]["train_loss"]) and float(rows[-1]["val_acc1"]) > 20
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     if amp == "fp16":  # the GradScaler's state travels with the checkpoint
         assert ckpt["scaler"]["scale"] > 0

@@ -1,7 +1,10 @@
 """launch.sh sweeps: the dry-run plan, skip and resume, and a tiny real sweep with its report."""
+import csv
 import json
 import os
 import subprocess
+
+import pytest
 
 from conftest import ENV, ROOT
 
@@ -57,13 +60,22 @@ def test_tiny_real_sweep_end_to_end(tmp_path):
         assert (out / d / "done").exists(), d
     report = (out / "report" / "report.md").read_text()
     assert "| baseline | 2 |" in report and "| channels_last | 2 |" in report
+    # the report's baseline gap is the runs' own numbers (--metric max: a standard run's best row, a cyclic point's
+    # best row within its cycle), computed here from their metrics.csv
+    rows = lambda d: list(csv.DictReader(open(out / "baseline" / "s0" / d / "metrics.csv")))  # noqa: E731
+    cyclic = rows("cyclic")
+    points = [max(float(r["val_acc1"]) for r in cyclic if r["cycle"] == end["cycle"]) for end in cyclic
+              if end["cycle_end"] == "1"]
+    standard = [max(float(r["val_acc1"]) for r in rows(f"standard-e{e}")) for e in (2, 4)]
+    gaps = {r["methods"]: r for r in csv.DictReader(open(out / "report" / "gaps.csv"))}
+    assert float(gaps["baseline"]["mean_gap_pp"]) == pytest.approx(sum(c - s for c, s in zip(points, standard)) / 2)
     assert (out / "report" / "fig3_tradeoff.png").stat().st_size > 1000
     second = launch(*args, out=out).stdout  # everything is done: all skipped, the report made again
     assert second.count("skip (done)") == 6 and "train.py" not in second.replace("skip (done)", "")
     # asked again with another result-defining option: the first finished run names the difference, the sweep
     # stops there (no run redone, no report rebuilt from runs of other options)
     (out / "report" / "report.md").unlink()
-    third = launch(*args[:-1], "0.1", out=out, check=False)
+    third = launch("--gpus", "1", *args[:-1], "0.1", out=out, check=False)  # under torchrun, which exits 1
     assert third.returncode == 2 and "lr: 0.05 -> 0.1" in third.stderr and "stopped" in third.stderr
     assert third.stdout.count("train.py") == 1 and not (out / "report" / "report.md").exists()
 

@@ -182,16 +182,31 @@ def test_all_sixteen_method_sets_train(name, in_chans, size):
 
     from train import train_step
     assert len(ALL_SETS) == 16
+    losses = {}
+    torch.manual_seed(1)
+    x, y = torch.randn(4, in_chans, size, size), torch.randint(0, 10, (4,))
     for combo in ALL_SETS:
         c = cfg(blurpool="blurpool" in combo, channels_last="channels_last" in combo,
                 label_smoothing=0.1 if "label_smoothing" in combo else 0.0, mixup=0.2 if "mixup" in combo else 0.0)
         assert selected_methods(c) == sorted(combo)
         torch.manual_seed(0)
         model = prepare_model(build_model(name, 10, in_chans), c)
+        # each method is really on, and only where asked: blurred layers, weights' memory format
+        assert bool(blurred_layers(model)) == ("blurpool" in combo), combo
+        conv = next(m for m in model.modules()
+                    if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == ("channels_last" in combo), combo
         before = [p.detach().clone() for p in model.parameters()]
         opt = SGDW(model.parameters(), lr=0.1, momentum=0.9)
-        x, y = torch.randn(4, in_chans, size, size), torch.randint(0, 10, (4,))
         loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), Objective(c, 10),
-                          torch.autocast("cpu", enabled=False), x, y, 2, False, (0, 0))
+                          torch.autocast("cpu", enabled=False), x.clone(), y, 2, False, (0, 0))
         assert torch.isfinite(loss), combo
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), combo
+        losses[combo] = loss.item()
+    for combo, loss in losses.items():  # the first step's loss against the same set without each method
+        for m in combo:
+            without = losses[tuple(n for n in combo if n != m)]
+            if m == "channels_last":  # the same arithmetic in another layout
+                assert loss == pytest.approx(without, rel=1e-4), combo
+            else:  # blurpool changes the model, label smoothing the targets, MixUp the batch and the targets
+                assert loss != pytest.approx(without, rel=1e-4), combo

@@ -101,12 +101,16 @@ def test_resume_auto_starts_fresh_without_checkpoint_and_refuses_changes(tmp_pat
     assert open(os.path.join(run, "metrics.csv")).read() == before  # the refusal touched nothing
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
+def test_non_finite_loss_stops_at_the_first_bad_step_with_its_lr_and_writes_nothing_after_it(tmp_path):
+    """Step 1's loss is computed on the initial weights, finite at any LR; its update (warmup LR 1e30/8) blows the
+    weights up, so step 2 (LR 2/8 x 1e30) is the first non-finite one. No good point was reached: no row, no
+    checkpoint, no done (the checkpoint kept before a later NaN: test_reliability.py)."""
     run = str(tmp_path / "run")
     p = run_train(TINY + ["--run-dir", run, "--lr", "1e30", "--amp", "none"], check=False)
     assert p.returncode == 3, p.stderr[-500:]
-    assert "non-finite training loss at step" in p.stderr and "lr" in p.stderr
-    assert not os.path.exists(os.path.join(run, "done"))
+    assert "non-finite training loss at step 2 (lr 2.5e+29); the last good checkpoint is kept" in p.stderr
+    assert not os.path.exists(os.path.join(run, "done")) and not os.path.exists(os.path.join(run, "checkpoints"))
+    assert open(os.path.join(run, "metrics.csv")).read().count("\n") == 1  # the header only
 
 
 def test_torchrun_restarts_a_killed_worker_and_finishes_the_same_run(tmp_path):
@@ -199,10 +203,12 @@ def test_resume_auto_removes_nothing_it_cannot_resume(tmp_path):
     assert any(n.endswith(".corrupt") for n in os.listdir(os.path.join(run, "checkpoints")))
 
 
-def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(reference, tmp_path):
+@pytest.mark.parametrize("config", [True, False])  # killed after its config.json, or after its metrics.csv header
+def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(reference, tmp_path, config):
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copy(os.path.join(reference, "config.json"), run)  # this very run's options, written at its start
+    if config:
+        shutil.copy(os.path.join(reference, "config.json"), run)  # this very run's options, written at its start
     header = open(os.path.join(reference, "metrics.csv")).readline()
     (run / "metrics.csv").write_text(header)
     p = run_train(ARGS + ["--run-dir", str(run), "--resume", "auto"])

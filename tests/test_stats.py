@@ -38,6 +38,9 @@ def test_pairing_by_seed_removes_the_seed_effect():
 def test_noise_around_zero_is_not_resolved():
     gaps = [1.0, -1.0, 0.6, -0.8, 0.3]  # +-1 pp around 0
     lo, hi, _ = gap_ci([(s, 80 + g) for s, g in enumerate(gaps)], [(s, 80.0) for s in range(5)])
+    mean, sd = np.mean(gaps), np.std(gaps, ddof=1)
+    half = 2.776 * sd / 5 ** 0.5  # t(4) x sd / sqrt(5), by hand: not just any interval around 0
+    assert (lo, hi) == pytest.approx((mean - half, mean + half), abs=0.02)
     assert lo < 0 < hi and stats.resolved(lo, hi) is False
     assert stats.resolved(None, None) is None
 

@@ -1,0 +1,199 @@
+"""What a run records about itself is what it did: the precision it computes in, its training time (to the
+second, under a clock the test drives), the options a resume must match, and exact resume with dropout and
+drop-path drawing from the global RNG."""
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import schedules
+from conftest import TINY, run_train
+
+
+def rows(run):
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """train.main in this process (so that its functions can be watched), as a single-process run."""
+    import train
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return train
+
+
+# ---- precision -------------------------------------------------------------------------------
+
+def cpu_has_native_bf16():
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16", "auto"])
+def test_the_recorded_precision_is_the_one_the_model_computes_in(in_process, tmp_path, amp):
+    seen = set()
+
+    def hook(module, inputs, output):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            seen.add((module.training, output.dtype))
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        run = str(tmp_path / "run")
+        in_process.main(TINY + ["--run-dir", run, "--amp", amp, "--eval-every", "0", "--cycles", "1"])
+    finally:
+        handle.remove()
+    recorded = json.load(open(os.path.join(run, "config.json")))["amp"]
+    if amp == "auto":  # bf16 where the CPU has it natively, else fp32 (emulated bf16 is ~10x slower)
+        assert recorded == ("bf16" if cpu_has_native_bf16() else "none")
+    else:
+        assert recorded == amp
+    dtype = torch.bfloat16 if recorded == "bf16" else torch.float32
+    assert seen == {(True, dtype), (False, dtype)}  # training and evaluation, every conv and linear layer
+
+
+# ---- time accounting under a clock the test drives ------------------------------------------
+
+class FakeTime:
+    """train.py's time module: the clock moves only when the test says (1 s per training step, 100 s per
+    evaluation, 1,000 s per checkpoint, 10,000 s per BatchNorm recalibration)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    monotonic = perf_counter
+
+
+def driven(train, monkeypatch):
+    clock = FakeTime()
+    monkeypatch.setattr(train, "time", clock)
+    for name, cost in (("train_step", 1.0), ("evaluate", 100.0), ("save_checkpoint", 1000.0),
+                       ("recompute_bn", 10000.0)):
+        def timed(*args, _real=getattr(train, name), _cost=cost, **kwargs):
+            clock.now += _cost
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(train, name, timed)
+    return clock
+
+
+@pytest.mark.parametrize("schedule", ["cyclic", "wsd", "schedule-free"])
+def test_training_time_counts_training_steps_only(in_process, monkeypatch, tmp_path, schedule):
+    """train_time_s = the steps on the row's own path; curve_cost_s = every step the run took so far (a wsd branch
+    once); evaluation, checkpoints and schedule-free's BatchNorm recalibration are not training time."""
+    driven(in_process, monkeypatch)
+    run = str(tmp_path / "run")
+    in_process.main(TINY + ["--run-dir", run, "--schedule", schedule, "--eval-every", "0.5", "--amp", "none"])
+    config = json.load(open(os.path.join(run, "config.json")))
+    plan = schedules.make_plan(schedule, config["epochs"], 1, 1, 2, 8, config["cycle_decay"],
+                               config["cooldown_frac"], config["cooldown_shape"])
+    segments = plan.segments()
+
+    def steps_taken(row):  # by the run when it reached this row: its segment's start in the run, plus the way in
+        step, branch = int(row["step"]), schedule == "wsd" and row["cycle_end"] == "1"
+        seg = next(s for s in segments if (s.kind == "branch") == branch and s.start < step <= s.end)
+        return seg.run_start + step - seg.start
+    got = rows(run)
+    assert sum(r["cycle_end"] == "1" for r in got) == 2 and len(got) >= 8  # curve points at 2 and 4 epochs
+    for r in got:
+        assert float(r["train_time_s"]) == int(r["step"]) and float(r["curve_cost_s"]) == steps_taken(r)
+        assert float(r["eval_time_s"]) == (10100 if schedule == "schedule-free" else 100)
+        assert float(r["images_per_s"]) == 32  # one batch of 32 a second
+
+
+# ---- resume refuses every result-defining option ---------------------------------------------
+
+# Written out here, not read from train.py: a key dropped from train.RESULT_KEYS must fail this test.
+RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "model_kwargs", "schedule", "epochs", "warmup_epochs", "t0",
+               "t_mult", "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov",
+               "weight_decay", "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay",
+               "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0",
+               "family_t_mult", "eval_every")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("finished") / "run")
+    run_train(TINY + ["--run-dir", run, "--cycles", "1", "--eval-every", "0"])
+    return run
+
+
+@pytest.mark.parametrize("key", RESULT_KEYS)
+def test_resume_refuses_a_checkpoint_that_differs_in_any_result_option(in_process, finished, tmp_path, capsys,
+                                                                       key):
+    run = str(tmp_path / "run")
+    shutil.copytree(finished, run)
+    os.remove(os.path.join(run, "done"))
+    last = os.path.join(run, "checkpoints", "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    assert key in ckpt["config"]
+    ckpt["config"][key] = "another value"
+    torch.save(ckpt, last)
+    with pytest.raises(SystemExit) as e:
+        decide(in_process, run)
+    assert e.value.code == 2 and f"{key}: 'another value' -> " in capsys.readouterr().err
+
+
+# ---- exact resume with dropout and drop-path ---------------------------------------------------
+
+def test_resume_with_dropout_and_drop_path_is_exact(tmp_path):
+    """Dropout and drop-path draw from the global RNG during training: a resume must put it back exactly."""
+    args = TINY + ["--model", "resnet10t", "--model-kwargs", "drop_rate=0.3,drop_path_rate=0.2", "--amp", "none",
+                   "--cycles", "1", "--eval-every", "0.5"]
+    ref = str(tmp_path / "ref")
+    run_train(args + ["--run-dir", ref])
+    run = str(tmp_path / "run")
+    shutil.copytree(ref, run)
+    os.remove(os.path.join(run, "done"))
+    os.remove(os.path.join(run, "checkpoints", "last.pt"))  # resume from the previous row's checkpoint
+    run_train(args + ["--run-dir", run, "--resume"])
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # noqa: E731
+    assert strip(rows(run)) == strip(rows(ref))
+    w, w_ref = (torch.load(os.path.join(d, "checkpoints", "last.pt"), weights_only=True)["model"] for d in (run, ref))
+    assert all(torch.equal(w[k], w_ref[k]) for k in w_ref)
+
+
+def edited_copy(finished, tmp_path, edit):
+    """The finished run, copied, with edit(config) applied to its checkpoint's recorded options."""
+    run = str(tmp_path / "run")
+    shutil.copytree(finished, run)
+    last = os.path.join(run, "checkpoints", "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    edit(ckpt["config"])
+    torch.save(ckpt, last)
+    return run
+
+
+def decide(train, run, *flags):
+    args = train.parse_args(TINY + ["--run-dir", run, "--cycles", "1", "--eval-every", "0", "--resume", *flags])
+    return train.resume_decision(args, train.resolve(args, 1, torch.device("cpu")), True)
+
+
+def test_a_finished_run_made_on_another_host_is_not_refused(in_process, finished, tmp_path, capsys):
+    """Another data folder, or another precision where --amp auto chose it there, is the same run."""
+    run = edited_copy(finished, tmp_path, lambda c: c.update(amp="fp16", data_dir="/elsewhere/fashion-mnist"))
+    with pytest.raises(SystemExit) as e:
+        decide(in_process, run)  # --amp auto
+    assert e.value.code == 0 and "already finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        decide(in_process, run, "--amp", "none")  # a precision asked for by name must match
+    assert e.value.code == 2 and "amp: 'fp16' -> 'none'" in capsys.readouterr().err
+    os.remove(os.path.join(run, "done"))  # unfinished: a resume continues here, so everything must match
+    with pytest.raises(SystemExit) as e:
+        decide(in_process, run)
+    assert e.value.code == 2 and "data_dir: '/elsewhere/fashion-mnist' -> None" in capsys.readouterr().err
+
+
+def test_keys_an_older_checkpoint_lacks_are_compared_with_config_json(in_process, finished, tmp_path, capsys):
+    run = edited_copy(finished, tmp_path, lambda c: c.pop("eval_every"))
+    os.remove(os.path.join(run, "done"))
+    with pytest.raises(SystemExit) as e:
+        decide(in_process, run, "--eval-every", "0.5")
+    assert e.value.code == 2 and "eval_every: 0.0 -> 0.5" in capsys.readouterr().err
