@@ -292,17 +292,22 @@ def named_sample(dataset, index):
     """dataset[index] of an ImageFolder (or a Subset of one); an image that cannot be decoded (truncated, not an
     image) is a DataError naming its file. The run stops there rather than skip it: a skipped image would change
     the batch, and so the run, without a word."""
+    import struct
+
+    from PIL import Image
     try:
         return dataset[index]
-    except (OSError, SyntaxError, EOFError, ValueError) as e:  # what PIL raises for a file it cannot decode
-        if isinstance(e, OSError) and e.errno is not None:  # the file system's (EIO, ESTALE, EMFILE): not the image
+    except (OSError, SyntaxError, EOFError, ValueError, struct.error, IndexError, Image.DecompressionBombError) as e:
+        # what PIL raises for a file it cannot decode; an OSError with an errno is the file system's (EIO, ESTALE,
+        # EMFILE), not the image's
+        if isinstance(e, OSError) and e.errno is not None:
             raise
         while isinstance(dataset, torch.utils.data.Subset):
             dataset, index = dataset.dataset, dataset.indices[index]
         path = dataset.samples[index][0] if hasattr(dataset, "samples") else f"image {index}"
         why = (str(e).splitlines() or [""])[0][:100]
-        raise DataError(f"--data-dir: cannot read {path} ({type(e).__name__}: {why}); replace it with a good copy of "
-                        f"the image and continue with --resume") from None
+        raise DataError(f"--data-dir: error while reading {path} ({type(e).__name__}: {why}); replace it with a good "
+                        f"copy of the image and continue with --resume") from None
 
 
 class FolderLoader:

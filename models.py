@@ -42,18 +42,52 @@ class SmallResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
+RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                   "checkpoint_path")  # set by train.py (the dataset's), or weights from elsewhere: not options
+
+
 def parse_model_kwargs(text):
-    """--model-kwargs 'key=value,...' as a dict; values are Python literals (2, 0.1, True, 'x') or plain words."""
+    """--model-kwargs 'key=value,...' as a dict. Values are JSON or Python literals (2, 0.1, true/True, [32, 32],
+    (32, 32): a tuple becomes a list, as config.json records it) or else plain words; commas inside brackets or
+    quotes do not split. ValueError names what is wrong."""
     import ast
+    import json
+    import math
+    items, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text or ""):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append((text or "")[start:])
     kwargs = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
+    for item in filter(None, (part.strip() for part in items)):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not key.isidentifier():
             raise ValueError(f"--model-kwargs: '{item}' is not key=value; write e.g. drop_path_rate=0.1,depth=6")
+        if key in kwargs or key in RESERVED_KWARGS:
+            why = "is given twice" if key in kwargs else "is set by train.py or loads weights: not a model option"
+            raise ValueError(f"--model-kwargs: {key} {why}")
         try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = value.strip()
+            value = json.loads(raw)
+        except ValueError:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+        value = list(value) if isinstance(value, tuple) else value
+        numbers = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, int, float, bool)) or v is None for v in numbers) or any(
+                isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"--model-kwargs: {key}={raw} is not a finite number, a word, or a list of them")
+        kwargs[key] = value
     return kwargs
 
 

@@ -179,10 +179,12 @@ def remove_run(run_dir):
     """Delete a run's files (for --overwrite); the lock and anything else in the folder stay. config.json goes
     last, so that a folder killed half-way still says whose it is."""
     import shutil
-    for name in ("done", "metrics.csv", "config.json"):
-        if os.path.exists(os.path.join(run_dir, name)):
-            os.remove(os.path.join(run_dir, name))
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    for name in ("done", "checkpoints", "metrics.csv", "config.json"):
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 # ---- checkpoints: save and restore side by side -----------------------------------------------

@@ -26,6 +26,7 @@ from timm.optim import SGDW
 from tqdm import tqdm
 
 import schedules
+from analysis.runs import ADDED_DEFAULTS
 from data import DATASETS, DataError, build_data
 from methods import (BLURPOOL_MODES, SHORT, Objective, blurred_layers, prepare_model, selected_methods,
                      to_channels_last)
@@ -132,8 +133,8 @@ def fail(message, code=2, every_rank=False, options=False):
     if rank == 0 or every_rank:
         where = f"rank {rank}: " if every_rank and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"train.py: error: {where}{message}", file=sys.stderr)
-    if options and rank == 0 and os.environ.get("TRAIN_REFUSAL_FILE"):
-        with open(os.environ["TRAIN_REFUSAL_FILE"], "w") as f:
+    if options and os.environ.get("TRAIN_REFUSAL_FILE"):  # every rank: whichever the agent stops last
+        with open(os.environ["TRAIN_REFUSAL_FILE"], "a") as f:
             f.write(message + "\n")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -233,8 +234,7 @@ def resolve(args, world_size, device):
         if device.type == "cuda":
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            amp = "bf16" if native else "none"
+            amp = "bf16" if cpu_has_native_bf16() else "none"
     methods = selected_methods(a)
     try:
         model_kwargs = parse_model_kwargs(a.model_kwargs)
@@ -248,6 +248,15 @@ def resolve(args, world_size, device):
                  run_dir=a.run_dir or default_run_dir(a, epochs, methods),
                  sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
                  else a.sf_warmup_epochs, model_kwargs=model_kwargs)
+
+
+def cpu_has_native_bf16():
+    """bf16 in hardware: AVX512-BF16 or AMX on x86 (mkldnn's own check also counts AVX-512 alone, where bf16 is
+    emulated and slower than fp32), and the bf16 extension on Arm (mkldnn checks exactly that there)."""
+    import platform
+    if platform.machine() in ("aarch64", "arm64"):
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def default_run_dir(args, epochs, methods):
@@ -272,12 +281,16 @@ def resume_decision(args, setup, master):
     # the checkpoint says what it was trained with (a stray config.json cannot mislead); config.json fills in the
     # keys an older checkpoint predates, and stands alone where there is no checkpoint
     from_config = recorded_options(run_dir)
-    recorded = None if ckpt is None and from_config is None else {**(from_config or {}),
+    recorded = None if ckpt is None and from_config is None else {**ADDED_DEFAULTS, **(from_config or {}),
                                                                   **(ckpt["config"] if ckpt is not None else {})}
     done = is_done(run_dir)
     if recorded is not None:
-        # a finished run made elsewhere stays valid: its data folder and what --amp auto chose there are the host's
-        host = ("data_dir",) + (("amp",) if args.amp == "auto" else ()) if done else ()
+        # a finished run made elsewhere stays valid: the folder of a dataset that has one known content (not an
+        # ImageFolder tree: there the folder is the dataset), and the precision --amp auto chose on that host
+        argv = (from_config or {}).get("argv") or []
+        asked_amp = argv[argv.index("--amp") + 1] if "--amp" in argv[:-1] else "auto"
+        host = (("data_dir",) * (args.dataset != "imagenet") + ("amp",) * (args.amp == asked_amp == "auto")
+                if done else ())
         diffs = [f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
                  if k in recorded and k not in host and recorded[k] != options[k]]
         if diffs:
@@ -345,8 +358,8 @@ def main(argv=None):
         run_main(argv)
     except RunDirError as e:
         fail(str(e))
-    except DataError as e:  # mid-run: a damaged image, named by the loader of whichever rank read it
-        fail(str(e), every_rank=True)
+    except DataError as e:  # mid-run: a damaged image, named by the loader of whichever rank read it; every run
+        fail(str(e), every_rank=True, options=True)  # of a sweep on this data would meet it: the sweep stops
 
 
 def run_main(argv=None):

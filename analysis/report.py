@@ -90,11 +90,14 @@ def schedule_of(run):
     c = run.config
     if not all(k in c for k in SCHEDULE_KEYS):
         return None
+    # a standard run records its own cosine (t0 = epochs - warmup), but its steps come from the cyclic shape whose
+    # budget it ends on (family_t0, family_t_mult), as train.py planned it
+    t0, t_mult = c.get("family_t0", c["t0"]), c.get("family_t_mult", c["t_mult"])
     try:
-        return schedules.make_plan(run.schedule, c["epochs"], c["warmup_epochs"], c["t0"], c["t_mult"],
-                                   c["steps_per_epoch"])
+        plan = schedules.make_plan(run.schedule, c["epochs"], c["warmup_epochs"], t0, t_mult, c["steps_per_epoch"])
     except (ValueError, TypeError, ZeroDivisionError):
         return None
+    return plan if plan.total_steps == run.rows[-1]["step"] else None  # else not the schedule the run took
 
 
 def fig_schedules(runs, out, name):

@@ -39,19 +39,23 @@ def make_step(model, cfg, amp):
 
 
 class Watch(contextlib.AbstractContextManager):
-    """What a measurement really ran, read from the first convolution that sees a training batch: batch size,
-    image shape, the dtype it computes in and its output's memory format (the first conv's input has one channel
-    here, which looks contiguous in both formats; its 16-channel output does not)."""
+    """What a measurement really ran, read from its training forward passes: the batch size and image shape the
+    model is given, the dtype its convolutions compute in, and the memory format of the input of the first
+    convolution with several input channels (a one-channel image looks contiguous in both formats)."""
 
     def __enter__(self):
-        self.seen = None
+        self.seen = {}
 
         def hook(module, inputs, output):
-            if self.seen is None and isinstance(module, torch.nn.Conv2d) and module.training:
-                x = inputs[0]
-                self.seen = dict(batch_size=x.shape[0], shape=list(x.shape[1:]),
-                                 amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(output.dtype, "none"),
-                                 channels_last=not output.is_contiguous())
+            if not module.training:
+                return
+            x = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
+            if x is not None and x.dim() == 4 and "batch_size" not in self.seen:  # the outermost module: the model
+                self.seen.update(batch_size=x.shape[0], shape=list(x.shape[1:]))
+            if isinstance(module, torch.nn.Conv2d) and module.in_channels > 1 and "amp" not in self.seen:
+                self.seen.update(amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(output.dtype, "none"),
+                                 channels_last=x.is_contiguous(memory_format=torch.channels_last)
+                                 and not x.is_contiguous())
         self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
         return self
 
@@ -101,7 +105,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     amp = a.amp
     if amp == "auto":
-        amp = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
+        amp = "bf16" if train.cpu_has_native_bf16() else "none"
     cfg = argparse.Namespace(blurpool=False, channels_last=a.channels_last, label_smoothing=0.0, mixup=0.0, seed=0)
     torch.manual_seed(0)
     model = prepare_model(build_model(a.model, 10, 1), cfg)

@@ -12,7 +12,10 @@ TINY = ["--data", "synthetic", "--subset", "256", "--batch-size", "32", "--warmu
         "--cycles", "2", "--lr", "0.1", "--no-progress"]
 
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+# CPU runs unless a test asks for the GPU (test_cuda.py): on a GPU host the CPU suite would otherwise train in TF32
+# and ask torchrun's extra ranks for GPUs that are not there
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+GPU_ENV = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
 
 
 def train_cmd(args, torchrun=0, torchrun_args=()):

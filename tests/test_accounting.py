@@ -24,15 +24,18 @@ def in_process(monkeypatch):
     import train
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path, on a GPU host too
     return train
 
 
 # ---- precision -------------------------------------------------------------------------------
 
 def cpu_has_native_bf16():
-    with open("/proc/cpuinfo") as f:
-        flags = f.read()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """From the kernel's CPU flags: x86's AVX512-BF16 or AMX-BF16, Arm's bf16 (not AVX-512 alone: emulated)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = set(open("/proc/cpuinfo").read().split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "auto"])
@@ -75,19 +78,21 @@ class FakeTime:
 def driven(train, monkeypatch):
     clock = FakeTime()
     monkeypatch.setattr(train, "time", clock)
-    for name, cost in (("train_step", 1.0), ("evaluate", 100.0), ("save_checkpoint", 1000.0),
-                       ("recompute_bn", 10000.0)):
-        def timed(*args, _real=getattr(train, name), _cost=cost, **kwargs):
+    for owner, name, cost in ((train, "train_step", 1.0), (train, "evaluate", 100.0),
+                              (train, "save_checkpoint", 1000.0), (train, "recompute_bn", 10000.0),
+                              (train.Run, "snapshot", 1e5), (train.Run, "restore_snapshot", 1e6)):
+        def timed(*args, _real=getattr(owner, name), _cost=cost, **kwargs):
             clock.now += _cost
             return _real(*args, **kwargs)
-        monkeypatch.setattr(train, name, timed)
+        monkeypatch.setattr(owner, name, timed)
     return clock
 
 
 @pytest.mark.parametrize("schedule", ["cyclic", "wsd", "schedule-free"])
 def test_training_time_counts_training_steps_only(in_process, monkeypatch, tmp_path, schedule):
     """train_time_s = the steps on the row's own path; curve_cost_s = every step the run took so far (a wsd branch
-    once); evaluation, checkpoints and schedule-free's BatchNorm recalibration are not training time."""
+    once); evaluation, checkpoints, schedule-free's BatchNorm recalibration and wsd's copies of the trunk are not
+    training time."""
     driven(in_process, monkeypatch)
     run = str(tmp_path / "run")
     in_process.main(TINY + ["--run-dir", run, "--schedule", schedule, "--eval-every", "0.5", "--amp", "none"])
@@ -180,15 +185,33 @@ def test_a_finished_run_made_on_another_host_is_not_refused(in_process, finished
     """Another data folder, or another precision where --amp auto chose it there, is the same run."""
     run = edited_copy(finished, tmp_path, lambda c: c.update(amp="fp16", data_dir="/elsewhere/fashion-mnist"))
     with pytest.raises(SystemExit) as e:
-        decide(in_process, run)  # --amp auto
+        decide(in_process, run)  # --amp auto, as the run was asked for (its argv has no --amp)
     assert e.value.code == 0 and "already finished" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         decide(in_process, run, "--amp", "none")  # a precision asked for by name must match
     assert e.value.code == 2 and "amp: 'fp16' -> 'none'" in capsys.readouterr().err
+    config = json.load(open(os.path.join(run, "config.json")))
+    json.dump(dict(config, argv=config["argv"] + ["--amp", "fp16"]), open(os.path.join(run, "config.json"), "w"))
+    with pytest.raises(SystemExit) as e:  # the run asked for fp16 by name: auto here is another precision
+        decide(in_process, run)
+    assert e.value.code == 2 and "amp: 'fp16' -> " in capsys.readouterr().err
     os.remove(os.path.join(run, "done"))  # unfinished: a resume continues here, so everything must match
     with pytest.raises(SystemExit) as e:
         decide(in_process, run)
     assert e.value.code == 2 and "data_dir: '/elsewhere/fashion-mnist' -> None" in capsys.readouterr().err
+
+
+def test_a_run_from_before_model_kwargs_resumes_only_without_them(in_process, finished, tmp_path, capsys):
+    """Runs predating --model-kwargs ran with none: {} (as the analysis reads them), not 'anything goes'."""
+    run = edited_copy(finished, tmp_path, lambda c: c.pop("model_kwargs"))
+    config = json.load(open(os.path.join(run, "config.json")))
+    del config["model_kwargs"]
+    json.dump(config, open(os.path.join(run, "config.json"), "w"))
+    os.remove(os.path.join(run, "done"))
+    with pytest.raises(SystemExit) as e:
+        decide(in_process, run, "--model-kwargs", "drop_rate=0.5")
+    assert e.value.code == 2 and "model_kwargs: {} -> {'drop_rate': 0.5}" in capsys.readouterr().err
+    assert decide(in_process, run)[0] is not None  # without them: resumed
 
 
 def test_keys_an_older_checkpoint_lacks_are_compared_with_config_json(in_process, finished, tmp_path, capsys):

@@ -153,7 +153,8 @@ def test_report_writes_every_figure_and_links_them(sweep, tmp_path, monkeypatch)
                                                     if r["schedule"] in ("standard", "cyclic")),
                                              key=lambda r: r[:2]):
         xs, ys = zip(*sorted((t, a) for _, _, t, a in pts))
-        assert any(sorted(zip(*line)) == sorted(zip(xs, ys)) for line in panel), (m, sched)
+        assert any(len(line[0]) == len(xs) and sorted(zip(*line)) == pytest.approx(sorted(zip(xs, ys)), rel=1e-9)
+                   for line in panel), (m, sched)
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
@@ -490,3 +491,14 @@ def test_seeds_are_paired_by_id_not_by_position(tmp_path):
     assert [tables[0][k] for k in keys] == [tables[1][k] for k in keys] and tables[0]["pairing"] == "paired"
     per_seed = [sum(abs(c - s) for c, s in zip(cyc[k], std[k])) / 3 for k in std]
     assert float(tables[0]["per_run_abs_gap_pp"]) == pytest.approx(sum(per_seed) / 3)
+
+
+def test_runs_from_before_model_kwargs_average_with_runs_of_none(tmp_path):
+    seeded(tmp_path / "old", [], [80, 85, 90], [79, 86, 89], 0)  # written before the key existed
+    seeded(tmp_path / "new", [], [82, 87, 92], [81, 88, 91], 1, model_kwargs={})
+    seeded(tmp_path / "dp", [], [70, 75, 80], [70, 75, 80], 2, model_kwargs={"drop_path_rate": 0.1})
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    gaps = {r["group"]: r for r in read_rows(out / "gaps.csv")}
+    assert {g: r["n_seeds"] for g, r in gaps.items()} == {"model_kwargs={}": "2",
+                                                          'model_kwargs={"drop_path_rate": 0.1}': "1"}

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY, run_train
+from conftest import GPU_ENV, TINY, run_train
 
 pytestmark = pytest.mark.cuda
 
@@ -31,7 +31,7 @@ def test_resident_batches_live_on_the_gpu_and_are_nchw():
 @pytest.mark.parametrize("amp,extra", [("fp16", []), ("bf16", []), ("bf16", ["--compile"])])
 def test_a_short_cuda_run_under_torchrun(tmp_path, amp, extra):
     run = tmp_path / "run"
-    run_train(TINY + ["--run-dir", str(run), "--amp", amp, "--channels-last"] + extra, torchrun=1)
+    run_train(TINY + ["--run-dir", str(run), "--amp", amp, "--channels-last"] + extra, torchrun=1, env=GPU_ENV)
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert json.loads((run / "config.json").read_text())["device"] == "cuda"

@@ -357,5 +357,5 @@ def test_a_damaged_image_stops_the_run_with_one_line_naming_it(tmp_path, split, 
                    "--run-dir", str(run)], check=False)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1, p.stderr[-3000:]
-    assert err[0].startswith("train.py: error: --data-dir: cannot read") and str(bad) in err[0], err
+    assert err[0].startswith("train.py: error: --data-dir: error while reading") and str(bad) in err[0], err
     assert "--resume" in err[0] and not (run / "done").exists()

@@ -1,6 +1,7 @@
 """Validation numbers checked against an independent computation: plain PyTorch on the run's own saved weights
 and the plain normalised validation images (no method, no augmentation), on one process and on a world size
 that leaves a remainder; schedule-free evaluated at its averaged weights."""
+import copy
 import csv
 import os
 
@@ -60,8 +61,8 @@ def test_three_ranks_count_every_validation_image_once(tmp_path):
     """1024 validation images over 3 ranks leave a remainder: no image dropped, none counted twice."""
     assert len(make_synthetic()[3]) % 3 == 1
     run = str(tmp_path / "run")
-    run_train(TINY + ["--run-dir", run, "--batch-size", "48", "--subset", "240", "--amp", "none", "--eval-every", "0"],
-              torchrun=3)
+    run_train(TINY + ["--run-dir", run, "--batch-size", "48", "--subset", "240", "--amp", "none", "--eval-every", "0",
+                      "--label-smoothing", "0.2", "--mixup", "0.4"], torchrun=3)  # methods stay off validation here too
     assert_row_matches(last_row(run), independent_metrics(run))
 
 
@@ -86,22 +87,57 @@ def test_image_folder_validation_shards_hold_every_image_once(tmp_path, world):
 
 def test_schedule_free_evaluates_its_averaged_weights(tmp_path, monkeypatch):
     """At every evaluation the model holds schedule-free's x (the average), not the y it trains at: from the
-    checkpoint written right after (y and the optimizer's z), x = y + (1 - 1/momentum) (z - y)."""
+    checkpoint written right after it (y and the optimizer's z), x = y + (1 - 1/momentum) (z - y)."""
     import train
     monkeypatch.delenv("RANK", raising=False)
-    seen = []
-    real_evaluate = train.evaluate
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    evaluated, saved = [], []
+    real_evaluate, real_save = train.evaluate, train.save_checkpoint
 
-    def spy(model, *args, **kwargs):
-        seen.append([p.detach().clone() for p in model.parameters()])
+    def spy_evaluate(model, *args, **kwargs):
+        evaluated.append([p.detach().clone() for p in model.parameters()])
         return real_evaluate(model, *args, **kwargs)
-    monkeypatch.setattr(train, "evaluate", spy)
+
+    def spy_save(run_dir, state):
+        saved.append(copy.deepcopy(state))
+        return real_save(run_dir, state)
+    monkeypatch.setattr(train, "evaluate", spy_evaluate)
+    monkeypatch.setattr(train, "save_checkpoint", spy_save)
     run = str(tmp_path / "run")
-    train.main(TINY + ["--run-dir", run, "--schedule", "schedule-free", "--amp", "none", "--eval-every", "0"])
-    ckpt = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
-    momentum = ckpt["optimizer"]["param_groups"][0]["momentum"]
-    ys = [ckpt["model"][name] for name, _ in build_model("small_resnet", 10, 3).named_parameters()]
-    zs = [ckpt["optimizer"]["state"][i]["z"] for i in range(len(ys))]
-    for y, z, evaluated in zip(ys, zs, seen[-1]):
-        torch.testing.assert_close(evaluated, y + (1 - 1 / momentum) * (z - y), rtol=1e-5, atol=1e-6)
-    assert any(not torch.allclose(y, e) for y, e in zip(ys, seen[-1]))  # x and y are apart: the check can fail
+    train.main(TINY + ["--run-dir", run, "--schedule", "schedule-free", "--amp", "none", "--eval-every", "0.5",
+                       "--checkpoint-every", "0"])
+    assert len(evaluated) == len(saved) == 8  # every half epoch: a checkpoint right after each evaluation
+    names = [name for name, _ in build_model("small_resnet", 10, 3).named_parameters()]
+    for x, ckpt in zip(evaluated, saved):
+        momentum = ckpt["optimizer"]["param_groups"][0]["momentum"]
+        ys = [ckpt["model"][name] for name in names]
+        zs = [ckpt["optimizer"]["state"][i]["z"] for i in range(len(ys))]
+        for y, z, e in zip(ys, zs, x):
+            torch.testing.assert_close(e, y + (1 - 1 / momentum) * (z - y), rtol=1e-5, atol=1e-6)
+        assert any(not torch.allclose(y, e) for y, e in zip(ys, x))  # x and y are apart: the check can fail
+
+
+def test_image_folder_validation_images_are_resized_and_centre_cropped_only(tmp_path):
+    """Asymmetric images (a random crop, a flip or a resize to another size would change them), against the
+    standard evaluation transform written out with PIL and plain tensor arithmetic; twice the same."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    write_image_folder(tmp_path, {"train": 2, "val": 3}, pixels=lambda i: g.integers(0, 256, (300, 260, 3), np.uint8))
+    data = build_data("imagenet", str(tmp_path), CPU, workers=0)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in STATS["imagenet"])
+    expected = []
+    for path, _ in data.val_set.samples:
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        short, long = sorted((w, h))  # shorter side to 256 (the longer truncated), then the central 224 x 224
+        size = (256, int(256 * long / short)) if w == short else (int(256 * long / short), 256)
+        img = img.resize(size, Image.BILINEAR)
+        left, top = (int(round((s - 224) / 2)) for s in img.size)
+        img = img.crop((left, top, left + 224, top + 224))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+        expected.append((x - mean) / std)
+    for _ in range(2):
+        got = [xb[i] for xb, _ in data.val_batches(0, 1, 4) for i in range(len(xb))]
+        assert len(got) == len(expected) == 6
+        for e, x in zip(expected, got):
+            torch.testing.assert_close(x, e, rtol=0, atol=1e-5)  # torchvision resizes a PIL image with PIL
