@@ -17,7 +17,7 @@ import torch
 
 METRICS_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s",
                    "cycle", "cycle_end", "curve_cost_s", "images_per_s", "eval_time_s",
-                   "skipped_steps", "peak_mem_gb"]
+                   "skipped_steps", "peak_mem_gb", "startup_s"]
 RUN_FILES = ("config.json", "metrics.csv", "done", "checkpoints")
 
 
@@ -65,6 +65,11 @@ def lock_run_dir(run_dir):
         f.close()
         raise RunDirError(f"--run-dir {run_dir} is in use by another train.py (pid {holder}); wait for it to "
                           f"finish, stop it, or choose another --run-dir")
+    except OSError as e:  # Lustre or NFS mounted without lock support: ENOSYS, ENOLCK, EOPNOTSUPP
+        f.close()
+        raise RunDirError(f"--run-dir {run_dir}: its file system cannot lock files ({e.strerror or e}); pass "
+                          f"--no-lock to run without the lock, and make sure yourself that no second train.py "
+                          f"writes this folder (two would mix their rows and checkpoints)")
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

@@ -120,8 +120,10 @@ class Plan:
 
 
 def cooldown_factor(shape, t, length):
-    """Fraction of the way from eta_min to the peak at step t (0-based) of a cooldown of `length` steps."""
-    x = t / length
+    """Fraction of the way from eta_min to the peak at step t (0-based) of a cooldown of `length` steps: below the
+    peak from the first step, and exactly eta_min on the last, as a budget's last step should be (the LR of a
+    cosine cycle's last step is within (pi / 2T)^2 of it)."""
+    x = (t + 1) / length
     return 1 - math.sqrt(x) if shape == "1-sqrt" else 1 - x
 
 

@@ -11,6 +11,7 @@ after every evaluation and every --checkpoint-every minutes between them.
 import argparse
 import contextlib
 import copy
+import itertools
 import math
 import os
 import random
@@ -34,12 +35,13 @@ from models import SMALL_RESNET, build_model, parse_model_kwargs
 from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
                     lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
 
-# Options that define the result: a resume with any of them changed is refused.
+# Options that define the result: a resume with any of them changed is refused. eval_every: the rows --metric max
+# takes its peak from; tf32 and deterministic: the GPU's arithmetic; device_name: the speed of train_time_s.
 RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
                "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
                "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay", "cooldown_frac",
                "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0", "family_t_mult",
-               "eval_every", "model_kwargs")  # eval_every: the rows --metric max takes its peak from
+               "eval_every", "model_kwargs", "tf32", "deterministic", "device_name")
 NO_STEP = 2 ** 62  # "no non-finite step yet"
 
 
@@ -80,6 +82,8 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled: per-step decay is wd * lr / peak lr")
     g.add_argument("--amp", default="auto", help="auto | none | bf16 | fp16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--deterministic", action="store_true",
+                   help="GPU: no TF32, no cudnn autotuning, deterministic kernels (slower; bitwise-exact resume)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("methods")
     g.add_argument("--blurpool", action="store_true", help="anti-aliased downsampling (BlurPool)")
@@ -101,6 +105,10 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint-every", type=float, default=30.0, metavar="MINUTES",
                    help="also checkpoint (and check for non-finite loss) this often between evaluations; 0: never")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--allow-device-change", action="store_true",
+                   help="resume on another GPU or CPU model (its train_time_s then mixes two speeds)")
+    g.add_argument("--no-lock", action="store_true",
+                   help="no lock on --run-dir (for file systems without flock); nothing then stops a second writer")
     g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="skip up to N optimizer steps whose loss is NaN/inf instead of stopping (checks every step)")
     return p.parse_args(argv)
@@ -123,6 +131,8 @@ class Setup:
     sf_lr: float
     sf_warmup_epochs: float
     model_kwargs: dict  # --model-kwargs parsed
+    tf32: bool  # matmuls and convolutions in TF32 (CUDA unless --deterministic): a precision of its own
+    device_name: str  # the GPU's or the CPU's model: what the time axis was measured on
 
 
 def fail(message, code=2, every_rank=False, options=False):
@@ -195,7 +205,7 @@ def resolve(args, world_size, device):
         (a.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {a.skip_nonfinite}"),
         (not (a.amp == "fp16" and device.type == "cpu"),
          "--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU"),
-        (not (a.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()),
+        (not (a.amp == "bf16" and device.type == "cuda" and not gpu_has_native_bf16()),
          "--amp bf16: this GPU has no bf16; use --amp fp16 (or auto)"),
         (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other; pick one"),
         (a.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{a.resume}'"),
@@ -232,7 +242,7 @@ def resolve(args, world_size, device):
     amp = a.amp
     if amp == "auto":
         if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            amp = "bf16" if gpu_has_native_bf16() else "fp16"
         else:
             amp = "bf16" if cpu_has_native_bf16() else "none"
     methods = selected_methods(a)
@@ -247,7 +257,34 @@ def resolve(args, world_size, device):
                  (0.0 if a.dataset == "imagenet" else 1.0),
                  run_dir=a.run_dir or default_run_dir(a, epochs, methods),
                  sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
-                 else a.sf_warmup_epochs, model_kwargs=model_kwargs)
+                 else a.sf_warmup_epochs, model_kwargs=model_kwargs,
+                 tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device))
+
+
+def device_history(setup, ckpt):
+    """Every GPU or CPU model the run has trained on (more than one only through --allow-device-change)."""
+    before = [] if ckpt is None else [ckpt["config"].get("device_name"),
+                                      *(recorded_options(setup.run_dir) or {}).get("device_names", [])]
+    return sorted({setup.device_name, *filter(None, before)})
+
+
+def hardware_name(device):
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo; the platform's words elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    import platform
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def gpu_has_native_bf16():
+    """bf16 in hardware (Ampere and later): torch's default check also counts pre-Ampere GPUs, which emulate it
+    slowly, where fp16 with a GradScaler is the right choice. Asked after set_device: of this rank's GPU."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_has_native_bf16():
@@ -289,13 +326,18 @@ def resume_decision(args, setup, master):
         # ImageFolder tree: there the folder is the dataset), and the precision --amp auto chose on that host
         argv = (from_config or {}).get("argv") or []
         asked_amp = argv[argv.index("--amp") + 1] if "--amp" in argv[:-1] else "auto"
-        host = (("data_dir",) * (args.dataset != "imagenet") + ("amp",) * (args.amp == asked_amp == "auto")
-                if done else ())
-        diffs = [f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
-                 if k in recorded and k not in host and recorded[k] != options[k]]
+        host = (("data_dir", "device_name")[args.dataset == "imagenet":] + ("amp",) * (args.amp == asked_amp == "auto")
+                if done else ()) + ("device_name",) * args.allow_device_change
+        diffs = {k: f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
+                 if k in recorded and k not in host and recorded[k] != options[k]}
+        if set(diffs) == {"device_name"}:  # this run's own problem: a sweep goes on with the others
+            fail(f"--resume: {run_dir} was trained on {recorded['device_name']!r}, this is {options['device_name']!r}: "
+                 f"its train_time_s would splice two speeds; start it again with --overwrite, or pass "
+                 f"--allow-device-change to resume anyway (config.json then lists both)")
         if diffs:
-            fail(f"--resume: these options differ from the {'finished ' * done}run in {run_dir}: {'; '.join(diffs)}; "
-                 f"ask for the run's options, or use another --run-dir (a sweep: another --out)", options=True)
+            fail(f"--resume: these options differ from the {'finished ' * done}run in {run_dir}: "
+                 f"{'; '.join(diffs.values())}; ask for the run's options, or use another --run-dir (a sweep: another "
+                 f"--out)", options=True)
     if done:  # never redo a finished run (sweeps rely on this); --overwrite replaces it
         if recorded is None:
             fail(f"--resume: {run_dir} is marked done but records no options (no config.json or checkpoint), so it "
@@ -360,6 +402,12 @@ def main(argv=None):
         fail(str(e))
     except DataError as e:  # mid-run: a damaged image, named by the loader of whichever rank read it; every run
         fail(str(e), every_rank=True, options=True)  # of a sweep on this data would meet it: the sweep stops
+    finally:  # the run directory's lock ends with the run, also where train.main is called in a process that goes on
+        while HELD_LOCKS:
+            HELD_LOCKS.pop().close()
+
+
+HELD_LOCKS = []  # the lock files run_main holds
 
 
 def run_main(argv=None):
@@ -368,13 +416,17 @@ def run_main(argv=None):
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     local_rank, master = int(os.environ.get("LOCAL_RANK", 0)), rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # before any CUDA question: otherwise every rank makes a context on GPU 0
+        torch.cuda.set_device(device)
     setup = resolve(args, world_size, device)
     check_writable(setup.run_dir)  # before anything slow is loaded
     # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
     # run (a folder that does not exist yet holds nothing to read, and is created only once the flags pass).
-    lock = lock_run_dir(setup.run_dir) if master and os.path.isdir(setup.run_dir) else None
+    locking = master and not args.no_lock
+    if locking and os.path.isdir(setup.run_dir):
+        HELD_LOCKS.append(lock_run_dir(setup.run_dir))
     ckpt, wipe = resume_decision(args, setup, master)  # every rank decides alike: they all read the same files
-    configure_device(device)
+    configure_device(device, args.deterministic)
     torch.manual_seed(args.seed)  # every rank builds the same initial model
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -389,7 +441,10 @@ def run_main(argv=None):
     if spe < 1:
         fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset", options=True)
     plan = make_plan(args, setup, spe)
-    lock = lock or (lock_run_dir(setup.run_dir) if master else None)  # noqa: F841 (held until the process ends)
+    if locking and not HELD_LOCKS:
+        HELD_LOCKS.append(lock_run_dir(setup.run_dir))
+    if master and not locking:
+        os.makedirs(setup.run_dir, exist_ok=True)
     model = prepare_model(model, args).to(device)
     replaced = blurred_layers(model)
     raw_model = model
@@ -404,18 +459,20 @@ def run_main(argv=None):
         state = restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, rank)
     else:  # the model-side RNG (dropout, drop-path) differs per rank; rank 0 keeps the seed
         torch.manual_seed(args.seed if rank == 0 else hash((args.seed, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-    if args.compile:
-        model = torch.compile(model)
     if ddp:
         init_distributed(device, rank, world_size)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
                                                           else None)
+    if args.compile:  # the DDP-wrapped model, as PyTorch advises: the compiler then overlaps all-reduce and backward
+        model = torch.compile(model)
 
     config = {**vars(args), **asdict(setup), "steps_per_epoch": spe, "total_steps": plan.total_steps,
               "run_steps": plan.run_steps, "cycle_end_epochs": [s / spe for s in plan.cycle_end_steps()],
               "speedup_ratio_eq1": schedules.eq1_ratio(schedules.cycle_end_epochs(
                   args.warmup_epochs, setup.family_t0, setup.family_t_mult, setup.cycles)),
               "blurpool_layers": replaced, "device": device.type, "torch_version": torch.__version__,
+              "cuda_version": torch.version.cuda if device.type == "cuda" else None,
+              "device_names": device_history(setup, ckpt),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     log = None
     if master:
@@ -452,6 +509,7 @@ class TrainState:
     step: int = 0  # optimizer steps the run has taken (wsd: trunk and branches)
     path_time: float = 0.0  # training seconds along the current model's own path: the row's train_time_s
     cost_time: float = 0.0  # training seconds the whole run has spent: the row's curve_cost_s
+    startup_time: float = 0.0  # seconds of start-up (Run.warm_up) over the run's processes: the row's startup_s
     metrics_rows: int = 0
     skipped: int = 0
     loss_sum: float = 0.0  # this rank's sum of step losses since the last row
@@ -487,6 +545,9 @@ class Run:
         first_step = state.step
         first_bad = torch.full((), NO_STEP, dtype=torch.long, device=self.device)  # earliest non-finite step
         loss_sum = torch.full((), state.loss_sum, device=self.device)  # summed on the device: no sync per step
+        started = time.perf_counter()
+        stream = self.warm_up(state) if state.step < plan.run_steps else None
+        state.startup_time += time.perf_counter() - started  # start-up: its own column, off the training clock
         clock = Clock(self.device)
         last_save = time.monotonic()
         bar = tqdm(total=plan.run_steps, initial=state.step, disable=not self.master or a.no_progress, unit="step",
@@ -497,7 +558,7 @@ class Run:
                 clock.pause(state)  # the trunk's time so far belongs to the snapshot
                 state.trunk = self.snapshot(state, loss_sum)
                 clock.start()
-            for path_step, x, y in batches(self.loader, at, seg.end):
+            for path_step, x, y in stream or batches(self.loader, at, seg.end):
                 # -- 1. learning rate: the scheduler set it for this step (schedule-free: the optimizer does)
                 lr = self.optimizer.param_groups[0]["lr"]
                 # -- 2. forward, backward, update
@@ -542,8 +603,31 @@ class Run:
                     bar.set_postfix(epoch=f"{done / spe:.2f}", lr=f"{lr:.4f}",
                                     loss=f"{loss_sum.item() / max(state.loss_steps, 1):.4f}",
                                     img_s=f"{state.images / max(state.row_time + clock.elapsed(), 1e-9):.0f}")
+            stream = None
         bar.close()
         return state.step - first_step
+
+    def warm_up(self, state):
+        """This process's start-up, timed apart into startup_s: the data pipeline's first batch, then one forward
+        and backward pass on it (torch.compile, cudnn autotuning, allocator growth), undone (weights, BatchNorm
+        statistics, gradients, RNG), so that train_time_s counts training only, each standard run and the cyclic
+        run alike, and a resumed process's compilation too. Returns the batches of the current segment."""
+        seg, at = self.plan.segment_at(state.step)
+        stream = batches(self.loader, at, seg.end)
+        path_step, x, y = first = next(stream)
+        saved, rng = copy.deepcopy(self.raw_model.state_dict()), rng_state()
+        self.model.train()
+        xm, ym = self.objective.prepare(x.chunk(self.args.grad_accum)[0].clone(),  # MixUp mixes in place
+                                        y.chunk(self.args.grad_accum)[0], (path_step, self.rank, 0))
+        with (self.model.no_sync() if self.ddp else contextlib.nullcontext()), self.autocast:
+            loss = self.objective.loss(self.model(xm), ym)
+        self.scaler.scale(loss).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.raw_model.load_state_dict(saved)
+        restore_rng(rng)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return itertools.chain([first], stream)
 
     def checkpoint_due(self, last_save, step):
         """--checkpoint-every: rank 0's clock decides, every 25 steps under DDP so that ranks agree."""
@@ -580,6 +664,7 @@ class Run:
                    val_loss=f"{val['loss']:.6f}", val_acc1=f"{val['acc1']:.4f}",
                    val_acc5=f"{val['acc5']:.4f}" if val["acc5"] is not None else None,
                    train_time_s=f"{state.path_time:.3f}", curve_cost_s=f"{state.cost_time:.3f}",
+                   startup_s=f"{state.startup_time:.3f}",
                    cycle=seg.branch if seg.kind == "branch" else plan.cycle_of_step(done - 1),
                    cycle_end=int(curve_point or (done == plan.total_steps and plan.schedule != "wsd")),
                    images_per_s=f"{state.images / max(state.row_time, 1e-9):.1f}", skipped_steps=state.skipped,
@@ -601,15 +686,18 @@ class Run:
 
     def evaluate_point(self, done):
         """Validation of the model at this point; schedule-free evaluates its averaged weights with BatchNorm
-        statistics recomputed on a few training batches, as its authors prescribe."""
+        statistics recomputed on a few training batches, as its authors prescribe, then puts the training weights
+        and statistics back bit for bit (its own eval/train switch is not exact): evaluations leave no trace."""
         if not self.sf:
             return evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
                             self.args.channels_last, self.ddp)
+        training = copy.deepcopy(self.raw_model.state_dict())
         self.optimizer.eval()
-        recompute_bn(self.raw_model, self.loader, done, self.objective, self.autocast)
+        recompute_bn(self.raw_model, self.loader, done, self.objective, self.autocast, self.ddp)
         val = evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
                        self.args.channels_last, self.ddp)
         self.optimizer.train()
+        self.raw_model.load_state_dict(training)
         return val
 
     def micro_batch(self):
@@ -650,8 +738,8 @@ class Run:
         trunk = state.trunk and {k: v for k, v in state.trunk.items() if k not in PER_RANK}
         save_checkpoint(self.setup.run_dir, dict(
             path, scheduler=self.scheduler.state_dict() if self.scheduler is not None else None, step=state.step,
-            curve_cost_s=state.cost_time, metrics_rows=state.metrics_rows, skipped_steps=state.skipped, ranks=ranks,
-            trunk=trunk, config=result_options(self.args, self.setup)))
+            curve_cost_s=state.cost_time, startup_s=state.startup_time, metrics_rows=state.metrics_rows,
+            skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=result_options(self.args, self.setup)))
 
 
 ROW_FIELDS = ("loss_sum", "loss_steps", "images", "row_time", "path_time")  # TrainState fields a path carries
@@ -675,8 +763,8 @@ def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, rank):
     if scheduler is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
     trunk = None if ckpt["trunk"] is None else dict(ckpt["trunk"], **{k: mine["trunk"][k] for k in PER_RANK})
-    return TrainState(step=ckpt["step"], cost_time=ckpt["curve_cost_s"], metrics_rows=ckpt["metrics_rows"],
-                      skipped=ckpt["skipped_steps"], trunk=trunk, **row)
+    return TrainState(step=ckpt["step"], cost_time=ckpt["curve_cost_s"], startup_time=ckpt.get("startup_s", 0.0),
+                      metrics_rows=ckpt["metrics_rows"], skipped=ckpt["skipped_steps"], trunk=trunk, **row)
 
 
 class Clock:
@@ -743,11 +831,17 @@ def build_optimizer(model, args, setup, plan):
     return optimizer
 
 
-def configure_device(device):
+def configure_device(device, deterministic=False):
+    """CUDA: TF32 matmuls and cudnn autotuning (fast, not bitwise reproducible), or with --deterministic neither,
+    deterministic cudnn and cuBLAS, and torch's deterministic algorithms (a warning names any op without one).
+    CPU: the threads this rank may use."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -799,10 +893,12 @@ def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, 
 
 
 @torch.no_grad()
-def recompute_bn(model, loader, path_step, objective, autocast, batches_used=8):
+def recompute_bn(model, loader, path_step, objective, autocast, ddp=False, batches_used=8):
     """BatchNorm running statistics recomputed from scratch on the first few training batches of the current
     epoch (cropped and flipped as the loader yields them, never mixed): schedule-free's averaged weights never
-    ran forward during training, so the statistics gathered on the other weights do not fit them."""
+    ran forward during training, so the statistics gathered on the other weights do not fit them. Under DDP each
+    rank computes them on its slice of those global batches, as training's forward pass normalises, and the
+    ranks' statistics are averaged: the same images (batches_used global batches) whatever the world size."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -820,6 +916,10 @@ def recompute_bn(model, loader, path_step, objective, autocast, batches_used=8):
             model(x)
     for bn, m in zip(bns, momenta):
         bn.momentum = m
+        if ddp:
+            for stat in (bn.running_mean, bn.running_var):
+                dist.all_reduce(stat)
+                stat /= dist.get_world_size()
 
 
 @torch.no_grad()

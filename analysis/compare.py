@@ -403,6 +403,19 @@ def group_line(analysis):
             + "; ".join(analysis.curves))
 
 
+def hardware_lines(analysis):
+    """A line per group whose runs ran on more than one GPU or CPU model (config.json's device_name): their
+    accuracies are pooled, but their times mix speeds."""
+    lines = []
+    for label, members in analysis.groups.items():
+        names = sorted({r.config.get("device_name") for r in members} - {None})
+        if len(names) > 1:
+            lines.append(f"{label or 'the runs'} ran on {len(names)} kinds of hardware ({'; '.join(names)}): "
+                         f"accuracies are pooled over them, but times (train_time_s, time ratios, the time axis) mix "
+                         f"their speeds")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Diff the standard tradeoff curve against one-run estimators' curves.")
     add_common_args(p)
@@ -416,6 +429,8 @@ def main(argv=None):
           f"95 % CI: {stats.CI_METHOD}; * = CI excludes 0")
     if group_line(analysis):
         print(group_line(analysis))
+    for line in hardware_lines(analysis):
+        print(f"warning: {line}")
     for group in analysis.curves:
         print(f"\n[{group}]" if group else "")
         print(format_gap_table([r for r in analysis.rows("gaps.csv") if r["group"] == group]))

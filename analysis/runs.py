@@ -28,8 +28,10 @@ ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a w
 # world_size changes each rank's BatchNorm batch and MixUp draws; device and compile change the time axis;
 # eval_every the rows that --metric max (the default) takes its peak from.
 RESULT_KEYS = ("dataset", "model", "subset", "lr", "batch_size", "grad_accum", "warmup_epochs", "eta_min", "amp",
-               "momentum", "nesterov", "weight_decay", "world_size", "device", "compile", "eval_every", "model_kwargs")
-ADDED_DEFAULTS = {"model_kwargs": {}}  # keys added after runs were made, as runs without them were run
+               "momentum", "nesterov", "weight_decay", "world_size", "device", "compile", "eval_every", "model_kwargs",
+               "tf32")
+# keys added after runs were made, as runs without them were run (no GPU run predates tf32)
+ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False}
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
 ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only

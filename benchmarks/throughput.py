@@ -1,8 +1,10 @@
 """Training throughput: our loop against the model's compute limit and a conventional pipeline.
 
     python -m benchmarks.throughput [--batch-size 256] [--channels-last] [--amp auto] [--steps 60] [--json FILE]
+                                    [--data-dir FASHION_MNIST_DIR]
 
-In one process, with the same model, batch, precision and memory format:
+In one process, on the same device (the GPU where there is one), with the same model, batch, precision and memory
+format:
   (a) compute limit: forward + backward + optimizer step on one fixed resident batch of real images;
   (b) train.py's own loop on Fashion-MNIST (resident data, batched augmentation, logging), read
       from the images_per_s of its metrics.csv;
@@ -24,17 +26,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from data import STATS, build_data
+from data import FASHION_MNIST_SYSTEM_DIR, STATS, build_data
 from methods import Objective, prepare_model
 from models import build_model
 
 
-def make_step(model, cfg, amp):
+def make_step(model, cfg, amp, device):
     from timm.optim import SGDW
     opt = SGDW(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     objective = Objective(cfg, 10)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     return lambda x, y: train.train_step(model, opt, scaler, objective, autocast, x, y, 1, False, (0, 0))
 
 
@@ -51,7 +54,7 @@ class Watch(contextlib.AbstractContextManager):
                 return
             x = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
             if x is not None and x.dim() == 4 and "batch_size" not in self.seen:  # the outermost module: the model
-                self.seen.update(batch_size=x.shape[0], shape=list(x.shape[1:]))
+                self.seen.update(batch_size=x.shape[0], shape=list(x.shape[1:]), device=x.device.type)
             if isinstance(module, torch.nn.Conv2d) and module.in_channels > 1 and "amp" not in self.seen:
                 self.seen.update(amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(output.dtype, "none"),
                                  channels_last=x.is_contiguous(memory_format=torch.channels_last)
@@ -82,13 +85,14 @@ def timed(step, batches, n):
     return images / (time.perf_counter() - t)
 
 
-def torchvision_root(tmp):
-    """torchvision's FashionMNIST layout (raw, uncompressed IDX files) from the Debian package."""
-    src = "/usr/share/datasets/fashion-mnist"
+def torchvision_root(tmp, data_dir):
+    """torchvision's FashionMNIST layout (raw, uncompressed IDX files) from --data-dir or the Debian package."""
+    src = data_dir or FASHION_MNIST_SYSTEM_DIR
     raw = os.path.join(tmp, "FashionMNIST", "raw")
     os.makedirs(raw)
     for name in os.listdir(src):
-        with gzip.open(os.path.join(src, name)) as f, open(os.path.join(raw, name[:-3]), "wb") as out:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(os.path.join(src, name), "rb") as f, open(os.path.join(raw, name.removesuffix(".gz")), "wb") as out:
             shutil.copyfileobj(f, out)
     return tmp
 
@@ -98,22 +102,31 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--model", default="small_resnet")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16"))
+    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"))
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST's IDX files (default: Debian's package)")
     p.add_argument("--steps", type=int, default=60, help="timed optimizer steps for each measurement")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for (c)")
     p.add_argument("--json", help="write the figures to this file")
     a = p.parse_args(argv)
+    # all three measurements on the device train.py would use: the GPU where there is one
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        train.configure_device(device)
     amp = a.amp
     if amp == "auto":
-        amp = "bf16" if train.cpu_has_native_bf16() else "none"
+        amp = ("bf16" if train.gpu_has_native_bf16() else "fp16") if device.type == "cuda" else (
+            "bf16" if train.cpu_has_native_bf16() else "none")
+    if amp == "fp16" and device.type == "cpu":
+        p.error("--amp fp16 needs a CUDA device")
     cfg = argparse.Namespace(blurpool=False, channels_last=a.channels_last, label_smoothing=0.0, mixup=0.0, seed=0)
     torch.manual_seed(0)
-    model = prepare_model(build_model(a.model, 10, 1), cfg)
-    step = make_step(model, cfg, amp)
+    model = prepare_model(build_model(a.model, 10, 1), cfg).to(device)
+    step = make_step(model, cfg, amp, device)
 
     # (a) one fixed batch of real, augmented images: on this CPU the same step runs about 1.4x faster
     # on Fashion-MNIST than on randn inputs, so a random batch would understate the limit
-    x, y = next(build_data("fashion-mnist", None, torch.device("cpu"), subset=a.batch_size)
+    x, y = next(build_data("fashion-mnist", a.data_dir, device, subset=a.batch_size)
                 .train_loader(a.batch_size, 0, 1, 0).epoch(0))
     with Watch() as ran_a:
         a_img_s = timed(step, iter(lambda: (x, y), None), a.steps)
@@ -123,7 +136,8 @@ def main(argv=None):
     # measured twice, alternating, and the better of each kept: this VM's speed drifts by 10-20 %.
     args = ["--data", "fashion-mnist", "--subset", str(a.batch_size * (a.steps + 5)), "--batch-size",
             str(a.batch_size), "--schedule", "standard", "--epochs", "1", "--warmup-epochs", "0.1", "--amp", amp,
-            "--model", a.model, "--no-progress"] + (["--channels-last"] if a.channels_last else [])
+            "--model", a.model, "--no-progress"] + (["--channels-last"] if a.channels_last else []) + (
+            ["--data-dir", a.data_dir] if a.data_dir else [])
     b_img_s = 0.0
     for _ in range(2):
         with tempfile.TemporaryDirectory() as tmp:
@@ -140,12 +154,14 @@ def main(argv=None):
     from torchvision.datasets import FashionMNIST
     mean, std = STATS["fashion-mnist"]
     with tempfile.TemporaryDirectory() as tmp:
-        ds = FashionMNIST(torchvision_root(tmp), train=True, transform=T.Compose([
+        ds = FashionMNIST(torchvision_root(tmp, a.data_dir), train=True, transform=T.Compose([
             T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
         loader = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
-                                             drop_last=True, persistent_workers=a.workers > 0)
+                                             drop_last=True, persistent_workers=a.workers > 0,
+                                             pin_memory=device.type == "cuda")
+        on_device = ((xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)) for xb, yb in loader)
         with Watch() as ran_c:
-            c_img_s = timed(step, iter(loader), min(a.steps, len(loader) - 5))
+            c_img_s = timed(step, on_device, min(a.steps, len(loader) - 5))
 
     # what each measurement really ran (seen in its forward passes, not the options asked for), so that a reader
     # and the tests can check that they are comparable
@@ -156,8 +172,10 @@ def main(argv=None):
                b_over_c=b_img_s / c_img_s,
                flops_per_image=flops, a_flop_s=a_img_s * flops, b_flop_s=b_img_s * flops, batch_size=a.batch_size,
                model=a.model, amp=amp, channels_last=a.channels_last, threads=torch.get_num_threads(),
+               device=train.hardware_name(device), device_type=device.type,
                dataloader_workers=a.workers, ran=ran)
-    print(f"model {a.model}, batch {a.batch_size}, amp {amp}, channels_last {a.channels_last}, "
+    print(f"{train.hardware_name(device)} ({device.type}): model {a.model}, batch {a.batch_size}, amp {amp}, "
+          f"channels_last {a.channels_last}, "
           f"{torch.get_num_threads()} threads; {flops / 1e6:.1f} MFLOP per training image")
     print(f"(a) compute limit, fixed resident batch: {a_img_s:8.0f} img/s  {out['a_flop_s'] / 1e9:6.1f} GFLOP/s")
     print(f"(b) train.py loop on Fashion-MNIST:      {b_img_s:8.0f} img/s  {out['b_flop_s'] / 1e9:6.1f} GFLOP/s")

@@ -11,6 +11,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = "tests/test_train.py::"
 EVAL, ACC, R = "tests/test_evaluation.py::", "tests/test_accounting.py::", "tests/test_resume.py::"
+G = "tests/test_gpu_paths.py::"
 PLAIN = EVAL + "test_validation_metrics_equal_plain_pytorch_with_methods_on"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
@@ -120,6 +121,21 @@ MUTATIONS = [
     ("the benchmark's loop ignores --channels-last", "benchmarks/throughput.py",
      '"--model", a.model, "--no-progress"] + (["--channels-last"] if a.channels_last else [])',
      '"--model", a.model, "--no-progress"]', "tests/test_data.py::test_benchmark_compares_like_with_like"),
+    # GPU and cluster paths (issue 22), where a CPU shows them
+    ("schedule-free evaluation leaves its round trip in the weights", "train.py",
+     "        self.raw_model.load_state_dict(training)\n", "", G + "test_schedule_free_evaluations_leave_no_trace"),
+    ("BatchNorm recalibration keeps rank 0's slice only", "train.py",
+     "                dist.all_reduce(stat)\n                stat /= dist.get_world_size()", "                pass",
+     G + "test_batchnorm_recalibration_uses_every_ranks_images"),
+    ("a wsd cooldown's last step above eta_min", "schedules.py", "x = (t + 1) / length", "x = t / length",
+     "tests/test_estimators.py::test_wsd_segments_and_cooldowns"),
+    ("--amp auto counts emulated bf16 on a GPU", "train.py",
+     "return torch.cuda.is_bf16_supported(including_emulation=False)", "return torch.cuda.is_bf16_supported()",
+     G + "test_amp_auto_on_a_gpu_takes_bf16_only_where_it_is_native"),
+    ("a file system without locks is a traceback", "rundir.py", "    except OSError as e:  # Lustre",
+     "    except ZeroDivisionError as e:  # Lustre", G + "test_a_file_system_without_locks_is_one_line_naming_no_lock"),
+    ("a resume on other hardware accepted", "train.py", '"deterministic", "device_name")', '"deterministic")',
+     G + "test_a_resume_on_other_hardware_is_refused_unless_allowed"),
     # reliability round 3 (issue 28)
     ("a last line cut short counted as a row", "rundir.py", 'if line.endswith("\\n") and line.strip()]',
      'if line.strip()]', R + "test_a_cut_row_that_the_checkpoint_counts_is_refused_and_kept"),

@@ -80,7 +80,8 @@ def driven(train, monkeypatch):
     monkeypatch.setattr(train, "time", clock)
     for owner, name, cost in ((train, "train_step", 1.0), (train, "evaluate", 100.0),
                               (train, "save_checkpoint", 1000.0), (train, "recompute_bn", 10000.0),
-                              (train.Run, "snapshot", 1e5), (train.Run, "restore_snapshot", 1e6)):
+                              (train.Run, "snapshot", 1e5), (train.Run, "restore_snapshot", 1e6),
+                              (train.Run, "warm_up", 1e7)):
         def timed(*args, _real=getattr(owner, name), _cost=cost, **kwargs):
             clock.now += _cost
             return _real(*args, **kwargs)
@@ -91,8 +92,8 @@ def driven(train, monkeypatch):
 @pytest.mark.parametrize("schedule", ["cyclic", "wsd", "schedule-free"])
 def test_training_time_counts_training_steps_only(in_process, monkeypatch, tmp_path, schedule):
     """train_time_s = the steps on the row's own path; curve_cost_s = every step the run took so far (a wsd branch
-    once); evaluation, checkpoints, schedule-free's BatchNorm recalibration and wsd's copies of the trunk are not
-    training time."""
+    once); evaluation, checkpoints, schedule-free's BatchNorm recalibration, wsd's copies of the trunk and the
+    process's start-up are not training time."""
     driven(in_process, monkeypatch)
     run = str(tmp_path / "run")
     in_process.main(TINY + ["--run-dir", run, "--schedule", schedule, "--eval-every", "0.5", "--amp", "none"])
@@ -111,6 +112,7 @@ def test_training_time_counts_training_steps_only(in_process, monkeypatch, tmp_p
         assert float(r["train_time_s"]) == int(r["step"]) and float(r["curve_cost_s"]) == steps_taken(r)
         assert float(r["eval_time_s"]) == (10100 if schedule == "schedule-free" else 100)
         assert float(r["images_per_s"]) == 32  # one batch of 32 a second
+        assert float(r["startup_s"]) == 1e7  # this process's start-up (compile, autotuning, first batch): apart
 
 
 # ---- resume refuses every result-defining option ---------------------------------------------
@@ -120,7 +122,7 @@ RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "model_kwargs", "schedu
                "t_mult", "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov",
                "weight_decay", "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay",
                "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0",
-               "family_t_mult", "eval_every")
+               "family_t_mult", "eval_every", "tf32", "deterministic", "device_name")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,8 @@ def test_resume_refuses_a_checkpoint_that_differs_in_any_result_option(in_proces
     torch.save(ckpt, last)
     with pytest.raises(SystemExit) as e:
         decide(in_process, run)
-    assert e.value.code == 2 and f"{key}: 'another value' -> " in capsys.readouterr().err
+    said = f"trained on 'another value'" if key == "device_name" else f"{key}: 'another value' -> "
+    assert e.value.code == 2 and said in capsys.readouterr().err
 
 
 # ---- exact resume with dropout and drop-path ---------------------------------------------------

@@ -333,6 +333,7 @@ def test_benchmark_compares_like_with_like(tmp_path):
         ran = figures["ran"]  # what each measurement's first convolution saw, in its forward pass
         assert ran["a"] == ran["b"] == ran["c"], ran
         assert ran["a"]["batch_size"] == 32 and ran["a"]["shape"] == [1, 28, 28]
+        assert ran["a"]["device"] == figures["device_type"] == "cpu"  # the tests hide any GPU
         assert ran["a"]["channels_last"] == ("--channels-last" in flags)
         assert (ran["a"]["amp"] == "none") if flags else ran["a"]["amp"] == figures["amp"] in ("bf16", "none")
         assert all(figures[k] > 0 for k in ("a_img_s", "b_img_s", "c_img_s"))

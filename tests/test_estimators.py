@@ -35,11 +35,13 @@ def test_wsd_segments_and_cooldowns():
         assert lr == pytest.approx(S.lr_at(plan, s, PEAK, ETA), rel=1e-12), s
     assert lrs[:10] == pytest.approx([PEAK * (i + 1) / 10 for i in range(10)])  # warmup
     assert lrs[10:16] == pytest.approx([PEAK] * 6) and lrs[20:36] == pytest.approx([PEAK] * 16)  # the trunk
-    # branch 1 (8 steps, linear): PEAK at its first step, then down by (PEAK - ETA) / 8 per step
-    assert lrs[36:44] == pytest.approx([ETA + (PEAK - ETA) * (1 - t / 8) for t in range(8)])
+    # branch 1 (8 steps, linear): down by (PEAK - ETA) / 8 per step from its first, to exactly ETA on its last,
+    # as a budget's last step should be (a cosine cycle's last is within (pi / 2T)^2 of its minimum)
+    assert lrs[36:44] == pytest.approx([ETA + (PEAK - ETA) * (1 - (t + 1) / 8) for t in range(8)])
+    assert [lrs[s.run_start + s.end - s.start - 1] for s in plan.segments() if s.kind == "branch"] == [ETA] * 3
     sqrt_plan = S.make_plan("wsd", 8, 1, 1, 2, steps_per_epoch=10)
     branch = [S.lr_at(sqrt_plan, s, PEAK, 0.0) for s in range(76, 92)]
-    assert branch == pytest.approx([PEAK * (1 - math.sqrt(t / 16)) for t in range(16)])
+    assert branch == pytest.approx([PEAK * (1 - math.sqrt((t + 1) / 16)) for t in range(16)]) and branch[-1] == 0
 
 
 def test_schedule_free_warmup_is_what_the_optimizer_uses():
@@ -127,7 +129,7 @@ def test_wsd_resumes_exactly_inside_and_between_branches(wsd_reference, tmp_path
     ckpt = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
     assert ckpt["step"] == steps and (ckpt["trunk"] is not None) == in_branch
     run_train(args + ["--resume"])
-    drop = ("train_time_s", "curve_cost_s", "images_per_s", "eval_time_s")
+    drop = ("train_time_s", "curve_cost_s", "images_per_s", "eval_time_s", "startup_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(read(run)) == strip(read(wsd_reference))
     a, b = (torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=True)["model"]

@@ -13,7 +13,7 @@ import torch
 from conftest import ENV, ROOT, TINY, run_train, train_cmd
 from rundir import load_checkpoint
 
-TIME_COLUMNS = {"train_time_s", "curve_cost_s", "images_per_s", "eval_time_s"}
+TIME_COLUMNS = {"train_time_s", "curve_cost_s", "images_per_s", "eval_time_s", "startup_s"}
 # Mid-cycle evaluations every half epoch give checkpoints to resume from; MixUp adds its own RNG.
 ARGS = TINY + ["--eval-every", "0.5", "--mixup", "0.2", "--amp", "none"]
 
