@@ -13,6 +13,7 @@ that the test suite keeps this script from rotting; its accuracy bars are chance
 import argparse
 import csv
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -24,6 +25,8 @@ import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS = os.path.join(ROOT, "requirements.txt")
+TIMEOUT = 240  # seconds for any one subprocess: a stuck check cannot eat the machine's time
+NEEDED = ("torch", "torchvision", "timm", "numpy", "tqdm", "PIL")  # train.py imports these; schedulefree optional
 
 
 def version_problems():
@@ -42,6 +45,19 @@ def version_problems():
         if tuple(int(x) for x in re.findall(r"\d+", have)[:3]) < tuple(int(x) for x in low.split(".")):
             problems.append(f"{name} {have} is older than {low}")
     return problems
+
+
+def run_bounded(cmd, env, timeout):
+    """subprocess.run in a process group of its own, killed whole (torchrun's workers too) past `timeout` s."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise RuntimeError(f"{' '.join(cmd[1:3])} ... took over {timeout} s and was stopped") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def rows(run):
@@ -66,8 +82,7 @@ class Checks:
         cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
                                   if procs > 1 else []) + [os.path.join(ROOT, "train.py")]
         fresh = [] if "--resume" in flags else ["--overwrite"]
-        p = subprocess.run(cmd + self.data + ["--run-dir", run, "--no-progress", *fresh, *flags], cwd=ROOT,
-                           env=self.env, capture_output=True, text=True, timeout=900)
+        p = run_bounded(cmd + self.data + ["--run-dir", run, "--no-progress", *fresh, *flags], self.env, TIMEOUT)
         if p.returncode != 0:
             raise RuntimeError(f"train.py {' '.join(flags)} failed ({p.returncode}): "
                                f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -85,7 +100,8 @@ class Checks:
         return self.trained("bf16", "--amp", "bf16" if not self.dry else "auto")
 
     def fp16(self):
-        """fp16 with a GradScaler: its final scale is below the initial 65536 when it has skipped steps."""
+        """fp16 with a GradScaler to a real accuracy; the scaler's final scale and growth tracker are reported (a
+        scale below the initial 65536 means it skipped steps on overflow and backed off, as it should)."""
         if self.dry:
             return None, "fp16 needs a GPU"
         ok, figures = self.trained("fp16", "--amp", "fp16")
@@ -109,15 +125,18 @@ class Checks:
         cmd = [sys.executable, os.path.join(ROOT, "train.py")] + self.data + ["--run-dir", run, "--no-progress",
                                                                              *flags]
         p = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        metrics, deadline = os.path.join(run, "metrics.csv"), time.time() + 600
+        metrics, deadline = os.path.join(run, "metrics.csv"), time.time() + TIMEOUT
         while p.poll() is None and time.time() < deadline:
             if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:  # header + 2 rows
-                p.send_signal(signal.SIGKILL)
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
+        p.kill()
         p.wait()
+        if p.returncode != -signal.SIGKILL or os.path.exists(os.path.join(run, "done")):
+            raise RuntimeError("the run to interrupt finished (or failed) before it could be killed")
         self.train("resume", *flags, "--resume", "auto")
-        strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # noqa: E731
+        timing = lambda k: k.endswith("_s") or k == "peak_mem_gb"  # noqa: E731 (not the arithmetic's)
+        strip = lambda rs: [{k: v for k, v in r.items() if not timing(k)} for r in rs]  # noqa: E731
         same = strip(rows(run)) == strip(rows(ref))
         return same, dict(rows=len(rows(run)), val_acc1=float(rows(run)[-1]["val_acc1"]),
                           reference_val_acc1=float(rows(ref)[-1]["val_acc1"]))
@@ -158,30 +177,29 @@ class Checks:
         return True, dict(val_acc1=float(last["val_acc1"]), images_per_s=float(last["images_per_s"]))
 
     def two_gpus(self):
-        """2 ranks over NCCL: their sharded evaluation of the saved weights equals one process's."""
+        """2 ranks over NCCL (the model compiled around DDP, with the untimed warm-up): their sharded evaluation
+        of the saved weights equals one process's; and schedule-free on 2 ranks (BatchNorm averaged over them)."""
         if self.gpus < 2 and not self.dry:
             return None, "needs 2 GPUs"
         flags = ["--cycles", "1", "--warmup-epochs", "0.5", "--t0", "0.5", "--eval-every", "0", "--deterministic",
                  "--amp", "none"]  # fp32 without TF32: the two evaluations differ only in the order of the sums
-        if self.dry:
-            flags += ["--batch-size", "32"]
-        run = self.train("two-ranks", *flags, procs=2)
-        single = subprocess.run([sys.executable, "-c", EVAL_ONE.format(root=ROOT, run=run, data=self.data)], cwd=ROOT,
-                                env=self.env, capture_output=True, text=True, timeout=600)
+        run = self.train("two-ranks", *flags, *([] if self.dry else ["--compile"]), procs=2)
+        sf = self.train("two-ranks-sf", *flags, "--schedule", "schedule-free", procs=2)
+        single = run_bounded([sys.executable, "-c", EVAL_ONE.format(root=ROOT, run=run, data=self.data)], self.env,
+                             TIMEOUT)
         if single.returncode != 0:
             raise RuntimeError(f"one-process evaluation failed: {single.stderr.strip().splitlines()[-1:]}")
         one = json.loads(single.stdout.strip().splitlines()[-1])
         two = rows(run)[-1]
         close = abs(float(two["val_acc1"]) - one["acc1"]) < 0.02 and abs(float(two["val_loss"]) - one["loss"]) < 1e-4
         return close, dict(two_ranks=dict(val_acc1=float(two["val_acc1"]), val_loss=float(two["val_loss"])),
-                           one_process=one)
+                           one_process=one, schedule_free_val_acc1=float(rows(sf)[-1]["val_acc1"]))
 
     def benchmark(self):
         path = os.path.join(self.out, "throughput.json")
         flags = ["--steps", "3", "--batch-size", "32"] if self.dry else []
-        p = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--json", path] + flags + (
-            ["--data-dir", self.data_dir] if self.data_dir else []), cwd=ROOT, env=self.env, capture_output=True,
-            text=True, timeout=900)
+        p = run_bounded([sys.executable, "-m", "benchmarks.throughput", "--json", path] + flags + (
+            ["--data-dir", self.data_dir] if self.data_dir else []), self.env, TIMEOUT)
         if p.returncode != 0:
             raise RuntimeError(f"benchmark failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
         figures = json.load(open(path))
@@ -219,6 +237,11 @@ def main(argv=None):
     p.add_argument("--dry", action="store_true", help="every check, tiny, on CPU (what the test suite runs)")
     p.add_argument("--only", default=",".join(ORDER), help="a comma-separated subset of " + ", ".join(ORDER))
     a = p.parse_args(argv)
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"gpu_check.py: {sys.executable} lacks {', '.join(missing)}: use a Python that has them (the .venv, "
+              f"or pip install -r requirements.txt where there is a network)", file=sys.stderr)
+        return 2
     import torch
     os.makedirs(a.out, exist_ok=True)
     gpus = 0 if a.dry else torch.cuda.device_count()

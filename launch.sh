@@ -119,6 +119,10 @@ one_run() {  # run_dir, then train.py flags
   if [ "$NNODES" -gt 1 ] && [ $rc = 0 ]; then
     local waited=0
     while [ ! -e "$dir/done" ] && [ $waited -lt "${LOCKSTEP_WAIT:-300}" ]; do sleep 2; waited=$((waited + 2)); done
+    if [ ! -e "$dir/done" ]; then
+      echo "launch.sh: FAILED: $dir: no 'done' visible here ${LOCKSTEP_WAIT:-300} s after the run (shared folder?)" >&2
+      FAILED+=("$dir")
+    fi
   fi
 }
 

@@ -158,13 +158,20 @@ class MetricsLog:
             atomic_write(self.path, lambda f: f.write((",".join(METRICS_COLUMNS) + "\n").encode()))
             return
         header, rows = metrics_lines(run_dir)
-        width = len(next(csv.reader([header])))
+        columns = next(csv.reader([header]), [])
         for i, line in enumerate(rows[:keep_rows]):
-            if len(next(csv.reader([line]))) != width:
+            if len(next(csv.reader([line]))) != len(columns):
                 raise RunDirError(f"--resume: {self.path} data row {i + 1} has {len(next(csv.reader([line])))} "
-                                  f"fields, not the header's {width}: the file is damaged; restore it or start "
-                                  f"again with --overwrite")
-        atomic_write(self.path, lambda f: f.write("".join([header] + rows[:keep_rows]).encode()))
+                                  f"fields, not the header's {len(columns)}: the file is damaged; restore it or "
+                                  f"start again with --overwrite")
+        kept = rows[:keep_rows]
+        if columns != METRICS_COLUMNS and columns == METRICS_COLUMNS[:len(columns)]:  # an older train.py's columns:
+            pad = "," * (len(METRICS_COLUMNS) - len(columns))  # the new ones are empty in its rows
+            header, kept = ",".join(METRICS_COLUMNS) + "\n", [line[:-1] + pad + "\n" for line in kept]
+        elif columns != METRICS_COLUMNS:
+            raise RunDirError(f"--resume: {self.path} has columns train.py does not write ({header.strip()}); "
+                              f"restore the file or start again with --overwrite")
+        atomic_write(self.path, lambda f: f.write("".join([header] + kept).encode()))
 
     def append(self, row):
         def write():

@@ -119,6 +119,9 @@ class Plan:
         return segments[-1], segments[-1].end
 
 
+COOLDOWN_VERSION = 2  # 1: step t at (t / length) of the way down, the last step above eta_min (before 2026-12)
+
+
 def cooldown_factor(shape, t, length):
     """Fraction of the way from eta_min to the peak at step t (0-based) of a cooldown of `length` steps: below the
     peak from the first step, and exactly eta_min on the last, as a budget's last step should be (the LR of a

@@ -36,12 +36,13 @@ from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, h
                     lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
 
 # Options that define the result: a resume with any of them changed is refused. eval_every: the rows --metric max
-# takes its peak from; tf32 and deterministic: the GPU's arithmetic; device_name: the speed of train_time_s.
+# takes its peak from; tf32 and deterministic: the GPU's arithmetic; device_name: the speed of train_time_s;
+# cooldown_version: wsd's cooldown formula (2: its last step at eta_min; runs without the key used 1).
 RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
                "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
                "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay", "cooldown_frac",
                "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0", "family_t_mult",
-               "eval_every", "model_kwargs", "tf32", "deterministic", "device_name")
+               "eval_every", "model_kwargs", "tf32", "deterministic", "device_name", "cooldown_version")
 NO_STEP = 2 ** 62  # "no non-finite step yet"
 
 
@@ -133,6 +134,7 @@ class Setup:
     model_kwargs: dict  # --model-kwargs parsed
     tf32: bool  # matmuls and convolutions in TF32 (CUDA unless --deterministic): a precision of its own
     device_name: str  # the GPU's or the CPU's model: what the time axis was measured on
+    cooldown_version: int  # wsd: schedules.COOLDOWN_VERSION; None for the other schedules
 
 
 def fail(message, code=2, every_rank=False, options=False):
@@ -205,7 +207,7 @@ def resolve(args, world_size, device):
         (a.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {a.skip_nonfinite}"),
         (not (a.amp == "fp16" and device.type == "cpu"),
          "--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU"),
-        (not (a.amp == "bf16" and device.type == "cuda" and not gpu_has_native_bf16()),
+        (not (a.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()),
          "--amp bf16: this GPU has no bf16; use --amp fp16 (or auto)"),
         (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other; pick one"),
         (a.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{a.resume}'"),
@@ -258,7 +260,8 @@ def resolve(args, world_size, device):
                  run_dir=a.run_dir or default_run_dir(a, epochs, methods),
                  sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
                  else a.sf_warmup_epochs, model_kwargs=model_kwargs,
-                 tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device))
+                 tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device),
+                 cooldown_version=schedules.COOLDOWN_VERSION if a.schedule == "wsd" else None)
 
 
 def device_history(setup, ckpt):
@@ -326,11 +329,13 @@ def resume_decision(args, setup, master):
         # ImageFolder tree: there the folder is the dataset), and the precision --amp auto chose on that host
         argv = (from_config or {}).get("argv") or []
         asked_amp = argv[argv.index("--amp") + 1] if "--amp" in argv[:-1] else "auto"
-        host = (("data_dir", "device_name")[args.dataset == "imagenet":] + ("amp",) * (args.amp == asked_amp == "auto")
-                if done else ()) + ("device_name",) * args.allow_device_change
+        # the hardware: tf32 follows it (CPU or GPU); each rank knows only its own GPU, so rank 0's decides
+        hardware = ("device_name", "tf32")
+        host = ((("data_dir",) * (args.dataset != "imagenet") + hardware + ("amp",) * (args.amp == asked_amp == "auto")
+                 if done else ()) + hardware * args.allow_device_change + hardware * (not master))
         diffs = {k: f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
                  if k in recorded and k not in host and recorded[k] != options[k]}
-        if set(diffs) == {"device_name"}:  # this run's own problem: a sweep goes on with the others
+        if diffs and set(diffs) <= set(hardware):  # this run's own problem: a sweep goes on with the others
             fail(f"--resume: {run_dir} was trained on {recorded['device_name']!r}, this is {options['device_name']!r}: "
                  f"its train_time_s would splice two speeds; start it again with --overwrite, or pass "
                  f"--allow-device-change to resume anyway (config.json then lists both)")
@@ -615,7 +620,8 @@ class Run:
         seg, at = self.plan.segment_at(state.step)
         stream = batches(self.loader, at, seg.end)
         path_step, x, y = first = next(stream)
-        saved, rng = copy.deepcopy(self.raw_model.state_dict()), rng_state()
+        saved = {k: v.to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}  # off the GPU's memory
+        rng = rng_state()
         self.model.train()
         xm, ym = self.objective.prepare(x.chunk(self.args.grad_accum)[0].clone(),  # MixUp mixes in place
                                         y.chunk(self.args.grad_accum)[0], (path_step, self.rank, 0))
@@ -627,6 +633,7 @@ class Run:
         restore_rng(rng)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gb: training's, not the start-up's
         return itertools.chain([first], stream)
 
     def checkpoint_due(self, last_save, step):
@@ -837,7 +844,7 @@ def configure_device(device, deterministic=False):
     CPU: the threads this rank may use."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # either way: train.main may run again
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
         torch.backends.cudnn.benchmark = not deterministic
@@ -916,7 +923,7 @@ def recompute_bn(model, loader, path_step, objective, autocast, ddp=False, batch
             model(x)
     for bn, m in zip(bns, momenta):
         bn.momentum = m
-        if ddp:
+        if ddp and bn.track_running_stats:
             for stat in (bn.running_mean, bn.running_var):
                 dist.all_reduce(stat)
                 stat /= dist.get_world_size()

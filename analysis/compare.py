@@ -324,7 +324,7 @@ def analyse_runs(runs, metric="max", min_epochs=0.0, x="time", only_complete_see
 def analyse(args):
     """analyse_runs on the command line's runs; exits with one line when there is nothing to analyse."""
     try:
-        runs = load_runs(args.runs, args.include_partial)
+        runs = load_runs(args.runs, args.include_partial, pool=("device_name",) if args.pool_hardware else ())
     except RunError as e:
         sys.exit(f"analysis: error: {e}")
     if not runs:
@@ -383,6 +383,9 @@ def add_common_args(p):
     p.add_argument("--min-epochs", type=float, default=0.0, help="ignore budgets below this many epochs")
     p.add_argument("--include-partial", action="store_true", help="use runs without 'done' too")
     p.add_argument("--x", choices=("time", "epochs"), default="time", help="x of the curves and their fits")
+    p.add_argument("--pool-hardware", action="store_true",
+                   help="average seeds that ran on different GPU or CPU models (e.g. a study over several sessions): "
+                        "accuracies pool, times mix speeds (the output says so); default: each model its own group")
     p.add_argument("--complete-seeds", action="store_true",
                    help="per method set, use only the seeds that have every standard budget and every estimator "
                         "run of 2+ seeds (an unfinished sweep then compares seed-paired curves over the same seeds)")
@@ -404,11 +407,12 @@ def group_line(analysis):
 
 
 def hardware_lines(analysis):
-    """A line per group whose runs ran on more than one GPU or CPU model (config.json's device_name): their
-    accuracies are pooled, but their times mix speeds."""
+    """A line per group whose runs ran on more than one GPU or CPU model (config.json's device_name; with
+    --pool-hardware, else they are groups of their own): their accuracies are pooled, but their times mix speeds."""
     lines = []
     for label, members in analysis.groups.items():
-        names = sorted({r.config.get("device_name") for r in members} - {None})
+        names = sorted({n for r in members for n in r.config.get("device_names") or [r.config.get("device_name")]}
+                       - {None})
         if len(names) > 1:
             lines.append(f"{label or 'the runs'} ran on {len(names)} kinds of hardware ({'; '.join(names)}): "
                          f"accuracies are pooled over them, but times (train_time_s, time ratios, the time axis) mix "

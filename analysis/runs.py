@@ -26,14 +26,15 @@ ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a w
 # t_mult are left out because a standard run records t0 = epochs - warmup: they only separate estimator runs
 # (SHAPE_KEYS). A method's or a schedule's own options (METHOD_KEYS, ESTIMATOR_KEYS) split method sets and curves.
 # world_size changes each rank's BatchNorm batch and MixUp draws; device and compile change the time axis;
-# eval_every the rows that --metric max (the default) takes its peak from.
+# eval_every the rows that --metric max (the default) takes its peak from; device_name (the GPU or CPU model) the
+# speed on the time axis: runs of other hardware are another group unless --pool-hardware.
 RESULT_KEYS = ("dataset", "model", "subset", "lr", "batch_size", "grad_accum", "warmup_epochs", "eta_min", "amp",
                "momentum", "nesterov", "weight_decay", "world_size", "device", "compile", "eval_every", "model_kwargs",
-               "tf32")
+               "tf32", "device_name")
 # keys added after runs were made, as runs without them were run (no GPU run predates tf32)
-ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False}
+ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False, "cooldown_version": None}  # None: wsd's first formula
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
-ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape"),
+ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape", "cooldown_version"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only
 METHOD_KEYS = {"label_smoothing": ("label_smoothing",), "mixup": ("mixup",), "blurpool": ("blurpool_mode",)}
 
@@ -57,6 +58,7 @@ class Run:
     done: bool
     variant: str = ""  # set by group_runs where a method set was run with several strengths: "mixup=0.4"
     schedule_variant: str = ""  # likewise for a schedule's own options: "cooldown_frac=0.4"
+    pooled: tuple = ()  # RESULT_KEYS left out of the family (load_runs' pool: --pool-hardware)
 
     @property
     def methods(self):
@@ -80,7 +82,7 @@ class Run:
     @property
     def family(self):
         """The result-defining options, seed and schedule shape aside; a missing key counts as None."""
-        return tuple((k, self.option(k)) for k in RESULT_KEYS)
+        return tuple((k, self.option(k)) for k in RESULT_KEYS if k not in self.pooled)
 
     @property
     def curve(self):
@@ -250,8 +252,10 @@ def read_run(path):
     return Run(path, read_config(path), read_metrics(path, done), done)
 
 
-def load_runs(paths, include_partial=False):
-    """Readable runs below `paths`; malformed ones and (unless asked) unfinished ones are skipped with a warning."""
+def load_runs(paths, include_partial=False, pool=()):
+    """Readable runs below `paths`; malformed ones and (unless asked) unfinished ones are skipped with a warning.
+    `pool`: result-defining keys whose runs may be averaged together all the same (("device_name",): the seeds of
+    a study that ran on several kinds of hardware; their times then mix speeds, which the report says)."""
     runs, unknown = [], defaultdict(list)
     for d in find_run_dirs(paths):
         if not include_partial and not os.path.exists(os.path.join(d, "done")):
@@ -264,6 +268,7 @@ def load_runs(paths, include_partial=False):
             continue
         if run.schedule not in ("standard",) + ESTIMATORS:
             unknown[run.schedule].append(d)
+        run.pooled = tuple(pool)
         runs.append(run)
     for schedule, dirs in unknown.items():
         warn(f"unknown schedule '{schedule}' ({len(dirs)} runs, e.g. {dirs[0]}): read as a one-run estimator "

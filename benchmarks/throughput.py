@@ -76,12 +76,14 @@ def timed(step, batches, n):
     """images/s over n steps after five warm-up steps; `batches` yields (x, y)."""
     it = iter(batches)
     for _ in range(5):
-        step(*next(it))
+        loss = step(*next(it))
+    loss.item()  # warm-up finished before the clock starts
     t, images = time.perf_counter(), 0
     for _ in range(n):
         x, y = next(it)
-        step(x, y).item()  # the loss read forces the step to finish (a no-op on CPU)
+        loss = step(x, y)  # not read per step: train.py's loop does not wait for the GPU either
         images += len(x)
+    loss.item()  # the last step finished: so did every step before it
     return images / (time.perf_counter() - t)
 
 

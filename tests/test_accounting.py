@@ -122,7 +122,7 @@ RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "model_kwargs", "schedu
                "t_mult", "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov",
                "weight_decay", "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay",
                "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0",
-               "family_t_mult", "eval_every", "tf32", "deterministic", "device_name")
+               "family_t_mult", "eval_every", "tf32", "deterministic", "device_name", "cooldown_version")
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +185,10 @@ def decide(train, run, *flags):
 
 
 def test_a_finished_run_made_on_another_host_is_not_refused(in_process, finished, tmp_path, capsys):
-    """Another data folder, or another precision where --amp auto chose it there, is the same run."""
-    run = edited_copy(finished, tmp_path, lambda c: c.update(amp="fp16", data_dir="/elsewhere/fashion-mnist"))
+    """Another data folder, another GPU (TF32 on), or another precision where --amp auto chose it there: the same
+    finished run."""
+    run = edited_copy(finished, tmp_path, lambda c: c.update(amp="fp16", data_dir="/elsewhere/fashion-mnist",
+                                                             device_name="NVIDIA H200", tf32=True))
     with pytest.raises(SystemExit) as e:
         decide(in_process, run)  # --amp auto, as the run was asked for (its argv has no --amp)
     assert e.value.code == 0 and "already finished" in capsys.readouterr().out

@@ -460,7 +460,7 @@ def test_a_time_ratio_interval_never_reaches_below_zero(tmp_path):
 # Written out here, not read from analysis/runs.py: a key dropped from its list must fail this test.
 ANALYSIS_RESULT_KEYS = ("dataset", "model", "model_kwargs", "subset", "lr", "batch_size", "grad_accum",
                         "warmup_epochs", "eta_min", "amp", "momentum", "nesterov", "weight_decay", "world_size",
-                        "device", "compile", "eval_every", "tf32")
+                        "device", "compile", "eval_every", "tf32", "device_name")
 
 
 @pytest.mark.parametrize("key", ANALYSIS_RESULT_KEYS)
@@ -504,11 +504,14 @@ def test_runs_from_before_model_kwargs_average_with_runs_of_none(tmp_path):
                                                           'model_kwargs={"drop_path_rate": 0.1}': "1"}
 
 
-def test_a_study_on_two_kinds_of_hardware_says_so(tmp_path, capsys):
+def test_runs_on_two_kinds_of_hardware_are_two_groups_unless_pooled_and_then_it_says_so(tmp_path, capsys):
     seeded(tmp_path / "a", [], [80, 85, 90], [79, 86, 89], 0, device_name="AMD EPYC 9454")
     seeded(tmp_path / "b", [], [82, 87, 92], [81, 88, 91], 1, device_name="Intel Xeon Platinum 8480+")
     out = tmp_path / "out"
-    report.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    report.main([str(tmp_path), "--out", str(out), "--metric", "final"])  # never a time axis of two speeds
+    assert {r["group"]: r["n_seeds"] for r in read_rows(out / "gaps.csv")} == {
+        "device_name=AMD EPYC 9454": "1", "device_name=Intel Xeon Platinum 8480+": "1"}
+    report.main([str(tmp_path), "--out", str(out), "--metric", "final", "--pool-hardware"])
     said = "ran on 2 kinds of hardware (AMD EPYC 9454; Intel Xeon Platinum 8480+): accuracies are pooled"
     assert said in capsys.readouterr().out and said in (out / "report.md").read_text()
     assert read_csv(out / "gaps.csv")["baseline"]["n_seeds"] == "2"  # the accuracies pooled, as it says

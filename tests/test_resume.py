@@ -220,3 +220,17 @@ def test_resume_with_another_evaluation_cadence_is_refused(reference, tmp_path):
     run = unfinished_copy(reference, tmp_path)
     p = run_train(ARGS + ["--run-dir", run, "--resume", "--eval-every", "1"], check=False)
     assert p.returncode == 2 and "eval_every: 0.5 -> 1.0" in p.stderr
+
+
+def test_a_run_from_an_older_train_py_resumes_with_its_columns_extended(reference, tmp_path):
+    """A metrics.csv written before a column existed (startup_s): kept rows get the new columns empty."""
+    run = unfinished_copy(reference, tmp_path)
+    os.remove(os.path.join(run, "checkpoints", "last.pt"))  # one row to retrain
+    metrics = os.path.join(run, "metrics.csv")
+    lines = open(metrics).read().splitlines()
+    assert lines[0].endswith(",startup_s")
+    open(metrics, "w").write("".join(line.rsplit(",", 1)[0] + "\n" for line in lines))
+    run_train(ARGS + ["--run-dir", run, "--resume"])
+    got = list(csv.DictReader(open(metrics)))
+    assert [r["startup_s"] for r in got[:-1]] == [""] * (len(got) - 1) and got[-1]["startup_s"] != ""
+    assert metrics_without_time(run) == metrics_without_time(reference)
