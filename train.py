@@ -336,9 +336,9 @@ def resume_decision(args, setup, master):
         diffs = {k: f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
                  if k in recorded and k not in host and recorded[k] != options[k]}
         if diffs and set(diffs) <= set(hardware):  # this run's own problem: a sweep goes on with the others
-            fail(f"--resume: {run_dir} was trained on {recorded['device_name']!r}, this is {options['device_name']!r}: "
-                 f"its train_time_s would splice two speeds; start it again with --overwrite, or pass "
-                 f"--allow-device-change to resume anyway (config.json then lists both)")
+            fail(f"--resume: {run_dir} was trained on other hardware ({'; '.join(diffs.values())}): its train_time_s "
+                 f"would splice two speeds; start it again with --overwrite, or pass --allow-device-change to resume "
+                 f"anyway (config.json then lists both)")
         if diffs:
             fail(f"--resume: these options differ from the {'finished ' * done}run in {run_dir}: "
                  f"{'; '.join(diffs.values())}; ask for the run's options, or use another --run-dir (a sweep: another "
