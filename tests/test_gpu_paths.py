@@ -178,3 +178,18 @@ def test_gpu_check_runs_every_check_in_its_cpu_dry_mode(tmp_path):
     assert summary["checks"]["two_gpus"]["figures"]["one_process"]["acc1"] == pytest.approx(
         summary["checks"]["two_gpus"]["figures"]["two_ranks"]["val_acc1"], abs=0.02)
     assert summary["too_old"] == [] and summary["torch"] == torch.__version__
+
+
+def test_gpu_check_skips_a_check_whose_optional_package_is_missing(tmp_path):
+    """An offline GPU node's own Python without schedulefree: that estimator is skipped in one line, the rest run."""
+    blocked = tmp_path / "blocked" / "schedulefree"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('not installed on this machine')\n")
+    env = dict(ENV, PYTHONPATH=str(tmp_path / "blocked"))
+    out = tmp_path / "check"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "gpu_check.py"), "--dry", "--only", "estimators", "--out",
+                        str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    figures = json.loads((out / "gpu-check.json").read_text())["checks"]["estimators"]
+    assert p.returncode == 0 and figures["verdict"] == "passed", p.stdout[-2000:]
+    assert figures["figures"]["schedule-free"].startswith("skipped: the schedulefree package")
+    assert isinstance(figures["figures"]["wsd"], float)
