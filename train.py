@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.optim import SGDW
 from tqdm import tqdm
 
 import schedules
@@ -42,8 +41,11 @@ RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "
                "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
                "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay", "cooldown_frac",
                "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0", "family_t_mult",
-               "eval_every", "model_kwargs", "tf32", "deterministic", "device_name", "cooldown_version")
+               "eval_every", "model_kwargs", "tf32", "deterministic", "device_name", "cooldown_version", "opt",
+               "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
 NO_STEP = 2 ** 62  # "no non-finite step yet"
+# --opt: timm's optimizers that take momentum (sgdw) or betas (the others); weight decay is decoupled in all four
+OPTIMIZERS = ("sgdw", "adamw", "lamb", "lion")
 
 
 def parse_args(argv=None):
@@ -77,6 +79,16 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=256, help="global batch per optimizer step")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--opt", default="sgdw", help=f"optimizer from timm: {' | '.join(OPTIMIZERS)}")
+    g.add_argument("--opt-betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="adamw, lamb, lion: betas (default: the optimizer's own)")
+    g.add_argument("--opt-eps", type=float, default=None, help="adamw, lamb: epsilon (default: the optimizer's own)")
+    g.add_argument("--decay-exclusions", default="auto", help="auto | on | off: no weight decay on biases and "
+                   "normalisation weights (timm's convention); auto: on for models without BatchNorm (transformers), "
+                   "off for convnets (as before)")
+    g.add_argument("--clip-grad", type=float, default=0.0, metavar="NORM",
+                   help="clip the global gradient norm to NORM (after fp16 unscaling, on the all-reduced gradient); "
+                        "0: off")
     g.add_argument("--lr", type=float, default=0.4, help="peak learning rate")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
@@ -171,6 +183,17 @@ def resolve(args, world_size, device):
         (a.amp in ("auto", "none", "bf16", "fp16"), f"--amp: unknown '{a.amp}'; choose auto, none, bf16 or fp16"),
         (a.lr > 0 and math.isfinite(a.lr), f"--lr must be a positive number, got {a.lr}"),
         (0 <= a.momentum < 1, f"--momentum must be in [0, 1), got {a.momentum}"),
+        (a.opt in OPTIMIZERS, f"--opt: unknown '{a.opt}'; choose one of {', '.join(OPTIMIZERS)}"),
+        (a.opt_betas is None or all(0 <= b < 1 for b in a.opt_betas),
+         f"--opt-betas must be in [0, 1), got {a.opt_betas}"),
+        (a.opt_betas is None or a.opt != "sgdw", "--opt-betas: sgdw has momentum, not betas; use --momentum"),
+        (a.opt_eps is None or a.opt_eps > 0, f"--opt-eps must be positive, got {a.opt_eps}"),
+        (a.opt_eps is None or a.opt in ("adamw", "lamb"), f"--opt-eps: {a.opt} takes no epsilon"),
+        (a.decay_exclusions in ("auto", "on", "off"),
+         f"--decay-exclusions: unknown '{a.decay_exclusions}'; choose auto, on or off"),
+        (a.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {a.clip_grad}"),
+        (not (a.schedule == "schedule-free" and a.opt not in ("sgdw", "adamw")),
+         f"--schedule schedule-free has an SGD and an AdamW variant: use --opt sgdw or adamw, not {a.opt}"),
         (not (a.nesterov and a.momentum == 0), "--nesterov needs --momentum > 0"),
         (a.weight_decay >= 0, f"--weight-decay must be >= 0, got {a.weight_decay}"),
         (0 <= a.eta_min < a.lr, f"--eta-min must be in [0, --lr), got {a.eta_min}"),
@@ -452,8 +475,17 @@ def run_main(argv=None):
         os.makedirs(setup.run_dir, exist_ok=True)
     model = prepare_model(model, args).to(device)
     replaced = blurred_layers(model)
+    without_effect = sorted(m for m, none in (("blurpool", args.blurpool and not replaced),
+                                              ("channels_last", args.channels_last and not any(
+                                                  isinstance(x, torch.nn.Conv2d) for x in model.modules())))
+                            if none)
+    if master and without_effect:  # as Composer's NoEffectWarning: the set is run, and says what it is
+        print(f"warning: {', '.join(without_effect)} changed nothing in {args.model} (no strided convolution or "
+              f"max-pool to blur, or no convolution for a memory format); recorded in config.json as "
+              f"methods_without_effect")
     raw_model = model
-    optimizer = build_optimizer(model, args, setup, plan)
+    exclusions = decay_exclusions(args, model)
+    optimizer = build_optimizer(model, args, setup, plan, exclusions)
     scheduler = schedules.build_scheduler(optimizer, plan, args.eta_min)
     scaler = torch.amp.GradScaler(device.type, enabled=setup.amp == "fp16")
     objective = Objective(args, data.num_classes)
@@ -476,7 +508,8 @@ def run_main(argv=None):
               "speedup_ratio_eq1": schedules.eq1_ratio(schedules.cycle_end_epochs(
                   args.warmup_epochs, setup.family_t0, setup.family_t_mult, setup.cycles)),
               "blurpool_layers": replaced, "device": device.type, "torch_version": torch.__version__,
-              "cuda_version": torch.version.cuda if device.type == "cuda" else None,
+              "cuda_version": torch.version.cuda if device.type == "cuda" else None, "decay_excluded": exclusions,
+              "methods_without_effect": without_effect,
               "device_names": device_history(setup, ckpt),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     log = None
@@ -569,7 +602,7 @@ class Run:
                 # -- 2. forward, backward, update
                 loss = train_step(self.model, self.optimizer, self.scaler, self.objective, self.autocast, x, y,
                                   a.grad_accum, self.ddp, (path_step, self.rank),
-                                  check_finite=state.skipped < a.skip_nonfinite)
+                                  check_finite=state.skipped < a.skip_nonfinite, clip_grad=a.clip_grad)
                 if self.sf:
                     lr = self.optimizer.param_groups[0]["scheduled_lr"]
                 if loss is None:  # non-finite and --skip-nonfinite allows it: no update, the schedule goes on
@@ -825,15 +858,36 @@ def make_plan(args, setup, spe):
     return plan
 
 
-def build_optimizer(model, args, setup, plan):
-    """SGDW with decoupled weight decay (timm decays by lr * wd per step, so wd / peak lr gives wd * lr / peak),
-    or SGDScheduleFree (its own warmup; weight decay as its L2 term)."""
+def decay_exclusions(args, model):
+    """--decay-exclusions resolved: auto is on for models without BatchNorm (transformers) and off for convnets,
+    whose runs so far decayed every parameter."""
+    if args.decay_exclusions != "auto":
+        return args.decay_exclusions == "on"
+    return not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def build_optimizer(model, args, setup, plan, exclusions):
+    """timm's --opt. Weight decay is decoupled and scaled by the LR in all four (lamb: also by its trust ratio),
+    so wd / peak lr makes --weight-decay the decay per step at the peak LR, wd x lr / peak lr at any other: a
+    cyclic and a standard run decay alike at the same LR (torch's AdamW weight_decay = --weight-decay / --lr).
+    With exclusions, biases, normalisation weights and the model's no_weight_decay() names are not decayed (timm's
+    param_groups_weight_decay). Schedule-free: SGDScheduleFree or AdamWScheduleFree (their own warmup; weight
+    decay as they define it, unscaled)."""
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+    betas = dict(betas=tuple(args.opt_betas)) if args.opt_betas else {}
+    betas.update(eps=args.opt_eps) if args.opt_eps else None
     if args.schedule != "schedule-free":
-        return SGDW(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-                    weight_decay=args.weight_decay / args.lr)
-    from schedulefree import SGDScheduleFree  # resolve() checked it is installed
-    optimizer = SGDScheduleFree(model.parameters(), lr=setup.sf_lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, warmup_steps=plan.warmup_steps)
+        extra = dict(momentum=args.momentum, nesterov=args.nesterov) if args.opt == "sgdw" else betas
+        return create_optimizer_v2(model if exclusions else model.parameters(), opt=args.opt, lr=args.lr,
+                                   weight_decay=args.weight_decay / args.lr, filter_bias_and_bn=exclusions, **extra)
+    import schedulefree  # resolve() checked it is installed
+    params = param_groups_weight_decay(model, args.weight_decay) if exclusions else model.parameters()
+    if args.opt == "adamw":
+        optimizer = schedulefree.AdamWScheduleFree(params, lr=setup.sf_lr, weight_decay=args.weight_decay,
+                                                   warmup_steps=plan.warmup_steps, **betas)
+    else:
+        optimizer = schedulefree.SGDScheduleFree(params, lr=setup.sf_lr, momentum=args.momentum,
+                                                 weight_decay=args.weight_decay, warmup_steps=plan.warmup_steps)
     optimizer.train()
     return optimizer
 
@@ -868,7 +922,8 @@ def init_distributed(device, rank, world_size):
                             device_id=device if device.type == "cuda" else None)
 
 
-def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, ddp, draw_key, check_finite=False):
+def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, ddp, draw_key, check_finite=False,
+               clip_grad=0.0):
     """One optimizer step over this rank's batch in `grad_accum` micro-steps; returns the mean loss
     (a device tensor: reading it would sync). DDP all-reduces gradients on the last micro-step only.
     With check_finite, a non-finite loss on any rank skips the update on all ranks, puts back the
@@ -893,6 +948,9 @@ def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, 
                 for b, saved in zip(model.buffers(), buffers):
                     b.copy_(saved)
             return None
+    if clip_grad:  # the whole step's gradient (DDP: all-reduced on the last micro-step), fp16's scale taken out
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = "tests/test_train.py::"
 EVAL, ACC, R = "tests/test_evaluation.py::", "tests/test_accounting.py::", "tests/test_resume.py::"
 G = "tests/test_gpu_paths.py::"
+CLIP = "tests/test_optimizers.py::test_clipping_bounds_the_global_norm_of_the_all_reduced_accumulated_gradient"
 PLAIN = EVAL + "test_validation_metrics_equal_plain_pytorch_with_methods_on"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
@@ -20,8 +21,8 @@ MUTATIONS = [
      "sync = not ddp or micro == 0", T + "test_two_ranks_with_accumulation_equal_one_process"),
     ("bare --label-smoothing gives eps 0", "train.py", 'nargs="?", const=0.1, default=0.0, metavar="EPS"',
      'nargs="?", const=0.0, default=0.0, metavar="EPS"', T + "test_bare_method_flags_take_their_documented_values"),
-    ("SGDW weight-decay scaling removed", "train.py", "weight_decay=args.weight_decay / args.lr)",
-     "weight_decay=args.weight_decay)", T + "test_sgdw_decays_by_wd_times_lr_over_peak"),
+    ("SGDW weight-decay scaling removed", "train.py", "weight_decay=args.weight_decay / args.lr,",
+     "weight_decay=args.weight_decay,", T + "test_sgdw_decays_by_wd_times_lr_over_peak"),
     ("non-finite error reports the evaluation step", "train.py",
      "~torch.isfinite(loss), state.step, first_bad)", "~torch.isfinite(loss), state.step // 8 * 8 + 7, first_bad)",
      "tests/test_reliability.py::test_first_bad_step_is_reported_and_the_checkpoint_before_it_kept"),
@@ -134,8 +135,18 @@ MUTATIONS = [
      G + "test_amp_auto_on_a_gpu_takes_bf16_only_where_it_is_native"),
     ("a file system without locks is a traceback", "rundir.py", "    except OSError as e:  # Lustre",
      "    except ZeroDivisionError as e:  # Lustre", G + "test_a_file_system_without_locks_is_one_line_naming_no_lock"),
-    ("a resume on other hardware accepted", "train.py", '"deterministic", "device_name")', '"deterministic")',
+    ("a resume on other hardware accepted", "train.py", '"deterministic", "device_name", ', '"deterministic", ',
      G + "test_a_resume_on_other_hardware_is_refused_unless_allowed"),
+    # optimizers from timm (issue 24)
+    ("--clip-grad a no-op", "train.py", "        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)",
+     "        pass", CLIP),
+    ("clipping each micro-step's gradient before the all-reduce", "train.py",
+     "        scaler.scale(loss).backward()\n        total += loss.detach()",
+     "        scaler.scale(loss).backward()\n        total += loss.detach()\n        if clip_grad:\n"
+     "            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad / grad_accum)", CLIP),
+    ("decay exclusions ignored", "train.py", "model if exclusions else model.parameters(), opt=args.opt",
+     "model.parameters(), opt=args.opt",
+     "tests/test_optimizers.py::test_each_optimizer_spares_biases_and_norm_weights_where_asked"),
     # reliability round 3 (issue 28)
     ("a last line cut short counted as a row", "rundir.py", 'if line.endswith("\\n") and line.strip()]',
      'if line.strip()]', R + "test_a_cut_row_that_the_checkpoint_counts_is_refused_and_kept"),
@@ -143,11 +154,12 @@ MUTATIONS = [
      'if line.endswith("\\n")]', R + "test_a_cut_last_row_and_blank_lines_are_repaired_on_resume"),
     ("checkpoints loaded without their CRC check", "rundir.py", "            verify_checkpoint(path)\n", "",
      R + "test_a_checkpoint_with_flipped_bytes_is_never_loaded"),
-    ("--resume auto wipes what it cannot resume", "train.py", "    if ours and not files and (rows or 0) <= 1:",
+    ("--resume auto wipes what it cannot resume", "train.py",
+     "    if (ours or bare) and not files and (rows or 0) <= 1:",
      "    if True:", R + "test_resume_auto_removes_nothing_it_cannot_resume"),
     ("a sweep skips any finished run", "launch.sh", '[ -e "$dir/done" ] && same_argv "$dir" $argv;',
      '[ -e "$dir/done" ];', "tests/test_launch.py::test_tiny_real_sweep_end_to_end"),
-    ("the evaluation cadence not result-defining", "train.py", '"eval_every", "model_kwargs")', '"model_kwargs")',
+    ("the evaluation cadence not result-defining", "train.py", '"eval_every", "model_kwargs",', '"model_kwargs",',
      R + "test_resume_with_another_evaluation_cadence_is_refused"),
     ("a damaged image read in a worker is a traceback", "data.py",
      "            return named_sample(self.dataset, index)", "            return self.dataset[index]",
@@ -164,6 +176,7 @@ def main(names):
         source = open(full).read()
         if source.count(old) < 1:
             results.append((name, "NOT APPLIED (text not found)", tests))
+            print(f"NOT APPLIED (text not found)  {name}", flush=True)
             continue
         try:
             with open(full, "w") as f:

@@ -201,12 +201,15 @@ def test_bare_method_flags_take_their_documented_values(tmp_path):
     assert cfg["label_smoothing"] == 0.1 and cfg["mixup"] == 0.2 and cfg["methods"] == ["label_smoothing", "mixup"]
 
 
-def test_sgdw_decays_by_wd_times_lr_over_peak():
-    """Decoupled weight decay: with zero gradient one step at LR l scales weights by 1 - wd * l / peak."""
+@pytest.mark.parametrize("opt", ["sgdw", "adamw", "lion"])  # lamb's trust ratio rescales its decay
+def test_sgdw_decays_by_wd_times_lr_over_peak(opt):
+    """Decoupled weight decay, the same for every --opt: with zero gradient one step at LR l scales weights by
+    1 - wd * l / peak (torch's AdamW weight_decay = --weight-decay / --lr)."""
     import train
-    args = train.parse_args(["--lr", "0.4", "--weight-decay", "0.05"])
-    p = torch.nn.Parameter(torch.full((3,), 2.0))
-    opt = train.build_optimizer(type("M", (), {"parameters": lambda self: [p]})(), args, None, None)
+    args = train.parse_args(["--lr", "0.4", "--weight-decay", "0.05", "--opt", opt])
+    model = torch.nn.Module()
+    model.p = p = torch.nn.Parameter(torch.full((3,), 2.0))
+    opt = train.build_optimizer(model, args, None, None, exclusions=False)
     for lr in (0.4, 0.1):
         opt.param_groups[0]["lr"] = lr
         before = p.detach().clone()

@@ -1,0 +1,142 @@
+"""Optimizers from timm (--opt), weight-decay parameter groups, gradient clipping, methods that do not fit the
+model, and a tiny ViT through the whole pipeline."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from timm.optim import SGDW
+
+from conftest import ENV, ROOT, TINY, run_train
+
+VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
+       "img_size=32,patch_size=8,depth=2,embed_dim=64,num_heads=2", "--opt", "adamw", "--lr", "1e-3", "--weight-decay",
+       "5e-5"]
+
+
+def build(argv, model):
+    import train
+    args = train.parse_args(argv)
+    return train.build_optimizer(model, args, None, None, train.decay_exclusions(args, model))
+
+
+def small_vit():
+    from models import build_model, parse_model_kwargs
+    return build_model("vit_tiny_patch16_224", 10, 3, parse_model_kwargs(VIT[3]))
+
+
+@pytest.mark.parametrize("opt,cls", [("sgdw", "SGDW"), ("adamw", "AdamW"), ("lamb", "Lamb"), ("lion", "Lion")])
+def test_each_optimizer_spares_biases_and_norm_weights_where_asked(opt, cls):
+    vit = small_vit()
+    no_decay = {id(p) for n, p in vit.named_parameters() if p.ndim <= 1 or n in ("pos_embed", "cls_token")}
+    for exclusions in ("auto", "on", "off"):  # auto: on for a model without BatchNorm
+        optimizer = build(["--opt", opt, "--decay-exclusions", exclusions, "--lr", "0.1", "--weight-decay", "0.01"],
+                          vit)
+        assert type(optimizer).__name__ == cls
+        decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        assert len(decays) == len(list(vit.parameters()))
+        if exclusions == "off":
+            assert set(decays.values()) == {0.01 / 0.1}
+        else:
+            assert {i for i, wd in decays.items() if wd == 0} == no_decay and len(no_decay) > 10
+            assert {wd for i, wd in decays.items() if i not in no_decay} == {0.01 / 0.1}
+
+
+def test_convnets_decay_every_parameter_by_default_as_before():
+    from models import build_model
+    model = build_model("small_resnet", 10, 1)
+    optimizer = build([], model)
+    assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["weight_decay"] == 5e-4 / 0.4
+
+
+def test_opt_sgdw_is_the_sgdw_of_before_step_for_step():
+    """Today's default through timm's factory: the same optimizer, bit for bit, as SGDW built directly."""
+    from models import build_model
+    torch.manual_seed(0)
+    a = build_model("small_resnet", 10, 1)
+    b = build_model("small_resnet", 10, 1)
+    b.load_state_dict(a.state_dict())
+    new = build(["--nesterov"], a)
+    old = SGDW(b.parameters(), lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4 / 0.4)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        for model, optimizer in ((a, new), (b, old)):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+CLIP = """import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train
+rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+if world > 1:
+    dist.init_process_group("gloo")
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+opt = torch.optim.SGD(net.parameters(), lr=1.0)  # one plain step: the change is the clipped gradient
+before = [p.detach().clone() for p in net.parameters()]
+g = torch.Generator().manual_seed(1)
+x, y = 50 * torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 4, (8,), generator=g)
+share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+objective = train.Objective(train.parse_args([]), 4)
+train.train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), objective, torch.autocast("cpu", enabled=False),
+                 x[share], y[share], 2, world > 1, (0, rank), clip_grad={clip})
+step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, net.parameters())])
+if rank == 0:
+    torch.save(step, {out!r})
+"""
+
+
+def test_clipping_bounds_the_global_norm_of_the_all_reduced_accumulated_gradient(tmp_path):
+    """2 gloo ranks x 2 micro-steps against one process on the whole batch: the same step, of norm exactly
+    --clip-grad (the raw gradient is far larger), so the norm was taken over the all-reduced, whole gradient."""
+    steps = {}
+    for world, clip in ((1, 0.0), (1, 0.5), (2, 0.5)):
+        out = str(tmp_path / f"step{world}-{clip}.pt")
+        script = tmp_path / f"clip{world}-{clip}.py"
+        script.write_text(CLIP.format(root=ROOT, clip=clip, out=out))
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if world > 1 else []
+        p = subprocess.run([sys.executable] + launcher + [str(script)], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        steps[(world, clip)] = torch.load(out)
+    raw = steps[(1, 0.0)]
+    assert raw.norm() > 5  # unclipped: far above the bound
+    assert steps[(1, 0.5)].norm().item() == pytest.approx(0.5, rel=1e-5)
+    torch.testing.assert_close(steps[(1, 0.5)], raw * 0.5 / raw.norm(), rtol=1e-5, atol=1e-7)  # the direction kept
+    torch.testing.assert_close(steps[(2, 0.5)], steps[(1, 0.5)], rtol=1e-5, atol=1e-7)
+
+
+def test_a_tiny_vit_trains_both_curves_and_a_method_that_does_not_fit_says_so(tmp_path):
+    """AdamW with exclusions and clipping on a 2-layer ViT, cyclic and standard, through analysis.compare;
+    BlurPool has nothing to blur in a ViT: one line, and config.json says so."""
+    common = TINY + VIT + ["--clip-grad", "1.0", "--blurpool", "--eval-every", "0"]
+    cyc = run_train(common + ["--run-dir", str(tmp_path / "vit" / "cyclic")])
+    for e in ("2", "4"):
+        run_train(common + ["--schedule", "standard", "--epochs", e, "--run-dir", str(tmp_path / "vit" / f"std{e}")])
+    assert "warning: blurpool changed nothing in vit_tiny_patch16_224" in cyc.stdout
+    config = json.loads((tmp_path / "vit" / "cyclic" / "config.json").read_text())
+    assert config["methods_without_effect"] == ["blurpool"] and config["decay_excluded"] is True
+    assert config["opt"] == "adamw" and config["clip_grad"] == 1.0
+    p = subprocess.run([sys.executable, "-m", "analysis.compare", str(tmp_path / "vit"), "--out", str(tmp_path / "out"),
+                        "--metric", "final"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    gaps = (tmp_path / "out" / "gaps.csv").read_text().splitlines()
+    assert len(gaps) == 2 and gaps[1].startswith("blurpool,2,")  # one method set, two matched budgets
+
+
+def test_schedule_free_takes_its_adamw_variant():
+    import schedulefree
+
+    import train
+    args = train.parse_args(["--schedule", "schedule-free", "--opt", "adamw", "--opt-betas", "0.9", "0.95"])
+    setup = train.resolve(args, 1, torch.device("cpu"))
+    plan = type("P", (), {"warmup_steps": 5})()
+    optimizer = train.build_optimizer(small_vit(), args, setup, plan, exclusions=True)
+    assert isinstance(optimizer, schedulefree.AdamWScheduleFree) and optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 5e-4]
