@@ -122,7 +122,8 @@ RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "model_kwargs", "schedu
                "t_mult", "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov",
                "weight_decay", "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay",
                "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0",
-               "family_t_mult", "eval_every", "tf32", "deterministic", "device_name", "cooldown_version")
+               "family_t_mult", "eval_every", "tf32", "deterministic", "device_name", "cooldown_version", "opt",
+               "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
 
 
 @pytest.fixture(scope="module")

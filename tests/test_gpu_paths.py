@@ -124,6 +124,9 @@ for r in ([rank] if ddp else range(2)):  # one process: each of the two ranks' s
     stats.append(torch.cat([b for n, b in model.state_dict().items() if "running" in n]))
 if rank == 0:
     torch.save(stats, {out!r})
+if ddp:  # a clean gloo shutdown: without it a rank can abort at exit ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 

@@ -89,6 +89,9 @@ train.train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), objecti
 step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, net.parameters())])
 if rank == 0:
     torch.save(step, {out!r})
+if world > 1:  # a clean gloo shutdown: without it a rank can abort at exit ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
