@@ -84,8 +84,8 @@ def parse_args(argv=None):
                    help="adamw, lamb, lion: betas (default: the optimizer's own)")
     g.add_argument("--opt-eps", type=float, default=None, help="adamw, lamb: epsilon (default: the optimizer's own)")
     g.add_argument("--decay-exclusions", default="auto", help="auto | on | off: no weight decay on biases and "
-                   "normalisation weights (timm's convention); auto: on for models without BatchNorm (transformers), "
-                   "off for convnets (as before)")
+                   "normalisation weights (timm's convention); auto: on iff the model has no BatchNorm (ViTs, also "
+                   "ConvNeXt, NFNets); off for BatchNorm models, as all runs before the flag")
     g.add_argument("--clip-grad", type=float, default=0.0, metavar="NORM",
                    help="clip the global gradient norm to NORM (after fp16 unscaling, on the all-reduced gradient); "
                         "0: off")
@@ -187,6 +187,9 @@ def resolve(args, world_size, device):
         (a.opt_betas is None or all(0 <= b < 1 for b in a.opt_betas),
          f"--opt-betas must be in [0, 1), got {a.opt_betas}"),
         (a.opt_betas is None or a.opt != "sgdw", "--opt-betas: sgdw has momentum, not betas; use --momentum"),
+        (not (a.nesterov and a.opt != "sgdw"), f"--nesterov is sgdw's; {a.opt} takes --opt-betas"),
+        (not (a.schedule == "schedule-free" and a.opt == "adamw" and a.opt_betas and a.opt_betas[0] == 0),
+         "--opt-betas: schedule-free AdamW averages with beta1: it must be > 0"),
         (a.opt_eps is None or a.opt_eps > 0, f"--opt-eps must be positive, got {a.opt_eps}"),
         (a.opt_eps is None or a.opt in ("adamw", "lamb"), f"--opt-eps: {a.opt} takes no epsilon"),
         (a.decay_exclusions in ("auto", "on", "off"),
@@ -216,7 +219,8 @@ def resolve(args, world_size, device):
         (a.sf_lr is None or a.sf_lr > 0, f"--sf-lr must be positive, got {a.sf_lr}"),
         (a.sf_warmup_epochs is None or a.sf_warmup_epochs >= 0,
          f"--sf-warmup-epochs must be >= 0, got {a.sf_warmup_epochs}"),
-        (not (a.schedule == "schedule-free" and a.momentum == 0), "--schedule schedule-free needs --momentum > 0"),
+        (not (a.schedule == "schedule-free" and a.opt == "sgdw" and a.momentum == 0),
+         "--schedule schedule-free needs --momentum > 0"),
         (a.blurpool_mode in BLURPOOL_MODES,
          f"--blurpool-mode: unknown '{a.blurpool_mode}'; choose {' or '.join(BLURPOOL_MODES)}"),
         (a.subset >= 0, f"--subset must be >= 0, got {a.subset}"),
@@ -485,6 +489,13 @@ def run_main(argv=None):
               f"methods_without_effect")
     raw_model = model
     exclusions = decay_exclusions(args, model)
+    if ckpt is not None and "decay_exclusions" not in ckpt["config"] and exclusions:
+        fail(f"--resume: {setup.run_dir} predates --decay-exclusions and decayed every parameter, which auto no "
+             f"longer does for {args.model}; resume it with --decay-exclusions off")
+    if master and args.opt != "sgdw" and args.weight_decay / args.lr > 1:  # AdamW's usual 0.05 means 0.05 x lr here
+        print(f"warning: --weight-decay {args.weight_decay:g} is the decay per step at the peak LR: {args.opt} will "
+              f"shrink the weights by {args.weight_decay:.0%} a step (torch's AdamW weight_decay w is --weight-decay "
+              f"w x --lr here)")
     optimizer = build_optimizer(model, args, setup, plan, exclusions)
     scheduler = schedules.build_scheduler(optimizer, plan, args.eta_min)
     scaler = torch.amp.GradScaler(device.type, enabled=setup.amp == "fp16")
@@ -878,16 +889,22 @@ def build_optimizer(model, args, setup, plan, exclusions):
     betas.update(eps=args.opt_eps) if args.opt_eps else None
     if args.schedule != "schedule-free":
         extra = dict(momentum=args.momentum, nesterov=args.nesterov) if args.opt == "sgdw" else betas
+        if args.opt == "lamb":  # timm's Lamb clips gradients to 1.0 and couples its decay to the trust ratio unless
+            extra.update(max_grad_norm=None, decoupled_decay=True)  # told: --clip-grad and one convention instead
         return create_optimizer_v2(model if exclusions else model.parameters(), opt=args.opt, lr=args.lr,
                                    weight_decay=args.weight_decay / args.lr, filter_bias_and_bn=exclusions, **extra)
     import schedulefree  # resolve() checked it is installed
-    params = param_groups_weight_decay(model, args.weight_decay) if exclusions else model.parameters()
+    no_decay = getattr(model, "no_weight_decay", set)()  # a ViT's position embedding, as the factory spares it
+    # AdamW decays by lr x wd per step: wd / its peak LR, as for every --opt; SGD's L2 term as the study ran it
+    wd = args.weight_decay / setup.sf_lr if args.opt == "adamw" else args.weight_decay
+    params = (param_groups_weight_decay(model, wd, no_weight_decay_list=no_decay) if exclusions
+              else model.parameters())
     if args.opt == "adamw":
-        optimizer = schedulefree.AdamWScheduleFree(params, lr=setup.sf_lr, weight_decay=args.weight_decay,
+        optimizer = schedulefree.AdamWScheduleFree(params, lr=setup.sf_lr, weight_decay=wd,
                                                    warmup_steps=plan.warmup_steps, **betas)
     else:
-        optimizer = schedulefree.SGDScheduleFree(params, lr=setup.sf_lr, momentum=args.momentum,
-                                                 weight_decay=args.weight_decay, warmup_steps=plan.warmup_steps)
+        optimizer = schedulefree.SGDScheduleFree(params, lr=setup.sf_lr, momentum=args.momentum, weight_decay=wd,
+                                                 warmup_steps=plan.warmup_steps)
     optimizer.train()
     return optimizer
 

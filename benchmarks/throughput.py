@@ -1,7 +1,7 @@
 """Training throughput: our loop against the model's compute limit and a conventional pipeline.
 
     python -m benchmarks.throughput [--batch-size 256] [--channels-last] [--amp auto] [--steps 60] [--json FILE]
-                                    [--data-dir FASHION_MNIST_DIR]
+                                    [--data-dir FASHION_MNIST_DIR] [--model NAME --model-kwargs K=V,...] [--opt adamw]
 
 In one process, on the same device (the GPU where there is one), with the same model, batch, precision and memory
 format:
@@ -28,12 +28,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 from data import FASHION_MNIST_SYSTEM_DIR, STATS, build_data
 from methods import Objective, prepare_model
-from models import build_model
+from models import build_model, parse_model_kwargs
 
 
-def make_step(model, cfg, amp, device):
-    from timm.optim import SGDW
-    opt = SGDW(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+def make_step(model, cfg, amp, device, optimizer_flags):
+    """One training step of train.py (its optimizer from train.py's own flags: --opt, --lr, --weight-decay)."""
+    flags = train.parse_args(optimizer_flags)
+    opt = train.build_optimizer(model, flags, None, None, train.decay_exclusions(flags, model))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     objective = Objective(cfg, 10)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -103,6 +104,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--model", default="small_resnet")
+    p.add_argument("--model-kwargs", default="", help="as train.py's, e.g. img_size=28,patch_size=4,depth=6 for a ViT")
+    p.add_argument("--opt", default="sgdw", help="as train.py's: sgdw | adamw | lamb | lion")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"))
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST's IDX files (default: Debian's package)")
@@ -123,8 +126,10 @@ def main(argv=None):
         p.error("--amp fp16 needs a CUDA device")
     cfg = argparse.Namespace(blurpool=False, channels_last=a.channels_last, label_smoothing=0.0, mixup=0.0, seed=0)
     torch.manual_seed(0)
-    model = prepare_model(build_model(a.model, 10, 1), cfg).to(device)
-    step = make_step(model, cfg, amp, device)
+    model = prepare_model(build_model(a.model, 10, 1, parse_model_kwargs(a.model_kwargs)), cfg).to(device)
+    # the optimizer as train.py builds it; a small LR (AdamW, Lion: 1e-3) so that no run diverges mid-measurement
+    optimizer_flags = ["--opt", a.opt, "--lr", "0.01" if a.opt == "sgdw" else "1e-3", "--weight-decay", "5e-5"]
+    step = make_step(model, cfg, amp, device, optimizer_flags)
 
     # (a) one fixed batch of real, augmented images: on this CPU the same step runs about 1.4x faster
     # on Fashion-MNIST than on randn inputs, so a random batch would understate the limit
@@ -138,8 +143,8 @@ def main(argv=None):
     # measured twice, alternating, and the better of each kept: this VM's speed drifts by 10-20 %.
     args = ["--data", "fashion-mnist", "--subset", str(a.batch_size * (a.steps + 5)), "--batch-size",
             str(a.batch_size), "--schedule", "standard", "--epochs", "1", "--warmup-epochs", "0.1", "--amp", amp,
-            "--model", a.model, "--no-progress"] + (["--channels-last"] if a.channels_last else []) + (
-            ["--data-dir", a.data_dir] if a.data_dir else [])
+            "--model", a.model, "--model-kwargs", a.model_kwargs, "--no-progress"] + optimizer_flags + (
+            ["--channels-last"] if a.channels_last else []) + (["--data-dir", a.data_dir] if a.data_dir else [])
     b_img_s = 0.0
     for _ in range(2):
         with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +178,7 @@ def main(argv=None):
     out = dict(a_img_s=a_img_s, b_img_s=b_img_s, c_img_s=c_img_s, b_over_a=b_img_s / a_img_s,
                b_over_c=b_img_s / c_img_s,
                flops_per_image=flops, a_flop_s=a_img_s * flops, b_flop_s=b_img_s * flops, batch_size=a.batch_size,
-               model=a.model, amp=amp, channels_last=a.channels_last, threads=torch.get_num_threads(),
+               model=a.model, model_kwargs=a.model_kwargs, opt=a.opt, amp=amp, channels_last=a.channels_last, threads=torch.get_num_threads(),
                device=train.hardware_name(device), device_type=device.type,
                dataloader_workers=a.workers, ran=ran)
     print(f"{train.hardware_name(device)} ({device.type}): model {a.model}, batch {a.batch_size}, amp {amp}, "

@@ -27,6 +27,11 @@ def small_vit():
     return build_model("vit_tiny_patch16_224", 10, 3, parse_model_kwargs(VIT[3]))
 
 
+def test_lamb_leaves_clipping_to_clip_grad():
+    optimizer = build(["--opt", "lamb"], small_vit())
+    assert optimizer.defaults["max_grad_norm"] is None and optimizer.param_groups[0]["decoupled_decay"] is True
+
+
 @pytest.mark.parametrize("opt,cls", [("sgdw", "SGDW"), ("adamw", "AdamW"), ("lamb", "Lamb"), ("lion", "Lion")])
 def test_each_optimizer_spares_biases_and_norm_weights_where_asked(opt, cls):
     vit = small_vit()
@@ -84,8 +89,8 @@ g = torch.Generator().manual_seed(1)
 x, y = 50 * torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 4, (8,), generator=g)
 share = slice(rank * 8 // world, (rank + 1) * 8 // world)
 objective = train.Objective(train.parse_args([]), 4)
-train.train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), objective, torch.autocast("cpu", enabled=False),
-                 x[share], y[share], 2, world > 1, (0, rank), clip_grad={clip})
+scaler, autocast = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
+train.train_step(model, opt, scaler, objective, autocast, x[share], y[share], 2, world > 1, (0, rank), clip_grad={clip})
 step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, net.parameters())])
 if rank == 0:
     torch.save(step, {out!r})
@@ -133,13 +138,23 @@ def test_a_tiny_vit_trains_both_curves_and_a_method_that_does_not_fit_says_so(tm
     assert len(gaps) == 2 and gaps[1].startswith("blurpool,2,")  # one method set, two matched budgets
 
 
-def test_schedule_free_takes_its_adamw_variant():
+@pytest.mark.parametrize("opt", ["sgdw", "adamw"])
+def test_schedule_free_takes_its_variant_and_spares_what_the_others_spare(opt):
+    """The same parameters without decay as the standard runs' optimizer (a ViT's position embedding and class
+    token too); AdamW's decay per step at its peak LR is --weight-decay, as for every --opt."""
     import schedulefree
 
     import train
-    args = train.parse_args(["--schedule", "schedule-free", "--opt", "adamw", "--opt-betas", "0.9", "0.95"])
+    flags = ["--schedule", "schedule-free", "--opt", opt] + (["--opt-betas", "0.9", "0.95"] * (opt == "adamw"))
+    args = train.parse_args(flags)
     setup = train.resolve(args, 1, torch.device("cpu"))
-    plan = type("P", (), {"warmup_steps": 5})()
-    optimizer = train.build_optimizer(small_vit(), args, setup, plan, exclusions=True)
-    assert isinstance(optimizer, schedulefree.AdamWScheduleFree) and optimizer.param_groups[0]["betas"] == (0.9, 0.95)
-    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 5e-4]
+    vit = small_vit()
+    optimizer = train.build_optimizer(vit, args, setup, type("P", (), {"warmup_steps": 5})(), exclusions=True)
+    cls = schedulefree.AdamWScheduleFree if opt == "adamw" else schedulefree.SGDScheduleFree
+    assert isinstance(optimizer, cls)
+    spared = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert spared == {id(p) for n, p in vit.named_parameters() if p.ndim <= 1 or n in ("pos_embed", "cls_token")}
+    decay = max(g["weight_decay"] for g in optimizer.param_groups)
+    assert decay == (5e-4 / setup.sf_lr if opt == "adamw" else 5e-4)  # SGD's: its L2 term, as the study ran it
+    if opt == "adamw":
+        assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)

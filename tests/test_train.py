@@ -201,7 +201,7 @@ def test_bare_method_flags_take_their_documented_values(tmp_path):
     assert cfg["label_smoothing"] == 0.1 and cfg["mixup"] == 0.2 and cfg["methods"] == ["label_smoothing", "mixup"]
 
 
-@pytest.mark.parametrize("opt", ["sgdw", "adamw", "lion"])  # lamb's trust ratio rescales its decay
+@pytest.mark.parametrize("opt", ["sgdw", "adamw", "lamb", "lion"])
 def test_sgdw_decays_by_wd_times_lr_over_peak(opt):
     """Decoupled weight decay, the same for every --opt: with zero gradient one step at LR l scales weights by
     1 - wd * l / peak (torch's AdamW weight_decay = --weight-decay / --lr)."""
