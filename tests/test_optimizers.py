@@ -158,3 +158,16 @@ def test_schedule_free_takes_its_variant_and_spares_what_the_others_spare(opt):
     assert decay == (5e-4 / setup.sf_lr if opt == "adamw" else 5e-4)  # SGD's: its L2 term, as the study ran it
     if opt == "adamw":
         assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_model_kwargs_reach_the_model():
+    """patch_size changes the number of tokens; drop_path_rate the blocks' drop-path (timm's own modules)."""
+    from models import build_model, parse_model_kwargs
+    tokens = {}
+    for patch in (4, 8):
+        kwargs = parse_model_kwargs(f"img_size=32,patch_size={patch},depth=2,embed_dim=32,num_heads=2,"
+                                    f"drop_path_rate=0.2")
+        vit = build_model("vit_tiny_patch16_224", 10, 3, kwargs)
+        tokens[patch] = vit.patch_embed.num_patches
+        assert len(vit.blocks) == 2 and vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)  # linear rule
+    assert tokens == {4: 64, 8: 16}
