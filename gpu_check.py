@@ -209,6 +209,7 @@ class Checks:
 
 # One process evaluates a run's saved weights on the whole validation set (train.py's own evaluate, world 1).
 EVAL_ONE = """import json, sys, torch
+from types import SimpleNamespace
 sys.path.insert(0, {root!r})
 import train
 from data import build_data
@@ -221,7 +222,7 @@ model.load_state_dict(torch.load({run!r} + "/checkpoints/last.pt", weights_only=
 config = json.load(open({run!r} + "/config.json"))
 dtype = {{"bf16": torch.bfloat16, "fp16": torch.float16}}.get(config["amp"])
 train.configure_device(device, deterministic=True)
-micro = config["batch_size"] // (config["world_size"] * config["grad_accum"])  # the run's evaluation batch
+micro = train.micro_batch_size(SimpleNamespace(**config), config["world_size"])  # the run's evaluation batch
 val = train.evaluate(model, data, 0, 1, micro, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
                      False, False)
 print(json.dumps(dict(acc1=val["acc1"], loss=val["loss"])))

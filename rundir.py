@@ -159,11 +159,11 @@ class MetricsLog:
             return
         header, rows = metrics_lines(run_dir)
         columns = next(csv.reader([header]), [])
-        for i, line in enumerate(rows[:keep_rows]):
-            if len(next(csv.reader([line]))) != len(columns):
-                raise RunDirError(f"--resume: {self.path} data row {i + 1} has {len(next(csv.reader([line])))} "
-                                  f"fields, not the header's {len(columns)}: the file is damaged; restore it or "
-                                  f"start again with --overwrite")
+        for i, fields in enumerate(csv.reader(rows[:keep_rows])):
+            if len(fields) != len(columns):
+                raise RunDirError(f"--resume: {self.path} data row {i + 1} has {len(fields)} fields, not the "
+                                  f"header's {len(columns)}: the file is damaged; restore it or start again with "
+                                  f"--overwrite")
         kept = rows[:keep_rows]
         if columns != METRICS_COLUMNS and columns == METRICS_COLUMNS[:len(columns)]:  # an older train.py's columns:
             pad = "," * (len(METRICS_COLUMNS) - len(columns))  # the new ones are empty in its rows

@@ -14,6 +14,7 @@ import copy
 import itertools
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -181,7 +182,7 @@ def resolve(args, world_size, device):
         (a.schedule in schedules.SCHEDULES,
          f"--schedule: unknown '{a.schedule}'; choose one of {', '.join(schedules.SCHEDULES)}"),
         (a.amp in ("auto", "none", "bf16", "fp16"), f"--amp: unknown '{a.amp}'; choose auto, none, bf16 or fp16"),
-        (a.lr > 0 and math.isfinite(a.lr), f"--lr must be a positive number, got {a.lr}"),
+        (a.lr > 0, f"--lr must be a positive number, got {a.lr}"),
         (0 <= a.momentum < 1, f"--momentum must be in [0, 1), got {a.momentum}"),
         (a.opt in OPTIMIZERS, f"--opt: unknown '{a.opt}'; choose one of {', '.join(OPTIMIZERS)}"),
         (a.opt_betas is None or all(0 <= b < 1 for b in a.opt_betas),
@@ -268,12 +269,7 @@ def resolve(args, world_size, device):
     if a.schedule == "schedule-free" and (a.sf_warmup_epochs or 0) >= epochs:
         fail(f"--sf-warmup-epochs {a.sf_warmup_epochs:g} must be shorter than the run ({epochs:g} epochs): the LR "
              f"would never reach its peak", options=True)
-    amp = a.amp
-    if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if gpu_has_native_bf16() else "fp16"
-        else:
-            amp = "bf16" if cpu_has_native_bf16() else "none"
+    amp = auto_precision(device) if a.amp == "auto" else a.amp
     methods = selected_methods(a)
     try:
         model_kwargs = parse_model_kwargs(a.model_kwargs)
@@ -307,8 +303,14 @@ def hardware_name(device):
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     except OSError:
         names = []
-    import platform
     return names[0] if names else platform.processor() or platform.machine()
+
+
+def auto_precision(device):
+    """What --amp auto means on `device`: bf16 where it is native, else fp16 with a GradScaler (GPU) or fp32 (CPU)."""
+    if device.type == "cuda":
+        return "bf16" if gpu_has_native_bf16() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "none"
 
 
 def gpu_has_native_bf16():
@@ -320,7 +322,6 @@ def gpu_has_native_bf16():
 def cpu_has_native_bf16():
     """bf16 in hardware: AVX512-BF16 or AMX on x86 (mkldnn's own check also counts AVX-512 alone, where bf16 is
     emulated and slower than fp32), and the bf16 extension on Arm (mkldnn checks exactly that there)."""
-    import platform
     if platform.machine() in ("aarch64", "arm64"):
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -664,16 +665,15 @@ class Run:
         seg, at = self.plan.segment_at(state.step)
         stream = batches(self.loader, at, seg.end)
         path_step, x, y = first = next(stream)
-        saved = {k: v.to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}  # off the GPU's memory
         rng = rng_state()
-        self.model.train()
-        xm, ym = self.objective.prepare(x.chunk(self.args.grad_accum)[0].clone(),  # MixUp mixes in place
-                                        y.chunk(self.args.grad_accum)[0], (path_step, self.rank, 0))
-        with (self.model.no_sync() if self.ddp else contextlib.nullcontext()), self.autocast:
-            loss = self.objective.loss(self.model(xm), ym)
-        self.scaler.scale(loss).backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.raw_model.load_state_dict(saved)
+        with weights_kept(self.raw_model):
+            self.model.train()
+            xm, ym = self.objective.prepare(x.chunk(self.args.grad_accum)[0].clone(),  # MixUp mixes in place
+                                            y.chunk(self.args.grad_accum)[0], (path_step, self.rank, 0))
+            with (self.model.no_sync() if self.ddp else contextlib.nullcontext()), self.autocast:
+                loss = self.objective.loss(self.model(xm), ym)
+            self.scaler.scale(loss).backward()
+            self.optimizer.zero_grad(set_to_none=True)
         restore_rng(rng)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -742,13 +742,12 @@ class Run:
         if not self.sf:
             return evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
                             self.args.channels_last, self.ddp)
-        training = copy.deepcopy(self.raw_model.state_dict())
-        self.optimizer.eval()
-        recompute_bn(self.raw_model, self.loader, done, self.objective, self.autocast, self.ddp)
-        val = evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
-                       self.args.channels_last, self.ddp)
-        self.optimizer.train()
-        self.raw_model.load_state_dict(training)
+        with weights_kept(self.raw_model):
+            self.optimizer.eval()
+            recompute_bn(self.raw_model, self.loader, done, self.objective, self.autocast, self.ddp)
+            val = evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
+                           self.args.channels_last, self.ddp)
+            self.optimizer.train()
         return val
 
     def micro_batch(self):
@@ -791,6 +790,17 @@ class Run:
             path, scheduler=self.scheduler.state_dict() if self.scheduler is not None else None, step=state.step,
             curve_cost_s=state.cost_time, startup_s=state.startup_time, metrics_rows=state.metrics_rows,
             skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=result_options(self.args, self.setup)))
+
+
+@contextlib.contextmanager
+def weights_kept(model):
+    """Whatever runs inside leaves `model`'s parameters and buffers bit for bit as they were: a copy, kept on the
+    CPU (off the GPU's memory), put back at the end."""
+    saved = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved)
 
 
 ROW_FIELDS = ("loss_sum", "loss_steps", "images", "row_time", "path_time")  # TrainState fields a path carries
@@ -870,20 +880,20 @@ def make_plan(args, setup, spe):
 
 
 def decay_exclusions(args, model):
-    """--decay-exclusions resolved: auto is on for models without BatchNorm (transformers) and off for convnets,
-    whose runs so far decayed every parameter."""
+    """--decay-exclusions resolved: auto is on iff the model has no BatchNorm (ViTs, but also ConvNeXt or NFNets),
+    off for BatchNorm models, as every run before the flag."""
     if args.decay_exclusions != "auto":
         return args.decay_exclusions == "on"
     return not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def build_optimizer(model, args, setup, plan, exclusions):
-    """timm's --opt. Weight decay is decoupled and scaled by the LR in all four (lamb: also by its trust ratio),
-    so wd / peak lr makes --weight-decay the decay per step at the peak LR, wd x lr / peak lr at any other: a
-    cyclic and a standard run decay alike at the same LR (torch's AdamW weight_decay = --weight-decay / --lr).
-    With exclusions, biases, normalisation weights and the model's no_weight_decay() names are not decayed (timm's
-    param_groups_weight_decay). Schedule-free: SGDScheduleFree or AdamWScheduleFree (their own warmup; weight
-    decay as they define it, unscaled)."""
+    """timm's --opt. Weight decay is decoupled and scaled by the LR in all four (lamb told to decouple it), so
+    wd / peak lr makes --weight-decay the decay per step at the peak LR, wd x lr / peak lr at any other: a cyclic
+    and a standard run decay alike at the same LR (torch's AdamW weight_decay = --weight-decay / --lr). With
+    exclusions, biases, normalisation weights and the model's no_weight_decay() names are not decayed (timm's
+    param_groups_weight_decay). Schedule-free: SGDScheduleFree (weight decay its L2 term, unscaled, as the study
+    ran it) or AdamWScheduleFree (the convention above, at its own peak LR); their own warmup."""
     from timm.optim import create_optimizer_v2, param_groups_weight_decay
     betas = dict(betas=tuple(args.opt_betas)) if args.opt_betas else {}
     betas.update(eps=args.opt_eps) if args.opt_eps else None

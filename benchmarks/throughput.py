@@ -120,8 +120,7 @@ def main(argv=None):
         train.configure_device(device)
     amp = a.amp
     if amp == "auto":
-        amp = ("bf16" if train.gpu_has_native_bf16() else "fp16") if device.type == "cuda" else (
-            "bf16" if train.cpu_has_native_bf16() else "none")
+        amp = train.auto_precision(device)
     if amp == "fp16" and device.type == "cpu":
         p.error("--amp fp16 needs a CUDA device")
     cfg = argparse.Namespace(blurpool=False, channels_last=a.channels_last, label_smoothing=0.0, mixup=0.0, seed=0)
@@ -178,7 +177,8 @@ def main(argv=None):
     out = dict(a_img_s=a_img_s, b_img_s=b_img_s, c_img_s=c_img_s, b_over_a=b_img_s / a_img_s,
                b_over_c=b_img_s / c_img_s,
                flops_per_image=flops, a_flop_s=a_img_s * flops, b_flop_s=b_img_s * flops, batch_size=a.batch_size,
-               model=a.model, model_kwargs=a.model_kwargs, opt=a.opt, amp=amp, channels_last=a.channels_last, threads=torch.get_num_threads(),
+               model=a.model, model_kwargs=a.model_kwargs, opt=a.opt, amp=amp, channels_last=a.channels_last,
+               threads=torch.get_num_threads(),
                device=train.hardware_name(device), device_type=device.type,
                dataloader_workers=a.workers, ran=ran)
     print(f"{train.hardware_name(device)} ({device.type}): model {a.model}, batch {a.batch_size}, amp {amp}, "

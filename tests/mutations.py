@@ -120,10 +120,11 @@ MUTATIONS = [
      "    means = [p.acc_mean for p in pts]", "    means = [p.acc_mean + 0.5 for p in pts]",
      "tests/test_analysis.py::test_report_writes_every_figure_and_links_them"),
     ("the benchmark's loop ignores --channels-last", "benchmarks/throughput.py",
-     '["--channels-last"] if a.channels_last else []) + (["--data-dir"', '[]) + (["--data-dir"', "tests/test_data.py::test_benchmark_compares_like_with_like"),
+     '["--channels-last"] if a.channels_last else []) + (["--data-dir"', '[]) + (["--data-dir"',
+     "tests/test_data.py::test_benchmark_compares_like_with_like"),
     # GPU and cluster paths (issue 22), where a CPU shows them
     ("schedule-free evaluation leaves its round trip in the weights", "train.py",
-     "        self.raw_model.load_state_dict(training)\n", "", G + "test_schedule_free_evaluations_leave_no_trace"),
+     "        model.load_state_dict(saved)\n", "        pass\n", G + "test_schedule_free_evaluations_leave_no_trace"),
     ("BatchNorm recalibration keeps rank 0's slice only", "train.py",
      "                dist.all_reduce(stat)\n                stat /= dist.get_world_size()", "                pass",
      G + "test_batchnorm_recalibration_uses_every_ranks_images"),
