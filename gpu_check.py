@@ -211,10 +211,11 @@ class Checks:
 EVAL_ONE = """import json, sys, torch
 from types import SimpleNamespace
 sys.path.insert(0, {root!r})
-import train
+import options, train
 from data import build_data
+from methods import MethodList
 from models import build_model
-args = train.parse_args({data!r})
+args = options.parse_args({data!r})
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 data = build_data(args.dataset, args.data_dir, device, args.subset)
 model = build_model("small_resnet", data.num_classes, data.in_chans).to(device)
@@ -222,9 +223,9 @@ model.load_state_dict(torch.load({run!r} + "/checkpoints/last.pt", weights_only=
 config = json.load(open({run!r} + "/config.json"))
 dtype = {{"bf16": torch.bfloat16, "fp16": torch.float16}}.get(config["amp"])
 train.configure_device(device, deterministic=True)
-micro = train.micro_batch_size(SimpleNamespace(**config), config["world_size"])  # the run's evaluation batch
+micro = options.micro_batch_size(SimpleNamespace(**config), config["world_size"])  # the run's evaluation batch
 val = train.evaluate(model, data, 0, 1, micro, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
-                     False, False)
+                     MethodList([]), False)
 print(json.dumps(dict(acc1=val["acc1"], loss=val["loss"])))
 """
 

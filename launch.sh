@@ -9,10 +9,15 @@
 #   ./launch.sh gpu-check [--data-dir DIR]  on a CUDA machine, offline: CUDA tests + gpu_check.py (< 10 min)
 #
 # Sweep options (each also as an environment variable, e.g. SEEDS="0 1"):
-#   --seeds "0 1"  --methods baseline,bp,cl,ls,mx,ls+mx,bp+cl+ls+mx  --warmup 1 --t0 1 --t-mult 2 --cycles 4
+#   --seeds "0 1"  --warmup 1 --t0 1 --t-mult 2 --cycles 4
+#   --methods baseline,ema,sam:rho=0.1,ls+mx,cutmix:alpha=1.0,mixup_alpha=0.8  (method sets, comma-separated; a
+#       set joins methods by +; bp cl ls mx are the paper's four; any other is train.py's --method spec; a
+#       key=value after a comma continues the method before it)
+#   --plugins FILE.py (repeatable: train.py --plugins, for methods of your own)
 #   --data fashion-mnist --data-dir DIR --model small_resnet  --gpus N (torchrun --nproc_per_node)
 #   --nnodes N --rdzv-endpoint HOST:PORT (multi-node)  --constant (add constant-period runs)
-#   --schedules cyclic,cyclic-decay,wsd,schedule-free (one-run estimators; standard runs are always made)
+#   --schedules cyclic,cyclic-decay,wsd,schedule-free (one-run estimators)  --no-standard (the estimators only:
+#       the cheap benchmark, once the cyclic curve is trusted)
 #   --out runs/sweep  --no-report  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
 # A finished run (has 'done') is skipped; an unfinished one is resumed (--resume auto), so a killed
 # sweep continues where it stopped.
@@ -43,7 +48,8 @@ PY() { if [ -x "$VENV/bin/python" ]; then "$VENV/bin/python" "$@"; else python3 
 SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
 GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
-DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; EXTRA=(); FAILED=()
+DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${STANDARD:-1}; EXTRA=(); FAILED=()
+PLUGINS=()
 
 parse_sweep() {
   while [ $# -gt 0 ]; do
@@ -53,24 +59,53 @@ parse_sweep() {
       --data) DATA=$2; shift 2;; --data-dir) DATA_DIR=$2; shift 2;; --model) MODEL=$2; shift 2;;
       --gpus) GPUS=$2; shift 2;; --nnodes) NNODES=$2; shift 2;; --rdzv-endpoint) RDZV=$2; shift 2;;
       --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
-      --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;;
+      --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;; --no-standard) STANDARD=0; shift;;
+      --plugins) [ -f "$2" ] || { echo "launch.sh: --plugins: no file $2" >&2; exit 2; }
+                 PLUGINS+=(--plugins "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
       --) shift; EXTRA=("$@"); break;;
       *) echo "launch.sh: unknown sweep option '$1' (see the top of launch.sh)" >&2; exit 2;;
     esac
   done
 }
 
-method_flags() {  # bp+cl -> --blurpool --channels-last
+method_flags() {  # bp+cl -> --blurpool --channels-last; ema+sam:rho=0.1 -> --method ema --method sam:rho=0.1
   local set=$1 flags=() m
   [ "$set" = baseline ] && return 0
   IFS=+ read -ra parts <<<"$set"
   for m in "${parts[@]}"; do
     case "$m" in
       bp) flags+=(--blurpool);; cl) flags+=(--channels-last);; ls) flags+=(--label-smoothing);; mx) flags+=(--mixup);;
-      *) echo "launch.sh: unknown method '$m' in --methods (use baseline, bp, cl, ls, mx joined by +)" >&2; exit 2;;
+      ""|*" "*|*/*) echo "launch.sh: bad method '$m' in --methods (names joined by +, sets by commas)" >&2; exit 2;;
+      *) flags+=(--method "$m");;  # train.py checks the name and its options
     esac
   done
   echo "${flags[@]}"
+}
+
+method_sets() {  # the --methods list, one set per line: "a,sam:rho=0.1,x=2,b" -> a / sam:rho=0.1,x=2 / b
+  local piece sets=() IFS=,
+  for piece in $1; do
+    if [[ "$piece" == *=* && "$piece" != *:* && ${#sets[@]} -gt 0 ]]; then sets[-1]+=",$piece"
+    else sets+=("$piece"); fi
+  done
+  printf '%s\n' "${sets[@]}"
+}
+
+check_methods() {  # train.py's flags of every set: unknown names or bad options stop the sweep before any run
+  PY -c 'import sys
+try:
+    import methods
+except ImportError:  # no torch here (a dry run before setup): train.py checks them
+    sys.exit(0)
+args, plugins = sys.argv[1:], []
+while "--plugins" in args:
+    i = args.index("--plugins"); plugins.append(args[i + 1]); del args[i:i + 2]
+try:
+    methods.load_plugins(plugins)
+    [methods.build(args[i + 1]) for i, a in enumerate(args) if a == "--method"]
+except methods.MethodError as e:
+    print(f"launch.sh: --methods: {e}", file=sys.stderr)
+    sys.exit(2)' "$@" ${PLUGINS[@]+"${PLUGINS[@]}"}
 }
 
 launcher() {  # run_dir
@@ -142,11 +177,14 @@ sweep() {
   parse_sweep "$@"
   # --t-mult goes to the standard runs too: they end on the step where the cyclic run of this shape ends a cycle
   local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 --t-mult $T_MULT"
-  common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${EXTRA[*]:-}"
+  common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${EXTRA[*]:-}"
   local ends
   ends=$(PY -c "import schedules as s
 print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES)))")
-  IFS=, read -ra sets <<<"$METHODS"
+  local sets=() specs=() set
+  mapfile -t sets < <(method_sets "$METHODS")
+  for set in "${sets[@]}"; do specs+=($(method_flags "$set")); done
+  check_methods "${specs[@]}"
   for seed in $SEEDS; do
     for set in "${sets[@]}"; do
       local mf; mf=$(method_flags "$set")
@@ -159,6 +197,7 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
         one_run "$OUT/$set/s$seed/$sched" --schedule "$sched" --cycles "$CYCLES" --seed "$seed" $mf $common
       done
       for e in $ends; do
+        [ "$STANDARD" = 1 ] || break
         one_run "$OUT/$set/s$seed/standard-e$e" --schedule standard --epochs "$e" --seed "$seed" $mf $common
       done
       if [ "$CONSTANT" = 1 ]; then

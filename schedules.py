@@ -79,6 +79,16 @@ class Plan:
             ends.append(s)
         return ends
 
+    def budget_progress(self, step):
+        """Fraction of its budget done before path step `step` (0-based): from the previous curve point (the start,
+        for the first: the warmup belongs to the first cycle) to the next; a standard run's is the run's."""
+        start = 0
+        for end in self.cycle_end_steps():
+            if step < end:
+                return (step - start) / (end - start)
+            start = end
+        return 1.0
+
     def cycle_of_step(self, step):
         """Cycle (budget) index of the path step with 0-based index `step`; -1 during warmup."""
         if step < self.warmup_steps:

@@ -8,17 +8,16 @@ The LR follows schedules.py and is stepped once per optimizer step; validation r
 curve point (cycle ends, budgets), at the end, and every --eval-every epochs; checkpoints are written
 after every evaluation and every --checkpoint-every minutes between them.
 """
-import argparse
 import contextlib
 import copy
 import itertools
 import math
 import os
-import platform
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,264 +26,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import schedules
-from analysis.runs import ADDED_DEFAULTS
-from data import DATASETS, DataError, build_data
-from methods import (BLURPOOL_MODES, SHORT, Objective, blurred_layers, prepare_model, selected_methods,
-                     to_channels_last)
-from models import SMALL_RESNET, build_model, parse_model_kwargs
+from analysis.runs import ADDED_DEFAULTS, canonical_methods
+from data import DataError, build_data
+from methods import Context, MethodError, weights_kept
+from models import build_model
+from options import RESULT_KEYS, fail, micro_batch_size, parse_args, resolve, result_options
 from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
                     lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
 
-# Options that define the result: a resume with any of them changed is refused. eval_every: the rows --metric max
-# takes its peak from; tf32 and deterministic: the GPU's arithmetic; device_name: the speed of train_time_s;
-# cooldown_version: wsd's cooldown formula (2: its last step at eta_min; runs without the key used 1).
-RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
-               "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
-               "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay", "cooldown_frac",
-               "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0", "family_t_mult",
-               "eval_every", "model_kwargs", "tf32", "deterministic", "device_name", "cooldown_version", "opt",
-               "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
 NO_STEP = 2 ** 62  # "no non-finite step yet"
-# --opt: timm's optimizers that take momentum (sgdw) or betas (the others); weight decay is decoupled in all four
-OPTIMIZERS = ("sgdw", "adamw", "lamb", "lion")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data and model")
-    g.add_argument("--data", dest="dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)}")
-    g.add_argument("--data-dir", default=None, help="dataset folder (default for fashion-mnist: Debian's package)")
-    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data-dir")
-    g.add_argument("--subset", type=int, default=0, help="train on N images only (0: all)")
-    g.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank (imagenet)")
-    g.add_argument("--model", default=SMALL_RESNET, help=f"{SMALL_RESNET} or any timm model name")
-    g.add_argument("--model-kwargs", default="", metavar="K=V,...",
-                   help="options for timm.create_model, e.g. drop_rate=0.1,drop_path_rate=0.1,img_size=32")
-    g = p.add_argument_group("schedule (periods in epochs, applied per optimizer step)")
-    g.add_argument("--schedule", default="cyclic", help=" | ".join(schedules.SCHEDULES))
-    g.add_argument("--epochs", type=float, default=None, help="total epochs (all but standard: must end a cycle)")
-    g.add_argument("--cycles", type=int, default=None, help="number of cycles (budgets), instead of --epochs (3)")
-    g.add_argument("--warmup-epochs", type=float, default=0.5)
-    g.add_argument("--t0", type=float, default=0.5, help="first cycle's period")
-    g.add_argument("--t-mult", type=int, default=None, help="period multiplier (default 2; constant: 1)")
-    g.add_argument("--eta-min", type=float, default=0.0)
-    g.add_argument("--cycle-decay", type=float, default=0.7, metavar="GAMMA",
-                   help="cyclic-decay: peak of cycle i is lr * GAMMA^i")
-    g.add_argument("--cooldown-frac", type=float, default=0.2, metavar="F",
-                   help="wsd: each budget T's cooldown branch starts at (1 - F) T")
-    g.add_argument("--cooldown-shape", default="1-sqrt", help="wsd: 1-sqrt | linear")
-    g.add_argument("--sf-lr", type=float, default=None, help="schedule-free: its LR (default 5 x --lr)")
-    g.add_argument("--sf-warmup-epochs", type=float, default=None,
-                   help="schedule-free: its linear warmup (default --warmup-epochs)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch per optimizer step")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--opt", default="sgdw", help=f"optimizer from timm: {' | '.join(OPTIMIZERS)}")
-    g.add_argument("--opt-betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
-                   help="adamw, lamb, lion: betas (default: the optimizer's own)")
-    g.add_argument("--opt-eps", type=float, default=None, help="adamw, lamb: epsilon (default: the optimizer's own)")
-    g.add_argument("--decay-exclusions", default="auto", help="auto | on | off: no weight decay on biases and "
-                   "normalisation weights (timm's convention); auto: on iff the model has no BatchNorm (ViTs, also "
-                   "ConvNeXt, NFNets); off for BatchNorm models, as all runs before the flag")
-    g.add_argument("--clip-grad", type=float, default=0.0, metavar="NORM",
-                   help="clip the global gradient norm to NORM (after fp16 unscaling, on the all-reduced gradient); "
-                        "0: off")
-    g.add_argument("--lr", type=float, default=0.4, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled: per-step decay is wd * lr / peak lr")
-    g.add_argument("--amp", default="auto", help="auto | none | bf16 | fp16")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--deterministic", action="store_true",
-                   help="GPU: no TF32, no cudnn autotuning, deterministic kernels (slower; bitwise-exact resume)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("methods")
-    g.add_argument("--blurpool", action="store_true", help="anti-aliased downsampling (BlurPool)")
-    g.add_argument("--blurpool-mode", default="blur-first",
-                   help="blur-first: a stride-1 blur, then the strided layer (the paper's, Composer's default); "
-                        "conv-first: the layer at stride 1, then a strided blur (x1.95 forward FLOPs on the "
-                        "small ResNet, x1.48 on ResNet-50)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and batches")
-    g.add_argument("--label-smoothing", type=float, nargs="?", const=0.1, default=0.0, metavar="EPS")
-    g.add_argument("--mixup", type=float, nargs="?", const=0.2, default=0.0, metavar="ALPHA")
-    g = p.add_argument_group("run directory and logging")
-    g.add_argument("--run-dir", default=None,
-                   help="default: runs/<dataset>_<model>_<schedule>-e<epochs>_<methods>_s<seed>")
-    g.add_argument("--resume", nargs="?", const="must", default=None, metavar="auto",
-                   help="continue the run in --run-dir; 'auto' starts fresh when there is no checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
-    g.add_argument("--eval-every", type=float, default=None,
-                   help="epochs between extra evaluations (default: 1 for resident datasets, else curve points only)")
-    g.add_argument("--checkpoint-every", type=float, default=30.0, metavar="MINUTES",
-                   help="also checkpoint (and check for non-finite loss) this often between evaluations; 0: never")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--allow-device-change", action="store_true",
-                   help="resume on another GPU or CPU model (its train_time_s then mixes two speeds)")
-    g.add_argument("--no-lock", action="store_true",
-                   help="no lock on --run-dir (for file systems without flock); nothing then stops a second writer")
-    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
-                   help="skip up to N optimizer steps whose loss is NaN/inf instead of stopping (checks every step)")
-    return p.parse_args(argv)
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What the options imply, derived once; config.json records these over the options of the same name."""
-    epochs: float
-    cycles: int
-    t0: float  # as recorded: a standard run's one cosine period
-    t_mult: int
-    family_t0: float  # the cyclic shape whose budgets the run samples (a standard run's t0/t_mult as given)
-    family_t_mult: int
-    amp: str
-    methods: list
-    world_size: int
-    eval_every: float
-    run_dir: str
-    sf_lr: float
-    sf_warmup_epochs: float
-    model_kwargs: dict  # --model-kwargs parsed
-    tf32: bool  # matmuls and convolutions in TF32 (CUDA unless --deterministic): a precision of its own
-    device_name: str  # the GPU's or the CPU's model: what the time axis was measured on
-    cooldown_version: int  # wsd: schedules.COOLDOWN_VERSION; None for the other schedules
-
-
-def fail(message, code=2, every_rank=False, options=False):
-    """One line on stderr naming the flag and the fix, a non-zero exit; nothing written. options=True marks a
-    refusal of the options themselves (a bad value, a run of other options): it would refuse every run of a sweep,
-    so it is also written to $TRAIN_REFUSAL_FILE where launch.sh set one (torchrun turns every exit code into 1)."""
-    rank = int(os.environ.get("RANK", 0))
-    if rank == 0 or every_rank:
-        where = f"rank {rank}: " if every_rank and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        print(f"train.py: error: {where}{message}", file=sys.stderr)
-    if options and os.environ.get("TRAIN_REFUSAL_FILE"):  # every rank: whichever the agent stops last
-        with open(os.environ["TRAIN_REFUSAL_FILE"], "a") as f:
-            f.write(message + "\n")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(code)
-
-
-def micro_batch_size(cfg, world_size):
-    """Images per forward pass on one rank (before --grad-accum is validated, 0 counts as 1)."""
-    return cfg.batch_size // (world_size * max(cfg.grad_accum, 1))
-
-
-def resolve(args, world_size, device):
-    """Validate every flag and derive the Setup; fail() on the first bad one."""
-    a = args
-    for name, value in sorted(vars(a).items()):  # before anything is written: inf and nan pass every bound below
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}", options=True)
-    checks = [
-        (a.dataset in DATASETS, f"--data: unknown dataset '{a.dataset}'; choose one of {', '.join(DATASETS)}"),
-        (a.schedule in schedules.SCHEDULES,
-         f"--schedule: unknown '{a.schedule}'; choose one of {', '.join(schedules.SCHEDULES)}"),
-        (a.amp in ("auto", "none", "bf16", "fp16"), f"--amp: unknown '{a.amp}'; choose auto, none, bf16 or fp16"),
-        (a.lr > 0, f"--lr must be a positive number, got {a.lr}"),
-        (0 <= a.momentum < 1, f"--momentum must be in [0, 1), got {a.momentum}"),
-        (a.opt in OPTIMIZERS, f"--opt: unknown '{a.opt}'; choose one of {', '.join(OPTIMIZERS)}"),
-        (a.opt_betas is None or all(0 <= b < 1 for b in a.opt_betas),
-         f"--opt-betas must be in [0, 1), got {a.opt_betas}"),
-        (a.opt_betas is None or a.opt != "sgdw", "--opt-betas: sgdw has momentum, not betas; use --momentum"),
-        (not (a.nesterov and a.opt != "sgdw"), f"--nesterov is sgdw's; {a.opt} takes --opt-betas"),
-        (not (a.schedule == "schedule-free" and a.opt == "adamw" and a.opt_betas and a.opt_betas[0] == 0),
-         "--opt-betas: schedule-free AdamW averages with beta1: it must be > 0"),
-        (a.opt_eps is None or a.opt_eps > 0, f"--opt-eps must be positive, got {a.opt_eps}"),
-        (a.opt_eps is None or a.opt in ("adamw", "lamb"), f"--opt-eps: {a.opt} takes no epsilon"),
-        (a.decay_exclusions in ("auto", "on", "off"),
-         f"--decay-exclusions: unknown '{a.decay_exclusions}'; choose auto, on or off"),
-        (a.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {a.clip_grad}"),
-        (not (a.schedule == "schedule-free" and a.opt not in ("sgdw", "adamw")),
-         f"--schedule schedule-free has an SGD and an AdamW variant: use --opt sgdw or adamw, not {a.opt}"),
-        (not (a.nesterov and a.momentum == 0), "--nesterov needs --momentum > 0"),
-        (a.weight_decay >= 0, f"--weight-decay must be >= 0, got {a.weight_decay}"),
-        (0 <= a.eta_min < a.lr, f"--eta-min must be in [0, --lr), got {a.eta_min}"),
-        (a.batch_size > 0, f"--batch-size must be positive, got {a.batch_size}"),
-        (a.grad_accum > 0, f"--grad-accum must be positive, got {a.grad_accum}"),
-        (a.batch_size % (world_size * max(a.grad_accum, 1)) == 0,
-         f"--batch-size {a.batch_size} is not divisible by world size {world_size} x --grad-accum {a.grad_accum}; "
-         f"use a multiple of {world_size * max(a.grad_accum, 1)}"),
-        (a.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {a.warmup_epochs}"),
-        (a.t0 > 0, f"--t0 must be positive, got {a.t0}"),
-        (a.t_mult is None or a.t_mult >= 1, f"--t-mult must be an integer >= 1, got {a.t_mult}"),
-        (not (a.schedule == "constant" and a.t_mult not in (None, 1)),
-         "--t-mult: a constant schedule has t_mult 1; drop --t-mult or use --schedule cyclic"),
-        (a.cycles is None or a.cycles >= 1, f"--cycles must be >= 1, got {a.cycles}"),
-        (a.epochs is None or a.epochs > 0, f"--epochs must be positive, got {a.epochs}"),
-        (0 < a.cycle_decay <= 1, f"--cycle-decay must be in (0, 1], got {a.cycle_decay}"),
-        (0 < a.cooldown_frac < 1, f"--cooldown-frac must be in (0, 1), got {a.cooldown_frac}"),
-        (a.cooldown_shape in schedules.COOLDOWN_SHAPES,
-         f"--cooldown-shape: unknown '{a.cooldown_shape}'; choose {' or '.join(schedules.COOLDOWN_SHAPES)}"),
-        (a.sf_lr is None or a.sf_lr > 0, f"--sf-lr must be positive, got {a.sf_lr}"),
-        (a.sf_warmup_epochs is None or a.sf_warmup_epochs >= 0,
-         f"--sf-warmup-epochs must be >= 0, got {a.sf_warmup_epochs}"),
-        (not (a.schedule == "schedule-free" and a.opt == "sgdw" and a.momentum == 0),
-         "--schedule schedule-free needs --momentum > 0"),
-        (a.blurpool_mode in BLURPOOL_MODES,
-         f"--blurpool-mode: unknown '{a.blurpool_mode}'; choose {' or '.join(BLURPOOL_MODES)}"),
-        (a.subset >= 0, f"--subset must be >= 0, got {a.subset}"),
-        (a.workers >= 0, f"--workers must be >= 0, got {a.workers}"),
-        (0 <= a.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {a.label_smoothing}"),
-        (a.mixup >= 0, f"--mixup must be >= 0, got {a.mixup}"),
-        (not (a.mixup > 0 and micro_batch_size(a, world_size) % 2),
-         "--mixup needs an even micro-batch (batch / (world size x grad-accum))"),
-        (a.eval_every is None or a.eval_every >= 0, f"--eval-every must be >= 0, got {a.eval_every}"),
-        (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 minutes, got {a.checkpoint_every}"),
-        (a.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {a.skip_nonfinite}"),
-        (not (a.amp == "fp16" and device.type == "cpu"),
-         "--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU"),
-        (not (a.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()),
-         "--amp bf16: this GPU has no bf16; use --amp fp16 (or auto)"),
-        (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other; pick one"),
-        (a.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{a.resume}'"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            fail(message, options=True)
-    if a.schedule == "schedule-free":
-        try:
-            import schedulefree  # noqa: F401
-        except ImportError:
-            fail("--schedule schedule-free needs the schedulefree package: pip install -r requirements.txt",
-                 options=True)
-    t_mult = 1 if a.schedule == "constant" else (a.t_mult or 2)
-    if a.schedule == "standard":  # the epochs of the cyclic run's cycles, if given as --cycles
-        epochs, cycles = a.epochs or schedules.cyclic_epochs(a.warmup_epochs, a.t0, t_mult, a.cycles or 3), 1
-    elif a.epochs is None:
-        cycles = a.cycles or 3
-        epochs = schedules.cyclic_epochs(a.warmup_epochs, a.t0, t_mult, cycles)
-    else:
-        epochs = a.epochs
-        try:
-            cycles = schedules.cycles_for_epochs(a.warmup_epochs, a.t0, t_mult, a.epochs)
-        except ValueError as e:
-            fail(str(e), options=True)
-        if a.cycles not in (None, cycles):
-            fail(f"--cycles {a.cycles} disagrees with --epochs {a.epochs:g} ({cycles} cycles); give only one of them",
-                 options=True)
-    if a.warmup_epochs >= epochs:
-        fail(f"--warmup-epochs {a.warmup_epochs:g} must be shorter than the run ({epochs:g} epochs)", options=True)
-    if a.schedule == "schedule-free" and (a.sf_warmup_epochs or 0) >= epochs:
-        fail(f"--sf-warmup-epochs {a.sf_warmup_epochs:g} must be shorter than the run ({epochs:g} epochs): the LR "
-             f"would never reach its peak", options=True)
-    amp = auto_precision(device) if a.amp == "auto" else a.amp
-    methods = selected_methods(a)
-    try:
-        model_kwargs = parse_model_kwargs(a.model_kwargs)
-    except ValueError as e:
-        fail(str(e), options=True)
-    standard = a.schedule == "standard"  # recorded shape: one cosine period over the rest of the run
-    return Setup(epochs=epochs, cycles=cycles, t0=epochs - a.warmup_epochs if standard else a.t0,
-                 t_mult=1 if standard else t_mult, family_t0=a.t0, family_t_mult=t_mult, amp=amp, methods=methods,
-                 world_size=world_size, eval_every=a.eval_every if a.eval_every is not None else
-                 (0.0 if a.dataset == "imagenet" else 1.0),
-                 run_dir=a.run_dir or default_run_dir(a, epochs, methods),
-                 sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
-                 else a.sf_warmup_epochs, model_kwargs=model_kwargs,
-                 tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device),
-                 cooldown_version=schedules.COOLDOWN_VERSION if a.schedule == "wsd" else None)
 
 
 def device_history(setup, ckpt):
@@ -292,44 +42,6 @@ def device_history(setup, ckpt):
     before = [] if ckpt is None else [ckpt["config"].get("device_name"),
                                       *(recorded_options(setup.run_dir) or {}).get("device_names", [])]
     return sorted({setup.device_name, *filter(None, before)})
-
-
-def hardware_name(device):
-    """The GPU's name, or the CPU's model name (from /proc/cpuinfo; the platform's words elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
-
-
-def auto_precision(device):
-    """What --amp auto means on `device`: bf16 where it is native, else fp16 with a GradScaler (GPU) or fp32 (CPU)."""
-    if device.type == "cuda":
-        return "bf16" if gpu_has_native_bf16() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "none"
-
-
-def gpu_has_native_bf16():
-    """bf16 in hardware (Ampere and later): torch's default check also counts pre-Ampere GPUs, which emulate it
-    slowly, where fp16 with a GradScaler is the right choice. Asked after set_device: of this rank's GPU."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def cpu_has_native_bf16():
-    """bf16 in hardware: AVX512-BF16 or AMX on x86 (mkldnn's own check also counts AVX-512 alone, where bf16 is
-    emulated and slower than fp32), and the bf16 extension on Arm (mkldnn checks exactly that there)."""
-    if platform.machine() in ("aarch64", "arm64"):
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def default_run_dir(args, epochs, methods):
-    label = "+".join(SHORT[m] for m in methods) or "baseline"
-    return os.path.join("runs", f"{args.dataset}_{args.model}_{args.schedule}-e{epochs:g}_{label}_s{args.seed}")
 
 
 def resume_decision(args, setup, master):
@@ -351,6 +63,8 @@ def resume_decision(args, setup, master):
     from_config = recorded_options(run_dir)
     recorded = None if ckpt is None and from_config is None else {**ADDED_DEFAULTS, **(from_config or {}),
                                                                   **(ckpt["config"] if ckpt is not None else {})}
+    if recorded is not None and "methods" in recorded:  # a run from before the method API: the API's names
+        recorded["methods"] = canonical_methods(recorded)
     done = is_done(run_dir)
     if recorded is not None:
         # a finished run made elsewhere stays valid: the folder of a dataset that has one known content (not an
@@ -419,11 +133,6 @@ def fresh_start_allowed(run_dir, recorded, master):
          f"folder or use another --out)")
 
 
-def result_options(args, setup):
-    merged = {**vars(args), **asdict(setup)}
-    return {k: merged[k] for k in RESULT_KEYS}
-
-
 # ---- the run ---------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -451,7 +160,7 @@ def run_main(argv=None):
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # before any CUDA question: otherwise every rank makes a context on GPU 0
         torch.cuda.set_device(device)
-    setup = resolve(args, world_size, device)
+    setup, methods = resolve(args, world_size, device)
     check_writable(setup.run_dir)  # before anything slow is loaded
     # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
     # run (a folder that does not exist yet holds nothing to read, and is created only once the flags pass).
@@ -466,10 +175,16 @@ def run_main(argv=None):
 
     try:
         data = build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers)
-        model = build_model(args.model, data.num_classes, data.in_chans, setup.model_kwargs)
-    except (DataError, ValueError) as e:
+        model = build_model(args.model, data.num_classes, data.in_chans,
+                            {**setup.model_kwargs, **methods.model_kwargs()}).to(device)
+        model = methods.apply_model(model)  # surgery (BlurPool, channels-last, an EMA copy), before DDP
+        loader = data.train_loader(args.batch_size, rank, world_size, args.seed)
+        methods.check(SimpleNamespace(model=model, model_name=args.model, schedule=args.schedule,
+                                      micro_batch=micro_batch_size(args, world_size), world_size=world_size,
+                                      num_classes=data.num_classes,
+                                      image_shape=(data.in_chans, data.image_size, data.image_size)))
+    except (DataError, ValueError) as e:  # MethodError too
         fail(str(e), options=True)
-    loader = data.train_loader(args.batch_size, rank, world_size, args.seed)
     spe = loader.steps_per_epoch
     if spe < 1:
         fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset", options=True)
@@ -478,16 +193,12 @@ def run_main(argv=None):
         HELD_LOCKS.append(lock_run_dir(setup.run_dir))
     if master and not locking:
         os.makedirs(setup.run_dir, exist_ok=True)
-    model = prepare_model(model, args).to(device)
-    replaced = blurred_layers(model)
-    without_effect = sorted(m for m, none in (("blurpool", args.blurpool and not replaced),
-                                              ("channels_last", args.channels_last and not any(
-                                                  isinstance(x, torch.nn.Conv2d) for x in model.modules())))
-                            if none)
-    if master and without_effect:  # as Composer's NoEffectWarning: the set is run, and says what it is
-        print(f"warning: {', '.join(without_effect)} changed nothing in {args.model} (no strided convolution or "
-              f"max-pool to blur, or no convolution for a memory format); recorded in config.json as "
-              f"methods_without_effect")
+    without_effect = methods.without_effect()
+    if master:  # as Composer's NoEffectWarning: the set is run, and says what it is
+        for m in methods.all:
+            if m.no_effect:
+                print(f"warning: method {m.spec} changed nothing in {args.model} ({m.no_effect}); recorded in "
+                      f"config.json as methods_without_effect")
     raw_model = model
     exclusions = decay_exclusions(args, model)
     if ckpt is not None and "decay_exclusions" not in ckpt["config"] and exclusions:
@@ -497,15 +208,17 @@ def run_main(argv=None):
         print(f"warning: --weight-decay {args.weight_decay:g} is the decay per step at the peak LR: {args.opt} will "
               f"shrink the weights by {args.weight_decay:.0%} a step (torch's AdamW weight_decay w is --weight-decay "
               f"w x --lr here)")
-    optimizer = build_optimizer(model, args, setup, plan, exclusions)
+    optimizer = methods.wrap_optimizer(build_optimizer(model, args, setup, plan, exclusions), model)
     scheduler = schedules.build_scheduler(optimizer, plan, args.eta_min)
     scaler = torch.amp.GradScaler(device.type, enabled=setup.amp == "fp16")
-    objective = Objective(args, data.num_classes)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     state = TrainState()
     if ckpt is not None:
-        state = restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, rank)
+        try:
+            state = restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank)
+        except MethodError as e:
+            fail(str(e))
     else:  # the model-side RNG (dropout, drop-path) differs per rank; rank 0 keeps the seed
         torch.manual_seed(args.seed if rank == 0 else hash((args.seed, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
     if ddp:
@@ -519,9 +232,10 @@ def run_main(argv=None):
               "run_steps": plan.run_steps, "cycle_end_epochs": [s / spe for s in plan.cycle_end_steps()],
               "speedup_ratio_eq1": schedules.eq1_ratio(schedules.cycle_end_epochs(
                   args.warmup_epochs, setup.family_t0, setup.family_t_mult, setup.cycles)),
-              "blurpool_layers": replaced, "device": device.type, "torch_version": torch.__version__,
+              **methods.config(), "device": device.type, "torch_version": torch.__version__,
               "cuda_version": torch.version.cuda if device.type == "cuda" else None, "decay_excluded": exclusions,
               "methods_without_effect": without_effect,
+              "method_options": {m.name: {k: getattr(m, k) for k in m.options} for m in methods.all},
               "device_names": device_history(setup, ckpt),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     log = None
@@ -535,13 +249,14 @@ def run_main(argv=None):
             write_config(setup.run_dir, config)
         print(f"run {setup.run_dir}: {args.schedule}, {setup.epochs:g} epochs = {plan.run_steps} steps, curve points "
               f"at epochs {', '.join(f'{e:g}' for e in config['cycle_end_epochs'])}; methods "
-              f"{', '.join(setup.methods) or 'none'} (label smoothing eps {objective.label_smoothing:g}, mixup alpha "
-              f"{objective.mixup_alpha:g}); {device.type} x{world_size}, "
+              f"{', '.join(setup.methods) or 'none'}; {device.type} x{world_size}, "
               f"amp {setup.amp}" + (f"; resumed at step {state.step}" if ckpt is not None else ""))
-        if replaced:
-            print(f"blurpool ({args.blurpool_mode}) on {len(replaced)} layers: {', '.join(replaced)}")
+        for m in methods.all:
+            for key, value in m.config().items():
+                if isinstance(value, list) and value:  # what a method changed, e.g. the layers BlurPool replaced
+                    print(f"{m.spec}: {key}: {', '.join(map(str, value))}")
 
-    run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, objective, autocast,
+    run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods, autocast,
               rank, world_size, ddp, device, log)
     steps_here = run.train(state)
     if master:
@@ -572,12 +287,12 @@ class TrainState:
 class Run:
     """The training loop and what it needs; one object so the loop reads without a dozen arguments."""
 
-    def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, objective,
+    def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods,
                  autocast, rank, world_size, ddp, device, log):
         self.args, self.setup, self.plan, self.data, self.loader = args, setup, plan, data, loader
         self.model, self.raw_model, self.optimizer, self.scheduler, self.scaler = (model, raw_model, optimizer,
                                                                                    scheduler, scaler)
-        self.objective, self.autocast, self.log = objective, autocast, log
+        self.methods, self.autocast, self.log = methods, autocast, log
         self.rank, self.world_size, self.ddp, self.device, self.master = rank, world_size, ddp, device, rank == 0
         spe = loader.steps_per_epoch
         every = round(setup.eval_every * spe) if setup.eval_every else 0
@@ -588,6 +303,14 @@ class Run:
             trunk_evals |= self.curve_points | {plan.total_steps}
         self.trunk_evals = trunk_evals
         self.sf = plan.schedule == "schedule-free"
+        self.curve_ends = plan.cycle_end_steps()
+
+    def context(self, path_step):
+        """What the methods' hooks are told about this step (methods/api.py: Context)."""
+        spe = self.loader.steps_per_epoch
+        return Context(step=path_step, epoch=path_step / spe, rank=self.rank, world_size=self.world_size,
+                       seed=self.args.seed, run_progress=path_step / self.plan.total_steps,
+                       cycle_progress=self.plan.budget_progress(path_step), num_classes=self.data.num_classes)
 
     def train(self, state):
         """Run the plan from state.step to the end; returns the optimizer steps taken by this process."""
@@ -612,8 +335,8 @@ class Run:
                 # -- 1. learning rate: the scheduler set it for this step (schedule-free: the optimizer does)
                 lr = self.optimizer.param_groups[0]["lr"]
                 # -- 2. forward, backward, update
-                loss = train_step(self.model, self.optimizer, self.scaler, self.objective, self.autocast, x, y,
-                                  a.grad_accum, self.ddp, (path_step, self.rank),
+                loss = train_step(self.model, self.optimizer, self.scaler, self.methods, self.autocast, x, y,
+                                  a.grad_accum, self.ddp, self.context(path_step),
                                   check_finite=state.skipped < a.skip_nonfinite, clip_grad=a.clip_grad)
                 if self.sf:
                     lr = self.optimizer.param_groups[0]["scheduled_lr"]
@@ -668,10 +391,11 @@ class Run:
         rng = rng_state()
         with weights_kept(self.raw_model):
             self.model.train()
-            xm, ym = self.objective.prepare(x.chunk(self.args.grad_accum)[0].clone(),  # MixUp mixes in place
-                                            y.chunk(self.args.grad_accum)[0], (path_step, self.rank, 0))
+            ctx = self.context(path_step)  # a batch transform may change its batch in place: it gets a copy
+            xm, ym = self.methods.transform_batch(x.chunk(self.args.grad_accum)[0].clone(),
+                                                  y.chunk(self.args.grad_accum)[0], ctx)
             with (self.model.no_sync() if self.ddp else contextlib.nullcontext()), self.autocast:
-                loss = self.objective.loss(self.model(xm), ym)
+                loss = self.methods.loss(self.model(xm), ym, ctx)
             self.scaler.scale(loss).backward()
             self.optimizer.zero_grad(set_to_none=True)
         restore_rng(rng)
@@ -740,13 +464,14 @@ class Run:
         statistics recomputed on a few training batches, as its authors prescribe, then puts the training weights
         and statistics back bit for bit (its own eval/train switch is not exact): evaluations leave no trace."""
         if not self.sf:
-            return evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
-                            self.args.channels_last, self.ddp)
+            with self.methods.eval_weights(self.raw_model):  # e.g. EMA's averaged weights, put back after
+                return evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(),
+                                self.autocast, self.methods, self.ddp)
         with weights_kept(self.raw_model):
             self.optimizer.eval()
-            recompute_bn(self.raw_model, self.loader, done, self.objective, self.autocast, self.ddp)
+            recompute_bn(self.raw_model, self.loader, done, self.methods, self.autocast, self.ddp)
             val = evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
-                           self.args.channels_last, self.ddp)
+                           self.methods, self.ddp)
             self.optimizer.train()
         return val
 
@@ -756,10 +481,11 @@ class Run:
     # ---- checkpoints and wsd snapshots: one path state, saved and restored side by side ----------
 
     def path_state(self, state):
-        """The current model's path: model (BN buffers too), optimizer, scaler, RNG and the open row's sums.
-        A wsd branch point keeps a copy (the trunk); a checkpoint saves it, PER_RANK parts gathered."""
+        """The current model's path: model (BN buffers too), optimizer, scaler, the methods' state (an EMA), RNG
+        and the open row's sums. A wsd branch point keeps a copy (the trunk); a checkpoint saves it, PER_RANK parts
+        gathered."""
         return dict(model=self.raw_model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scaler=self.scaler.state_dict(), rng=rng_state(),
+                    scaler=self.scaler.state_dict(), methods=self.methods.state_dict(), rng=rng_state(),
                     **{k: getattr(state, k) for k in ROW_FIELDS})
 
     def snapshot(self, state, loss_sum):
@@ -770,7 +496,7 @@ class Run:
     def restore_snapshot(self, state):
         """Put the trunk back after its branch; returns its row's loss sum."""
         t, state.trunk = state.trunk, None
-        for k, v in load_path(t, self.raw_model, self.optimizer, self.scaler).items():
+        for k, v in load_path(t, self.raw_model, self.optimizer, self.scaler, self.methods).items():
             setattr(state, k, v)
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # the snapshot's LR was the branch's first; the trunk continues on the schedule's
@@ -792,35 +518,25 @@ class Run:
             skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=result_options(self.args, self.setup)))
 
 
-@contextlib.contextmanager
-def weights_kept(model):
-    """Whatever runs inside leaves `model`'s parameters and buffers bit for bit as they were: a copy, kept on the
-    CPU (off the GPU's memory), put back at the end."""
-    saved = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
-    try:
-        yield
-    finally:
-        model.load_state_dict(saved)
-
-
 ROW_FIELDS = ("loss_sum", "loss_steps", "images", "row_time", "path_time")  # TrainState fields a path carries
 PER_RANK = ("rng", "loss_sum", "loss_steps")  # path parts that differ between DDP ranks
 
 
-def load_path(path, raw_model, optimizer, scaler):
-    """Put back what Run.path_state captured: model, optimizer, scaler, RNG; returns its ROW_FIELDS."""
+def load_path(path, raw_model, optimizer, scaler, methods):
+    """Put back what Run.path_state captured: model, optimizer, scaler, methods, RNG; returns its ROW_FIELDS."""
     raw_model.load_state_dict(path["model"])
     optimizer.load_state_dict(path["optimizer"])
     scaler.load_state_dict(path["scaler"])
+    methods.load_state_dict(path.get("methods"))  # checkpoints before the method API: methods without state
     restore_rng(path["rng"])
     return {k: path[k] for k in ROW_FIELDS}
 
 
-def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, rank):
+def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank):
     """Load what Run.save wrote; returns the TrainState to continue from."""
     mine = ckpt["ranks"][rank] if rank < len(ckpt["ranks"]) else ckpt["ranks"][0]
     path = dict(ckpt, path_time=ckpt["train_time_s"], **{k: mine[k] for k in PER_RANK})
-    row = load_path(path, raw_model, optimizer, scaler)
+    row = load_path(path, raw_model, optimizer, scaler, methods)
     if scheduler is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
     trunk = None if ckpt["trunk"] is None else dict(ckpt["trunk"], **{k: mine["trunk"][k] for k in PER_RANK})
@@ -949,22 +665,28 @@ def init_distributed(device, rank, world_size):
                             device_id=device if device.type == "cuda" else None)
 
 
-def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, ddp, draw_key, check_finite=False,
+def train_step(model, optimizer, scaler, methods, autocast, x, y, grad_accum, ddp, ctx, check_finite=False,
                clip_grad=0.0):
-    """One optimizer step over this rank's batch in `grad_accum` micro-steps; returns the mean loss
-    (a device tensor: reading it would sync). DDP all-reduces gradients on the last micro-step only.
-    With check_finite, a non-finite loss on any rank skips the update on all ranks, puts back the
-    BatchNorm statistics the forward pass moved, and returns None: the step leaves no trace."""
+    """One optimizer step over this rank's batch in `grad_accum` micro-steps, the methods' hooks at their points
+    (methods/api.py); returns the mean loss (a device tensor: reading it would sync). DDP all-reduces gradients on
+    the last micro-step only. With check_finite, a non-finite loss on any rank skips the update on all ranks, puts
+    back the BatchNorm statistics the forward pass moved, and returns None: the step leaves no trace."""
     model.train()
     buffers = [b.clone() for b in model.buffers()] if check_finite else None
-    total = torch.zeros((), device=x.device)
-    for micro, (xm, ym) in enumerate(zip(x.chunk(grad_accum), y.chunk(grad_accum))):
-        xm, ym = objective.prepare(xm, ym, (*draw_key, micro))
-        sync = not ddp or micro == grad_accum - 1
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-            loss = objective.loss(model(xm), ym) / grad_accum
-        scaler.scale(loss).backward()
-        total += loss.detach()
+
+    def forward_backward():
+        total = torch.zeros((), device=x.device)
+        for micro, (xm, ym) in enumerate(zip(x.chunk(grad_accum), y.chunk(grad_accum))):
+            mctx = ctx.for_micro(micro)
+            xm, ym = methods.transform_batch(xm, ym, mctx)
+            sync = not ddp or micro == grad_accum - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                loss = methods.loss(model(xm), ym, mctx) / grad_accum
+            scaler.scale(loss).backward()
+            total += loss.detach()
+        return total
+
+    total = forward_backward()
     if check_finite:
         finite = torch.isfinite(total).float()
         if ddp:
@@ -975,17 +697,27 @@ def train_step(model, optimizer, scaler, objective, autocast, x, y, grad_accum, 
                 for b, saved in zip(model.buffers(), buffers):
                     b.copy_(saved)
             return None
+    if methods.reruns:  # e.g. SAM: the gradient again, at other weights, over the same micro-batches
+        methods.before_step(model, optimizer, replace(ctx, grad_scale=scaler.scale(torch.ones((), device=x.device)),
+                                                     forward_backward=forward_backward))
     if clip_grad:  # the whole step's gradient (DDP: all-reduced on the last micro-step), fp16's scale taken out
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    methods.after_step(unwrapped(model), optimizer, ctx)
     return total
 
 
+def unwrapped(model):
+    """The model under torch.compile and DDP wrappers: what the methods' state (an EMA) mirrors."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
 @torch.no_grad()
-def recompute_bn(model, loader, path_step, objective, autocast, ddp=False, batches_used=8):
+def recompute_bn(model, loader, path_step, methods, autocast, ddp=False, batches_used=8):
     """BatchNorm running statistics recomputed from scratch on the first few training batches of the current
     epoch (cropped and flipped as the loader yields them, never mixed): schedule-free's averaged weights never
     ran forward during training, so the statistics gathered on the other weights do not fit them. Under DDP each
@@ -1002,8 +734,7 @@ def recompute_bn(model, loader, path_step, objective, autocast, ddp=False, batch
     for i, (x, _) in enumerate(loader.epoch((path_step - 1) // loader.steps_per_epoch, 0)):
         if i == batches_used:
             break
-        if objective.channels_last:
-            x = to_channels_last(x)
+        x = methods.transform_eval_batch(x)  # the layout of training (channels-last), never its augmentation
         with autocast:
             model(x)
     for bn, m in zip(bns, momenta):
@@ -1015,10 +746,11 @@ def recompute_bn(model, loader, path_step, objective, autocast, ddp=False, batch
 
 
 @torch.no_grad()
-def evaluate(model, data, rank, world_size, batch_size, autocast, channels_last, ddp):
+def evaluate(model, data, rank, world_size, batch_size, autocast, methods, ddp):
     """Plain cross-entropy and top-1/top-5 over this rank's shard, summed over ranks: exact on the whole set.
     Batches of the training micro-batch size: known to fit, and on CPU 2-3x faster than batches of
-    thousands, whose activations spill out of the caches. Same memory format as training."""
+    thousands, whose activations spill out of the caches. Same memory format as training (the methods'
+    transform_eval_batch)."""
     model.eval()
     if ddp:  # BN running stats drift per rank during training: evaluate rank 0's, the model that is saved
         for buf in model.buffers():
@@ -1026,8 +758,7 @@ def evaluate(model, data, rank, world_size, batch_size, autocast, channels_last,
     device = data.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
     for x, y in data.val_batches(rank, world_size, batch_size):
-        if channels_last:
-            x = to_channels_last(x)
+        x = methods.transform_eval_batch(x)
         with autocast:
             logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

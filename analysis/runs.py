@@ -30,14 +30,19 @@ ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a w
 # speed on the time axis: runs of other hardware are another group unless --pool-hardware.
 RESULT_KEYS = ("dataset", "model", "subset", "lr", "batch_size", "grad_accum", "warmup_epochs", "eta_min", "amp",
                "momentum", "nesterov", "weight_decay", "world_size", "device", "compile", "eval_every", "model_kwargs",
-               "tf32", "device_name", "opt", "opt_betas", "opt_eps", "decay_excluded", "clip_grad")
+               "tf32", "device_name", "opt", "opt_betas", "opt_eps", "decay_excluded", "clip_grad", "plugins")
 # keys added after runs were made, as runs without them were run (no GPU run predates tf32)
 ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False, "cooldown_version": None,  # None: wsd's first formula
-                  "opt": "sgdw", "opt_betas": None, "opt_eps": None, "decay_excluded": False, "clip_grad": 0.0}
+                  "opt": "sgdw", "opt_betas": None, "opt_eps": None, "decay_excluded": False, "clip_grad": 0.0,
+                  "plugins": {}}
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
 ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape", "cooldown_version"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only
 METHOD_KEYS = {"label_smoothing": ("label_smoothing",), "mixup": ("mixup",), "blurpool": ("blurpool_mode",)}
+# Before the method API, config.json's methods were bare names and the paper's methods kept their options in keys of
+# their own; canonical_methods reads such a run as the API names it: 'name:option=value' where not the default.
+LEGACY_METHOD_OPTIONS = {"label_smoothing": ("label_smoothing", "eps", 0.1), "mixup": ("mixup", "alpha", 0.2),
+                         "blurpool": ("blurpool_mode", "mode", "blur-first")}
 
 
 # config.json keys read as numbers (the curve's budgets, the schedule figure's LR): checked when a run is read, so
@@ -63,7 +68,7 @@ class Run:
 
     @property
     def methods(self):
-        label = methods_label(self.config.get("methods", []))
+        label = methods_label(canonical_methods(self.config))
         return f"{label} ({self.variant})" if self.variant else label
 
     @property
@@ -145,6 +150,19 @@ class CurvePoint:
     def samples(self, value="acc"):
         """(seed, value) per run behind the point; value is 'acc', 'time' or 'cost'."""
         return list(zip(self.seeds, {"acc": self.accs, "time": self.times, "cost": self.costs}[value]))
+
+
+def canonical_methods(config):
+    """config.json's methods as canonical specs (sorted), also for runs made before the method API."""
+    if "method_options" in config or not isinstance(config.get("methods", []), list):
+        return config.get("methods", [])  # the API's own names (or no list: a reader refuses it by name)
+    out = []
+    for m in config.get("methods", []):
+        key, option, default = LEGACY_METHOD_OPTIONS.get(m, (None, None, None))
+        value = config.get(key, default) if key else default
+        out.append(m if value == default else f"{m}:{option}={value!r}" if isinstance(value, float)
+                   else f"{m}:{option}={value}")
+    return sorted(out)
 
 
 def methods_label(methods):

@@ -2,6 +2,7 @@
 
     python -m benchmarks.throughput [--batch-size 256] [--channels-last] [--amp auto] [--steps 60] [--json FILE]
                                     [--data-dir FASHION_MNIST_DIR] [--model NAME --model-kwargs K=V,...] [--opt adamw]
+                                    [--method SPEC ... --plugins FILE.py]   # e.g. --method sam, progressive_resizing
 
 In one process, on the same device (the GPU where there is one), with the same model, batch, precision and memory
 format:
@@ -10,7 +11,9 @@ format:
       from the images_per_s of its metrics.csv;
   (c) a conventional pipeline: torchvision's FashionMNIST with per-sample RandomCrop / Flip /
       ToTensor / Normalize through a DataLoader, feeding the same training step.
-Prints images/s, b/a and b/c, and achieved model FLOP/s for (a) and (b).
+Prints images/s, b/a and b/c, and achieved model FLOP/s for (a) and (b). Methods (train.py's --method and its
+aliases) run in all three; a duration-dependent one (progressive resizing) sweeps its whole budget over the timed
+steps of (a) and (c), and over the one-epoch run of (b), so each figure is its average over a budget.
 """
 import argparse
 import contextlib
@@ -25,21 +28,31 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import methods as method_registry
+import options
 import train
 from data import FASHION_MNIST_SYSTEM_DIR, STATS, build_data
-from methods import Objective, prepare_model
+from methods import Context
 from models import build_model, parse_model_kwargs
 
 
-def make_step(model, cfg, amp, device, optimizer_flags):
-    """One training step of train.py (its optimizer from train.py's own flags: --opt, --lr, --weight-decay)."""
-    flags = train.parse_args(optimizer_flags)
-    opt = train.build_optimizer(model, flags, None, None, train.decay_exclusions(flags, model))
+def make_step(model, methods, amp, device, optimizer_flags, steps):
+    """One training step of train.py (its optimizer from train.py's own flags: --opt, --lr, --weight-decay), with
+    the methods' hooks; the budget's progress goes round once every `steps` calls."""
+    flags = options.parse_args(optimizer_flags)
+    opt = methods.wrap_optimizer(train.build_optimizer(model, flags, None, None, train.decay_exclusions(flags, model)),
+                                 model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    objective = Objective(cfg, 10)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    return lambda x, y: train.train_step(model, opt, scaler, objective, autocast, x, y, 1, False, (0, 0))
+    calls = iter(range(10 ** 12))
+
+    def step(x, y):
+        i = next(calls)
+        ctx = Context(step=i, epoch=0.0, rank=0, world_size=1, seed=0, run_progress=(i % steps) / steps,
+                      cycle_progress=(i % steps) / steps, num_classes=10)
+        return train.train_step(model, opt, scaler, methods, autocast, x, y, 1, False, ctx)
+    return step
 
 
 class Watch(contextlib.AbstractContextManager):
@@ -106,13 +119,14 @@ def main(argv=None):
     p.add_argument("--model", default="small_resnet")
     p.add_argument("--model-kwargs", default="", help="as train.py's, e.g. img_size=28,patch_size=4,depth=6 for a ViT")
     p.add_argument("--opt", default="sgdw", help="as train.py's: sgdw | adamw | lamb | lion")
-    p.add_argument("--channels-last", action="store_true")
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"))
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST's IDX files (default: Debian's package)")
     p.add_argument("--steps", type=int, default=60, help="timed optimizer steps for each measurement")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for (c)")
     p.add_argument("--json", help="write the figures to this file")
+    method_registry.add_flags(p)  # train.py's --method, --plugins and the aliases (--channels-last, ...)
     a = p.parse_args(argv)
+    methods, _ = method_registry.selected(a)
     # all three measurements on the device train.py would use: the GPU where there is one
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -120,15 +134,15 @@ def main(argv=None):
         train.configure_device(device)
     amp = a.amp
     if amp == "auto":
-        amp = train.auto_precision(device)
+        amp = options.auto_precision(device)
     if amp == "fp16" and device.type == "cpu":
         p.error("--amp fp16 needs a CUDA device")
-    cfg = argparse.Namespace(blurpool=False, channels_last=a.channels_last, label_smoothing=0.0, mixup=0.0, seed=0)
     torch.manual_seed(0)
-    model = prepare_model(build_model(a.model, 10, 1, parse_model_kwargs(a.model_kwargs)), cfg).to(device)
+    model = build_model(a.model, 10, 1, {**parse_model_kwargs(a.model_kwargs), **methods.model_kwargs()}).to(device)
+    model = methods.apply_model(model)
     # the optimizer as train.py builds it; a small LR (AdamW, Lion: 1e-3) so that no run diverges mid-measurement
     optimizer_flags = ["--opt", a.opt, "--lr", "0.01" if a.opt == "sgdw" else "1e-3", "--weight-decay", "5e-5"]
-    step = make_step(model, cfg, amp, device, optimizer_flags)
+    step = make_step(model, methods, amp, device, optimizer_flags, a.steps)
 
     # (a) one fixed batch of real, augmented images: on this CPU the same step runs about 1.4x faster
     # on Fashion-MNIST than on randn inputs, so a random batch would understate the limit
@@ -142,8 +156,9 @@ def main(argv=None):
     # measured twice, alternating, and the better of each kept: this VM's speed drifts by 10-20 %.
     args = ["--data", "fashion-mnist", "--subset", str(a.batch_size * (a.steps + 5)), "--batch-size",
             str(a.batch_size), "--schedule", "standard", "--epochs", "1", "--warmup-epochs", "0.1", "--amp", amp,
-            "--model", a.model, "--model-kwargs", a.model_kwargs, "--no-progress"] + optimizer_flags + (
-            ["--channels-last"] if a.channels_last else []) + (["--data-dir", a.data_dir] if a.data_dir else [])
+            "--model", a.model, "--model-kwargs", a.model_kwargs, "--no-progress"] + optimizer_flags + [
+            f"--method={spec}" for spec in methods.specs] + [f"--plugins={f}" for f in a.plugin_files] + (
+            ["--data-dir", a.data_dir] if a.data_dir else [])
     b_img_s = 0.0
     for _ in range(2):
         with tempfile.TemporaryDirectory() as tmp:
@@ -177,12 +192,13 @@ def main(argv=None):
     out = dict(a_img_s=a_img_s, b_img_s=b_img_s, c_img_s=c_img_s, b_over_a=b_img_s / a_img_s,
                b_over_c=b_img_s / c_img_s,
                flops_per_image=flops, a_flop_s=a_img_s * flops, b_flop_s=b_img_s * flops, batch_size=a.batch_size,
-               model=a.model, model_kwargs=a.model_kwargs, opt=a.opt, amp=amp, channels_last=a.channels_last,
+               model=a.model, model_kwargs=a.model_kwargs, opt=a.opt, amp=amp, methods=methods.specs,
+               channels_last="channels_last" in methods.specs,
                threads=torch.get_num_threads(),
-               device=train.hardware_name(device), device_type=device.type,
+               device=options.hardware_name(device), device_type=device.type,
                dataloader_workers=a.workers, ran=ran)
-    print(f"{train.hardware_name(device)} ({device.type}): model {a.model}, batch {a.batch_size}, amp {amp}, "
-          f"channels_last {a.channels_last}, "
+    print(f"{options.hardware_name(device)} ({device.type}): model {a.model}, batch {a.batch_size}, amp {amp}, "
+          f"methods {', '.join(methods.specs) or 'none'}, "
           f"{torch.get_num_threads()} threads; {flops / 1e6:.1f} MFLOP per training image")
     print(f"(a) compute limit, fixed resident batch: {a_img_s:8.0f} img/s  {out['a_flop_s'] / 1e9:6.1f} GFLOP/s")
     print(f"(b) train.py loop on Fashion-MNIST:      {b_img_s:8.0f} img/s  {out['b_flop_s'] / 1e9:6.1f} GFLOP/s")

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,6 +32,55 @@ def run_train(args, env=None, torchrun=0, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def step_context(step=0, rank=0, world_size=1, num_classes=10):
+    """The methods' Context of one step, as train.py makes it (progress 0)."""
+    from methods import Context
+    return Context(step=step, epoch=0.0, rank=rank, world_size=world_size, seed=0, run_progress=0.0,
+                   cycle_progress=0.0, num_classes=num_classes)
+
+
+ONE_STEP = """import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train
+from methods import Context, MethodList, build
+rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+if world > 1:
+    dist.init_process_group("gloo")
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+opt = torch.optim.SGD(net.parameters(), lr=1.0)  # one plain step: the change is the gradient the step used
+before = [p.detach().clone() for p in net.parameters()]
+g = torch.Generator().manual_seed(1)
+x, y = 50 * torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 4, (8,), generator=g)
+share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+ctx = Context(step=0, epoch=0.0, rank=rank, world_size=world, seed=0, run_progress=0.0, cycle_progress=0.0,
+              num_classes=4)
+scaler, autocast = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
+train.train_step(model, opt, scaler, MethodList([build(m) for m in {methods!r}]), autocast, x[share], y[share], 2,
+                 world > 1, ctx, clip_grad={clip})
+step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, net.parameters())])
+if rank == 0:
+    torch.save(step, {out!r})
+if world > 1:  # a clean gloo shutdown: without it a rank can abort at exit ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def one_step_change(tmp_path, world, clip=0.0, methods=()):
+    """The weights' change in one train_step (plain SGD, lr 1, 2 micro-steps, `methods` on) of a tiny linear model
+    on 8 large-valued images: in one process, or shared by `world` gloo ranks under torchrun."""
+    name = f"step{world}-{clip}-{'+'.join(methods)}"
+    out, script = str(tmp_path / f"{name}.pt"), tmp_path / f"{name}.py"
+    script.write_text(ONE_STEP.format(root=ROOT, clip=clip, methods=list(methods), out=out))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
+    p = subprocess.run([sys.executable] + launcher + [str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return torch.load(out)
 
 
 @pytest.fixture

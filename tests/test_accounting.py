@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import options
 import schedules
 from conftest import TINY, run_train
 
@@ -117,11 +118,12 @@ def test_training_time_counts_training_steps_only(in_process, monkeypatch, tmp_p
 
 # ---- resume refuses every result-defining option ---------------------------------------------
 
-# Written out here, not read from train.py: a key dropped from train.RESULT_KEYS must fail this test.
+# Written out here, not read from options.py: a key dropped from options.RESULT_KEYS must fail this test. The
+# methods' options are in `methods` (canonical specs, e.g. label_smoothing:eps=0.2); `plugins` hashes plug-in files.
 RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "model_kwargs", "schedule", "epochs", "warmup_epochs", "t0",
                "t_mult", "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov",
-               "weight_decay", "amp", "methods", "label_smoothing", "mixup", "seed", "compile", "cycle_decay",
-               "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "blurpool_mode", "family_t0",
+               "weight_decay", "amp", "methods", "plugins", "seed", "compile", "cycle_decay",
+               "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "family_t0",
                "family_t_mult", "eval_every", "tf32", "deterministic", "device_name", "cooldown_version", "opt",
                "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
 
@@ -180,8 +182,8 @@ def edited_copy(finished, tmp_path, edit):
 
 
 def decide(train, run, *flags):
-    args = train.parse_args(TINY + ["--run-dir", run, "--cycles", "1", "--eval-every", "0", "--resume", *flags])
-    return train.resume_decision(args, train.resolve(args, 1, torch.device("cpu")), True)
+    args = options.parse_args(TINY + ["--run-dir", run, "--cycles", "1", "--eval-every", "0", "--resume", *flags])
+    return train.resume_decision(args, options.resolve(args, 1, torch.device("cpu"))[0], True)
 
 
 def test_a_finished_run_made_on_another_host_is_not_refused(in_process, finished, tmp_path, capsys):

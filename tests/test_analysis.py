@@ -258,8 +258,9 @@ def test_method_strengths_are_separate_method_sets(tmp_path):
     out = tmp_path / "out"
     compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
     gaps = read_csv(out / "gaps.csv")
-    assert list(gaps) == ["baseline", "mixup (mixup=0.2)", "mixup (mixup=0.4)"]
-    assert float(gaps["mixup (mixup=0.4)"]["mean_gap_pp"]) == 0 and gaps["baseline"]["group"] == ""
+    # runs from before the method API: a non-default strength is in the name, as the API writes it
+    assert list(gaps) == ["baseline", "mixup", "mixup:alpha=0.4"]
+    assert float(gaps["mixup:alpha=0.4"]["mean_gap_pp"]) == 0 and gaps["baseline"]["group"] == ""
 
 
 @pytest.mark.parametrize("file,content,message", [
@@ -460,7 +461,7 @@ def test_a_time_ratio_interval_never_reaches_below_zero(tmp_path):
 # Written out here, not read from analysis/runs.py: a key dropped from its list must fail this test.
 ANALYSIS_RESULT_KEYS = ("dataset", "model", "model_kwargs", "subset", "lr", "batch_size", "grad_accum",
                         "warmup_epochs", "eta_min", "amp", "momentum", "nesterov", "weight_decay", "world_size",
-                        "device", "compile", "eval_every", "tf32", "device_name")
+                        "device", "compile", "eval_every", "tf32", "device_name", "plugins")
 
 
 @pytest.mark.parametrize("key", ANALYSIS_RESULT_KEYS)
@@ -515,3 +516,27 @@ def test_runs_on_two_kinds_of_hardware_are_two_groups_unless_pooled_and_then_it_
     said = "ran on 2 kinds of hardware (AMD EPYC 9454; Intel Xeon Platinum 8480+): accuracies are pooled"
     assert said in capsys.readouterr().out and said in (out / "report.md").read_text()
     assert read_csv(out / "gaps.csv")["baseline"]["n_seeds"] == "2"  # the accuracies pooled, as it says
+
+
+def test_the_cheap_benchmark_cyclic_runs_only_reports_each_methods_improvement_with_its_ci(tmp_path):
+    """launch.sh sweep --no-standard: no standard run at all; the report still gives each method set's improvement
+    over the baseline per budget with a CI over seeds (a plug-in's spec as its name), in a table and fig4."""
+    for seed, noise in zip((0, 1, 2, 3), (0.1, -0.2, 0.0, 0.15)):
+        base = [80 + noise, 85 - noise, 90 + noise]
+        write_run(tmp_path, f"base_s{seed}", "cyclic", [], cyclic_rows(base, [2, 4, 8]), seed)
+        write_run(tmp_path, f"mine_s{seed}", "cyclic", ["my_aug:p=0.5"],
+                  cyclic_rows([a + 1 + noise / 2 for a in base], [2, 4, 8]), seed, method_options={})
+        write_run(tmp_path, f"null_s{seed}", "cyclic", ["ema"],
+                  cyclic_rows([a + (-1) ** seed * 0.5 for a in base], [2, 4, 8]), seed, method_options={})
+    out = tmp_path / "rep"
+    report.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    imp = {(r["methods"], float(r["budget"])): r for r in read_rows(out / "improvement.csv")}
+    assert set(imp) == {(m, b) for m in ("my_aug:p=0.5", "ema") for b in (2, 4, 8)}
+    for b in (2, 4, 8):
+        mine, null = imp[("my_aug:p=0.5", b)], imp[("ema", b)]
+        assert float(mine["lo"]) > 0 and float(mine["improvement_pp"]) == pytest.approx(1.0, abs=0.05)
+        assert float(null["lo"]) < 0 < float(null["hi"]) and float(null["improvement_pp"]) == pytest.approx(0)
+    md = (out / "report.md").read_text()
+    assert "## Improvement over the baseline, per budget" in md and "## Gaps (cyclic - standard)" not in md
+    assert "| my_aug:p=0.5 | cyclic | 8 | +1.0" in md and "| ema | cyclic | 8 | +0.00" in md
+    assert (out / "fig4_improvement.png").exists()

@@ -2,7 +2,6 @@
 --compile. Skipped without a GPU; `./launch.sh gpu-check` runs them on one."""
 import csv
 import json
-import os
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ENV, ROOT, TINY, run_train
+from conftest import ENV, ROOT, TINY
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_amp_auto_on_a_gpu_takes_bf16_only_where_it_is_native(in_process, monkey
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     args = in_process.parse_args(TINY)
-    assert in_process.resolve(args, 1, torch.device("cuda", 0)).amp == expected
+    assert in_process.resolve(args, 1, torch.device("cuda", 0))[0].amp == expected
 
 
 def test_the_arithmetic_and_hardware_are_recorded(in_process, tmp_path):
@@ -119,7 +119,8 @@ for r in ([rank] if ddp else range(2)):  # one process: each of the two ranks' s
     torch.manual_seed(0)
     model = build_model("small_resnet", 10, 3)
     loader = data.train_loader(64, r, 2, 0)
-    plain = train.Objective(train.parse_args([]), 10)
+    from methods import MethodList
+    plain = MethodList([])
     train.recompute_bn(model, loader, 9, plain, torch.autocast("cpu", enabled=False), ddp=ddp, batches_used=2)
     stats.append(torch.cat([b for n, b in model.state_dict().items() if "running" in n]))
 if rank == 0:

@@ -1,7 +1,6 @@
-"""Each method really changes the model or the batch, alone and in every combination."""
+"""The paper's four methods really change the model or the batch, alone and in every combination."""
 import copy
 import itertools
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,15 +9,21 @@ import torch.nn.functional as F
 from timm.layers import BlurPool2d
 from torch.utils.flop_counter import FlopCounterMode
 
-from methods import METHOD_NAMES, Objective, prepare_model, selected_methods
+from methods import Context, MethodList, build
 from methods.blurpool import apply_blurpool, blurred_layers
 from models import build_model
+from options import parse_args
+
+PAPER_METHODS = ("blurpool", "channels_last", "label_smoothing", "mixup")
 
 
-def cfg(**kw):
-    base = dict(blurpool=False, blurpool_mode="blur-first", channels_last=False, label_smoothing=0.0, mixup=0.0, seed=0)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def method_list(*specs):
+    return MethodList([build(s) for s in specs])
+
+
+def ctx(step=0, num_classes=10, micro=0):
+    return Context(step=step, epoch=0.0, rank=0, world_size=1, seed=0, run_progress=0.0, cycle_progress=0.0,
+                   num_classes=num_classes, micro=micro)
 
 
 def max_stride(m):
@@ -91,7 +96,7 @@ def forward_flops(model, shape):
 @pytest.mark.parametrize("name,shape", [("small_resnet", (1, 1, 28, 28)), ("resnet50", (1, 3, 224, 224))])
 def test_blurpool_flops(name, shape):
     plain = forward_flops(build_model(name, 10, shape[1]), shape)
-    blur_first = prepare_model(build_model(name, 10, shape[1]), cfg(blurpool=True))
+    blur_first = method_list("blurpool").apply_model(build_model(name, 10, shape[1]))
     # the depthwise 3x3 blurs are counted: 2 * 9 FLOPs per output element
     blur_outputs = []
     for m in blur_first.modules():
@@ -99,22 +104,23 @@ def test_blurpool_flops(name, shape):
             m.register_forward_hook(lambda m, args, out: blur_outputs.append(out.numel()))
     with_blur = forward_flops(blur_first, shape)
     assert len(blur_outputs) == len(blurred_layers(blur_first)) > 0
-    conv_first = prepare_model(build_model(name, 10, shape[1]), cfg(blurpool=True, blurpool_mode="conv-first"))
+    conv_first = method_list("blurpool:mode=conv-first").apply_model(build_model(name, 10, shape[1]))
     assert 1.0 < with_blur / plain <= 1.10
     assert with_blur - plain == 2 * 9 * sum(blur_outputs)  # the blur-first convs cost exactly what they did
     assert forward_flops(conv_first, shape) / plain > 1.4
 
 
 def test_channels_last_model_and_batches():
-    model = prepare_model(build_model("small_resnet", 10, 1), cfg(channels_last=True))
+    model = method_list("channels_last").apply_model(build_model("small_resnet", 10, 1))
     # 4-D weights whose two layouts differ (else both layouts coincide and the check is void)
     four_d = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
     assert four_d and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in four_d)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     for ls, mx in itertools.product([0.0, 0.1], [0.0, 0.2]):  # the layout survives the soft-target methods
         for channels_last in (False, True):
-            obj = Objective(cfg(channels_last=channels_last, label_smoothing=ls, mixup=mx), 10)
-            xc, yc = obj.prepare(x.clone(), y, (0, 0, 0))
+            obj = method_list(*["channels_last"] * channels_last, *[f"label_smoothing:eps={ls}"] * (ls > 0),
+                              *[f"mixup:alpha={mx}"] * (mx > 0))
+            xc, yc = obj.transform_batch(x.clone(), y, ctx())
             assert xc.is_contiguous(memory_format=torch.channels_last) is channels_last
             assert xc.is_contiguous() is not channels_last
             if not (ls or mx):
@@ -123,10 +129,9 @@ def test_channels_last_model_and_batches():
 
 def test_label_smoothing_targets_and_loss():
     eps, C = 0.1, 10
-    obj = Objective(cfg(label_smoothing=eps), C)
-    assert (obj.label_smoothing, obj.mixup_alpha) == (eps, 0.0)
+    obj = method_list(f"label_smoothing:eps={eps}")
     x, y = torch.randn(6, 3, 4, 4), torch.randint(0, C, (6,))
-    xp, t = obj.prepare(x, y, (0, 0, 0))
+    xp, t = obj.transform_batch(x, y, ctx(num_classes=C))
     assert torch.equal(xp, x)
     on, off = 1 - eps + eps / C, eps / C
     expected = torch.full((6, C), off)
@@ -134,8 +139,8 @@ def test_label_smoothing_targets_and_loss():
     torch.testing.assert_close(t, expected)
     logits = torch.randn(6, C)
     hand = -(expected * torch.log_softmax(logits, 1)).sum(1).mean()
-    torch.testing.assert_close(obj.loss(logits, t), hand)
-    assert not torch.isclose(obj.loss(logits, t), nn.functional.cross_entropy(logits, y))
+    torch.testing.assert_close(obj.loss(logits, t, ctx()), hand)
+    assert not torch.isclose(obj.loss(logits, t, ctx()), nn.functional.cross_entropy(logits, y))
 
 
 def one_hot(y, C):
@@ -151,14 +156,13 @@ def mixing_weight(x, xm):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_mixup_batch_and_targets_are_the_same_convex_combination(eps):
     C = 10
-    obj = Objective(cfg(mixup=0.2, label_smoothing=eps), C)
-    assert (obj.mixup_alpha, obj.label_smoothing) == (0.2, eps)
+    obj = method_list("mixup", *[f"label_smoothing:eps={eps}"] * (eps > 0))
     torch.manual_seed(1)
     x, y = torch.randn(8, 3, 4, 4), torch.arange(8) % C
     smooth = one_hot(y, C) * (1 - eps) + eps / C
     lams = []
     for step in range(200):
-        xm, t = obj.prepare(x.clone(), y, (step, 0, 0))
+        xm, t = obj.transform_batch(x.clone(), y, ctx(step, C))
         lam = mixing_weight(x, xm)
         torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(t, lam * smooth + (1 - lam) * smooth.flip(0), rtol=1e-5, atol=1e-5)
@@ -168,29 +172,31 @@ def test_mixup_batch_and_targets_are_the_same_convex_combination(eps):
     assert ((lams >= 0) & (lams <= 1)).all()
     assert abs(lams.mean() - 0.5) < 0.1 and abs(lams.std() - 0.423) < 0.03
     # lambda depends on the draw key only: the same key draws the same, another key another
-    xm5, _ = obj.prepare(x.clone(), y, (5, 0, 0))
-    xm6, _ = obj.prepare(x.clone(), y, (6, 0, 0))
+    xm5, _ = obj.transform_batch(x.clone(), y, ctx(5, C))
+    xm6, _ = obj.transform_batch(x.clone(), y, ctx(6, C))
     assert mixing_weight(x, xm5) == pytest.approx(lams[5].item()) and not torch.allclose(xm5, xm6)
 
 
-ALL_SETS = [combo for r in range(5) for combo in itertools.combinations(METHOD_NAMES, r)]
+ALL_SETS = [combo for r in range(5) for combo in itertools.combinations(PAPER_METHODS, r)]
+ALIASES = {"blurpool": "--blurpool", "channels_last": "--channels-last", "label_smoothing": "--label-smoothing",
+           "mixup": "--mixup"}
 
 
 @pytest.mark.parametrize("name,in_chans,size", [("small_resnet", 1, 28), ("resnet18", 3, 32)])
 def test_all_sixteen_method_sets_train(name, in_chans, size):
     from timm.optim import SGDW
 
+    from methods import selected
     from train import train_step
     assert len(ALL_SETS) == 16
     losses = {}
     torch.manual_seed(1)
     x, y = torch.randn(4, in_chans, size, size), torch.randint(0, 10, (4,))
     for combo in ALL_SETS:
-        c = cfg(blurpool="blurpool" in combo, channels_last="channels_last" in combo,
-                label_smoothing=0.1 if "label_smoothing" in combo else 0.0, mixup=0.2 if "mixup" in combo else 0.0)
-        assert selected_methods(c) == sorted(combo)
+        c, _ = selected(parse_args([ALIASES[m] for m in combo]))  # the old flags name the canonical methods
+        assert c.specs == sorted(combo)
         torch.manual_seed(0)
-        model = prepare_model(build_model(name, 10, in_chans), c)
+        model = c.apply_model(build_model(name, 10, in_chans))
         # each method is really on, and only where asked: blurred layers, weights' memory format
         assert bool(blurred_layers(model)) == ("blurpool" in combo), combo
         conv = next(m for m in model.modules()
@@ -198,8 +204,8 @@ def test_all_sixteen_method_sets_train(name, in_chans, size):
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) == ("channels_last" in combo), combo
         before = [p.detach().clone() for p in model.parameters()]
         opt = SGDW(model.parameters(), lr=0.1, momentum=0.9)
-        loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), Objective(c, 10),
-                          torch.autocast("cpu", enabled=False), x.clone(), y, 2, False, (0, 0))
+        loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), c,
+                          torch.autocast("cpu", enabled=False), x.clone(), y, 2, False, ctx())
         assert torch.isfinite(loss), combo
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), combo
         losses[combo] = loss.item()

@@ -1,7 +1,6 @@
 """Optimizers from timm (--opt), weight-decay parameter groups, gradient clipping, methods that do not fit the
 model, and a tiny ViT through the whole pipeline."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from timm.optim import SGDW
 
-from conftest import ENV, ROOT, TINY, run_train
+from conftest import ENV, ROOT, TINY, one_step_change, run_train
 
 VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
        "img_size=32,patch_size=8,depth=2,embed_dim=64,num_heads=2", "--opt", "adamw", "--lr", "1e-3", "--weight-decay",
@@ -17,8 +16,9 @@ VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
 
 
 def build(argv, model):
+    import options
     import train
-    args = train.parse_args(argv)
+    args = options.parse_args(argv)
     return train.build_optimizer(model, args, None, None, train.decay_exclusions(args, model))
 
 
@@ -74,45 +74,11 @@ def test_opt_sgdw_is_the_sgdw_of_before_step_for_step():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-CLIP = """import os, sys, torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-import train
-rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-if world > 1:
-    dist.init_process_group("gloo")
-torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
-model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-opt = torch.optim.SGD(net.parameters(), lr=1.0)  # one plain step: the change is the clipped gradient
-before = [p.detach().clone() for p in net.parameters()]
-g = torch.Generator().manual_seed(1)
-x, y = 50 * torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 4, (8,), generator=g)
-share = slice(rank * 8 // world, (rank + 1) * 8 // world)
-objective = train.Objective(train.parse_args([]), 4)
-scaler, autocast = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
-train.train_step(model, opt, scaler, objective, autocast, x[share], y[share], 2, world > 1, (0, rank), clip_grad={clip})
-step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, net.parameters())])
-if rank == 0:
-    torch.save(step, {out!r})
-if world > 1:  # a clean gloo shutdown: without it a rank can abort at exit ("terminate called ...")
-    dist.barrier()
-    dist.destroy_process_group()
-"""
-
-
 def test_clipping_bounds_the_global_norm_of_the_all_reduced_accumulated_gradient(tmp_path):
     """2 gloo ranks x 2 micro-steps against one process on the whole batch: the same step, of norm exactly
     --clip-grad (the raw gradient is far larger), so the norm was taken over the all-reduced, whole gradient."""
-    steps = {}
-    for world, clip in ((1, 0.0), (1, 0.5), (2, 0.5)):
-        out = str(tmp_path / f"step{world}-{clip}.pt")
-        script = tmp_path / f"clip{world}-{clip}.py"
-        script.write_text(CLIP.format(root=ROOT, clip=clip, out=out))
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if world > 1 else []
-        p = subprocess.run([sys.executable] + launcher + [str(script)], cwd=ROOT, env=ENV, capture_output=True,
-                           text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-        steps[(world, clip)] = torch.load(out)
+    steps = {(world, clip): one_step_change(tmp_path, world, clip=clip) for world, clip in ((1, 0.0), (1, 0.5),
+                                                                                             (2, 0.5))}
     raw = steps[(1, 0.0)]
     assert raw.norm() > 5  # unclipped: far above the bound
     assert steps[(1, 0.5)].norm().item() == pytest.approx(0.5, rel=1e-5)
@@ -127,7 +93,7 @@ def test_a_tiny_vit_trains_both_curves_and_a_method_that_does_not_fit_says_so(tm
     cyc = run_train(common + ["--run-dir", str(tmp_path / "vit" / "cyclic")])
     for e in ("2", "4"):
         run_train(common + ["--schedule", "standard", "--epochs", e, "--run-dir", str(tmp_path / "vit" / f"std{e}")])
-    assert "warning: blurpool changed nothing in vit_tiny_patch16_224" in cyc.stdout
+    assert "warning: method blurpool changed nothing in vit_tiny_patch16_224" in cyc.stdout
     config = json.loads((tmp_path / "vit" / "cyclic" / "config.json").read_text())
     assert config["methods_without_effect"] == ["blurpool"] and config["decay_excluded"] is True
     assert config["opt"] == "adamw" and config["clip_grad"] == 1.0
@@ -144,10 +110,11 @@ def test_schedule_free_takes_its_variant_and_spares_what_the_others_spare(opt):
     token too); AdamW's decay per step at its peak LR is --weight-decay, as for every --opt."""
     import schedulefree
 
+    import options
     import train
     flags = ["--schedule", "schedule-free", "--opt", opt] + (["--opt-betas", "0.9", "0.95"] * (opt == "adamw"))
-    args = train.parse_args(flags)
-    setup = train.resolve(args, 1, torch.device("cpu"))
+    args = options.parse_args(flags)
+    setup, _ = options.resolve(args, 1, torch.device("cpu"))
     vit = small_vit()
     optimizer = train.build_optimizer(vit, args, setup, type("P", (), {"warmup_steps": 5})(), exclusions=True)
     cls = schedulefree.AdamWScheduleFree if opt == "adamw" else schedulefree.SGDScheduleFree

@@ -24,25 +24,24 @@ def ckpt_step(run, name="last.pt"):
 # ---- NaN ---------------------------------------------------------------------------------------
 
 def test_a_skipped_step_leaves_no_trace_in_weights_or_batchnorm():
-    from methods import Objective
+    from conftest import step_context
+    from methods import MethodList
     from models import build_model
     from timm.optim import SGDW
     from train import train_step
-    from types import SimpleNamespace
     torch.manual_seed(0)
     model = build_model("small_resnet", 10, 1)
     opt = SGDW(model.parameters(), lr=0.1, momentum=0.9)
-    cfg = SimpleNamespace(channels_last=False, label_smoothing=0.0, mixup=0.0, seed=0, blurpool=False)
-    args = (opt, torch.amp.GradScaler("cpu", enabled=False), Objective(cfg, 10), torch.autocast("cpu", enabled=False))
+    args = (opt, torch.amp.GradScaler("cpu", enabled=False), MethodList([]), torch.autocast("cpu", enabled=False))
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    train_step(model, *args, x, y, 1, False, (0, 0), check_finite=True)  # one good step: momentum exists
+    train_step(model, *args, x, y, 1, False, step_context(0), check_finite=True)  # one good step: momentum exists
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x[3, 0, 5, 5] = float("nan")
-    assert train_step(model, *args, x, y, 2, False, (1, 0), check_finite=True) is None
+    assert train_step(model, *args, x, y, 2, False, step_context(1), check_finite=True) is None
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k],
                                                                                                         after[k])]
-    assert train_step(model, *args, x.nan_to_num(), y, 1, False, (2, 0), check_finite=True) is not None
+    assert train_step(model, *args, x.nan_to_num(), y, 1, False, step_context(2), check_finite=True) is not None
 
 
 def test_first_bad_step_is_reported_and_the_checkpoint_before_it_kept(tmp_path, monkeypatch, capsys):
@@ -53,7 +52,7 @@ def test_first_bad_step_is_reported_and_the_checkpoint_before_it_kept(tmp_path, 
 
     def poisoned(*a, **k):
         loss = real(*a, **k)
-        return loss * float("nan") if a[9][0] in (10, 12) else loss
+        return loss * float("nan") if a[9].step in (10, 12) else loss
     monkeypatch.setattr(train, "train_step", poisoned)
     monkeypatch.delenv("RANK", raising=False)
     run = str(tmp_path / "run")
@@ -89,7 +88,7 @@ def test_a_row_after_only_skipped_steps_has_no_train_loss(tmp_path, monkeypatch)
     real = train.train_step
 
     def poisoned(model, optimizer, scaler, objective, autocast, x, y, *rest, **k):
-        if 8 <= rest[2][0] < 16:
+        if 8 <= rest[2].step < 16:
             x = x * float("nan")
         return real(model, optimizer, scaler, objective, autocast, x, y, *rest, **k)
     monkeypatch.setattr(train, "train_step", poisoned)

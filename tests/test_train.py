@@ -69,23 +69,24 @@ def test_torchrun_two_processes_match_single_process_evaluation(tmp_path):
     # evaluate the saved weights in this single process: the sharded, reduced accuracy is exact
     from data import build_data
     from models import build_model
+    from methods import MethodList
     from train import evaluate
     data = build_data("synthetic", None, torch.device("cpu"), subset=256)
     model = build_model("small_resnet", data.num_classes, data.in_chans)
     model.load_state_dict(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
-    val = evaluate(model, data, 0, 1, 100, torch.autocast("cpu", enabled=False), False, False)
+    val = evaluate(model, data, 0, 1, 100, torch.autocast("cpu", enabled=False), MethodList([]), False)
     assert float(rows[-1]["val_acc1"]) == pytest.approx(val["acc1"], abs=1e-4)
     assert float(rows[-1]["val_loss"]) == pytest.approx(val["loss"], rel=1e-4)
 
 
 def test_gradient_accumulation_equals_full_batch():
-    from methods import Objective
+    from conftest import step_context
+    from methods import MethodList
     from train import train_step
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                               torch.nn.Linear(8 * 6 * 6, 10))
     x, y = torch.randn(24, 3, 8, 8), torch.randint(0, 10, (24,))
-    cfg = type("Cfg", (), dict(channels_last=False, label_smoothing=0.0, mixup=0.0, seed=0, blurpool=False))()
     results = []
     for k in (1, 4):
         model = copy.deepcopy(net)
@@ -93,8 +94,8 @@ def test_gradient_accumulation_equals_full_batch():
         opt = SGDW(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for _ in range(2):
-            loss = train_step(model, opt, scaler, Objective(cfg, 10), torch.autocast("cpu", enabled=False), x, y, k,
-                              False, (0, 0))
+            loss = train_step(model, opt, scaler, MethodList([]), torch.autocast("cpu", enabled=False), x, y, k,
+                              False, step_context(0))
         results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
@@ -122,7 +123,20 @@ BAD = [
     (["--t0", "0"], "--t0"),
     (["--schedule", "constant", "--t-mult", "2"], "--t-mult"),
     (["--label-smoothing", "1.5"], "--label-smoothing"),
-    (["--mixup", "0.2", "--batch-size", "6", "--grad-accum", "2"], "--mixup"),
+    (["--mixup", "0.2", "--batch-size", "6", "--grad-accum", "2"], "mixup needs an even micro-batch"),
+    # the method API: names, options, values, combinations, plug-in files
+    (["--method", "mixupp"], "unknown method 'mixupp'"),
+    (["--method", "sam:rhoo=0.1"], "--method sam: unknown option 'rhoo'"),
+    (["--method", "sam:rho=abc"], "--method sam: rho=abc must be a finite number"),
+    (["--method", "sam:rho=-1"], "--method sam: rho must be > 0"),
+    (["--method", "ema:warmup=maybe"], "--method ema: warmup=maybe must be true or false"),
+    (["--method", "mixup", "--method", "cutmix"], "cannot be combined"),
+    (["--mixup", "0.4", "--method", "mixup"], "--method mixup is given twice"),
+    (["--method", "stochastic_depth", "--model-kwargs", "drop_path_rate=0.2"], "--model-kwargs drop_path_rate"),
+    (["--method", "ema", "--schedule", "schedule-free"], "--method ema: schedule-free"),
+    (["--plugins", "/nonexistent/plugin.py"], "--plugins: no file"),
+    (["--method", "progressive_resizing", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+      "img_size=32,patch_size=8,depth=1,embed_dim=32,num_heads=2"], "--method progressive_resizing"),
     (["--model", "no_such_net"], "--model"),
     (["--resume"], "--resume"),
     (["--resume", "--overwrite"], "--resume"),
@@ -196,7 +210,7 @@ def test_two_ranks_with_accumulation_equal_one_process(tmp_path):
 def test_bare_method_flags_take_their_documented_values(tmp_path):
     run = tmp_path / "run"
     p = run_train(TINY + ["--run-dir", str(run), "--label-smoothing", "--mixup", "--cycles", "1"])
-    assert "label smoothing eps 0.1, mixup alpha 0.2" in p.stdout
+    assert "methods label_smoothing, mixup;" in p.stdout
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["label_smoothing"] == 0.1 and cfg["mixup"] == 0.2 and cfg["methods"] == ["label_smoothing", "mixup"]
 
@@ -205,8 +219,9 @@ def test_bare_method_flags_take_their_documented_values(tmp_path):
 def test_sgdw_decays_by_wd_times_lr_over_peak(opt):
     """Decoupled weight decay, the same for every --opt: with zero gradient one step at LR l scales weights by
     1 - wd * l / peak (torch's AdamW weight_decay = --weight-decay / --lr)."""
+    import options
     import train
-    args = train.parse_args(["--lr", "0.4", "--weight-decay", "0.05", "--opt", opt])
+    args = options.parse_args(["--lr", "0.4", "--weight-decay", "0.05", "--opt", opt])
     model = torch.nn.Module()
     model.p = p = torch.nn.Parameter(torch.full((3,), 2.0))
     opt = train.build_optimizer(model, args, None, None, exclusions=False)

@@ -1,0 +1,307 @@
+"""train.py's options: the flags, their checks, what they imply (Setup), and the options that define a result.
+
+Every check fails with one line naming the flag and the fix, before anything is written. Methods add their own
+flags (methods.add_flags) and check their own options (methods/api.py: Method.check)."""
+import argparse
+import math
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+import methods as methods_registry
+import schedules
+from data import DATASETS
+from methods import MethodError
+from models import SMALL_RESNET, parse_model_kwargs
+
+# Options that define the result: a resume with any of them changed is refused. eval_every: the rows --metric max
+# takes its peak from; tf32 and deterministic: the GPU's arithmetic; device_name: the speed of train_time_s;
+# cooldown_version: wsd's cooldown formula (2: its last step at eta_min; runs without the key used 1); methods:
+# canonical specs with their non-default options; plugins: the hash of each plug-in method's file.
+RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
+               "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
+               "amp", "methods", "plugins", "seed", "compile", "cycle_decay", "cooldown_frac", "cooldown_shape",
+               "sf_lr", "sf_warmup_epochs", "family_t0", "family_t_mult",
+               "eval_every", "model_kwargs", "tf32", "deterministic", "device_name", "cooldown_version", "opt",
+               "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
+
+
+# --opt: timm's optimizers that take momentum (sgdw) or betas (the others); weight decay is decoupled in all four
+OPTIMIZERS = ("sgdw", "adamw", "lamb", "lion")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", dest="dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)}")
+    g.add_argument("--data-dir", default=None, help="dataset folder (default for fashion-mnist: Debian's package)")
+    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data-dir")
+    g.add_argument("--subset", type=int, default=0, help="train on N images only (0: all)")
+    g.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank (imagenet)")
+    g.add_argument("--model", default=SMALL_RESNET, help=f"{SMALL_RESNET} or any timm model name")
+    g.add_argument("--model-kwargs", default="", metavar="K=V,...",
+                   help="options for timm.create_model, e.g. drop_rate=0.1,drop_path_rate=0.1,img_size=32")
+    g = p.add_argument_group("schedule (periods in epochs, applied per optimizer step)")
+    g.add_argument("--schedule", default="cyclic", help=" | ".join(schedules.SCHEDULES))
+    g.add_argument("--epochs", type=float, default=None, help="total epochs (all but standard: must end a cycle)")
+    g.add_argument("--cycles", type=int, default=None, help="number of cycles (budgets), instead of --epochs (3)")
+    g.add_argument("--warmup-epochs", type=float, default=0.5)
+    g.add_argument("--t0", type=float, default=0.5, help="first cycle's period")
+    g.add_argument("--t-mult", type=int, default=None, help="period multiplier (default 2; constant: 1)")
+    g.add_argument("--eta-min", type=float, default=0.0)
+    g.add_argument("--cycle-decay", type=float, default=0.7, metavar="GAMMA",
+                   help="cyclic-decay: peak of cycle i is lr * GAMMA^i")
+    g.add_argument("--cooldown-frac", type=float, default=0.2, metavar="F",
+                   help="wsd: each budget T's cooldown branch starts at (1 - F) T")
+    g.add_argument("--cooldown-shape", default="1-sqrt", help="wsd: 1-sqrt | linear")
+    g.add_argument("--sf-lr", type=float, default=None, help="schedule-free: its LR (default 5 x --lr)")
+    g.add_argument("--sf-warmup-epochs", type=float, default=None,
+                   help="schedule-free: its linear warmup (default --warmup-epochs)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--opt", default="sgdw", help=f"optimizer from timm: {' | '.join(OPTIMIZERS)}")
+    g.add_argument("--opt-betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="adamw, lamb, lion: betas (default: the optimizer's own)")
+    g.add_argument("--opt-eps", type=float, default=None, help="adamw, lamb: epsilon (default: the optimizer's own)")
+    g.add_argument("--decay-exclusions", default="auto", help="auto | on | off: no weight decay on biases and "
+                   "normalisation weights (timm's convention); auto: on iff the model has no BatchNorm (ViTs, also "
+                   "ConvNeXt, NFNets); off for BatchNorm models, as all runs before the flag")
+    g.add_argument("--clip-grad", type=float, default=0.0, metavar="NORM",
+                   help="clip the global gradient norm to NORM (after fp16 unscaling, on the all-reduced gradient); "
+                        "0: off")
+    g.add_argument("--lr", type=float, default=0.4, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled: per-step decay is wd * lr / peak lr")
+    g.add_argument("--amp", default="auto", help="auto | none | bf16 | fp16")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--deterministic", action="store_true",
+                   help="GPU: no TF32, no cudnn autotuning, deterministic kernels (slower; bitwise-exact resume)")
+    g.add_argument("--seed", type=int, default=0)
+    methods_registry.add_flags(p)
+    g = p.add_argument_group("run directory and logging")
+    g.add_argument("--run-dir", default=None,
+                   help="default: runs/<dataset>_<model>_<schedule>-e<epochs>_<methods>_s<seed>")
+    g.add_argument("--resume", nargs="?", const="must", default=None, metavar="auto",
+                   help="continue the run in --run-dir; 'auto' starts fresh when there is no checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    g.add_argument("--eval-every", type=float, default=None,
+                   help="epochs between extra evaluations (default: 1 for resident datasets, else curve points only)")
+    g.add_argument("--checkpoint-every", type=float, default=30.0, metavar="MINUTES",
+                   help="also checkpoint (and check for non-finite loss) this often between evaluations; 0: never")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--allow-device-change", action="store_true",
+                   help="resume on another GPU or CPU model (its train_time_s then mixes two speeds)")
+    g.add_argument("--no-lock", action="store_true",
+                   help="no lock on --run-dir (for file systems without flock); nothing then stops a second writer")
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N optimizer steps whose loss is NaN/inf instead of stopping (checks every step)")
+    return p.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the options imply, derived once; config.json records these over the options of the same name."""
+    epochs: float
+    cycles: int
+    t0: float  # as recorded: a standard run's one cosine period
+    t_mult: int
+    family_t0: float  # the cyclic shape whose budgets the run samples (a standard run's t0/t_mult as given)
+    family_t_mult: int
+    amp: str
+    methods: list  # canonical specs, sorted: [] is the baseline
+    plugins: dict  # plug-in method name -> its file's sha256
+    world_size: int
+    eval_every: float
+    run_dir: str
+    sf_lr: float
+    sf_warmup_epochs: float
+    model_kwargs: dict  # --model-kwargs parsed
+    tf32: bool  # matmuls and convolutions in TF32 (CUDA unless --deterministic): a precision of its own
+    device_name: str  # the GPU's or the CPU's model: what the time axis was measured on
+    cooldown_version: int  # wsd: schedules.COOLDOWN_VERSION; None for the other schedules
+
+
+def fail(message, code=2, every_rank=False, options=False):
+    """One line on stderr naming the flag and the fix, a non-zero exit; nothing written. options=True marks a
+    refusal of the options themselves (a bad value, a run of other options): it would refuse every run of a sweep,
+    so it is also written to $TRAIN_REFUSAL_FILE where launch.sh set one (torchrun turns every exit code into 1)."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0 or every_rank:
+        where = f"rank {rank}: " if every_rank and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"train.py: error: {where}{message}", file=sys.stderr)
+    if options and os.environ.get("TRAIN_REFUSAL_FILE"):  # every rank: whichever the agent stops last
+        with open(os.environ["TRAIN_REFUSAL_FILE"], "a") as f:
+            f.write(message + "\n")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+def micro_batch_size(cfg, world_size):
+    """Images per forward pass on one rank (before --grad-accum is validated, 0 counts as 1)."""
+    return cfg.batch_size // (world_size * max(cfg.grad_accum, 1))
+
+
+def resolve(args, world_size, device):
+    """Validate every flag and derive (Setup, the run's MethodList); fail() on the first bad one."""
+    a = args
+    for name, value in sorted(vars(a).items()):  # before anything is written: inf and nan pass every bound below
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}", options=True)
+    checks = [
+        (a.dataset in DATASETS, f"--data: unknown dataset '{a.dataset}'; choose one of {', '.join(DATASETS)}"),
+        (a.schedule in schedules.SCHEDULES,
+         f"--schedule: unknown '{a.schedule}'; choose one of {', '.join(schedules.SCHEDULES)}"),
+        (a.amp in ("auto", "none", "bf16", "fp16"), f"--amp: unknown '{a.amp}'; choose auto, none, bf16 or fp16"),
+        (a.lr > 0, f"--lr must be a positive number, got {a.lr}"),
+        (0 <= a.momentum < 1, f"--momentum must be in [0, 1), got {a.momentum}"),
+        (a.opt in OPTIMIZERS, f"--opt: unknown '{a.opt}'; choose one of {', '.join(OPTIMIZERS)}"),
+        (a.opt_betas is None or all(0 <= b < 1 for b in a.opt_betas),
+         f"--opt-betas must be in [0, 1), got {a.opt_betas}"),
+        (a.opt_betas is None or a.opt != "sgdw", "--opt-betas: sgdw has momentum, not betas; use --momentum"),
+        (not (a.nesterov and a.opt != "sgdw"), f"--nesterov is sgdw's; {a.opt} takes --opt-betas"),
+        (not (a.schedule == "schedule-free" and a.opt == "adamw" and a.opt_betas and a.opt_betas[0] == 0),
+         "--opt-betas: schedule-free AdamW averages with beta1: it must be > 0"),
+        (a.opt_eps is None or a.opt_eps > 0, f"--opt-eps must be positive, got {a.opt_eps}"),
+        (a.opt_eps is None or a.opt in ("adamw", "lamb"), f"--opt-eps: {a.opt} takes no epsilon"),
+        (a.decay_exclusions in ("auto", "on", "off"),
+         f"--decay-exclusions: unknown '{a.decay_exclusions}'; choose auto, on or off"),
+        (a.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {a.clip_grad}"),
+        (not (a.schedule == "schedule-free" and a.opt not in ("sgdw", "adamw")),
+         f"--schedule schedule-free has an SGD and an AdamW variant: use --opt sgdw or adamw, not {a.opt}"),
+        (not (a.nesterov and a.momentum == 0), "--nesterov needs --momentum > 0"),
+        (a.weight_decay >= 0, f"--weight-decay must be >= 0, got {a.weight_decay}"),
+        (0 <= a.eta_min < a.lr, f"--eta-min must be in [0, --lr), got {a.eta_min}"),
+        (a.batch_size > 0, f"--batch-size must be positive, got {a.batch_size}"),
+        (a.grad_accum > 0, f"--grad-accum must be positive, got {a.grad_accum}"),
+        (a.batch_size % (world_size * max(a.grad_accum, 1)) == 0,
+         f"--batch-size {a.batch_size} is not divisible by world size {world_size} x --grad-accum {a.grad_accum}; "
+         f"use a multiple of {world_size * max(a.grad_accum, 1)}"),
+        (a.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {a.warmup_epochs}"),
+        (a.t0 > 0, f"--t0 must be positive, got {a.t0}"),
+        (a.t_mult is None or a.t_mult >= 1, f"--t-mult must be an integer >= 1, got {a.t_mult}"),
+        (not (a.schedule == "constant" and a.t_mult not in (None, 1)),
+         "--t-mult: a constant schedule has t_mult 1; drop --t-mult or use --schedule cyclic"),
+        (a.cycles is None or a.cycles >= 1, f"--cycles must be >= 1, got {a.cycles}"),
+        (a.epochs is None or a.epochs > 0, f"--epochs must be positive, got {a.epochs}"),
+        (0 < a.cycle_decay <= 1, f"--cycle-decay must be in (0, 1], got {a.cycle_decay}"),
+        (0 < a.cooldown_frac < 1, f"--cooldown-frac must be in (0, 1), got {a.cooldown_frac}"),
+        (a.cooldown_shape in schedules.COOLDOWN_SHAPES,
+         f"--cooldown-shape: unknown '{a.cooldown_shape}'; choose {' or '.join(schedules.COOLDOWN_SHAPES)}"),
+        (a.sf_lr is None or a.sf_lr > 0, f"--sf-lr must be positive, got {a.sf_lr}"),
+        (a.sf_warmup_epochs is None or a.sf_warmup_epochs >= 0,
+         f"--sf-warmup-epochs must be >= 0, got {a.sf_warmup_epochs}"),
+        (not (a.schedule == "schedule-free" and a.opt == "sgdw" and a.momentum == 0),
+         "--schedule schedule-free needs --momentum > 0"),
+        (a.subset >= 0, f"--subset must be >= 0, got {a.subset}"),
+        (a.workers >= 0, f"--workers must be >= 0, got {a.workers}"),
+        (a.eval_every is None or a.eval_every >= 0, f"--eval-every must be >= 0, got {a.eval_every}"),
+        (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 minutes, got {a.checkpoint_every}"),
+        (a.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {a.skip_nonfinite}"),
+        (not (a.amp == "fp16" and device.type == "cpu"),
+         "--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU"),
+        (not (a.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()),
+         "--amp bf16: this GPU has no bf16; use --amp fp16 (or auto)"),
+        (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other; pick one"),
+        (a.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{a.resume}'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message, options=True)
+    if a.schedule == "schedule-free":
+        try:
+            import schedulefree  # noqa: F401
+        except ImportError:
+            fail("--schedule schedule-free needs the schedulefree package: pip install -r requirements.txt",
+                 options=True)
+    t_mult = 1 if a.schedule == "constant" else (a.t_mult or 2)
+    if a.schedule == "standard":  # the epochs of the cyclic run's cycles, if given as --cycles
+        epochs, cycles = a.epochs or schedules.cyclic_epochs(a.warmup_epochs, a.t0, t_mult, a.cycles or 3), 1
+    elif a.epochs is None:
+        cycles = a.cycles or 3
+        epochs = schedules.cyclic_epochs(a.warmup_epochs, a.t0, t_mult, cycles)
+    else:
+        epochs = a.epochs
+        try:
+            cycles = schedules.cycles_for_epochs(a.warmup_epochs, a.t0, t_mult, a.epochs)
+        except ValueError as e:
+            fail(str(e), options=True)
+        if a.cycles not in (None, cycles):
+            fail(f"--cycles {a.cycles} disagrees with --epochs {a.epochs:g} ({cycles} cycles); give only one of them",
+                 options=True)
+    if a.warmup_epochs >= epochs:
+        fail(f"--warmup-epochs {a.warmup_epochs:g} must be shorter than the run ({epochs:g} epochs)", options=True)
+    if a.schedule == "schedule-free" and (a.sf_warmup_epochs or 0) >= epochs:
+        fail(f"--sf-warmup-epochs {a.sf_warmup_epochs:g} must be shorter than the run ({epochs:g} epochs): the LR "
+             f"would never reach its peak", options=True)
+    amp = auto_precision(device) if a.amp == "auto" else a.amp
+    try:
+        model_kwargs = parse_model_kwargs(a.model_kwargs)
+        methods, plugins = methods_registry.selected(a)
+        clash = sorted(set(model_kwargs) & set(methods.model_kwargs()))
+        if clash:
+            raise MethodError(f"--model-kwargs {clash[0]} is also set by a --method; give it in one place")
+    except ValueError as e:  # MethodError too
+        fail(str(e), options=True)
+    standard = a.schedule == "standard"  # recorded shape: one cosine period over the rest of the run
+    setup = Setup(epochs=epochs, cycles=cycles, t0=epochs - a.warmup_epochs if standard else a.t0,
+                 t_mult=1 if standard else t_mult, family_t0=a.t0, family_t_mult=t_mult, amp=amp,
+                 methods=methods.specs, plugins=plugins,
+                 world_size=world_size, eval_every=a.eval_every if a.eval_every is not None else
+                 (0.0 if a.dataset == "imagenet" else 1.0),
+                 run_dir=a.run_dir or default_run_dir(a, epochs, methods),
+                 sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
+                 else a.sf_warmup_epochs, model_kwargs=model_kwargs,
+                 tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device),
+                 cooldown_version=schedules.COOLDOWN_VERSION if a.schedule == "wsd" else None)
+    return setup, methods
+
+
+def hardware_name(device):
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo; the platform's words elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def auto_precision(device):
+    """What --amp auto means on `device`: bf16 where it is native, else fp16 with a GradScaler (GPU) or fp32 (CPU)."""
+    if device.type == "cuda":
+        return "bf16" if gpu_has_native_bf16() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "none"
+
+
+def gpu_has_native_bf16():
+    """bf16 in hardware (Ampere and later): torch's default check also counts pre-Ampere GPUs, which emulate it
+    slowly, where fp16 with a GradScaler is the right choice. Asked after set_device: of this rank's GPU."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def cpu_has_native_bf16():
+    """bf16 in hardware: AVX512-BF16 or AMX on x86 (mkldnn's own check also counts AVX-512 alone, where bf16 is
+    emulated and slower than fp32), and the bf16 extension on Arm (mkldnn checks exactly that there)."""
+    if platform.machine() in ("aarch64", "arm64"):
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def default_run_dir(args, epochs, methods):
+    label = "+".join(m.label for m in sorted(methods.all, key=lambda m: m.spec)) or "baseline"
+    return os.path.join("runs", f"{args.dataset}_{args.model}_{args.schedule}-e{epochs:g}_{label}_s{args.seed}")
+
+
+def result_options(args, setup):
+    merged = {**vars(args), **asdict(setup)}
+    return {k: merged[k] for k in RESULT_KEYS}

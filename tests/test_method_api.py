@@ -1,0 +1,315 @@
+"""The method API: a user's plug-in end to end, the registry's specs, the hooks' order and composition, and the five
+methods built on it (EMA, stochastic depth, CutMix, SAM, progressive resizing) each really changing the computation."""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from timm.data import Mixup
+
+import methods
+from conftest import ROOT, TINY, one_step_change, run_train, step_context
+from methods import Context, Method, MethodError, MethodList, build
+from models import build_model
+
+TIME_COLUMNS = {"train_time_s", "curve_cost_s", "images_per_s", "eval_time_s", "startup_s"}
+
+USER_METHOD = '''
+import torch
+from methods import Method, MethodError
+
+class PixelDrop(Method):
+    """Zero each pixel with probability p, drawn from the micro-batch's key."""
+    name, options = "pixel_drop", {"p": 0.25}
+
+    def check(self, run):
+        if not 0 <= self.p < 1:
+            raise MethodError(f"--method pixel_drop: p must be in [0, 1), got {self.p}")
+
+    def transform_batch(self, x, y, ctx):
+        keep = torch.rand(x.shape, generator=ctx.generator(x.device)) >= self.p
+        return x * keep, y
+'''
+
+
+def rows(run):
+    import csv
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in csv.DictReader(f)]
+
+
+def weights(run):
+    return torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["model"]
+
+
+def resume_from_previous_checkpoint(ref, run, args):
+    """The finished run `ref`, copied to `run` without its last checkpoint, resumed: it must end identical."""
+    shutil.copytree(ref, run)
+    os.remove(os.path.join(run, "done"))
+    os.remove(os.path.join(run, "checkpoints", "last.pt"))
+    p = run_train(args + ["--run-dir", run, "--resume"])
+    assert "resumed at step" in p.stdout
+    assert rows(run) == rows(ref)
+    a, b = weights(run), weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_users_method_from_a_file_trains_records_itself_and_resumes_exactly(tmp_path):
+    plugin = tmp_path / "elsewhere" / "my_aug.py"
+    plugin.parent.mkdir()
+    plugin.write_text(USER_METHOD)
+    args = TINY + ["--amp", "none", "--eval-every", "1", "--plugins", str(plugin), "--method", "pixel_drop:p=0.5"]
+    ref = str(tmp_path / "ref")
+    run_train(args + ["--run-dir", ref])
+    cfg = json.load(open(os.path.join(ref, "config.json")))
+    assert cfg["methods"] == ["pixel_drop:p=0.5"]
+    assert cfg["plugins"] == {"pixel_drop": "sha256:" + __import__("hashlib").sha256(plugin.read_bytes()).hexdigest()}
+    base = str(tmp_path / "base")
+    run_train(TINY + ["--amp", "none", "--eval-every", "1", "--run-dir", base])
+    assert rows(ref) != rows(base)  # it changed the training
+    resume_from_previous_checkpoint(ref, str(tmp_path / "run"), args)
+    # the analysis sees it as its own method set
+    from analysis.runs import load_runs
+    runs = load_runs([str(tmp_path)])
+    assert sorted(r.methods for r in runs) == ["baseline", "pixel_drop:p=0.5", "pixel_drop:p=0.5"]
+    # a changed plug-in file is not resumed into the old run
+    changed = str(tmp_path / "changed")
+    shutil.copytree(ref, changed)
+    os.remove(os.path.join(changed, "done"))
+    plugin.write_text(USER_METHOD + "\n# edited\n")
+    p = run_train(args + ["--run-dir", changed, "--resume"], check=False)
+    assert p.returncode == 2 and "plugins: {'pixel_drop': 'sha256:" in p.stderr
+
+
+def test_a_plug_in_check_refuses_bad_options_in_one_line(tmp_path):
+    plugin = tmp_path / "my_aug.py"
+    plugin.write_text(USER_METHOD)
+    run = tmp_path / "run"
+    p = run_train(TINY + ["--plugins", str(plugin), "--method", "pixel_drop:p=1.5", "--run-dir", str(run)],
+                  check=False)
+    assert p.returncode == 2 and p.stderr.strip() == "train.py: error: --method pixel_drop: p must be in [0, 1), got 1.5"
+    assert not run.exists()
+
+
+def test_specs_are_canonical_and_name_the_options():
+    assert build("sam:rho=0.05").spec == "sam"  # the default is not written
+    assert build("label_smoothing:eps=0.10").spec == "label_smoothing"
+    assert build("cutmix:switch_prob=0.3,mixup_alpha=0.8").spec == "cutmix:mixup_alpha=0.8,switch_prob=0.3"
+    assert build("ema:warmup=false").spec == "ema:warmup=false"
+    assert build("progressive_resizing:size_increment=2").spec == "progressive_resizing:size_increment=2"
+    with pytest.raises(MethodError, match="--method sam: rho is given twice"):
+        build("sam:rho=0.1,rho=0.2")
+    with pytest.raises(MethodError, match="not key=value"):
+        build("sam:0.1")
+
+
+def test_old_runs_are_read_with_the_apis_names():
+    from analysis.runs import canonical_methods
+    old = {"methods": ["blurpool", "label_smoothing", "mixup"], "label_smoothing": 0.2, "mixup": 0.2,
+           "blurpool_mode": "conv-first"}
+    assert canonical_methods(old) == ["blurpool:mode=conv-first", "label_smoothing:eps=0.2", "mixup"]
+    assert canonical_methods({"methods": ["label_smoothing"], "label_smoothing": 0.1}) == ["label_smoothing"]
+    # for each legacy method, the analysis' default is the method's own
+    from analysis.runs import LEGACY_METHOD_OPTIONS
+    for name, (_, option, default) in LEGACY_METHOD_OPTIONS.items():
+        assert methods.REGISTRY[name].options[option] == default
+
+
+def test_train_py_names_no_method_and_each_method_has_its_file():
+    text = open(os.path.join(ROOT, "train.py")).read()
+    for name, cls in methods.REGISTRY.items():
+        assert not re.search(rf"\b{name}\b", text), name
+        if cls in methods.BUILT_IN:
+            assert cls.__module__ == f"methods.{name}"
+
+
+class Recorder(Method):
+    name, order = "recorder", 15
+
+    def __init__(self, log, tag, **kw):
+        super().__init__(**kw)
+        self.log, self.tag = log, tag
+
+    def transform_batch(self, x, y, ctx):
+        self.log.append((self.tag, "batch"))
+        return x + 1, y
+
+    def loss(self, logits, targets, ctx, base_loss):
+        self.log.append((self.tag, "loss"))
+        return base_loss(logits, targets) * 2 if self.tag == "a" else base_loss(logits, targets) + 1
+
+
+def test_hooks_fire_in_order_and_losses_compose():
+    log = []
+    a, b = Recorder(log, "a"), Recorder(log, "b")
+    a.order, b.order = 5, 25
+    ms = MethodList([b, a])
+    x, y = torch.zeros(2, 1, 2, 2), torch.tensor([0, 1])
+    xt, _ = ms.transform_batch(x, y, step_context())
+    assert torch.equal(xt, x + 2) and log == [("a", "batch"), ("b", "batch")]
+    logits = torch.randn(2, 3)
+    plain = torch.nn.functional.cross_entropy(logits, y)
+    # b (later) wraps a: (2 x CE) + 1
+    torch.testing.assert_close(ms.loss(logits, y, step_context()), 2 * plain + 1)
+
+
+def test_label_smoothing_then_mixup_is_timms_mixup_with_smoothing_to_the_bit():
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 10, (8,))
+    ms = MethodList([build("mixup"), build("label_smoothing")])
+    for step in range(20):
+        ctx = step_context(step)
+        xm, tm = ms.transform_batch(x.clone(), y, ctx)
+        np.random.seed(hash((0, step, 0, 0)) & 0xFFFF_FFFF)  # the draw the method seeds from the key
+        xt, tt = Mixup(mixup_alpha=0.2, cutmix_alpha=0.0, prob=1.0, mode="batch", label_smoothing=0.1,
+                       num_classes=10)(x.clone(), y)
+        assert torch.equal(xm, xt) and torch.equal(tm, tt)
+
+
+def test_mixup_and_cutmix_together_are_refused_and_cutmix_mixes_boxes():
+    with pytest.raises(MethodError, match="cutmix:mixup_alpha"):
+        MethodList([build("mixup"), build("cutmix")])
+    x, y = torch.randn(8, 1, 16, 16), torch.arange(8)
+    cm = MethodList([build("cutmix")])
+    kinds = set()
+    for step in range(10):
+        xm, t = cm.transform_batch(x.clone(), y, step_context(step))
+        changed = (xm != x).any(dim=(0, 1))  # the pixels taken from the reversed batch: one box
+        rows_, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+        if len(rows_):
+            box = (rows_.max() - rows_.min() + 1) * (cols.max() - cols.min() + 1)
+            assert changed.sum() == box  # a rectangle
+            lam = 1 - box.item() / 256
+            torch.testing.assert_close(t[0], lam * torch.eye(10)[0] + (1 - lam) * torch.eye(10)[7])
+            kinds.add("box")
+    assert kinds == {"box"}
+    both = MethodList([build("cutmix:mixup_alpha=0.8,switch_prob=0.5")])
+    for step in range(40):  # timm's switching: some micro-batches are box-mixed, others blended everywhere
+        xm, _ = both.transform_batch(x.clone(), y, step_context(step))
+        frac = (xm != x).float().mean().item()
+        kinds.add("blend" if frac == 1.0 else "box" if frac > 0 else "none")
+    assert {"box", "blend"} <= kinds
+
+
+def test_ema_evaluates_its_average_and_restores_the_weights_exactly():
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 10, 1)
+    ema = build("ema:decay=0.5,warmup=false")
+    ms = MethodList([ema])
+    ms.apply_model(model)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(3):  # weights w0 + 1, + 2, + 3 after steps 1, 2, 3
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ms.after_step(model, None, step_context(step))
+    w = next(iter(model.parameters()))
+    w0 = first[next(iter(model.state_dict()))]
+    # timm: the first update copies (decay 0), then decay 0.5: ((w0+1)*0.5 + (w0+2)*0.5)*0.5 + (w0+3)*0.5
+    expected = ((w0 + 1) * 0.5 + (w0 + 2) * 0.5) * 0.5 + (w0 + 3) * 0.5
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    with ms.eval_weights(model):
+        torch.testing.assert_close(next(iter(model.parameters())), expected)
+    assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())  # put back bit for bit
+    assert not torch.equal(w, expected)
+    state = ms.state_dict()
+    other = MethodList([build("ema:decay=0.5,warmup=false")])
+    other.apply_model(build_model("small_resnet", 10, 1))
+    other.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(other.all[0].ema.module.state_dict().values(),
+                                                  ema.ema.module.state_dict().values()))
+
+
+def test_stochastic_depth_reaches_the_small_resnet_and_timm_models():
+    sd = build("stochastic_depth:rate=0.2")
+    assert MethodList([sd]).model_kwargs() == {"drop_path_rate": 0.2}
+    model = MethodList([sd]).apply_model(build_model("small_resnet", 10, 1, sd.model_kwargs()))
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, __import__("timm").layers.DropPath)]
+    assert rates == pytest.approx([0.1, 0.2]) and sd.no_effect is None  # linear in depth; the first block 0
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 28, 28)
+    model.train()
+    a, b = model(x), model(x)  # other blocks dropped each time
+    assert not torch.allclose(a, b)
+    plain = build_model("small_resnet", 10, 1)
+    assert MethodList([build("stochastic_depth")]).apply_model(plain) is plain and \
+        not any(isinstance(m, __import__("timm").layers.DropPath) for m in plain.modules())
+
+
+def sam_step(grad_accum=1, scale=None):
+    """One SAM step of train.py's train_step on a tiny linear model with plain SGD (lr 1): the weights' change."""
+    from train import train_step
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 4, (8,), generator=g)
+    before = [p.detach().clone() for p in net.parameters()]
+    scaler = torch.amp.GradScaler("cpu", enabled=scale is not None, init_scale=scale or 1.0)
+    train_step(net, opt, scaler, MethodList([build("sam:rho=0.5")]), torch.autocast("cpu", enabled=False), x, y,
+               grad_accum, False, step_context(num_classes=4))
+    return [b - p.detach() for b, p in zip(before, net.parameters())], (net, before, x, y)
+
+
+def test_sam_updates_with_the_gradient_at_the_perturbed_weights():
+    change, (net, before, x, y) = sam_step()
+    with torch.no_grad():
+        for p, b in zip(net.parameters(), before):
+            p.copy_(b)
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    g1 = torch.autograd.grad(loss, list(net.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g1))
+    with torch.no_grad():
+        for p, g in zip(net.parameters(), g1):
+            p.add_(0.5 * g / norm)
+    g2 = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), list(net.parameters()))
+    for c, g, plain in zip(change, g2, g1):
+        torch.testing.assert_close(c, g)  # SGD lr 1: the change is the perturbed gradient
+        assert not torch.allclose(c, plain)
+    for a, b in zip(change, sam_step(grad_accum=2)[0]):  # accumulated: the same mean gradient, perturbed alike
+        torch.testing.assert_close(a, b)
+    for a, b in zip(change, sam_step(scale=1024.0)[0]):  # fp16's loss scale cancels out of the perturbation
+        torch.testing.assert_close(a, b)
+
+
+def test_sam_perturbs_with_the_all_reduced_gradient_under_ddp(tmp_path):
+    """2 gloo ranks, 4 images each in 2 micro-steps, equal one process over the 8: only if the perturbation uses
+    the all-reduced gradient (a rank's own would move each rank's weights elsewhere)."""
+    one, two = (one_step_change(tmp_path, world, methods=["sam:rho=0.5"]) for world in (1, 2))
+    torch.testing.assert_close(one, two)
+    assert not torch.allclose(one, one_step_change(tmp_path, 1))  # SAM's step is not the plain one
+
+
+def test_progressive_resizing_sizes_and_its_ramp_per_budget():
+    pr = build("progressive_resizing")
+    assert [pr.size(28, p) for p in (0.0, 0.49, 0.65, 0.79, 0.8, 0.99)] == [16, 16, 20, 28, 28, 28]
+    assert [pr.size(224, p) for p in (0.0, 0.65, 0.8)] == [112, 168, 224]
+    import schedules
+    plan = schedules.make_plan("cyclic", 8, 1, 1, 2, 8)  # warmup 8 steps, cycles of 8, 16, 32: points 16, 32, 64
+    progress = [plan.budget_progress(s) for s in range(64)]
+    assert progress[0] == progress[16] == progress[32] == 0.0  # each budget ramps from its start
+    assert progress[15] == 15 / 16 and progress[31] == 15 / 16 and progress[63] == 31 / 32
+    sizes = [pr.size(28, p) for p in progress]
+    assert sizes[15] == sizes[31] == sizes[63] == 28 and sizes[16] == sizes[32] == 16  # each point at full size
+    std = schedules.make_plan("standard", 7, 1, 1, 2, 8)
+    assert [std.budget_progress(s) for s in (0, 28, 55)] == [0.0, 0.5, 55 / 56]
+    x = torch.randn(4, 1, 28, 28)
+    small, _ = MethodList([pr]).transform_batch(x, None, Context(0, 0.0, 0, 1, 0, 0.0, 0.0, 10))
+    full, _ = MethodList([pr]).transform_batch(x, None, Context(0, 0.0, 0, 1, 0, 0.9, 0.9, 10))
+    assert small.shape == (4, 1, 16, 16) and full is x
+
+
+def test_the_new_methods_resume_exactly_and_change_the_run(tmp_path):
+    """EMA (its average in the checkpoint), SAM, CutMix (its draws), stochastic depth (the RNG) and progressive
+    resizing (its sizes from the step) together: a resume from the previous checkpoint ends bit for bit alike. (That
+each changes the computation: the tests above.)"""
+    args = TINY + ["--amp", "none", "--eval-every", "1", "--method", "ema:decay=0.9", "--method", "sam",
+                   "--method", "cutmix", "--method", "stochastic_depth", "--method", "progressive_resizing"]
+    ref = str(tmp_path / "ref")
+    p = run_train(args + ["--run-dir", ref])
+    cfg = json.load(open(os.path.join(ref, "config.json")))
+    assert cfg["methods"] == ["cutmix", "ema:decay=0.9", "progressive_resizing", "sam", "stochastic_depth"]
+    assert cfg["methods_without_effect"] == [] and "warning" not in p.stdout
+    resume_from_previous_checkpoint(ref, str(tmp_path / "run"), args)
