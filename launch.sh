@@ -52,6 +52,7 @@ DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${S
 PLUGINS=()
 
 parse_sweep() {
+  PLUGINS=()  # each sweep its own (repro calls sweep several times)
   while [ $# -gt 0 ]; do
     case "$1" in
       --seeds) SEEDS=$2; shift 2;; --methods) METHODS=$2; shift 2;; --warmup) WARMUP=$2; shift 2;;
@@ -91,21 +92,24 @@ method_sets() {  # the --methods list, one set per line: "a,sam:rho=0.1,x=2,b" -
   printf '%s\n' "${sets[@]}"
 }
 
-check_methods() {  # train.py's flags of every set: unknown names or bad options stop the sweep before any run
+check_methods() {  # extra flags, plugin flags, then label and flags of every set: names, options, combinations,
+  # and two sets that are one canonical set (ls+mx and mx+ls), before any run
   PY -c 'import sys
 try:
-    import methods
+    import methods, options
 except ImportError:  # no torch here (a dry run before setup): train.py checks them
     sys.exit(0)
-args, plugins = sys.argv[1:], []
-while "--plugins" in args:
-    i = args.index("--plugins"); plugins.append(args[i + 1]); del args[i:i + 2]
+extra, plugins, sets, seen = sys.argv[1].split(), sys.argv[2].split(), sys.argv[3:], {}
 try:
-    methods.load_plugins(plugins)
-    [methods.build(args[i + 1]) for i, a in enumerate(args) if a == "--method"]
+    for label, flags in zip(sets[::2], sets[1::2]):
+        specs = tuple(methods.selected(options.parse_args(flags.split() + plugins + extra))[0].specs)
+        if specs in seen:
+            name = "+".join(specs) or "baseline"
+            raise methods.MethodError(f"sets {seen[specs]} and {label} are the same methods ({name}); give one")
+        seen[specs] = label
 except methods.MethodError as e:
     print(f"launch.sh: --methods: {e}", file=sys.stderr)
-    sys.exit(2)' "$@" ${PLUGINS[@]+"${PLUGINS[@]}"}
+    sys.exit(2)' "$@"
 }
 
 launcher() {  # run_dir
@@ -178,13 +182,25 @@ sweep() {
   # --t-mult goes to the standard runs too: they end on the step where the cyclic run of this shape ends a cycle
   local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 --t-mult $T_MULT"
   common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${EXTRA[*]:-}"
+  # --amp auto decides once, here, and every run gets that precision (a dry run leaves it to train.py); the
+  # presets' several sweeps of one study reuse the first answer
+  if [[ " ${EXTRA[*]:-} " != *" --amp "* ]] && [ "$DRY" != 1 ]; then
+    if [ "${AMP_FOR:-}" != "$common" ]; then
+      AMP=$(PY train.py $common --print-amp | tail -n 1) || true
+      AMP_FOR=$common
+    fi
+    case "$AMP" in
+      none|bf16|fp16) common+=" --amp $AMP";;
+      *) echo "launch.sh: could not resolve --amp auto (train.py $common --print-amp)" >&2; exit 2;;
+    esac
+  fi
   local ends
   ends=$(PY -c "import schedules as s
 print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES)))")
-  local sets=() specs=() set
+  local sets=() checks=() set
   mapfile -t sets < <(method_sets "$METHODS")
-  for set in "${sets[@]}"; do specs+=($(method_flags "$set")); done
-  check_methods "${specs[@]}"
+  for set in "${sets[@]}"; do checks+=("$set" "$(method_flags "$set")"); done
+  check_methods "${EXTRA[*]:-}" "${PLUGINS[*]:-}" "${checks[@]}"
   for seed in $SEEDS; do
     for set in "${sets[@]}"; do
       local mf; mf=$(method_flags "$set")

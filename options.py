@@ -21,10 +21,11 @@ from models import SMALL_RESNET, parse_model_kwargs
 # Options that define the result: a resume with any of them changed is refused. eval_every: the rows --metric max
 # takes its peak from; tf32 and deterministic: the GPU's arithmetic; device_name: the speed of train_time_s;
 # cooldown_version: wsd's cooldown formula (2: its last step at eta_min; runs without the key used 1); methods:
-# canonical specs with their non-default options; plugins: the hash of each plug-in method's file.
+# canonical specs with their non-default options; method_options: all their options (a changed default);
+# plugins: the hash of each plug-in method's file.
 RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
                "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
-               "amp", "methods", "plugins", "seed", "compile", "cycle_decay", "cooldown_frac", "cooldown_shape",
+               "amp", "methods", "method_options", "plugins", "seed", "compile", "cycle_decay", "cooldown_frac", "cooldown_shape",
                "sf_lr", "sf_warmup_epochs", "family_t0", "family_t_mult",
                "eval_every", "model_kwargs", "tf32", "deterministic", "device_name", "cooldown_version", "opt",
                "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
@@ -79,7 +80,10 @@ def parse_args(argv=None):
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled: per-step decay is wd * lr / peak lr")
-    g.add_argument("--amp", default="auto", help="auto | none | bf16 | fp16")
+    g.add_argument("--amp", default="auto", help="auto | none | bf16 | fp16; auto: on a CPU with native bf16 the faster "
+                   "of fp32 and bf16 for this model, timed over a few steps; on a GPU bf16 where native, else fp16")
+    g.add_argument("--print-amp", action="store_true",
+                   help="print the precision --amp would use here and exit (sweeps pass it to all their runs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--deterministic", action="store_true",
                    help="GPU: no TF32, no cudnn autotuning, deterministic kernels (slower; bitwise-exact resume)")
@@ -116,6 +120,7 @@ class Setup:
     family_t_mult: int
     amp: str
     methods: list  # canonical specs, sorted: [] is the baseline
+    method_options: dict  # method name -> every option, defaults included
     plugins: dict  # plug-in method name -> its file's sha256
     world_size: int
     eval_every: float
@@ -254,6 +259,7 @@ def resolve(args, world_size, device):
     setup = Setup(epochs=epochs, cycles=cycles, t0=epochs - a.warmup_epochs if standard else a.t0,
                  t_mult=1 if standard else t_mult, family_t0=a.t0, family_t_mult=t_mult, amp=amp,
                  methods=methods.specs, plugins=plugins,
+                 method_options={m.name: {k: getattr(m, k) for k in m.options} for m in methods.all},
                  world_size=world_size, eval_every=a.eval_every if a.eval_every is not None else
                  (0.0 if a.dataset == "imagenet" else 1.0),
                  run_dir=a.run_dir or default_run_dir(a, epochs, methods),

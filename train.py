@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import schedules
-from analysis.runs import ADDED_DEFAULTS, canonical_methods
+from analysis.runs import ADDED_DEFAULTS, canonical_methods, method_options
 from data import DataError, build_data
-from methods import Context, MethodError, weights_kept
+from methods import Context, MethodError, MethodList, weights_kept
 from models import build_model
-from options import RESULT_KEYS, fail, micro_batch_size, parse_args, resolve, result_options
+from options import (RESULT_KEYS, cpu_has_native_bf16, fail, micro_batch_size, parse_args, resolve,
+                     result_options)
 from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
                     lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
 
@@ -60,21 +61,20 @@ def resume_decision(args, setup, master):
              f"an older train.py); start the run again with --overwrite")
     # the checkpoint says what it was trained with (a stray config.json cannot mislead); config.json fills in the
     # keys an older checkpoint predates, and stands alone where there is no checkpoint
-    from_config = recorded_options(run_dir)
+    from_config = api_names(recorded_options(run_dir))
     recorded = None if ckpt is None and from_config is None else {**ADDED_DEFAULTS, **(from_config or {}),
-                                                                  **(ckpt["config"] if ckpt is not None else {})}
-    if recorded is not None and "methods" in recorded:  # a run from before the method API: the API's names
-        recorded["methods"] = canonical_methods(recorded)
+                                                                  **(api_names(ckpt["config"]) if ckpt is not None else {})}
     done = is_done(run_dir)
     if recorded is not None:
         # a finished run made elsewhere stays valid: the folder of a dataset that has one known content (not an
-        # ImageFolder tree: there the folder is the dataset), and the precision --amp auto chose on that host
+        # ImageFolder tree: there the folder is the dataset); --amp auto, asked again, keeps what it chose then
         argv = (from_config or {}).get("argv") or []
         asked_amp = argv[argv.index("--amp") + 1] if "--amp" in argv[:-1] else "auto"
         # the hardware: tf32 follows it (CPU or GPU); each rank knows only its own GPU, so rank 0's decides
         hardware = ("device_name", "tf32")
-        host = ((("data_dir",) * (args.dataset != "imagenet") + hardware + ("amp",) * (args.amp == asked_amp == "auto")
-                 if done else ()) + hardware * args.allow_device_change + hardware * (not master))
+        host = ((("data_dir",) * (args.dataset != "imagenet") + hardware if done else ())
+                + ("amp",) * (args.amp == asked_amp == "auto") + hardware * args.allow_device_change
+                + hardware * (not master))
         diffs = {k: f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
                  if k in recorded and k not in host and recorded[k] != options[k]}
         if diffs and set(diffs) <= set(hardware):  # this run's own problem: a sweep goes on with the others
@@ -106,6 +106,76 @@ def resume_decision(args, setup, master):
         fail(f"--resume: {run_dir}/metrics.csv has {rows} whole rows but the checkpoint recorded "
              f"{ckpt['metrics_rows']}; restore the file or start again with --overwrite")
     return ckpt, False
+
+
+def build_run(args, setup, methods, device, rank, world_size):
+    """(data, model, train loader): the data, the model with the methods' surgery on its device, checked by the
+    methods; seeded so that every rank builds the same initial model. fail()s in one line."""
+    configure_device(device, args.deterministic)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    try:
+        data = build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers)
+        model = build_model(args.model, data.num_classes, data.in_chans,
+                            {**setup.model_kwargs, **methods.model_kwargs()}).to(device)
+        model = methods.apply_model(model)  # surgery (BlurPool, channels-last, an EMA copy), before DDP
+        loader = data.train_loader(args.batch_size, rank, world_size, args.seed)
+        methods.check(SimpleNamespace(model=model, model_name=args.model, schedule=args.schedule,
+                                      micro_batch=micro_batch_size(args, world_size), world_size=world_size,
+                                      num_classes=data.num_classes,
+                                      image_shape=(data.in_chans, data.image_size, data.image_size)))
+    except (DataError, ValueError) as e:  # MethodError too
+        fail(str(e), options=True)
+    if loader.steps_per_epoch < 1:
+        fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset", options=True)
+    return data, model, loader
+
+
+def measures_precision(args, device, world_size):
+    """--amp auto measures on a CPU with native bf16, in one process (ranks could pick differently); elsewhere its
+    choice is fixed: bf16 on GPUs that have it (else fp16), fp32 on CPUs without native bf16 (emulated: ~10x slower)."""
+    return args.amp == "auto" and device.type == "cpu" and world_size == 1 and cpu_has_native_bf16()
+
+
+def measure_precision(model, loader, methods, args, steps=3):
+    """--amp auto on a CPU: which of fp32 and bf16 trains this model faster, and the images/s of each, from a few
+    steps (one untimed first) on the run's first batch. bf16's speed on a CPU depends on the model (on one Xeon
+    with AMX a tiny ViT ran 4x slower in bf16, our small ResNet 1.2x faster), so the CPU's features cannot decide.
+    Leaves no trace: the weights, BatchNorm statistics and RNG are put back."""
+    x, y = next(loader.epoch(0, 0))
+    micro = micro_batch_size(args, 1)
+    x, y = methods.transform_eval_batch(x[:micro]), y[:micro]  # the layout of training, no augmentation drawn
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ctx = Context(step=0, epoch=0.0, rank=0, world_size=1, seed=args.seed, run_progress=0.0, cycle_progress=0.0,
+                  num_classes=int(y.max()) + 1)
+    rng, figures = rng_state(), {}
+    with weights_kept(model):
+        for amp in ("none", "bf16"):
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
+            figures[amp] = images_per_second(lambda: train_step(model, optimizer, scaler, MethodList([]), autocast,
+                                                                x, y, 1, False, ctx), len(x), steps)
+        optimizer.zero_grad(set_to_none=True)
+    restore_rng(rng)
+    return max(figures, key=figures.get), figures
+
+
+def images_per_second(step, batch, steps):
+    """Images per second of `step` over `steps` calls, after one untimed call."""
+    step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def api_names(options):
+    """Recorded options with `methods` as the method API names them; each source (config.json, a checkpoint) is read
+    on its own, since one may predate the API and the other not (a resume rewrites config.json first)."""
+    if options is None or "methods" not in options:
+        return options
+    return {**options, "methods": canonical_methods(options), "method_options": method_options(options)}
 
 
 def fresh_start_allowed(run_dir, recorded, master):
@@ -161,6 +231,10 @@ def run_main(argv=None):
     if device.type == "cuda":  # before any CUDA question: otherwise every rank makes a context on GPU 0
         torch.cuda.set_device(device)
     setup, methods = resolve(args, world_size, device)
+    if args.print_amp:  # what --amp auto picks here, for a sweep to pass to all its runs: nothing is written
+        print(setup.amp if not measures_precision(args, device, world_size) else
+              measure_precision(*build_run(args, setup, methods, device, rank, world_size)[1:3], methods, args)[0])
+        return
     check_writable(setup.run_dir)  # before anything slow is loaded
     # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
     # run (a folder that does not exist yet holds nothing to read, and is created only once the flags pass).
@@ -168,26 +242,21 @@ def run_main(argv=None):
     if locking and os.path.isdir(setup.run_dir):
         HELD_LOCKS.append(lock_run_dir(setup.run_dir))
     ckpt, wipe = resume_decision(args, setup, master)  # every rank decides alike: they all read the same files
-    configure_device(device, args.deterministic)
-    torch.manual_seed(args.seed)  # every rank builds the same initial model
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-
-    try:
-        data = build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers)
-        model = build_model(args.model, data.num_classes, data.in_chans,
-                            {**setup.model_kwargs, **methods.model_kwargs()}).to(device)
-        model = methods.apply_model(model)  # surgery (BlurPool, channels-last, an EMA copy), before DDP
-        loader = data.train_loader(args.batch_size, rank, world_size, args.seed)
-        methods.check(SimpleNamespace(model=model, model_name=args.model, schedule=args.schedule,
-                                      micro_batch=micro_batch_size(args, world_size), world_size=world_size,
-                                      num_classes=data.num_classes,
-                                      image_shape=(data.in_chans, data.image_size, data.image_size)))
-    except (DataError, ValueError) as e:  # MethodError too
-        fail(str(e), options=True)
+    data, model, loader = build_run(args, setup, methods, device, rank, world_size)
+    amp_measured = None
+    if args.amp == "auto" and ckpt is not None:  # a resume keeps the precision auto chose at the start
+        setup = replace(setup, amp=ckpt["config"]["amp"])
+    elif measures_precision(args, device, world_size):
+        amp, amp_measured = measure_precision(model, loader, methods, args)
+        setup = replace(setup, amp=amp)
+        if master:
+            print(f"--amp auto: {amp} ({', '.join(f'{k} {v:.0f}' for k, v in amp_measured.items())} img/s over a few "
+                  f"training steps of this model)")
+    own = methods.config()  # what the methods record of themselves: never over an option of the run
+    clash = sorted(set(own) & (set(RESULT_KEYS) | set(asdict(setup)) | {"method", "plugin_files", "argv"}))
+    if clash:
+        fail(f"--method: a method's config() returns '{clash[0]}', an option of the run; rename it", options=True)
     spe = loader.steps_per_epoch
-    if spe < 1:
-        fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset", options=True)
     plan = make_plan(args, setup, spe)
     if locking and not HELD_LOCKS:
         HELD_LOCKS.append(lock_run_dir(setup.run_dir))
@@ -232,10 +301,9 @@ def run_main(argv=None):
               "run_steps": plan.run_steps, "cycle_end_epochs": [s / spe for s in plan.cycle_end_steps()],
               "speedup_ratio_eq1": schedules.eq1_ratio(schedules.cycle_end_epochs(
                   args.warmup_epochs, setup.family_t0, setup.family_t_mult, setup.cycles)),
-              **methods.config(), "device": device.type, "torch_version": torch.__version__,
+              **own, "device": device.type, "torch_version": torch.__version__,
               "cuda_version": torch.version.cuda if device.type == "cuda" else None, "decay_excluded": exclusions,
-              "methods_without_effect": without_effect,
-              "method_options": {m.name: {k: getattr(m, k) for k in m.options} for m in methods.all},
+              "methods_without_effect": without_effect, "amp_measured": amp_measured,
               "device_names": device_history(setup, ckpt),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     log = None
@@ -303,7 +371,6 @@ class Run:
             trunk_evals |= self.curve_points | {plan.total_steps}
         self.trunk_evals = trunk_evals
         self.sf = plan.schedule == "schedule-free"
-        self.curve_ends = plan.cycle_end_steps()
 
     def context(self, path_step):
         """What the methods' hooks are told about this step (methods/api.py: Context)."""
@@ -337,7 +404,8 @@ class Run:
                 # -- 2. forward, backward, update
                 loss = train_step(self.model, self.optimizer, self.scaler, self.methods, self.autocast, x, y,
                                   a.grad_accum, self.ddp, self.context(path_step),
-                                  check_finite=state.skipped < a.skip_nonfinite, clip_grad=a.clip_grad)
+                                  check_finite=state.skipped < a.skip_nonfinite, clip_grad=a.clip_grad,
+                                  raw_model=self.raw_model)
                 if self.sf:
                     lr = self.optimizer.param_groups[0]["scheduled_lr"]
                 if loss is None:  # non-finite and --skip-nonfinite allows it: no update, the schedule goes on
@@ -393,7 +461,7 @@ class Run:
             self.model.train()
             ctx = self.context(path_step)  # a batch transform may change its batch in place: it gets a copy
             xm, ym = self.methods.transform_batch(x.chunk(self.args.grad_accum)[0].clone(),
-                                                  y.chunk(self.args.grad_accum)[0], ctx)
+                                                  y.chunk(self.args.grad_accum)[0].clone(), ctx)
             with (self.model.no_sync() if self.ddp else contextlib.nullcontext()), self.autocast:
                 loss = self.methods.loss(self.model(xm), ym, ctx)
             self.scaler.scale(loss).backward()
@@ -470,8 +538,9 @@ class Run:
         with weights_kept(self.raw_model):
             self.optimizer.eval()
             recompute_bn(self.raw_model, self.loader, done, self.methods, self.autocast, self.ddp)
-            val = evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(), self.autocast,
-                           self.methods, self.ddp)
+            with self.methods.eval_weights(self.raw_model):
+                val = evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(),
+                               self.autocast, self.methods, self.ddp)
             self.optimizer.train()
         return val
 
@@ -666,11 +735,12 @@ def init_distributed(device, rank, world_size):
 
 
 def train_step(model, optimizer, scaler, methods, autocast, x, y, grad_accum, ddp, ctx, check_finite=False,
-               clip_grad=0.0):
+               clip_grad=0.0, raw_model=None):
     """One optimizer step over this rank's batch in `grad_accum` micro-steps, the methods' hooks at their points
     (methods/api.py); returns the mean loss (a device tensor: reading it would sync). DDP all-reduces gradients on
-    the last micro-step only. With check_finite, a non-finite loss on any rank skips the update on all ranks, puts
-    back the BatchNorm statistics the forward pass moved, and returns None: the step leaves no trace."""
+    the last micro-step only. With check_finite, a non-finite loss on any rank (or, after a method's second pass,
+    a non-finite gradient) skips the update on all ranks, puts back the BatchNorm statistics the forward passes
+    moved, and returns None: the step leaves no trace. raw_model: the model under the DDP and compile wrappers."""
     model.train()
     buffers = [b.clone() for b in model.buffers()] if check_finite else None
 
@@ -686,34 +756,36 @@ def train_step(model, optimizer, scaler, methods, autocast, x, y, grad_accum, dd
             total += loss.detach()
         return total
 
-    total = forward_backward()
-    if check_finite:
-        finite = torch.isfinite(total).float()
+    def skipped_if_not_finite(value):
+        """check_finite: True, and the step undone, when `value` is not finite on some rank."""
+        finite = torch.isfinite(value).float()
         if ddp:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for b, saved in zip(model.buffers(), buffers):
-                    b.copy_(saved)
-            return None
+        if finite.item():
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        return True
+
+    total = forward_backward()
+    if check_finite and skipped_if_not_finite(total):
+        return None
     if methods.reruns:  # e.g. SAM: the gradient again, at other weights, over the same micro-batches
         methods.before_step(model, optimizer, replace(ctx, grad_scale=scaler.scale(torch.ones((), device=x.device)),
                                                      forward_backward=forward_backward))
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if check_finite and skipped_if_not_finite(torch.stack([g.float().norm() for g in grads]).sum()):
+            return None
     if clip_grad:  # the whole step's gradient (DDP: all-reduced on the last micro-step), fp16's scale taken out
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    methods.after_step(unwrapped(model), optimizer, ctx)
+    methods.after_step(model if raw_model is None else raw_model, optimizer, ctx)
     return total
-
-
-def unwrapped(model):
-    """The model under torch.compile and DDP wrappers: what the methods' state (an EMA) mirrors."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 @torch.no_grad()

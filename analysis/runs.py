@@ -24,13 +24,15 @@ MATCH_TOLERANCE = 0.05  # budgets match across curves when epochs agree within 5
 ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a whole curve
 # Options that change a run's result, seed aside: runs differing in any are never averaged (group_runs). t0 and
 # t_mult are left out because a standard run records t0 = epochs - warmup: they only separate estimator runs
-# (SHAPE_KEYS). A method's or a schedule's own options (METHOD_KEYS, ESTIMATOR_KEYS) split method sets and curves.
+# (SHAPE_KEYS). A schedule's own options (ESTIMATOR_KEYS) split curves; a method's options are in its canonical
+# name, and runs of one name whose methods differ all the same (a default changed, another plug-in file) are told
+# apart by Run.method_params.
 # world_size changes each rank's BatchNorm batch and MixUp draws; device and compile change the time axis;
 # eval_every the rows that --metric max (the default) takes its peak from; device_name (the GPU or CPU model) the
 # speed on the time axis: runs of other hardware are another group unless --pool-hardware.
 RESULT_KEYS = ("dataset", "model", "subset", "lr", "batch_size", "grad_accum", "warmup_epochs", "eta_min", "amp",
                "momentum", "nesterov", "weight_decay", "world_size", "device", "compile", "eval_every", "model_kwargs",
-               "tf32", "device_name", "opt", "opt_betas", "opt_eps", "decay_excluded", "clip_grad", "plugins")
+               "tf32", "device_name", "opt", "opt_betas", "opt_eps", "decay_excluded", "clip_grad")
 # keys added after runs were made, as runs without them were run (no GPU run predates tf32)
 ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False, "cooldown_version": None,  # None: wsd's first formula
                   "opt": "sgdw", "opt_betas": None, "opt_eps": None, "decay_excluded": False, "clip_grad": 0.0,
@@ -38,7 +40,6 @@ ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False, "cooldown_version": None,  
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
 ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape", "cooldown_version"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only
-METHOD_KEYS = {"label_smoothing": ("label_smoothing",), "mixup": ("mixup",), "blurpool": ("blurpool_mode",)}
 # Before the method API, config.json's methods were bare names and the paper's methods kept their options in keys of
 # their own; canonical_methods reads such a run as the API names it: 'name:option=value' where not the default.
 LEGACY_METHOD_OPTIONS = {"label_smoothing": ("label_smoothing", "eps", 0.1), "mixup": ("mixup", "alpha", 0.2),
@@ -97,8 +98,10 @@ class Run:
 
     @property
     def method_params(self):
-        """The options of the run's active methods (label smoothing's epsilon, MixUp's alpha, BlurPool's mode)."""
-        return tuple((k, self.option(k)) for m in sorted(self.config["methods"]) for k in METHOD_KEYS.get(m, ()))
+        """What the method set's name does not say: every option of its methods, defaults included (a default
+        changed between runs), and each plug-in method's file hash (an edited plug-in)."""
+        return (("methods", json.dumps(method_options(self.config), sort_keys=True)),
+                ("plugins", json.dumps(self.config.get("plugins") or {}, sort_keys=True)))
 
     @property
     def schedule_params(self):
@@ -152,9 +155,14 @@ class CurvePoint:
         return list(zip(self.seeds, {"acc": self.accs, "time": self.times, "cost": self.costs}[value]))
 
 
+def is_legacy(config):
+    """A config.json, or a checkpoint's options, written before the method API (which records `plugins`)."""
+    return "plugins" not in config and "method_options" not in config
+
+
 def canonical_methods(config):
     """config.json's methods as canonical specs (sorted), also for runs made before the method API."""
-    if "method_options" in config or not isinstance(config.get("methods", []), list):
+    if not is_legacy(config) or not isinstance(config.get("methods", []), list):
         return config.get("methods", [])  # the API's own names (or no list: a reader refuses it by name)
     out = []
     for m in config.get("methods", []):
@@ -163,6 +171,18 @@ def canonical_methods(config):
         out.append(m if value == default else f"{m}:{option}={value!r}" if isinstance(value, float)
                    else f"{m}:{option}={value}")
     return sorted(out)
+
+
+def method_options(config):
+    """{method: {option: value}} of every method the run used, defaults included; for a run from before the method
+    API, what the API would have recorded for its methods (all four of the paper's had at most one option)."""
+    if not is_legacy(config):
+        return config.get("method_options", {})
+    out = {}
+    for m in config.get("methods", []) if isinstance(config.get("methods"), list) else []:
+        key, option, default = LEGACY_METHOD_OPTIONS.get(m, (None, None, None))
+        out[m] = {option: config.get(key, default)} if key else {}
+    return out
 
 
 def methods_label(methods):

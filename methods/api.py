@@ -7,7 +7,7 @@
             if not 0 <= self.p <= 1:
                 raise MethodError(f"{self.name}: p must be in [0, 1], got {self.p}")
         def transform_batch(self, x, y, ctx):
-            keep = torch.rand(len(x), generator=ctx.generator(x.device)) >= self.p
+            keep = torch.rand(len(x), generator=ctx.generator(x.device), device=x.device) >= self.p
             return x * keep[:, None, None, None], y
 
 Where the loop (train.py) calls the hooks, in this order:
@@ -232,7 +232,7 @@ class MethodList:
 
     def transform_batch(self, x, y, ctx):
         if self.reruns and self._hooked["transform_batch"]:  # the raw batch is needed again: the methods get a copy
-            x = x.clone()
+            x, y = x.clone(), y.clone()
         for m in self._hooked["transform_batch"]:
             x, y = m.transform_batch(x, y, ctx)
         return x, y

@@ -58,6 +58,8 @@ class BlurPool(Method):
     def from_alias_flags(args):
         if args.blurpool_mode not in MODES:
             raise MethodError(f"--blurpool-mode: unknown '{args.blurpool_mode}'; choose {' or '.join(MODES)}")
+        if args.blurpool_mode != "blur-first" and not args.blurpool:
+            raise MethodError("--blurpool-mode goes with --blurpool; or write --method blurpool:mode=conv-first")
         return {"mode": args.blurpool_mode} if args.blurpool else None
 
 

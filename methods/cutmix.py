@@ -24,5 +24,3 @@ class CutMix(MixUp):
 
     def config(self):
         return {}
-
-    add_alias_flags = from_alias_flags = None

@@ -31,8 +31,12 @@ class ProgressiveResizing(Method):
         return self.initial_scale + (1 - self.initial_scale) * min(max(ramp, 0.0), 1.0)
 
     def size(self, side, progress):
-        """The side length for an image side of `side` pixels at this progress."""
-        return max(self.size_increment, round(side * self.scale(progress) / self.size_increment) * self.size_increment)
+        """The side length for an image side of `side` pixels at this progress: a multiple of size_increment below
+        full size, never above it, and the image's own side at scale 1."""
+        scale = self.scale(progress)
+        if scale >= 1:
+            return side
+        return min(side, max(self.size_increment, round(side * scale / self.size_increment) * self.size_increment))
 
     def check(self, run):
         c, h, w = run.image_shape

@@ -8,11 +8,13 @@ import importlib.util
 import math
 import os
 import re
+import sys
 
 from methods.api import Method, MethodError, MethodList
 
 REGISTRY = {}  # name -> Method subclass
 SOURCES = {}  # name -> "sha256:<hex>" of the plug-in file that defined it (built-ins: absent)
+LOADED = {}  # (path, digest) -> the names a plug-in file registered: a file loaded again is not imported again
 
 
 def register(cls, source=None):
@@ -41,12 +43,17 @@ def load_plugins(paths):
             raise MethodError(f"--plugins: no file {path}")
         with open(path, "rb") as f:
             digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
-        module_name = "plugin_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+        if (path, digest) in LOADED:
+            names += LOADED[(path, digest)]
+            continue
+        module_name = "plugin_" + hashlib.sha1(f"{path}{digest}".encode()).hexdigest()[:12]
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses, pickling and typing look their module up there
         try:
             spec.loader.exec_module(module)
         except Exception as e:  # a user's file: say which and why, in one line
+            del sys.modules[module_name]
             raise MethodError(f"--plugins: {path} failed to import: {type(e).__name__}: {e}") from None
         found = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Method)
                  and c.__module__ == module_name and c.name]
@@ -54,7 +61,8 @@ def load_plugins(paths):
             raise MethodError(f"--plugins: {path} defines no Method subclass with a name")
         for cls in found:
             register(cls, digest)
-            names.append(cls.name)
+        LOADED[(path, digest)] = [cls.name for cls in found]
+        names += LOADED[(path, digest)]
     return names
 
 
@@ -107,7 +115,7 @@ def add_flags(parser):
     g.add_argument("--plugins", dest="plugin_files", action="append", default=[], metavar="FILE.py",
                    help="load the Method subclasses defined in FILE.py (repeatable)")
     for cls in sorted(REGISTRY.values(), key=lambda c: c.name):
-        if getattr(cls, "add_alias_flags", None):
+        if "add_alias_flags" in vars(cls):  # its own, never inherited: a subclass is another method
             cls.add_alias_flags(g)
 
 
@@ -116,7 +124,7 @@ def selected(args):
     load_plugins(args.plugin_files)
     chosen = [build(text) for text in args.method]
     for cls in list(REGISTRY.values()):
-        options = cls.from_alias_flags(args) if getattr(cls, "from_alias_flags", None) else None
+        options = cls.from_alias_flags(args) if "from_alias_flags" in vars(cls) else None
         if options is not None:
             chosen.append(cls(**options))
     by_name = {}

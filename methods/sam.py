@@ -3,7 +3,8 @@ moved by rho along the normalised gradient, w + rho g / ||g||, and that gradient
 
 Two forward-backward passes per step, so twice the compute: the time axis shows it. The first pass is the loop's
 own (all micro-batches, all-reduced under DDP), so the perturbation uses the whole step's gradient, and the second
-reruns the same micro-batches with the same augmentation draws. Under fp16 the gradients carry the GradScaler's
+reruns the same micro-batches with the same draws of the key-seeded batch transforms (MixUp, CutMix, a plug-in's
+ctx.generator; dropout and drop-path masks, drawn from the global RNG, differ between the passes). Under fp16 the gradients carry the GradScaler's
 scale, which cancels out of g / ||g||; a non-finite first gradient perturbs nothing (the step is plain SGD, or the scaler
 skips it). BatchNorm statistics come from the first pass only (the second's are put back). The loss logged is the
 first pass's, at the unperturbed weights."""

@@ -40,7 +40,8 @@ def cpu_has_native_bf16():
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "auto"])
-def test_the_recorded_precision_is_the_one_the_model_computes_in(in_process, tmp_path, amp):
+def test_the_recorded_precision_is_the_one_the_model_computes_in(in_process, tmp_path, amp, monkeypatch):
+    monkeypatch.setattr(in_process, "measure_precision", lambda *a: ("bf16", {}))  # what auto measures: below
     seen = set()
 
     def hook(module, inputs, output):
@@ -53,12 +54,35 @@ def test_the_recorded_precision_is_the_one_the_model_computes_in(in_process, tmp
     finally:
         handle.remove()
     recorded = json.load(open(os.path.join(run, "config.json")))["amp"]
-    if amp == "auto":  # bf16 where the CPU has it natively, else fp32 (emulated bf16 is ~10x slower)
+    if amp == "auto":  # measured where the CPU has bf16 natively, else fp32 (emulated bf16 is ~10x slower)
         assert recorded == ("bf16" if cpu_has_native_bf16() else "none")
     else:
         assert recorded == amp
     dtype = torch.bfloat16 if recorded == "bf16" else torch.float32
     assert seen == {(True, dtype), (False, dtype)}  # training and evaluation, every conv and linear layer
+
+
+@pytest.mark.parametrize("faster", ["none", "bf16"])
+def test_amp_auto_on_a_cpu_takes_the_precision_measured_faster_and_leaves_no_trace(in_process, tmp_path,
+                                                                                 monkeypatch, faster):
+    """The measurement runs real steps (the timing stubbed: the first call times fp32, the second bf16); the run
+    records the faster and both figures, and trains exactly as a run asked for that precision."""
+    monkeypatch.setattr(in_process, "cpu_has_native_bf16", lambda: True)
+    real, calls = in_process.images_per_second, []
+
+    def timed(step, batch, steps):
+        real(step, batch, 1)
+        calls.append(1)
+        return 100.0 if ("none", "bf16")[len(calls) - 1] == faster else 50.0
+    monkeypatch.setattr(in_process, "images_per_second", timed)
+    args = TINY + ["--eval-every", "1", "--cycles", "1"]
+    in_process.main(args + ["--run-dir", str(tmp_path / "auto")])
+    cfg = json.load(open(tmp_path / "auto" / "config.json"))
+    assert cfg["amp"] == faster and cfg["amp_measured"] == {faster: 100.0, ({"none", "bf16"} - {faster}).pop(): 50.0}
+    in_process.main(args + ["--run-dir", str(tmp_path / "asked"), "--amp", faster])
+    strip = lambda run: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows(run)]  # noqa: E731
+    assert strip(str(tmp_path / "auto")) == strip(str(tmp_path / "asked"))
+    assert len(calls) == 2  # the second run asked explicitly: nothing measured
 
 
 # ---- time accounting under a clock the test drives ------------------------------------------
@@ -122,7 +146,7 @@ def test_training_time_counts_training_steps_only(in_process, monkeypatch, tmp_p
 # methods' options are in `methods` (canonical specs, e.g. label_smoothing:eps=0.2); `plugins` hashes plug-in files.
 RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "model_kwargs", "schedule", "epochs", "warmup_epochs", "t0",
                "t_mult", "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov",
-               "weight_decay", "amp", "methods", "plugins", "seed", "compile", "cycle_decay",
+               "weight_decay", "amp", "methods", "method_options", "plugins", "seed", "compile", "cycle_decay",
                "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "family_t0",
                "family_t_mult", "eval_every", "tf32", "deterministic", "device_name", "cooldown_version", "opt",
                "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
@@ -146,8 +170,8 @@ def test_resume_refuses_a_checkpoint_that_differs_in_any_result_option(in_proces
     assert key in ckpt["config"]
     ckpt["config"][key] = "another value"
     torch.save(ckpt, last)
-    with pytest.raises(SystemExit) as e:
-        decide(in_process, run)
+    with pytest.raises(SystemExit) as e:  # (--amp auto asked again keeps the recorded choice: ask one here)
+        decide(in_process, run, *["--amp", "none"] * (key == "amp"))
     assert e.value.code == 2 and f"{key}: 'another value' -> " in capsys.readouterr().err
 
 

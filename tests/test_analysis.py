@@ -461,7 +461,7 @@ def test_a_time_ratio_interval_never_reaches_below_zero(tmp_path):
 # Written out here, not read from analysis/runs.py: a key dropped from its list must fail this test.
 ANALYSIS_RESULT_KEYS = ("dataset", "model", "model_kwargs", "subset", "lr", "batch_size", "grad_accum",
                         "warmup_epochs", "eta_min", "amp", "momentum", "nesterov", "weight_decay", "world_size",
-                        "device", "compile", "eval_every", "tf32", "device_name", "plugins")
+                        "device", "compile", "eval_every", "tf32", "device_name")
 
 
 @pytest.mark.parametrize("key", ANALYSIS_RESULT_KEYS)
@@ -540,3 +540,21 @@ def test_the_cheap_benchmark_cyclic_runs_only_reports_each_methods_improvement_w
     assert "## Improvement over the baseline, per budget" in md and "## Gaps (cyclic - standard)" not in md
     assert "| my_aug:p=0.5 | cyclic | 8 | +1.0" in md and "| ema | cyclic | 8 | +0.00" in md
     assert (out / "fig4_improvement.png").exists()
+
+
+def test_runs_of_one_method_name_but_another_plug_in_file_or_default_are_separate_sets(tmp_path):
+    """A plug-in's runs stay in the baseline's family (compared with it), but runs of an edited plug-in file, or of
+    a built-in whose default changed, are never averaged with the others under the same name."""
+    seeded(tmp_path, [], [80, 85, 90], [79, 86, 89], 0, plugins={}, method_options={})
+    seeded(tmp_path / "v1", ["mine"], [81, 86, 91], [80, 87, 90], 0, plugins={"mine": "sha256:1"},
+           method_options={"mine": {}})
+    seeded(tmp_path / "v2", ["mine"], [70, 75, 80], [70, 75, 80], 0, plugins={"mine": "sha256:2"},
+           method_options={"mine": {}})
+    seeded(tmp_path / "e1", ["ema"], [81, 86, 91], [80, 87, 90], 0, plugins={}, method_options={"ema": {"decay": 0.9}})
+    seeded(tmp_path / "e2", ["ema"], [70, 75, 80], [70, 75, 80], 0, plugins={}, method_options={"ema": {"decay": 0.5}})
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    gaps = read_csv(out / "gaps.csv")
+    assert {g["group"] for g in gaps.values()} == {""}  # one family: every set is compared with the baseline
+    assert len([m for m in gaps if m.startswith("mine (")]) == 2 and len([m for m in gaps if m.startswith("ema (")]) == 2
+    assert sorted(round(float(gaps[m]["mean_gap_pp"]), 6) for m in gaps if m.startswith("mine (")) == [-0.333333, 0.0]

@@ -58,6 +58,10 @@ def test_tiny_real_sweep_end_to_end(tmp_path):
     launch(*args, out=out)
     for d in ("baseline/s0/cyclic", "baseline/s0/standard-e2", "baseline/s0/standard-e4", "cl/s0/cyclic"):
         assert (out / d / "done").exists(), d
+    # --amp auto decided once by the sweep: every run was asked for the same explicit precision
+    argvs = [json.load(open(out / d / "config.json"))["argv"] for d in ("baseline/s0/cyclic", "cl/s0/cyclic",
+                                                                      "baseline/s0/standard-e2")]
+    assert len({a[a.index("--amp") + 1] for a in argvs}) == 1
     report = (out / "report" / "report.md").read_text()
     assert "| baseline | 2 |" in report and "| channels_last | 2 |" in report
     # the report's baseline gap is the runs' own numbers (--metric max: a standard run's best row, a cyclic point's

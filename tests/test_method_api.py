@@ -30,7 +30,7 @@ class PixelDrop(Method):
             raise MethodError(f"--method pixel_drop: p must be in [0, 1), got {self.p}")
 
     def transform_batch(self, x, y, ctx):
-        keep = torch.rand(x.shape, generator=ctx.generator(x.device)) >= self.p
+        keep = torch.rand(x.shape, generator=ctx.generator(x.device), device=x.device) >= self.p
         return x * keep, y
 '''
 
@@ -75,6 +75,8 @@ def test_a_users_method_from_a_file_trains_records_itself_and_resumes_exactly(tm
     from analysis.runs import load_runs
     runs = load_runs([str(tmp_path)])
     assert sorted(r.methods for r in runs) == ["baseline", "pixel_drop:p=0.5", "pixel_drop:p=0.5"]
+    from analysis.runs import group_runs
+    assert len(group_runs(runs)) == 1  # one family: the plug-in set is compared with the baseline
     # a changed plug-in file is not resumed into the old run
     changed = str(tmp_path / "changed")
     shutil.copytree(ref, changed)
@@ -274,6 +276,29 @@ def test_sam_updates_with_the_gradient_at_the_perturbed_weights():
         torch.testing.assert_close(a, b)
 
 
+def test_sams_second_pass_sees_the_same_augmented_batch():
+    """MixUp mixes its micro-batch in place: the rerun must start from the raw batch and draw the same lambda."""
+    from train import train_step
+    seen = []
+
+    class Spy(Method):
+        name, order = "spy", 60
+
+        def transform_batch(self, x, y, ctx):
+            seen.append((x.clone(), y.clone()))
+            return x, y
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 4, (8,))
+    raw = x.clone()
+    train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False),
+               MethodList([build("mixup"), build("sam"), Spy()]), torch.autocast("cpu", enabled=False), x, y, 2,
+               False, step_context(num_classes=4))
+    assert len(seen) == 4  # two micro-batches, twice
+    for (a, ta), (b, tb) in zip(seen[:2], seen[2:]):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert not torch.equal(seen[0][0], raw[:4]) and torch.equal(x, raw)  # mixed, and the loop's batch untouched
+
+
 def test_sam_perturbs_with_the_all_reduced_gradient_under_ddp(tmp_path):
     """2 gloo ranks, 4 images each in 2 micro-steps, equal one process over the 8: only if the perturbation uses
     the all-reduced gradient (a rank's own would move each rank's weights elsewhere)."""
@@ -296,8 +321,9 @@ def test_progressive_resizing_sizes_and_its_ramp_per_budget():
     std = schedules.make_plan("standard", 7, 1, 1, 2, 8)
     assert [std.budget_progress(s) for s in (0, 28, 55)] == [0.0, 0.5, 55 / 56]
     x = torch.randn(4, 1, 28, 28)
-    small, _ = MethodList([pr]).transform_batch(x, None, Context(0, 0.0, 0, 1, 0, 0.0, 0.0, 10))
-    full, _ = MethodList([pr]).transform_batch(x, None, Context(0, 0.0, 0, 1, 0, 0.9, 0.9, 10))
+    # the budget's progress decides, not the run's
+    small, _ = MethodList([pr]).transform_batch(x, None, Context(0, 0.0, 0, 1, 0, 0.9, 0.0, 10))
+    full, _ = MethodList([pr]).transform_batch(x, None, Context(0, 0.0, 0, 1, 0, 0.0, 0.9, 10))
     assert small.shape == (4, 1, 16, 16) and full is x
 
 
@@ -313,3 +339,58 @@ each changes the computation: the tests above.)"""
     assert cfg["methods"] == ["cutmix", "ema:decay=0.9", "progressive_resizing", "sam", "stochastic_depth"]
     assert cfg["methods_without_effect"] == [] and "warning" not in p.stdout
     resume_from_previous_checkpoint(ref, str(tmp_path / "run"), args)
+
+
+def test_a_plug_in_subclass_of_a_built_in_is_another_method_and_loads_once(tmp_path):
+    """It inherits the hooks, not the alias flag: --label-smoothing still selects label smoothing alone; a file
+    loaded again (a second --plugins, a second train.main in one process) is the same methods, not a clash."""
+    from methods import load_plugins, selected
+    from options import parse_args
+    plugin = tmp_path / "cals.py"
+    plugin.write_text("from methods.label_smoothing import LabelSmoothing\n\n"
+                      "class CaLS(LabelSmoothing):\n    name = 'ca_ls'\n")
+    assert load_plugins([str(plugin), str(plugin)]) == ["ca_ls", "ca_ls"]
+    args = parse_args(["--plugins", str(plugin), "--label-smoothing"])
+    ms, plugins = selected(args)
+    assert ms.specs == ["label_smoothing"] and plugins == {}
+    ms, plugins = selected(parse_args(["--plugins", str(plugin), "--method", "ca_ls:eps=0.2"]))
+    assert ms.specs == ["ca_ls:eps=0.2"] and list(plugins) == ["ca_ls"]
+
+
+def test_a_non_finite_second_pass_skips_the_step_without_a_trace():
+    """--skip-nonfinite with a method that recomputes the gradient (SAM): a NaN there is caught like a NaN loss."""
+    from train import train_step
+
+    class NanRerun(Method):
+        name = "nan_rerun"
+
+        def before_step(self, model, optimizer, ctx):
+            optimizer.zero_grad(set_to_none=True)
+            self.poison = True
+            ctx.forward_backward()
+
+        def transform_batch(self, x, y, ctx):
+            return (x * float("nan") if getattr(self, "poison", False) else x), y
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 10, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), MethodList([NanRerun()]),
+                      torch.autocast("cpu", enabled=False), torch.randn(4, 1, 28, 28), torch.arange(4), 1, False,
+                      step_context(), check_finite=True)
+    assert loss is None and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_progressive_resizing_never_trains_above_the_images_size():
+    pr = build("progressive_resizing:size_increment=8")
+    assert [pr.size(28, p) for p in (0.0, 0.65, 0.9)] == [16, 24, 28]  # 28 is no multiple of 8: itself at scale 1
+    assert build("progressive_resizing:size_increment=3").size(32, 0.79) <= 32
+
+
+def test_config_json_and_a_checkpoint_are_named_alike_whichever_predates_the_api():
+    from train import api_names
+    old = {"methods": ["label_smoothing", "mixup"], "label_smoothing": 0.2, "mixup": 0.2}
+    new = {"methods": ["label_smoothing:eps=0.2", "mixup"], "plugins": {},
+           "method_options": {"label_smoothing": {"eps": 0.2}, "mixup": {"alpha": 0.2}}}
+    assert api_names(old)["methods"] == new["methods"]
+    assert api_names(old)["method_options"] == new["method_options"] == api_names(new)["method_options"]
