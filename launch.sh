@@ -182,16 +182,19 @@ sweep() {
   # --t-mult goes to the standard runs too: they end on the step where the cyclic run of this shape ends a cycle
   local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 --t-mult $T_MULT"
   common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${EXTRA[*]:-}"
-  # --amp auto decides once, here, and every run gets that precision (a dry run leaves it to train.py); the
-  # presets' several sweeps of one study reuse the first answer
-  if [[ " ${EXTRA[*]:-} " != *" --amp "* ]] && [ "$DRY" != 1 ]; then
-    if [ "${AMP_FOR:-}" != "$common" ]; then
-      AMP=$(PY train.py $common --print-amp | tail -n 1) || true
-      AMP_FOR=$common
+  # --amp auto decides once per study: the first sweep into --out asks train.py (the baseline model, one process)
+  # and keeps the answer in OUT/amp; every run of every later sweep into that folder gets the same precision
+  if [[ " ${EXTRA[*]:-} " != *" --amp "* ]] || [[ " ${EXTRA[*]:-} " == *" --amp auto "* ]]; then
+    local amp=""
+    [ -s "$OUT/amp" ] && amp=$(cat "$OUT/amp")
+    if [ -z "$amp" ] && [ "$DRY" != 1 ]; then
+      amp=$(PY train.py ${common/--amp auto/} --print-amp | tail -n 1) || true
+      case "$amp" in none|bf16|fp16) mkdir -p "$OUT"; echo "$amp" > "$OUT/amp";; esac
     fi
-    case "$AMP" in
-      none|bf16|fp16) common+=" --amp $AMP";;
-      *) echo "launch.sh: could not resolve --amp auto (train.py $common --print-amp)" >&2; exit 2;;
+    case "$amp" in
+      none|bf16|fp16) common="${common/--amp auto/} --amp $amp";;
+      *) [ "$DRY" = 1 ] || { echo "launch.sh: could not resolve --amp auto (train.py $common --print-amp)" >&2
+                             exit 2; };;
     esac
   fi
   local ends
@@ -244,8 +247,8 @@ case "${1:-}" in
   sweep) shift; wants_dry_run "$@" || [ "${SKIP_SETUP:-0}" = 1 ] || setup; sweep "$@"; report_failures;;
   repro)
     # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
-    # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp auto (bf16 where
-    # the CPU has it natively). Warmup = t0 = 0.5 epochs, t_mult 2, 4 cycles: budgets 1, 2, 4, 8 epochs.
+    # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp bf16 (the study's
+    # precision, kept in results/fashion-mnist/amp for every sweep into it). Warmup = t0 = 0.5 epochs, t_mult 2, 4 cycles: budgets 1, 2, 4, 8 epochs.
     # The paper's eight method sets x seeds 0 1 2 (REPRO_SEEDS); baseline, LS and MX also with the one-run
     # estimators. Order: the baseline's cyclic and standard curves for every seed first (the baseline's gap
     # and its CI), then its estimators, then seed by seed the other sets' cyclic and standard curves, so every

@@ -65,15 +65,15 @@ def test_the_recorded_precision_is_the_one_the_model_computes_in(in_process, tmp
 @pytest.mark.parametrize("faster", ["none", "bf16"])
 def test_amp_auto_on_a_cpu_takes_the_precision_measured_faster_and_leaves_no_trace(in_process, tmp_path,
                                                                                  monkeypatch, faster):
-    """The measurement runs real steps (the timing stubbed: the first call times fp32, the second bf16); the run
-    records the faster and both figures, and trains exactly as a run asked for that precision."""
+    """The measurement runs real steps (the timing stubbed: the calls alternate fp32, bf16); the run records the
+    faster and both figures, and trains exactly as a run asked for that precision."""
     monkeypatch.setattr(in_process, "cpu_has_native_bf16", lambda: True)
     real, calls = in_process.images_per_second, []
 
     def timed(step, batch, steps):
         real(step, batch, 1)
         calls.append(1)
-        return 100.0 if ("none", "bf16")[len(calls) - 1] == faster else 50.0
+        return 100.0 if ("none", "bf16")[(len(calls) - 1) % 2] == faster else 50.0
     monkeypatch.setattr(in_process, "images_per_second", timed)
     args = TINY + ["--eval-every", "1", "--cycles", "1"]
     in_process.main(args + ["--run-dir", str(tmp_path / "auto")])
@@ -82,7 +82,7 @@ def test_amp_auto_on_a_cpu_takes_the_precision_measured_faster_and_leaves_no_tra
     in_process.main(args + ["--run-dir", str(tmp_path / "asked"), "--amp", faster])
     strip = lambda run: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows(run)]  # noqa: E731
     assert strip(str(tmp_path / "auto")) == strip(str(tmp_path / "asked"))
-    assert len(calls) == 2  # the second run asked explicitly: nothing measured
+    assert len(calls) == 4  # two interleaved rounds; the second run asked explicitly: nothing measured
 
 
 # ---- time accounting under a clock the test drives ------------------------------------------

@@ -394,3 +394,5 @@ def test_config_json_and_a_checkpoint_are_named_alike_whichever_predates_the_api
            "method_options": {"label_smoothing": {"eps": 0.2}, "mixup": {"alpha": 0.2}}}
     assert api_names(old)["methods"] == new["methods"]
     assert api_names(old)["method_options"] == new["method_options"] == api_names(new)["method_options"]
+    # a checkpoint written between the API and method_options records plugins only: it adds no empty options
+    assert "method_options" not in api_names({"methods": ["ema"], "plugins": {}})
