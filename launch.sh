@@ -16,8 +16,10 @@
 #   --plugins FILE.py (repeatable: train.py --plugins, for methods of your own)
 #   --data fashion-mnist --data-dir DIR --model small_resnet  --gpus N (torchrun --nproc_per_node)
 #   --nnodes N --rdzv-endpoint HOST:PORT (multi-node)  --constant (add constant-period runs)
-#   --schedules cyclic,cyclic-decay,wsd,schedule-free (one-run estimators)  --no-standard (the estimators only:
-#       the cheap benchmark, once the cyclic curve is trusted)
+#   --schedules cyclic,cyclic-decay,wsd,schedule-free (one-run estimators; none: standard runs only)
+#   --no-standard (the estimators only: the cheap benchmark, once the cyclic curve is trusted)
+#   --budgets "2 32" (standard runs at these cycle ends only, e.g. a pilot's smallest and largest)
+#   --vit (the ViT recipe: model, its options, AdamW, fp32; README "A ViT recipe"; EXTRA flags override it)
 #   --out runs/sweep  --no-report  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
 # A finished run (has 'done') is skipped; an unfinished one is resumed (--resume auto), so a killed
 # sweep continues where it stopped.
@@ -42,17 +44,22 @@ setup() {
   fi
 }
 
+# The ViT recipe for Fashion-MNIST (README, "A ViT recipe"): timm's VisionTransformer at 28x28, patch 7, 4 layers of
+# width 128; AdamW lr 2e-3 (weight decay 5e-5 per step at the peak LR: torch's 0.025), clipping at 1.
+VIT_KWARGS="img_size=28,patch_size=7,embed_dim=128,depth=4,num_heads=4"
+VIT_RECIPE=(--opt adamw --lr 2e-3 --weight-decay 5e-5 --clip-grad 1.0)
 PY() { if [ -x "$VENV/bin/python" ]; then "$VENV/bin/python" "$@"; else python3 "$@"; fi; }
 
 # ---- sweep ----------------------------------------------------------------------------------
 SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
 GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
-DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${STANDARD:-1}; EXTRA=(); FAILED=()
+DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${STANDARD:-1}; BUDGETS=${BUDGETS:-}
+EXTRA=(); FAILED=()
 PLUGINS=()
 
 parse_sweep() {
-  PLUGINS=()  # each sweep its own (repro calls sweep several times)
+  PLUGINS=(); RECIPE=()  # each sweep its own (repro calls sweep several times)
   while [ $# -gt 0 ]; do
     case "$1" in
       --seeds) SEEDS=$2; shift 2;; --methods) METHODS=$2; shift 2;; --warmup) WARMUP=$2; shift 2;;
@@ -61,6 +68,8 @@ parse_sweep() {
       --gpus) GPUS=$2; shift 2;; --nnodes) NNODES=$2; shift 2;; --rdzv-endpoint) RDZV=$2; shift 2;;
       --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
       --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;; --no-standard) STANDARD=0; shift;;
+      --budgets) BUDGETS=$2; shift 2;;
+      --vit) MODEL=vit_tiny_patch16_224; RECIPE=(--model-kwargs "$VIT_KWARGS" "${VIT_RECIPE[@]}" --amp none); shift;;
       --plugins) [ -f "$2" ] || { echo "launch.sh: --plugins: no file $2" >&2; exit 2; }
                  PLUGINS+=(--plugins "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
       --) shift; EXTRA=("$@"); break;;
@@ -181,10 +190,10 @@ sweep() {
   parse_sweep "$@"
   # --t-mult goes to the standard runs too: they end on the step where the cyclic run of this shape ends a cycle
   local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 --t-mult $T_MULT"
-  common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${EXTRA[*]:-}"
+  common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${RECIPE[*]:-} ${EXTRA[*]:-}"
   # --amp auto decides once per study: the first sweep into --out asks train.py (the baseline model, one process)
   # and keeps the answer in OUT/amp; every run of every later sweep into that folder gets the same precision
-  if [[ " ${EXTRA[*]:-} " != *" --amp "* ]] || [[ " ${EXTRA[*]:-} " == *" --amp auto "* ]]; then
+  if [[ " $common " != *" --amp "* ]] || [[ " $common " == *" --amp auto "* ]]; then
     local amp=""
     [ -s "$OUT/amp" ] && amp=$(cat "$OUT/amp")
     if [ -z "$amp" ] && [ "$DRY" != 1 ]; then
@@ -208,6 +217,7 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
     for set in "${sets[@]}"; do
       local mf; mf=$(method_flags "$set")
       for sched in ${SCHEDULES//,/ }; do
+        [ "$sched" = none ] && continue
         case "$sched" in
           cyclic|cyclic-decay|wsd|schedule-free) ;;
           *) echo "launch.sh: unknown schedule '$sched' in --schedules (cyclic, cyclic-decay, wsd, schedule-free)" >&2
@@ -217,6 +227,7 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
       done
       for e in $ends; do
         [ "$STANDARD" = 1 ] || break
+        [ -z "$BUDGETS" ] || [[ " $BUDGETS " == *" $e "* ]] || continue
         one_run "$OUT/$set/s$seed/standard-e$e" --schedule standard --epochs "$e" --seed "$seed" $mf $common
       done
       if [ "$CONSTANT" = 1 ]; then
@@ -274,6 +285,31 @@ case "${1:-}" in
       sweep "${shape[@]}" --seeds "$seed" --methods ls,mx --schedules cyclic-decay,wsd,schedule-free "$@" "${flags[@]}"
     done
     report "$OUT"  # results/fashion-mnist unless --out says otherwise
+    report_failures;;
+  vit-study)
+    # Study 2 (README, "Study 2"): a ViT where methods matter. The ViT recipe (README: 4 layers, patch 7, width 128,
+    # AdamW, decay exclusions, clipping; fp32, which is faster than bf16 for it on CPUs) on the first 10k Fashion-
+    # MNIST training images, batch 128; warmup 1, t0 1, t_mult 2, 5 cycles: budgets 2, 4, 8, 16, 32 epochs.
+    # Method sets: baseline, LS, MixUp, LS+MX, stochastic depth, EMA, CutMix; seeds 0 1 2 (STUDY_SEEDS); standard
+    # runs at every budget and the cyclic, cyclic-decay and wsd estimators, seed by seed. --pilot: the pilot
+    # (baseline, LS, MX; seeds 0 1; standard runs at 2, 16 and 32 epochs only), whose runs the study reuses.
+    shift; pilot=0; [ "${1:-}" = --pilot ] && { pilot=1; shift; }
+    wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || [ "${SKIP_SETUP:-0}" = 1 ] || setup
+    shape=(--out results/vit-fmnist --model vit_tiny_patch16_224 --warmup 1 --t0 1 --t-mult 2 --cycles 5 --no-report)
+    flags=(-- --model-kwargs "$VIT_KWARGS" "${VIT_RECIPE[@]}" --subset 10000 --batch-size 128 --amp none
+           --eval-every 0 --checkpoint-every 1)
+    if [ "$pilot" = 1 ]; then
+      for seed in 0 1; do
+        sweep "${shape[@]}" --seeds "$seed" --methods baseline,ls,mx --schedules none --budgets "2 16 32" "$@" \
+          "${flags[@]}"
+      done
+    else
+      for seed in ${STUDY_SEEDS:-0 1 2}; do
+        sweep "${shape[@]}" --seeds "$seed" --schedules cyclic,cyclic-decay,wsd "$@" \
+          --methods baseline,ls,mx,ls+mx,stochastic_depth,ema,cutmix "${flags[@]}"
+      done
+    fi
+    report results/vit-fmnist
     report_failures;;
   gpu-check)
     # Once on a CUDA machine, offline as GPU nodes often are: nothing is installed (the .venv's python if there is

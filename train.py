@@ -28,7 +28,7 @@ from tqdm import tqdm
 import schedules
 from analysis.runs import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 from data import DataError, build_data
-from methods import Context, MethodError, MethodList, weights_kept
+from methods import ALIAS_KEYS, Context, MethodError, MethodList, weights_kept
 from models import build_model
 from options import (RESULT_KEYS, cpu_has_native_bf16, fail, micro_batch_size, parse_args, resolve,
                      result_options)
@@ -269,9 +269,8 @@ def run_main(argv=None):
             print(f"--amp auto: {amp} ({', '.join(f'{k} {v:.0f}' for k, v in amp_measured.items())} img/s over a few "
                   f"training steps of this model)")
     own = methods.config()  # what the methods record of themselves: never over an option of the run
-    # (the paper's methods record their old flags' keys, label_smoothing, mixup, blurpool_mode: their own)
-    clash = sorted(set(own) & (set(RESULT_KEYS) | set(asdict(setup)) | set(vars(args)) | {"argv"})
-                   - {"label_smoothing", "mixup", "blurpool_mode"})
+    # (the paper's methods record the options of their old flags: those are theirs)
+    clash = sorted(set(own) & (set(RESULT_KEYS) | set(asdict(setup)) | set(vars(args)) | {"argv"}) - ALIAS_KEYS)
     if clash:
         fail(f"--method: a method's config() returns '{clash[0]}', an option of the run; rename it", options=True)
     spe = loader.steps_per_epoch

@@ -9,7 +9,7 @@ from methods.ema import EMA
 from methods.label_smoothing import LabelSmoothing
 from methods.mixup import MixUp
 from methods.progressive_resizing import ProgressiveResizing
-from methods.registry import REGISTRY, add_flags, build, load_plugins, register, selected
+from methods.registry import ALIAS_KEYS, REGISTRY, add_flags, build, load_plugins, register, selected
 from methods.sam import SAM
 from methods.stochastic_depth import StochasticDepth
 
@@ -17,5 +17,5 @@ BUILT_IN = (BlurPool, ChannelsLast, LabelSmoothing, MixUp, CutMix, EMA, Stochast
 for _cls in BUILT_IN:
     register(_cls)
 
-__all__ = ["BUILT_IN", "Context", "Method", "MethodError", "MethodList", "REGISTRY", "add_flags", "build",
+__all__ = ["ALIAS_KEYS", "BUILT_IN", "Context", "Method", "MethodError", "MethodList", "REGISTRY", "add_flags", "build",
            "load_plugins", "register", "selected", "weights_kept"]

@@ -110,3 +110,15 @@ def test_repro_plans_the_whole_study_seed_by_seed(tmp_path):
                  "--t0 0.5", "--t-mult 2", "--cycles 4", "--data fashion-mnist", "--eval-every 0"):
         assert flag in cyc, flag
     assert lines[-1].endswith(f"analysis.report {out} --out {out}/report")
+
+
+def test_the_vit_study_pilot_plans_its_standard_runs_at_three_budgets_only():
+    """--pilot: baseline, LS and MX, seeds 0 and 1, standard runs at 2, 16 and 32 epochs (--budgets), no estimator
+    runs (--schedules none), each at the path the full study will skip as done."""
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "vit-study", "--pilot", "--dry-run"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    dirs = [line.split("--run-dir ")[1].split()[0] for line in p.stdout.splitlines() if "train.py" in line]
+    assert sorted(dirs) == sorted(f"results/vit-fmnist/{m}/s{s}/standard-e{e}" for m in ("baseline", "ls", "mx")
+                                  for s in (0, 1) for e in (2, 16, 32))
+    assert all("--subset 10000" in line and "--amp none" in line for line in p.stdout.splitlines() if "train.py" in line)
