@@ -6,6 +6,7 @@
 #   ./launch.sh test                  setup + the test suite
 #   ./launch.sh sweep [options]       cyclic + standard runs for every seed x method set, then the report
 #   ./launch.sh repro [options]       the study: eight method sets x 3 seeds on Fashion-MNIST + estimators (a preset)
+#   ./launch.sh vit-study [--pilot]   Study 2: the ViT recipe x seven method sets x 3 seeds on 10k images (a preset)
 #   ./launch.sh gpu-check [--data-dir DIR]  on a CUDA machine, offline: CUDA tests + gpu_check.py (< 10 min)
 #
 # Sweep options (each also as an environment variable, e.g. SEEDS="0 1"):
@@ -69,7 +70,7 @@ parse_sweep() {
       --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
       --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;; --no-standard) STANDARD=0; shift;;
       --budgets) BUDGETS=$2; shift 2;;
-      --vit) MODEL=vit_tiny_patch16_224; RECIPE=(--model-kwargs "$VIT_KWARGS" "${VIT_RECIPE[@]}" --amp none); shift;;
+      --vit) MODEL=vit_tiny_patch16_224; RECIPE=(--model-kwargs "$VIT_KWARGS" "${VIT_RECIPE[@]}"); shift;;
       --plugins) [ -f "$2" ] || { echo "launch.sh: --plugins: no file $2" >&2; exit 2; }
                  PLUGINS+=(--plugins "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
       --) shift; EXTRA=("$@"); break;;
@@ -191,6 +192,20 @@ sweep() {
   # --t-mult goes to the standard runs too: they end on the step where the cyclic run of this shape ends a cycle
   local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 --t-mult $T_MULT"
   common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${RECIPE[*]:-} ${EXTRA[*]:-}"
+  # the ViT recipe trains in fp32 unless the extra flags ask for a precision (auto included)
+  [ ${#RECIPE[@]} -gt 0 ] && [[ " ${EXTRA[*]:-} " != *" --amp "* ]] && common+=" --amp none"
+  if [ -n "$BUDGETS" ]; then  # each asked budget must be a cycle end (within 5 %): a typo plans nothing silently
+    BUDGETS=$(PY -c 'import sys
+ends = [float(e) for e in sys.argv[2].split()]
+out = []
+for b in sys.argv[1].replace(",", " ").split():
+    near = [e for e in ends if abs(e - float(b)) <= 0.05 * e]
+    if not near:
+        sys.exit(f"launch.sh: --budgets {b} is no cycle end; the cycle ends are {sys.argv[2]}")
+    out.append(f"{near[0]:.12g}")
+print(" ".join(out))' "$BUDGETS" "$(PY -c "import schedules as s
+print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES)))")") || exit 2
+  fi
   # --amp auto decides once per study: the first sweep into --out asks train.py (the baseline model, one process)
   # and keeps the answer in OUT/amp; every run of every later sweep into that folder gets the same precision
   if [[ " $common " != *" --amp "* ]] || [[ " $common " == *" --amp auto "* ]]; then
@@ -293,7 +308,13 @@ case "${1:-}" in
     # Method sets: baseline, LS, MixUp, LS+MX, stochastic depth, EMA, CutMix; seeds 0 1 2 (STUDY_SEEDS); standard
     # runs at every budget and the cyclic, cyclic-decay and wsd estimators, seed by seed. --pilot: the pilot
     # (baseline, LS, MX; seeds 0 1; standard runs at 2, 16 and 32 epochs only), whose runs the study reuses.
-    shift; pilot=0; [ "${1:-}" = --pilot ] && { pilot=1; shift; }
+    shift; pilot=0
+    for arg in "$@"; do
+      case "$arg" in --pilot) pilot=1;; --dry-run) DRY=1;;
+        *) echo "launch.sh: vit-study takes --pilot and --dry-run only (its design is fixed; see README)" >&2; exit 2;;
+      esac
+    done
+    set --
     wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || [ "${SKIP_SETUP:-0}" = 1 ] || setup
     shape=(--out results/vit-fmnist --model vit_tiny_patch16_224 --warmup 1 --t0 1 --t-mult 2 --cycles 5 --no-report)
     flags=(-- --model-kwargs "$VIT_KWARGS" "${VIT_RECIPE[@]}" --subset 10000 --batch-size 128 --amp none
@@ -321,5 +342,5 @@ case "${1:-}" in
     if PY -c "import pytest" 2>/dev/null; then PY -m pytest -q -m cuda tests || echo "launch.sh: CUDA tests FAILED" >&2
     else echo "launch.sh: pytest is not installed: the CUDA tests are skipped (gpu_check.py runs the checks)" >&2; fi
     PY gpu_check.py "$@";;
-  *) sed -n '2,18p' "$0"; exit 2;;
+  *) sed -n '2,26p' "$0"; exit 2;;
 esac

@@ -269,8 +269,9 @@ def run_main(argv=None):
             print(f"--amp auto: {amp} ({', '.join(f'{k} {v:.0f}' for k, v in amp_measured.items())} img/s over a few "
                   f"training steps of this model)")
     own = methods.config()  # what the methods record of themselves: never over an option of the run
-    # (the paper's methods record the options of their old flags: those are theirs)
-    clash = sorted(set(own) & (set(RESULT_KEYS) | set(asdict(setup)) | set(vars(args)) | {"argv"}) - ALIAS_KEYS)
+    reserved = set(RESULT_KEYS) | set(asdict(setup)) | set(vars(args)) | {"argv"}
+    clash = sorted(k for m in methods.all for k in set(m.config()) & reserved
+                   - ALIAS_KEYS.get(m.name, set()))  # (the paper's methods record their own old flags' options)
     if clash:
         fail(f"--method: a method's config() returns '{clash[0]}', an option of the run; rename it", options=True)
     spe = loader.steps_per_epoch

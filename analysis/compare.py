@@ -9,6 +9,7 @@ Runs that differ in a result-defining option (analysis.runs.RESULT_KEYS) form se
 """
 import argparse
 import csv
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -111,8 +112,9 @@ def time_stats(pairs):
 
 def delta_gap_vs_baseline(cmap, m, estimator, min_epochs=0.0):
     """How much more the estimator's curve misses set m's standard curve than the baseline's, paired by seed: per
-    seed s, the mean over the budgets all four curves share of (estimator_m - standard_m) - (estimator_base -
-    standard_base), then the mean over the seeds that have all four at every such budget, with its t interval
+    seed s, the mean over the budgets where the most seeds have all four curves of (estimator_m - standard_m) -
+    (estimator_base - standard_base), then the mean over the seeds that have all four at every such budget (their
+    number: delta_gap_seeds), with its t interval
     (the paper's caveat: negative for regularisers whose gains come late, which a cyclic run misses).
     (delta, lo, hi, resolved, seeds); all None for the baseline or without shared budgets and seeds."""
     none = (None,) * 5
@@ -121,13 +123,19 @@ def delta_gap_vs_baseline(cmap, m, estimator, min_epochs=0.0):
     base = match(cmap.get(("baseline", estimator), []), cmap.get(("baseline", "standard"), []), min_epochs)
     quads = [(e, s, be, bs) for e, s in match(cmap.get((m, estimator), []), cmap.get((m, "standard"), []), min_epochs)
              for be, bs in base if abs(be.epochs - e.epochs) <= MATCH_TOLERANCE * max(be.epochs, e.epochs)]
-    per_seed = {}
+    per_budget = []  # {seed: that seed's (estimator - standard) of m minus the same of the baseline}
     for quad in quads:
         accs = [dict(p.samples("acc")) for p in quad]
-        for seed in set(accs[0]).intersection(*accs[1:]):
-            per_seed.setdefault(seed, []).append((accs[0][seed] - accs[1][seed]) - (accs[2][seed] - accs[3][seed]))
-    deltas = [sum(d) / len(d) for d in per_seed.values() if len(d) == len(quads)]
-    if not quads or not deltas:
+        per_budget.append({seed: (accs[0][seed] - accs[1][seed]) - (accs[2][seed] - accs[3][seed])
+                           for seed in set(accs[0]).intersection(*accs[1:])})
+    per_budget = [b for b in per_budget if b]
+    # the budgets the most seeds have all four curves at (an extra seed at an extra budget, or a crashed run,
+    # costs that budget or that seed, not the statistic), then the seeds complete over them
+    most = max((len(b) for b in per_budget), default=0)
+    kept = [b for b in per_budget if len(b) == most] if most else []
+    seeds = set.intersection(*(set(b) for b in kept)) if kept else set()
+    deltas = [d for d in (sum(b[s] for b in kept) / len(kept) for s in seeds) if math.isfinite(d)]
+    if not deltas:
         return none
     lo, hi = stats.mean_ci(deltas)
     return sum(deltas) / len(deltas), lo, hi, stats.resolved(lo, hi), len(deltas)

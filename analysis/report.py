@@ -415,12 +415,13 @@ def gap_section(gaps, points):
     """report.md's tables of mean gaps and per-budget gaps, each with its CI."""
     md = ["## Gaps (cyclic - standard)", "", md_table(
         ["methods", "budgets", "seeds", "mean gap [95 % CI]", "resolved", "mean abs gap [95 % CI]", "max abs gap",
-         "improvement corr", "gap - baseline's [95 % CI]", "resolved", "pairing", "note"],
+         "improvement corr", "gap - baseline's [95 % CI] (seeds)", "resolved (vs baseline)", "pairing", "note"],
         [[g["methods"], g["budgets"] or "", fmt(g["n_seeds"]),
           gap_cell(g["mean_gap_pp"], g["mean_gap_lo"], g["mean_gap_hi"]), resolved_cell(g["resolved"]),
           gap_cell(g["mean_abs_gap_pp"], g["mean_abs_gap_lo"], g["mean_abs_gap_hi"], ".2f"), fmt(g["max_abs_gap_pp"]),
           fmt(g["improvement_corr"]),
-          gap_cell(g["delta_gap_vs_baseline"], g["delta_gap_vs_baseline_lo"], g["delta_gap_vs_baseline_hi"]),
+          gap_cell(g["delta_gap_vs_baseline"], g["delta_gap_vs_baseline_lo"], g["delta_gap_vs_baseline_hi"])
+          + (f" ({g['delta_gap_seeds']})" if g["delta_gap_seeds"] else ""),
           resolved_cell(g["delta_gap_vs_baseline_resolved"]), fmt(g["pairing"]), fmt(g["note"])] for g in gaps]), ""]
     md += verdict_lines(gaps)
     md += ["### Per budget", "", md_table(

@@ -15,7 +15,7 @@ from methods.api import Method, MethodError, MethodList
 REGISTRY = {}  # name -> Method subclass
 SOURCES = {}  # name -> "sha256:<hex>" of the plug-in file that defined it (built-ins: absent)
 LOADED = {}  # (path, digest) -> the names a plug-in file registered: a file loaded again is not imported again
-ALIAS_KEYS = set()  # the options the built-ins' alias flags add (label_smoothing, ...): their config() may record them
+ALIAS_KEYS = {}  # method name -> the options its alias flags add (label_smoothing, ...): its config() may record them
 
 
 def register(cls, source=None):
@@ -119,7 +119,7 @@ def add_flags(parser):
         if "add_alias_flags" in vars(cls):  # its own, never inherited: a subclass is another method
             before = {a.dest for a in parser._actions}
             cls.add_alias_flags(g)
-            ALIAS_KEYS.update({a.dest for a in parser._actions} - before)
+            ALIAS_KEYS[cls.name] = {a.dest for a in parser._actions} - before
 
 
 def selected(args):

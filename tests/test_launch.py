@@ -118,7 +118,9 @@ def test_the_vit_study_pilot_plans_its_standard_runs_at_three_budgets_only():
     p = subprocess.run([os.path.join(ROOT, "launch.sh"), "vit-study", "--pilot", "--dry-run"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    dirs = [line.split("--run-dir ")[1].split()[0] for line in p.stdout.splitlines() if "train.py" in line]
+    lines = p.stdout.splitlines()  # (runs the pilot has finished show as skipped)
+    dirs = [line.split("--run-dir ")[1].split()[0] for line in lines if "train.py" in line] + [
+        line.split("skip (done): ")[1].strip() for line in lines if line.startswith("skip (done): ")]
     assert sorted(dirs) == sorted(f"results/vit-fmnist/{m}/s{s}/standard-e{e}" for m in ("baseline", "ls", "mx")
                                   for s in (0, 1) for e in (2, 16, 32))
     assert all("--subset 10000" in line and "--amp none" in line for line in p.stdout.splitlines() if "train.py" in line)
