@@ -56,7 +56,7 @@ SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
 GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
 DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${STANDARD:-1}; BUDGETS=${BUDGETS:-}
-EXTRA=(); FAILED=()
+EXTRA=(); FAILED=(); CHECKED=""
 PLUGINS=()
 
 parse_sweep() {
@@ -227,7 +227,11 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
   local sets=() checks=() set
   mapfile -t sets < <(method_sets "$METHODS")
   for set in "${sets[@]}"; do checks+=("$set" "$(method_flags "$set")"); done
-  check_methods "${EXTRA[*]:-}" "${PLUGINS[*]:-}" "${checks[@]}"
+  local key="$METHODS|${EXTRA[*]:-}|${PLUGINS[*]:-}"  # a preset's sweeps of the same sets: checked once
+  if [[ "$CHECKED" != *"<$key>"* ]]; then
+    check_methods "${EXTRA[*]:-}" "${PLUGINS[*]:-}" "${checks[@]}"
+    CHECKED+="<$key>"
+  fi
   for seed in $SEEDS; do
     for set in "${sets[@]}"; do
       local mf; mf=$(method_flags "$set")
