@@ -222,13 +222,15 @@ def image_folder(root, split, transform):
 class FolderData:
     """An ImageFolder tree (train/, val/) read by DataLoader workers with the standard ResNet transforms."""
 
-    def __init__(self, root, device, workers, image_size=224):
+    def __init__(self, root, device, workers, image_size=224, augment=True):
         import torchvision.transforms as T
         mean, std = STATS["imagenet"]
+        val_transform = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
+                                   T.Normalize(mean, std)])
         self.train_set = image_folder(root, "train", T.Compose([
-            T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
-        self.val_set = image_folder(root, "val", T.Compose([
-            T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)]))
+            T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+            if augment else val_transform)
+        self.val_set = image_folder(root, "val", val_transform)
         train_classes, val_classes = set(self.train_set.classes), set(self.val_set.classes)
         if train_classes != val_classes:  # labels are indices into the sorted class list: they would not match
             few = lambda names: ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "") or "none"
@@ -370,10 +372,11 @@ def worker_errors_named(loader):
         raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
-def build_data(name, data_dir, device, subset=0, download=False, workers=8):
+def build_data(name, data_dir, device, subset=0, download=False, workers=8, augment=True):
     """The dataset named by --data, ready to iterate on `device`. --subset N keeps the first N training images
     of a resident dataset (their files are already in random order) and a fixed random N of an ImageNet tree
-    (sorted by class; drawn with seed 0, so every run trains on the same images)."""
+    (sorted by class; drawn with seed 0, so every run trains on the same images). augment=False (--augment none):
+    training images as evaluated (no crop or flip), a data-limited regime where regularisers matter."""
     if name not in DATASETS:
         raise DataError(f"--data: unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     if data_dir and not os.path.isdir(data_dir):
@@ -381,7 +384,7 @@ def build_data(name, data_dir, device, subset=0, download=False, workers=8):
     if name == "imagenet":
         if not data_dir:
             raise DataError("--data-dir is required for --data imagenet (an ImageFolder tree with train/ and val/)")
-        data = FolderData(data_dir, device, workers)
+        data = FolderData(data_dir, device, workers, augment=augment)
         if subset and subset < len(data.train_set):
             keep = torch.randperm(len(data.train_set), generator=torch.Generator().manual_seed(0))[:subset]
             data.train_set = torch.utils.data.Subset(data.train_set, keep.sort().values.tolist())
@@ -397,4 +400,6 @@ def build_data(name, data_dir, device, subset=0, download=False, workers=8):
         xtr, ytr = xtr[:subset], ytr[:subset]
     num_classes = 100 if name == "cifar100" else 10
     mean, std = STATS[name]
+    if not augment:
+        pad, flip = 0, False
     return ResidentData(xtr, ytr, xva, yva, mean, std, device, pad, flip, num_classes)

@@ -20,7 +20,8 @@
 #   --schedules cyclic,cyclic-decay,wsd,schedule-free (one-run estimators; none: standard runs only)
 #   --no-standard (the estimators only: the cheap benchmark, once the cyclic curve is trusted)
 #   --budgets "2 32" (standard runs at these cycle ends only, e.g. a pilot's smallest and largest)
-#   --vit (the ViT recipe: model, its options, AdamW, fp32; README "A ViT recipe"; EXTRA flags override it)
+#   --config FILE.yaml (repeatable: a recipe for every run; its shape, model, data and amp are this sweep's defaults)
+#   --vit (the ViT recipe, recipes/vit-fmnist.yaml; README "A ViT recipe"; EXTRA flags override it)
 #   --out runs/sweep  --no-report  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
 # A finished run (has 'done') is skipped; an unfinished one is resumed (--resume auto), so a killed
 # sweep continues where it stopped.
@@ -45,10 +46,6 @@ setup() {
   fi
 }
 
-# The ViT recipe for Fashion-MNIST (README, "A ViT recipe"): timm's VisionTransformer at 28x28, patch 7, 4 layers of
-# width 128; AdamW lr 2e-3 (weight decay 5e-5 per step at the peak LR: torch's 0.025), clipping at 1.
-VIT_KWARGS="img_size=28,patch_size=7,embed_dim=128,depth=4,num_heads=4"
-VIT_RECIPE=(--opt adamw --lr 2e-3 --weight-decay 5e-5 --clip-grad 1.0)
 PY() { if [ -x "$VENV/bin/python" ]; then "$VENV/bin/python" "$@"; else python3 "$@"; fi; }
 
 # ---- sweep ----------------------------------------------------------------------------------
@@ -60,8 +57,10 @@ EXTRA=(); FAILED=(); CHECKED=""
 PLUGINS=()
 
 parse_sweep() {
-  PLUGINS=(); RECIPE=()  # each sweep its own (repro calls sweep several times)
+  PLUGINS=(); CONFIGS=(); RECIPE_AMP=""  # each sweep its own (repro calls sweep several times)
+  local given=" "
   while [ $# -gt 0 ]; do
+    given+="$1 "
     case "$1" in
       --seeds) SEEDS=$2; shift 2;; --methods) METHODS=$2; shift 2;; --warmup) WARMUP=$2; shift 2;;
       --t0) T0=$2; shift 2;; --t-mult) T_MULT=$2; shift 2;; --cycles) CYCLES=$2; shift 2;;
@@ -70,13 +69,23 @@ parse_sweep() {
       --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
       --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;; --no-standard) STANDARD=0; shift;;
       --budgets) BUDGETS=$2; shift 2;;
-      --vit) MODEL=vit_tiny_patch16_224; RECIPE=(--model-kwargs "$VIT_KWARGS" "${VIT_RECIPE[@]}"); shift;;
+      --config) [ -f "${2:-}" ] || { echo "launch.sh: --config: no file ${2:-}" >&2; exit 2; }
+                CONFIGS+=(--config "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
+      --vit) CONFIGS=(--config "$PWD/recipes/vit-fmnist.yaml" "${CONFIGS[@]}"); shift;;
       --plugins) [ -f "$2" ] || { echo "launch.sh: --plugins: no file $2" >&2; exit 2; }
                  PLUGINS+=(--plugins "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
       --) shift; EXTRA=("$@"); break;;
       *) echo "launch.sh: unknown sweep option '$1' (see the top of launch.sh)" >&2; exit 2;;
     esac
   done
+  [ ${#CONFIGS[@]} -gt 0 ] || return 0
+  # what the recipes set of the sweep's own options (shape, model, data, precision) is their default here
+  local lines flag var value
+  lines=$(PY -c 'import sys, options
+print(options.sweep_defaults(sys.argv[2::2]))' "${CONFIGS[@]}" 2>&1) || { echo "launch.sh: ${lines##*error: }" >&2; exit 2; }
+  while read -r flag var value; do
+    if [ -n "$flag" ] && [[ "$given" != *" $flag "* ]]; then printf -v "$var" '%s' "$value"; fi
+  done <<<"$lines"
 }
 
 method_flags() {  # bp+cl -> --blurpool --channels-last; ema+sam:rho=0.1 -> --method ema --method sam:rho=0.1
@@ -191,9 +200,9 @@ sweep() {
   parse_sweep "$@"
   # --t-mult goes to the standard runs too: they end on the step where the cyclic run of this shape ends a cycle
   local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 --t-mult $T_MULT"
-  common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${RECIPE[*]:-} ${EXTRA[*]:-}"
-  # the ViT recipe trains in fp32 unless the extra flags ask for a precision (auto included)
-  [ ${#RECIPE[@]} -gt 0 ] && [[ " ${EXTRA[*]:-} " != *" --amp "* ]] && common+=" --amp none"
+  common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${CONFIGS[*]:-} ${EXTRA[*]:-}"
+  # a recipe's precision (the ViT's: fp32) holds unless the extra flags ask for one (auto included)
+  [ -n "$RECIPE_AMP" ] && [[ " ${EXTRA[*]:-} " != *" --amp "* ]] && common+=" --amp $RECIPE_AMP"
   if [ -n "$BUDGETS" ]; then  # each asked budget must be a cycle end (within 5 %): a typo plans nothing silently
     BUDGETS=$(PY -c 'import sys
 ends = [float(e) for e in sys.argv[2].split()]
@@ -227,9 +236,9 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
   local sets=() checks=() set
   mapfile -t sets < <(method_sets "$METHODS")
   for set in "${sets[@]}"; do checks+=("$set" "$(method_flags "$set")"); done
-  local key="$METHODS|${EXTRA[*]:-}|${PLUGINS[*]:-}"  # a preset's sweeps of the same sets: checked once
+  local key="$METHODS|${CONFIGS[*]:-} ${EXTRA[*]:-}|${PLUGINS[*]:-}"  # a preset's sweeps of the same sets: checked once
   if [[ "$CHECKED" != *"<$key>"* ]]; then
-    check_methods "${EXTRA[*]:-}" "${PLUGINS[*]:-}" "${checks[@]}"
+    check_methods "${CONFIGS[*]:-} ${EXTRA[*]:-}" "${PLUGINS[*]:-}" "${checks[@]}"
     CHECKED+="<$key>"
   fi
   for seed in $SEEDS; do
@@ -278,7 +287,8 @@ case "${1:-}" in
   repro)
     # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
     # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp bf16 (the study's
-    # precision, kept in results/fashion-mnist/amp for every sweep into it). Warmup = t0 = 0.5 epochs, t_mult 2, 4 cycles: budgets 1, 2, 4, 8 epochs.
+    # precision, kept in results/fashion-mnist/amp for every sweep into it). Warmup = t0 = 0.5 epochs, t_mult 2,
+    # 4 cycles: budgets 1, 2, 4, 8 epochs. All of it in recipes/fashion-mnist-study.yaml.
     # The paper's eight method sets x seeds 0 1 2 (REPRO_SEEDS); baseline, LS and MX also with the one-run
     # estimators. Order: the baseline's cyclic and standard curves for every seed first (the baseline's gap
     # and its CI), then its estimators, then seed by seed the other sets' cyclic and standard curves, so every
@@ -286,32 +296,28 @@ case "${1:-}" in
     # points only; a checkpoint every minute, so a paused study loses < 1 minute. Runs go straight into
     # results/fashion-mnist (git keeps config.json, metrics.csv and done).
     shift; wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || setup
-    shape=(--out results/fashion-mnist --warmup 0.5 --t0 0.5 --t-mult 2 --cycles 4 --no-report)
-    flags=(-- --eval-every 0 --checkpoint-every 1)
+    shape=(--out results/fashion-mnist --config recipes/fashion-mnist-study.yaml --no-report)
     seeds=${REPRO_SEEDS:-0 1 2}
     for seed in $seeds; do
-      sweep "${shape[@]}" --seeds "$seed" --methods baseline --schedules cyclic "$@" "${flags[@]}"
+      sweep "${shape[@]}" --seeds "$seed" --methods baseline --schedules cyclic "$@"
     done
     for seed in $seeds; do
-      sweep "${shape[@]}" --seeds "$seed" --methods baseline --schedules cyclic-decay,wsd,schedule-free "$@" \
-        "${flags[@]}"
+      sweep "${shape[@]}" --seeds "$seed" --methods baseline --schedules cyclic-decay,wsd,schedule-free "$@"
     done
     for seed in $seeds; do
-      sweep "${shape[@]}" --seeds "$seed" --methods ls,mx,bp,cl,bp+cl,ls+mx,bp+cl+ls+mx --schedules cyclic "$@" \
-        "${flags[@]}"
+      sweep "${shape[@]}" --seeds "$seed" --methods ls,mx,bp,cl,bp+cl,ls+mx,bp+cl+ls+mx --schedules cyclic "$@"
     done
     for seed in $seeds; do
-      sweep "${shape[@]}" --seeds "$seed" --methods ls,mx --schedules cyclic-decay,wsd,schedule-free "$@" "${flags[@]}"
+      sweep "${shape[@]}" --seeds "$seed" --methods ls,mx --schedules cyclic-decay,wsd,schedule-free "$@"
     done
     report "$OUT"  # results/fashion-mnist unless --out says otherwise
     report_failures;;
   vit-study)
-    # Study 2 (README, "Study 2"): a ViT where methods matter. The ViT recipe (README: 4 layers, patch 7, width 128,
-    # AdamW, decay exclusions, clipping; fp32, which is faster than bf16 for it on CPUs) on the first 10k Fashion-
-    # MNIST training images, batch 128; warmup 1, t0 1, t_mult 2, 5 cycles: budgets 2, 4, 8, 16, 32 epochs.
-    # Method sets: baseline, LS, MixUp, LS+MX, stochastic depth, EMA, CutMix; seeds 0 1 2 (STUDY_SEEDS); standard
-    # runs at every budget and the cyclic, cyclic-decay and wsd estimators, seed by seed. --pilot: the pilot
-    # (baseline, LS, MX; seeds 0 1; standard runs at 2, 16 and 32 epochs only), whose runs the study reuses.
+    # Study 2 (README, "Study 2"): a ViT where methods matter. recipes/vit-fmnist.yaml (the ViT recipe) with
+    # recipes/vit-fmnist-study.yaml (10k images, no augmentation, batch 128, budgets 2-32 epochs). Method sets:
+    # baseline, LS, MixUp, LS+MX, stochastic depth, EMA, CutMix; seeds 0 1 2 (STUDY_SEEDS); standard runs at every
+    # budget and the cyclic, cyclic-decay and wsd estimators, seed by seed. --pilot: the pilot (baseline, LS, MX;
+    # seeds 0 1; standard runs at 2, 16 and 32 epochs only), whose runs the study reuses.
     shift; pilot=0
     for arg in "$@"; do
       case "$arg" in --pilot) pilot=1;; --dry-run) DRY=1;;
@@ -320,18 +326,16 @@ case "${1:-}" in
     done
     set --
     wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || [ "${SKIP_SETUP:-0}" = 1 ] || setup
-    shape=(--out results/vit-fmnist --model vit_tiny_patch16_224 --warmup 1 --t0 1 --t-mult 2 --cycles 5 --no-report)
-    flags=(-- --model-kwargs "$VIT_KWARGS" "${VIT_RECIPE[@]}" --subset 10000 --batch-size 128 --amp none
-           --eval-every 0 --checkpoint-every 1)
+    shape=(--out results/vit-fmnist --config recipes/vit-fmnist.yaml --config recipes/vit-fmnist-study.yaml
+           --no-report)
     if [ "$pilot" = 1 ]; then
       for seed in 0 1; do
-        sweep "${shape[@]}" --seeds "$seed" --methods baseline,ls,mx --schedules none --budgets "2 16 32" "$@" \
-          "${flags[@]}"
+        sweep "${shape[@]}" --seeds "$seed" --methods baseline,ls,mx --schedules none --budgets "2 16 32"
       done
     else
       for seed in ${STUDY_SEEDS:-0 1 2}; do
-        sweep "${shape[@]}" --seeds "$seed" --schedules cyclic,cyclic-decay,wsd "$@" \
-          --methods baseline,ls,mx,ls+mx,stochastic_depth,ema,cutmix "${flags[@]}"
+        sweep "${shape[@]}" --seeds "$seed" --schedules cyclic,cyclic-decay,wsd \
+          --methods baseline,ls,mx,ls+mx,stochastic_depth,ema,cutmix
       done
     fi
     report results/vit-fmnist

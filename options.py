@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import methods as methods_registry
 import schedules
+import trackers
 from data import DATASETS
 from methods import MethodError
 from models import SMALL_RESNET, parse_model_kwargs
@@ -23,7 +24,7 @@ from models import SMALL_RESNET, parse_model_kwargs
 # cooldown_version: wsd's cooldown formula (2: its last step at eta_min; runs without the key used 1); methods:
 # canonical specs with their non-default options; method_options: all their options (a changed default);
 # plugins: the hash of each plug-in method's file.
-RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
+RESULT_KEYS = ("dataset", "data_dir", "subset", "augment", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
                "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
                "amp", "methods", "method_options", "plugins", "seed", "compile", "cycle_decay", "cooldown_frac", "cooldown_shape",
                "sf_lr", "sf_warmup_epochs", "family_t0", "family_t_mult",
@@ -36,13 +37,37 @@ OPTIMIZERS = ("sgdw", "adamw", "lamb", "lion")
 
 
 def parse_args(argv=None):
+    """The options: the parser's defaults, then each --config recipe's values in order, then the flags given, each
+    over the ones before. args.recipe holds the recipes' values as read (config.json records them with the
+    options)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.recipe = None
+    if args.config:
+        given = flags_given(p, argv)
+        args.recipe = {}
+        for path in args.config:
+            args.recipe.update(read_recipe(p, path))
+        for dest, value in args.recipe.items():
+            # --epochs and --cycles say one thing two ways: one given as a flag also replaces the recipe's other
+            if dest not in given and {"epochs": "cycles", "cycles": "epochs"}.get(dest) not in given:
+                setattr(args, dest, value)
+    return args
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                   help="a recipe: any of these options as 'name: value' lines (recipes/); repeatable, a later file "
+                        "over an earlier one; flags given override them")
     g = p.add_argument_group("data and model")
     g.add_argument("--data", dest="dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--data-dir", default=None, help="dataset folder (default for fashion-mnist: Debian's package)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data-dir")
     g.add_argument("--subset", type=int, default=0, help="train on N images only (0: all)")
+    g.add_argument("--augment", default="standard",
+                   help="training augmentation: standard (the dataset's crop and flip) | none (images as evaluated)")
     g.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank (imagenet)")
     g.add_argument("--model", default=SMALL_RESNET, help=f"{SMALL_RESNET} or any timm model name")
     g.add_argument("--model-kwargs", default="", metavar="K=V,...",
@@ -104,9 +129,127 @@ def parse_args(argv=None):
                    help="resume on another GPU or CPU model (its train_time_s then mixes two speeds)")
     g.add_argument("--no-lock", action="store_true",
                    help="no lock on --run-dir (for file systems without flock); nothing then stops a second writer")
+    g.add_argument("--log", action="append", default=[], metavar="TRACKER",
+                   help="also log to tensorboard and/or wandb (comma-separated or repeated; W&B offline unless "
+                        "WANDB_MODE=online); metrics.csv is always written")
     g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="skip up to N optimizer steps whose loss is NaN/inf instead of stopping (checks every step)")
-    return p.parse_args(argv)
+    return p
+
+
+def flags_given(parser, argv):
+    """The dests that argv sets: parsed again with every default suppressed, so only given flags appear."""
+    saved = {a.dest: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a in parser._actions:
+            a.default = saved[a.dest]
+
+
+def read_recipe(parser, path):
+    """{dest: value} from a YAML recipe of option names (as flags without '--', or with '_'), each value checked
+    and converted as its flag's would be; fail()s in one line on an unknown key or a value of the wrong kind."""
+    import difflib
+    import yaml  # timm's dependency
+    where = f"--config {path}"
+    class Loader(yaml.SafeLoader):  # safe_load keeps the last of two equal keys silently: a recipe may not
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            if twice is not None:
+                fail(f"{where}, line {node.value[keys.index(twice, keys.index(twice) + 1)][0].start_mark.line + 1}: "
+                     f"'{twice}' is given twice; give it once", options=True)
+            return super().construct_mapping(node, deep)
+
+    try:
+        with open(path) as f:
+            text = f.read()
+        recipe = yaml.load(text, Loader=Loader)
+    except OSError as e:
+        fail(f"{where}: cannot read it ({e.strerror})", options=True)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)  # where the broken item starts
+        fail(f"{where}{f', line {mark.line + 1}' if mark else ''}: not YAML ({getattr(e, 'problem', None) or e})",
+             options=True)
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        fail(f"{where}: a recipe is 'option: value' lines, not a {type(recipe).__name__}", options=True)
+    actions = {}
+    for a in parser._actions:
+        for flag in a.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                actions[flag[2:]] = a
+                actions[flag[2:].replace("-", "_")] = a
+    out = {}
+    for key, value in recipe.items():
+        line = next((n for n, t in enumerate(text.splitlines(), 1) if t.split(":")[0].strip() == str(key)), "?")
+        if str(key) in ("config", "help") or str(key) not in actions:
+            names = [k for k in actions if "-" not in k and k != "config"]
+            close = sorted(k for k in names if k.startswith(str(key).replace("-", "_"))) or \
+                difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)  # warmup -> warmup_epochs
+            hint = f"; did you mean '{close[0]}'?" if close else "; see python train.py --help"
+            fail(f"{where}, line {line}: unknown option '{key}'{hint}", options=True)
+        a = actions[key]
+        if a.dest in out:
+            fail(f"{where}, line {line}: '{key}' sets {a.dest} a second time; give it once", options=True)
+        try:
+            out[a.dest] = recipe_value(a, value)
+        except (TypeError, ValueError) as e:
+            fail(f"{where}, line {line}: {key}: {e}", options=True)
+    return out
+
+
+# what launch.sh's sweep takes from recipes (--config) as its own options' defaults: the cyclic shape that fixes its
+# standard runs' budgets, the model and data of its run folders, and a precision it must not decide itself.
+# dest -> (the sweep's flag, its variable)
+SWEEP_KEYS = {"warmup_epochs": ("--warmup", "WARMUP"), "t0": ("--t0", "T0"), "t_mult": ("--t-mult", "T_MULT"),
+              "cycles": ("--cycles", "CYCLES"), "model": ("--model", "MODEL"), "dataset": ("--data", "DATA"),
+              "data_dir": ("--data-dir", "DATA_DIR"), "amp": ("--amp", "RECIPE_AMP")}
+
+
+def sweep_defaults(paths):
+    """'flag variable value' lines of the SWEEP_KEYS the recipes at `paths` set (a later recipe over an earlier
+    one), for launch.sh's sweep."""
+    parser, recipe = build_parser(), {}
+    for path in paths:
+        recipe.update(read_recipe(parser, path))
+    return "\n".join(f"{flag} {var} {recipe[k]}" for k, (flag, var) in SWEEP_KEYS.items() if recipe.get(k) is not None)
+
+
+def recipe_value(action, value):
+    """A recipe's value as the flag's parser would give it: the flag's type applied (YAML reads 2e-3 as a string),
+    a list for repeatable and multi-value flags, a bool for switches, 'k=v,...' for a mapping (--model-kwargs)."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"takes true or false, got {value!r}")
+        return value
+
+    kind = {int: "an integer", float: "a number"}.get(action.type, "a value")
+
+    def convert(v):
+        if v is None or (isinstance(v, bool) and action.type is not None):
+            raise ValueError(f"takes {kind}, got {v!r}")
+        if isinstance(v, dict):
+            return ",".join(f"{k}={x}" for k, x in v.items())
+        if isinstance(v, list):
+            raise ValueError(f"takes one value, got {v!r}")
+        try:
+            return action.type(str(v)) if action.type else str(v)
+        except ValueError:
+            raise ValueError(f"takes {kind}, got {v!r}") from None
+
+    if value is None:  # null: the flag's default state (no value; for a repeatable flag, none given)
+        return [] if isinstance(action, argparse._AppendAction) else None
+    if isinstance(action, argparse._AppendAction) or action.nargs not in (None, "?"):
+        values = value if isinstance(value, list) else [value]
+        if isinstance(action.nargs, int) and len(values) != action.nargs:
+            raise ValueError(f"takes {action.nargs} values, got {len(values)}")
+        return [convert(v) for v in values]
+    return convert(value)
 
 
 @dataclass(frozen=True)
@@ -206,6 +349,7 @@ def resolve(args, world_size, device):
         (not (a.schedule == "schedule-free" and a.opt == "sgdw" and a.momentum == 0),
          "--schedule schedule-free needs --momentum > 0"),
         (a.subset >= 0, f"--subset must be >= 0, got {a.subset}"),
+        (a.augment in ("standard", "none"), f"--augment: unknown '{a.augment}'; choose standard or none"),
         (a.workers >= 0, f"--workers must be >= 0, got {a.workers}"),
         (a.eval_every is None or a.eval_every >= 0, f"--eval-every must be >= 0, got {a.eval_every}"),
         (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 minutes, got {a.checkpoint_every}"),
@@ -220,6 +364,12 @@ def resolve(args, world_size, device):
     for ok, message in checks:
         if not ok:
             fail(message, options=True)
+    try:
+        a.log = trackers.parse_names(a.log)
+    except ValueError as e:
+        fail(str(e), options=True)
+    if trackers.missing(a.log):
+        fail(trackers.missing(a.log), options=True)
     if a.schedule == "schedule-free":
         try:
             import schedulefree  # noqa: F401

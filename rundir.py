@@ -191,7 +191,7 @@ def remove_run(run_dir):
     """Delete a run's files (for --overwrite); the lock and anything else in the folder stay. config.json goes
     last, so that a folder killed half-way still says whose it is."""
     import shutil
-    for name in ("done", "checkpoints", "metrics.csv", "config.json"):
+    for name in ("done", "checkpoints", "tensorboard", "wandb", "metrics.csv", "config.json"):
         path = os.path.join(run_dir, name)
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)

@@ -19,7 +19,8 @@ the two agree at every step. A wsd run is a sequence of segments (trunk, branch 
 ...): its *run step* counts every optimizer step the process takes, its *path step* the steps along
 one model's own path (which also fix the data a step sees); the two coincide for every other schedule.
 
-Run as a script it plans a cyclic run: `python schedules.py --warmup-epochs 8 --t0 8 --cycles 6`.
+Run as a script it plans a curve: the budgets and the cost of every schedule (`python schedules.py --warmup-epochs 8
+--t0 8 --cycles 6 [--images-per-s R --train-size N --gpus G]`), and writes a schedule's LR per step (--csv).
 """
 import argparse
 import csv
@@ -255,40 +256,116 @@ def speedup_ratio(t_mult, n):
 
 # ---- planning command ----------------------------------------------------------------------
 
+def epochs_trained(schedule, budgets, cooldown_frac=0.2):
+    """Epochs of training it takes to sample `budgets` (cycle-end epochs): the standard sweep trains one run per
+    budget; cyclic, constant, cyclic-decay and schedule-free one run to the largest; wsd its trunk to the last
+    branch point, (1 - f) T_max, plus every cooldown branch, f T_k (Eq. 1 generalised: (1 - f) max + f sum)."""
+    if schedule == "standard":
+        return sum(budgets)
+    if schedule == "wsd":
+        return (1 - cooldown_frac) * max(budgets) + cooldown_frac * sum(budgets)
+    return max(budgets)
+
+
+def write_lr_csv(path, plan, steps_per_epoch, lr, eta_min):
+    """The LR of every optimizer step of `plan`: step (0-based, of the whole run), epoch (along the model's own
+    path), lr, segment (trunk, or the wsd cooldown branch k)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "lr", "segment"])
+        for s in range(plan.run_steps):
+            seg, at = plan.segment_at(s)
+            w.writerow([s, f"{at / steps_per_epoch:.6g}", f"{lr_at(plan, s, lr, eta_min):.10g}",
+                        "trunk" if seg.kind == "trunk" else f"branch {seg.branch}"])
+
+
+def hours(epochs, train_size, images_per_s):
+    return epochs * train_size / images_per_s / 3600
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plan a cyclic run: sample points, total epochs and the Eq. 1 speedup.")
-    p.add_argument("--schedule", choices=("cyclic", "constant"), default="cyclic")
+    p = argparse.ArgumentParser(description="Plan a tradeoff curve: its budgets, and the cost of the standard sweep "
+                                            "and of each one-run estimator; --csv writes a schedule's LR per step.")
+    p.add_argument("--schedule", choices=("all",) + SCHEDULES, default="all",
+                   help="the schedule to plan (all: every one); --csv needs one")
     p.add_argument("--warmup-epochs", type=float, default=8)
     p.add_argument("--t0", type=float, default=8)
     p.add_argument("--t-mult", type=int, default=2)
     p.add_argument("--cycles", type=int, default=6)
+    p.add_argument("--cycle-decay", type=float, default=0.7, help="cyclic-decay: peak of cycle i is lr x GAMMA^i")
+    p.add_argument("--cooldown-frac", type=float, default=0.2, help="wsd: each budget's cooldown fraction")
+    p.add_argument("--cooldown-shape", choices=COOLDOWN_SHAPES, default="1-sqrt")
+    p.add_argument("--images-per-s", type=float, default=None, metavar="R",
+                   help="training images per second per GPU (or per machine): prints wall-clock and GPU-hours")
+    p.add_argument("--train-size", type=int, default=None, metavar="N", help="training images per epoch")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs training at R images/s each (wall-clock)")
     p.add_argument("--steps-per-epoch", type=int, default=1, help="optimizer steps per epoch, for --csv")
+    p.add_argument("--epochs", type=float, default=None, help="standard, for --csv: the budget (default the largest)")
     p.add_argument("--lr", type=float, default=1.0, help="peak LR, for --csv")
     p.add_argument("--eta-min", type=float, default=0.0)
-    p.add_argument("--csv", help="write step,epoch,lr for every optimizer step to this file")
+    p.add_argument("--csv", help="write step,epoch,lr,segment for every optimizer step of --schedule to this file")
     a = p.parse_args(argv)
     for flag, bad in (("--cycles", a.cycles < 1), ("--t0", a.t0 <= 0), ("--t-mult", a.t_mult < 1),
-                      ("--warmup-epochs", a.warmup_epochs < 0), ("--steps-per-epoch", a.steps_per_epoch < 1)):
+                      ("--warmup-epochs", a.warmup_epochs < 0), ("--steps-per-epoch", a.steps_per_epoch < 1),
+                      ("--cycle-decay", not 0 < a.cycle_decay <= 1), ("--cooldown-frac", not 0 < a.cooldown_frac < 1),
+                      ("--gpus", a.gpus < 1), ("--images-per-s", a.images_per_s is not None and a.images_per_s <= 0),
+                      ("--train-size", a.train_size is not None and a.train_size < 1),
+                      ("--epochs", a.epochs is not None and a.epochs <= 0)):
         if bad:
-            sys.exit(f"schedules.py: error: {flag} is out of range (cycles, t0, t-mult, steps-per-epoch >= 1; "
-                     f"warmup >= 0)")
-    t_mult = 1 if a.schedule == "constant" else a.t_mult
-    ends = cycle_end_epochs(a.warmup_epochs, a.t0, t_mult, a.cycles)
-    total = ends[-1]
-    print(f"schedule {a.schedule}: warmup {a.warmup_epochs:g} + t0 {a.t0:g} x t_mult {t_mult}, {a.cycles} cycles")
-    print(f"sample points (cycle-end epochs): {', '.join(f'{e:g}' for e in ends)}")
-    print(f"cyclic run: {total:g} epochs")
-    print(f"standard runs at the same points: {' + '.join(f'{e:g}' for e in ends)} = {sum(ends):g} epochs")
+            sys.exit(f"schedules.py: error: {flag} is out of range (cycles, t0, t-mult, steps-per-epoch, gpus >= 1; "
+                     f"warmup >= 0; cycle-decay in (0, 1]; cooldown-frac in (0, 1); images-per-s, train-size, "
+                     f"epochs > 0)")
+    if (a.images_per_s is None) != (a.train_size is None):
+        sys.exit("schedules.py: error: --images-per-s and --train-size go together (the cost needs both)")
+    if a.csv and a.schedule == "all":
+        sys.exit("schedules.py: error: --csv writes one schedule's LR: add --schedule NAME")
+    ends = cycle_end_epochs(a.warmup_epochs, a.t0, a.t_mult, a.cycles)
+    print(f"shape: warmup {a.warmup_epochs:g} + t0 {a.t0:g} x t_mult {a.t_mult}, {a.cycles} cycles")
+    print(f"budgets (cycle-end epochs): {', '.join(f'{e:g}' for e in ends)}")
+    print(f"standard runs at these budgets: {' + '.join(f'{e:g}' for e in ends)} = {sum(ends):g} epochs")
+    print(f"cyclic run: {ends[-1]:g} epochs")
     print(f"speedup ratio, Eq. 1 on these budgets (warmup counted in every run): {eq1_ratio(ends):.4f}")
-    print(f"speedup ratio, Eq. 1 in closed form (warmup not counted): {speedup_ratio(t_mult, a.cycles):.4f}")
+    print(f"speedup ratio, Eq. 1 in closed form (warmup not counted): {speedup_ratio(a.t_mult, a.cycles):.4f}")
+    shown = SCHEDULES if a.schedule == "all" else ("standard", a.schedule)
+    cost = a.images_per_s is not None
+    print(f"\n{'schedule':<14} {'epochs':>9} {'x standard':>10}" + (
+        f" {'wall-clock h':>13} {'GPU-hours':>10}" if cost else "") + "  samples the budgets by")
+    how = {"standard": "one cosine run per budget", "cyclic": "cycle ends (one run)",
+           "constant": "cycle ends of period t0 (its own budgets, below)",
+           "cyclic-decay": f"cycle ends, peaks x {a.cycle_decay:g} per cycle",
+           "wsd": f"a cooldown branch per budget ({a.cooldown_frac:g} of it, {a.cooldown_shape})",
+           "schedule-free": "evaluating its averaged weights (one run, no schedule)"}
+    constant_ends = cycle_end_epochs(a.warmup_epochs, a.t0, 1, a.cycles)  # as train.py --schedule constant --cycles
+    for name in dict.fromkeys(shown):
+        e = epochs_trained(name, constant_ends if name == "constant" else ends, a.cooldown_frac)
+        line = f"{name:<14} {e:>9.6g} {e / sum(ends):>10.3f}"
+        if cost:
+            h = hours(e, a.train_size, a.images_per_s)
+            line += f" {h / a.gpus:>13.1f} {h:>10.1f}"
+        print(line + "  " + how[name])
+    if "wsd" in shown:
+        branch = [(1 - a.cooldown_frac) * e for e in ends]
+        print(f"wsd branch points (epochs): {', '.join(f'{b:g}' for b in branch)}; cooldowns: "
+              f"{', '.join(f'{a.cooldown_frac * e:g}' for e in ends)} epochs")
+    if "constant" in shown:
+        few = constant_ends if len(constant_ends) <= 8 else constant_ends[:3] + ["..."] + constant_ends[-1:]
+        print(f"constant budgets (epochs): {', '.join(f'{e:g}' if e != '...' else e for e in few)} "
+              f"({len(constant_ends)} budgets)")
+    if cost:
+        print(f"cost at {a.images_per_s:g} img/s per GPU, {a.train_size} images per epoch, {a.gpus} GPU(s) (linear "
+              f"scaling assumed; evaluation not counted)")
     if a.csv:
-        plan = make_plan(a.schedule, total, a.warmup_epochs, a.t0, t_mult, a.steps_per_epoch)
-        with open(a.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "epoch", "lr"])
-            for s in range(plan.total_steps):
-                w.writerow([s, f"{s / a.steps_per_epoch:.6g}", f"{lr_at(plan, s, a.lr, a.eta_min):.10g}"])
-        print(f"wrote {plan.total_steps} rows to {a.csv}")
+        if a.schedule == "standard":
+            total = a.epochs or ends[-1]
+        else:
+            total = constant_ends[-1] if a.schedule == "constant" else ends[-1]
+        try:
+            plan = make_plan(a.schedule, total, a.warmup_epochs, a.t0, a.t_mult, a.steps_per_epoch, a.cycle_decay,
+                             a.cooldown_frac, a.cooldown_shape)
+        except ValueError as e:
+            sys.exit(f"schedules.py: error: {e}")
+        write_lr_csv(a.csv, plan, a.steps_per_epoch, a.lr, a.eta_min)
+        print(f"wrote {plan.run_steps} rows to {a.csv}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from options import (RESULT_KEYS, cpu_has_native_bf16, fail, micro_batch_size, p
                      result_options)
 from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
                     lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
+from trackers import Trackers
 
 NO_STEP = 2 ** 62  # "no non-finite step yet"
 
@@ -114,7 +115,8 @@ def build_run(args, setup, methods, device, rank, world_size):
     random.seed(args.seed)
     np.random.seed(args.seed)
     try:
-        data = build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers)
+        data = build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers,
+                          augment=args.augment == "standard")
         model = build_model(args.model, data.num_classes, data.in_chans,
                             {**setup.model_kwargs, **methods.model_kwargs()}).to(device)
         model = methods.apply_model(model)  # surgery (BlurPool, channels-last, an EMA copy), before DDP
@@ -335,6 +337,7 @@ def run_main(argv=None):
         log = MetricsLog(setup.run_dir, keep_rows=state.metrics_rows if ckpt is not None else None)  # may refuse
         if ckpt is not None:  # after MetricsLog has checked the rows it keeps
             write_config(setup.run_dir, config)
+        tracked = Trackers(args.log, setup.run_dir, config, resumed_at=state.step if ckpt is not None else 0)
         print(f"run {setup.run_dir}: {args.schedule}, {setup.epochs:g} epochs = {plan.run_steps} steps, curve points "
               f"at epochs {', '.join(f'{e:g}' for e in config['cycle_end_epochs'])}; methods "
               f"{', '.join(setup.methods) or 'none'}; {device.type} x{world_size}, "
@@ -345,8 +348,9 @@ def run_main(argv=None):
                     print(f"{m.spec}: {key}: {', '.join(map(str, value))}")
 
     run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods, autocast,
-              rank, world_size, ddp, device, log)
+              rank, world_size, ddp, device, log, tracked if master else Trackers([], None, None))
     steps_here = run.train(state)
+    run.tracked.close()
     if master:
         mark_done(setup.run_dir)
         print(f"done: {setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
@@ -376,11 +380,11 @@ class Run:
     """The training loop and what it needs; one object so the loop reads without a dozen arguments."""
 
     def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods,
-                 autocast, rank, world_size, ddp, device, log):
+                 autocast, rank, world_size, ddp, device, log, tracked):
         self.args, self.setup, self.plan, self.data, self.loader = args, setup, plan, data, loader
         self.model, self.raw_model, self.optimizer, self.scheduler, self.scaler = (model, raw_model, optimizer,
                                                                                    scheduler, scaler)
-        self.methods, self.autocast, self.log = methods, autocast, log
+        self.methods, self.autocast, self.log, self.tracked = methods, autocast, log, tracked
         self.rank, self.world_size, self.ddp, self.device, self.master = rank, world_size, ddp, device, rank == 0
         spe = loader.steps_per_epoch
         every = round(setup.eval_every * spe) if setup.eval_every else 0
@@ -428,6 +432,7 @@ class Run:
                                   raw_model=self.raw_model)
                 if self.sf:
                     lr = self.optimizer.param_groups[0]["scheduled_lr"]
+                self.tracked.lr(state.step + 1, lr)
                 if loss is None:  # non-finite and --skip-nonfinite allows it: no update, the schedule goes on
                     state.skipped += 1
                     if self.master:
@@ -536,6 +541,7 @@ class Run:
             row["peak_mem_gb"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}"
         if self.master:
             self.log.append(row)
+            self.tracked.row(state.step, row)
             tqdm.write(f"epoch {row['epoch']:>6} step {done:>6} cycle {row['cycle']:>2} lr {lr:.4f} | train loss "
                        f"{row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
                        f"{row['images_per_s']} img/s, {state.path_time:.1f}s"

@@ -7,6 +7,7 @@ form several groups (they differ in a result-defining option), each group gets i
 """
 import argparse
 import os
+import sys
 from typing import NamedTuple
 
 import matplotlib
@@ -20,7 +21,7 @@ import schedules  # noqa: E402
 from analysis import stats  # noqa: E402
 from analysis.compare import (add_common_args, analyse, ci_text, fmt, group_line, hardware_lines,  # noqa: E402
                               improvement_series, left_out_lines, nonnegative, write_tables)
-from analysis.runs import MATCH_TOLERANCE, SCHEDULE_KEYS, order_methods  # noqa: E402
+from analysis.runs import MATCH_TOLERANCE, SCHEDULE_KEYS, RunError, order_methods, read_run  # noqa: E402
 
 STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"),
          "constant": dict(ls=":", marker="^"), "cyclic-decay": dict(ls="-.", marker="D"),
@@ -93,11 +94,57 @@ def schedule_of(run):
     # a standard run records its own cosine (t0 = epochs - warmup), but its steps come from the cyclic shape whose
     # budget it ends on (family_t0, family_t_mult), as train.py planned it
     t0, t_mult = c.get("family_t0", c["t0"]), c.get("family_t_mult", c["t_mult"])
+    if run.schedule == "wsd" and c.get("cooldown_version") != schedules.COOLDOWN_VERSION:
+        return None  # an older cooldown formula
     try:
-        plan = schedules.make_plan(run.schedule, c["epochs"], c["warmup_epochs"], t0, t_mult, c["steps_per_epoch"])
+        plan = schedules.make_plan(run.schedule, c["epochs"], c["warmup_epochs"], t0, t_mult, c["steps_per_epoch"],
+                                   c.get("cycle_decay", 1.0), c.get("cooldown_frac", 0.2),
+                                   c.get("cooldown_shape", "1-sqrt"))
     except (ValueError, TypeError, ZeroDivisionError):
         return None
     return plan if plan.total_steps == run.rows[-1]["step"] else None  # else not the schedule the run took
+
+
+def peak_lr(run):
+    """The LR the schedule's closed form scales: schedule-free's own (sf_lr) or --lr."""
+    if run.schedule == "schedule-free" and run.config.get("sf_lr"):
+        return run.config["sf_lr"]
+    return run.config["lr"]
+
+
+def fig_run(run, out, name):
+    """One run as a user first looks at it: the LR at every optimizer step, and validation accuracy and the
+    losses at every row, against steps and against training time (large dots: the curve points)."""
+    c, rows = run.config, run.rows
+    fig, ((lr_ax, acc_ax), (loss_ax, time_ax)) = plt.subplots(2, 2, figsize=(11, 7), layout="constrained")
+    plan = schedule_of(run)
+    if plan is not None:  # every step from the closed form; a wsd branch drawn from where it leaves the trunk
+        lr = lambda run_step: schedules.lr_at(plan, run_step, peak_lr(run), c.get("eta_min", 0.0))
+        trunk = []  # x: optimizer step 1, 2, ... as metrics.csv's step counts them
+        for seg in plan.segments():
+            pts = [(s + 1, lr(seg.run_start + s - seg.start)) for s in range(seg.start, seg.end)]
+            if seg.kind == "trunk":
+                trunk += pts
+            else:
+                lr_ax.plot(*zip(*(trunk[-1:] + pts)), color="tab:orange", lw=1)
+        lr_ax.plot(*zip(*trunk), color="tab:blue", lw=1)
+    else:
+        lr_ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:blue", marker=".")
+    finish_axes(lr_ax, "optimizer step", "learning rate", f"{run.schedule}: learning rate", log_x=False)
+    ends = [r for r in rows if r["cycle_end"] == 1]
+    path = [r for r in rows if r["cycle_end"] != 1] if run.schedule == "wsd" else rows  # wsd: the trunk's rows
+    for ax, x in ((acc_ax, "step"), (time_ax, "train_time_s")):
+        ax.plot([r[x] for r in path], [r["val_acc1"] for r in path], color="tab:blue", marker=".", lw=1)
+        ax.scatter([r[x] for r in ends], [r["val_acc1"] for r in ends], color="tab:red", s=40, zorder=3,
+                   label="curve points")
+        finish_axes(ax, "optimizer step" if x == "step" else "training time (s)", "validation top-1 (%)",
+                    f"accuracy against {'steps' if x == 'step' else 'training time'}", log_x=False)
+    for col, colour in (("train_loss", "tab:green"), ("val_loss", "tab:purple")):
+        pts = [(r["step"], float(r[col])) for r in path if r.get(col) not in (None, "")]
+        loss_ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, marker=".", lw=1, label=col)
+    finish_axes(loss_ax, "optimizer step", "loss", "losses (train: mean since the last row)", log_x=False)
+    fig.suptitle(f"{run.path}: {run.methods}, seed {c.get('seed')}", fontsize=10)
+    return save(fig, out, name)
 
 
 def fig_schedules(runs, out, name):
@@ -559,8 +606,12 @@ def group_report(analysis, group, cmap, args, suffix):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Draw the paper's figures and write report.md for a folder of runs.")
     add_common_args(p)
-    p.add_argument("--out", required=True, help="folder for the figures, CSVs and report.md")
+    p.add_argument("--out", help="folder for the figures, CSVs and report.md (one run: default RUN_DIR/report)")
     args = p.parse_args(argv)
+    if len(args.runs) == 1 and os.path.exists(os.path.join(args.runs[0], "config.json")):
+        return single_run_report(args.runs[0], args.out or os.path.join(args.runs[0], "report"))
+    if not args.out:
+        p.error("--out is required for a folder of runs (one run directory: its report goes to RUN_DIR/report)")
     analysis = analyse(args)
     write_tables(args.out, analysis)
     md = ["# Tradeoff-curve report", "",
@@ -586,6 +637,19 @@ def main(argv=None):
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write("\n".join(md))
     print(f"wrote {os.path.join(args.out, 'report.md')} with {n_figures} figures")
+
+
+def single_run_report(path, out):
+    """python -m analysis.report RUN_DIR: the run's own figure (fig_run), also for an unfinished run."""
+    try:
+        run = read_run(path)
+    except RunError as e:
+        sys.exit(f"analysis.report: error: {e}")
+    if not run.rows:
+        sys.exit(f"analysis.report: error: {path}/metrics.csv has no rows yet")
+    os.makedirs(out, exist_ok=True)
+    figure = fig_run(run, out, "run")
+    print(f"wrote {figure}")
 
 
 if __name__ == "__main__":

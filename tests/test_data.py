@@ -94,6 +94,19 @@ def test_batches_are_nchw_and_crops_equal_a_per_image_reference(chans, size, pad
     assert train_x.stride() == nchw_strides(train_x) and val_x.stride() == nchw_strides(val_x)
 
 
+def test_augment_none_trains_on_the_images_as_evaluated():
+    """--augment none: every training image is an original image normalised, no shift or flip."""
+    plain = build_data("synthetic", None, CPU, augment=False)
+    assert (plain.pad, plain.flip) == (0, False)
+    x = torch.randint(0, 256, (64, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+    for pad, flip, all_original in ((0, False, True), (2, True, False)):  # (standard: shifted or flipped)
+        data = ResidentData(x, np.arange(64) % 10, x[:8], np.arange(8), (0.5,), (0.25,), CPU, pad, flip, 10)
+        originals = data.normalize(data.train_x)
+        batch = next(data.train_loader(16, 0, 1, seed=3).epoch(0))[0]
+        found = [((originals - img).abs().flatten(1).amax(1) < 1e-6).any().item() for img in batch]
+        assert all(found) == all_original
+
+
 # ---- Fashion-MNIST and CIFAR files ---------------------------------------------------------
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR), reason="needs Debian's dataset-fashion-mnist")

@@ -107,7 +107,8 @@ def test_repro_plans_the_whole_study_seed_by_seed(tmp_path):
         i for i, d in enumerate(dirs) if "baseline" not in d and kind[i] in extra)
     cyc = next(l for l in lines if f"{out}/bp+cl+ls+mx/s2/cyclic " in l)
     for flag in ("--blurpool", "--channels-last", "--label-smoothing", "--mixup", "--seed 2", "--warmup-epochs 0.5",
-                 "--t0 0.5", "--t-mult 2", "--cycles 4", "--data fashion-mnist", "--eval-every 0"):
+                 "--t0 0.5", "--t-mult 2", "--cycles 4", "--data fashion-mnist", "--amp bf16",
+                 "recipes/fashion-mnist-study.yaml"):
         assert flag in cyc, flag
     assert lines[-1].endswith(f"analysis.report {out} --out {out}/report")
 
@@ -123,4 +124,5 @@ def test_the_vit_study_pilot_plans_its_standard_runs_at_three_budgets_only():
         line.split("skip (done): ")[1].strip() for line in lines if line.startswith("skip (done): ")]
     assert sorted(dirs) == sorted(f"results/vit-fmnist/{m}/s{s}/standard-e{e}" for m in ("baseline", "ls", "mx")
                                   for s in (0, 1) for e in (2, 16, 32))
-    assert all("--subset 10000" in line and "--amp none" in line for line in p.stdout.splitlines() if "train.py" in line)
+    assert all("recipes/vit-fmnist.yaml --config" in line and "recipes/vit-fmnist-study.yaml" in line
+               and "--amp none" in line for line in p.stdout.splitlines() if "train.py" in line)

@@ -126,7 +126,7 @@ def test_planning_command(tmp_path):
     assert "16 + 32 + 64 + 128 + 256 + 512 = 1008 epochs" in out
     assert "1.9688" in out and f"{1008 / 512:.4f}" in out
     rows = (tmp_path / "lr.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,lr" and len(rows) == 1 + 512 * 3
+    assert rows[0] == "step,epoch,lr,segment" and len(rows) == 1 + 512 * 3
     assert float(rows[1 + 24].split(",")[2]) == pytest.approx(1.0)  # first post-warmup step at the peak
 
 

@@ -1,0 +1,106 @@
+"""Recipes (--config FILE.yaml): the same run as its flags, flags over the recipe, one-line refusals, the shipped
+recipes, and launch.sh's sweep taking its shape from a recipe."""
+import json
+import os
+import subprocess
+
+import pytest
+
+import options
+from conftest import ENV, ROOT, TINY, run_train
+
+RESULT = options.RESULT_KEYS
+
+
+def recorded(run):
+    with open(os.path.join(run, "config.json")) as f:
+        return json.load(f)
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_recipe_gives_the_config_json_of_its_flags(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "data: synthetic\nsubset: 256\nbatch_size: 32\nwarmup_epochs: 1\nt0: 1\n"
+                                        "cycles: 2\nlr: 0.1\nmethod: [label_smoothing]\nmodel_kwargs: {}\n"
+                                        "amp: none\nopt_betas: null\n")
+    flags = TINY + ["--method", "label_smoothing", "--amp", "none"]
+    run_train(flags + ["--run-dir", str(tmp_path / "flags")])
+    run_train(["--config", recipe, "--no-progress", "--run-dir", str(tmp_path / "recipe")])
+    a, b = recorded(tmp_path / "flags"), recorded(tmp_path / "recipe")
+    assert {k: a[k] for k in RESULT if k != "device_name"} == {k: b[k] for k in RESULT if k != "device_name"}
+    assert b["config"] == [recipe] and b["recipe"]["lr"] == 0.1 and b["recipe"]["method"] == ["label_smoothing"]
+    assert a["recipe"] is None
+
+
+def test_flags_override_the_recipe_and_a_later_recipe_an_earlier_one(tmp_path):
+    first = write(tmp_path / "a.yaml", "lr: 0.3\nweight_decay: 1e-4\nopt: adamw\nmethod: mixup\ncycles: 5\n")
+    second = write(tmp_path / "b.yaml", "weight_decay: 2e-4\n")
+    a = options.parse_args(["--config", first, "--config", second, "--lr", "0.05", "--method", "ema"])
+    assert (a.lr, a.weight_decay, a.opt, a.method, a.cycles) == (0.05, 2e-4, "adamw", ["ema"], 5)
+    # --epochs and --cycles say one thing: a flag of one replaces the recipe's other
+    a = options.parse_args(["--config", first, "--epochs", "15"])
+    assert (a.epochs, a.cycles) == (15.0, None)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lr: 0.1\nwarmup: 2\n", r"line 2: unknown option 'warmup'; did you mean 'warmup_epochs'\?"),
+    ("seed: 1.5\n", "line 1: seed: takes an integer, got 1.5"),
+    ("nesterov: 1\n", "nesterov: takes true or false"),
+    ("lr: [0.1, 0.2]\n", "lr: takes one value"),
+    ("opt_betas: [0.9]\n", "opt_betas: takes 2 values, got 1"),
+    ("- lr\n", "a recipe is 'option: value' lines"),
+    ("lr: 0.1\nlr: 0.2\n", "line 2: 'lr' is given twice"),
+    ("lr: 0.1\nlr 0.2\n", "line 2: not YAML"),
+])
+def test_a_bad_recipe_is_refused_in_one_line_before_anything_is_written(tmp_path, text, message):
+    recipe = write(tmp_path / "bad.yaml", text)
+    p = run_train(["--config", recipe, "--run-dir", str(tmp_path / "run")], check=False)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: --config ")
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", ["resnet50-imagenet", "fashion-mnist-study", "vit-fmnist"])
+def test_the_shipped_recipes_resolve(name):
+    import torch
+    a = options.parse_args(["--config", os.path.join(ROOT, "recipes", f"{name}.yaml")])
+    setup, methods = options.resolve(a, 1, torch.device("cpu"))
+    assert a.recipe and all(getattr(a, k) == v for k, v in a.recipe.items())
+    if name == "resnet50-imagenet":  # the paper's Appendix, as the README states it
+        assert (a.lr, a.momentum, a.weight_decay, a.batch_size, a.grad_accum) == (2.048, 0.875, 5e-4, 2048, 4)
+        assert setup.epochs == 512 and setup.cycles == 6 and a.warmup_epochs == 8
+
+
+def test_a_sweep_takes_its_shape_from_the_recipe_and_passes_it_to_every_run(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "data: synthetic\nwarmup_epochs: 2\nt0: 2\nt_mult: 3\ncycles: 2\nlr: 0.05\n"
+                                        "amp: none\n")
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "sweep", "--config", recipe, "--out", str(tmp_path / "s"),
+                        "--cycles", "3", "--dry-run"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    runs = [line for line in p.stdout.splitlines() if "train.py" in line]
+    # budgets of warmup 2 + t0 2 x 3^i, 3 cycles (the flag over the recipe's 2): 4, 10, 28
+    assert sorted(line.split("--run-dir ")[1].split()[0].rsplit("/", 1)[1] for line in runs) == \
+        ["cyclic", "standard-e10", "standard-e28", "standard-e4"]
+    assert all(f"--config {recipe}" in line and "--data synthetic" in line and "--t-mult 3" in line
+               and "--amp none" in line for line in runs)
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "sweep", "--config", write(tmp_path / "x.yaml", "lr_: 1\n"),
+                        "--out", str(tmp_path / "s"), "--dry-run"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "unknown option 'lr_'" in p.stderr
+
+
+def test_sweep_vit_is_the_vit_recipe_in_fp32_unless_the_extra_flags_ask(tmp_path):
+    def runs(*extra):
+        p = subprocess.run([os.path.join(ROOT, "launch.sh"), "sweep", "--vit", "--out", str(tmp_path / "s"),
+                            "--dry-run", *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return [line for line in p.stdout.splitlines() if "train.py" in line]
+    recipe = os.path.join(ROOT, "recipes", "vit-fmnist.yaml")
+    assert all(f"--config {recipe}" in r and "--model vit_tiny_patch16_224" in r and r.endswith("--amp none")
+               for r in runs())
+    assert all(" --amp bf16" in r and "--amp none" not in r for r in runs("--", "--amp", "bf16"))
