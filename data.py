@@ -1,5 +1,5 @@
 """Datasets: small ones resident on the training device with batched augmentation, ImageNet
-through a DataLoader.
+through DataLoader workers (imagefolder.py).
 
 Both loaders yield, for each optimizer step, this rank's slice of the global batch, and both derive
 the data order and every augmentation draw from (seed, epoch) and the image's position in the epoch
@@ -45,6 +45,11 @@ def rank_slots(step, batch_size, rank, world_size):
     local = batch_size // world_size
     lo = step * batch_size + rank * local
     return slice(lo, lo + local)
+
+
+def normalize(x_uint8, mean, std):
+    """uint8 images as floats normalised per channel (mean and std on the 0-255 scale), in their memory layout."""
+    return x_uint8.float().sub_(mean).div_(std)  # in place on the new float tensor: one allocation
 
 
 def check_split(images_file, labels_file, x, y, image_shape, num_classes):
@@ -146,8 +151,7 @@ class ResidentData:
         self.in_chans, self.image_size = self.train_x.shape[1], self.train_x.shape[2]
 
     def normalize(self, x_uint8):
-        """uint8 images as floats normalised per channel, in their memory layout."""
-        return (x_uint8.float() - self.mean) / self.std
+        return normalize(x_uint8, self.mean, self.std)
 
     def augment(self, x, shifts, flips):
         """Random crop with zero padding (a per-image translation by `shifts`) and horizontal flip, as two
@@ -186,193 +190,33 @@ class ResidentLoader:
     def __init__(self, data, batch_size, rank, world_size, seed):
         self.data, self.batch_size, self.rank, self.world_size, self.seed = data, batch_size, rank, world_size, seed
         self.steps_per_epoch = len(data.train_y) // batch_size
+        self.drawn = (None, None)  # (epoch, its permutation, shifts and flips on the device)
+
+    def steps(self, path_steps):
+        """(x, y) for each path step of `path_steps`, in order (any sequence: a whole run's, wsd's included)."""
+        for step in path_steps:
+            yield self.batch(step)
 
     def epoch(self, epoch, start_step=0):
-        d, n = self.data, len(self.data.train_y)
-        g = epoch_generator(self.seed, epoch)
-        perm = torch.randperm(n, generator=g)
-        shifts = torch.randint(-d.pad, d.pad + 1, (n, 2), generator=g)
-        flips = torch.rand(n, generator=g) < 0.5
-        perm, shifts, flips = perm.to(d.device), shifts.to(d.device), flips.to(d.device)
-        for step in range(start_step, self.steps_per_epoch):
-            sel = rank_slots(step, self.batch_size, self.rank, self.world_size)
-            idx = perm[sel]
-            x = d.augment(d.train_x[idx], shifts[sel], flips[sel])
-            yield d.normalize(x), d.train_y[idx]
+        return self.steps(range(epoch * self.steps_per_epoch + start_step, (epoch + 1) * self.steps_per_epoch))
+
+    def batch(self, path_step):
+        d = self.data
+        epoch, step = divmod(path_step, self.steps_per_epoch)
+        if self.drawn[0] != epoch:
+            n, g = len(d.train_y), epoch_generator(self.seed, epoch)
+            perm = torch.randperm(n, generator=g)
+            shifts = torch.randint(-d.pad, d.pad + 1, (n, 2), generator=g)
+            flips = torch.rand(n, generator=g) < 0.5
+            self.drawn = (epoch, (perm.to(d.device), shifts.to(d.device), flips.to(d.device)))
+        perm, shifts, flips = self.drawn[1]
+        sel = rank_slots(step, self.batch_size, self.rank, self.world_size)
+        idx = perm[sel]
+        return d.normalize(d.augment(d.train_x[idx], shifts[sel], flips[sel])), d.train_y[idx]
 
 
-# ---- the folder path (ImageNet) ------------------------------------------------------------
-
-def image_folder(root, split, transform):
-    """torchvision's ImageFolder of root/split, or a DataError saying how to arrange the tree."""
-    from torchvision.datasets import ImageFolder
-    path = os.path.join(root, split)
-    layout = "--data imagenet needs an ImageFolder tree with train/<class>/*.JPEG and val/<class>/*.JPEG"
-    if not os.path.isdir(path):
-        raise DataError(f"--data-dir: {root} has no {split}/ folder; {layout}")
-    if not any(entry.is_dir() for entry in os.scandir(path)):
-        how = " (the ILSVRC download's flat val/: sort it with the well-known valprep.sh script)" * (split == "val")
-        raise DataError(f"--data-dir: {path} has no class folders; {layout}{how}")
-    try:
-        return ImageFolder(path, transform)
-    except FileNotFoundError as e:  # a class folder without images
-        raise DataError(f"--data-dir: {path}: {e}")
-
-
-class FolderData:
-    """An ImageFolder tree (train/, val/) read by DataLoader workers with the standard ResNet transforms."""
-
-    def __init__(self, root, device, workers, image_size=224, augment=True):
-        import torchvision.transforms as T
-        mean, std = STATS["imagenet"]
-        val_transform = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
-                                   T.Normalize(mean, std)])
-        self.train_set = image_folder(root, "train", T.Compose([
-            T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-            if augment else val_transform)
-        self.val_set = image_folder(root, "val", val_transform)
-        train_classes, val_classes = set(self.train_set.classes), set(self.val_set.classes)
-        if train_classes != val_classes:  # labels are indices into the sorted class list: they would not match
-            few = lambda names: ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "") or "none"
-            raise DataError(f"--data-dir: {root}/val/ and train/ have different class folders (only in train/: "
-                            f"{few(train_classes - val_classes)}; only in val/: {few(val_classes - train_classes)}); "
-                            f"val/ needs exactly train/'s classes")
-        self.num_classes, self.in_chans, self.image_size = len(self.train_set.classes), 3, image_size
-        self.device, self.workers = device, workers
-
-    def _loader(self, dataset, keys, batch_size, generator):
-        # The generator gives the workers their seeds and keeps the DataLoader off the global RNG.
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=self.workers,
-                                           pin_memory=self.device.type == "cuda", generator=generator,
-                                           persistent_workers=False, prefetch_factor=4 if self.workers else None)
-
-    def train_loader(self, batch_size, rank, world_size, seed):
-        return FolderLoader(self, batch_size, rank, world_size, seed)
-
-    def val_batches(self, rank, world_size, batch_size):
-        # Strided shard without padding (DistributedSampler would repeat images to even the shards).
-        idx = list(range(rank, len(self.val_set), world_size))
-        loader = self._loader(NamedSamples(self.val_set), idx, batch_size, torch.Generator().manual_seed(0))
-        yield from on_device(loader, self.device)
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """`dataset[index]` for the key (index, draw_seed), with torch's global CPU generator seeded by draw_seed:
-    torchvision's random transforms draw from it, so an image's crop and flip depend on its key alone, in
-    whichever worker or process it is decoded. The caller's generator state is restored."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, draw_seed = key
-        state = torch.get_rng_state()
-        torch.default_generator.manual_seed(draw_seed)
-        try:
-            return named_sample(self.dataset, index)
-        finally:
-            torch.set_rng_state(state)
-
-
-class NamedSamples(torch.utils.data.Dataset):
-    """`dataset[index]`, with a damaged image named (the validation set's reader)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return named_sample(self.dataset, index)
-
-
-def named_sample(dataset, index):
-    """dataset[index] of an ImageFolder (or a Subset of one); an image that cannot be decoded (truncated, not an
-    image) is a DataError naming its file. The run stops there rather than skip it: a skipped image would change
-    the batch, and so the run, without a word."""
-    import struct
-
-    from PIL import Image
-    try:
-        return dataset[index]
-    except (OSError, SyntaxError, EOFError, ValueError, struct.error, IndexError, Image.DecompressionBombError) as e:
-        # what PIL raises for a file it cannot decode; an OSError with an errno is the file system's (EIO, ESTALE,
-        # EMFILE), not the image's
-        if isinstance(e, OSError) and e.errno is not None:
-            raise
-        while isinstance(dataset, torch.utils.data.Subset):
-            dataset, index = dataset.dataset, dataset.indices[index]
-        path = dataset.samples[index][0] if hasattr(dataset, "samples") else f"image {index}"
-        why = (str(e).splitlines() or [""])[0][:100]
-        raise DataError(f"--data-dir: error while reading {path} ({type(e).__name__}: {why}); replace it with a good "
-                        f"copy of the image and continue with --resume") from None
-
-
-class FolderLoader:
-    """Per optimizer step, this rank's slice of the global batch, decoded and augmented by DataLoader workers.
-
-    An epoch's order and each position's augmentation seed come from one generator seeded by (seed, epoch),
-    as on the resident path; a resumed epoch lists only the remaining steps' keys, so the finished steps'
-    images are not decoded again and the rest get the same crops and flips as without the interruption."""
-
-    def __init__(self, data, batch_size, rank, world_size, seed):
-        self.data, self.batch_size, self.rank, self.world_size, self.seed = data, batch_size, rank, world_size, seed
-        self.steps_per_epoch = len(data.train_set) // batch_size
-
-    def epoch(self, epoch, start_step=0):
-        n = len(self.data.train_set)
-        g = epoch_generator(self.seed, epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        draw_seeds = torch.randint(0, 2 ** 62, (n,), generator=g).tolist()
-        keys = [key for step in range(start_step, self.steps_per_epoch)
-                for key in zip(*(a[rank_slots(step, self.batch_size, self.rank, self.world_size)]
-                                 for a in (order, draw_seeds)))]
-        workers_seed = epoch_generator(self.seed, epoch, salt=1 + self.rank)
-        loader = self.data._loader(SeededSamples(self.data.train_set), keys, self.batch_size // self.world_size,
-                                   workers_seed)
-        yield from on_device(loader, self.data.device)
-
-
-def on_device(loader, device):
-    """The loader's (x, y) batches on `device`. On CUDA the next batch's copy is issued on a side stream
-    before the current batch is handed out, so host-to-device copies overlap the training step."""
-    batches = worker_errors_named(loader)
-    if device.type != "cuda":
-        yield from ((x.to(device), y.to(device)) for x, y in batches)
-        return
-    stream = torch.cuda.Stream(device)
-
-    def copy_next():
-        batch = next(batches, None)
-        if batch is None:
-            return None
-        with torch.cuda.stream(stream):
-            return tuple(t.to(device, non_blocking=True) for t in batch)
-
-    ready = copy_next()
-    while ready is not None:
-        compute = torch.cuda.current_stream(device)
-        compute.wait_stream(stream)
-        for t in ready:  # the caching allocator must not reuse these while the compute stream reads them
-            t.record_stream(compute)
-        current, ready = ready, copy_next()
-        yield current
-
-
-def worker_errors_named(loader):
-    """The loader's batches; a DataError raised in a worker (which DataLoader re-raises with the worker's whole
-    traceback as its message) comes back as its own one line."""
-    try:
-        yield from loader
-    except DataError as e:
-        raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
-
-
-def build_data(name, data_dir, device, subset=0, download=False, workers=8, augment=True):
+def build_data(name, data_dir, device, subset=0, download=False, workers=8, augment=True, decode="cpu",
+               image_size=224):
     """The dataset named by --data, ready to iterate on `device`. --subset N keeps the first N training images
     of a resident dataset (their files are already in random order) and a fixed random N of an ImageNet tree
     (sorted by class; drawn with seed 0, so every run trains on the same images). augment=False (--augment none):
@@ -384,7 +228,8 @@ def build_data(name, data_dir, device, subset=0, download=False, workers=8, augm
     if name == "imagenet":
         if not data_dir:
             raise DataError("--data-dir is required for --data imagenet (an ImageFolder tree with train/ and val/)")
-        data = FolderData(data_dir, device, workers, augment=augment)
+        from imagefolder import FolderData
+        data = FolderData(data_dir, device, workers, image_size, augment=augment, decode=decode)
         if subset and subset < len(data.train_set):
             keep = torch.randperm(len(data.train_set), generator=torch.Generator().manual_seed(0))[:subset]
             data.train_set = torch.utils.data.Subset(data.train_set, keep.sort().values.tolist())
@@ -403,3 +248,9 @@ def build_data(name, data_dir, device, subset=0, download=False, workers=8, augm
     if not augment:
         pad, flip = 0, False
     return ResidentData(xtr, ytr, xva, yva, mean, std, device, pad, flip, num_classes)
+
+
+def on_device(loader, device):
+    """imagefolder.on_device (kept here for its callers)."""
+    from imagefolder import on_device as to_device
+    return to_device(loader, device)

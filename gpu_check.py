@@ -169,12 +169,25 @@ class Checks:
                         os.path.join(root, split, c, f"{i}.JPEG"), format="JPEG")
         data, self.data = self.data, ["--data", "imagenet", "--data-dir", root, "--batch-size", "16", "--workers",
                                       "2"]
-        try:
-            run = self.train("image-folder", "--cycles", "1", "--warmup-epochs", "1", "--t0", "1")
+        figures = {}
+        try:  # the workers decode; then (on a GPU) the GPU decodes each batch (--decode cuda)
+            for decode in ("cpu",) + (() if self.dry else ("cuda",)):
+                run = self.train(f"image-folder-{decode}", "--cycles", "1", "--warmup-epochs", "1", "--t0", "1",
+                                 "--decode", decode)
+                last = rows(run)[-1]
+                figures.update({f"{decode}_val_acc1": float(last["val_acc1"]),
+                                f"{decode}_images_per_s": float(last["images_per_s"])})
         finally:
             self.data = data
-        last = rows(run)[-1]
-        return True, dict(val_acc1=float(last["val_acc1"]), images_per_s=float(last["images_per_s"]))
+        if not self.dry:  # the loader benchmark: the input pipelines' img/s, the GPU-decode one included
+            path = os.path.join(self.out, "loader.json")
+            p = run_bounded([sys.executable, "-m", "benchmarks.loader", "--decode", "cuda", "--sizes", "224",
+                             "--workers", "0", "4", "8", "--images", "1024", "--json", path], self.env, TIMEOUT)
+            if p.returncode != 0:
+                raise RuntimeError(f"loader benchmark failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+            figures["loader"] = {f"{r['pipeline']} {r['transform']} w{r['workers']}": r["images_per_s"]
+                                 for r in json.load(open(path))["results"]}
+        return True, figures
 
     def two_gpus(self):
         """2 ranks over NCCL (the model compiled around DDP, with the untimed warm-up): their sharded evaluation

@@ -78,11 +78,18 @@ parse_sweep() {
       *) echo "launch.sh: unknown sweep option '$1' (see the top of launch.sh)" >&2; exit 2;;
     esac
   done
+  if [[ " ${EXTRA[*]:-} " == *" --config "* || " ${EXTRA[*]:-} " == *" --config="* ]]; then
+    echo "launch.sh: give --config before '--' (the sweep takes its shape, model and data from it)" >&2; exit 2
+  fi
   [ ${#CONFIGS[@]} -gt 0 ] || return 0
   # what the recipes set of the sweep's own options (shape, model, data, precision) is their default here
   local lines flag var value
-  lines=$(PY -c 'import sys, options
-print(options.sweep_defaults(sys.argv[2::2]))' "${CONFIGS[@]}" 2>&1) || { echo "launch.sh: ${lines##*error: }" >&2; exit 2; }
+  lines=$(PY -c 'import sys
+try:
+    import options
+except ImportError as e:
+    sys.exit(f"launch.sh: --config needs the environment ({e}): run ./launch.sh setup first")
+print(options.sweep_defaults(sys.argv[2::2]))' "${CONFIGS[@]}") || exit 2
   while read -r flag var value; do
     if [ -n "$flag" ] && [[ "$given" != *" $flag "* ]]; then printf -v "$var" '%s' "$value"; fi
   done <<<"$lines"
@@ -147,9 +154,13 @@ launcher() {  # run_dir
 
 wants_dry_run() { [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]]; }  # the options given, or DRY=1
 
-same_argv() {  # run_dir, then train.py's arguments: true when the run recorded exactly these (no torch import)
-  PY -c 'import json, sys
-try: sys.exit(json.load(open(sys.argv[1] + "/config.json")).get("argv") != sys.argv[2:])
+same_argv() {  # run_dir, then train.py's arguments: true when the run recorded exactly these, its recipes unchanged
+  PY -c 'import hashlib, json, sys
+try:
+    c, argv = json.load(open(sys.argv[1] + "/config.json")), sys.argv[2:]
+    recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    sha = [hashlib.sha256(open(r, "rb").read()).hexdigest() for r in recipes]
+    sys.exit(c.get("argv") != argv or (recipes and c.get("recipe_sha256") != sha))
 except (OSError, ValueError, AttributeError): sys.exit(1)' "$@"
 }
 
@@ -202,7 +213,9 @@ sweep() {
   local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 --t-mult $T_MULT"
   common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${CONFIGS[*]:-} ${EXTRA[*]:-}"
   # a recipe's precision (the ViT's: fp32) holds unless the extra flags ask for one (auto included)
-  [ -n "$RECIPE_AMP" ] && [[ " ${EXTRA[*]:-} " != *" --amp "* ]] && common+=" --amp $RECIPE_AMP"
+  if [ -n "$RECIPE_AMP" ] && [[ " ${EXTRA[*]:-} " != *" --amp "* && " ${EXTRA[*]:-} " != *" --amp="* ]]; then
+    common+=" --amp $RECIPE_AMP"
+  fi
   if [ -n "$BUDGETS" ]; then  # each asked budget must be a cycle end (within 5 %): a typo plans nothing silently
     BUDGETS=$(PY -c 'import sys
 ends = [float(e) for e in sys.argv[2].split()]
@@ -217,7 +230,7 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
   fi
   # --amp auto decides once per study: the first sweep into --out asks train.py (the baseline model, one process)
   # and keeps the answer in OUT/amp; every run of every later sweep into that folder gets the same precision
-  if [[ " $common " != *" --amp "* ]] || [[ " $common " == *" --amp auto "* ]]; then
+  if [[ " $common " != *" --amp "* && " $common " != *" --amp="* ]] || [[ " $common " == *" --amp auto "* ]]; then
     local amp=""
     [ -s "$OUT/amp" ] && amp=$(cat "$OUT/amp")
     if [ -z "$amp" ] && [ "$DRY" != 1 ]; then

@@ -16,7 +16,7 @@ import methods as methods_registry
 import schedules
 import trackers
 from data import DATASETS
-from methods import MethodError
+from methods import ALIAS_KEYS, MethodError
 from models import SMALL_RESNET, parse_model_kwargs
 
 # Options that define the result: a resume with any of them changed is refused. eval_every: the rows --metric max
@@ -24,12 +24,12 @@ from models import SMALL_RESNET, parse_model_kwargs
 # cooldown_version: wsd's cooldown formula (2: its last step at eta_min; runs without the key used 1); methods:
 # canonical specs with their non-default options; method_options: all their options (a changed default);
 # plugins: the hash of each plug-in method's file.
-RESULT_KEYS = ("dataset", "data_dir", "subset", "augment", "model", "schedule", "epochs", "warmup_epochs", "t0", "t_mult",
-               "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum", "nesterov", "weight_decay",
-               "amp", "methods", "method_options", "plugins", "seed", "compile", "cycle_decay", "cooldown_frac", "cooldown_shape",
-               "sf_lr", "sf_warmup_epochs", "family_t0", "family_t_mult",
-               "eval_every", "model_kwargs", "tf32", "deterministic", "device_name", "cooldown_version", "opt",
-               "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
+RESULT_KEYS = ("dataset", "data_dir", "subset", "augment", "decode", "image_size", "model", "schedule", "epochs",
+               "warmup_epochs", "t0", "t_mult", "eta_min", "batch_size", "grad_accum", "world_size", "lr", "momentum",
+               "nesterov", "weight_decay", "amp", "methods", "method_options", "plugins", "seed", "compile",
+               "cycle_decay", "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "family_t0",
+               "family_t_mult", "eval_every", "model_kwargs", "tf32", "deterministic", "device_name",
+               "cooldown_version", "opt", "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
 
 
 # --opt: timm's optimizers that take momentum (sgdw) or betas (the others); weight decay is decoupled in all four
@@ -43,16 +43,45 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     args.recipe = None
+    args.recipe_sha256 = [file_sha256(path) for path in args.config]  # launch.sh: an edited recipe is not "done"
     if args.config:
         given = flags_given(p, argv)
         args.recipe = {}
         for path in args.config:
-            args.recipe.update(read_recipe(p, path))
+            layer = read_recipe(p, path)
+            for dest, other in RESTATED.items():  # a later recipe's epochs replaces an earlier one's cycles
+                if dest in layer:
+                    args.recipe.pop(other, None)
+            args.recipe.update(layer)
+        chosen = method_dests() & set(args.recipe)
+        if chosen and method_dests() & given:
+            fail(f"--config sets {sorted(chosen)[0].replace('_', '-')} and the command line gives methods too: "
+                 f"select the methods in one place", options=True)
         for dest, value in args.recipe.items():
-            # --epochs and --cycles say one thing two ways: one given as a flag also replaces the recipe's other
-            if dest not in given and {"epochs": "cycles", "cycles": "epochs"}.get(dest) not in given:
+            if dest not in given and RESTATED.get(dest) not in given:
                 setattr(args, dest, value)
+        if args.schedule == "constant" and "t_mult" not in given:  # the recipe's t_mult is its cyclic runs'
+            args.t_mult = None
     return args
+
+
+def file_sha256(path):
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None  # read_recipe names the problem
+
+
+RESTATED = {"epochs": "cycles", "cycles": "epochs"}  # one thing said two ways: the one given replaces the other
+# per-run controls, not part of a recipe (in a sweep they would act on every run alike)
+RUN_CONTROLS = ("config", "help", "run_dir", "resume", "overwrite", "print_amp", "allow_device_change", "no_lock")
+
+
+def method_dests():
+    """The options that select methods: --method, --plugins and the methods' alias flags."""
+    return {"method", "plugin_files"} | {d for dests in ALIAS_KEYS.values() for d in dests}
 
 
 def build_parser():
@@ -68,7 +97,13 @@ def build_parser():
     g.add_argument("--subset", type=int, default=0, help="train on N images only (0: all)")
     g.add_argument("--augment", default="standard",
                    help="training augmentation: standard (the dataset's crop and flip) | none (images as evaluated)")
-    g.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank (imagenet)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per rank (imagenet; default: this process's CPUs shared by the node's "
+                        "ranks, minus one for each rank's main process)")
+    g.add_argument("--image-size", type=int, default=224,
+                   help="imagenet: training and validation crops of this size (FFCV's low-resolution training: 160)")
+    g.add_argument("--decode", default="cpu", help="imagenet: cpu (the workers decode) | cuda (the workers read the "
+                   "files, the GPU decodes each batch with nvJPEG)")
     g.add_argument("--model", default=SMALL_RESNET, help=f"{SMALL_RESNET} or any timm model name")
     g.add_argument("--model-kwargs", default="", metavar="K=V,...",
                    help="options for timm.create_model, e.g. drop_rate=0.1,drop_path_rate=0.1,img_size=32")
@@ -150,18 +185,20 @@ def flags_given(parser, argv):
 
 
 def read_recipe(parser, path):
-    """{dest: value} from a YAML recipe of option names (as flags without '--', or with '_'), each value checked
-    and converted as its flag's would be; fail()s in one line on an unknown key or a value of the wrong kind."""
+    """{dest: value} from a YAML recipe of option names (as flags without '--', or with '_'), each value read as
+    text and converted as its flag's would be (YAML's own typing would read 010 as 8 and 1:30 as 90); fail()s in
+    one line on an unknown key, a value of the wrong kind or a key given twice."""
     import difflib
     import yaml  # timm's dependency
     where = f"--config {path}"
-    class Loader(yaml.SafeLoader):  # safe_load keeps the last of two equal keys silently: a recipe may not
+
+    class Loader(yaml.BaseLoader):  # every scalar as its text; two equal keys refused (PyYAML keeps the last)
         def construct_mapping(self, node, deep=False):
             keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-            twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            twice = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
             if twice is not None:
-                fail(f"{where}, line {node.value[keys.index(twice, keys.index(twice) + 1)][0].start_mark.line + 1}: "
-                     f"'{twice}' is given twice; give it once", options=True)
+                fail(f"{where}, line {node.value[twice][0].start_mark.line + 1}: '{keys[twice]}' is given twice; "
+                     f"give it once", options=True)
             return super().construct_mapping(node, deep)
 
     try:
@@ -174,7 +211,7 @@ def read_recipe(parser, path):
         mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)  # where the broken item starts
         fail(f"{where}{f', line {mark.line + 1}' if mark else ''}: not YAML ({getattr(e, 'problem', None) or e})",
              options=True)
-    if recipe is None:
+    if recipe in (None, ""):
         return {}
     if not isinstance(recipe, dict):
         fail(f"{where}: a recipe is 'option: value' lines, not a {type(recipe).__name__}", options=True)
@@ -186,14 +223,16 @@ def read_recipe(parser, path):
                 actions[flag[2:].replace("-", "_")] = a
     out = {}
     for key, value in recipe.items():
-        line = next((n for n, t in enumerate(text.splitlines(), 1) if t.split(":")[0].strip() == str(key)), "?")
-        if str(key) in ("config", "help") or str(key) not in actions:
-            names = [k for k in actions if "-" not in k and k != "config"]
-            close = sorted(k for k in names if k.startswith(str(key).replace("-", "_"))) or \
-                difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)  # warmup -> warmup_epochs
+        line = next((n for n, t in enumerate(text.splitlines(), 1) if t.split(":")[0].strip() == key), "?")
+        if key not in actions:
+            names = [k for k in actions if "-" not in k and actions[k].dest not in RUN_CONTROLS]
+            close = sorted(k for k in names if k.startswith(key.replace("-", "_"))) or \
+                difflib.get_close_matches(key.replace("-", "_"), names, n=1)  # warmup -> warmup_epochs
             hint = f"; did you mean '{close[0]}'?" if close else "; see python train.py --help"
             fail(f"{where}, line {line}: unknown option '{key}'{hint}", options=True)
         a = actions[key]
+        if a.dest in RUN_CONTROLS:
+            fail(f"{where}, line {line}: {key} controls one run, not a recipe: give it as a flag", options=True)
         if a.dest in out:
             fail(f"{where}, line {line}: '{key}' sets {a.dest} a second time; give it once", options=True)
         try:
@@ -213,43 +252,50 @@ SWEEP_KEYS = {"warmup_epochs": ("--warmup", "WARMUP"), "t0": ("--t0", "T0"), "t_
 
 def sweep_defaults(paths):
     """'flag variable value' lines of the SWEEP_KEYS the recipes at `paths` set (a later recipe over an earlier
-    one), for launch.sh's sweep."""
+    one), for launch.sh's sweep. A recipe that selects methods is refused: a sweep's method sets come from its
+    --methods (a recipe's would join some sets and be replaced in others)."""
     parser, recipe = build_parser(), {}
     for path in paths:
-        recipe.update(read_recipe(parser, path))
+        layer = read_recipe(parser, path)
+        chosen = method_dests() & set(layer)
+        if chosen:
+            fail(f"--config {path} sets {sorted(chosen)[0]}: a sweep's methods come from its --methods; take it out "
+                 f"of the recipe", options=True)
+        recipe.update(layer)
     return "\n".join(f"{flag} {var} {recipe[k]}" for k, (flag, var) in SWEEP_KEYS.items() if recipe.get(k) is not None)
 
 
 def recipe_value(action, value):
-    """A recipe's value as the flag's parser would give it: the flag's type applied (YAML reads 2e-3 as a string),
-    a list for repeatable and multi-value flags, a bool for switches, 'k=v,...' for a mapping (--model-kwargs)."""
+    """A recipe's value (text, or lists and mappings of text) as the flag's parser would give it: the flag's type
+    applied, a list for repeatable and multi-value flags, true/false for switches, 'k=v,...' for a mapping
+    (--model-kwargs), the flag's default for null or an empty value."""
+    if value in NULL:
+        return [] if isinstance(action, argparse._AppendAction) else action.default
     if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
-        if not isinstance(value, bool):
+        if not isinstance(value, str) or value.lower() not in ("true", "false"):
             raise ValueError(f"takes true or false, got {value!r}")
-        return value
-
+        return value.lower() == "true"
     kind = {int: "an integer", float: "a number"}.get(action.type, "a value")
 
     def convert(v):
-        if v is None or (isinstance(v, bool) and action.type is not None):
-            raise ValueError(f"takes {kind}, got {v!r}")
         if isinstance(v, dict):
             return ",".join(f"{k}={x}" for k, x in v.items())
-        if isinstance(v, list):
+        if isinstance(v, list) or v in NULL:
             raise ValueError(f"takes one value, got {v!r}")
         try:
-            return action.type(str(v)) if action.type else str(v)
+            return action.type(v) if action.type else v
         except ValueError:
             raise ValueError(f"takes {kind}, got {v!r}") from None
 
-    if value is None:  # null: the flag's default state (no value; for a repeatable flag, none given)
-        return [] if isinstance(action, argparse._AppendAction) else None
     if isinstance(action, argparse._AppendAction) or action.nargs not in (None, "?"):
         values = value if isinstance(value, list) else [value]
         if isinstance(action.nargs, int) and len(values) != action.nargs:
             raise ValueError(f"takes {action.nargs} values, got {len(values)}")
         return [convert(v) for v in values]
     return convert(value)
+
+
+NULL = ("", "~", "null", "Null", "NULL")  # YAML's nulls, as text
 
 
 @dataclass(frozen=True)
@@ -350,7 +396,14 @@ def resolve(args, world_size, device):
          "--schedule schedule-free needs --momentum > 0"),
         (a.subset >= 0, f"--subset must be >= 0, got {a.subset}"),
         (a.augment in ("standard", "none"), f"--augment: unknown '{a.augment}'; choose standard or none"),
-        (a.workers >= 0, f"--workers must be >= 0, got {a.workers}"),
+        (a.workers is None or a.workers >= 0, f"--workers must be >= 0, got {a.workers}"),
+        (a.decode in ("cpu", "cuda"), f"--decode: unknown '{a.decode}'; choose cpu or cuda"),
+        (a.decode == "cpu" or device.type == "cuda", "--decode cuda needs a CUDA device; use --decode cpu"),
+        (a.decode == "cpu" or a.dataset == "imagenet", "--decode cuda is for --data imagenet (the others are "
+                                                        "decoded once, into memory)"),
+        (a.image_size >= 8, f"--image-size must be >= 8 pixels, got {a.image_size}"),
+        (a.image_size == 224 or a.dataset == "imagenet", "--image-size is for --data imagenet (the resident "
+                                                         "datasets train at their own size)"),
         (a.eval_every is None or a.eval_every >= 0, f"--eval-every must be >= 0, got {a.eval_every}"),
         (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 minutes, got {a.checkpoint_every}"),
         (a.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {a.skip_nonfinite}"),
@@ -364,6 +417,8 @@ def resolve(args, world_size, device):
     for ok, message in checks:
         if not ok:
             fail(message, options=True)
+    if a.workers is None:
+        a.workers = default_workers()
     try:
         a.log = trackers.parse_names(a.log)
     except ValueError as e:
@@ -418,6 +473,13 @@ def resolve(args, world_size, device):
                  tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device),
                  cooldown_version=schedules.COOLDOWN_VERSION if a.schedule == "wsd" else None)
     return setup, methods
+
+
+def default_workers():
+    """DataLoader workers per rank when --workers is not given: the CPUs this process may use, shared by the node's
+    ranks (torchrun's LOCAL_WORLD_SIZE), one left to each rank's main process; at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
 def hardware_name(device):

@@ -74,7 +74,18 @@ def lock_run_dir(run_dir):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
+    # a forked child (a DataLoader worker) shares the lock through its copy of the descriptor and would hold it
+    # after this process is killed, until it noticed: a child points its copy at /dev/null (the number stays
+    # valid for the file object that owns it), and the lock stays this process's
+    fd = f.fileno()
+    os.register_at_fork(after_in_child=lambda: _release_in_child(fd))
     return f
+
+
+def _release_in_child(fd):
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def _guard(write, path):

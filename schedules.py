@@ -350,7 +350,8 @@ def main(argv=None):
     if "constant" in shown:
         few = constant_ends if len(constant_ends) <= 8 else constant_ends[:3] + ["..."] + constant_ends[-1:]
         print(f"constant budgets (epochs): {', '.join(f'{e:g}' if e != '...' else e for e in few)} "
-              f"({len(constant_ends)} budgets)")
+              f"({len(constant_ends)} budgets: --cycles of period t0, as train.py --schedule constant takes them; "
+              f"launch.sh sweep --constant trains {2 ** a.cycles - 1}, the cyclic run's length)")
     if cost:
         print(f"cost at {a.images_per_s:g} img/s per GPU, {a.train_size} images per epoch, {a.gpus} GPU(s) (linear "
               f"scaling assumed; evaluation not counted)")

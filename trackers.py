@@ -3,7 +3,8 @@ which stays the record), its config, and the learning rate of every optimizer st
 
 Steps on their x-axis are optimizer steps taken by the run (1-based, as metrics.csv's `step` counts them; a wsd
 run counts its branches too). Only rank 0 writes. A resumed run hides what the killed process logged after its
-checkpoint (TensorBoard's purge_step; W&B resumes the same run id and drops steps it already has)."""
+checkpoint (TensorBoard's purge_step); W&B resumes the same run id and keeps what it already has: it drops a
+step logged again, so after a resume its curve holds the killed process's values up to where that process got."""
 import importlib
 import os
 import shutil
@@ -43,7 +44,7 @@ class Trackers:
     """The trackers of one run, opened on rank 0 (every call is a no-op with no names)."""
 
     def __init__(self, names, run_dir, config, resumed_at=0):
-        self.writers = []
+        self.writers, self.pending = [], []
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
             folder = os.path.join(run_dir, "tensorboard")
@@ -64,18 +65,27 @@ class Trackers:
             self.writers.append(WandbWriter(run))
 
     def lr(self, step, lr):
-        """The LR optimizer step `step` (1-based) used."""
-        for w in self.writers:
-            w.scalars({"lr": lr}, step)
+        """The LR optimizer step `step` (1-based) used: kept until flush(), which train.py calls off the clock (the
+        time axis must not pay for logging)."""
+        if self.writers:
+            self.pending.append((step, lr))
+
+    def flush(self):
+        for step, lr in self.pending:
+            for w in self.writers:
+                w.scalars({"lr": lr}, step)
+        self.pending = []
 
     def row(self, step, row):
-        """A metrics.csv row (its numeric columns), logged at the run's optimizer step `step`."""
+        """A metrics.csv row (its numeric columns), logged at the run's optimizer step `step` (after the LRs)."""
+        self.flush()
         values = {f"metrics/{k}": numeric(v) for k, v in row.items()}
         values = {k: v for k, v in values.items() if v is not None}
         for w in self.writers:
             w.scalars(values, step)
 
     def close(self):
+        self.flush()
         for w in self.writers:
             w.close()
         self.writers = []

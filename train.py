@@ -116,7 +116,7 @@ def build_run(args, setup, methods, device, rank, world_size):
     np.random.seed(args.seed)
     try:
         data = build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers,
-                          augment=args.augment == "standard")
+                          augment=args.augment == "standard", decode=args.decode, image_size=args.image_size)
         model = build_model(args.model, data.num_classes, data.in_chans,
                             {**setup.model_kwargs, **methods.model_kwargs()}).to(device)
         model = methods.apply_model(model)  # surgery (BlurPool, channels-last, an EMA copy), before DDP
@@ -422,7 +422,7 @@ class Run:
                 clock.pause(state)  # the trunk's time so far belongs to the snapshot
                 state.trunk = self.snapshot(state, loss_sum)
                 clock.start()
-            for path_step, x, y in stream or batches(self.loader, at, seg.end):
+            for path_step, x, y in itertools.islice(stream, seg.end - at):  # this segment's steps
                 # -- 1. learning rate: the scheduler set it for this step (schedule-free: the optimizer does)
                 lr = self.optimizer.param_groups[0]["lr"]
                 # -- 2. forward, backward, update
@@ -462,6 +462,7 @@ class Run:
                         state.loss_sum = self.restore_snapshot(state)
                         loss_sum.fill_(state.loss_sum)
                     self.save(state)
+                    self.tracked.flush()
                     last_save = time.monotonic()
                     clock.start()
                 # -- 4. progress
@@ -469,7 +470,6 @@ class Run:
                     bar.set_postfix(epoch=f"{done / spe:.2f}", lr=f"{lr:.4f}",
                                     loss=f"{loss_sum.item() / max(state.loss_steps, 1):.4f}",
                                     img_s=f"{state.images / max(state.row_time + clock.elapsed(), 1e-9):.0f}")
-            stream = None
         bar.close()
         return state.step - first_step
 
@@ -477,9 +477,8 @@ class Run:
         """This process's start-up, timed apart into startup_s: the data pipeline's first batch, then one forward
         and backward pass on it (torch.compile, cudnn autotuning, allocator growth), undone (weights, BatchNorm
         statistics, gradients, RNG), so that train_time_s counts training only, each standard run and the cyclic
-        run alike, and a resumed process's compilation too. Returns the batches of the current segment."""
-        seg, at = self.plan.segment_at(state.step)
-        stream = batches(self.loader, at, seg.end)
+        run alike, and a resumed process's compilation too. Returns the batches of the rest of the run."""
+        stream = run_batches(self.loader, self.plan, state.step)
         path_step, x, y = first = next(stream)
         rng = rng_state()
         with weights_kept(self.raw_model):
@@ -663,15 +662,12 @@ class Clock:
         state.row_time += dt
 
 
-def batches(loader, start, end):
-    """(path step, x, y) for path steps [start, end), across epochs; data depend on the path step alone."""
-    spe, step = loader.steps_per_epoch, start
-    while step < end:
-        for x, y in loader.epoch(step // spe, step % spe):
-            yield step, x, y
-            step += 1
-            if step >= end or step % spe == 0:
-                break
+def run_batches(loader, plan, run_step):
+    """(path step, x, y) for every run step from `run_step` to the end, in run order (wsd: trunk, branch 0, trunk,
+    branch 1, ...); data depend on the path step alone. One stream for the run: a folder dataset keeps one
+    DataLoader, prefetching across epochs and segments."""
+    path = [p for seg in plan.segments() for p in range(seg.start, seg.end)][run_step:]
+    return ((p, x, y) for p, (x, y) in zip(path, loader.steps(path)))
 
 
 def make_plan(args, setup, spe):

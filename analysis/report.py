@@ -8,6 +8,7 @@ form several groups (they differ in a result-defining option), each group gets i
 import argparse
 import os
 import sys
+from dataclasses import replace
 from typing import NamedTuple
 
 import matplotlib
@@ -102,7 +103,10 @@ def schedule_of(run):
                                    c.get("cooldown_shape", "1-sqrt"))
     except (ValueError, TypeError, ZeroDivisionError):
         return None
-    return plan if plan.total_steps == run.rows[-1]["step"] else None  # else not the schedule the run took
+    if run.schedule == "schedule-free" and c.get("sf_warmup_epochs") is not None:  # its own warmup, as train.py
+        plan = replace(plan, warmup_steps=round(c["sf_warmup_epochs"] * c["steps_per_epoch"]))
+    # the schedule the run took: its recorded length (an unfinished run's), else where its last row is
+    return plan if plan.total_steps == c.get("total_steps", run.rows[-1]["step"]) else None
 
 
 def peak_lr(run):

@@ -30,13 +30,15 @@ ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a w
 # world_size changes each rank's BatchNorm batch and MixUp draws; device and compile change the time axis;
 # eval_every the rows that --metric max (the default) takes its peak from; device_name (the GPU or CPU model) the
 # speed on the time axis: runs of other hardware are another group unless --pool-hardware.
-RESULT_KEYS = ("dataset", "model", "subset", "augment", "lr", "batch_size", "grad_accum", "warmup_epochs", "eta_min", "amp",
-               "momentum", "nesterov", "weight_decay", "world_size", "device", "compile", "eval_every", "model_kwargs",
-               "tf32", "device_name", "opt", "opt_betas", "opt_eps", "decay_excluded", "clip_grad")
+RESULT_KEYS = ("dataset", "model", "subset", "augment", "decode", "image_size", "lr", "batch_size", "grad_accum",
+               "warmup_epochs", "eta_min", "amp", "momentum", "nesterov", "weight_decay", "world_size", "device",
+               "compile", "eval_every", "model_kwargs", "tf32", "device_name", "opt", "opt_betas", "opt_eps",
+               "decay_excluded", "clip_grad")
 # keys added after runs were made, as runs without them were run (no GPU run predates tf32)
 ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False, "cooldown_version": None,  # None: wsd's first formula
                   "opt": "sgdw", "opt_betas": None, "opt_eps": None, "decay_excluded": False, "clip_grad": 0.0,
-                  "plugins": {}, "augment": "standard"}
+                  "plugins": {}, "augment": "standard", "decode": "cpu",
+                  "image_size": 224}
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
 ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape", "cooldown_version"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only

@@ -41,3 +41,26 @@ def test_a_short_cuda_run_under_torchrun(tmp_path, amp, extra):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     if amp == "fp16":  # the GradScaler's state travels with the checkpoint
         assert ckpt["scaler"]["scale"] > 0
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_decoding_gives_the_cpu_paths_images(tmp_path, train):
+    """--decode cuda: nvJPEG decodes each batch on the GPU, which then crops, resizes and flips it as the workers
+    would (the same boxes and flips per key); nvJPEG's pixels may differ from libjpeg's by a level or two."""
+    from data import build_data
+    from test_imagefolder import tree
+    root = tree(tmp_path)
+    cpu = build_data("imagenet", root, torch.device("cuda"), workers=2, image_size=32, augment=train)
+    gpu = build_data("imagenet", root, torch.device("cuda"), workers=2, image_size=32, augment=train, decode="cuda")
+    (xa, ya), (xb, yb) = next(cpu.train_loader(6, 0, 1, 3).steps([1])), next(gpu.train_loader(6, 0, 1, 3).steps([1]))
+    assert xb.is_cuda and torch.equal(ya, yb)
+    levels = ((xa - xb) * cpu.std).abs()
+    assert levels.mean() < 2 and levels.max() < 40
+
+
+def test_a_run_decoding_on_the_gpu(tmp_path):
+    from test_imagefolder import FOLDER, tree
+    run = tmp_path / "run"
+    run_train(FOLDER + ["--data-dir", tree(tmp_path / "tree"), "--decode", "cuda", "--run-dir", str(run)],
+              env=GPU_ENV)
+    assert json.loads((run / "config.json").read_text())["decode"] == "cuda" and (run / "done").exists()

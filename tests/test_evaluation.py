@@ -119,7 +119,8 @@ def test_schedule_free_evaluates_its_averaged_weights(tmp_path, monkeypatch):
 
 def test_image_folder_validation_images_are_resized_and_centre_cropped_only(tmp_path):
     """Asymmetric images (a random crop, a flip or a resize to another size would change them), against the
-    standard evaluation transform written out with PIL and plain tensor arithmetic; twice the same."""
+    standard evaluation transform written out with PIL and plain tensor arithmetic (the pipeline resizes uint8
+    tensors: within one level of PIL's rounding); twice the same."""
     from PIL import Image
     g = np.random.default_rng(0)
     write_image_folder(tmp_path, {"train": 2, "val": 3}, pixels=lambda i: g.integers(0, 256, (300, 260, 3), np.uint8))
@@ -139,5 +140,6 @@ def test_image_folder_validation_images_are_resized_and_centre_cropped_only(tmp_
     for _ in range(2):
         got = [xb[i] for xb, _ in data.val_batches(0, 1, 4) for i in range(len(xb))]
         assert len(got) == len(expected) == 6
-        for e, x in zip(expected, got):
-            torch.testing.assert_close(x, e, rtol=0, atol=1e-5)  # torchvision resizes a PIL image with PIL
+        for e, x in zip(expected, got):  # in 0-255 levels: torch's uint8 resize rounds within 2 levels of PIL's
+            levels = ((x - e) * std * 255).abs()
+            assert levels.max() <= 2.01 and levels.mean() < 0.1, (levels.max(), levels.mean())

@@ -36,18 +36,43 @@ def test_a_recipe_gives_the_config_json_of_its_flags(tmp_path):
 
 
 def test_flags_override_the_recipe_and_a_later_recipe_an_earlier_one(tmp_path):
-    first = write(tmp_path / "a.yaml", "lr: 0.3\nweight_decay: 1e-4\nopt: adamw\nmethod: mixup\ncycles: 5\n")
-    second = write(tmp_path / "b.yaml", "weight_decay: 2e-4\n")
-    a = options.parse_args(["--config", first, "--config", second, "--lr", "0.05", "--method", "ema"])
-    assert (a.lr, a.weight_decay, a.opt, a.method, a.cycles) == (0.05, 2e-4, "adamw", ["ema"], 5)
-    # --epochs and --cycles say one thing: a flag of one replaces the recipe's other
+    first = write(tmp_path / "a.yaml", "lr: 0.3\nweight_decay: 1e-4\nopt: adamw\nmethod: mixup\ncycles: 5\n"
+                                       "t_mult: 2\n")
+    second = write(tmp_path / "b.yaml", "weight_decay: 2e-4\nepochs: 7\n")
+    a = options.parse_args(["--config", first, "--config", second, "--lr", "0.05"])
+    assert (a.lr, a.weight_decay, a.opt, a.method) == (0.05, 2e-4, "adamw", ["mixup"])
+    # --epochs and --cycles say one thing: a later recipe's or a flag's one replaces the other
+    assert (a.epochs, a.cycles) == (7.0, None)
     a = options.parse_args(["--config", first, "--epochs", "15"])
     assert (a.epochs, a.cycles) == (15.0, None)
+    # a constant run keeps t_mult 1: the recipe's t_mult is its cyclic runs'
+    a = options.parse_args(["--config", first, "--schedule", "constant"])
+    assert a.t_mult is None
+
+
+def test_yaml_values_are_read_as_the_flags_read_them(tmp_path):
+    """Every value is text for the flag's own type: YAML 1.1 would read 010 as 8, 1:30 as 90 and off as false."""
+    a = options.parse_args(["--config", write(tmp_path / "r.yaml", "subset: 010\ndecay_exclusions: off\n"
+                                                                   "lr: 2e-3\nnesterov: true\nopt_betas: null\n"
+                                                                   "eta_min:\n")])
+    assert (a.subset, a.decay_exclusions, a.lr, a.nesterov, a.opt_betas, a.eta_min) == (10, "off", 2e-3, True,
+                                                                                        None, 0.0)
+
+
+def test_methods_come_from_one_place(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "method: [ema]\n")
+    p = run_train(["--config", recipe, "--label-smoothing", "--run-dir", str(tmp_path / "run")], check=False)
+    assert p.returncode == 2 and "select the methods in one place" in p.stderr
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "sweep", "--config", recipe, "--out", str(tmp_path / "s"),
+                        "--dry-run"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "a sweep's methods come from its --methods" in p.stderr
 
 
 @pytest.mark.parametrize("text,message", [
     ("lr: 0.1\nwarmup: 2\n", r"line 2: unknown option 'warmup'; did you mean 'warmup_epochs'\?"),
-    ("seed: 1.5\n", "line 1: seed: takes an integer, got 1.5"),
+    ("seed: 1.5\n", "line 1: seed: takes an integer, got '1.5'"),
+    ("t0: 1:30\n", "t0: takes a number, got '1:30'"),
+    ("resume: auto\n", "resume controls one run, not a recipe"),
     ("nesterov: 1\n", "nesterov: takes true or false"),
     ("lr: [0.1, 0.2]\n", "lr: takes one value"),
     ("opt_betas: [0.9]\n", "opt_betas: takes 2 values, got 1"),

@@ -1,0 +1,182 @@
+"""Images per second of ImageNet input pipelines, per CPU core and with N DataLoader workers.
+
+    python -m benchmarks.loader [--workers 0 1 2] [--sizes 224 192 160] [--images 512] [--decode cuda]
+                                [--json FILE] [--figure FILE]
+
+On a generated ImageNet-like tree (made once and cached: 500x375 and larger photos-like JPEGs, quality 90, about
+100 KB each), it times, for each crop size and worker count:
+  conventional  torchvision ImageFolder, PIL decode and transforms (RandomResizedCrop, flip, ToTensor, Normalize)
+                in the workers, float32 batches through shared memory: the usual ImageNet script
+  ours          imagefolder.py: torchvision.io decode and transforms.v2 on uint8 in the workers, uint8 batches
+                (timed as far as the device: conversion and normalisation are the training device's, on a GPU)
+  ours-cuda     --decode cuda (a GPU only): workers read the bytes, the GPU decodes and augments each batch
+and the validation transform (resize 256/224, centre crop) of the first two. --workers 0 decodes in the main
+process: the rate of one core. Each figure is the best of two passes over --images images (the first batch's
+start-up excluded); batches of 64.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cyclic-tradeoff", "loader-bench-v2")
+# ImageNet's common shapes, and some larger (its mean JPEG is ~110 KB)
+SIZES = [(500, 375), (375, 500), (500, 333), (500, 375), (333, 500), (640, 480), (800, 600)]
+
+
+def photo(rng, width, height):
+    """An RGB image with a photograph's spectrum (amplitude ~ 1/f, so JPEG compresses it like a photo, not like
+    flat colour or white noise), uint8 (height, width, 3)."""
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    amplitude = 1 / np.maximum(np.hypot(fx, fy), 1 / max(width, height)) ** 1.25
+    channels = []
+    base = rng.standard_normal((height, width // 2 + 1)) + 1j * rng.standard_normal((height, width // 2 + 1))
+    for c in range(3):  # correlated channels, as colour photos are
+        own = rng.standard_normal(base.shape) + 1j * rng.standard_normal(base.shape)
+        channels.append(np.fft.irfft2((0.8 * base + 0.45 * own) * amplitude, s=(height, width)))
+    img = np.stack(channels, -1)
+    img = (img - img.mean()) / (img.std() + 1e-9) * 52 + 118
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_tree(root, n_train, n_val, classes=10):
+    """root/train/<class>/*.JPEG and root/val/<class>/*.JPEG, made once (a `complete` file marks a whole tree)."""
+    from PIL import Image
+    if os.path.exists(os.path.join(root, "complete")):
+        return root
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            folder = os.path.join(root, split, f"c{i % classes:02d}")
+            os.makedirs(folder, exist_ok=True)
+            w, h = SIZES[i % len(SIZES)]
+            Image.fromarray(photo(rng, w, h)).save(os.path.join(folder, f"{i:05d}.JPEG"), quality=90)
+    open(os.path.join(root, "complete"), "w").close()
+    return root
+
+
+def conventional(root, split, size, train):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if train:
+        t = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    else:
+        t = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
+    return ImageFolder(os.path.join(root, split), T.Compose(t + [T.ToTensor(), T.Normalize(mean, std)]))
+
+
+def time_batches(batches, n_images):
+    """Images per second over the batches after the first (start-up: worker spawn, first decode)."""
+    it = iter(batches)
+    next(it)
+    start, seen = time.perf_counter(), 0
+    for x, _ in it:
+        seen += len(x)
+    elapsed = time.perf_counter() - start
+    return seen / elapsed if seen else float("nan")
+
+
+def measure(pipeline, root, size, train, workers, n_images, device, batch=64):
+    """Best of two passes: images per second of `pipeline` (conventional, ours, ours-cuda)."""
+    from imagefolder import FolderData
+    best = 0.0
+    for rep in range(2):
+        if pipeline == "conventional":
+            ds = conventional(root, "train" if train else "val", size, train)
+            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(rep))[:n_images].tolist()
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=idx, num_workers=workers,
+                                                 pin_memory=device.type == "cuda",
+                                                 prefetch_factor=4 if workers else None)
+            batches = ((x.to(device, non_blocking=True), y) for x, y in loader)
+        else:  # up to the uint8 batches the device receives (ours-cuda: decoded and augmented there)
+            from imagefolder import EncodedSamples, SeededSamples, gpu_batches
+            cuda = pipeline == "ours-cuda"
+            data = FolderData(root, device, workers, size, augment=train, decode="cuda" if cuda else "cpu")
+            dataset = data.train_set if train else data.val_set
+            n = min(n_images, len(dataset))
+            if train:
+                keys = data.train_loader(batch, 0, 1, seed=rep).keys
+                index = [keys(s) for s in range(n // batch)]
+            else:
+                index = [[(i, 0) for i in range(j, min(j + batch, n))] for j in range(0, n, batch)]
+            samples = (EncodedSamples if cuda else SeededSamples)(dataset, size, train=train)
+            loader = data.loader(samples, index)
+            batches = gpu_batches(loader, data) if cuda else ((x.to(device, non_blocking=True), y) for x, y in loader)
+        rate = time_batches(batches, n_images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, rate)
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=CACHE, help="the generated tree (made once)")
+    p.add_argument("--images", type=int, default=512, help="images per pass")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 192, 160])
+    p.add_argument("--pipelines", nargs="+", default=["conventional", "ours"])
+    p.add_argument("--decode", choices=("cpu", "cuda"), default="cpu", help="cuda: also the GPU-decode pipeline")
+    p.add_argument("--json", default=None)
+    p.add_argument("--figure", default=None, help="img/s against workers (PNG)")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if a.decode == "cuda" else "cpu")
+    pipelines = a.pipelines + (["ours-cuda"] if a.decode == "cuda" else [])
+    root = make_tree(a.root, n_train=a.images, n_val=a.images // 2)
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs]
+    print(f"tree: {root}, {len(sizes)} training JPEGs, mean {np.mean(sizes) / 1e3:.0f} KB; "
+          f"CPU: {torch.get_num_threads()} threads, {os.cpu_count()} cores; device {device}")
+    torch.set_num_threads(1)  # the main process as one core, like a rank's own thread budget
+    results = []
+    for train, sizes_ in ((True, a.sizes), (False, a.sizes[:1])):
+        for size in sizes_:
+            for workers in a.workers:
+                for pipeline in pipelines:
+                    rate = measure(pipeline, root, size, train, workers, a.images, device)
+                    row = dict(pipeline=pipeline, transform="train" if train else "val", size=size, workers=workers,
+                               images_per_s=round(rate, 1))
+                    results.append(row)
+                    print(f"{row['transform']:>5} {size:>3} workers {workers}: {pipeline:<12} {rate:8.1f} img/s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__, images=a.images,
+                           mean_jpeg_kb=round(float(np.mean(sizes)) / 1e3, 1), results=results), f, indent=1)
+    if a.figure:
+        figure(results, a.figure)
+
+
+def cpu_name():
+    from options import hardware_name
+    return hardware_name(torch.device("cpu"))
+
+
+def figure(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for (pipeline, transform, size), colour in zip(
+            sorted({(r["pipeline"], r["transform"], r["size"]) for r in results}), plt.cm.tab10.colors * 3):
+        pts = sorted((r["workers"], r["images_per_s"]) for r in results
+                     if (r["pipeline"], r["transform"], r["size"]) == (pipeline, transform, size))
+        ax.plot(*zip(*pts), marker="o", color=colour, ls="-" if pipeline.startswith("ours") else "--",
+                label=f"{pipeline} {transform} {size}")
+    ax.set_xticks(sorted({r["workers"] for r in results}))
+    ax.set_xlabel("DataLoader workers (0: the main process alone)")
+    ax.set_ylabel("images / s")
+    ax.set_title("ImageNet input pipelines on this CPU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=130)
+
+
+if __name__ == "__main__":
+    main()

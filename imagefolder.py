@@ -1,0 +1,311 @@
+"""ImageNet-style folder trees (train/<class>/*, val/<class>/*), read by DataLoader workers.
+
+Workers read each file, decode it with torchvision.io (libjpeg-turbo; PIL for formats it cannot read) and crop,
+resize and flip it as a uint8 tensor (transforms.v2), and ship uint8 batches: a quarter of float32's shared
+memory. The training device converts them to float, normalises them and keeps them NCHW. With --decode cuda the
+workers only read the bytes and draw the crop, and the GPU decodes each batch at once (nvJPEG) and crops,
+resizes, flips and normalises it.
+
+As on the resident path, an epoch's order and each image's augmentation come from (seed, epoch) and the image's
+position alone (data.epoch_generator), whatever the worker, the number of workers or a resume; every rank takes
+its own slots of the global batch (data.rank_slots), so ranks see different images with different draws and
+every image once per epoch across ranks. The training loop asks for the batches of a whole run at once
+(FolderLoader.steps): one DataLoader and one set of workers per run, no refill at each epoch or wsd segment.
+"""
+import os
+
+import numpy as np
+import torch
+
+from data import STATS, DataError, epoch_generator, normalize, rank_slots
+
+DECODERS = ("cpu", "cuda")
+
+
+def image_folder(root, split, transform):
+    """torchvision's ImageFolder of root/split with our decoder, or a DataError saying how to arrange the tree."""
+    from torchvision.datasets import ImageFolder
+    path = os.path.join(root, split)
+    layout = "--data imagenet needs an ImageFolder tree with train/<class>/*.JPEG and val/<class>/*.JPEG"
+    if not os.path.isdir(path):
+        raise DataError(f"--data-dir: {root} has no {split}/ folder; {layout}")
+    if not any(entry.is_dir() for entry in os.scandir(path)):
+        how = " (the ILSVRC download's flat val/: sort it with the well-known valprep.sh script)" * (split == "val")
+        raise DataError(f"--data-dir: {path} has no class folders; {layout}{how}")
+    try:
+        return ImageFolder(path, transform, loader=read_image)
+    except FileNotFoundError as e:  # a class folder without images
+        raise DataError(f"--data-dir: {path}: {e}")
+
+
+def read_image(path):
+    """The file as a uint8 RGB tensor (3, H, W): torchvision.io's decoder (JPEG with CMYK and grayscale, PNG,
+    WebP, GIF), PIL for anything else it cannot read (a file neither can read raises PIL's error)."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        from PIL import Image
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def transforms(image_size, train):
+    """uint8 tensor transforms: RandomResizedCrop and a flip for training; resize to 256/224 of the size and a
+    centre crop for validation (and for training without augmentation)."""
+    from torchvision.transforms import v2
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
+
+
+class FolderData:
+    """An ImageFolder tree (train/, val/): uint8 batches from DataLoader workers, normalised on the device."""
+
+    def __init__(self, root, device, workers, image_size=224, augment=True, decode="cpu"):
+        self.train_set = image_folder(root, "train", transforms(image_size, augment))
+        self.val_set = image_folder(root, "val", transforms(image_size, False))
+        train_classes, val_classes = set(self.train_set.classes), set(self.val_set.classes)
+        if train_classes != val_classes:  # labels are indices into the sorted class list: they would not match
+            few = lambda names: ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "") or "none"
+            raise DataError(f"--data-dir: {root}/val/ and train/ have different class folders (only in train/: "
+                            f"{few(train_classes - val_classes)}; only in val/: {few(val_classes - train_classes)}); "
+                            f"val/ needs exactly train/'s classes")
+        self.num_classes, self.in_chans, self.image_size = len(self.train_set.classes), 3, image_size
+        self.device, self.workers, self.augment, self.decode = device, workers, augment, decode
+        mean, std = STATS["imagenet"]
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.val_loaders = {}
+
+    def loader(self, samples, batches, persistent=False):
+        """A DataLoader of `samples` over `batches` (an iterable of index lists), uint8 batches out."""
+        gpu = self.decode == "cuda"
+        return torch.utils.data.DataLoader(
+            samples, batch_sampler=batches, num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=persistent and self.workers > 0, prefetch_factor=4 if self.workers else None,
+            collate_fn=list if gpu else None, generator=torch.Generator().manual_seed(0))  # seeds: keyed draws
+
+    def batches_on_device(self, loader):
+        """(x, y) on the device, x normalised float NCHW: decoded there first under --decode cuda."""
+        for x, y in on_device(loader, self.device) if self.decode == "cpu" else gpu_batches(loader, self):
+            yield normalize(x, self.mean, self.std), y
+
+    def train_loader(self, batch_size, rank, world_size, seed):
+        return FolderLoader(self, batch_size, rank, world_size, seed)
+
+    def val_batches(self, rank, world_size, batch_size):
+        """This rank's strided shard of val/ (no padding: DistributedSampler would repeat images), from one
+        DataLoader with persistent workers per (rank, world size, batch size): evaluations spawn no workers."""
+        key = (rank, world_size, batch_size)
+        if key not in self.val_loaders:
+            idx = list(range(rank, len(self.val_set), world_size))
+            shards = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+            samples = (EncodedSamples if self.decode == "cuda" else NamedSamples)(self.val_set, self.image_size,
+                                                                                 train=False)
+            self.val_loaders[key] = self.loader(samples, shards, persistent=True)
+        yield from self.batches_on_device(self.val_loaders[key])
+
+
+class FolderLoader:
+    """Per optimizer step, this rank's slice of the global batch, decoded and augmented by DataLoader workers.
+
+    An epoch's order and each position's augmentation seed come from one generator seeded by (seed, epoch),
+    as on the resident path; a resumed run asks only for the remaining steps, so the finished steps' images are
+    not decoded again and the rest get the same crops and flips as without the interruption."""
+
+    def __init__(self, data, batch_size, rank, world_size, seed):
+        self.data, self.batch_size, self.rank, self.world_size, self.seed = data, batch_size, rank, world_size, seed
+        self.steps_per_epoch = len(data.train_set) // batch_size
+        self.drawn = (None, None)  # (epoch, (order, draw seeds)): the epoch the keys come from
+
+    def keys(self, path_step):
+        """[(image index, draw seed), ...]: this rank's images of path step `path_step`."""
+        epoch, step = divmod(path_step, self.steps_per_epoch)
+        if self.drawn[0] != epoch:
+            g = epoch_generator(self.seed, epoch)
+            n = len(self.data.train_set)
+            self.drawn = (epoch, (torch.randperm(n, generator=g), torch.randint(0, 2 ** 62, (n,), generator=g)))
+        order, seeds = self.drawn[1]
+        slots = rank_slots(step, self.batch_size, self.rank, self.world_size)
+        return list(zip(order[slots].tolist(), seeds[slots].tolist()))
+
+    def steps(self, path_steps):
+        """(x, y) for each path step of `path_steps` (any sequence: a whole run's, wsd's branches included), from
+        one DataLoader that prefetches across epochs."""
+        d = self.data
+        samples = (EncodedSamples if d.decode == "cuda" else SeededSamples)(d.train_set, d.image_size,
+                                                                              train=d.augment)
+        yield from d.batches_on_device(d.loader(samples, (self.keys(s) for s in path_steps)))
+
+    def epoch(self, epoch, start_step=0):
+        spe = self.steps_per_epoch
+        return self.steps(range(epoch * spe + start_step, (epoch + 1) * spe))
+
+
+class NamedSamples(torch.utils.data.Dataset):
+    """`dataset[index]`, with a damaged image named (the validation set's reader)."""
+
+    def __init__(self, dataset, image_size=None, train=False):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return named_sample(self.dataset, index)
+
+
+class SeededSamples(NamedSamples):
+    """`dataset[index]` for the key (index, draw_seed), with torch's global CPU generator seeded by draw_seed:
+    torchvision's random transforms draw from it, so an image's crop and flip depend on its key alone, in
+    whichever worker or process it is decoded. The caller's generator state is restored."""
+
+    def __getitem__(self, key):
+        index, draw_seed = key
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(draw_seed)
+        try:
+            return named_sample(self.dataset, index)
+        finally:
+            torch.set_rng_state(state)
+
+
+def named_sample(dataset, index, read=None):
+    """dataset[index] of an ImageFolder (or a Subset of one), or read(path, label) where given; an image that
+    cannot be decoded (truncated, not an image) is a DataError naming its file. The run stops there rather than
+    skip it: a skipped image would change the batch, and so the run, without a word."""
+    import struct
+
+    from PIL import Image
+    try:
+        if read is None:
+            return dataset[index]
+        return read(*sample_of(dataset, index))
+    except (OSError, SyntaxError, EOFError, ValueError, struct.error, IndexError, Image.DecompressionBombError) as e:
+        # what PIL and torchvision.io raise for a file they cannot decode; an OSError with an errno is the file
+        # system's (EIO, ESTALE, EMFILE), not the image's
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        path = sample_of(dataset, index)[0] if hasattr(root_of(dataset), "samples") else f"image {index}"
+        why = (str(e).splitlines() or [""])[0][:100]
+        raise DataError(f"--data-dir: error while reading {path} ({type(e).__name__}: {why}); replace it with a good "
+                        f"copy of the image and continue with --resume") from None
+
+
+def root_of(dataset):
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def sample_of(dataset, index):
+    """(path, label) of dataset[index] through any Subsets."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    return dataset.samples[index]
+
+
+# ---- --decode cuda -----------------------------------------------------------------------------------
+
+class EncodedSamples(NamedSamples):
+    """For GPU decoding: (payload, label, crop box, flip) per key, where the payload is the file's bytes (a JPEG)
+    or, for anything nvJPEG cannot decode (PNG, CMYK JPEG), the image decoded here. The crop box and flip are
+    drawn as the CPU path's transforms draw them for the same key (seeded global generator, the image's size read
+    from its header), so both paths augment alike; validation's box is the resize-and-centre-crop's."""
+
+    def __init__(self, dataset, image_size, train=True):
+        super().__init__(dataset)
+        self.image_size, self.train = image_size, train
+
+    def __getitem__(self, key):
+        index, draw_seed = key if isinstance(key, tuple) else (key, 0)
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(draw_seed)
+        try:
+            return named_sample(self.dataset, index, read=self.read)
+        finally:
+            torch.set_rng_state(state)
+
+    def read(self, path, label):
+        from PIL import Image
+        from torchvision.io import read_file
+        with Image.open(path) as img:  # the header only
+            width, height = img.size
+            jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+        payload = read_file(path) if jpeg else read_image(path)
+        box, flip = crop_params(height, width, self.image_size, self.train)
+        return payload, jpeg, label, box, flip
+
+
+def crop_params(height, width, size, train):
+    """(box, flip) for an image of height x width. Training: box ("crop", top, left, h, w), RandomResizedCrop's
+    draw, then RandomHorizontalFlip's (p 0.5), from torch's global generator in that order, as transforms(size,
+    True) draws them. Validation: box ("centre", h, w), the size the image is resized to (its shorter side 256/224
+    of `size`, as v2.Resize computes it) before the centre crop; no draw."""
+    import torchvision.transforms as T
+    if train:
+        top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width),
+                                                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+        return ("crop", top, left, h, w), bool(torch.rand(1) < 0.5)
+    short = round(size * 256 / 224)
+    resized = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+    return ("centre", *resized), False
+
+
+def gpu_batches(loader, data):
+    """(uint8 NCHW, labels) on the device from a loader of EncodedSamples: JPEGs decoded as one batch on the
+    device (nvJPEG on a GPU; the same call on a CPU device, which the tests use), then each image cropped and
+    resized there (validation: resized, then centre-cropped) and flipped."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+    device = data.device
+    for items in worker_errors_named(loader):
+        jpegs = [p for p, jpeg, *_ in items if jpeg]
+        decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+        out, size = [], data.image_size
+        for payload, jpeg, _, box, flip in items:
+            img = next(decoded) if jpeg else payload.to(device, non_blocking=True)
+            if box[0] == "crop":  # training: the drawn box, resized to the output size
+                img = TF.resized_crop(img, *box[1:], [size, size], antialias=True)
+            else:  # validation (and training without augmentation): resized whole, then its centre
+                img = TF.center_crop(TF.resize(img, list(box[1:]), antialias=True), [size, size])
+            out.append(TF.horizontal_flip(img) if flip else img)
+        yield torch.stack(out), torch.tensor([label for _, _, label, _, _ in items], device=device)
+
+
+# ---- to the device -------------------------------------------------------------------------------
+
+def on_device(loader, device):
+    """The loader's (x, y) batches on `device`. On CUDA the next batch's copy is issued on a side stream
+    before the current batch is handed out, so host-to-device copies overlap the training step."""
+    batches = worker_errors_named(loader)
+    if device.type != "cuda":
+        yield from ((x.to(device), y.to(device)) for x, y in batches)
+        return
+    stream = torch.cuda.Stream(device)
+
+    def copy_next():
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(stream):
+            return tuple(t.to(device, non_blocking=True) for t in batch)
+
+    ready = copy_next()
+    while ready is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(stream)
+        for t in ready:  # the caching allocator must not reuse these while the compute stream reads them
+            t.record_stream(compute)
+        current, ready = ready, copy_next()
+        yield current
+
+
+def worker_errors_named(loader):
+    """The loader's batches; a DataError raised in a worker (which DataLoader re-raises with the worker's whole
+    traceback as its message) comes back as its own one line."""
+    try:
+        yield from loader
+    except DataError as e:
+        raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
