@@ -43,11 +43,15 @@ def read_image(path):
     WebP, GIF), PIL for anything else it cannot read (a file neither can read raises PIL's error)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
     except RuntimeError:
         from PIL import Image
-        with Image.open(path) as img:
-            return torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+        with Image.open(path) as pil:
+            return torch.from_numpy(np.asarray(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+    if img.dtype != torch.uint8:  # a 16-bit PNG
+        from torchvision.transforms.v2.functional import to_dtype
+        img = to_dtype(img, torch.uint8, scale=True)
+    return img
 
 
 def transforms(image_size, train):
@@ -56,7 +60,7 @@ def transforms(image_size, train):
     from torchvision.transforms import v2
     if train:
         return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
-    return v2.Compose([v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
+    return v2.Compose([v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
 
 
 class FolderData:
@@ -79,12 +83,13 @@ class FolderData:
         self.val_loaders = {}
 
     def loader(self, samples, batches, persistent=False):
-        """A DataLoader of `samples` over `batches` (an iterable of index lists), uint8 batches out."""
+        """A DataLoader of `samples` over `batches` (an iterable of index lists), uint8 batches out (--decode cuda:
+        the batch's files as one flat byte tensor, collate_encoded)."""
         gpu = self.decode == "cuda"
         return torch.utils.data.DataLoader(
             samples, batch_sampler=batches, num_workers=self.workers, pin_memory=self.device.type == "cuda",
             persistent_workers=persistent and self.workers > 0, prefetch_factor=4 if self.workers else None,
-            collate_fn=list if gpu else None, generator=torch.Generator().manual_seed(0))  # seeds: keyed draws
+            collate_fn=collate_encoded if gpu else None, generator=torch.Generator().manual_seed(0))  # keyed draws
 
     def batches_on_device(self, loader):
         """(x, y) on the device, x normalised float NCHW: decoded there first under --decode cuda."""
@@ -94,10 +99,18 @@ class FolderData:
     def train_loader(self, batch_size, rank, world_size, seed):
         return FolderLoader(self, batch_size, rank, world_size, seed)
 
+    def close(self):
+        """Stop the validation workers (persistent ones otherwise wait for the interpreter's exit, where pinned
+        memory can hold up the join)."""
+        for loader in self.val_loaders.values():
+            if getattr(loader, "_iterator", None) is not None:
+                loader._iterator._shutdown_workers()
+        self.val_loaders = {}
+
     def val_batches(self, rank, world_size, batch_size):
         """This rank's strided shard of val/ (no padding: DistributedSampler would repeat images), from one
         DataLoader with persistent workers per (rank, world size, batch size): evaluations spawn no workers."""
-        key = (rank, world_size, batch_size)
+        key = (id(self.val_set), rank, world_size, batch_size)
         if key not in self.val_loaders:
             idx = list(range(rank, len(self.val_set), world_size))
             shards = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
@@ -248,30 +261,45 @@ def crop_params(height, width, size, train):
         top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width),
                                                          scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
         return ("crop", top, left, h, w), bool(torch.rand(1) < 0.5)
-    short = round(size * 256 / 224)
+    short = int(size * 256 / 224)
     resized = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
     return ("centre", *resized), False
+
+
+def collate_encoded(items):
+    """A batch of EncodedSamples for the trip to the main process: every JPEG's bytes in one flat uint8 tensor
+    (one shared-memory segment, not one per file) with their lengths; images the worker decoded (PNG, CMYK) as
+    they are; labels as a tensor."""
+    jpegs = [p for p, jpeg, *_ in items if jpeg]
+    flat = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)
+    decoded = [p for p, jpeg, *_ in items if not jpeg]
+    labels = torch.tensor([label for _, _, label, _, _ in items])
+    return (flat, [len(p) for p in jpegs], decoded, [jpeg for _, jpeg, *_ in items], labels,
+            [box for *_, box, _ in items], [flip for *_, flip in items])
 
 
 def gpu_batches(loader, data):
     """(uint8 NCHW, labels) on the device from a loader of EncodedSamples: JPEGs decoded as one batch on the
     device (nvJPEG on a GPU; the same call on a CPU device, which the tests use), then each image cropped and
-    resized there (validation: resized, then centre-cropped) and flipped."""
+    resized there (validation: resized, then centre-cropped) and flipped. Runs on the compute stream, one batch
+    after the other with training (no lookahead)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as TF
-    device = data.device
-    for items in worker_errors_named(loader):
-        jpegs = [p for p, jpeg, *_ in items if jpeg]
-        decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
-        out, size = [], data.image_size
-        for payload, jpeg, _, box, flip in items:
-            img = next(decoded) if jpeg else payload.to(device, non_blocking=True)
+    device, size = data.device, data.image_size
+    for flat, lengths, decoded, is_jpeg, labels, boxes, flips in worker_errors_named(loader):
+        if device.type == "cuda":  # nvJPEG writes on its own stream without waiting for ours (torchvision #9606):
+            torch.cuda.current_stream(device).synchronize()  # memory freed by queued kernels must be free
+        jpegs = iter(decode_jpeg(list(flat.split(lengths)), mode=ImageReadMode.RGB, device=device) if lengths else [])
+        others = iter(decoded)
+        out = []
+        for jpeg, box, flip in zip(is_jpeg, boxes, flips):
+            img = next(jpegs) if jpeg else next(others).to(device, non_blocking=True)
             if box[0] == "crop":  # training: the drawn box, resized to the output size
                 img = TF.resized_crop(img, *box[1:], [size, size], antialias=True)
             else:  # validation (and training without augmentation): resized whole, then its centre
                 img = TF.center_crop(TF.resize(img, list(box[1:]), antialias=True), [size, size])
             out.append(TF.horizontal_flip(img) if flip else img)
-        yield torch.stack(out), torch.tensor([label for _, _, label, _, _ in items], device=device)
+        yield torch.stack(out), labels.to(device, non_blocking=True)
 
 
 # ---- to the device -------------------------------------------------------------------------------

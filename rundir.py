@@ -74,18 +74,27 @@ def lock_run_dir(run_dir):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    # a forked child (a DataLoader worker) shares the lock through its copy of the descriptor and would hold it
-    # after this process is killed, until it noticed: a child points its copy at /dev/null (the number stays
-    # valid for the file object that owns it), and the lock stays this process's
-    fd = f.fileno()
-    os.register_at_fork(after_in_child=lambda: _release_in_child(fd))
+    HELD[:] = [h for h in HELD if not h.closed] + [f]
     return f
 
 
-def _release_in_child(fd):
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, fd)
-    os.close(null)
+# A forked child (a DataLoader worker) shares a lock through its copy of the descriptor and would hold it after this
+# process is killed, until it noticed: after a fork the child points its copies of the locks still open here at
+# /dev/null (the numbers stay valid for the file objects that own them), and the locks stay this process's.
+HELD = []  # lock files lock_run_dir opened; closed ones are skipped (their numbers may belong to other files now)
+
+
+def _release_in_child():
+    open_locks = [f for f in HELD if not f.closed]
+    if open_locks:
+        null = os.open(os.devnull, os.O_RDONLY)
+        for f in open_locks:
+            os.dup2(null, f.fileno())
+        os.close(null)
+    HELD[:] = []
+
+
+os.register_at_fork(after_in_child=_release_in_child)
 
 
 def _guard(write, path):

@@ -351,6 +351,8 @@ def run_main(argv=None):
               rank, world_size, ddp, device, log, tracked if master else Trackers([], None, None))
     steps_here = run.train(state)
     run.tracked.close()
+    if hasattr(data, "close"):  # the validation workers
+        data.close()
     if master:
         mark_done(setup.run_dir)
         print(f"done: {setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
@@ -826,9 +828,8 @@ def recompute_bn(model, loader, path_step, methods, autocast, ddp=False, batches
         bn.reset_running_stats()
         bn.momentum = None  # a cumulative average over the batches below
     model.train()
-    for i, (x, _) in enumerate(loader.epoch((path_step - 1) // loader.steps_per_epoch, 0)):
-        if i == batches_used:
-            break
+    first = (path_step - 1) // loader.steps_per_epoch * loader.steps_per_epoch
+    for x, _ in loader.steps(range(first, first + min(batches_used, loader.steps_per_epoch))):  # only these
         x = methods.transform_eval_batch(x)  # the layout of training (channels-last), never its augmentation
         with autocast:
             model(x)

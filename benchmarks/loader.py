@@ -9,10 +9,12 @@ On a generated ImageNet-like tree (made once and cached: 500x375 and larger phot
                 in the workers, float32 batches through shared memory: the usual ImageNet script
   ours          imagefolder.py: torchvision.io decode and transforms.v2 on uint8 in the workers, uint8 batches
                 (timed as far as the device: conversion and normalisation are the training device's, on a GPU)
+  ours+norm     the same, and the float conversion and normalisation in the main process (on a CPU device: what
+                a CPU-only run pays; on a GPU that work is the GPU's)
   ours-cuda     --decode cuda (a GPU only): workers read the bytes, the GPU decodes and augments each batch
 and the validation transform (resize 256/224, centre crop) of the first two. --workers 0 decodes in the main
-process: the rate of one core. Each figure is the best of two passes over --images images (the first batch's
-start-up excluded); batches of 64.
+process: the rate of one core. Each figure is the best of two passes of --batches batches of 64 in steady state
+(after the workers' start and their 4 prefetched batches each, untimed).
 """
 import argparse
 import json
@@ -73,44 +75,52 @@ def conventional(root, split, size, train):
     return ImageFolder(os.path.join(root, split), T.Compose(t + [T.ToTensor(), T.Normalize(mean, std)]))
 
 
-def time_batches(batches, n_images):
-    """Images per second over the batches after the first (start-up: worker spawn, first decode)."""
+def time_batches(batches, warm):
+    """Images per second over the batches after the first `warm` (the workers' start and their prefetched
+    batches, which would otherwise be counted as if made in no time)."""
     it = iter(batches)
-    next(it)
+    for _ in range(warm):
+        next(it)
     start, seen = time.perf_counter(), 0
     for x, _ in it:
         seen += len(x)
-    elapsed = time.perf_counter() - start
-    return seen / elapsed if seen else float("nan")
+    return seen / (time.perf_counter() - start)
 
 
-def measure(pipeline, root, size, train, workers, n_images, device, batch=64):
-    """Best of two passes: images per second of `pipeline` (conventional, ours, ours-cuda)."""
-    from imagefolder import FolderData
-    best = 0.0
+def measure(pipeline, root, size, train, workers, timed, device, batch=64):
+    """Best of two passes: images per second of `pipeline` (conventional, ours, ours-cuda) in steady state: `timed`
+    batches after 4 x workers + 1 (DataLoader's prefetch) untimed ones, over as many epochs of the tree as that
+    takes."""
+    from imagefolder import EncodedSamples, FolderData, SeededSamples, gpu_batches
+    warm = 4 * workers + 1
+    total, best = warm + timed, 0.0
     for rep in range(2):
+        g = torch.Generator().manual_seed(rep)
         if pipeline == "conventional":
             ds = conventional(root, "train" if train else "val", size, train)
-            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(rep))[:n_images].tolist()
-            loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=idx, num_workers=workers,
-                                                 pin_memory=device.type == "cuda",
+            order = torch.cat([torch.randperm(len(ds), generator=g) for _ in range(-(-total * batch // len(ds)))])
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=order[:total * batch].tolist(),
+                                                 num_workers=workers, pin_memory=device.type == "cuda",
                                                  prefetch_factor=4 if workers else None)
             batches = ((x.to(device, non_blocking=True), y) for x, y in loader)
         else:  # up to the uint8 batches the device receives (ours-cuda: decoded and augmented there)
-            from imagefolder import EncodedSamples, SeededSamples, gpu_batches
             cuda = pipeline == "ours-cuda"
             data = FolderData(root, device, workers, size, augment=train, decode="cuda" if cuda else "cpu")
-            dataset = data.train_set if train else data.val_set
-            n = min(n_images, len(dataset))
             if train:
                 keys = data.train_loader(batch, 0, 1, seed=rep).keys
-                index = [keys(s) for s in range(n // batch)]
+                index = [keys(s) for s in range(total)]  # across epochs: each its own order and draws
             else:
-                index = [[(i, 0) for i in range(j, min(j + batch, n))] for j in range(0, n, batch)]
-            samples = (EncodedSamples if cuda else SeededSamples)(dataset, size, train=train)
+                n = len(data.val_set)
+                index = [[((s * batch + i) % n, 0) for i in range(batch)] for s in range(total)]
+            samples = (EncodedSamples if cuda else SeededSamples)(data.train_set if train else data.val_set, size,
+                                                                  train=train)
             loader = data.loader(samples, index)
-            batches = gpu_batches(loader, data) if cuda else ((x.to(device, non_blocking=True), y) for x, y in loader)
-        rate = time_batches(batches, n_images)
+            if pipeline == "ours+norm":  # and the device's float conversion and normalisation, here on the CPU
+                batches = data.batches_on_device(loader)
+            else:
+                batches = gpu_batches(loader, data) if cuda else ((x.to(device, non_blocking=True), y)
+                                                                 for x, y in loader)
+        rate = time_batches(batches, warm)
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = max(best, rate)
@@ -120,10 +130,11 @@ def measure(pipeline, root, size, train, workers, n_images, device, batch=64):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=CACHE, help="the generated tree (made once)")
-    p.add_argument("--images", type=int, default=512, help="images per pass")
+    p.add_argument("--images", type=int, default=512, help="images in the generated tree's train/ (val/: half)")
+    p.add_argument("--batches", type=int, default=24, help="batches of 64 timed per pass, after the prefetched ones")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 192, 160])
-    p.add_argument("--pipelines", nargs="+", default=["conventional", "ours"])
+    p.add_argument("--pipelines", nargs="+", default=["conventional", "ours", "ours+norm"])
     p.add_argument("--decode", choices=("cpu", "cuda"), default="cpu", help="cuda: also the GPU-decode pipeline")
     p.add_argument("--json", default=None)
     p.add_argument("--figure", default=None, help="img/s against workers (PNG)")
@@ -140,7 +151,7 @@ def main(argv=None):
         for size in sizes_:
             for workers in a.workers:
                 for pipeline in pipelines:
-                    rate = measure(pipeline, root, size, train, workers, a.images, device)
+                    rate = measure(pipeline, root, size, train, workers, a.batches, device)
                     row = dict(pipeline=pipeline, transform="train" if train else "val", size=size, workers=workers,
                                images_per_s=round(rate, 1))
                     results.append(row)
