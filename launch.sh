@@ -289,7 +289,7 @@ case "${1:-}" in
     setup
     # test-only packages (nbclient to execute the notebook)
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-test.txt
-    shift; PY -m pytest -q tests "$@";;
+    shift; PY -m pytest -q --durations=15 tests "$@";;
   demo)
     setup
     # 20k of the 60k training images keep the whole demo at a few minutes on a 2-core CPU.
