@@ -53,7 +53,7 @@ SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
 GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
 DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${STANDARD:-1}; BUDGETS=${BUDGETS:-}
-EXTRA=(); FAILED=(); CHECKED=""
+EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
 PLUGINS=()
 
 parse_sweep() {
@@ -84,12 +84,17 @@ parse_sweep() {
   [ ${#CONFIGS[@]} -gt 0 ] || return 0
   # what the recipes set of the sweep's own options (shape, model, data, precision) is their default here
   local lines flag var value
-  lines=$(PY -c 'import sys
+  if [ "${RECIPE_READ%%|*}" = "${CONFIGS[*]}" ]; then  # a preset's sweeps of the same recipes: read once
+    lines=${RECIPE_READ#*|}
+  else
+    lines=$(PY -c 'import sys
 try:
     import options
 except ImportError as e:
     sys.exit(f"launch.sh: --config needs the environment ({e}): run ./launch.sh setup first")
 print(options.sweep_defaults(sys.argv[2::2]))' "${CONFIGS[@]}") || exit 2
+    RECIPE_READ="${CONFIGS[*]}|$lines"
+  fi
   while read -r flag var value; do
     if [ -n "$flag" ] && [[ "$given" != *" $flag "* ]]; then printf -v "$var" '%s' "$value"; fi
   done <<<"$lines"
@@ -160,7 +165,7 @@ try:
     c, argv = json.load(open(sys.argv[1] + "/config.json")), sys.argv[2:]
     recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     sha = [hashlib.sha256(open(r, "rb").read()).hexdigest() for r in recipes]
-    sys.exit(c.get("argv") != argv or (recipes and c.get("recipe_sha256") != sha))
+    sys.exit(c.get("argv") != argv or bool(recipes and c.get("recipe_sha256") != sha))
 except (OSError, ValueError, AttributeError): sys.exit(1)' "$@"
 }
 
