@@ -70,19 +70,22 @@ class Trackers:
         if self.writers:
             self.pending.append((step, lr))
 
-    def flush(self):
+    def flush(self, row=None):
+        """Write the buffered LRs (then a row's values, at its step: W&B takes steps in order), and everything to
+        disk (a user watching the run sees it up to here)."""
         for step, lr in self.pending:
             for w in self.writers:
                 w.scalars({"lr": lr}, step)
         self.pending = []
+        for w in self.writers:
+            if row is not None:
+                w.scalars(*row)
+            w.flush()
 
     def row(self, step, row):
-        """A metrics.csv row (its numeric columns), logged at the run's optimizer step `step` (after the LRs)."""
-        self.flush()
+        """A metrics.csv row (its numeric columns), logged at the run's optimizer step `step`."""
         values = {f"metrics/{k}": numeric(v) for k, v in row.items()}
-        values = {k: v for k, v in values.items() if v is not None}
-        for w in self.writers:
-            w.scalars(values, step)
+        self.flush(({k: v for k, v in values.items() if v is not None}, step))
 
     def close(self):
         self.flush()
@@ -113,6 +116,9 @@ class TensorBoardWriter:
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
 
+    def flush(self):
+        self.writer.flush()
+
     def close(self):
         self.writer.close()
 
@@ -123,6 +129,9 @@ class WandbWriter:
 
     def scalars(self, values, step):
         self.run.log(values, step=step)
+
+    def flush(self):
+        pass  # W&B writes on its own
 
     def close(self):
         self.run.finish()

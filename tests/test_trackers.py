@@ -66,6 +66,12 @@ def test_a_resumed_run_hides_what_the_killed_process_logged_after_its_checkpoint
     kill_after(args, 3, 0.2)
     run_train(args + ["--resume", "auto"])
     assert_mirrors_metrics(run, json.load(open(os.path.join(run, "config.json")))["run_steps"])
+    # a resume from an earlier checkpoint than the events on disk (the previous one: the newest lost)
+    checkpoints = os.path.join(run, "checkpoints")
+    os.replace(os.path.join(checkpoints, "prev.pt"), os.path.join(checkpoints, "last.pt"))
+    os.remove(os.path.join(run, "done"))
+    run_train(args + ["--resume"])
+    assert_mirrors_metrics(run, json.load(open(os.path.join(run, "config.json")))["run_steps"])
 
 
 FAKE_WANDB = '''import json, os
