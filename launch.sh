@@ -20,7 +20,8 @@
 #   --schedules cyclic,cyclic-decay,wsd,schedule-free (one-run estimators; none: standard runs only)
 #   --no-standard (the estimators only: the cheap benchmark, once the cyclic curve is trusted)
 #   --budgets "2 32" (standard runs at these cycle ends only, e.g. a pilot's smallest and largest)
-#   --config FILE.yaml (repeatable: a recipe for every run; its shape, model, data and amp are this sweep's defaults)
+#   --config FILE.yaml (repeatable: a recipe for every run; its shape, model, data and amp are this sweep's defaults,
+#       over the environment variables; a flag here overrides it)
 #   --vit (the ViT recipe, recipes/vit-fmnist.yaml; README "A ViT recipe"; EXTRA flags override it)
 #   --out runs/sweep  --no-report  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
 # A finished run (has 'done') is skipped; an unfinished one is resumed (--resume auto), so a killed
@@ -78,9 +79,22 @@ parse_sweep() {
       *) echo "launch.sh: unknown sweep option '$1' (see the top of launch.sh)" >&2; exit 2;;
     esac
   done
-  if [[ " ${EXTRA[*]:-} " == *" --config "* || " ${EXTRA[*]:-} " == *" --config="* ]]; then
-    echo "launch.sh: give --config before '--' (the sweep takes its shape, model and data from it)" >&2; exit 2
+  local i normalised=()
+  if [ ${#EXTRA[@]} -gt 0 ]; then
+    for i in "${EXTRA[@]}"; do  # --amp=X as --amp X, which the precision logic below reads
+      if [[ "$i" == --amp=* ]]; then normalised+=(--amp "${i#--amp=}"); else normalised+=("$i"); fi
+    done
+    EXTRA=("${normalised[@]}")
   fi
+  for i in "${EXTRA[@]:-}"; do
+    case "$i" in
+      --config|--config=*) echo "launch.sh: give --config before '--' (the sweep takes its shape, model and data" \
+                                "from it)" >&2; exit 2;;
+      --t0|--t0=*|--t-mult|--t-mult=*|--cycles|--cycles=*|--warmup-epochs|--warmup-epochs=*|--epochs|--epochs=*)
+        echo "launch.sh: ${i%%=*} after '--': give the sweep's own --warmup/--t0/--t-mult/--cycles (its budgets" \
+             "come from them)" >&2; exit 2;;
+    esac
+  done
   [ ${#CONFIGS[@]} -gt 0 ] || return 0
   # what the recipes set of the sweep's own options (shape, model, data, precision) is their default here
   local lines flag var value
@@ -165,7 +179,8 @@ try:
     c, argv = json.load(open(sys.argv[1] + "/config.json")), sys.argv[2:]
     recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     sha = [hashlib.sha256(open(r, "rb").read()).hexdigest() for r in recipes]
-    sys.exit(c.get("argv") != argv or bool(recipes and c.get("recipe_sha256") != sha))
+    # a plug-in file may have changed under the same argv: train.py compares its hash
+    sys.exit(c.get("argv") != argv or bool(recipes and c.get("recipe_sha256") != sha) or "--plugins" in argv)
 except (OSError, ValueError, AttributeError): sys.exit(1)' "$@"
 }
 

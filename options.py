@@ -85,8 +85,8 @@ def method_dests():
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,  # launch.sh matches flags
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # by their whole names
     p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                    help="a recipe: any of these options as 'name: value' lines (recipes/); repeatable, a later file "
                         "over an earlier one; flags given override them")
@@ -202,11 +202,13 @@ def read_recipe(parser, path):
             return super().construct_mapping(node, deep)
 
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
         recipe = yaml.load(text, Loader=Loader)
     except OSError as e:
         fail(f"{where}: cannot read it ({e.strerror})", options=True)
+    except UnicodeDecodeError as e:
+        fail(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})", options=True)
     except yaml.YAMLError as e:
         mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)  # where the broken item starts
         fail(f"{where}{f', line {mark.line + 1}' if mark else ''}: not YAML ({getattr(e, 'problem', None) or e})",
@@ -231,6 +233,8 @@ def read_recipe(parser, path):
             hint = f"; did you mean '{close[0]}'?" if close else "; see python train.py --help"
             fail(f"{where}, line {line}: unknown option '{key}'{hint}", options=True)
         a = actions[key]
+        if isinstance(a, argparse.BooleanOptionalAction) and key.startswith(("no-", "no_")):
+            fail(f"{where}, line {line}: write {a.dest}: false, not {key}", options=True)
         if a.dest in RUN_CONTROLS:
             fail(f"{where}, line {line}: {key} controls one run, not a recipe: give it as a flag", options=True)
         if a.dest in out:
@@ -261,6 +265,13 @@ def sweep_defaults(paths):
         if chosen:
             fail(f"--config {path} sets {sorted(chosen)[0]}: a sweep's methods come from its --methods; take it out "
                  f"of the recipe", options=True)
+        per_run = sorted({"epochs", "schedule", "seed"} & set(layer))
+        if per_run:
+            fail(f"--config {path} sets {per_run[0]}, which a sweep sets for each run (its --cycles, --schedules, "
+                 f"--seeds); take it out of the recipe", options=True)
+        spaced = next((k for k in SWEEP_KEYS if k in layer and any(c.isspace() for c in str(layer[k]))), None)
+        if spaced:
+            fail(f"--config {path}: {spaced} has white space, which a sweep cannot pass on", options=True)
         recipe.update(layer)
     return "\n".join(f"{flag} {var} {recipe[k]}" for k, (flag, var) in SWEEP_KEYS.items() if recipe.get(k) is not None)
 
@@ -272,9 +283,11 @@ def recipe_value(action, value):
     if value in NULL:
         return [] if isinstance(action, argparse._AppendAction) else action.default
     if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
-        if not isinstance(value, str) or value.lower() not in ("true", "false"):
+        if not isinstance(value, str) or value.lower() not in SWITCH:
             raise ValueError(f"takes true or false, got {value!r}")
-        return value.lower() == "true"
+        return SWITCH[value.lower()]
+    if action.nargs == "?" and isinstance(value, str) and value.lower() in SWITCH:  # --label-smoothing alone: its
+        return action.const if SWITCH[value.lower()] else action.default          # own value; false: off
     kind = {int: "an integer", float: "a number"}.get(action.type, "a value")
 
     def convert(v):
@@ -296,6 +309,7 @@ def recipe_value(action, value):
 
 
 NULL = ("", "~", "null", "Null", "NULL")  # YAML's nulls, as text
+SWITCH = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,10 @@ def test_yaml_values_are_read_as_the_flags_read_them(tmp_path):
                                                                    "eta_min:\n")])
     assert (a.subset, a.decay_exclusions, a.lr, a.nesterov, a.opt_betas, a.eta_min) == (10, "off", 2e-3, True,
                                                                                         None, 0.0)
+    # a switch takes YAML's words; a flag with an optional value takes true for its own value (--label-smoothing)
+    a = options.parse_args(["--config", write(tmp_path / "s.yaml", "compile: yes\nlabel-smoothing: true\n"
+                                                                   "mixup: false\n")])
+    assert (a.compile, a.label_smoothing, a.mixup) == (True, 0.1, 0.0)
 
 
 def test_methods_come_from_one_place(tmp_path):
@@ -73,6 +77,7 @@ def test_methods_come_from_one_place(tmp_path):
     ("seed: 1.5\n", "line 1: seed: takes an integer, got '1.5'"),
     ("t0: 1:30\n", "t0: takes a number, got '1:30'"),
     ("resume: auto\n", "resume controls one run, not a recipe"),
+    ("no-nesterov: true\n", "write nesterov: false, not no-nesterov"),
     ("nesterov: 1\n", "nesterov: takes true or false"),
     ("lr: [0.1, 0.2]\n", "lr: takes one value"),
     ("opt_betas: [0.9]\n", "opt_betas: takes 2 values, got 1"),
@@ -129,3 +134,7 @@ def test_sweep_vit_is_the_vit_recipe_in_fp32_unless_the_extra_flags_ask(tmp_path
     assert all(f"--config {recipe}" in r and "--model vit_tiny_patch16_224" in r and r.endswith("--amp none")
                for r in runs())
     assert all(" --amp bf16" in r and "--amp none" not in r for r in runs("--", "--amp", "bf16"))
+    assert all(" --amp bf16" in r and "--amp none" not in r for r in runs("--", "--amp=bf16"))
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "sweep", "--out", str(tmp_path / "s"), "--dry-run", "--",
+                        "--t0", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--t0 after '--'" in p.stderr
