@@ -175,13 +175,19 @@ class SeededSamples(NamedSamples):
     whichever worker or process it is decoded. The caller's generator state is restored."""
 
     def __getitem__(self, key):
-        index, draw_seed = key
-        state = torch.get_rng_state()
-        torch.default_generator.manual_seed(draw_seed)
-        try:
-            return named_sample(self.dataset, index)
-        finally:
-            torch.set_rng_state(state)
+        return seeded_sample(self.dataset, key)
+
+
+def seeded_sample(dataset, key, read=None):
+    """named_sample for the key (index, draw_seed) with torch's global CPU generator seeded by draw_seed, the
+    caller's generator state put back after."""
+    index, draw_seed = key
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(draw_seed)
+    try:
+        return named_sample(dataset, index, read)
+    finally:
+        torch.set_rng_state(state)
 
 
 def named_sample(dataset, index, read=None):
@@ -200,16 +206,13 @@ def named_sample(dataset, index, read=None):
         # system's (EIO, ESTALE, EMFILE), not the image's
         if isinstance(e, OSError) and e.errno is not None:
             raise
-        path = sample_of(dataset, index)[0] if hasattr(root_of(dataset), "samples") else f"image {index}"
+        try:
+            path = sample_of(dataset, index)[0]
+        except AttributeError:  # not an ImageFolder: no file names
+            path = f"image {index}"
         why = (str(e).splitlines() or [""])[0][:100]
         raise DataError(f"--data-dir: error while reading {path} ({type(e).__name__}: {why}); replace it with a good "
                         f"copy of the image and continue with --resume") from None
-
-
-def root_of(dataset):
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    return dataset
 
 
 def sample_of(dataset, index):
@@ -231,14 +234,8 @@ class EncodedSamples(NamedSamples):
         super().__init__(dataset)
         self.image_size, self.train = image_size, train
 
-    def __getitem__(self, key):
-        index, draw_seed = key if isinstance(key, tuple) else (key, 0)
-        state = torch.get_rng_state()
-        torch.default_generator.manual_seed(draw_seed)
-        try:
-            return named_sample(self.dataset, index, read=self.read)
-        finally:
-            torch.set_rng_state(state)
+    def __getitem__(self, key):  # validation's keys are bare indices: no draws
+        return seeded_sample(self.dataset, key if isinstance(key, tuple) else (key, 0), read=self.read)
 
     def read(self, path, label):
         from PIL import Image

@@ -162,7 +162,7 @@ MUTATIONS = [
     ("the evaluation cadence not result-defining", "options.py", '"eval_every", "model_kwargs",', '"model_kwargs",',
      R + "test_resume_with_another_evaluation_cadence_is_refused"),
     ("a damaged image read in a worker is a traceback", "imagefolder.py",
-     "            return named_sample(self.dataset, index)\n        finally", "            return self.dataset[index]\n        finally",
+     "        return named_sample(dataset, index, read)\n    finally", "        return dataset[index]\n    finally",
      "tests/test_data.py::test_a_damaged_image_stops_the_run_with_one_line_naming_it"),
     # the ImageNet pipeline (issue 26) and recipes (issue 27)
     ("the GPU path draws its flip before the crop", "imagefolder.py",
