@@ -23,8 +23,15 @@ DECODERS = ("cpu", "cuda")
 
 
 def image_folder(root, split, transform):
-    """torchvision's ImageFolder of root/split with our decoder, or a DataError saying how to arrange the tree."""
+    """torchvision's ImageFolder of root/split with our decoder (shards.ShardSet where `python shards.py` prepared
+    root), or a DataError saying how to arrange the tree."""
     from torchvision.datasets import ImageFolder
+
+    import shards
+    if os.path.exists(os.path.join(root, shards.MARK)):
+        raise DataError(f"--data-dir: {root} is an unfinished `python shards.py` output; run it again to finish")
+    if shards.is_prepared(root, split):
+        return shards.ShardSet(os.path.join(root, split), transform)
     path = os.path.join(root, split)
     layout = "--data imagenet needs an ImageFolder tree with train/<class>/*.JPEG and val/<class>/*.JPEG"
     if not os.path.isdir(path):
@@ -39,14 +46,23 @@ def image_folder(root, split, transform):
 
 
 def read_image(path):
-    """The file as a uint8 RGB tensor (3, H, W): torchvision.io's decoder (JPEG with CMYK and grayscale, PNG,
-    WebP, GIF), PIL for anything else it cannot read (a file neither can read raises PIL's error)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """The file as a uint8 RGB tensor (3, H, W) (decode)."""
+    from torchvision.io import read_file
+    return decode(read_file(path))
+
+
+def decode(data):
+    """An image file's bytes (a uint8 tensor) as a uint8 RGB tensor (3, H, W): torchvision.io's decoder (JPEG with
+    CMYK and grayscale, PNG, WebP, GIF), PIL for anything else it cannot read (bytes neither can read raise PIL's
+    error)."""
+    from torchvision.io import ImageReadMode, decode_image
     try:
-        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        img = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
+        import io
+
         from PIL import Image
-        with Image.open(path) as pil:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as pil:
             return torch.from_numpy(np.asarray(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
     if img.dtype != torch.uint8:  # a 16-bit PNG
         from torchvision.transforms.v2.functional import to_dtype
@@ -77,6 +93,8 @@ class FolderData:
                             f"val/ needs exactly train/'s classes")
         self.num_classes, self.in_chans, self.image_size = len(self.train_set.classes), 3, image_size
         self.device, self.workers, self.augment, self.decode = device, workers, augment, decode
+        meta = getattr(self.train_set, "meta", None)  # prepared shards: how (config.json's data_storage)
+        self.storage = {k: v for k, v in meta.items() if k != "classes"} if meta else "folder"
         mean, std = STATS["imagenet"]
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
@@ -191,35 +209,37 @@ def seeded_sample(dataset, key, read=None):
 
 
 def named_sample(dataset, index, read=None):
-    """dataset[index] of an ImageFolder (or a Subset of one), or read(path, label) where given; an image that
-    cannot be decoded (truncated, not an image) is a DataError naming its file. The run stops there rather than
-    skip it: a skipped image would change the batch, and so the run, without a word."""
+    """dataset[index] of an ImageFolder or ShardSet (or a Subset of one), or read(base dataset, its index) where
+    given; an image that cannot be decoded (truncated, not an image) is a DataError naming its file. The run stops
+    there rather than skip it: a skipped image would change the batch, and so the run, without a word."""
+    try:
+        return dataset[index] if read is None else read(*base_of(dataset, index))
+    except Exception as e:
+        base, i = base_of(dataset, index)
+        raise_named(e, base.samples[i][0] if hasattr(base, "samples") else f"image {i}",
+                    getattr(base, "then", "continue with --resume"))
+
+
+def raise_named(e, path, then):
+    """Raises a DataError naming the file for what PIL and torchvision.io raise on an image they cannot decode,
+    and any other exception as it is (an OSError with an errno is the file system's: EIO, ESTALE, EMFILE)."""
     import struct
 
     from PIL import Image
-    try:
-        if read is None:
-            return dataset[index]
-        return read(*sample_of(dataset, index))
-    except (OSError, SyntaxError, EOFError, ValueError, struct.error, IndexError, Image.DecompressionBombError) as e:
-        # what PIL and torchvision.io raise for a file they cannot decode; an OSError with an errno is the file
-        # system's (EIO, ESTALE, EMFILE), not the image's
-        if isinstance(e, OSError) and e.errno is not None:
-            raise
-        try:
-            path = sample_of(dataset, index)[0]
-        except AttributeError:  # not an ImageFolder: no file names
-            path = f"image {index}"
-        why = (str(e).splitlines() or [""])[0][:100]
-        raise DataError(f"--data-dir: error while reading {path} ({type(e).__name__}: {why}); replace it with a good "
-                        f"copy of the image and continue with --resume") from None
+    if (not isinstance(e, (OSError, SyntaxError, EOFError, ValueError, struct.error, IndexError,
+                           Image.DecompressionBombError))
+            or isinstance(e, OSError) and e.errno is not None or isinstance(e, DataError)):
+        raise e
+    why = (str(e).splitlines() or [""])[0][:100]
+    raise DataError(f"--data-dir: error while reading {path} ({type(e).__name__}: {why}); replace it with a good "
+                    f"copy of the image and {then}") from None
 
 
-def sample_of(dataset, index):
-    """(path, label) of dataset[index] through any Subsets."""
+def base_of(dataset, index):
+    """(ImageFolder or ShardSet, index in it) of dataset[index] through any Subsets."""
     while isinstance(dataset, torch.utils.data.Subset):
         dataset, index = dataset.dataset, dataset.indices[index]
-    return dataset.samples[index]
+    return dataset, index
 
 
 # ---- --decode cuda -----------------------------------------------------------------------------------
@@ -237,13 +257,18 @@ class EncodedSamples(NamedSamples):
     def __getitem__(self, key):  # validation's keys are bare indices: no draws
         return seeded_sample(self.dataset, key if isinstance(key, tuple) else (key, 0), read=self.read)
 
-    def read(self, path, label):
+    def read(self, base, i):
         from PIL import Image
         from torchvision.io import read_file
-        with Image.open(path) as img:  # the header only
-            width, height = img.size
-            jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
-        payload = read_file(path) if jpeg else read_image(path)
+        label = base.targets[i]
+        if hasattr(base, "encoded"):  # shards: JPEGs, sized in the index
+            payload, jpeg, (height, width) = base.encoded(i), True, base.size(i)
+        else:
+            path = base.samples[i][0]
+            with Image.open(path) as img:  # the header only
+                width, height = img.size
+                jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+            payload = read_file(path) if jpeg else read_image(path)
         box, flip = crop_params(height, width, self.image_size, self.train)
         return payload, jpeg, label, box, flip
 

@@ -323,7 +323,7 @@ def run_main(argv=None):
                   args.warmup_epochs, setup.family_t0, setup.family_t_mult, setup.cycles)),
               **own, "device": device.type, "torch_version": torch.__version__,
               "cuda_version": torch.version.cuda if device.type == "cuda" else None, "decay_excluded": exclusions,
-              "methods_without_effect": without_effect,
+              "methods_without_effect": without_effect, "data_storage": getattr(data, "storage", None),
               "amp_measured": amp_measured if ckpt is None else (recorded_options(setup.run_dir) or {}).get(
                   "amp_measured"),
               "device_names": device_history(setup, ckpt),

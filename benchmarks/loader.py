@@ -12,9 +12,13 @@ On a generated ImageNet-like tree (made once and cached: 500x375 and larger phot
   ours+norm     the same, and the float conversion and normalisation in the main process (on a CPU device: what
                 a CPU-only run pays; on a GPU that work is the GPU's)
   ours-cuda     --decode cuda (a GPU only): workers read the bytes, the GPU decodes and augments each batch
+  ours-shards   ours, reading the tree as `python shards.py` stores it (--short-side, default 256; prepared once
+                and cached): smaller images, fewer pixels to decode
 and the validation transform (resize 256/224, centre crop) of the first two. --workers 0 decodes in the main
 process: the rate of one core. Each figure is the best of two passes of --batches batches of 64 in steady state
-(after the workers' start and their 4 prefetched batches each, untimed).
+(after the workers' start and their 4 prefetched batches each, untimed). Then the reading alone, from a cold page
+cache (each file evicted first): the training images' bytes in a shuffled order, one file each (the tree) and
+from the shards.
 """
 import argparse
 import json
@@ -87,6 +91,49 @@ def time_batches(batches, warm):
     return seen / (time.perf_counter() - start)
 
 
+def prepared(root, short_side):
+    """The tree as shards.py stores it, beside the tree (made once)."""
+    import shards
+    out = f"{root}-shards{short_side}"
+    if not shards.is_prepared(out, "val"):
+        shards.prepare(root, out, short_side=short_side, workers=len(os.sched_getaffinity(0)), progress=False)
+    return out
+
+
+def evict(path):
+    """Drops the file's pages from the page cache (the next read comes from the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_rates(root, shards_root, passes=2):
+    """{storage: (images/s, MB/s)}: the training images' bytes read in a shuffled order from a cold page cache,
+    file by file from the tree and from the shards (best of `passes`)."""
+    from imagefolder import image_folder
+    tree, sharded = image_folder(root, "train", None), image_folder(shards_root, "train", None)
+    order = torch.randperm(len(tree), generator=torch.Generator().manual_seed(0)).tolist()
+    shard_files = [os.path.join(sharded.folder, f) for f in os.listdir(sharded.folder) if f.startswith("shard-")]
+    readers = {"folder": (lambda i: open(tree.samples[i][0], "rb").read(), [p for p, _ in tree.samples]),
+               "shards": (lambda i: sharded.encoded(i).numpy(), shard_files)}
+    rates = {}
+    for name, (read, files) in readers.items():
+        best = (0.0, 0.0)
+        for _ in range(passes):
+            for f in files:
+                evict(f)
+            sharded.maps = (None, {})
+            start, total = time.perf_counter(), 0
+            for i in order:
+                total += len(read(i))
+            took = time.perf_counter() - start
+            best = max(best, (len(order) / took, total / took / 1e6))
+        rates[name] = best
+    return rates
+
+
 def measure(pipeline, root, size, train, workers, timed, device, batch=64):
     """Best of two passes: images per second of `pipeline` (conventional, ours, ours-cuda) in steady state: `timed`
     batches after 4 x workers + 1 (DataLoader's prefetch) untimed ones, over as many epochs of the tree as that
@@ -134,7 +181,8 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=24, help="batches of 64 timed per pass, after the prefetched ones")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 192, 160])
-    p.add_argument("--pipelines", nargs="+", default=["conventional", "ours", "ours+norm"])
+    p.add_argument("--pipelines", nargs="+", default=["conventional", "ours", "ours+norm", "ours-shards"])
+    p.add_argument("--short-side", type=int, default=256, help="ours-shards: the stored images' shorter side")
     p.add_argument("--decode", choices=("cpu", "cuda"), default="cpu", help="cuda: also the GPU-decode pipeline")
     p.add_argument("--json", default=None)
     p.add_argument("--figure", default=None, help="img/s against workers (PNG)")
@@ -151,15 +199,21 @@ def main(argv=None):
         for size in sizes_:
             for workers in a.workers:
                 for pipeline in pipelines:
-                    rate = measure(pipeline, root, size, train, workers, a.batches, device)
+                    where = prepared(root, a.short_side) if pipeline == "ours-shards" else root
+                    rate = measure(pipeline.replace("-shards", ""), where, size, train, workers, a.batches, device)
                     row = dict(pipeline=pipeline, transform="train" if train else "val", size=size, workers=workers,
                                images_per_s=round(rate, 1))
                     results.append(row)
                     print(f"{row['transform']:>5} {size:>3} workers {workers}: {pipeline:<12} {rate:8.1f} img/s")
+    reads = read_rates(root, prepared(root, a.short_side))
+    for name, (images, mb) in reads.items():
+        print(f"read, cold page cache, shuffled: {name:<7} {images:8.0f} img/s {mb:7.1f} MB/s")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__, images=a.images,
-                           mean_jpeg_kb=round(float(np.mean(sizes)) / 1e3, 1), results=results), f, indent=1)
+                           mean_jpeg_kb=round(float(np.mean(sizes)) / 1e3, 1), short_side=a.short_side,
+                           results=results, cold_reads={k: dict(images_per_s=round(v[0]), mb_per_s=round(v[1], 1))
+                                                        for k, v in reads.items()}), f, indent=1)
     if a.figure:
         figure(results, a.figure)
 

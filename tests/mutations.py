@@ -11,7 +11,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = "tests/test_train.py::"
 EVAL, ACC, R = "tests/test_evaluation.py::", "tests/test_accounting.py::", "tests/test_resume.py::"
-G, M = "tests/test_gpu_paths.py::", "tests/test_method_api.py::"
+G, M, S = "tests/test_gpu_paths.py::", "tests/test_method_api.py::", "tests/test_shards.py::"
 CLIP = "tests/test_optimizers.py::test_clipping_bounds_the_global_norm_of_the_all_reduced_accumulated_gradient"
 PLAIN = EVAL + "test_validation_metrics_equal_plain_pytorch_with_methods_on"
 MUTATIONS = [
@@ -177,6 +177,16 @@ MUTATIONS = [
      "tests/test_recipes.py::test_flags_override_the_recipe_and_a_later_recipe_an_earlier_one"),
     ("TensorBoard keeps the killed process's rows", "trackers.py", "purge_step=resumed_at + 1 if resumed_at else None",
      "purge_step=None", "tests/test_trackers.py::test_a_resumed_run_hides_what_the_killed_process_logged_after_its_checkpoint"),
+    ("shards store every image re-encoded", "shards.py", "        if jpeg and min(width, height) <= short_side:",
+     "        if False:", S + "test_shards_of_small_jpegs_give_the_folder_trees_batches"),
+    ("shards in another order than the tree", "shards.py", "    jobs = [(path, short_side, quality) for path, _ in folder.samples]",
+     "    jobs = [(path, short_side, quality) for path, _ in sorted(folder.samples, key=lambda s: s[0][::-1])]",
+     S + "test_shards_of_small_jpegs_give_the_folder_trees_batches"),
+    ("an unfinished prepare is trained on", "imagefolder.py", "    if os.path.exists(os.path.join(root, shards.MARK)):",
+     "    if False:", S + "test_prepare_refuses_to_write_over_anything_and_finishes_an_interrupted_one"),
+    ("the GPU path reads a shard's image from the tree", "imagefolder.py",
+     '        if hasattr(base, "encoded"):  # shards', '        if False:  # shards',
+     S + "test_large_images_are_resized_and_other_formats_reencoded"),
     # the method API (issue 23)
     ("SAM steps with the plain gradient", "methods/sam.py", "        ctx.forward_backward()\n", "",
      M + "test_sam_updates_with_the_gradient_at_the_perturbed_weights"),

@@ -1,0 +1,106 @@
+"""Sharded storage (shards.py): a prepared tree serves the folder path's very batches where no image changed,
+resizes and re-encodes what it must, refuses to write over anything, and names a damaged image."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import shards
+from conftest import ROOT, run_train
+from data import DataError, build_data
+from test_imagefolder import FOLDER, tree
+from test_resume import metrics_without_time
+
+CPU = torch.device("cpu")
+
+
+def batches(data, steps=3):
+    loader = data.train_loader(6, 0, 1, seed=3)
+    return list(loader.steps(range(steps))) + list(data.val_batches(0, 1, 4))
+
+
+@pytest.mark.parametrize("decode", ["cpu", "cuda"], ids=["cpu", "gpu-path-on-cpu"])  # the GPU path's worker side
+def test_shards_of_small_jpegs_give_the_folder_trees_batches(tmp_path, decode):
+    root = tree(tmp_path / "tree")
+    counts = shards.prepare(root, str(tmp_path / "out"), short_side=256, shard_mb=1, workers=1, progress=False)
+    assert counts == {"train": {"as-is": 18}, "val": {"as-is": 6}}
+    folder = build_data("imagenet", root, CPU, workers=0, image_size=24, decode=decode)
+    sharded = build_data("imagenet", str(tmp_path / "out"), CPU, workers=2, image_size=24, decode=decode)
+    assert sharded.storage["short_side"] == 256 and folder.storage == "folder"
+    assert sharded.train_set.classes == folder.train_set.classes
+    for (xa, ya), (xb, yb) in zip(batches(folder), batches(sharded), strict=True):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_large_images_are_resized_and_other_formats_reencoded(tmp_path):
+    root = tree(tmp_path / "tree", ext="png")  # 48 x 64 PNGs
+    out = str(tmp_path / "out")
+    counts = shards.prepare(root, out, short_side=32, quality=95, shard_mb=1, workers=2, progress=False)
+    assert counts == {"train": {"resized": 18}, "val": {"resized": 6}}
+    data = build_data("imagenet", out, CPU, workers=0, augment=False, image_size=16)
+    ref = build_data("imagenet", root, CPU, workers=0, augment=False, image_size=16)
+    assert data.train_set.index[:, 4:].tolist() == [[32, 42]] * 18  # torchvision's shorter-side resize
+    from torchvision.transforms.v2.functional import resize
+    raw = shards.ShardSet(os.path.join(out, "train"), None)
+    want = [resize(ref.train_set.loader(path), 32, antialias=True).float() for path, _ in ref.train_set.samples]
+    for i in (0, 7, 17):
+        stored, _ = data.train_set[i]  # augment=False: resized to 18, centre 16
+        errors = torch.stack([(raw[i][0].float() - w).abs().mean() for w in want])
+        assert raw[i][0].shape == (3, 32, 42) and errors.argmin() == i and errors[i] < 6  # its own, JPEG's error
+        assert stored.shape == (3, 16, 16) and data.train_set.targets[i] == ref.train_set.targets[i]
+    gpu = build_data("imagenet", out, CPU, workers=0, image_size=16, decode="cuda")  # its worker side, on the CPU
+    cpu = build_data("imagenet", out, CPU, workers=0, image_size=16)
+    for (xa, ya), (xb, yb) in zip(batches(cpu), batches(gpu), strict=True):  # the stored images, not the tree's
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    shards.prepare(root, str(tmp_path / "as-is"), short_side=48, workers=1, progress=False)
+    meta = json.load(open(tmp_path / "as-is" / "train" / "meta.json"))
+    assert meta["stored"] == {"re-encoded": 18} and meta["images"] == 18  # PNGs that fit: JPEG now
+
+
+def test_prepare_refuses_to_write_over_anything_and_finishes_an_interrupted_one(tmp_path):
+    root = tree(tmp_path / "tree")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="exists and is not empty"):
+        shards.prepare(root, str(out), workers=1, progress=False)
+    assert os.listdir(out) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    (out / shards.MARK).touch()  # an interrupted prepare: refused by the loader, finished by a new prepare
+    (out / "train").mkdir()
+    (out / "train" / "shard-00007.bin").write_bytes(b"half")
+    with pytest.raises(DataError, match="unfinished"):
+        build_data("imagenet", str(out), CPU, workers=0)
+    shards.prepare(root, str(out), workers=1, progress=False)
+    assert sorted(os.listdir(out / "train")) == ["index.npy", "meta.json", "paths.txt", "shard-00000.bin"]
+    assert not (out / shards.MARK).exists() and len(build_data("imagenet", str(out), CPU, workers=0).train_set) == 18
+
+
+def test_a_damaged_image_is_named_by_prepare_and_by_the_loader(tmp_path):
+    root = tree(tmp_path / "tree")
+    bad = sorted((tmp_path / "tree" / "train" / "b").iterdir())[1]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "shards.py"), root, str(tmp_path / "big"),
+                        "--short-side", "20"], capture_output=True, text=True, cwd=str(tmp_path))  # the command
+    assert p.returncode == 0 and "train: 18 images (18 resized)" in p.stdout
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])  # truncated: its header whole
+    with pytest.raises(DataError, match=f"error while reading {bad}.*prepare again"):
+        shards.prepare(root, str(tmp_path / "out"), short_side=20, workers=1, progress=False)  # decoded to resize
+    shards.prepare(root, str(tmp_path / "out"), short_side=4096, workers=1, progress=False)  # as-is: not decoded
+    data = build_data("imagenet", str(tmp_path / "out"), CPU, workers=0, image_size=16)
+    with pytest.raises(DataError, match=f"error while reading {bad}.*prepare the shards again"):
+        list(data.train_loader(6, 0, 1, seed=0).epoch(0))
+
+
+def test_a_run_on_shards_of_unchanged_images_equals_the_folder_run(tmp_path):
+    root = tree(tmp_path / "tree", per_class=8)
+    shards.prepare(root, str(tmp_path / "out"), workers=1, progress=False)
+    for name, where in (("folder", root), ("shards", str(tmp_path / "out"))):
+        run_train(FOLDER + ["--data-dir", where, "--run-dir", str(tmp_path / name)])
+    assert metrics_without_time(str(tmp_path / "shards")) == metrics_without_time(str(tmp_path / "folder"))
+    config = json.load(open(tmp_path / "shards" / "config.json"))
+    assert config["data_storage"]["stored"] == {"as-is": 24} and np.load(
+        tmp_path / "out" / "train" / "index.npy").shape == (24, len(shards.COLUMNS))
