@@ -13,6 +13,7 @@ every image once per epoch across ranks. The training loop asks for the batches 
 (FolderLoader.steps): one DataLoader and one set of workers per run, no refill at each epoch or wsd segment.
 """
 import os
+import sys
 
 import numpy as np
 import torch
@@ -22,27 +23,46 @@ from data import STATS, DataError, epoch_generator, normalize, rank_slots
 DECODERS = ("cpu", "cuda")
 
 
-def image_folder(root, split, transform):
+def open_splits(root, train_transform, val_transform, option="--data-dir"):
+    """(train, val) of root, each an ImageFolder or a shards.ShardSet, checked: both stored alike (a tree, or
+    shards of the same settings) and with the same classes; else a DataError naming `option`."""
+    import shards
+    train, val = (image_folder(root, split, t, option) for split, t in (("train", train_transform),
+                                                                        ("val", val_transform)))
+    kinds = [shards.settings(getattr(s, "meta", None)) for s in (train, val)]
+    if kinds[0] != kinds[1]:
+        raise DataError(f"{option}: {root}'s train/ and val/ are stored differently (train/: {kinds[0]}, val/: "
+                        f"{kinds[1]}); prepare both with one `python shards.py` run")
+    train_classes, val_classes = set(train.classes), set(val.classes)
+    if train_classes != val_classes:  # labels are indices into the sorted class list: they would not match
+        few = lambda names: ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "") or "none"
+        raise DataError(f"{option}: {root}/val/ and train/ have different class folders (only in train/: "
+                        f"{few(train_classes - val_classes)}; only in val/: {few(val_classes - train_classes)}); "
+                        f"val/ needs exactly train/'s classes")
+    return train, val
+
+
+def image_folder(root, split, transform, option="--data-dir"):
     """torchvision's ImageFolder of root/split with our decoder (shards.ShardSet where `python shards.py` prepared
-    root), or a DataError saying how to arrange the tree."""
+    root), or a DataError naming `option` and saying how to arrange the tree."""
     from torchvision.datasets import ImageFolder
 
     import shards
     if os.path.exists(os.path.join(root, shards.MARK)):
-        raise DataError(f"--data-dir: {root} is an unfinished `python shards.py` output; run it again to finish")
+        raise DataError(f"{option}: {root} is an unfinished `python shards.py` output; run it again to finish")
     if shards.is_prepared(root, split):
-        return shards.ShardSet(os.path.join(root, split), transform)
+        return shards.ShardSet(os.path.join(root, split), transform, option)
     path = os.path.join(root, split)
-    layout = "--data imagenet needs an ImageFolder tree with train/<class>/*.JPEG and val/<class>/*.JPEG"
+    layout = "it needs an ImageFolder tree with train/<class>/*.JPEG and val/<class>/*.JPEG"
     if not os.path.isdir(path):
-        raise DataError(f"--data-dir: {root} has no {split}/ folder; {layout}")
+        raise DataError(f"{option}: {root} has no {split}/ folder; {layout}")
     if not any(entry.is_dir() for entry in os.scandir(path)):
         how = " (the ILSVRC download's flat val/: sort it with the well-known valprep.sh script)" * (split == "val")
-        raise DataError(f"--data-dir: {path} has no class folders; {layout}{how}")
+        raise DataError(f"{option}: {path} has no class folders; {layout}{how}")
     try:
         return ImageFolder(path, transform, loader=read_image)
     except FileNotFoundError as e:  # a class folder without images
-        raise DataError(f"--data-dir: {path}: {e}")
+        raise DataError(f"{option}: {path}: {e}")
 
 
 def read_image(path):
@@ -83,18 +103,16 @@ class FolderData:
     """An ImageFolder tree (train/, val/): uint8 batches from DataLoader workers, normalised on the device."""
 
     def __init__(self, root, device, workers, image_size=224, augment=True, decode="cpu"):
-        self.train_set = image_folder(root, "train", transforms(image_size, augment))
-        self.val_set = image_folder(root, "val", transforms(image_size, False))
-        train_classes, val_classes = set(self.train_set.classes), set(self.val_set.classes)
-        if train_classes != val_classes:  # labels are indices into the sorted class list: they would not match
-            few = lambda names: ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "") or "none"
-            raise DataError(f"--data-dir: {root}/val/ and train/ have different class folders (only in train/: "
-                            f"{few(train_classes - val_classes)}; only in val/: {few(val_classes - train_classes)}); "
-                            f"val/ needs exactly train/'s classes")
+        import shards
+        self.train_set, self.val_set = open_splits(root, transforms(image_size, augment), transforms(image_size, False))
         self.num_classes, self.in_chans, self.image_size = len(self.train_set.classes), 3, image_size
         self.device, self.workers, self.augment, self.decode = device, workers, augment, decode
-        meta = getattr(self.train_set, "meta", None)  # prepared shards: how (config.json's data_storage)
-        self.storage = {k: v for k, v in meta.items() if k != "classes"} if meta else "folder"
+        self.storage = shards.storage(getattr(self.train_set, "meta", None))  # config.json's data_storage
+        resized = int(image_size * 256 / 224)  # validation's resize (and training's without augmentation)
+        if self.storage != "folder" and self.storage["short_side"] < resized and os.environ.get("RANK", "0") == "0":
+            print(f"--data-dir: warning: the shards store images at a shorter side of {self.storage['short_side']}, "
+                  f"below the {resized} that --image-size {image_size} evaluates at: every validation image is "
+                  f"upsampled; prepare them with --short-side {resized} or more", file=sys.stderr)
         mean, std = STATS["imagenet"]
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
@@ -220,7 +238,7 @@ def named_sample(dataset, index, read=None):
                     getattr(base, "then", "continue with --resume"))
 
 
-def raise_named(e, path, then):
+def raise_named(e, path, then, option="--data-dir"):
     """Raises a DataError naming the file for what PIL and torchvision.io raise on an image they cannot decode,
     and any other exception as it is (an OSError with an errno is the file system's: EIO, ESTALE, EMFILE)."""
     import struct
@@ -231,7 +249,7 @@ def raise_named(e, path, then):
             or isinstance(e, OSError) and e.errno is not None or isinstance(e, DataError)):
         raise e
     why = (str(e).splitlines() or [""])[0][:100]
-    raise DataError(f"--data-dir: error while reading {path} ({type(e).__name__}: {why}); replace it with a good "
+    raise DataError(f"{option}: error while reading {path} ({type(e).__name__}: {why}); replace it with a good "
                     f"copy of the image and {then}") from None
 
 

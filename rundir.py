@@ -108,7 +108,7 @@ def _guard(write, path):
             from None
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -132,7 +132,7 @@ def atomic_write(path, write):
                 os.remove(tmp)
             raise
         os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path) or ".")
+        fsync_dir(os.path.dirname(path) or ".")
     try:
         _guard(attempt, path)
     except RuntimeError as e:  # torch.save reports a full disk as "unexpected pos" / "file write failed"
@@ -237,7 +237,7 @@ def save_checkpoint(run_dir, state):
     if os.path.exists(last):
         os.replace(last, prev)
     os.replace(new, last)
-    _fsync_dir(os.path.dirname(last))
+    fsync_dir(os.path.dirname(last))
 
 
 def verify_checkpoint(path):

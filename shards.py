@@ -4,11 +4,12 @@
 
 writes each split of the ImageFolder tree SRC (train/<class>/*, val/<class>/*) to OUT/<split>/: shard-*.bin (the
 images' JPEG bytes, one after the other), index.npy (shard, offset, length, label, height, width per image),
-paths.txt (each image's path under SRC, for messages) and meta.json (classes, settings; written last: a split
-without it is unfinished). An image whose shorter side is above --short-side is resized to it and re-encoded at
---quality; a JPEG already small enough is stored as it is (so it decodes to the very same pixels); anything else
-(PNG, CMYK) is re-encoded. Images keep ImageFolder's order, so a run on OUT draws the same images and crops per
-step as a run on SRC, and is identical to it where no image was changed.
+paths.txt (each image's path under SRC, for messages) and meta.json (classes, settings, each shard's size;
+written last: a split without it is unfinished). An image whose shorter side is above --short-side is resized to
+it and re-encoded at --quality; a JPEG already small enough is stored as it is (so it decodes to the very same
+pixels; it is decoded once here, so a damaged one is found now, not hours into a run); anything else (PNG, CMYK)
+is re-encoded. Images keep ImageFolder's order, so a run on OUT draws the same images and crops per step as a run
+on SRC, and is identical to it where no image was changed.
 
 Why: decoding is most of an image's cost, and it scales with the pixels decoded (entropy decoding, not the
 inverse DCT, dominates: decoding at 1/8 scale still costs two thirds of a full decode), so smaller stored images
@@ -25,39 +26,62 @@ import numpy as np
 import torch
 
 from data import DataError
+from rundir import fsync_dir
 
-VERSION = 1
+VERSION = 2  # 2: meta.json records each shard's size
 COLUMNS = ("shard", "offset", "length", "label", "height", "width")
-MARK = ".preparing"  # in OUT while it is written: what an interrupted prepare leaves, and may write over
+MARK = ".preparing"  # in OUT while it is written (locked by the writer): an interrupted prepare leaves it
+SETTINGS = ("version", "short_side", "quality")
 
 
 def is_prepared(root, split):
     return os.path.exists(os.path.join(root, split, "meta.json"))
 
 
+def settings(meta):
+    """How a split was stored: "folder" (not shards), or the settings that decide its pixels."""
+    return "folder" if meta is None else {k: meta.get(k) for k in SETTINGS}
+
+
+def storage(meta):
+    """config.json's data_storage: "folder", or the shards' settings and counts (what a resume must find again)."""
+    return "folder" if meta is None else {k: v for k, v in meta.items() if k not in ("classes", "source",
+                                                                                       "shard_bytes")}
+
+
 class ShardSet(torch.utils.data.Dataset):
     """One prepared split, as torchvision's ImageFolder serves a tree: (transform(image), label) per index, and
     .samples (source path, label), .targets, .classes. Shards are memory-mapped per process on first use (workers
-    map their own)."""
-    then = "prepare the shards again (shards.py), then continue with --resume"  # after a damaged image
+    map their own; a pickled ShardSet carries no maps)."""
+    then = "run shards.py SRC OUT again (remove OUT first), then continue with --resume"  # after a damaged image
 
-    def __init__(self, folder, transform):
+    def __init__(self, folder, transform, option="--data-dir"):
         with open(os.path.join(folder, "meta.json")) as f:
             self.meta = json.load(f)
+        again = "remove it and run shards.py again"
         if self.meta.get("version") != VERSION:
-            raise DataError(f"--data-dir: {folder} was prepared by another version of shards.py "
-                            f"({self.meta.get('version')}, this one reads {VERSION}); prepare it again")
+            raise DataError(f"{option}: {folder} was prepared by another version of shards.py "
+                            f"({self.meta.get('version')}, this one reads {VERSION}); {again}")
+        for shard, size in enumerate(self.meta["shard_bytes"]):  # a copy still under way, or cut short
+            name = os.path.join(folder, f"shard-{shard:05d}.bin")
+            have = os.path.getsize(name) if os.path.exists(name) else None
+            if have != size:
+                raise DataError(f"{option}: {name} is {'missing' if have is None else f'{have} bytes'}, its index "
+                                f"needs {size} bytes; copy {os.path.dirname(folder)} again (or {again})")
         self.folder, self.transform, self.classes = folder, transform, self.meta["classes"]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.index = np.load(os.path.join(folder, "index.npy"))
-        with open(os.path.join(folder, "paths.txt")) as f:
-            paths = f.read().splitlines()
+        with open(os.path.join(folder, "paths.txt"), encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            paths = f.read().split("\n")[:-1]  # file names may hold any character but a newline
+        if len(paths) != len(self.index) or self.index.shape[1:] != (len(COLUMNS),):
+            raise DataError(f"{option}: {folder} has {len(self.index)} images in index.npy but {len(paths)} paths; "
+                            f"{again}")
         self.targets = self.index[:, COLUMNS.index("label")].tolist()
         self.samples = [(os.path.join(self.meta["source"], path), label) for path, label in zip(paths, self.targets)]
-        if len(self.samples) != len(self.index):
-            raise DataError(f"--data-dir: {folder} has {len(self.index)} images in index.npy but {len(paths)} "
-                            f"paths; prepare it again")
         self.maps = (None, {})  # (pid, {shard: memory map}): a forked worker maps its own
+
+    def __getstate__(self):
+        return dict(self.__dict__, maps=(None, {}))
 
     def __len__(self):
         return len(self.index)
@@ -89,70 +113,103 @@ def encode_one(job):
     from torchvision.io import encode_jpeg, read_file
     from torchvision.transforms.v2.functional import resize
 
-    from imagefolder import raise_named, read_image
+    from imagefolder import decode, raise_named
     try:
         with Image.open(path) as img:  # the header only
             width, height = img.size
             jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+        data = read_file(path)
+        img = decode(data)  # a damaged file is named now (stored as it is too)
         if jpeg and min(width, height) <= short_side:
-            return read_file(path).numpy().tobytes(), height, width, "as-is"
-        img, how = read_image(path), "re-encoded"
+            return data.numpy().tobytes(), height, width, "as-is"
+        how = "re-encoded"
         if min(img.shape[1:]) > short_side:
             img, how = resize(img, short_side, antialias=True), "resized"
         return encode_jpeg(img, quality=quality).numpy().tobytes(), img.shape[1], img.shape[2], how
     except Exception as e:
-        raise_named(e, path, "prepare again")
+        raise_named(e, path, "prepare again", option="SRC")
 
 
 def prepare(src, out, short_side=256, quality=90, shard_mb=1024, workers=1, progress=True):
     """Write SRC's train/ and val/ to OUT as shards; returns {split: {how: count}}. Refuses an OUT that holds
-    anything but an interrupted prepare's files."""
-    from imagefolder import image_folder
-    if os.path.exists(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARK)):
-        raise DataError(f"shards.py: {out} exists and is not empty; choose a new OUT (nothing was written)")
-    folders = {split: image_folder(src, split, None) for split in ("train", "val")}  # the tree checked first
-    os.makedirs(out, exist_ok=True)
-    open(os.path.join(out, MARK), "w").close()
-    counts = {}
+    anything but an interrupted prepare's files (which it removes and starts again), or one being written now."""
+    import fcntl
     import multiprocessing
-    with multiprocessing.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for split, folder in folders.items():
-            counts[split] = write_split(pool, folder, os.path.join(out, split), short_side, quality,
-                                        shard_mb << 20, src, progress)
-    os.remove(os.path.join(out, MARK))
+
+    from imagefolder import open_splits
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"OUT: {out} is a file; choose a new folder")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARK)):
+        raise DataError(f"OUT: {out} exists and is not empty; choose a new folder (nothing was written)")
+    if is_prepared(src, "train") or is_prepared(src, "val"):
+        raise DataError(f"SRC: {src} is itself shards.py's output; prepare from the ImageFolder tree it was made of")
+    folders = dict(zip(("train", "val"), open_splits(src, None, None, option="SRC")))  # the tree checked first
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARK), "a") as mark:
+        try:
+            fcntl.flock(mark, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(f"OUT: {out} is being written by another shards.py now; wait for it or choose another "
+                            f"folder") from None
+        counts = {}
+        with multiprocessing.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for split, folder in folders.items():
+                counts[split] = write_split(pool, folder, os.path.join(out, split), short_side, quality,
+                                            shard_mb << 20, src, progress)
+        os.remove(os.path.join(out, MARK))
+        fsync_dir(out)
     return counts
 
 
 def write_split(pool, folder, dest, short_side, quality, shard_bytes, src, progress):
+    """One split's shards, index and paths, made durable, then its meta.json (atomically: the split is complete)."""
+    import shutil
+
     from tqdm import tqdm
-    os.makedirs(dest, exist_ok=True)
-    for name in os.listdir(dest):  # an interrupted prepare's files (OUT carries the mark)
-        os.remove(os.path.join(dest, name))
-    index, how_many, shard, f = [], {}, -1, None
+    shutil.rmtree(dest, ignore_errors=True)  # an interrupted prepare's (OUT carries the mark, held by us)
+    os.makedirs(dest)
+    index, how_many, sizes, f = [], {}, [], None
     jobs = [(path, short_side, quality) for path, _ in folder.samples]
+
+    def close(f):
+        f.flush()
+        os.fsync(f.fileno())
+        sizes.append(f.tell())
+        f.close()
     try:
         results = pool.imap(encode_one, jobs, chunksize=16)
         for (path, label), (data, height, width, how) in tqdm(zip(folder.samples, results), total=len(jobs),
                                                                 desc=os.path.basename(dest), disable=not progress):
             if f is None or (f.tell() and f.tell() + len(data) > shard_bytes):
                 if f is not None:
-                    f.close()
-                shard += 1
-                f = open(os.path.join(dest, f"shard-{shard:05d}.bin"), "wb")
-            index.append((shard, f.tell(), len(data), label, height, width))
+                    close(f)
+                f = open(os.path.join(dest, f"shard-{len(sizes):05d}.bin"), "wb")
+            index.append((len(sizes), f.tell(), len(data), label, height, width))
             f.write(data)
             how_many[how] = how_many.get(how, 0) + 1
-    finally:
         if f is not None:
+            close(f)
+    finally:
+        if f is not None and not f.closed:
             f.close()
-    np.save(os.path.join(dest, "index.npy"), np.array(index, dtype=np.int64).reshape(-1, len(COLUMNS)))
-    with open(os.path.join(dest, "paths.txt"), "w") as p:
-        p.writelines(os.path.relpath(path, src) + "\n" for path, _ in folder.samples)
+    write_durably(os.path.join(dest, "index.npy"),
+                  lambda o: np.save(o, np.array(index, dtype=np.int64).reshape(-1, len(COLUMNS))))
+    write_durably(os.path.join(dest, "paths.txt"), lambda o: o.write(
+        "".join(os.path.relpath(path, src) + "\n" for path, _ in folder.samples).encode("utf-8", "surrogateescape")))
     meta = dict(version=VERSION, classes=folder.classes, images=len(index), short_side=short_side, quality=quality,
-                source=os.path.abspath(src), stored=how_many)
-    with open(os.path.join(dest, "meta.json"), "w") as m:  # last: the split is complete
-        json.dump(meta, m, indent=1)
+                source=os.path.abspath(src), stored=how_many, shard_bytes=sizes)
+    write_durably(os.path.join(dest, "meta.json"), lambda o: o.write(json.dumps(meta, indent=1).encode()))
+    fsync_dir(dest)
     return how_many
+
+
+def write_durably(path, write):
+    """write(binary file) to path.tmp, synced, then renamed over path: path is whole or absent."""
+    with open(path + ".tmp", "wb") as o:
+        write(o)
+        o.flush()
+        os.fsync(o.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -160,7 +217,7 @@ def main(argv=None):
     p.add_argument("src", help="an ImageFolder tree with train/<class>/* and val/<class>/*")
     p.add_argument("out", help="a new (or empty) folder for the shards")
     p.add_argument("--short-side", type=int, default=256, help="larger images are resized so their shorter side is "
-                   "this (FFCV stores ImageNet at 256-512)")
+                   "this (FFCV stores ImageNet at 256-512); at least the --image-size you evaluate at x 256/224")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     p.add_argument("--shard-mb", type=int, default=1024, help="shard file size")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="encoding processes")
@@ -174,7 +231,9 @@ def main(argv=None):
     try:
         counts = prepare(a.src, a.out, a.short_side, a.quality, a.shard_mb, a.workers)
     except DataError as e:
-        sys.exit(str(e))
+        sys.exit(f"shards.py: {e}")
+    except OSError as e:  # the file system's (permissions, space): nothing to do with an image
+        sys.exit(f"shards.py: {e.strerror or e}: {e.filename or ''} (SRC {a.src}, OUT {a.out})")
     for split, how in counts.items():
         print(f"{split}: {sum(how.values())} images ({', '.join(f'{n} {k}' for k, n in sorted(how.items()))})")
 

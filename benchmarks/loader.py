@@ -14,11 +14,13 @@ On a generated ImageNet-like tree (made once and cached: 500x375 and larger phot
   ours-cuda     --decode cuda (a GPU only): workers read the bytes, the GPU decodes and augments each batch
   ours-shards   ours, reading the tree as `python shards.py` stores it (--short-side, default 256; prepared once
                 and cached): smaller images, fewer pixels to decode
+  conventional-resized  the conventional pipeline on those same smaller images (a tree of them): ours-shards'
+                like-for-like reference
 and the validation transform (resize 256/224, centre crop) of the first two. --workers 0 decodes in the main
 process: the rate of one core. Each figure is the best of two passes of --batches batches of 64 in steady state
 (after the workers' start and their 4 prefetched batches each, untimed). Then the reading alone, from a cold page
 cache (each file evicted first): the training images' bytes in a shuffled order, one file each (the tree) and
-from the shards.
+from shards of the same bytes (prepared with every image stored as it is).
 """
 import argparse
 import json
@@ -91,17 +93,47 @@ def time_batches(batches, warm):
     return seen / (time.perf_counter() - start)
 
 
-def prepared(root, short_side):
-    """The tree as shards.py stores it, beside the tree (made once)."""
+def prepared(root, short_side, quality=90):
+    """The tree as shards.py stores it, beside the tree (made once; again if its settings or images differ)."""
+    import shutil
+
     import shards
     out = f"{root}-shards{short_side}"
-    if not shards.is_prepared(out, "val"):
-        shards.prepare(root, out, short_side=short_side, workers=len(os.sched_getaffinity(0)), progress=False)
+    try:
+        with open(os.path.join(out, "val", "meta.json")) as f:
+            meta = json.load(f)
+    except OSError:
+        meta = None
+    images = sum(len(fs) for _, _, fs in os.walk(os.path.join(root, "train")))
+    if shards.settings(meta) != dict(version=shards.VERSION, short_side=short_side, quality=quality) or not (
+            shards.is_prepared(out, "train") and shards.ShardSet(os.path.join(out, "train"), None).meta["images"]
+            == images):
+        shutil.rmtree(out, ignore_errors=True)
+        shards.prepare(root, out, short_side=short_side, quality=quality, workers=len(os.sched_getaffinity(0)),
+                       progress=False)
+    return out
+
+
+def resized_tree(shards_root):
+    """The shards' images written back as an ImageFolder tree (made once): the conventional pipeline on the
+    same pixels as ours-shards."""
+    import shards
+    out = shards_root + "-tree"
+    if not os.path.exists(os.path.join(out, "complete")):
+        for split in ("train", "val"):
+            s = shards.ShardSet(os.path.join(shards_root, split), None)
+            for i, (path, _) in enumerate(s.samples):
+                name = os.path.join(out, split, os.path.relpath(path, s.meta["source"]).split(os.sep, 1)[1])
+                os.makedirs(os.path.dirname(name), exist_ok=True)
+                with open(name, "wb") as f:
+                    f.write(s.encoded(i).numpy().tobytes())
+        open(os.path.join(out, "complete"), "w").close()
     return out
 
 
 def evict(path):
-    """Drops the file's pages from the page cache (the next read comes from the disk)."""
+    """Drops the file's pages from the page cache (the next read comes from the disk). Pages a process still
+    maps are kept: drop the maps first."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -109,28 +141,32 @@ def evict(path):
         os.close(fd)
 
 
-def read_rates(root, shards_root, passes=2):
-    """{storage: (images/s, MB/s)}: the training images' bytes read in a shuffled order from a cold page cache,
-    file by file from the tree and from the shards (best of `passes`)."""
+def read_rates(root, passes=2):
+    """{storage: [(images/s, MB/s) per pass]}: the training images' bytes, read in a shuffled order from a cold
+    page cache, file by file from the tree and from shards of the same bytes (every image stored as it is)."""
+    import gc
+
     from imagefolder import image_folder
-    tree, sharded = image_folder(root, "train", None), image_folder(shards_root, "train", None)
+    as_is = prepared(root, 1 << 20)
+    tree, sharded = image_folder(root, "train", None), image_folder(as_is, "train", None)
+    assert sharded.meta["stored"] == {"as-is": len(tree)}, "the shards hold other bytes than the tree"
     order = torch.randperm(len(tree), generator=torch.Generator().manual_seed(0)).tolist()
     shard_files = [os.path.join(sharded.folder, f) for f in os.listdir(sharded.folder) if f.startswith("shard-")]
     readers = {"folder": (lambda i: open(tree.samples[i][0], "rb").read(), [p for p, _ in tree.samples]),
                "shards": (lambda i: sharded.encoded(i).numpy(), shard_files)}
     rates = {}
     for name, (read, files) in readers.items():
-        best = (0.0, 0.0)
+        rates[name] = []
         for _ in range(passes):
+            sharded.maps = (None, {})  # unmapped, so that eviction drops the pages
+            gc.collect()
             for f in files:
                 evict(f)
-            sharded.maps = (None, {})
             start, total = time.perf_counter(), 0
             for i in order:
                 total += len(read(i))
             took = time.perf_counter() - start
-            best = max(best, (len(order) / took, total / took / 1e6))
-        rates[name] = best
+            rates[name].append((len(order) / took, total / took / 1e6))
     return rates
 
 
@@ -181,7 +217,8 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=24, help="batches of 64 timed per pass, after the prefetched ones")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 192, 160])
-    p.add_argument("--pipelines", nargs="+", default=["conventional", "ours", "ours+norm", "ours-shards"])
+    p.add_argument("--pipelines", nargs="+", default=["conventional", "ours", "ours+norm", "ours-shards",
+                                                      "conventional-resized"])
     p.add_argument("--short-side", type=int, default=256, help="ours-shards: the stored images' shorter side")
     p.add_argument("--decode", choices=("cpu", "cuda"), default="cpu", help="cuda: also the GPU-decode pipeline")
     p.add_argument("--json", default=None)
@@ -199,20 +236,23 @@ def main(argv=None):
         for size in sizes_:
             for workers in a.workers:
                 for pipeline in pipelines:
-                    where = prepared(root, a.short_side) if pipeline == "ours-shards" else root
-                    rate = measure(pipeline.replace("-shards", ""), where, size, train, workers, a.batches, device)
+                    where = {"ours-shards": lambda: prepared(root, a.short_side),
+                             "conventional-resized": lambda: resized_tree(prepared(root, a.short_side))}.get(
+                        pipeline, lambda: root)()
+                    rate = measure(pipeline.split("-")[0], where, size, train, workers, a.batches, device)
                     row = dict(pipeline=pipeline, transform="train" if train else "val", size=size, workers=workers,
                                images_per_s=round(rate, 1))
                     results.append(row)
                     print(f"{row['transform']:>5} {size:>3} workers {workers}: {pipeline:<12} {rate:8.1f} img/s")
-    reads = read_rates(root, prepared(root, a.short_side))
-    for name, (images, mb) in reads.items():
-        print(f"read, cold page cache, shuffled: {name:<7} {images:8.0f} img/s {mb:7.1f} MB/s")
+    reads = read_rates(root)
+    for name, passes in reads.items():
+        print(f"read, cold page cache, shuffled: {name:<7} " + ", ".join(f"{images:8.0f} img/s {mb:7.1f} MB/s"
+                                                                          for images, mb in passes))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__, images=a.images,
                            mean_jpeg_kb=round(float(np.mean(sizes)) / 1e3, 1), short_side=a.short_side,
-                           results=results, cold_reads={k: dict(images_per_s=round(v[0]), mb_per_s=round(v[1], 1))
+                           results=results, cold_reads={k: [dict(images_per_s=round(i), mb_per_s=round(m, 1)) for i, m in v]
                                                         for k, v in reads.items()}), f, indent=1)
     if a.figure:
         figure(results, a.figure)

@@ -26,12 +26,71 @@ def train_cmd(args, torchrun=0, torchrun_args=()):
 
 
 def run_train(args, env=None, torchrun=0, check=True):
-    """Run train.py (or torchrun with `torchrun` processes) in a subprocess; returns CompletedProcess."""
-    p = subprocess.run(train_cmd(args, torchrun), cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True,
-                       text=True, timeout=600)
+    """Run train.py (or torchrun with `torchrun` processes) in a process of its own; returns CompletedProcess. A
+    plain run is forked from a server that has imported train.py's modules once (torch, timm: ~3 s a process,
+    most of the suite's time), and runs the script as `python train.py` does: its own argv, environment, exit
+    code, stdout and stderr; runs with an environment of their own or torchrun get a fresh interpreter."""
+    if torchrun or env:
+        p = subprocess.run(train_cmd(args, torchrun), cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True,
+                           text=True, timeout=600)
+    else:
+        p = forked_train(list(args))
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def forked_train(args, timeout=600):
+    import multiprocessing
+    import tempfile
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["train", "conftest"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        child = ctx.Process(target=as_script, args=(os.path.join(ROOT, "train.py"), args, ENV, out, err))
+        child.start()
+        child.join(timeout)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(train_cmd(args), timeout)
+        with open(out) as o, open(err) as e:
+            return subprocess.CompletedProcess(train_cmd(args), child.exitcode, o.read(), e.read())
+
+
+def as_script(path, args, env, out, err):
+    """In a forked child: run `path` as `python path args` would, with `env`, stdout and stderr to files; exits
+    with the script's code (atexit handlers run, as at an interpreter's exit)."""
+    import atexit
+    import runpy
+    import traceback
+    import warnings
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if env.get("PYTHONWARNINGS") == "ignore":
+        warnings.simplefilter("ignore")
+    for fd, name in ((1, out), (2, err)):
+        target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.argv, code = [path] + args, 0
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def step_context(step=0, rank=0, world_size=1, num_classes=10):

@@ -86,13 +86,71 @@ def test_a_damaged_image_is_named_by_prepare_and_by_the_loader(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "shards.py"), root, str(tmp_path / "big"),
                         "--short-side", "20"], capture_output=True, text=True, cwd=str(tmp_path))  # the command
     assert p.returncode == 0 and "train: 18 images (18 resized)" in p.stdout
-    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])  # truncated: its header whole
-    with pytest.raises(DataError, match=f"error while reading {bad}.*prepare again"):
-        shards.prepare(root, str(tmp_path / "out"), short_side=20, workers=1, progress=False)  # decoded to resize
-    shards.prepare(root, str(tmp_path / "out"), short_side=4096, workers=1, progress=False)  # as-is: not decoded
+    good = bad.read_bytes()
+    bad.write_bytes(good[:len(good) // 2])  # truncated, its header whole: found although it would be stored as is
+    with pytest.raises(DataError, match=f"SRC: error while reading {bad}.*prepare again"):
+        shards.prepare(root, str(tmp_path / "out"), short_side=4096, workers=1, progress=False)
+    bad.write_bytes(good)
+    shards.prepare(root, str(tmp_path / "out"), short_side=4096, workers=1, progress=False)  # over the interrupted
     data = build_data("imagenet", str(tmp_path / "out"), CPU, workers=0, image_size=16)
-    with pytest.raises(DataError, match=f"error while reading {bad}.*prepare the shards again"):
+    i = [path for path, _ in data.train_set.samples].index(str(bad))
+    shard, offset = data.train_set.index[i, :2]
+    with open(tmp_path / "out" / "train" / f"shard-{shard:05d}.bin", "r+b") as f:  # its bytes spoilt in the shard
+        f.seek(offset)
+        f.write(bytes(64))
+    with pytest.raises(DataError, match=f"error while reading {bad}.*run shards.py SRC OUT again"):
         list(data.train_loader(6, 0, 1, seed=0).epoch(0))
+
+
+def test_a_shard_cut_short_or_missing_and_mixed_storage_are_refused(tmp_path):
+    root = tree(tmp_path / "tree")
+    out = tmp_path / "out"
+    shards.prepare(root, str(out), shard_mb=1, workers=1, progress=False)
+    shard = out / "train" / "shard-00000.bin"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-10])  # a copy cut short
+    with pytest.raises(DataError, match=f"{shard} is {len(whole) - 10} bytes, its index needs {len(whole)}"):
+        build_data("imagenet", str(out), CPU, workers=0)
+    shard.unlink()
+    with pytest.raises(DataError, match="shard-00000.bin is missing"):
+        build_data("imagenet", str(out), CPU, workers=0)
+    shard.write_bytes(whole)
+    import shutil
+    shutil.rmtree(out / "val")
+    shutil.copytree(tmp_path / "tree" / "val", out / "val")  # val/ a tree, train/ shards
+    with pytest.raises(DataError, match="train/ and val/ are stored differently"):
+        build_data("imagenet", str(out), CPU, workers=0)
+    with pytest.raises(DataError, match="SRC: .* is itself shards.py's output"):
+        shards.prepare(str(out), str(tmp_path / "again"), workers=1, progress=False)
+
+
+def test_grayscale_jpegs_are_stored_as_they_are_and_cmyk_reencoded(tmp_path):
+    from PIL import Image
+    root = tree(tmp_path / "tree")
+    a = sorted((tmp_path / "tree" / "train" / "a").iterdir())
+    Image.open(a[0]).convert("L").save(a[0], format="JPEG", quality=90)
+    Image.open(a[1]).convert("CMYK").save(a[1], format="JPEG", quality=90)
+    counts = shards.prepare(root, str(tmp_path / "out"), workers=1, progress=False)
+    assert counts["train"] == {"as-is": 17, "re-encoded": 1}
+    folder = build_data("imagenet", root, CPU, workers=0, augment=False, image_size=24)
+    sharded = build_data("imagenet", str(tmp_path / "out"), CPU, workers=0, augment=False, image_size=24)
+    assert torch.equal(folder.train_set[0][0], sharded.train_set[0][0])  # grey, as RGB, to the bit
+    cmyk = (folder.train_set[1][0].float() - sharded.train_set[1][0].float()).abs().mean()
+    assert sharded.train_set[1][0].shape == (3, 24, 24) and cmyk < 6
+
+
+def test_prepare_refuses_an_out_being_written_and_runs_warn_of_upsampled_shards(tmp_path, capsys):
+    import fcntl
+    root = tree(tmp_path / "tree")
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / shards.MARK, "w") as held:  # another shards.py writing it now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match="being written by another shards.py"):
+            shards.prepare(root, str(out), workers=1, progress=False)
+    shards.prepare(root, str(out), short_side=20, workers=1, progress=False)
+    build_data("imagenet", str(out), CPU, workers=0, image_size=24)  # evaluates at 27 > 20
+    assert "shorter side of 20, below the 27 that --image-size 24 evaluates at" in capsys.readouterr().err
 
 
 def test_a_run_on_shards_of_unchanged_images_equals_the_folder_run(tmp_path):
@@ -104,3 +162,10 @@ def test_a_run_on_shards_of_unchanged_images_equals_the_folder_run(tmp_path):
     config = json.load(open(tmp_path / "shards" / "config.json"))
     assert config["data_storage"]["stored"] == {"as-is": 24} and np.load(
         tmp_path / "out" / "train" / "index.npy").shape == (24, len(shards.COLUMNS))
+    os.remove(tmp_path / "shards" / "done")  # as if killed after its last checkpoint
+    import shutil
+    shutil.rmtree(tmp_path / "out")  # and the shards prepared again, smaller
+    shards.prepare(root, str(tmp_path / "out"), short_side=20, workers=1, progress=False)
+    p = run_train(FOLDER + ["--data-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path / "shards"), "--resume",
+                            "auto"], check=False)
+    assert p.returncode != 0 and "are not stored as when" in p.stderr.strip().splitlines()[-1]
