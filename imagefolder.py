@@ -108,6 +108,8 @@ class FolderData:
         self.num_classes, self.in_chans, self.image_size = len(self.train_set.classes), 3, image_size
         self.device, self.workers, self.augment, self.decode = device, workers, augment, decode
         self.storage = shards.storage(getattr(self.train_set, "meta", None))  # config.json's data_storage
+        if self.storage != "folder":  # which images, in which order, with which labels: both splits'
+            self.storage["index_crc32"] = [self.train_set.fingerprint(), self.val_set.fingerprint()]
         resized = int(image_size * 256 / 224)  # validation's resize (and training's without augmentation)
         if self.storage != "folder" and self.storage["short_side"] < resized and os.environ.get("RANK", "0") == "0":
             print(f"--data-dir: warning: the shards store images at a shorter side of {self.storage['short_side']}, "

@@ -6,7 +6,8 @@
 #   ./launch.sh test                  setup + the test suite
 #   ./launch.sh sweep [options]       cyclic + standard runs for every seed x method set, then the report
 #   ./launch.sh repro [options]       the study: eight method sets x 3 seeds on Fashion-MNIST + estimators (a preset)
-#   ./launch.sh vit-study [--pilot]   Study 2: the ViT recipe x seven method sets x 3 seeds on 10k images (a preset)
+#   ./launch.sh vit-study [--pilot] [--resnet]   Study 2: the ViT recipe (--resnet: the small ResNet) x seven
+#                                     method sets x 3 seeds on 10k images (a preset)
 #   ./launch.sh gpu-check [--data-dir DIR]  on a CUDA machine, offline: CUDA tests + gpu_check.py (< 10 min)
 #
 # Sweep options (each also as an environment variable, e.g. SEEDS="0 1"):
@@ -350,28 +351,38 @@ case "${1:-}" in
     # recipes/vit-fmnist-study.yaml (10k images, no augmentation, batch 128, budgets 2-32 epochs). Method sets:
     # baseline, LS, MixUp, LS+MX, stochastic depth, EMA, CutMix; seeds 0 1 2 (STUDY_SEEDS); standard runs at every
     # budget and the cyclic, cyclic-decay and wsd estimators, seed by seed. --pilot: the pilot (baseline, LS, MX;
-    # seeds 0 1; standard runs at 2, 16 and 32 epochs only), whose runs the study reuses.
-    shift; pilot=0
+    # seeds 0 1; standard runs at 2, 16 and 32 epochs only), whose runs the study reuses. --resnet: the convnet
+    # counterpart, the same regime and sets with the small ResNet of the Fashion-MNIST study (its recipe, bf16,
+    # lr 0.4 scaled to 0.2 for batch 128) into results/resnet-fmnist.
+    shift; pilot=0; model=vit
     for arg in "$@"; do
-      case "$arg" in --pilot) pilot=1;; --dry-run) DRY=1;;
-        *) echo "launch.sh: vit-study takes --pilot and --dry-run only (its design is fixed; see README)" >&2; exit 2;;
+      case "$arg" in --pilot) pilot=1;; --resnet) model=resnet;; --dry-run) DRY=1;;
+        *) echo "launch.sh: vit-study takes --pilot, --resnet and --dry-run only (its design is fixed; see README)" >&2
+           exit 2;;
       esac
     done
     set --
     wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || [ "${SKIP_SETUP:-0}" = 1 ] || setup
-    shape=(--out results/vit-fmnist --config recipes/vit-fmnist.yaml --config recipes/vit-fmnist-study.yaml
-           --no-report)
+    if [ "$model" = resnet ]; then
+      out=results/resnet-fmnist
+      shape=(--out "$out" --config recipes/fashion-mnist-study.yaml --config recipes/vit-fmnist-study.yaml
+             --no-report)
+      set -- -- --lr 0.2
+    else
+      out=results/vit-fmnist
+      shape=(--out "$out" --config recipes/vit-fmnist.yaml --config recipes/vit-fmnist-study.yaml --no-report)
+    fi
     if [ "$pilot" = 1 ]; then
       for seed in 0 1; do
-        sweep "${shape[@]}" --seeds "$seed" --methods baseline,ls,mx --schedules none --budgets "2 16 32"
+        sweep "${shape[@]}" --seeds "$seed" --methods baseline,ls,mx --schedules none --budgets "2 16 32" "$@"
       done
     else
       for seed in ${STUDY_SEEDS:-0 1 2}; do
         sweep "${shape[@]}" --seeds "$seed" --schedules cyclic,cyclic-decay,wsd \
-          --methods baseline,ls,mx,ls+mx,stochastic_depth,ema,cutmix
+          --methods baseline,ls,mx,ls+mx,stochastic_depth,ema,cutmix "$@"
       done
     fi
-    report results/vit-fmnist
+    report "$out"
     report_failures;;
   gpu-check)
     # Once on a CUDA machine, offline as GPU nodes often are: nothing is installed (the .venv's python if there is
@@ -383,5 +394,5 @@ case "${1:-}" in
     if PY -c "import pytest" 2>/dev/null; then PY -m pytest -q -m cuda tests || echo "launch.sh: CUDA tests FAILED" >&2
     else echo "launch.sh: pytest is not installed: the CUDA tests are skipped (gpu_check.py runs the checks)" >&2; fi
     PY gpu_check.py "$@";;
-  *) sed -n '2,26p' "$0"; exit 2;;
+  *) sed -n '2,29p' "$0"; exit 2;;
 esac

@@ -76,9 +76,22 @@ class ShardSet(torch.utils.data.Dataset):
         if len(paths) != len(self.index) or self.index.shape[1:] != (len(COLUMNS),):
             raise DataError(f"{option}: {folder} has {len(self.index)} images in index.npy but {len(paths)} paths; "
                             f"{again}")
+        shard, offset, length = (self.index[:, k] for k in range(3))
+        sizes = np.array(self.meta["shard_bytes"] + [0])
+        if self.meta["images"] != len(self.index) or len(self.index) and (
+                shard.min() < 0 or shard.max() >= len(self.meta["shard_bytes"]) or offset.min() < 0
+                or (offset + length > sizes[shard]).any()):
+            raise DataError(f"{option}: {folder}'s index.npy does not fit its meta.json and shards (files of two "
+                            f"prepares?); {again}")
         self.targets = self.index[:, COLUMNS.index("label")].tolist()
         self.samples = [(os.path.join(self.meta["source"], path), label) for path, label in zip(paths, self.targets)]
         self.maps = (None, {})  # (pid, {shard: memory map}): a forked worker maps its own
+
+    def fingerprint(self):
+        """crc32 of index.npy's table: which bytes of which shards, and the labels (a prepare from another tree,
+        or another encoder, gives another)."""
+        import zlib
+        return zlib.crc32(np.ascontiguousarray(self.index).tobytes())
 
     def __getstate__(self):
         return dict(self.__dict__, maps=(None, {}))
@@ -132,25 +145,33 @@ def encode_one(job):
 
 def prepare(src, out, short_side=256, quality=90, shard_mb=1024, workers=1, progress=True):
     """Write SRC's train/ and val/ to OUT as shards; returns {split: {how: count}}. Refuses an OUT that holds
-    anything but an interrupted prepare's files (which it removes and starts again), or one being written now."""
+    anything but an interrupted prepare's files, or one another prepare is writing (OUT itself is locked: the
+    checks are made under the lock). An interrupted prepare is continued: a split it finished with these settings
+    is kept, the other written again."""
     import fcntl
     import multiprocessing
 
     from imagefolder import open_splits
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"OUT: {out} is a file; choose a new folder")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARK)):
-        raise DataError(f"OUT: {out} exists and is not empty; choose a new folder (nothing was written)")
     if is_prepared(src, "train") or is_prepared(src, "val"):
         raise DataError(f"SRC: {src} is itself shards.py's output; prepare from the ImageFolder tree it was made of")
     folders = dict(zip(("train", "val"), open_splits(src, None, None, option="SRC")))  # the tree checked first
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, MARK), "a") as mark:
+    lock = os.open(out, os.O_RDONLY)  # the folder, which no prepare removes (MARK comes and goes)
+    try:
         try:
-            fcntl.flock(mark, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             raise DataError(f"OUT: {out} is being written by another shards.py now; wait for it or choose another "
                             f"folder") from None
+        except OSError as e:  # Lustre or NFS mounted without lock support
+            raise DataError(f"OUT: {out}: its file system cannot lock files ({e.strerror or e}); prepare on a local "
+                            f"disk and copy OUT over") from None
+        if os.listdir(out) and not os.path.exists(os.path.join(out, MARK)):
+            raise DataError(f"OUT: {out} exists and is not empty; choose a new folder (nothing was written)")
+        open(os.path.join(out, MARK), "w").close()
         counts = {}
         with multiprocessing.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             for split, folder in folders.items():
@@ -158,7 +179,25 @@ def prepare(src, out, short_side=256, quality=90, shard_mb=1024, workers=1, prog
                                             shard_mb << 20, src, progress)
         os.remove(os.path.join(out, MARK))
         fsync_dir(out)
+    except BaseException:
+        if created and os.listdir(out) == []:
+            os.rmdir(out)
+        raise
+    finally:
+        os.close(lock)
     return counts
+
+
+def finished(dest, folder, short_side, quality, src):
+    """The stored counts of a split an interrupted prepare finished with these settings from this tree, or None."""
+    try:
+        done = ShardSet(dest, None)
+    except (OSError, ValueError, KeyError, DataError):
+        return None
+    same = settings(done.meta) == dict(version=VERSION, short_side=short_side, quality=quality)
+    ok = same and done.meta["source"] == os.path.abspath(src) and done.samples == [
+        (os.path.join(os.path.abspath(src), os.path.relpath(p, src)), label) for p, label in folder.samples]
+    return done.meta["stored"] if ok else None
 
 
 def write_split(pool, folder, dest, short_side, quality, shard_bytes, src, progress):
@@ -166,7 +205,10 @@ def write_split(pool, folder, dest, short_side, quality, shard_bytes, src, progr
     import shutil
 
     from tqdm import tqdm
-    shutil.rmtree(dest, ignore_errors=True)  # an interrupted prepare's (OUT carries the mark, held by us)
+    kept = finished(dest, folder, short_side, quality, src)
+    if kept is not None:
+        return kept
+    shutil.rmtree(dest, ignore_errors=True)  # an interrupted prepare's (OUT carries the mark; we hold OUT)
     os.makedirs(dest)
     index, how_many, sizes, f = [], {}, [], None
     jobs = [(path, short_side, quality) for path, _ in folder.samples]

@@ -261,7 +261,8 @@ def run_main(argv=None):
     stored = ((recorded_options(setup.run_dir) or {}) if ckpt is not None else {}).get("data_storage")  # or older
     if stored is not None and stored != getattr(data, "storage", None):
         fail(f"--resume: the images in --data-dir {args.data_dir} are not stored as when {setup.run_dir} started "
-             f"({stored} -> {data.storage}); resume with the data it started on, or start again with --overwrite")
+             f"({stored} -> {data.storage}); resume with the data it started on, or start again with --overwrite",
+             options=True)
     amp_measured = None
     if args.amp == "auto" and ckpt is not None:  # a resume keeps the precision the run recorded
         setup = replace(setup, amp=ckpt["config"]["amp"])

@@ -104,10 +104,10 @@ def prepared(root, short_side, quality=90):
             meta = json.load(f)
     except OSError:
         meta = None
-    images = sum(len(fs) for _, _, fs in os.walk(os.path.join(root, "train")))
+    images = sum(f.endswith(".JPEG") for _, _, fs in os.walk(os.path.join(root, "train")) for f in fs)
     if shards.settings(meta) != dict(version=shards.VERSION, short_side=short_side, quality=quality) or not (
-            shards.is_prepared(out, "train") and shards.ShardSet(os.path.join(out, "train"), None).meta["images"]
-            == images):
+            shards.is_prepared(out, "train") and not os.path.exists(os.path.join(out, shards.MARK))
+            and shards.ShardSet(os.path.join(out, "train"), None).meta["images"] == images):
         shutil.rmtree(out, ignore_errors=True)
         shards.prepare(root, out, short_side=short_side, quality=quality, workers=len(os.sched_getaffinity(0)),
                        progress=False)
@@ -118,8 +118,16 @@ def resized_tree(shards_root):
     """The shards' images written back as an ImageFolder tree (made once): the conventional pipeline on the
     same pixels as ours-shards."""
     import shards
+    import shutil
     out = shards_root + "-tree"
-    if not os.path.exists(os.path.join(out, "complete")):
+    made_of = str([shards.ShardSet(os.path.join(shards_root, split), None).fingerprint() for split in ("train", "val")])
+    try:
+        with open(os.path.join(out, "complete")) as f:
+            current = f.read() == made_of
+    except OSError:
+        current = False
+    if not current:  # none yet, or of shards prepared since
+        shutil.rmtree(out, ignore_errors=True)
         for split in ("train", "val"):
             s = shards.ShardSet(os.path.join(shards_root, split), None)
             for i, (path, _) in enumerate(s.samples):
@@ -127,7 +135,8 @@ def resized_tree(shards_root):
                 os.makedirs(os.path.dirname(name), exist_ok=True)
                 with open(name, "wb") as f:
                     f.write(s.encoded(i).numpy().tobytes())
-        open(os.path.join(out, "complete"), "w").close()
+        with open(os.path.join(out, "complete"), "w") as f:
+            f.write(made_of)
     return out
 
 
@@ -239,7 +248,8 @@ def main(argv=None):
                     where = {"ours-shards": lambda: prepared(root, a.short_side),
                              "conventional-resized": lambda: resized_tree(prepared(root, a.short_side))}.get(
                         pipeline, lambda: root)()
-                    rate = measure(pipeline.split("-")[0], where, size, train, workers, a.batches, device)
+                    rate = measure({"ours-shards": "ours", "conventional-resized": "conventional"}.get(
+                        pipeline, pipeline), where, size, train, workers, a.batches, device)
                     row = dict(pipeline=pipeline, transform="train" if train else "val", size=size, workers=workers,
                                images_per_s=round(rate, 1))
                     results.append(row)

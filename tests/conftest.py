@@ -25,12 +25,14 @@ def train_cmd(args, torchrun=0, torchrun_args=()):
                                 *torchrun_args] if torchrun else []) + [os.path.join(ROOT, "train.py")] + list(args)
 
 
-def run_train(args, env=None, torchrun=0, check=True):
+def run_train(args, env=None, torchrun=0, check=True, fresh=False):
     """Run train.py (or torchrun with `torchrun` processes) in a process of its own; returns CompletedProcess. A
     plain run is forked from a server that has imported train.py's modules once (torch, timm: ~3 s a process,
     most of the suite's time), and runs the script as `python train.py` does: its own argv, environment, exit
-    code, stdout and stderr; runs with an environment of their own or torchrun get a fresh interpreter."""
-    if torchrun or env:
+    code, stdout and stderr. Runs with an environment of their own, torchrun, and fresh=True (one side of a
+    comparison between processes: forked children share the server's hash seed and numpy state) get a new
+    interpreter."""
+    if torchrun or env or fresh:
         p = subprocess.run(train_cmd(args, torchrun), cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True,
                            text=True, timeout=600)
     else:
@@ -42,11 +44,22 @@ def run_train(args, env=None, torchrun=0, check=True):
 
 def forked_train(args, timeout=600):
     import multiprocessing
+    import multiprocessing.forkserver
     import tempfile
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["train", "conftest"])
+    saved = dict(os.environ)
+    try:  # the server starts (once) in the runs' environment, with train.py's and the tests' folders importable
+        os.environ.clear()
+        os.environ.update(ENV, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        for name in (out, err):
+            open(name, "w").close()
         child = ctx.Process(target=as_script, args=(os.path.join(ROOT, "train.py"), args, ENV, out, err))
         child.start()
         child.join(timeout)
@@ -55,16 +68,26 @@ def forked_train(args, timeout=600):
             child.join()
             raise subprocess.TimeoutExpired(train_cmd(args), timeout)
         with open(out) as o, open(err) as e:
-            return subprocess.CompletedProcess(train_cmd(args), child.exitcode, o.read(), e.read())
+            stdout, stderr = o.read(), e.read()
+        if child.exitcode and not stderr:  # it died before the script ran (the server's stderr has why)
+            stderr = f"the forked train.py died before running (exit code {child.exitcode})"
+        return subprocess.CompletedProcess(train_cmd(args), child.exitcode, stdout, stderr)
 
 
 def as_script(path, args, env, out, err):
     """In a forked child: run `path` as `python path args` would, with `env`, stdout and stderr to files; exits
     with the script's code (atexit handlers run, as at an interpreter's exit)."""
     import atexit
+    import gc
+    import multiprocessing
     import runpy
+    import threading
     import traceback
     import warnings
+    assert "train" in sys.modules, "the server did not preload train.py's modules"
+    # a main process again: DataLoader workers fork from it, as from `python train.py` (not through a forkserver)
+    multiprocessing.set_start_method("fork", force=True)
+    multiprocessing.process._parent_process = None
     os.environ.clear()
     os.environ.update(env)
     os.chdir(ROOT)
@@ -72,9 +95,10 @@ def as_script(path, args, env, out, err):
     if env.get("PYTHONWARNINGS") == "ignore":
         warnings.simplefilter("ignore")
     for fd, name in ((1, out), (2, err)):
-        target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        target = os.open(name, os.O_WRONLY | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
+    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", buffering=1, closefd=False)
     sys.argv, code = [path] + args, 0
     try:
         runpy.run_path(path, run_name="__main__")
@@ -86,7 +110,9 @@ def as_script(path, args, env, out, err):
         traceback.print_exc()
         code = 1
     try:
+        threading._shutdown()  # as the interpreter's exit: join non-daemon threads, exit handlers, collect
         atexit._run_exitfuncs()
+        gc.collect()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -126,3 +126,18 @@ def test_the_vit_study_pilot_plans_its_standard_runs_at_three_budgets_only():
                                   for s in (0, 1) for e in (2, 16, 32))
     assert all("recipes/vit-fmnist.yaml --config" in line and "recipes/vit-fmnist-study.yaml" in line
                and "--amp none" in line for line in p.stdout.splitlines() if "train.py" in line)
+
+
+def test_the_resnet_counterpart_runs_the_same_design_with_the_small_resnet():
+    """vit-study --resnet: the study's regime and sets with the small ResNet's recipe (bf16, lr 0.2 for batch 128),
+    into results/resnet-fmnist: 7 sets x 3 seeds x (5 standard budgets + 3 estimators)."""
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "vit-study", "--resnet", "--dry-run"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    runs = [line for line in p.stdout.splitlines() if "train.py" in line]
+    dirs = {line.split("--run-dir ")[1].split()[0] for line in runs}
+    sets = ("baseline", "ls", "mx", "ls+mx", "stochastic_depth", "ema", "cutmix")
+    kinds = ["cyclic", "cyclic-decay", "wsd"] + [f"standard-e{e}" for e in (2, 4, 8, 16, 32)]
+    assert dirs == {f"results/resnet-fmnist/{m}/s{s}/{k}" for m in sets for s in (0, 1, 2) for k in kinds}
+    assert all("recipes/fashion-mnist-study.yaml --config" in line and "recipes/vit-fmnist-study.yaml" in line
+               and "--lr 0.2" in line and "--amp bf16" in line and "--model small_resnet" in line for line in runs)

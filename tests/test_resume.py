@@ -30,7 +30,7 @@ def final_weights(run):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("ref") / "run"
-    run_train(ARGS + ["--run-dir", str(run)])
+    run_train(ARGS + ["--run-dir", str(run)], fresh=True)  # a new interpreter: the resumed runs are forked
     return str(run)
 
 

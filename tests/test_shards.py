@@ -78,6 +78,12 @@ def test_prepare_refuses_to_write_over_anything_and_finishes_an_interrupted_one(
     shards.prepare(root, str(out), workers=1, progress=False)
     assert sorted(os.listdir(out / "train")) == ["index.npy", "meta.json", "paths.txt", "shard-00000.bin"]
     assert not (out / shards.MARK).exists() and len(build_data("imagenet", str(out), CPU, workers=0).train_set) == 18
+    (out / shards.MARK).touch()  # interrupted while writing val/: train/ is kept, val/ written again
+    (out / "val" / "meta.json").unlink()
+    train_shard = (out / "train" / "shard-00000.bin").stat()
+    assert shards.prepare(root, str(out), workers=1, progress=False) == {"train": {"as-is": 18}, "val": {"as-is": 6}}
+    assert (out / "train" / "shard-00000.bin").stat().st_mtime_ns == train_shard.st_mtime_ns
+    assert (out / "val" / "meta.json").exists() and not (out / shards.MARK).exists()
 
 
 def test_a_damaged_image_is_named_by_prepare_and_by_the_loader(tmp_path):
@@ -115,6 +121,11 @@ def test_a_shard_cut_short_or_missing_and_mixed_storage_are_refused(tmp_path):
     with pytest.raises(DataError, match="shard-00000.bin is missing"):
         build_data("imagenet", str(out), CPU, workers=0)
     shard.write_bytes(whole)
+    meta = json.loads((out / "train" / "meta.json").read_text())
+    (out / "train" / "meta.json").write_text(json.dumps(dict(meta, images=17)))  # a meta of another prepare
+    with pytest.raises(DataError, match="index.npy does not fit its meta.json"):
+        build_data("imagenet", str(out), CPU, workers=0)
+    (out / "train" / "meta.json").write_text(json.dumps(meta))
     import shutil
     shutil.rmtree(out / "val")
     shutil.copytree(tmp_path / "tree" / "val", out / "val")  # val/ a tree, train/ shards
@@ -144,10 +155,11 @@ def test_prepare_refuses_an_out_being_written_and_runs_warn_of_upsampled_shards(
     root = tree(tmp_path / "tree")
     out = tmp_path / "out"
     out.mkdir()
-    with open(out / shards.MARK, "w") as held:  # another shards.py writing it now
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(DataError, match="being written by another shards.py"):
-            shards.prepare(root, str(out), workers=1, progress=False)
+    held = os.open(out, os.O_RDONLY)  # another shards.py writing it now
+    fcntl.flock(held, fcntl.LOCK_EX)
+    with pytest.raises(DataError, match="being written by another shards.py"):
+        shards.prepare(root, str(out), workers=1, progress=False)
+    os.close(held)
     shards.prepare(root, str(out), short_side=20, workers=1, progress=False)
     build_data("imagenet", str(out), CPU, workers=0, image_size=24)  # evaluates at 27 > 20
     assert "shorter side of 20, below the 27 that --image-size 24 evaluates at" in capsys.readouterr().err
@@ -156,8 +168,8 @@ def test_prepare_refuses_an_out_being_written_and_runs_warn_of_upsampled_shards(
 def test_a_run_on_shards_of_unchanged_images_equals_the_folder_run(tmp_path):
     root = tree(tmp_path / "tree", per_class=8)
     shards.prepare(root, str(tmp_path / "out"), workers=1, progress=False)
-    for name, where in (("folder", root), ("shards", str(tmp_path / "out"))):
-        run_train(FOLDER + ["--data-dir", where, "--run-dir", str(tmp_path / name)])
+    for name, where in (("folder", root), ("shards", str(tmp_path / "out"))):  # one in a new interpreter
+        run_train(FOLDER + ["--data-dir", where, "--run-dir", str(tmp_path / name)], fresh=name == "folder")
     assert metrics_without_time(str(tmp_path / "shards")) == metrics_without_time(str(tmp_path / "folder"))
     config = json.load(open(tmp_path / "shards" / "config.json"))
     assert config["data_storage"]["stored"] == {"as-is": 24} and np.load(
