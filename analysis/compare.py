@@ -457,6 +457,34 @@ def hardware_lines(analysis):
     return lines
 
 
+SHARED_SPEED = 0.8  # of a run's own median images/s: well below a quiet machine's drift (0.91-1.05 on our VM)
+
+
+def speed_lines(analysis):
+    """A line per run one of whose evaluation segments trained below SHARED_SPEED of the run's median images/s
+    (metrics.csv's images_per_s, per segment): something else likely shared the machine then, so its times are
+    inflated, while its accuracies are not."""
+    lines = []
+    for run in analysis.runs:
+        speeds = []
+        for row in run.rows:
+            try:
+                speeds.append((float(row.get("images_per_s") or "nan"), row["epoch"]))
+            except ValueError:
+                pass
+        speeds = [(v, e) for v, e in speeds if v == v and v > 0]
+        if len(speeds) < 2:
+            continue
+        median = float(np.median([v for v, _ in speeds]))
+        slow = [(v, e) for v, e in speeds if v < SHARED_SPEED * median]
+        if slow:
+            lines.append(f"{run.path}: its segment(s) ending at epoch {', '.join(f'{e:g}' for _, e in slow)} trained "
+                         f"at {min(v for v, _ in slow) / median:.2f} of the run's median images/s (another job on the "
+                         f"machine, or a first segment's compilation): its times are inflated, its accuracies not; "
+                         f"rerun it for time comparisons")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Diff the standard tradeoff curve against one-run estimators' curves.")
     add_common_args(p)
@@ -470,7 +498,7 @@ def main(argv=None):
           f"95 % CI: {stats.CI_METHOD}; * = CI excludes 0")
     if group_line(analysis):
         print(group_line(analysis))
-    for line in hardware_lines(analysis):
+    for line in hardware_lines(analysis) + speed_lines(analysis):
         print(f"warning: {line}")
     for group in analysis.curves:
         print(f"\n[{group}]" if group else "")

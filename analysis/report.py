@@ -21,7 +21,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 import schedules  # noqa: E402
 from analysis import stats  # noqa: E402
 from analysis.compare import (add_common_args, analyse, ci_text, fmt, group_line, hardware_lines,  # noqa: E402
-                              improvement_series, left_out_lines, nonnegative, write_tables)
+                              improvement_series, left_out_lines, nonnegative, speed_lines, write_tables)
 from analysis.runs import MATCH_TOLERANCE, SCHEDULE_KEYS, RunError, order_methods, read_run  # noqa: E402
 
 STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"),
@@ -626,7 +626,7 @@ def main(argv=None):
           "hold the same seeds at every budget, else resampled `independent`ly. With one seed there is no CI.", ""]
     if group_line(analysis):
         md += [group_line(analysis) + ".", ""]
-    for line in hardware_lines(analysis):
+    for line in hardware_lines(analysis) + speed_lines(analysis):
         print(f"warning: {line}")
         md += [f"- Note: {line}.", ""]
     if analysis.left_out:

@@ -585,3 +585,18 @@ def test_the_gap_against_the_baseline_resolves_a_late_deficit_and_not_noise(tmp_
     assert lo <= delta <= hi and (g["delta_gap_vs_baseline_resolved"] == "true") is expect
     if expect:
         assert delta == pytest.approx(-late_deficit * 2 / 3, abs=0.05) and hi < 0
+
+
+def test_a_run_with_a_segment_far_slower_than_its_own_median_is_named(sweep, tmp_path, capsys):
+    """A segment below 0.8 of its run's median images/s (another job shared the machine) is named with its epoch;
+    a quiet run's drift (0.9) is not."""
+    for name, speeds in (("cyc_base", [2000, 1900, 1100, 1950, 2000]), ("cyc_mx", [2000, 1800, 1900, 2000])):
+        path = sweep / name / "metrics.csv"
+        rows = list(csv.DictReader(open(path)))
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, list(rows[0]) + ["images_per_s"])
+            w.writeheader()
+            w.writerows(dict(r, images_per_s=v) for r, v in zip(rows, speeds))
+    compare.main([str(sweep), "--out", str(tmp_path / "out")])
+    warned = [line for line in capsys.readouterr().out.splitlines() if "median images/s" in line]
+    assert len(warned) == 1 and "cyc_base: its segment(s) ending at epoch 4 trained at 0.56" in warned[0]
