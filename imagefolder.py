@@ -278,19 +278,24 @@ class EncodedSamples(NamedSamples):
         return seeded_sample(self.dataset, key if isinstance(key, tuple) else (key, 0), read=self.read)
 
     def read(self, base, i):
-        from PIL import Image
         from torchvision.io import read_file
         label = base.targets[i]
         if hasattr(base, "encoded"):  # shards: JPEGs, sized in the index
             payload, jpeg, (height, width) = base.encoded(i), True, base.size(i)
         else:
             path = base.samples[i][0]
-            with Image.open(path) as img:  # the header only
-                width, height = img.size
-                jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+            height, width, jpeg = jpeg_header(path)
             payload = read_file(path) if jpeg else read_image(path)
         box, flip = crop_params(height, width, self.image_size, self.train)
         return payload, jpeg, label, box, flip
+
+
+def jpeg_header(path):
+    """(height, width, whether nvJPEG and a byte-for-byte copy can take it: a JPEG in RGB or grey) from the file's
+    header alone."""
+    from PIL import Image
+    with Image.open(path) as img:
+        return img.size[1], img.size[0], img.format == "JPEG" and img.mode in ("RGB", "L")
 
 
 def crop_params(height, width, size, train):

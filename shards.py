@@ -122,15 +122,12 @@ class ShardSet(torch.utils.data.Dataset):
 def encode_one(job):
     """(JPEG bytes, height, width, how) of one source image: stored as it is, resized, or re-encoded."""
     path, short_side, quality = job
-    from PIL import Image
     from torchvision.io import encode_jpeg, read_file
     from torchvision.transforms.v2.functional import resize
 
-    from imagefolder import decode, raise_named
+    from imagefolder import decode, jpeg_header, raise_named
     try:
-        with Image.open(path) as img:  # the header only
-            width, height = img.size
-            jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+        height, width, jpeg = jpeg_header(path)
         data = read_file(path)
         img = decode(data)  # a damaged file is named now (stored as it is too)
         if jpeg and min(width, height) <= short_side:

@@ -258,7 +258,8 @@ def run_main(argv=None):
         HELD_LOCKS.append(lock_run_dir(setup.run_dir))
     ckpt, wipe = resume_decision(args, setup, master)  # every rank decides alike: they all read the same files
     data, model, loader = build_run(args, setup, methods, device, rank, world_size)
-    stored = ((recorded_options(setup.run_dir) or {}) if ckpt is not None else {}).get("data_storage")  # or older
+    recorded = (recorded_options(setup.run_dir) or {}) if ckpt is not None else {}  # config.json of the resumed run
+    stored = recorded.get("data_storage")  # None: not imagenet, or a run from before the key
     if stored is not None and stored != getattr(data, "storage", None):
         fail(f"--resume: the images in --data-dir {args.data_dir} are not stored as when {setup.run_dir} started "
              f"({stored} -> {data.storage}); resume with the data it started on, or start again with --overwrite",
@@ -329,8 +330,7 @@ def run_main(argv=None):
               **own, "device": device.type, "torch_version": torch.__version__,
               "cuda_version": torch.version.cuda if device.type == "cuda" else None, "decay_excluded": exclusions,
               "methods_without_effect": without_effect, "data_storage": getattr(data, "storage", None),
-              "amp_measured": amp_measured if ckpt is None else (recorded_options(setup.run_dir) or {}).get(
-                  "amp_measured"),
+              "amp_measured": amp_measured if ckpt is None else recorded.get("amp_measured"),
               "device_names": device_history(setup, ckpt),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     log = None
