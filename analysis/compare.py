@@ -34,7 +34,7 @@ POINT_COLUMNS = ["methods", "budget", "standard_mean", "standard_std", "standard
 IMPROVEMENT_COLUMNS = ["methods", "schedule", "budget", "improvement_pp", "lo", "hi", "n", "n_baseline", "pairing",
                        "group"]
 RANKING_COLUMNS = ["estimator", "budget", "n_methods", "standard_order", "estimator_order", "kendall_tau",
-                   "discordant_pairs", "n_pairs", "swaps", "group"]
+                   "discordant_pairs", "n_pairs", "swaps", "group", "swaps_standard_separates", "swap_standard_diffs"]
 FIT_COLUMNS = ["methods", "schedule", "x", "n_points", "a", "b", "c", "rmse_pp", "max_abs_residual_pp", "residuals_pp",
                "range_lo", "range_hi", "area_vs_standard", "mean_fitted_gap_pp", "note", "group"]
 
@@ -229,13 +229,34 @@ def order_text(names, scores):
     return text
 
 
-def ranking_row(estimator, budget, names, std_scores, est_scores):
-    """One ranking.csv row: the two orderings, Kendall's tau-b and the pairs that swap."""
+def standard_difference(a_points, b_points):
+    """Set a minus set b on the standard curve, averaged over the budgets of a_points / b_points (the same budgets,
+    in the same order), with its 95 % CI over seeds (paired where both sets hold the same seeds): (diff, lo, hi)."""
+    boot = stats.bootstrap(stats.side([p.samples("acc") for p in a_points]),
+                           stats.side([p.samples("acc") for p in b_points]))
+    diff = (sum(p.acc_mean for p in a_points) - sum(p.acc_mean for p in b_points)) / len(a_points)
+    lo, hi = stats.interval((boot.a - boot.b).mean(1), boot.n_seeds, diff) if boot.defined else (None, None)
+    return diff, lo, hi
+
+
+def ranking_row(estimator, budget, names, std_points, est_points):
+    """One ranking.csv row: the two orderings (scores: mean accuracy over the points given per set), Kendall's
+    tau-b, the pairs that swap and, per swap, whether the standard curve itself separates the two sets (its
+    difference's CI excludes 0): a swap between sets the standard curve cannot tell apart is noise, not a miss."""
+    mean = lambda pts: sum(p.acc_mean for p in pts) / len(pts)  # noqa: E731
+    std_scores, est_scores = [mean(p) for p in std_points], [mean(p) for p in est_points]
     tau, discordant = stats.kendall_tau(std_scores, est_scores)
     n = len(names)
+    diffs, separated = [], 0
+    for i, j in discordant:
+        d, lo, hi = standard_difference(std_points[i], std_points[j])
+        separated += bool(stats.resolved(lo, hi))
+        ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else " (no CI)"
+        diffs.append(f"{names[i]} - {names[j]} {d:+.2f}{ci}")
     return dict(estimator=estimator, budget=budget, n_methods=n, standard_order=order_text(names, std_scores),
                 estimator_order=order_text(names, est_scores), kendall_tau=tau, discordant_pairs=len(discordant),
                 n_pairs=n * (n - 1) // 2, swaps="; ".join(f"{names[i]} <> {names[j]}" for i, j in discordant),
+                swaps_standard_separates=separated, swap_standard_diffs="; ".join(diffs),
                 _names=names, _std=std_scores, _est=est_scores)
 
 
@@ -246,18 +267,18 @@ def ranking_rows(cmap, estimator, min_epochs=0.0):
     paired = {m: match(cmap[(m, estimator)], cmap[(m, "standard")], min_epochs)
               for m in order_methods(m for m, s in cmap if s == estimator) if (m, "standard") in cmap}
     keys = budget_keys([[s.epochs for _, s in pairs] for pairs in paired.values()])
-    at = {m: {keys[s.epochs]: (s.acc_mean, c.acc_mean) for c, s in pairs} for m, pairs in paired.items()}
+    at = {m: {keys[s.epochs]: (s, c) for c, s in pairs} for m, pairs in paired.items()}
     rows = []
     for budget in sorted(set(keys.values())):
         names = [m for m in at if budget in at[m]]
         if len(names) >= 2:
-            rows.append(ranking_row(estimator, budget, names, [at[m][budget][0] for m in names],
-                                    [at[m][budget][1] for m in names]))
-    common = set.intersection(*(set(v) for v in at.values())) if at else set()
+            rows.append(ranking_row(estimator, budget, names, [[at[m][budget][0]] for m in names],
+                                    [[at[m][budget][1]] for m in names]))
+    common = sorted(set.intersection(*(set(v) for v in at.values()))) if at else []
     names = [m for m in at if at[m]]
     if common and len(names) >= 2:
-        mean = lambda m, k: sum(at[m][b][k] for b in common) / len(common)  # noqa: E731
-        rows.append(ranking_row(estimator, "overall", names, [mean(m, 0) for m in names], [mean(m, 1) for m in names]))
+        rows.append(ranking_row(estimator, "overall", names, [[at[m][b][0] for b in common] for m in names],
+                                [[at[m][b][1] for b in common] for m in names]))
     return rows
 
 

@@ -502,11 +502,16 @@ def ranking_section(ranking):
     if not ranking:
         return ["## Ordering of method sets", "", "(needs 2+ method sets with both curves)", ""]
     return ["## Ordering of method sets", "",
-            "Method sets ordered by accuracy on each curve (`=`: exact tie); Kendall's tau-b between the orderings.",
+            "Method sets ordered by accuracy on each curve (`=`: exact tie; overall: the mean over the budgets every "
+            "set has); Kendall's tau-b between the orderings. Each swapped pair is listed with its difference on the "
+            "standard curve (pp, 95 % CI over seeds); separated: the swaps whose CI excludes 0, i.e. that the standard "
+            "curve itself tells apart (a swap it does not separate is within seed noise).",
             "",
-            md_table(["estimator", "budget", "standard order", "estimator order", "tau", "discordant / pairs", "swaps"],
+            md_table(["estimator", "budget", "standard order", "estimator order", "tau", "discordant / pairs",
+                      "separated", "swaps: standard difference [95 % CI]"],
                      [[r["estimator"], fmt(r["budget"], "g"), r["standard_order"], r["estimator_order"],
-                       fmt(r["kendall_tau"]), f"{r['discordant_pairs']} / {r['n_pairs']}", r["swaps"] or "none"]
+                       fmt(r["kendall_tau"]), f"{r['discordant_pairs']} / {r['n_pairs']}",
+                       f"{r['swaps_standard_separates']} / {r['discordant_pairs']}", r["swap_standard_diffs"] or "none"]
                       for r in ranking]), ""]
 
 

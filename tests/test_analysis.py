@@ -349,6 +349,36 @@ def test_ranking_names_the_pairs_that_swap(tmp_path):
     assert (float(rank["overall"]["kendall_tau"]), rank["overall"]["swaps"]) == (1, "")
 
 
+def test_a_swap_is_separated_only_where_the_standard_curve_tells_the_sets_apart(tmp_path):
+    """5 seeds; standard: mixup +1.0 over the baseline (tiny noise), blurpool -0.1 (+-0.5 noise); the cyclic curve
+    reverses every pair. mixup's swaps are separated (its CI excludes 0), blurpool <> baseline is seed noise."""
+    noise = [0.5, -0.5, 0.4, -0.4, 0.0]
+    for seed in range(5):
+        base = [80 + seed, 85 + seed, 90 + seed]  # seed effects shared by a seed's runs: pairing removes them
+        seeded(tmp_path, [], base, base, seed)
+        seeded(tmp_path, ["mixup"], [a + 1 + 0.01 * (seed - 2) for a in base], [a - 0.5 for a in base], seed)
+        seeded(tmp_path, ["blurpool"], [a - 0.1 + noise[seed] for a in base], [a + 0.5 for a in base], seed)
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    rank = {r["budget"]: r for r in read_rows(out / "ranking.csv")}
+    for budget in ("2", "8", "overall"):
+        r = rank[budget]
+        assert (r["standard_order"], r["estimator_order"]) == ("mixup > baseline > blurpool",
+                                                               "blurpool > baseline > mixup")
+        assert (r["discordant_pairs"], r["swaps_standard_separates"]) == ("3", "2")
+        diffs = {}
+        for entry in r["swap_standard_diffs"].split("; "):
+            pair, ci = entry.split(" [")
+            a, rest = pair.split(" - ")
+            b, d = rest.rsplit(" ", 1)
+            lo, hi = (float(x) for x in ci.rstrip("]").split(", "))
+            sign = 1 if (a, b) in (("mixup", "baseline"), ("mixup", "blurpool"), ("baseline", "blurpool")) else -1
+            diffs[frozenset((a, b))] = (sign * float(d), lo <= float(d) <= hi, lo > 0 or hi < 0)
+        assert diffs == {frozenset(("mixup", "baseline")): (pytest.approx(1.0, abs=0.01), True, True),
+                         frozenset(("mixup", "blurpool")): (pytest.approx(1.1, abs=0.01), True, True),
+                         frozenset(("baseline", "blurpool")): (pytest.approx(0.1, abs=0.01), True, False)}
+
+
 def test_estimators_read_their_own_rows_and_cost_from_curve_cost(sweep, tmp_path, capsys):
     # wsd: branch ends at 2, 4, 8 interleaved with trunk rows; the trunk's 95 must not count for any point
     write_run(sweep, "wsd_base", "wsd", [], [(1, 60, 1, 0, 0, 1), (2, 78, 2.5, 0, 1, 2.5), (3, 95, 3, 0, 0, 3),
