@@ -34,7 +34,8 @@ POINT_COLUMNS = ["methods", "budget", "standard_mean", "standard_std", "standard
 IMPROVEMENT_COLUMNS = ["methods", "schedule", "budget", "improvement_pp", "lo", "hi", "n", "n_baseline", "pairing",
                        "group"]
 RANKING_COLUMNS = ["estimator", "budget", "n_methods", "standard_order", "estimator_order", "kendall_tau",
-                   "discordant_pairs", "n_pairs", "swaps", "group", "swaps_standard_separates", "swap_standard_diffs"]
+                   "discordant_pairs", "n_pairs", "swaps", "group", "swaps_standard_separates", "swaps_without_ci",
+                   "swap_standard_diffs"]
 FIT_COLUMNS = ["methods", "schedule", "x", "n_points", "a", "b", "c", "rmse_pp", "max_abs_residual_pp", "residuals_pp",
                "range_lo", "range_hi", "area_vs_standard", "mean_fitted_gap_pp", "note", "group"]
 
@@ -229,34 +230,52 @@ def order_text(names, scores):
     return text
 
 
+def seed_means(points, only=None):
+    """A one-column Side: per seed (of those with a point at every one of `points`' budgets, and in `only` if given)
+    its mean accuracy over them, so that a seed missing one budget costs that seed, not the pairing of every other."""
+    s = stats.side([p.samples("acc") for p in points])
+    keep = np.isfinite(s.values).all(1) & np.array([only is None or i in only for i in s.ids], dtype=bool)
+    return stats.Side([i for i, k in zip(s.ids, keep) if k], s.values[keep].mean(1, keepdims=True))
+
+
 def standard_difference(a_points, b_points):
-    """Set a minus set b on the standard curve, averaged over the budgets of a_points / b_points (the same budgets,
-    in the same order), with its 95 % CI over seeds (paired where both sets hold the same seeds): (diff, lo, hi)."""
-    boot = stats.bootstrap(stats.side([p.samples("acc") for p in a_points]),
-                           stats.side([p.samples("acc") for p in b_points]))
-    diff = (sum(p.acc_mean for p in a_points) - sum(p.acc_mean for p in b_points)) / len(a_points)
-    lo, hi = stats.interval((boot.a - boot.b).mean(1), boot.n_seeds, diff) if boot.defined else (None, None)
-    return diff, lo, hi
+    """Set a minus set b on the standard curve, the mean over the budgets of a_points / b_points (the same budgets
+    in the same order) of the seeds that have them all, with its 95 % CI over seeds: paired by seed over the seeds
+    both sets have (seed effects cancel), or, where fewer than 2 are shared, each set's seeds resampled on their
+    own: (diff, lo, hi, seeds, pairing)."""
+    a, b = seed_means(a_points), seed_means(b_points)
+    shared = set(a.ids) & set(b.ids)
+    if len(shared) >= 2:
+        a, b = seed_means(a_points, shared), seed_means(b_points, shared)
+    if not a.ids or not b.ids:
+        return None, None, None, 0, None
+    boot = stats.bootstrap(a, b)
+    diff = float(a.values.mean() - b.values.mean())
+    lo, hi = stats.interval(boot.a[:, 0] - boot.b[:, 0], boot.n_seeds, diff) if boot.defined else (None, None)
+    return diff, lo, hi, boot.n_seeds, boot.pairing
 
 
 def ranking_row(estimator, budget, names, std_points, est_points):
     """One ranking.csv row: the two orderings (scores: mean accuracy over the points given per set), Kendall's
-    tau-b, the pairs that swap and, per swap, whether the standard curve itself separates the two sets (its
-    difference's CI excludes 0): a swap between sets the standard curve cannot tell apart is noise, not a miss."""
+    tau-b, the pairs that swap and, per swap, the two sets' difference on the standard curve with its CI: a swap
+    the standard curve separates (CI excludes 0) is a miss of the estimator; one it does not separate with these
+    seeds is not shown to be one; one without a CI (a set with one seed) is counted apart."""
     mean = lambda pts: sum(p.acc_mean for p in pts) / len(pts)  # noqa: E731
     std_scores, est_scores = [mean(p) for p in std_points], [mean(p) for p in est_points]
     tau, discordant = stats.kendall_tau(std_scores, est_scores)
     n = len(names)
-    diffs, separated = [], 0
+    diffs, separated, no_ci = [], 0, 0
     for i, j in discordant:
-        d, lo, hi = standard_difference(std_points[i], std_points[j])
+        d, lo, hi, seeds, pairing = standard_difference(std_points[i], std_points[j])
         separated += bool(stats.resolved(lo, hi))
-        ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else " (no CI)"
-        diffs.append(f"{names[i]} - {names[j]} {d:+.2f}{ci}")
+        no_ci += lo is None
+        ci = f"[{lo:+.2f}, {hi:+.2f}]" if lo is not None else "no CI"
+        diffs.append(f"{names[i]} - {names[j]} " + (f"{d:+.2f} {ci} ({seeds} seeds, {pairing})" if d is not None
+                                                     else "no seed with every budget"))
     return dict(estimator=estimator, budget=budget, n_methods=n, standard_order=order_text(names, std_scores),
                 estimator_order=order_text(names, est_scores), kendall_tau=tau, discordant_pairs=len(discordant),
                 n_pairs=n * (n - 1) // 2, swaps="; ".join(f"{names[i]} <> {names[j]}" for i, j in discordant),
-                swaps_standard_separates=separated, swap_standard_diffs="; ".join(diffs),
+                swaps_standard_separates=separated, swaps_without_ci=no_ci, swap_standard_diffs="; ".join(diffs),
                 _names=names, _std=std_scores, _est=est_scores)
 
 

@@ -504,14 +504,18 @@ def ranking_section(ranking):
     return ["## Ordering of method sets", "",
             "Method sets ordered by accuracy on each curve (`=`: exact tie; overall: the mean over the budgets every "
             "set has); Kendall's tau-b between the orderings. Each swapped pair is listed with its difference on the "
-            "standard curve (pp, 95 % CI over seeds); separated: the swaps whose CI excludes 0, i.e. that the standard "
-            "curve itself tells apart (a swap it does not separate is within seed noise).",
+            "standard curve (pp, 95 % CI over the seeds that have every budget of the row); separated: the swaps "
+            "whose CI excludes 0, which the standard curve itself tells apart, so the estimator missed a real "
+            "difference; a swap not separated is not shown to be one with these seeds; no CI: a set with one seed. "
+            "Each swap is its own 95 % test: among many pairs, expect an occasional one separated by chance.",
             "",
             md_table(["estimator", "budget", "standard order", "estimator order", "tau", "discordant / pairs",
                       "separated", "swaps: standard difference [95 % CI]"],
                      [[r["estimator"], fmt(r["budget"], "g"), r["standard_order"], r["estimator_order"],
                        fmt(r["kendall_tau"]), f"{r['discordant_pairs']} / {r['n_pairs']}",
-                       f"{r['swaps_standard_separates']} / {r['discordant_pairs']}", r["swap_standard_diffs"] or "none"]
+                       f"{r['swaps_standard_separates']} / {r['discordant_pairs']}"
+                       + (f" ({r['swaps_without_ci']} no CI)" if r["swaps_without_ci"] else ""),
+                       r["swap_standard_diffs"] or "none"]
                       for r in ranking]), ""]
 
 

@@ -3,6 +3,7 @@ import csv
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -350,33 +351,46 @@ def test_ranking_names_the_pairs_that_swap(tmp_path):
 
 
 def test_a_swap_is_separated_only_where_the_standard_curve_tells_the_sets_apart(tmp_path):
-    """5 seeds; standard: mixup +1.0 over the baseline (tiny noise), blurpool -0.1 (+-0.5 noise); the cyclic curve
-    reverses every pair. mixup's swaps are separated (its CI excludes 0), blurpool <> baseline is seed noise."""
-    noise = [0.5, -0.5, 0.4, -0.4, 0.0]
+    """5 seeds (written in another order per set); standard: mixup +1.0 over the baseline (tiny noise), blurpool
+    -0.1 (+-0.5 noise), ema +4 with one seed; the cyclic curve reverses every pair. mixup's swaps are separated
+    (its CI excludes 0), blurpool <> baseline is not, ema's have no CI. mixup's seed 4 misses budget 4: that costs
+    seed 4 at budget 4 and in the overall row, not the pairing by seed (which cancels the seeds' offsets of 1 pp)."""
+    noise = {0: 0.5, 1: -0.5, 2: 0.4, 3: -0.4, 4: 0.0}
+    base = {seed: [80 + seed, 85 + seed, 90 + seed] for seed in range(5)}
     for seed in range(5):
-        base = [80 + seed, 85 + seed, 90 + seed]  # seed effects shared by a seed's runs: pairing removes them
-        seeded(tmp_path, [], base, base, seed)
-        seeded(tmp_path, ["mixup"], [a + 1 + 0.01 * (seed - 2) for a in base], [a - 0.5 for a in base], seed)
-        seeded(tmp_path, ["blurpool"], [a - 0.1 + noise[seed] for a in base], [a + 0.5 for a in base], seed)
+        seeded(tmp_path, [], base[seed], base[seed], seed)
+    for seed in (4, 2, 0, 3, 1):
+        seeded(tmp_path, ["mixup"], [a + 1 + 0.01 * (seed - 2) for a in base[seed]],
+               [a - 0.5 for a in base[seed]], seed)
+        seeded(tmp_path, ["blurpool"], [a - 0.1 + noise[seed] for a in base[seed]], [a + 0.5 for a in base[seed]],
+               seed)
+    seeded(tmp_path, ["ema"], [a + 4 for a in base[0]], [a - 1 for a in base[0]], 0)
+    for f in tmp_path.glob("std_mixup_4_s4/*"):
+        f.unlink()
+    (tmp_path / "std_mixup_4_s4").rmdir()
     out = tmp_path / "out"
     compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
     rank = {r["budget"]: r for r in read_rows(out / "ranking.csv")}
-    for budget in ("2", "8", "overall"):
+    for budget in ("2", "4", "8", "overall"):
         r = rank[budget]
-        assert (r["standard_order"], r["estimator_order"]) == ("mixup > baseline > blurpool",
-                                                               "blurpool > baseline > mixup")
-        assert (r["discordant_pairs"], r["swaps_standard_separates"]) == ("3", "2")
+        assert (r["standard_order"], r["estimator_order"]) == ("ema > mixup > baseline > blurpool",
+                                                               "blurpool > baseline > mixup > ema")
+        assert (r["discordant_pairs"], r["swaps_standard_separates"], r["swaps_without_ci"]) == ("6", "2", "3")
         diffs = {}
         for entry in r["swap_standard_diffs"].split("; "):
-            pair, ci = entry.split(" [")
-            a, rest = pair.split(" - ")
-            b, d = rest.rsplit(" ", 1)
-            lo, hi = (float(x) for x in ci.rstrip("]").split(", "))
+            a, rest = entry.split(" - ")
+            b, rest = rest.split(" ", 1)
             sign = 1 if (a, b) in (("mixup", "baseline"), ("mixup", "blurpool"), ("baseline", "blurpool")) else -1
-            diffs[frozenset((a, b))] = (sign * float(d), lo <= float(d) <= hi, lo > 0 or hi < 0)
-        assert diffs == {frozenset(("mixup", "baseline")): (pytest.approx(1.0, abs=0.01), True, True),
-                         frozenset(("mixup", "blurpool")): (pytest.approx(1.1, abs=0.01), True, True),
-                         frozenset(("baseline", "blurpool")): (pytest.approx(0.1, abs=0.01), True, False)}
+            if "ema" in (a, b):
+                assert rest.endswith("no CI (1 seeds, independent)")
+                continue
+            d, lo, hi, seeds = re.fullmatch(r"(\S+) \[(\S+), (\S+)\] \((\d) seeds, paired\)", rest).groups()
+            d, lo, hi = float(d), float(lo), float(hi)
+            diffs[frozenset((a, b))] = (sign * d, lo <= d <= hi, lo > 0 or hi < 0, int(seeds))
+        n_mixup = 4 if budget in ("4", "overall") else 5
+        assert diffs == {frozenset(("mixup", "baseline")): (pytest.approx(1.0, abs=0.02), True, True, n_mixup),
+                         frozenset(("mixup", "blurpool")): (pytest.approx(1.1, abs=0.15), True, True, n_mixup),
+                         frozenset(("baseline", "blurpool")): (pytest.approx(0.1, abs=0.01), True, False, 5)}
 
 
 def test_estimators_read_their_own_rows_and_cost_from_curve_cost(sweep, tmp_path, capsys):
