@@ -130,14 +130,32 @@ def test_the_vit_study_pilot_plans_its_standard_runs_at_three_budgets_only():
 
 def test_the_resnet_counterpart_runs_the_same_design_with_the_small_resnet():
     """vit-study --resnet: the study's regime and sets with the small ResNet's recipe (bf16, lr 0.2 for batch 128),
-    into results/resnet-fmnist: 7 sets x 3 seeds x (5 standard budgets + 3 estimators)."""
+    into results/resnet-fmnist: 7 sets x 3 seeds x (5 standard budgets + cyclic and cyclic-decay)."""
     p = subprocess.run([os.path.join(ROOT, "launch.sh"), "vit-study", "--resnet", "--dry-run"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     runs = [line for line in p.stdout.splitlines() if "train.py" in line]
     dirs = {line.split("--run-dir ")[1].split()[0] for line in runs}
     sets = ("baseline", "ls", "mx", "ls+mx", "stochastic_depth", "ema", "cutmix")
-    kinds = ["cyclic", "cyclic-decay", "wsd"] + [f"standard-e{e}" for e in (2, 4, 8, 16, 32)]
+    kinds = ["cyclic", "cyclic-decay"] + [f"standard-e{e}" for e in (2, 4, 8, 16, 32)]
     assert dirs == {f"results/resnet-fmnist/{m}/s{s}/{k}" for m in sets for s in (0, 1, 2) for k in kinds}
     assert all("recipes/fashion-mnist-study.yaml --config" in line and "recipes/vit-fmnist-study.yaml" in line
                and "--lr 0.2" in line and "--amp bf16" in line and "--model small_resnet" in line for line in runs)
+
+
+def test_more_seeds_adds_seeds_3_and_4_of_the_resolved_sets_with_the_cyclic_estimator_only():
+    """vit-study --more-seeds: seeds 3 and 4 of the baseline, MixUp, LS+MX and CutMix, standard runs at every
+    budget and the cyclic run, into the study's own folder; with --resnet or --pilot it refuses in one line."""
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "vit-study", "--more-seeds", "--dry-run"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    runs = [line for line in p.stdout.splitlines() if "train.py" in line]
+    dirs = {line.split("--run-dir ")[1].split()[0] for line in runs}
+    kinds = ["cyclic"] + [f"standard-e{e}" for e in (2, 4, 8, 16, 32)]
+    sets = ("baseline", "mx", "ls+mx", "cutmix")
+    assert dirs == {f"results/vit-fmnist/{m}/s{s}/{k}" for m in sets for s in (3, 4) for k in kinds}
+    assert all("recipes/vit-fmnist.yaml --config" in line and "--amp none" in line for line in runs)
+    for other in ("--resnet", "--pilot"):
+        p = subprocess.run([os.path.join(ROOT, "launch.sh"), "vit-study", "--more-seeds", other, "--dry-run"], cwd=ROOT,
+                           env=ENV, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "--more-seeds adds seeds to the ViT study only" in p.stderr
