@@ -230,12 +230,17 @@ def order_text(names, scores):
     return text
 
 
-def seed_means(points, only=None):
-    """A one-column Side: per seed (of those with a point at every one of `points`' budgets, and in `only` if given)
-    its mean accuracy over them, so that a seed missing one budget costs that seed, not the pairing of every other."""
+def seed_means(points):
+    """A one-column Side: per seed (of those with a point at every one of `points`' budgets) its mean accuracy over
+    them, so that a seed missing one budget costs that seed, not the pairing of every other."""
     s = stats.side([p.samples("acc") for p in points])
-    keep = np.isfinite(s.values).all(1) & np.array([only is None or i in only for i in s.ids], dtype=bool)
-    return stats.Side([i for i, k in zip(s.ids, keep) if k], s.values[keep].mean(1, keepdims=True))
+    means = s.values.mean(1, keepdims=True)  # NaN for a seed missing a budget
+    return rows_of(stats.Side(s.ids, means), np.isfinite(means[:, 0]))
+
+
+def rows_of(side, keep):
+    """The Side of `side`'s rows where the boolean mask `keep` holds."""
+    return stats.Side([i for i, k in zip(side.ids, keep) if k], side.values[keep])
 
 
 def standard_difference(a_points, b_points):
@@ -246,7 +251,7 @@ def standard_difference(a_points, b_points):
     a, b = seed_means(a_points), seed_means(b_points)
     shared = set(a.ids) & set(b.ids)
     if len(shared) >= 2:
-        a, b = seed_means(a_points, shared), seed_means(b_points, shared)
+        a, b = (rows_of(x, np.array([i in shared for i in x.ids])) for x in (a, b))
     if not a.ids or not b.ids:
         return None, None, None, 0, None
     boot = stats.bootstrap(a, b)
