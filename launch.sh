@@ -354,9 +354,10 @@ case "${1:-}" in
     # seeds 0 1; standard runs at 2, 16 and 32 epochs only), whose runs the study reuses. --more-seeds: seeds 3 and 4
     # of the baseline and the sets with large late gains (>= 1.5 pp over the baseline at 32 epochs on the standard
     # curve in each of seeds 0 and 1: MixUp, LS+MX, CutMix; chosen on the standard curve, not on the statistic
-    # tested), with the cyclic estimator only (the primary test). --resnet: the convnet counterpart, the same regime, sets and
-    # seeds with the small ResNet of the Fashion-MNIST study (its recipe, bf16, lr 0.4 scaled to 0.2 for batch 128)
-    # into results/resnet-fmnist, with the cyclic and cyclic-decay estimators (wsd, the costliest, left to the ViT).
+    # tested), with the cyclic estimator only (the primary test). --resnet: the convnet counterpart, the same
+    # regime, sets and seeds with the small ResNet of the Fashion-MNIST study (its recipe, bf16, lr 0.4 scaled to
+    # 0.2 for batch 128) into results/resnet-fmnist, with the cyclic and cyclic-decay estimators (wsd, the
+    # costliest, left to the ViT).
     shift; pilot=0; model=vit; more=0
     for arg in "$@"; do
       case "$arg" in --pilot) pilot=1;; --resnet) model=resnet;; --more-seeds) more=1;; --dry-run) DRY=1;;
