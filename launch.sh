@@ -216,9 +216,10 @@ one_run() {  # run_dir, then train.py flags
   fi
 }
 
-report() {  # the report of the runs under $1, into $1/report (printed instead under --dry-run)
-  if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $1 --out $1/report"
-  else PY -m analysis.report "$1" --out "$1/report"; fi
+report() {  # the report of the runs under $1, into $1/report, with the options after $1 (printed under --dry-run)
+  local dir=$1; shift
+  if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $dir --out $dir/report $*"
+  else PY -m analysis.report "$dir" --out "$dir/report" "$@"; fi
 }
 
 report_failures() {
@@ -392,7 +393,20 @@ case "${1:-}" in
         sweep "${shape[@]}" --seeds "$seed" --schedules "$estimators" --methods "$sets" "$@"
       done
     fi
-    report "$out"
+    # --complete-seeds: each estimator compared over the seeds that have every run (seeds 3 and 4 of --more-seeds
+    # have no cyclic-decay or wsd run, and would otherwise make those comparisons unpaired); the primary test over
+    # every seed reads only the standard and cyclic runs, into $out/cyclic-all-seeds/{all,from4,late}
+    report "$out" --complete-seeds
+    if [ "$model" = vit ] && [ "$pilot" = 0 ]; then
+      for view in "all 0" "from4 4" "late 16"; do
+        set -- $view
+        if [ "$DRY" = 1 ]; then  # the globs printed as such
+          echo "$VENV/bin/python -m analysis.compare $out/*/s*/standard-e* $out/*/s*/cyclic --complete-seeds" \
+               "--min-epochs $2 --out $out/cyclic-all-seeds/$1"
+        else PY -m analysis.compare "$out"/*/s*/standard-e* "$out"/*/s*/cyclic --complete-seeds --min-epochs "$2" \
+                --out "$out/cyclic-all-seeds/$1" > /dev/null; fi
+      done
+    fi
     report_failures;;
   gpu-check)
     # Once on a CUDA machine, offline as GPU nodes often are: nothing is installed (the .venv's python if there is
