@@ -218,7 +218,7 @@ one_run() {  # run_dir, then train.py flags
 
 report() {  # the report of the runs under $1, into $1/report, with the options after $1 (printed under --dry-run)
   local dir=$1; shift
-  if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $dir --out $dir/report $*"
+  if [ "$DRY" = 1 ]; then echo "$VENV/bin/python -m analysis.report $dir --out $dir/report${*:+ $*}"
   else PY -m analysis.report "$dir" --out "$dir/report" "$@"; fi
 }
 
