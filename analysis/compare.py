@@ -18,7 +18,7 @@ import numpy as np
 
 from analysis import fit, stats
 from analysis.runs import (ESTIMATORS, MATCH_TOLERANCE, RunError, complete_seeds, group_curves, group_runs, load_runs,
-                           match, order_methods)
+                           match, order_methods, restrict)
 
 CURVE_COLUMNS = ["methods", "schedule", "epochs", "n", "acc_mean", "acc_std", "time_mean", "acc_lo", "acc_hi",
                  "cost_mean", "group"]
@@ -57,6 +57,19 @@ class Analysis:
 def sides(pairs):
     """The two stats.Side of the accuracies of matched (a, b) point pairs, one column per pair."""
     return stats.side([a.samples("acc") for a, _ in pairs]), stats.side([b.samples("acc") for _, b in pairs])
+
+
+def on_shared_seeds(pairs):
+    """(pairs, note): matched point pairs whose two curves do not hold the same seeds at every budget (an unfinished
+    sweep; extra seeds run for one curve only), each point restricted to the seeds both curves hold at every
+    budget, so that they compare seed s with seed s; unchanged (note None) where the seeds already agree at each
+    budget or fewer than 2 are shared (then resampled independently)."""
+    held = [set(p.seeds) for pair in pairs for p in pair]
+    shared = set.intersection(*held)
+    if len(shared) < 2 or all(set(a.seeds) == set(b.seeds) for a, b in pairs):
+        return pairs, None
+    note = f"paired over the {len(shared)} seeds both curves hold at every budget (of {len(set.union(*held))})"
+    return [(restrict(a, shared), restrict(b, shared)) for a, b in pairs], note
 
 
 def per_run_abs_gaps(a, b):
@@ -155,6 +168,7 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
     if not pairs:
         row["note"] = f"no budgets match within {MATCH_TOLERANCE:.0%}"
         return row
+    pairs, shared_note = on_shared_seeds(pairs)
     side_a, side_b = sides(pairs)
     boot = stats.bootstrap(side_a, side_b)
     gaps, resampled = [c.acc_mean - s.acc_mean for c, s in pairs], boot.a - boot.b
@@ -162,7 +176,7 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
                mean_abs_gap_pp=sum(abs(g) for g in gaps) / len(gaps), n_seeds=boot.n_seeds, pairing=boot.pairing,
                eq1_ratio=sum(s.epochs for _, s in pairs) / max(s.epochs for _, s in pairs),
                budgets=" ".join(f"{c.epochs:g}" for c, _ in pairs))
-    notes = []
+    notes = [shared_note] if shared_note else []
     if boot.defined:
         n = boot.n_seeds
         row["mean_gap_lo"], row["mean_gap_hi"] = stats.interval(resampled.mean(1), n, row["mean_gap_pp"])
@@ -203,6 +217,7 @@ def improvement_series(cmap, m, schedule, min_epochs=0.0):
     pairs = match(cmap.get((m, schedule), []), cmap.get(("baseline", schedule), []), min_epochs)
     if not pairs:
         return []
+    pairs, _ = on_shared_seeds(pairs)
     boot = stats.bootstrap(*sides(pairs))
     out = []
     for j, (a, b) in enumerate(pairs):

@@ -1,8 +1,8 @@
 """Read run directories (docs/run-format.md) into tradeoff-curve points, grouped so that only seeds are averaged.
 
 Only config.json, metrics.csv and done are read, so runs from any tool that writes the format work.
-Public: load_runs, read_run, RunError, group_runs, complete_seeds, curves, group_curves, match, point_records,
-row_records, order_methods.
+Public: load_runs, read_run, RunError, group_runs, complete_seeds, curves, group_curves, match, restrict,
+point_records, row_records, order_methods.
 """
 import csv
 import io
@@ -427,14 +427,25 @@ def complete_seeds(runs):
 
 def average(points):
     """One CurvePoint from the points of one (group, methods, schedule, budget): their mean, std and 95 % CI."""
-    accs = [p.acc for p in points]
+    p0 = points[0]
+    return curve_point(p0.methods, p0.schedule, p0.epochs, [p.seed for p in points], [p.acc for p in points],
+                       [p.time_s for p in points], [p.cost_s for p in points])
+
+
+def curve_point(methods, schedule, epochs, seeds, accs, times, costs):
+    """The CurvePoint of these runs (one per seed): mean, std and 95 % CI of their accuracies, their mean time."""
     mean = sum(accs) / len(accs)
     std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
     lo, hi = stats.mean_ci(accs)
-    p0 = points[0]
-    return CurvePoint(p0.methods, p0.schedule, p0.epochs, len(points), mean, std,
-                      sum(p.time_s for p in points) / len(points), accs, [p.seed for p in points],
-                      [p.time_s for p in points], [p.cost_s for p in points], lo, hi)
+    return CurvePoint(methods, schedule, epochs, len(accs), mean, std, sum(times) / len(times), list(accs),
+                      list(seeds), list(times), list(costs), lo, hi)
+
+
+def restrict(point, seeds):
+    """`point` averaged over its runs of `seeds` only."""
+    keep = [i for i, seed in enumerate(point.seeds) if seed in seeds]
+    return curve_point(point.methods, point.schedule, point.epochs, *([col[i] for i in keep] for col in
+                       (point.seeds, point.accs, point.times, point.costs)))
 
 
 def group_curves(runs, metric="max"):
