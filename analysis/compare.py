@@ -60,16 +60,17 @@ def sides(pairs):
 
 
 def on_shared_seeds(pairs):
-    """(pairs, note): matched point pairs whose two curves do not hold the same seeds at every budget (an unfinished
-    sweep; extra seeds run for one curve only), each point restricted to the seeds both curves hold at every
-    budget, so that they compare seed s with seed s; unchanged (note None) where the seeds already agree at each
-    budget or fewer than 2 are shared (then resampled independently)."""
-    held = [set(p.seeds) for pair in pairs for p in pair]
-    shared = set.intersection(*held)
-    if len(shared) < 2 or all(set(a.seeds) == set(b.seeds) for a, b in pairs):
+    """(pairs, note): matched point pairs (a, b) where the two curves do not hold the same seeds (an unfinished
+    sweep; extra seeds run for one curve only), each pair restricted to the seeds both its points hold, so that
+    seed s is compared with seed s at every budget (a seed missing from one budget costs that budget, not the
+    pairing); unchanged (note None) where every pair already agrees or some budget shares fewer than 2 seeds (no
+    CI could be paired there: the curves stay two means, resampled independently)."""
+    shared = [set(a.seeds) & set(b.seeds) for a, b in pairs]
+    if all(set(a.seeds) == set(b.seeds) for a, b in pairs) or min(map(len, shared)) < 2:
         return pairs, None
-    note = f"paired over the {len(shared)} seeds both curves hold at every budget (of {len(set.union(*held))})"
-    return [(restrict(a, shared), restrict(b, shared)) for a, b in pairs], note
+    held = set().union(*(set(p.seeds) for pair in pairs for p in pair))
+    note = f"paired over the seeds both curves hold at each budget ({len(set().union(*shared))} of {len(held)} seeds)"
+    return [(restrict(a, seeds), restrict(b, seeds)) for (a, b), seeds in zip(pairs, shared)], note
 
 
 def per_run_abs_gaps(a, b):
@@ -104,11 +105,13 @@ def improvement_corr(cmap, m, estimator, pairs):
     """Pearson r over budgets of (m - baseline) on the standard curve against the same on the estimator's."""
     base_est, base_std = cmap.get(("baseline", estimator), []), cmap.get(("baseline", "standard"), [])
     xs, ys = [], []
-    for c, s in pairs:  # at the budgets where the baseline has both curves too
+    for c, s in pairs:  # at the budgets where the baseline has both curves too, over the seeds each pair shares
         bc, bs = match([c], base_est), match([s], base_std)
         if bc and bs:
-            xs.append(s.acc_mean - bs[0][1].acc_mean)
-            ys.append(c.acc_mean - bc[0][1].acc_mean)
+            ((std_m, std_base),), _ = on_shared_seeds(bs)
+            ((est_m, est_base),), _ = on_shared_seeds(bc)
+            xs.append(std_m.acc_mean - std_base.acc_mean)
+            ys.append(est_m.acc_mean - est_base.acc_mean)
     return stats.pearson(xs, ys)
 
 
@@ -176,7 +179,7 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
                mean_abs_gap_pp=sum(abs(g) for g in gaps) / len(gaps), n_seeds=boot.n_seeds, pairing=boot.pairing,
                eq1_ratio=sum(s.epochs for _, s in pairs) / max(s.epochs for _, s in pairs),
                budgets=" ".join(f"{c.epochs:g}" for c, _ in pairs))
-    notes = [shared_note] if shared_note else []
+    notes = [shared_note] if shared_note and boot.paired else []
     if boot.defined:
         n = boot.n_seeds
         row["mean_gap_lo"], row["mean_gap_hi"] = stats.interval(resampled.mean(1), n, row["mean_gap_pp"])

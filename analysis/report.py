@@ -631,9 +631,9 @@ def main(argv=None):
           f"{len(analysis.runs)} runs from {', '.join(args.runs)}; accuracy metric `{args.metric}`; gap = cyclic - "
           f"standard, percentage points, over budgets matched within {MATCH_TOLERANCE:.0%}.", "",
           f"Uncertainty: 95 % CI by {stats.CI_METHOD}. A resample draws seeds with replacement and keeps each seed's "
-          "runs together across budgets; the two curves are `paired` (cyclic seed s against standard seed s), over the "
-          "seeds both hold at every budget where one curve has more (its note says so), and resampled `independent`ly "
-          "only where fewer than 2 are shared. With one seed there is no CI.", ""]
+          "runs together across budgets; the two curves are `paired` (cyclic seed s against standard seed s), at each "
+          "budget over the seeds both hold there where one curve has more (its note says so), and resampled "
+          "`independent`ly only where a budget shares fewer than 2. With one seed there is no CI.", ""]
     if group_line(analysis):
         md += [group_line(analysis) + ".", ""]
     for line in hardware_lines(analysis) + speed_lines(analysis):

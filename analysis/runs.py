@@ -408,7 +408,7 @@ def complete_seeds(runs):
     that while a sweep is unfinished each comparison is cyclic seed s against standard seed s over the same seeds.
     A seed needs every standard budget some seed of the set has and every estimator run that 2+ seeds have (a
     one-seed run, an ablation, drops nobody). left_out: (methods, seed, [missing (curve, epochs)]). A set where
-    no seed has all it needs keeps every seed, with a warning (its comparisons stay unpaired)."""
+    no seed has all it needs keeps every seed, with a warning (each comparison then pairs the seeds it can)."""
     held = defaultdict(lambda: defaultdict(set))  # methods -> seed -> {(curve, epochs)}
     for r in runs:
         held[r.methods][r.seed].add((r.curve, round(float(r.config["epochs"]), 3)))
@@ -442,7 +442,7 @@ def curve_point(methods, schedule, epochs, seeds, accs, times, costs):
 
 
 def restrict(point, seeds):
-    """`point` averaged over its runs of `seeds` only."""
+    """`point` averaged over its runs of `seeds` only (at least one of them)."""
     keep = [i for i, seed in enumerate(point.seeds) if seed in seeds]
     return curve_point(point.methods, point.schedule, point.epochs, *([col[i] for i in keep] for col in
                        (point.seeds, point.accs, point.times, point.costs)))

@@ -478,7 +478,7 @@ def test_complete_seeds_compares_an_unfinished_sweep_over_the_seeds_both_curves_
     # without --complete-seeds too, the gap is read over the seeds both curves hold: not cyclic means 77, 81, 83.67
     # of three seeds against standard ones of two, 81, 86, 91
     assert (b["pairing"], b["n_seeds"]) == ("paired", "2") and float(b["mean_gap_pp"]) == pytest.approx(-1 / 6)
-    assert "paired over the 2 seeds both curves hold at every budget (of 3)" in b["note"]
+    assert "paired over the seeds both curves hold at each budget (2 of 3 seeds)" in b["note"]
     report.main([str(tmp_path), "--out", str(paired), "--metric", "final", "--complete-seeds"])
     out, err = capsys.readouterr()
     assert "no seed of label_smoothing has every run the others have; all its seeds are kept" in err
@@ -500,23 +500,27 @@ def test_curves_with_extra_seeds_on_one_side_are_compared_over_the_seeds_both_ho
     there, is compared seed by seed over the seeds both curves hold, not as two unpaired means."""
     seeded(tmp_path, [], [80, 85, 90], [79, 86, 89], 0)
     seeded(tmp_path, [], [82, 87, 92], [82, 87, 92], 1)
-    seeded(tmp_path, [], [60, 60, 60], [60, 60, 60], 2)  # the baseline's seed 2: far off, on both curves
+    seeded(tmp_path, [], [60, 70, 50], [60, 50, 70], 2)  # the baseline's seed 2: far off, unlike on its two curves
     seeded(tmp_path, ["mixup"], [81, 86, 91], [80, 87, 90], 0)  # gaps -1, +1, -1; +1 over the baseline's standard
-    seeded(tmp_path, ["mixup"], [83, 88, 93], [83, 88, 93], 1)  # gaps 0; +1 over the baseline's standard
-    write_run(tmp_path, "cyc_mixup_s3", "cyclic", ["mixup"], cyclic_rows([50, 50, 50], [2, 4, 8]), 3)  # no standard
+    seeded(tmp_path, ["mixup"], [83, 89, 95], [83, 89, 95], 1)  # gaps 0; +1, +2, +3 over the baseline's standard
+    write_run(tmp_path, "cyc_mixup_s3", "cyclic", ["mixup"], cyclic_rows([50, 50, 50], [20, 40, 80]), 3)  # slow
+    standard(tmp_path, ["mixup"], [(4, 10)], seed=4)  # a standard run of a seed without a cyclic run
     compare.main([str(tmp_path), "--out", str(tmp_path / "out"), "--metric", "final"])
     mx = read_csv(tmp_path / "out" / "gaps.csv")["mixup"]
     assert (mx["pairing"], mx["n_seeds"]) == ("paired", "2") and float(mx["mean_gap_pp"]) == pytest.approx(-1 / 6)
     assert float(mx["per_run_abs_gap_pp"]) == pytest.approx(0.5)  # seed 0: 1, seed 1: 0
-    assert "paired over the 2 seeds both curves hold at every budget (of 3)" in mx["note"]
+    assert float(mx["time_ratio"]) == pytest.approx(14 / 8)  # 2 + 4 + 8 s of standard runs per 8 s cyclic run
+    assert float(mx["improvement_corr"]) == pytest.approx(1.0)  # improvements 1, 1.5, 2 on both curves
+    assert "paired over the seeds both curves hold at each budget (2 of 4 seeds)" in mx["note"]
     points = {float(p["budget"]): p for p in read_rows(tmp_path / "out" / "points.csv") if p["methods"] == "mixup"}
-    assert (float(points[8]["gap_pp"]), points[8]["cyclic_n"], points[8]["standard_n"]) == (-0.5, "2", "2")
+    assert (float(points[4]["gap_pp"]), points[4]["cyclic_n"], points[4]["standard_n"]) == (0.5, "2", "2")
     base = read_csv(tmp_path / "out" / "gaps.csv")["baseline"]  # its three seeds agree: untouched
     assert (base["pairing"], base["n_seeds"], base["note"]) == ("paired", "3", "")
-    for row in read_rows(tmp_path / "out" / "improvement.csv"):  # mixup - baseline over seeds 0 and 1
-        if row["methods"] == "mixup" and row["schedule"] == "standard":
-            assert (float(row["improvement_pp"]), row["n_baseline"], row["pairing"]) == (1, "2", "paired")
-            assert float(row["lo"]) == float(row["hi"]) == 1
+    improvement = {float(r["budget"]): r for r in read_rows(tmp_path / "out" / "improvement.csv")
+                   if r["methods"] == "mixup" and r["schedule"] == "standard"}  # mixup - baseline, seeds 0 and 1
+    assert [float(improvement[b]["improvement_pp"]) for b in (2, 4, 8)] == [1, 1.5, 2]
+    assert (improvement[2]["n"], improvement[2]["n_baseline"], improvement[2]["pairing"]) == ("2", "2", "paired")
+    assert float(improvement[2]["lo"]) == float(improvement[2]["hi"]) == 1
 
 
 def test_a_time_ratio_interval_never_reaches_below_zero(tmp_path):
