@@ -179,7 +179,7 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
                mean_abs_gap_pp=sum(abs(g) for g in gaps) / len(gaps), n_seeds=boot.n_seeds, pairing=boot.pairing,
                eq1_ratio=sum(s.epochs for _, s in pairs) / max(s.epochs for _, s in pairs),
                budgets=" ".join(f"{c.epochs:g}" for c, _ in pairs))
-    notes = [shared_note] if shared_note and boot.paired else []
+    notes = [shared_note] if shared_note else []  # restricted pairs hold the same seeds at each budget: paired
     if boot.defined:
         n = boot.n_seeds
         row["mean_gap_lo"], row["mean_gap_hi"] = stats.interval(resampled.mean(1), n, row["mean_gap_pp"])
