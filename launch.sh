@@ -398,13 +398,13 @@ case "${1:-}" in
     # every seed reads only the standard and cyclic runs, into $out/cyclic-all-seeds/{all,from4,late}
     report "$out" --complete-seeds
     if [ "$model" = vit ] && [ "$pilot" = 0 ]; then
-      for view in "all 0" "from4 4" "late 16"; do
-        set -- $view
+      for view in all:0 from4:4 late:16; do  # the view's folder : its --min-epochs
+        name=${view%:*} min=${view#*:}
         if [ "$DRY" = 1 ]; then  # the globs printed as such
           echo "$VENV/bin/python -m analysis.compare $out/*/s*/standard-e* $out/*/s*/cyclic --complete-seeds" \
-               "--min-epochs $2 --out $out/cyclic-all-seeds/$1"
-        else PY -m analysis.compare "$out"/*/s*/standard-e* "$out"/*/s*/cyclic --complete-seeds --min-epochs "$2" \
-                --out "$out/cyclic-all-seeds/$1" > /dev/null; fi
+               "--min-epochs $min --out $out/cyclic-all-seeds/$name"
+        else PY -m analysis.compare "$out"/*/s*/standard-e* "$out"/*/s*/cyclic --complete-seeds --min-epochs "$min" \
+                --out "$out/cyclic-all-seeds/$name" > /dev/null; fi
       done
     fi
     report_failures;;
