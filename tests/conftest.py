@@ -8,9 +8,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# A tiny real run: synthetic data, 256 images, batch 32: 8 steps per epoch, cycle ends at 2 and 4.
+# A tiny real run: synthetic data, 256 images, batch 32: 8 steps per epoch, cycle ends at 2 and 4. fp32 pinned:
+# --amp auto measures (and may pick bf16 on one CPU and not on another); the tests of auto ask for it by name.
 TINY = ["--data", "synthetic", "--subset", "256", "--batch-size", "32", "--warmup-epochs", "1", "--t0", "1",
-        "--cycles", "2", "--lr", "0.1", "--no-progress"]
+        "--cycles", "2", "--lr", "0.1", "--no-progress", "--amp", "none"]
 
 
 # CPU runs unless a test asks for the GPU (test_cuda.py): on a GPU host the CPU suite would otherwise train in TF32
@@ -175,10 +176,57 @@ def tiny_run_args():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped elsewhere; ./launch.sh gpu-check runs them)")
+    config.addinivalue_line("markers", "slow: over ~10 s on 2 cores (several runs, torchrun, sweeps, notebooks); "
+                                       "./launch.sh test --fast leaves them out")
+
+
+# The tests over ~10 s on 2 cores (pytest --durations): several runs, torchrun, sweeps through launch.sh, the
+# gpu-check dry run. `./launch.sh test --fast` leaves them out; CI and `./launch.sh test` run everything.
+SLOW = {
+    "test_tiny_real_sweep_end_to_end",
+    "test_gpu_check_runs_every_check_in_its_cpu_dry_mode",
+    "test_gpu_check_skips_a_check_whose_optional_package_is_missing",
+    "test_a_row_after_only_skipped_steps_has_no_train_loss",
+    "test_torchrun_restarts_a_killed_worker_and_finishes_the_same_run",
+    "test_repro_plans_the_whole_study_seed_by_seed",
+    "test_sam_perturbs_with_the_all_reduced_gradient_under_ddp",
+    "test_resume_from_prev_moves_the_corrupt_last_aside",
+    "test_a_cut_last_row_and_blank_lines_are_repaired_on_resume",
+    "test_sweep_vit_is_the_vit_recipe_in_fp32_unless_the_extra_flags_ask",
+    "test_the_resnet_counterpart_runs_the_same_design_with_the_small_resnet",
+    "test_a_users_method_from_a_file_trains_records_itself_and_resumes_exactly",
+    "test_sigkill_then_resume_gives_the_same_run",
+    "test_resume_auto_removes_nothing_it_cannot_resume",
+    "test_the_vit_study_pilot_plans_its_standard_runs_at_three_budgets_only",
+    "test_non_finite_validation_stops_the_run_without_done",
+    "test_more_seeds_adds_seeds_3_and_4_of_the_resolved_sets_with_the_cyclic_estimator_only",
+    "test_the_planners_csv_is_the_lr_the_optimizer_used_and_tensorboard_mirrors_the_rows",
+    "test_torchrun_two_processes_match_single_process_evaluation",
+    "test_a_full_disk_during_a_run_is_one_line_from_train_py",
+    "test_a_run_on_shards_of_unchanged_images_equals_the_folder_run",
+    "test_a_finished_run_is_never_redone_by_resume",
+    "test_corrupt_newest_checkpoint_falls_back_to_the_previous",
+    "test_benchmark_compares_like_with_like",
+    "test_the_new_methods_resume_exactly_and_change_the_run",
+    "test_a_resumed_run_hides_what_the_killed_process_logged_after_its_checkpoint",
+    "test_clipping_bounds_the_global_norm_of_the_all_reduced_accumulated_gradient",
+    "test_two_ranks_with_accumulation_equal_one_process",
+    "test_a_cut_row_that_the_checkpoint_counts_is_refused_and_kept",
+    "test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint",
+    "test_a_second_process_on_the_same_run_dir_is_refused",
+    "test_three_ranks_count_every_validation_image_once",
+    "test_a_damaged_image_is_named_by_prepare_and_by_the_loader",
+    "test_the_loop_hands_methods_the_budgets_progress_and_drives_every_parameter_group",
+    "test_a_finished_run_whose_recipe_file_changed_is_not_skipped",
+    "test_a_tiny_vit_trains_both_curves_and_a_method_that_does_not_fit_says_so",
+}
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
+    for item in items:
+        if getattr(item, "originalname", item.name) in SLOW:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device")

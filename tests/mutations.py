@@ -14,6 +14,9 @@ EVAL, ACC, R = "tests/test_evaluation.py::", "tests/test_accounting.py::", "test
 G, M, S = "tests/test_gpu_paths.py::", "tests/test_method_api.py::", "tests/test_shards.py::"
 CLIP = "tests/test_optimizers.py::test_clipping_bounds_the_global_norm_of_the_all_reduced_accumulated_gradient"
 PLAIN = EVAL + "test_validation_metrics_equal_plain_pytorch_with_methods_on"
+EMA_TEST = M + "test_ema_averages_weights_and_batchnorm_statistics_with_its_decay_and_evaluates_both"
+DROP_PATH = M + "test_drop_path_drops_whole_samples_rescales_the_kept_and_is_off_at_evaluation"
+LOOP = M + "test_the_loop_hands_methods_the_budgets_progress_and_drives_every_parameter_group"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
      T + "test_a_resumed_process_continues_instead_of_restarting"),
@@ -217,7 +220,7 @@ MUTATIONS = [
      M + "test_sams_second_pass_sees_the_same_augmented_batch"),
     ("EMA evaluates the trained weights", "methods/ema.py",
      "            model.load_state_dict(self.ema.module.state_dict())\n", "",
-     M + "test_ema_evaluates_its_average_and_restores_the_weights_exactly"),
+     M + "test_ema_averages_weights_and_batchnorm_statistics_with_its_decay_and_evaluates_both"),
     ("the methods' state not in checkpoints", "train.py", " methods=self.methods.state_dict(),", "",
      M + "test_the_new_methods_resume_exactly_and_change_the_run"),
     ("progressive resizing ramps over the run, not the budget", "methods/progressive_resizing.py",
@@ -236,6 +239,58 @@ MUTATIONS = [
      M + "test_old_runs_are_read_with_the_apis_names"),
     ("a method's check not called", "train.py", "        methods.check(SimpleNamespace(",
      "        (SimpleNamespace(", M + "test_a_plug_in_check_refuses_bad_options_in_one_line"),
+    # the outside audit, round 3 (issue 43): the methods, parameter groups and ranks
+    ("EMA with decay and 1 - decay swapped", "methods/ema.py", "ModelEmaV3(model, decay=self.decay,",
+     "ModelEmaV3(model, decay=1 - self.decay,", EMA_TEST),
+    ("EMA copies the BatchNorm statistics instead of averaging them", "methods/ema.py",
+     "warmup_power=self.warmup_power)", "warmup_power=self.warmup_power, exclude_buffers=True)", EMA_TEST),
+    ("EMA evaluates its averaged parameters but the live buffers", "methods/ema.py",
+     "            model.load_state_dict(self.ema.module.state_dict())",
+     "            model.load_state_dict(dict(self.ema.module.named_parameters()), strict=False)", EMA_TEST),
+    ("CutMix mixes validation batches", "methods/cutmix.py", "    def config(self):\n        return {}",
+     "    def transform_eval_batch(self, x):\n        x = x.clone()\n        x[..., :8, :8] = x.flip(0)[..., :8, :8]\n"
+     "        return x\n\n    def config(self):\n        return {}", PLAIN),
+    ("SAM leaves its second pass's BatchNorm statistics", "methods/sam.py",
+     "            for b, saved in zip(model.buffers(), buffers):\n                b.copy_(saved)", "            pass",
+     M + "test_sams_second_pass_leaves_the_batchnorm_statistics_of_the_first"),
+    ("drop-path without its 1/keep scaling", "models.py", "DropPath(drop_path) if drop_path > 0",
+     "DropPath(drop_path, scale_by_keep=False) if drop_path > 0", DROP_PATH),
+    ("drop-path active at evaluation", "models.py", "self.act(self.drop_path(self.bn2(self.conv2(out)))",
+     "self.act(__import__('timm').layers.drop_path(self.bn2(self.conv2(out)), getattr(self.drop_path, 'drop_prob', "
+     "0.0), True)", DROP_PATH + " " + PLAIN),
+    ("progressive resizing validates at the reduced size", "methods/progressive_resizing.py",
+     "    def transform_batch(self, x, y, ctx):",
+     "    def transform_eval_batch(self, x):\n        return F.interpolate(x, size=(self.size(x.shape[-2], 0.0),) * 2, "
+     "mode='bilinear', antialias=True)\n\n    def transform_batch(self, x, y, ctx):", LOOP + " " + PLAIN),
+    ("the loop hands the methods the run's progress as the cycle's", "train.py",
+     "cycle_progress=self.plan.budget_progress(path_step)", "cycle_progress=path_step / self.plan.total_steps", LOOP),
+    ("gradient clipped before the GradScaler's unscale", "train.py",
+     "        scaler.unscale_(optimizer)\n        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)",
+     "        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)\n        scaler.unscale_(optimizer)",
+     "tests/test_optimizers.py::test_clipping_under_a_gradscaler_takes_its_scale_out_first"),
+    ("the warmup drives the first parameter group only", "schedules.py",
+     "warmup = LambdaLR(optimizer, lambda s: (s + 1) / plan.warmup_steps)",
+     "warmup = LambdaLR(optimizer, [lambda s: (s + 1) / plan.warmup_steps] + [lambda s: 1.0] * "
+     "(len(optimizer.param_groups) - 1))", LOOP),
+    ("cyclic-decay and wsd drive the first parameter group only", "schedules.py",
+     "return LambdaLR(optimizer, lambda s: lr_at(plan, min(s, plan.run_steps - 1), peak, eta_min) / peak)",
+     "return LambdaLR(optimizer, [lambda s: lr_at(plan, min(s, plan.run_steps - 1), peak, eta_min) / peak] + "
+     "[lambda s: 1.0] * (len(optimizer.param_groups) - 1))", LOOP),
+    ("the wsd trunk restores the first parameter group's LR only", "train.py",
+     "zip(self.optimizer.param_groups, self.scheduler.get_last_lr())",
+     "zip(self.optimizer.param_groups[:1], self.scheduler.get_last_lr())", LOOP),
+    ("--amp auto's margin inverted", "train.py", '"bf16" if figures["bf16"] > AMP_MARGIN * figures["none"]',
+     '"bf16" if AMP_MARGIN * figures["bf16"] > figures["none"]',
+     ACC + "test_amp_auto_takes_bf16_only_where_it_trains_at_least_the_margin_faster"),
+    ("the gap against the baseline averages the baseline over seeds", "analysis/compare.py",
+     "(accs[0][seed] - accs[1][seed]) - (accs[2][seed] - accs[3][seed])",
+     "(accs[0][seed] - accs[1][seed]) - (np.mean(list(accs[2].values())) - np.mean(list(accs[3].values())))",
+     "tests/test_analysis.py::test_the_gap_against_the_baseline_pairs_each_seed_with_the_baselines_same_seed"),
+    ("every rank draws the same randomness", "methods/api.py", "return self.step, self.rank, self.micro",
+     "return self.step, self.micro", M + "test_each_rank_draws_its_own_randomness_and_a_rank_the_same_again"),
+    ("a sweep skips a finished run whose recipe changed", "launch.sh",
+     'or bool(recipes and c.get("recipe_sha256") != sha)', "or False",
+     "tests/test_launch.py::test_a_finished_run_whose_recipe_file_changed_is_not_skipped"),
 ]
 
 

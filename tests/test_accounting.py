@@ -76,13 +76,36 @@ def test_amp_auto_on_a_cpu_takes_the_precision_measured_faster_and_leaves_no_tra
         return 100.0 if ("none", "bf16")[(len(calls) - 1) % 2] == faster else 50.0
     monkeypatch.setattr(in_process, "images_per_second", timed)
     args = TINY + ["--eval-every", "1", "--cycles", "1"]
-    in_process.main(args + ["--run-dir", str(tmp_path / "auto")])
+    in_process.main(args + ["--run-dir", str(tmp_path / "auto"), "--amp", "auto"])
     cfg = json.load(open(tmp_path / "auto" / "config.json"))
     assert cfg["amp"] == faster and cfg["amp_measured"] == {faster: 100.0, ({"none", "bf16"} - {faster}).pop(): 50.0}
     in_process.main(args + ["--run-dir", str(tmp_path / "asked"), "--amp", faster])
     strip = lambda run: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows(run)]  # noqa: E731
     assert strip(str(tmp_path / "auto")) == strip(str(tmp_path / "asked"))
     assert len(calls) == 4  # two interleaved rounds; the second run asked explicitly: nothing measured
+
+
+@pytest.mark.parametrize("bf16,expected", [(105.0, "none"), (95.0, "none"), (120.0, "bf16")])
+def test_amp_auto_takes_bf16_only_where_it_trains_at_least_the_margin_faster(in_process, monkeypatch, bf16,
+                                                                            expected):
+    """fp32 measured at 100 img/s: bf16 is taken at 120 (over the 1.1x margin), not at 105 (a near tie keeps fp32,
+    whose result does not depend on the timing's noise) nor at 95."""
+    from types import SimpleNamespace
+
+    from methods import MethodList
+    from models import build_model
+    assert in_process.AMP_MARGIN == 1.1
+    calls = []
+
+    def timed(step, batch, steps):
+        calls.append(1)
+        return (100.0, bf16)[(len(calls) - 1) % 2]  # the rounds alternate fp32, bf16
+    monkeypatch.setattr(in_process, "images_per_second", timed)
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8)
+    loader = SimpleNamespace(epoch=lambda epoch, rank: iter([(x, y)]))
+    amp, figures = in_process.measure_precision(build_model("small_resnet", 10, 1), loader, MethodList([]),
+                                                SimpleNamespace(batch_size=8, grad_accum=1, seed=0))
+    assert amp == expected and figures == {"none": 100.0, "bf16": bf16} and len(calls) == 4
 
 
 # ---- time accounting under a clock the test drives ------------------------------------------
@@ -216,7 +239,7 @@ def test_a_finished_run_made_on_another_host_is_not_refused(in_process, finished
     run = edited_copy(finished, tmp_path, lambda c: c.update(amp="fp16", data_dir="/elsewhere/fashion-mnist",
                                                              device_name="NVIDIA H200", tf32=True))
     with pytest.raises(SystemExit) as e:
-        decide(in_process, run)  # --amp auto, as the run was asked for (its argv has no --amp)
+        decide(in_process, run, "--amp", "auto")  # asked for with --amp auto
     assert e.value.code == 0 and "already finished" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         decide(in_process, run, "--amp", "none")  # a precision asked for by name must match
@@ -224,11 +247,11 @@ def test_a_finished_run_made_on_another_host_is_not_refused(in_process, finished
     config = json.load(open(os.path.join(run, "config.json")))
     json.dump(dict(config, argv=config["argv"] + ["--amp", "fp16"]), open(os.path.join(run, "config.json"), "w"))
     with pytest.raises(SystemExit) as e:  # asked by name (as a sweep asks): auto keeps whatever the run recorded
-        decide(in_process, run)
+        decide(in_process, run, "--amp", "auto")
     assert e.value.code == 0 and "already finished" in capsys.readouterr().out
     os.remove(os.path.join(run, "done"))  # unfinished: a resume continues here, so everything must match
     with pytest.raises(SystemExit) as e:
-        decide(in_process, run)
+        decide(in_process, run, "--amp", "auto")
     assert e.value.code == 2 and "data_dir: '/elsewhere/fashion-mnist' -> None" in capsys.readouterr().err
 
 

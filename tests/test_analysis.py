@@ -661,6 +661,26 @@ def test_the_gap_against_the_baseline_resolves_a_late_deficit_and_not_noise(tmp_
         assert delta == pytest.approx(-late_deficit * 2 / 3, abs=0.05) and hi < 0
 
 
+def test_the_gap_against_the_baseline_pairs_each_seed_with_the_baselines_same_seed(tmp_path):
+    """Each seed's cyclic run misses its standard curve by its own amount (+-1 pp, the same for the baseline and the
+    set: a seed's draws), and the set by 0.3 pp more: paired by seed the difference is -0.3 pp with a narrow,
+    resolved interval; against the baseline's mean gap the seeds' own amounts would widen it past zero."""
+    rng = np.random.default_rng(1)
+    for seed in range(4):
+        own = rng.normal(0, 1.0)
+        base_std = [80.0, 85.0, 90.0]
+        seeded(tmp_path, [], base_std, [a + own + rng.normal(0, 0.01) for a in base_std], seed)
+        reg_std = [a + 1 for a in base_std]
+        seeded(tmp_path, ["label_smoothing"], reg_std, [a + own - 0.3 + rng.normal(0, 0.01) for a in reg_std], seed)
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    g = read_csv(out / "gaps.csv")["label_smoothing"]
+    delta, lo, hi = (float(g[k]) for k in ("delta_gap_vs_baseline", "delta_gap_vs_baseline_lo",
+                                           "delta_gap_vs_baseline_hi"))
+    assert delta == pytest.approx(-0.3, abs=0.02) and -0.35 < lo < hi < -0.25
+    assert g["delta_gap_vs_baseline_resolved"] == "true" and g["delta_gap_seeds"] == "4"
+
+
 def test_a_run_with_a_segment_far_slower_than_its_own_median_is_named(sweep, tmp_path, capsys):
     """A segment below 0.8 of its run's median images/s (another job shared the machine) is named with its epoch;
     a quiet run's drift (0.9) is not."""

@@ -43,6 +43,24 @@ def test_a_short_cuda_run_under_torchrun(tmp_path, amp, extra):
         assert ckpt["scaler"]["scale"] > 0
 
 
+def test_a_cuda_run_in_fp32_follows_the_cpu_runs_curve(tmp_path):
+    """The same tiny run (fp32, TF32 and autotuning off) on the GPU and on the CPU: every row's losses and accuracy
+    agree to float rounding carried over 32 steps, not merely "the loss falls"."""
+    rows = {}
+    for where, env in (("cuda", GPU_ENV), ("cpu", {"CUDA_VISIBLE_DEVICES": ""})):
+        run = tmp_path / where
+        run_train(TINY + ["--run-dir", str(run), "--amp", "none", "--deterministic"], env=env)
+        assert json.loads((run / "config.json").read_text())["device"] == where
+        with open(run / "metrics.csv") as f:
+            rows[where] = list(csv.DictReader(f))
+    assert len(rows["cuda"]) == len(rows["cpu"]) >= 2
+    for g, c in zip(rows["cuda"], rows["cpu"]):
+        assert g["step"] == c["step"]
+        for key in ("train_loss", "val_loss"):
+            assert float(g[key]) == pytest.approx(float(c[key]), rel=1e-2), (g["step"], key)
+        assert abs(float(g["val_acc1"]) - float(c["val_acc1"])) <= 2.0, g["step"]
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_gpu_decoding_gives_the_cpu_paths_images(tmp_path, train):
     """--decode cuda: nvJPEG decodes each batch on the GPU, which then crops, resizes and flips it as the workers

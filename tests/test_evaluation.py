@@ -46,12 +46,14 @@ def assert_row_matches(row, expected):
     assert float(row["val_acc5"]) == pytest.approx(expected["val_acc5"], abs=1e-4)
 
 
-def test_validation_metrics_equal_plain_pytorch_with_methods_on(tmp_path):
-    """Label smoothing and MixUp change training only: the logged validation loss is plain cross-entropy on
-    plain images, top-1 counts the top 1 and top-5 the top 5."""
+@pytest.mark.parametrize("methods", [["--label-smoothing", "0.2", "--mixup", "0.4"], ["--method", "cutmix"],
+                                     ["--method", "progressive_resizing", "--method", "stochastic_depth:rate=0.5"]])
+def test_validation_metrics_equal_plain_pytorch_with_methods_on(tmp_path, methods):
+    """Label smoothing, MixUp, CutMix, progressive resizing and stochastic depth change training only: the logged
+    validation loss is plain cross-entropy on plain full-size images through the whole network, top-1 counts the
+    top 1 and top-5 the top 5."""
     run = str(tmp_path / "run")
-    run_train(TINY + ["--run-dir", run, "--label-smoothing", "0.2", "--mixup", "0.4", "--amp", "none",
-                      "--eval-every", "0"])
+    run_train(TINY + ["--run-dir", run, "--amp", "none", "--eval-every", "0"] + methods)
     expected = independent_metrics(run)
     assert expected["val_acc1"] < expected["val_acc5"] < 100  # top-1 and top-5 tell apart here
     assert_row_matches(last_row(run), expected)

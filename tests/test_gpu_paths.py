@@ -53,7 +53,7 @@ def test_amp_auto_on_a_gpu_takes_bf16_only_where_it_is_native(in_process, monkey
     """A V100 or T4 emulates bf16 (torch's default check says yes): there auto must pick fp16 + GradScaler."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
-    args = in_process.parse_args(TINY)
+    args = in_process.parse_args(TINY + ["--amp", "auto"])
     assert in_process.resolve(args, 1, torch.device("cuda", 0))[0].amp == expected
 
 

@@ -46,6 +46,26 @@ def test_dry_run_plans_each_run_once(tmp_path):
     assert any("/bp+mx/s0/cyclic" in l and "train.py" in l for l in lines)
 
 
+def test_a_finished_run_whose_recipe_file_changed_is_not_skipped(tmp_path):
+    """Same flags, same recipe path, other recipe contents: the run goes to train.py (which compares the options),
+    never skipped as done; with the recipe as it was, it is skipped."""
+    import hashlib
+    recipe, out = tmp_path / "recipe.yaml", tmp_path / "sweep"
+    recipe.write_text("momentum: 0.9\n")
+    args = ("--seeds", "0", "--methods", "baseline", "--cycles", "1", "--no-standard", "--config", str(recipe),
+            "--dry-run", "--", "--data", "synthetic")
+    line = [l for l in launch(*args, out=out).stdout.splitlines() if "train.py" in l][0]
+    run = out / "baseline" / "s0" / "cyclic"
+    run.mkdir(parents=True)
+    (run / "done").touch()
+    sha = [hashlib.sha256(recipe.read_bytes()).hexdigest()]
+    (run / "config.json").write_text(json.dumps({"argv": line.split(" train.py ")[1].split(), "recipe_sha256": sha}))
+    assert f"skip (done): {run}" in launch(*args, out=out).stdout
+    recipe.write_text("momentum: 0.8\n")
+    lines = launch(*args, out=out).stdout.splitlines()
+    assert not any("skip (done)" in l for l in lines) and any(f"--run-dir {run} " in l for l in lines)
+
+
 def test_bad_method_name_is_refused(tmp_path):
     p = launch("--methods", "baseline,xx", "--dry-run", out=tmp_path, check=False)
     assert p.returncode == 2 and "unknown method 'xx'" in p.stderr

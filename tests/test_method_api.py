@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -195,29 +196,31 @@ def test_mixup_and_cutmix_together_are_refused_and_cutmix_mixes_boxes():
     assert {"box", "blend"} <= kinds
 
 
-def test_ema_evaluates_its_average_and_restores_the_weights_exactly():
+def test_ema_averages_weights_and_batchnorm_statistics_with_its_decay_and_evaluates_both():
+    """decay 0.8, where decay and 1 - decay differ: after every parameter and BatchNorm statistic went w0 + 1, + 2,
+    + 3, the average is timm's (the first update copies), for the buffers as for the weights; evaluation loads
+    both, and puts the live ones back bit for bit; the state resumes."""
     torch.manual_seed(0)
     model = build_model("small_resnet", 10, 1)
-    ema = build("ema:decay=0.5,warmup=false")
+    ema = build("ema:decay=0.8,warmup=false")
     ms = MethodList([ema])
     ms.apply_model(model)
-    first = {k: v.clone() for k, v in model.state_dict().items()}
-    for step in range(3):  # weights w0 + 1, + 2, + 3 after steps 1, 2, 3
+    floats = [k for k, v in model.state_dict().items() if v.is_floating_point()]
+    assert any("running_mean" in k for k in floats)
+    first = {k: model.state_dict()[k].clone() for k in floats}
+    for step in range(3):  # every float tensor, weights and BatchNorm statistics, w0 + 1, + 2, + 3 after each step
         with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
+            for k in floats:
+                model.state_dict()[k].add_(1.0)
         ms.after_step(model, None, step_context(step))
-    w = next(iter(model.parameters()))
-    w0 = first[next(iter(model.state_dict()))]
-    # timm: the first update copies (decay 0), then decay 0.5: ((w0+1)*0.5 + (w0+2)*0.5)*0.5 + (w0+3)*0.5
-    expected = ((w0 + 1) * 0.5 + (w0 + 2) * 0.5) * 0.5 + (w0 + 3) * 0.5
+    expected = {k: ((w0 + 1) * 0.8 + (w0 + 2) * 0.2) * 0.8 + (w0 + 3) * 0.2 for k, w0 in first.items()}
     live = {k: v.clone() for k, v in model.state_dict().items()}
     with ms.eval_weights(model):
-        torch.testing.assert_close(next(iter(model.parameters())), expected)
+        for k in floats:
+            torch.testing.assert_close(model.state_dict()[k], expected[k], msg=k)
     assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())  # put back bit for bit
-    assert not torch.equal(w, expected)
     state = ms.state_dict()
-    other = MethodList([build("ema:decay=0.5,warmup=false")])
+    other = MethodList([build("ema:decay=0.8,warmup=false")])
     other.apply_model(build_model("small_resnet", 10, 1))
     other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(other.all[0].ema.module.state_dict().values(),
@@ -230,14 +233,37 @@ def test_stochastic_depth_reaches_the_small_resnet_and_timm_models():
     model = MethodList([sd]).apply_model(build_model("small_resnet", 10, 1, sd.model_kwargs()))
     rates = [m.drop_prob for m in model.modules() if isinstance(m, __import__("timm").layers.DropPath)]
     assert rates == pytest.approx([0.1, 0.2]) and sd.no_effect is None  # linear in depth; the first block 0
-    torch.manual_seed(0)
-    x = torch.randn(64, 1, 28, 28)
-    model.train()
-    a, b = model(x), model(x)  # other blocks dropped each time
-    assert not torch.allclose(a, b)
     plain = build_model("small_resnet", 10, 1)
     assert MethodList([build("stochastic_depth")]).apply_model(plain) is plain and \
         not any(isinstance(m, __import__("timm").layers.DropPath) for m in plain.modules())
+
+
+def test_drop_path_drops_whole_samples_rescales_the_kept_and_is_off_at_evaluation():
+    """In training each sample's residual branch is either 0 or itself / keep (the expectation kept); in evaluation
+    the model is exactly the same weights without stochastic depth."""
+    from timm.layers import DropPath
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 10, 1, {"drop_path_rate": 0.5})
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m.drop_prob, i[0], o)))
+             for m in model.modules() if isinstance(m, DropPath)]
+    x = torch.randn(64, 1, 28, 28)
+    model.train()
+    model(x)
+    assert len(seen) == 2
+    for p, inp, out in seen:
+        keep = 1 - p
+        kept = (out == 0).flatten(1).all(1).logical_not()
+        assert 0 < kept.sum() < len(x)  # some samples dropped, some kept
+        torch.testing.assert_close(out[kept], inp[kept] / keep)
+        assert (out[~kept] == 0).all()
+    for h in hooks:
+        h.remove()
+    plain = build_model("small_resnet", 10, 1)
+    plain.load_state_dict(model.state_dict())
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x)) and torch.equal(model(x), model(x))
 
 
 def sam_step(grad_accum=1, scale=None):
@@ -307,6 +333,42 @@ def test_sam_perturbs_with_the_all_reduced_gradient_under_ddp(tmp_path):
     assert not torch.allclose(one, one_step_change(tmp_path, 1))  # SAM's step is not the plain one
 
 
+def test_sams_second_pass_leaves_the_batchnorm_statistics_of_the_first():
+    """The running statistics after a SAM step are those of the loop's own forward pass: the same as after a plain
+    step on the same batch (the second pass, at the perturbed weights, is put back)."""
+    from train import train_step
+
+    def stepped(specs):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.BatchNorm1d(6),
+                                  torch.nn.Linear(6, 4))
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 4, (8,), generator=g)
+        train_step(net, torch.optim.SGD(net.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False),
+                   MethodList([build(s) for s in specs]), torch.autocast("cpu", enabled=False), x, y, 2, False,
+                   step_context(num_classes=4))
+        return net[2]
+    sam, plain = stepped(["sam:rho=0.5"]), stepped([])
+    assert int(sam.num_batches_tracked) == 2  # two micro-batches, one pass
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(sam, name), getattr(plain, name), rtol=0, atol=0)
+
+
+def test_each_rank_draws_its_own_randomness_and_a_rank_the_same_again():
+    """The key holds the rank: under DDP every rank mixes its own micro-batch with its own lambda and box, and its
+    plug-ins draw their own numbers; the same rank, step and micro-batch draw the same again (resume)."""
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.arange(8) % 4
+
+    def draws(rank):
+        ctx = replace(step_context(step=5, rank=rank, world_size=2, num_classes=4), micro=1)
+        mixed = [MethodList([build(s)]).transform_batch(x.clone(), y.clone(), ctx)[1] for s in ("mixup", "cutmix")]
+        return torch.rand(4, generator=ctx.generator()), *mixed
+    zero, one = draws(0), draws(1)
+    assert all(torch.equal(a, b) for a, b in zip(zero, draws(0)))
+    assert all(not torch.equal(a, b) for a, b in zip(zero, one))
+
+
 def test_progressive_resizing_sizes_and_its_ramp_per_budget():
     pr = build("progressive_resizing")
     assert [pr.size(28, p) for p in (0.0, 0.49, 0.65, 0.79, 0.8, 0.99)] == [16, 16, 20, 28, 28, 28]
@@ -327,18 +389,87 @@ def test_progressive_resizing_sizes_and_its_ramp_per_budget():
     assert small.shape == (4, 1, 16, 16) and full is x
 
 
+SPY = '''
+import json
+from methods import Method
+
+class Spy(Method):
+    """Writes down what the loop hands the methods: each training micro-batch's side and progress, each
+    validation batch's side, and after each step the LR of every parameter group."""
+    name, order, options = "spy", 99, {"out": ""}
+
+    def transform_batch(self, x, y, ctx):
+        self.write(kind="batch", step=ctx.step, side=x.shape[-1], cycle_progress=ctx.cycle_progress)
+        return x, y
+
+    def transform_eval_batch(self, x):
+        self.write(kind="eval", side=x.shape[-1])
+        return x
+
+    def after_step(self, model, optimizer, ctx):
+        self.write(kind="step", lrs=[g["lr"] for g in optimizer.param_groups])
+
+    def write(self, **record):
+        with open(self.out, "a") as f:
+            f.write(json.dumps(record) + "\\n")
+'''
+
+
+@pytest.mark.parametrize("schedule", ["cyclic", "cyclic-decay", "wsd"])
+def test_the_loop_hands_methods_the_budgets_progress_and_drives_every_parameter_group(tmp_path, schedule):
+    """Through train.py's own loop: progressive resizing trains at the size of the budget's progress (not the run's)
+    and validates at full size; every parameter group (decay and no-decay) follows the schedule's LR at every step,
+    through the warmup, cyclic-decay's and wsd's closed forms and back on the trunk after each wsd branch."""
+    from types import SimpleNamespace
+
+    import schedules
+    import train
+    (tmp_path / "spy.py").write_text(SPY)
+    out, run = tmp_path / "spy.jsonl", tmp_path / "run"
+    run_train(TINY + ["--run-dir", str(run), "--amp", "none", "--schedule", schedule, "--decay-exclusions", "on",
+                      "--plugins", str(tmp_path / "spy.py"), "--method", f"spy:out={out}",
+                      "--method", "progressive_resizing"] + ["--cycle-decay", "0.5"] * (schedule == "cyclic-decay"))
+    cfg = json.loads((run / "config.json").read_text())
+    ns = SimpleNamespace(**cfg)
+    plan = train.make_plan(ns, ns, cfg["steps_per_epoch"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    pr = build("progressive_resizing")
+    batches = [r for r in records if r["kind"] == "batch"]
+    assert len(batches) >= plan.run_steps and {16, 24, 32} <= {r["side"] for r in batches}
+    for r in batches:
+        assert r["cycle_progress"] == plan.budget_progress(r["step"])
+        assert r["side"] == pr.size(32, plan.budget_progress(r["step"])), r
+    assert {r["side"] for r in records if r["kind"] == "eval"} == {32}
+    steps = [r["lrs"] for r in records if r["kind"] == "step"]
+    assert len(steps) == plan.run_steps and all(len(lrs) == 2 for lrs in steps)
+    for run_step, lrs in enumerate(steps):
+        assert lrs == pytest.approx([schedules.lr_at(plan, run_step, 0.1)] * 2, rel=1e-6, abs=1e-12), run_step
+
+
 def test_the_new_methods_resume_exactly_and_change_the_run(tmp_path):
     """EMA (its average in the checkpoint), SAM, CutMix (its draws), stochastic depth (the RNG) and progressive
-    resizing (its sizes from the step) together: a resume from the previous checkpoint ends bit for bit alike. (That
-each changes the computation: the tests above.)"""
-    args = TINY + ["--amp", "none", "--eval-every", "1", "--method", "ema:decay=0.9", "--method", "sam",
-                   "--method", "cutmix", "--method", "stochastic_depth", "--method", "progressive_resizing"]
+    resizing (its sizes from the step) together: a resume from the previous checkpoint ends bit for bit alike; and
+    each of the five changes the run: the first curve point moves when any one of them is left out."""
+    specs = ["ema:decay=0.9", "sam", "cutmix", "stochastic_depth", "progressive_resizing"]
+    flags = lambda ms: [f for m in ms for f in ("--method", m)]  # noqa: E731
+    args = TINY + ["--amp", "none", "--eval-every", "1"] + flags(specs)
     ref = str(tmp_path / "ref")
     p = run_train(args + ["--run-dir", ref])
     cfg = json.load(open(os.path.join(ref, "config.json")))
     assert cfg["methods"] == ["cutmix", "ema:decay=0.9", "progressive_resizing", "sam", "stochastic_depth"]
     assert cfg["methods_without_effect"] == [] and "warning" not in p.stdout
     resume_from_previous_checkpoint(ref, str(tmp_path / "run"), args)
+    point = [r for r in rows(ref) if r["cycle_end"] == "1"][0]  # the first cycle's end, at epoch 2
+
+    def first_point(ms, name):  # the same run up to its first curve point: one cycle, no other evaluation
+        run_train(TINY + ["--amp", "none", "--cycles", "1", "--eval-every", "0", "--run-dir", str(tmp_path / name)]
+                  + flags(ms))
+        return rows(str(tmp_path / name))[-1]
+    same = first_point(specs, "all")
+    assert (same["epoch"], same["val_loss"]) == (point["epoch"], point["val_loss"])  # (train_loss: other windows)
+    for m in specs:
+        without = first_point([s for s in specs if s != m], f"without-{m}")
+        assert without["val_loss"] != point["val_loss"], m
 
 
 def test_a_plug_in_subclass_of_a_built_in_is_another_method_and_loads_once(tmp_path):

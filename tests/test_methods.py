@@ -207,12 +207,15 @@ def test_all_sixteen_method_sets_train(name, in_chans, size):
         loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), c,
                           torch.autocast("cpu", enabled=False), x.clone(), y, 2, False, ctx())
         assert torch.isfinite(loss), combo
-        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), combo
-        losses[combo] = loss.item()
-    for combo, loss in losses.items():  # the first step's loss against the same set without each method
+        update = torch.cat([(a - b.detach()).flatten() for a, b in zip(before, model.parameters())])
+        assert update.abs().sum() > 0, combo
+        losses[combo] = loss.item(), update
+    for combo, (loss, update) in losses.items():  # the first step against the same set without each method
         for m in combo:
-            without = losses[tuple(n for n in combo if n != m)]
-            if m == "channels_last":  # the same arithmetic in another layout
+            without, update_without = losses[tuple(n for n in combo if n != m)]
+            if m == "channels_last":  # the same arithmetic in another layout: the same loss and update
                 assert loss == pytest.approx(without, rel=1e-4), combo
+                assert (update - update_without).norm() < 1e-3 * update.norm(), combo
             else:  # blurpool changes the model, label smoothing the targets, MixUp the batch and the targets
                 assert loss != pytest.approx(without, rel=1e-4), combo
+                assert (update - update_without).norm() > 1e-2 * update.norm(), combo

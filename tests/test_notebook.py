@@ -35,6 +35,12 @@ def test_notebook_draws_a_curve_and_a_gap_table(tmp_path, monkeypatch):
     assert len(baseline) == 1 and "-0.50" in baseline[0] and "[" in baseline[0]  # the gap with its CI
 
 
-def test_notebook_runs_on_a_folder_without_runs(tmp_path, monkeypatch):
+def test_notebook_draws_nothing_from_unfinished_runs(tmp_path, monkeypatch):
+    """Runs still training (no `done`) are not drawn: their last rows are no curve point of a finished run."""
+    standard(tmp_path, [], [(2, 80), (4, 85)], done=False)
+    write_run(tmp_path, "cyc_s0", "cyclic", [], cyclic_rows([79, 86, 89], [2, 4, 8]), 0, done=False)
     text, images = execute(tmp_path, monkeypatch)
     assert f"no finished runs in {tmp_path}: nothing to draw" in text and images == 0
+    (tmp_path / "cyc_s0" / "done").touch()  # one finished: it is found
+    text, images = execute(tmp_path, monkeypatch)
+    assert f"1 finished runs, 3 curve points in {tmp_path}" in text
