@@ -141,11 +141,15 @@ method_sets() {  # the --methods list, one set per line: "a,sam:rho=0.1,x=2,b" -
 check_methods() {  # extra flags, plugin flags, then label and flags of every set: names, options, combinations,
   # and two sets that are one canonical set (ls+mx and mx+ls), before any run
   PY -c 'import sys
+extra, plugins, sets, seen = sys.argv[1].split(), sys.argv[2].split(), sys.argv[3:], {}
+empty = next((i for i, label in enumerate(sets[::2], 1) if not label), None)
+if empty:  # "a,,b": an empty entry is no set (it would run as the baseline)
+    print(f"launch.sh: --methods: set {empty} is empty (two commas in a row, or one first); remove it", file=sys.stderr)
+    sys.exit(2)
 try:
     import methods, options
 except ImportError:  # no torch here (a dry run before setup): train.py checks them
     sys.exit(0)
-extra, plugins, sets, seen = sys.argv[1].split(), sys.argv[2].split(), sys.argv[3:], {}
 try:
     for label, flags in zip(sets[::2], sets[1::2]):
         specs = tuple(methods.selected(options.parse_args(flags.split() + plugins + extra))[0].specs)

@@ -1,4 +1,6 @@
 """Models: a small ResNet of our own for 28x28 / 32x32 images, or any timm model by name."""
+import functools
+
 import timm
 import torch.nn as nn
 from timm.layers import DropPath
@@ -86,6 +88,8 @@ def parse_model_kwargs(text):
             except (ValueError, SyntaxError):
                 value = raw
         value = list(value) if isinstance(value, tuple) else value
+        if isinstance(value, str) and value.lower().lstrip("+-") in ("nan", "inf", "infinity"):  # not words
+            raise ValueError(f"--model-kwargs: {key}={raw} is not a finite number; give a finite one")
         numbers = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (str, int, float, bool)) or v is None for v in numbers) or any(
                 isinstance(v, float) and not math.isfinite(v) for v in numbers):
@@ -96,18 +100,51 @@ def parse_model_kwargs(text):
 
 def build_model(name, num_classes, in_chans, model_kwargs=None):
     """`small_resnet`, or any name timm.create_model knows (randomly initialised), with `model_kwargs` passed to
-    timm (drop_rate, drop_path_rate, img_size, depth, ...)."""
+    timm (drop_rate, drop_path_rate, img_size, depth, ...). ValueError names the option: an option the model does not
+    take, a value it cannot be built with, a word where the model's default is a number."""
     model_kwargs = model_kwargs or {}
     if name == SMALL_RESNET:
         other = sorted(set(model_kwargs) - {"drop_path_rate"})
         if other:
             raise ValueError(f"--model-kwargs: {SMALL_RESNET} takes only drop_path_rate (got {', '.join(other)}); the "
                              f"others are for timm models")
-        return SmallResNet(num_classes, in_chans, **model_kwargs)
-    if not timm.is_model(name):
+        check_kinds(name, SmallResNet, model_kwargs)
+        make = functools.partial(SmallResNet, num_classes, in_chans, **model_kwargs)
+    elif not timm.is_model(name):
         raise ValueError(f"--model: unknown model '{name}'; use {SMALL_RESNET} or a timm model name "
                          f"(python -c \"import timm; print(timm.list_models('resnet*'))\")")
+    else:
+        make = functools.partial(timm.create_model, name, pretrained=False, num_classes=num_classes,
+                                 in_chans=in_chans, **model_kwargs)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
-    except TypeError as e:
-        raise ValueError(f"--model-kwargs: {name} does not take {', '.join(model_kwargs)} ({e})") from None
+        model = make()
+    except Exception as e:  # whatever a model's constructor makes of a bad value: one line, not a traceback
+        if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+            raise ValueError(f"--model-kwargs: {name} does not take {', '.join(model_kwargs)} ({e})") from None
+        given = ",".join(f"{k}={v}" for k, v in model_kwargs.items())
+        raise ValueError(f"--model-kwargs {given}: {name} cannot be built with these values "
+                         f"({error_line(e)}); fix the value") from None
+    check_kinds(name, type(model), model_kwargs)  # a word a timm model stores and only its forward pass reads
+    return model
+
+
+def error_line(e):
+    """An exception as one line: its type and its message's first line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def check_kinds(name, cls, model_kwargs):
+    """ValueError where a --model-kwargs value is a word but `cls`'s default for it is a number (drop_rate=abc)."""
+    import inspect
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in model_kwargs.items():
+        default = params[key].default if key in params else None
+        if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            raise ValueError(f"--model-kwargs: {key}={value} is not a number; {name} takes a number there "
+                             f"(default {default})")
+
+
+def fixed_input_size(model):
+    """(height, width) a model only takes (timm's ViT, Swin, Mixer: a patch embedding of strict size), or None."""
+    return next((tuple(m.img_size) for m in model.modules() if getattr(m, "strict_img_size", False)
+                 and getattr(m, "img_size", None) is not None), None)

@@ -201,6 +201,15 @@ def read_recipe(parser, path):
                      f"give it once", options=True)
             return super().construct_mapping(node, deep)
 
+        def construct_document(self, node):  # before any value is built: aliases may make it exponentially large
+            sizes = {}
+            if expanded_size(node, sizes) > MAX_RECIPE_VALUES:
+                top = node.value if isinstance(node, yaml.MappingNode) else [(node, node)]
+                big = max(top, key=lambda kv: sizes[id(kv[1])])[0]  # the option whose value explodes
+                fail(f"{where}, line {big.start_mark.line + 1}: over {MAX_RECIPE_VALUES} values once its YAML "
+                     f"aliases (*name) are expanded; write the options out", options=True)
+            return super().construct_document(node)
+
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -209,6 +218,8 @@ def read_recipe(parser, path):
         fail(f"{where}: cannot read it ({e.strerror})", options=True)
     except UnicodeDecodeError as e:
         fail(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})", options=True)
+    except RecursionError:  # PyYAML composes nested values recursively
+        fail(f"{where}: values nested too deeply to be a recipe; write the options out", options=True)
     except yaml.YAMLError as e:
         mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)  # where the broken item starts
         fail(f"{where}{f', line {mark.line + 1}' if mark else ''}: not YAML ({getattr(e, 'problem', None) or e})",
@@ -244,6 +255,20 @@ def read_recipe(parser, path):
         except (TypeError, ValueError) as e:
             fail(f"{where}, line {line}: {key}: {e}", options=True)
     return out
+
+
+MAX_RECIPE_VALUES = 10_000  # a recipe's nodes, each alias counted as what it stands for: a real one has dozens
+
+
+def expanded_size(node, sizes):
+    """The YAML nodes under `node` (itself included) with every alias expanded, counted in one pass over the
+    distinct nodes (`sizes`: id -> count). A node inside itself adds nothing here: PyYAML refuses it when building."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # until counted
+        children = node.value if isinstance(node.value, list) else []
+        sizes[id(node)] = 1 + sum(expanded_size(n, sizes) for child in children
+                                  for n in (child if isinstance(child, tuple) else (child,)))
+    return sizes[id(node)]
 
 
 # what launch.sh's sweep takes from recipes (--config) as its own options' defaults: the cyclic shape that fixes its

@@ -29,7 +29,7 @@ import schedules
 from analysis.runs import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 from data import DataError, build_data
 from methods import ALIAS_KEYS, Context, MethodError, MethodList, weights_kept
-from models import build_model
+from models import build_model, error_line, fixed_input_size
 from options import (RESULT_KEYS, cpu_has_native_bf16, fail, micro_batch_size, parse_args, resolve,
                      result_options)
 from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
@@ -125,11 +125,37 @@ def build_run(args, setup, methods, device, rank, world_size):
                                       micro_batch=micro_batch_size(args, world_size), world_size=world_size,
                                       num_classes=data.num_classes,
                                       image_shape=(data.in_chans, data.image_size, data.image_size)))
+        check_model_runs(model, data, methods, args)
     except (DataError, ValueError) as e:  # MethodError too
         fail(str(e), options=True)
     if loader.steps_per_epoch < 1:
         fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset", options=True)
     return data, model, loader
+
+
+def check_model_runs(model, data, methods, args):
+    """ValueError unless the model takes the data's images: its fixed input size (a ViT's img_size) against theirs,
+    then one forward pass in training mode on two blank images, undone (weights, BatchNorm statistics, RNG), so that
+    whatever the model makes of its options (a word where a number belongs) is one line before anything is written,
+    not a traceback mid-run."""
+    size = (data.image_size, data.image_size)
+    fixed = fixed_input_size(model)
+    if fixed is not None and fixed != size:
+        raise ValueError(f"--model-kwargs img_size: {args.model} takes {fixed[0]}x{fixed[1]} images, but --data "
+                         f"{args.dataset} has {size[0]}x{size[1]}; give --model-kwargs img_size={size[0]} (or data of "
+                         f"its size)")
+    x = torch.zeros(2, data.in_chans, *size, device=data.device)
+    rng = rng_state()
+    try:
+        with weights_kept(model), torch.no_grad():
+            model.train()
+            model(methods.transform_eval_batch(x))
+    except Exception as e:  # whatever the model raises
+        raise ValueError(f"--model {args.model} --model-kwargs '{args.model_kwargs}': a forward pass on "
+                         f"{data.in_chans}x{size[0]}x{size[1]} images fails ({error_line(e)}); fix the model's "
+                         f"options") from None
+    finally:
+        restore_rng(rng)
 
 
 def measures_precision(args, device, world_size):
@@ -244,8 +270,9 @@ def run_main(argv=None):
     if args.print_amp:  # what --amp auto picks here, for a sweep to pass to all its runs: nothing is written
         amp, figures = setup.amp, None
         if measures_precision(args, device, world_size):
-            amp, figures = measure_precision(*build_run(args, setup, methods, device, rank, world_size)[1:3],
-                                             methods, args)
+            model, loader = build_run(args, setup, methods, device, rank, world_size)[1:3]
+            make_plan(args, setup, loader.steps_per_epoch)  # the schedule's checks first: they are quick
+            amp, figures = measure_precision(model, loader, methods, args)
         print(f"--amp auto: {amp}" + (f" ({', '.join(f'{k} {v:.0f}' for k, v in figures.items())} img/s)" if figures
                                       else " (fixed by the device)"), file=sys.stderr)
         print(amp)
@@ -264,7 +291,15 @@ def run_main(argv=None):
         fail(f"--resume: the images in --data-dir {args.data_dir} are not stored as when {setup.run_dir} started "
              f"({stored} -> {data.storage}); resume with the data it started on, or start again with --overwrite",
              options=True)
-    amp_measured = None
+    own = methods.config()  # what the methods record of themselves: never over an option of the run
+    reserved = set(RESULT_KEYS) | set(asdict(setup)) | set(vars(args)) | {"argv"}
+    clash = sorted(k for m in methods.all for k in set(m.config()) & reserved
+                   - ALIAS_KEYS.get(m.name, set()))  # (the paper's methods record their own old flags' options)
+    if clash:
+        fail(f"--method: a method's config() returns '{clash[0]}', an option of the run; rename it", options=True)
+    spe = loader.steps_per_epoch
+    plan = make_plan(args, setup, spe)
+    amp_measured = None  # measured after every check of the options: a bad one fails fast
     if args.amp == "auto" and ckpt is not None:  # a resume keeps the precision the run recorded
         setup = replace(setup, amp=ckpt["config"]["amp"])
         if setup.amp == "fp16" and device.type == "cpu":
@@ -276,14 +311,6 @@ def run_main(argv=None):
         if master:
             print(f"--amp auto: {amp} ({', '.join(f'{k} {v:.0f}' for k, v in amp_measured.items())} img/s over a few "
                   f"training steps of this model)")
-    own = methods.config()  # what the methods record of themselves: never over an option of the run
-    reserved = set(RESULT_KEYS) | set(asdict(setup)) | set(vars(args)) | {"argv"}
-    clash = sorted(k for m in methods.all for k in set(m.config()) & reserved
-                   - ALIAS_KEYS.get(m.name, set()))  # (the paper's methods record their own old flags' options)
-    if clash:
-        fail(f"--method: a method's config() returns '{clash[0]}', an option of the run; rename it", options=True)
-    spe = loader.steps_per_epoch
-    plan = make_plan(args, setup, spe)
     if locking and not HELD_LOCKS:
         HELD_LOCKS.append(lock_run_dir(setup.run_dir))
     if master and not locking:

@@ -20,6 +20,12 @@ REQUIRED_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_acc1",
                     "cycle_end")
 NUMERIC = ("epoch", "step", "lr", "val_acc1", "train_time_s", "cycle", "cycle_end")
 FINITE = ("epoch", "step", "cycle", "cycle_end")  # a curve point cannot be placed without these
+# Each column's range. A cell outside it (accuracy 1e9, a negative time) is damage: its row counts as a row of
+# non-finite accuracy (no curve point, no peak), with one warning. Empty cells are "none" (train_loss after only
+# skipped steps, val_acc5 under 5 classes); non-finite losses and accuracies are how a diverged run ends.
+RANGES = {"val_acc1": (0, 100), "val_acc5": (0, 100), "train_loss": (0, math.inf), "val_loss": (0, math.inf),
+          "train_time_s": (0, math.inf), "curve_cost_s": (0, math.inf)}
+NON_FINITE_OK = ("val_acc1", "val_acc5", "train_loss", "val_loss")
 MATCH_TOLERANCE = 0.05  # budgets match across curves when epochs agree within 5 %
 ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a whole curve
 # Options that change a run's result, seed aside: runs differing in any are never averaged (group_runs). t0 and
@@ -265,7 +271,27 @@ def parse_row(raw, csv_path, line):
     except (TypeError, ValueError):
         row["curve_cost_s"] = row["train_time_s"]  # old runs, and runs where nothing branches
     row["line"] = line
+    bad = row["damaged"] = damaged_column(row, raw)
+    if bad:
+        warn(f"{csv_path}:{line}: column {bad} is {raw.get(bad, row[bad])!r}, outside [{RANGES[bad][0]:g}, "
+             f"{RANGES[bad][1]:g}]; that row is left out (no curve point)")
+        row["val_acc1"] = math.nan
     return row
+
+
+def damaged_column(row, raw):
+    """The first column of `row` whose cell is outside its RANGES (text that is not a number included), or None."""
+    for c, (low, high) in RANGES.items():
+        cell = row[c] if c in NUMERIC or c == "curve_cost_s" else raw.get(c)
+        if cell in (None, ""):  # empty, or an optional column the run does not have
+            continue
+        try:
+            value = float(cell)
+        except ValueError:
+            return c
+        if not (low <= value <= high if math.isfinite(value) else c in NON_FINITE_OK):
+            return c
+    return None
 
 
 def read_metrics(path, done):
@@ -342,6 +368,7 @@ def run_points(run, metric="max"):
             continue
         points.append(Point(run.methods, run.curve, r["epoch"], r["train_time_s"], point_acc(run, r, metric),
                             run.path, run.seed, r["curve_cost_s"]))
+    lost = [r for r in lost if not r.get("damaged")]  # a damaged row was told of when it was read
     if lost:
         warn(f"{os.path.join(run.path, 'metrics.csv')}: val_acc1 is not a finite number at epoch(s) "
              f"{', '.join(format(r['epoch'], 'g') for r in lost)}; those points left out")

@@ -42,6 +42,7 @@ def cpu_has_native_bf16():
 @pytest.mark.parametrize("amp", ["none", "bf16", "auto"])
 def test_the_recorded_precision_is_the_one_the_model_computes_in(in_process, tmp_path, amp, monkeypatch):
     monkeypatch.setattr(in_process, "measure_precision", lambda *a: ("bf16", {}))  # what auto measures: below
+    monkeypatch.setattr(in_process, "check_model_runs", lambda *a: None)  # its fp32 trial pass trains nothing
     seen = set()
 
     def hook(module, inputs, output):

@@ -322,6 +322,39 @@ def test_cut_rows_and_nan_accuracies_cost_only_their_points(sweep, tmp_path, cap
     assert "blurpool" not in read_csv(out / "gaps.csv")
 
 
+def test_a_cell_outside_its_range_costs_its_row_with_one_line(sweep, tmp_path, capsys):
+    """val_acc1 1e9 was averaged into curves.csv (acc_mean 500000005.6) without a word: a cell outside its column's
+    range (accuracy in [0, 100], losses and times >= 0) now leaves its row out, as a non-finite accuracy does, with
+    one line naming the file, the row's line and the column. Empty cells and a diverged run's NaN losses stay legal."""
+    huge = write_run(sweep, "huge", "cyclic", ["mixup"], cyclic_rows([80, 1e9, 91], [2, 4, 8]), seed=1)
+    peak = write_run(sweep, "peak", "cyclic", ["mixup"], cyclic_rows([82, 90, 93], [2, 4, 8], mid=1e9), seed=2)
+    late = write_run(sweep, "late", "standard", ["mixup"], [(4, 40, 2, 0, 0), (8, 95, -8, 0, 1)], seed=2)
+    loss = write_run(sweep, "loss", "standard", [], [(2, 30, 1, 0, 0), (4, 99, 4, 0, 1)], seed=1)
+    text = (loss / "metrics.csv").read_text().splitlines()
+    (loss / "metrics.csv").write_text("\n".join(text[:-1] + [text[-1].replace(",1.0,1.0,", ",1.0,-1,")]) + "\n")
+    legal = write_run(sweep, "legal", "cyclic", [], cyclic_rows([81, 84, 90], [2, 4, 8]), seed=1)
+    text = (legal / "metrics.csv").read_text().splitlines()  # no train loss, no top-5; then diverged (nan losses)
+    text[2], text[-1] = text[2].replace(",1.0,1.0,", ",,1.0,").replace(",99.0,", ",,"), \
+        text[-1].replace(",1.0,1.0,", ",nan,nan,")
+    (legal / "metrics.csv").write_text("\n".join(text) + "\n")
+    out = tmp_path / "out"
+    compare.main([str(sweep), "--out", str(out), "--metric", "max"])
+    err = capsys.readouterr().err
+    for run, line, column, cell in ((huge, 4, "val_acc1", "1000000000.0"), (peak, 5, "val_acc1", "1000000000.0"),
+                                    (late, 3, "train_time_s", "-8"), (loss, 3, "val_loss", "-1")):
+        told = [x for x in err.splitlines() if str(run / "metrics.csv") in x]
+        assert told == [f"warning: {run / 'metrics.csv'}:{line}: column {column} is '{cell}', outside "
+                        f"[0, {100 if column == 'val_acc1' else 'inf'}]; that row is left out (no curve point)"], err
+    assert str(legal) not in err
+    curves = {(c["methods"], c["schedule"], float(c["epochs"])): (int(c["n"]), float(c["acc_mean"]))
+              for c in read_rows(out / "curves.csv")}
+    assert curves[("mixup", "cyclic", 4)] == (2, 89)  # cyc_mx's 88 and peak's 90; huge's point left out
+    assert curves[("mixup", "cyclic", 8)] == (3, pytest.approx(275 / 3))  # peak's 93, not its 1e9 mid-cycle
+    assert curves[("mixup", "standard", 8)] == (2, 93)  # late's point left out
+    assert curves[("baseline", "standard", 4)] == (1, 85)  # loss's point left out
+    assert curves[("baseline", "cyclic", 8)] == (2, pytest.approx(90.5))  # legal's cells all read (91 is a peak)
+
+
 def test_improvement_figure_data_has_the_sign_of_method_minus_baseline(sweep):
     cmap = runs.curves(runs.load_runs([str(sweep)]), "final")[""]
     data = report.improvement_plot_data(cmap, ["baseline", "mixup"])

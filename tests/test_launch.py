@@ -71,6 +71,13 @@ def test_bad_method_name_is_refused(tmp_path):
     assert p.returncode == 2 and "unknown method 'xx'" in p.stderr
 
 
+def test_an_empty_method_set_is_named(tmp_path):
+    """'baseline,,ls' was refused as "sets baseline and  are the same": the empty entry is the mistake."""
+    p = launch("--methods", "baseline,,ls", "--dry-run", out=tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.strip() == ("launch.sh: --methods: set 2 is empty (two commas in a row, "
+                                                      "or one first); remove it")
+
+
 def test_tiny_real_sweep_end_to_end(tmp_path):
     out = tmp_path / "sweep"
     args = ["--seeds", "0", "--methods", "baseline,cl", "--warmup", "1", "--t0", "1", "--cycles", "2", "--",

@@ -72,6 +72,14 @@ def test_methods_come_from_one_place(tmp_path):
     assert p.returncode == 2 and "a sweep's methods come from its --methods" in p.stderr
 
 
+def laughs(key, levels=8):
+    """A "billion laughs" (~420 bytes) as the value of `key`: each level an alias list of nine of the one before,
+    9**levels strings once expanded (a recipe's loader that builds them runs out of memory)."""
+    lines = [f"{key}:", '  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
 @pytest.mark.parametrize("text,message", [
     ("lr: 0.1\nwarmup: 2\n", r"line 2: unknown option 'warmup'; did you mean 'warmup_epochs'\?"),
     ("seed: 1.5\n", "line 1: seed: takes an integer, got '1.5'"),
@@ -84,6 +92,11 @@ def test_methods_come_from_one_place(tmp_path):
     ("- lr\n", "a recipe is 'option: value' lines"),
     ("lr: 0.1\nlr: 0.2\n", "line 2: 'lr' is given twice"),
     ("lr: 0.1\nlr 0.2\n", "line 2: not YAML"),
+    # YAML aliases expanding to millions of values at any depth, a value that holds itself, deep nesting
+    ("lr: 0.1\n" + laughs("model_kwargs"), "line 2: over 10000 values once its YAML aliases"),
+    (laughs("method"), "line 1: over 10000 values once its YAML aliases"),
+    ("model_kwargs: &a\n  x: *a\n", "line 1: not YAML \\(found unconstructable recursive node\\)"),
+    ("lr: " + "[" * 5000 + "]" * 5000 + "\n", "values nested too deeply"),
 ])
 def test_a_bad_recipe_is_refused_in_one_line_before_anything_is_written(tmp_path, text, message):
     recipe = write(tmp_path / "bad.yaml", text)

@@ -228,3 +228,66 @@ def test_a_full_disk_during_a_run_is_one_line_from_train_py(tmp_path, monkeypatc
         train.main(TINY + ["--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("train.py: error: disk full") and len(err.splitlines()) == 1
+
+
+# ---- a model that cannot train on the data: one line, before anything is written -------------------
+
+BAD_MODELS = [
+    (["--model-kwargs", "drop_path_rate=nan"], "--model-kwargs: drop_path_rate=nan is not a finite number"),
+    (["--model-kwargs", "drop_path_rate=-inf"], "--model-kwargs: drop_path_rate=-inf is not a finite number"),
+    (["--model-kwargs", "drop_path_rate=abc"], "drop_path_rate=abc is not a number; small_resnet takes a number"),
+    (["--model", "resnet18", "--model-kwargs", "drop_rate=abc"], "drop_rate=abc is not a number; resnet18 takes"),
+    (["--model", "resnet18", "--model-kwargs", "drop_path_rate=abc"], "resnet18 cannot be built with these values"),
+    (["--model", "resnet18", "--model-kwargs", "drop_rate=2"], "a forward pass on 3x32x32 images fails"),
+    (["--config", "recipes/vit-fmnist.yaml"], "--model-kwargs img_size: vit_tiny_patch16_224 takes 28x28 images, "
+                                              "but --data synthetic has 32x32; give --model-kwargs img_size=32"),
+    (["--config", "recipes/vit-fmnist.yaml", "--amp", "auto"], "--model-kwargs img_size"),  # not mid-measurement
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_MODELS, ids=[" ".join(a) for a, _ in BAD_MODELS])
+def test_a_model_that_cannot_train_on_the_data_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys,
+                                                                             monkeypatch):
+    """These were tracebacks (drop_rate=abc and the ViT on 32-pixel images mid-run, leaving config.json, lock and
+    metrics.csv; with --amp auto inside the precision measurement): the model's options are checked against the
+    data with one forward pass before the run folder exists."""
+    import train
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)  # --amp auto measures, wherever this runs
+    run = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--amp", "none"] + argv + ["--run-dir", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not run.exists()
+
+
+def test_the_checks_of_a_model_leave_the_run_as_it_was(tmp_path):
+    """The trial forward pass (dropout and drop-path draw from the RNG, BatchNorm counts its batches) is undone:
+    a run's rows are those of the model trained without it."""
+    import train
+    from data import build_data
+    from methods import MethodList
+    from models import build_model
+    data = build_data("synthetic", None, torch.device("cpu"), 64)
+    torch.manual_seed(0)
+    model = build_model("resnet10t", 10, 3, {"drop_rate": 0.5, "drop_path_rate": 0.5})
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    args = train.parse_args(["--model", "resnet10t", "--data", "synthetic"])
+    train.check_model_runs(model, data, MethodList([]), args)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_amp_auto_measures_only_after_the_schedule_checks(tmp_path, capsys, monkeypatch):
+    """--amp auto timed the model for seconds before a bad schedule option was refused."""
+    import train
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train, "measures_precision", lambda *a: True)
+    monkeypatch.setattr(train, "measure_precision", lambda *a: pytest.fail("measured before the schedule's checks"))
+    for extra in ([], ["--print-amp"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(TINY + ["--amp", "auto", "--t0", "0.05", "--run-dir", str(tmp_path / "r")] + extra)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "--t0 0.05 epochs is under one optimizer step" in err, err
+        assert not (tmp_path / "r").exists()
