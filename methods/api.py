@@ -47,7 +47,7 @@ class MethodError(ValueError):
 class Method:
     """Base class of every training method: the hooks below do nothing; override those the method needs."""
     name = None  # the registry's name: --method NAME[:key=value,...]
-    short = None  # run-directory label (default: name)
+    short = None  # run-directory label (default: name); never inherited (own_short): a subclass is another method
     options = {}  # option -> default; the default's type (bool, int, float, str) parses a value
     order = 50  # hooks fire in ascending order (then by name): soft targets 10, mixing 20, resizing 30, layout 90
     exclusive = None  # methods sharing a group cannot be combined
@@ -129,7 +129,8 @@ class Method:
     def label(self):
         """The run-directory label: the short name, with non-default options."""
         extra = self.non_default()
-        return (self.short or self.name) + "".join(f"-{k}{format_value(v)}" for k, v in sorted(extra.items()))
+        return (own_short(type(self)) or self.name) + "".join(f"-{k}{format_value(v)}"
+                                                             for k, v in sorted(extra.items()))
 
 
 def format_value(value):
@@ -178,6 +179,11 @@ def weights_kept(model):
         yield
     finally:
         model.load_state_dict(saved)
+
+
+def own_short(cls):
+    """The class's own short name, or None: a subclass of a built-in does not take the built-in's label."""
+    return vars(cls).get("short")
 
 
 def overrides(method, hook):

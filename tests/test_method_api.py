@@ -396,3 +396,26 @@ def test_config_json_and_a_checkpoint_are_named_alike_whichever_predates_the_api
     assert api_names(old)["method_options"] == new["method_options"] == api_names(new)["method_options"]
     # a checkpoint written between the API and method_options records plugins only: it adds no empty options
     assert "method_options" not in api_names({"methods": ["ema"], "plugins": {}})
+
+
+@pytest.mark.parametrize("word", ["mx", "ls", "bp", "cl"])
+def test_a_plug_in_named_like_a_built_ins_short_name_is_refused_in_one_line(tmp_path, word):
+    """launch.sh's `--methods mx` is MixUp: a plug-in called mx (or labelled mx) would be one name for two methods,
+    run by launch.sh as MixUp and by train.py as itself. It is refused, by train.py and by launch.sh's check."""
+    named, short = tmp_path / f"{word}.py", tmp_path / "short.py"
+    named.write_text(f"from methods import Method\n\nclass Mine(Method):\n    name = {word!r}\n")
+    short.write_text(f"from methods import Method\n\nclass Mine(Method):\n    name, short = 'mine_{word}', {word!r}\n")
+    builtin = next(n for n, c in methods.REGISTRY.items() if c.short == word)
+    for plugin, method in ((named, word), (short, f"mine_{word}")):
+        run = tmp_path / "run"
+        p = run_train(TINY + ["--plugins", str(plugin), "--method", method, "--run-dir", str(run)], check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert f"in {plugin}" in p.stderr and f"'{word}', already method {builtin}'s short name" in p.stderr
+        assert not run.exists()
+    assert build(word).name == builtin  # train.py's --method mx is launch.sh's mx
+
+
+def test_a_plug_in_subclass_does_not_take_the_built_ins_label():
+    class Calibrated(methods.REGISTRY["label_smoothing"]):
+        name = "calibrated_ls"
+    assert Calibrated().label == "calibrated_ls" and build("label_smoothing").label == "ls"
