@@ -294,6 +294,8 @@ def run_main(argv=None):
             if m.no_effect:
                 print(f"warning: method {m.spec} changed nothing in {args.model} ({m.no_effect}); recorded in "
                       f"config.json as methods_without_effect")
+        for line in methods.warnings():  # e.g. a gradient edit that a later hook's recomputed gradient replaces
+            print(f"warning: {line}")
     raw_model = model
     exclusions = decay_exclusions(args, model)
     if ckpt is not None and "decay_exclusions" not in ckpt["config"] and exclusions:

@@ -240,8 +240,9 @@ def test_stochastic_depth_reaches_the_small_resnet_and_timm_models():
         not any(isinstance(m, __import__("timm").layers.DropPath) for m in plain.modules())
 
 
-def sam_step(grad_accum=1, scale=None):
-    """One SAM step of train.py's train_step on a tiny linear model with plain SGD (lr 1): the weights' change."""
+def sam_step(grad_accum=1, scale=None, extra=()):
+    """One SAM step of train.py's train_step on a tiny linear model with plain SGD (lr 1), with the `extra`
+    methods: the weights' change."""
     from train import train_step
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
@@ -250,8 +251,8 @@ def sam_step(grad_accum=1, scale=None):
     x, y = torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 4, (8,), generator=g)
     before = [p.detach().clone() for p in net.parameters()]
     scaler = torch.amp.GradScaler("cpu", enabled=scale is not None, init_scale=scale or 1.0)
-    train_step(net, opt, scaler, MethodList([build("sam:rho=0.5")]), torch.autocast("cpu", enabled=False), x, y,
-               grad_accum, False, step_context(num_classes=4))
+    train_step(net, opt, scaler, MethodList([build("sam:rho=0.5"), *extra]), torch.autocast("cpu", enabled=False),
+               x, y, grad_accum, False, step_context(num_classes=4))
     return [b - p.detach() for b, p in zip(before, net.parameters())], (net, before, x, y)
 
 
@@ -274,6 +275,52 @@ def test_sam_updates_with_the_gradient_at_the_perturbed_weights():
         torch.testing.assert_close(a, b)
     for a, b in zip(change, sam_step(scale=1024.0)[0]):  # fp16's loss scale cancels out of the perturbation
         torch.testing.assert_close(a, b)
+
+
+class GradHook(Method):
+    """A before_step at `order`: keeps the gradient it sees, and zeroes it where asked."""
+    name = "grad_hook"
+
+    def __init__(self, order, zero=False):
+        super().__init__()
+        self.order, self.zero, self.seen = order, zero, None
+
+    def before_step(self, model, optimizer, ctx):
+        self.seen = [p.grad.clone() for p in model.parameters()]
+        if self.zero:
+            for p in model.parameters():
+                p.grad.zero_()
+
+
+def test_a_before_step_after_sam_sees_and_edits_the_gradient_the_update_uses():
+    """SAM (order 70) replaces the gradient: a hook at 75 sees the second pass's (SGD lr 1: the step taken) and
+    its edit is the update's; a hook at 50 edits only the gradient SAM perturbs along, and a warning says so."""
+    change, _ = sam_step()
+    after = GradHook(75)
+    for a, b, seen in zip(change, sam_step(extra=[after])[0], after.seen, strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(seen, a)  # the second-pass gradient
+    assert all(not c.any() for c in sam_step(extra=[GradHook(75, zero=True)])[0])  # its zeroed gradient: no step
+    assert all(c.abs().sum() > 0 for c in sam_step(extra=[GradHook(50, zero=True)])[0])  # SAM's gradient anyway
+    assert MethodList([build("sam"), GradHook(75)]).warnings() == []
+    assert MethodList([build("sam"), GradHook(50)]).warnings() == [
+        "method grad_hook's before_step (order 50) runs before sam's (order 70), which recomputes the gradient: what "
+        "grad_hook does to the gradient does not reach the update (give it an order above 70 to change the gradient "
+        "the update uses)"]
+
+
+def test_train_py_warns_in_one_line_of_a_before_step_ordered_before_sam(tmp_path):
+    plugin = tmp_path / "zero_grad.py"
+    plugin.write_text("from methods import Method\n\nclass ZeroGrad(Method):\n    name = 'zero_grad'\n\n"
+                      "    def before_step(self, model, optimizer, ctx):\n        optimizer.zero_grad()\n")
+    args = TINY + ["--amp", "none", "--eval-every", "0", "--plugins", str(plugin), "--method", "zero_grad"]
+    alone = run_train(args + ["--run-dir", str(tmp_path / "alone")]).stdout
+    with_sam = run_train(args + ["--method", "sam", "--run-dir", str(tmp_path / "sam")]).stdout
+    assert "warning" not in alone
+    assert [line for line in with_sam.splitlines() if "warning" in line] == [
+        "warning: method zero_grad's before_step (order 50) runs before sam's (order 70), which recomputes the "
+        "gradient: what zero_grad does to the gradient does not reach the update (give it an order above 70 to "
+        "change the gradient the update uses)"]
 
 
 def test_sams_second_pass_sees_the_same_augmented_batch():
