@@ -466,3 +466,32 @@ def test_a_plug_in_subclass_does_not_take_the_built_ins_label():
     class Calibrated(methods.REGISTRY["label_smoothing"]):
         name = "calibrated_ls"
     assert Calibrated().label == "calibrated_ls" and build("label_smoothing").label == "ls"
+
+
+BUFFER_SPY = '''import contextlib, os, torch
+from methods import Method
+
+class BufferSpy(Method):
+    """Innermost at evaluation: saves the buffers of the weights evaluated (EMA's), per rank and evaluation."""
+    name, order = "buffer_spy", 95
+    evaluations = 0
+
+    @contextlib.contextmanager
+    def eval_weights(self, model):
+        self.evaluations += 1
+        torch.save([b.clone() for b in model.buffers()],
+                   os.path.join({out!r}, f"rank{{os.environ['RANK']}}-{{self.evaluations}}.pt"))
+        yield
+'''
+
+
+def test_the_emas_batchnorm_statistics_are_rank_0s_on_every_rank_at_each_evaluation(tmp_path):
+    """2 gloo ranks: each rank's batches move its own BatchNorm statistics, and so its EMA's; rank 0's are the
+    ones evaluated and saved, and every rank holds them at each evaluation (as after a resume)."""
+    spy = tmp_path / "spy.py"
+    spy.write_text(BUFFER_SPY.format(out=str(tmp_path)))
+    run_train(TINY + ["--amp", "none", "--eval-every", "1", "--method", "ema:decay=0.9", "--plugins", str(spy),
+                      "--method", "buffer_spy", "--run-dir", str(tmp_path / "run")], torchrun=2)
+    for n in (1, 2, 3, 4):
+        a, b = (torch.load(tmp_path / f"rank{r}-{n}.pt") for r in (0, 1))
+        assert len(a) > 10 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), n
