@@ -176,6 +176,6 @@ def test_a_plug_in_named_like_a_paper_short_name_is_refused(tmp_path):
     p = launch("--plugins", str(plugin), "--methods", "mx", "--dry-run", "--", "--data", "synthetic",
                out=tmp_path / "sweep", check=False)
     assert p.returncode == 2 and "train.py" not in p.stdout, p.stdout
-    assert p.stderr.strip().splitlines() == [f"launch.sh: --methods: --plugins: method 'mx' in {plugin} is named 'mx', "
-                                             "already method mixup's short name (--method mx and launch.sh's "
-                                             "--methods mx mean mixup); rename it"]
+    assert p.stderr.strip().splitlines() == [
+        f"launch.sh: --methods: --plugins: method 'mx' in {plugin} is named 'mx', already method mixup's short name "
+        "(--method mx and launch.sh's --methods mx mean mixup); rename it"]
