@@ -236,13 +236,16 @@ def named_sample(dataset, index, read=None):
         return dataset[index] if read is None else read(*base_of(dataset, index))
     except Exception as e:
         base, i = base_of(dataset, index)
+        if hasattr(base, "where"):  # shards: their stored bytes are damaged, not the source tree's file
+            raise_named(e, base.where(i), base.then, replace=False)
         raise_named(e, base.samples[i][0] if hasattr(base, "samples") else f"image {i}",
                     getattr(base, "then", "continue with --resume"))
 
 
-def raise_named(e, path, then, option="--data-dir"):
+def raise_named(e, path, then, option="--data-dir", replace=True):
     """Raises a DataError naming the file for what PIL and torchvision.io raise on an image they cannot decode,
-    and any other exception as it is (an OSError with an errno is the file system's: EIO, ESTALE, EMFILE)."""
+    and any other exception as it is (an OSError with an errno is the file system's: EIO, ESTALE, EMFILE).
+    replace: the fix begins with replacing the file (not for a copy that is made again)."""
     import struct
 
     from PIL import Image
@@ -251,8 +254,8 @@ def raise_named(e, path, then, option="--data-dir"):
             or isinstance(e, OSError) and e.errno is not None or isinstance(e, DataError)):
         raise e
     why = (str(e).splitlines() or [""])[0][:100]
-    raise DataError(f"{option}: error while reading {path} ({type(e).__name__}: {why}); replace it with a good "
-                    f"copy of the image and {then}") from None
+    raise DataError(f"{option}: error while reading {path} ({type(e).__name__}: {why}); "
+                    f"{'replace it with a good copy of the image and ' * replace}{then}") from None
 
 
 def base_of(dataset, index):

@@ -21,7 +21,8 @@ from models import SMALL_RESNET, parse_model_kwargs
 
 # Options that define the result: a resume with any of them changed is refused. eval_every: the rows --metric max
 # takes its peak from; tf32 and deterministic: the GPU's arithmetic; device_name: the speed of train_time_s;
-# cooldown_version: wsd's cooldown formula (2: its last step at eta_min; runs without the key used 1); methods:
+# cooldown_version: wsd's cooldown formula (2: its last step at eta_min; runs without the key used 1); lamb_version:
+# --opt lamb's trust ratio (LAMB_VERSION); methods:
 # canonical specs with their non-default options; method_options: all their options (a changed default);
 # plugins: the hash of each plug-in method's file.
 RESULT_KEYS = ("dataset", "data_dir", "subset", "augment", "decode", "image_size", "model", "schedule", "epochs",
@@ -29,11 +30,14 @@ RESULT_KEYS = ("dataset", "data_dir", "subset", "augment", "decode", "image_size
                "nesterov", "weight_decay", "amp", "methods", "method_options", "plugins", "seed", "compile",
                "cycle_decay", "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "family_t0",
                "family_t_mult", "eval_every", "model_kwargs", "tf32", "deterministic", "device_name",
-               "cooldown_version", "opt", "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
+               "cooldown_version", "opt", "opt_betas", "opt_eps", "decay_exclusions", "clip_grad", "lamb_version")
 
 
 # --opt: timm's optimizers that take momentum (sgdw) or betas (the others); weight decay is decoupled in all four
 OPTIMIZERS = ("sgdw", "adamw", "lamb", "lion")
+# 2: the trust ratio on every parameter (timm's always_adapt). 1 (runs without the key): timm's default, the ratio
+# only where weight decay is on, so that --weight-decay 0 (and parameters spared decay) trained as plain Adam
+LAMB_VERSION = 2
 
 
 def parse_args(argv=None):
@@ -359,6 +363,7 @@ class Setup:
     tf32: bool  # matmuls and convolutions in TF32 (CUDA unless --deterministic): a precision of its own
     device_name: str  # the GPU's or the CPU's model: what the time axis was measured on
     cooldown_version: int  # wsd: schedules.COOLDOWN_VERSION; None for the other schedules
+    lamb_version: int  # --opt lamb: LAMB_VERSION; None for the other optimizers
 
 
 def fail(message, code=2, every_rank=False, options=False):
@@ -510,7 +515,8 @@ def resolve(args, world_size, device):
                  sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
                  else a.sf_warmup_epochs, model_kwargs=model_kwargs,
                  tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device),
-                 cooldown_version=schedules.COOLDOWN_VERSION if a.schedule == "wsd" else None)
+                 cooldown_version=schedules.COOLDOWN_VERSION if a.schedule == "wsd" else None,
+                 lamb_version=LAMB_VERSION if a.opt == "lamb" else None)
     return setup, methods
 
 

@@ -4,12 +4,14 @@
 
 writes each split of the ImageFolder tree SRC (train/<class>/*, val/<class>/*) to OUT/<split>/: shard-*.bin (the
 images' JPEG bytes, one after the other), index.npy (shard, offset, length, label, height, width per image),
-paths.txt (each image's path under SRC, for messages) and meta.json (classes, settings, each shard's size;
-written last: a split without it is unfinished). An image whose shorter side is above --short-side is resized to
-it and re-encoded at --quality; a JPEG already small enough is stored as it is (so it decodes to the very same
-pixels; it is decoded once here, so a damaged one is found now, not hours into a run); anything else (PNG, CMYK)
-is re-encoded. Images keep ImageFolder's order, so a run on OUT draws the same images and crops per step as a run
-on SRC, and is identical to it where no image was changed.
+paths.txt (each image's path under SRC, for messages) and meta.json (classes, settings, each shard's size, the
+CRC-32 of index.npy's table; written last: a split without it is unfinished). A run checks index.npy against that
+CRC and its labels against the classes, so that an index edited after preparing never trains on wrong labels. An
+image whose shorter side is above --short-side is resized to it and re-encoded at --quality; a JPEG already small
+enough is stored as it is (so it decodes to the very same pixels; it is decoded once here, so a damaged one is
+found now, not hours into a run); anything else (PNG, CMYK) is re-encoded. Images keep ImageFolder's order, so a
+run on OUT draws the same images and crops per step as a run on SRC, and is identical to it where no image was
+changed.
 
 Why: decoding is most of an image's cost, and it scales with the pixels decoded (entropy decoding, not the
 inverse DCT, dominates: decoding at 1/8 scale still costs two thirds of a full decode), so smaller stored images
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -46,7 +49,7 @@ def settings(meta):
 def storage(meta):
     """config.json's data_storage: "folder", or the shards' settings and counts (what a resume must find again)."""
     return "folder" if meta is None else {k: v for k, v in meta.items() if k not in ("classes", "source",
-                                                                                       "shard_bytes")}
+                                                                                       "shard_bytes", "index_crc32")}
 
 
 class ShardSet(torch.utils.data.Dataset):
@@ -83,15 +86,30 @@ class ShardSet(torch.utils.data.Dataset):
                 or (offset + length > sizes[shard]).any()):
             raise DataError(f"{option}: {folder}'s index.npy does not fit its meta.json and shards (files of two "
                             f"prepares?); {again}")
-        self.targets = self.index[:, COLUMNS.index("label")].tolist()
+        labels = self.index[:, COLUMNS.index("label")]
+        bad = np.flatnonzero((labels < 0) | (labels >= len(self.classes)))
+        if len(bad):
+            raise DataError(f"{option}: {folder}/index.npy row {bad[0]} has label {labels[bad[0]]}, outside its "
+                            f"meta.json's {len(self.classes)} classes (0-{len(self.classes) - 1}); {again}")
+        self.crc32 = table_crc32(self.index)
+        recorded = self.meta.get("index_crc32")  # (None: prepared before shards.py recorded it)
+        if recorded is not None and recorded != self.crc32:
+            raise DataError(f"{option}: {folder}/index.npy was changed after shards.py wrote it (CRC-32 {self.crc32}, "
+                            f"meta.json records {recorded}): its labels or order may be wrong; {again}")
+        self.targets = labels.tolist()
         self.samples = [(os.path.join(self.meta["source"], path), label) for path, label in zip(paths, self.targets)]
         self.maps = (None, {})  # (pid, {shard: memory map}): a forked worker maps its own
 
     def fingerprint(self):
         """crc32 of index.npy's table: which bytes of which shards, and the labels (a prepare from another tree,
         or another encoder, gives another)."""
-        import zlib
-        return zlib.crc32(np.ascontiguousarray(self.index).tobytes())
+        return self.crc32
+
+    def where(self, i):
+        """Image i as stored, for messages: its bytes in its shard (the source file may be whole)."""
+        shard, offset, length = (int(v) for v in self.index[i, :3])
+        return (f"image {i} of {self.folder} as stored (shard-{shard:05d}.bin, bytes {offset}-{offset + length}; "
+                f"index.npy row {i})")
 
     def __getstate__(self):
         return dict(self.__dict__, maps=(None, {}))
@@ -231,15 +249,20 @@ def write_split(pool, folder, dest, short_side, quality, shard_bytes, src, progr
     finally:
         if f is not None and not f.closed:
             f.close()
-    write_durably(os.path.join(dest, "index.npy"),
-                  lambda o: np.save(o, np.array(index, dtype=np.int64).reshape(-1, len(COLUMNS))))
+    table = np.array(index, dtype=np.int64).reshape(-1, len(COLUMNS))
+    write_durably(os.path.join(dest, "index.npy"), lambda o: np.save(o, table))
     write_durably(os.path.join(dest, "paths.txt"), lambda o: o.write(
         "".join(os.path.relpath(path, src) + "\n" for path, _ in folder.samples).encode("utf-8", "surrogateescape")))
     meta = dict(version=VERSION, classes=folder.classes, images=len(index), short_side=short_side, quality=quality,
-                source=os.path.abspath(src), stored=how_many, shard_bytes=sizes)
+                source=os.path.abspath(src), stored=how_many, shard_bytes=sizes, index_crc32=table_crc32(table))
     write_durably(os.path.join(dest, "meta.json"), lambda o: o.write(json.dumps(meta, indent=1).encode()))
     fsync_dir(dest)
     return how_many
+
+
+def table_crc32(table):
+    """CRC-32 of index.npy's table (its int64 values in order): meta.json records it, a run compares it."""
+    return zlib.crc32(np.ascontiguousarray(table, dtype=np.int64).tobytes())
 
 
 def write_durably(path, write):

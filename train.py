@@ -321,6 +321,8 @@ def run_main(argv=None):
             if m.no_effect:
                 print(f"warning: method {m.spec} changed nothing in {args.model} ({m.no_effect}); recorded in "
                       f"config.json as methods_without_effect")
+        for line in methods.warnings():  # e.g. a gradient edit that a later hook's recomputed gradient replaces
+            print(f"warning: {line}")
     raw_model = model
     exclusions = decay_exclusions(args, model)
     if ckpt is not None and "decay_exclusions" not in ckpt["config"] and exclusions:
@@ -740,8 +742,10 @@ def build_optimizer(model, args, setup, plan, exclusions):
     betas.update(eps=args.opt_eps) if args.opt_eps else None
     if args.schedule != "schedule-free":
         extra = dict(momentum=args.momentum, nesterov=args.nesterov) if args.opt == "sgdw" else betas
-        if args.opt == "lamb":  # timm's Lamb clips gradients to 1.0 and couples its decay to the trust ratio unless
-            extra.update(max_grad_norm=None, decoupled_decay=True)  # told: --clip-grad and one convention instead
+        if args.opt == "lamb":  # timm's Lamb clips gradients to 1.0, couples its decay to the trust ratio and takes
+            # the ratio only where decayed (plain Adam elsewhere) unless told: --clip-grad, one decay convention and
+            # the ratio on every parameter (options.LAMB_VERSION 2) instead
+            extra.update(max_grad_norm=None, decoupled_decay=True, always_adapt=True)
         return create_optimizer_v2(model if exclusions else model.parameters(), opt=args.opt, lr=args.lr,
                                    weight_decay=args.weight_decay / args.lr, filter_bias_and_bn=exclusions, **extra)
     import schedulefree  # resolve() checked it is installed

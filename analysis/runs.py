@@ -39,9 +39,10 @@ ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a w
 RESULT_KEYS = ("dataset", "model", "subset", "augment", "decode", "image_size", "lr", "batch_size", "grad_accum",
                "warmup_epochs", "eta_min", "amp", "momentum", "nesterov", "weight_decay", "world_size", "device",
                "compile", "eval_every", "model_kwargs", "tf32", "device_name", "opt", "opt_betas", "opt_eps",
-               "decay_excluded", "clip_grad")
+               "decay_excluded", "clip_grad", "lamb_version")
 # keys added after runs were made, as runs without them were run (no GPU run predates tf32)
 ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False, "cooldown_version": None,  # None: wsd's first formula
+                  "lamb_version": None,  # None: timm's Lamb as it comes (the trust ratio only where decayed)
                   "opt": "sgdw", "opt_betas": None, "opt_eps": None, "decay_excluded": False, "clip_grad": 0.0,
                   "plugins": {}, "augment": "standard", "decode": "cpu",
                   "image_size": 224}

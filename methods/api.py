@@ -27,6 +27,12 @@ and the base loss then is the soft-target cross-entropy (timm's). Methods with t
 run together (MixUp and CutMix: cutmix:mixup_alpha=A switches between them as timm does); two methods asking for
 the same model_kwargs key with different values are refused.
 
+The gradient and SAM (order 70): a method whose before_step recomputes the gradient (`recomputes_gradient`) replaces
+it. A before_step ordered before SAM (the default 50 is) sees and edits the first gradient, the one SAM perturbs
+along, but the update uses SAM's second pass, so those edits (clipping, zeroing, noise) do not reach it (train.py
+prints a warning line for each such pair); a before_step ordered after 70 sees the second-pass gradient and edits
+the one the update uses. Composer's SAM behaves the same way.
+
 `ctx` (a Context) says where the step is: the path step (optimizer steps this model has taken), epoch, rank, world
 size, `run_progress` (fraction of the run) and `cycle_progress` (fraction of the current cycle or budget), and
 gives each micro-batch a reproducible random key (`ctx.key`, `ctx.generator()`), so that a resumed run draws the
@@ -47,11 +53,13 @@ class MethodError(ValueError):
 class Method:
     """Base class of every training method: the hooks below do nothing; override those the method needs."""
     name = None  # the registry's name: --method NAME[:key=value,...]
-    short = None  # run-directory label (default: name)
+    short = None  # run-directory label (default: name); never inherited (own_short): a subclass is another method
     options = {}  # option -> default; the default's type (bool, int, float, str) parses a value
-    order = 50  # hooks fire in ascending order (then by name): soft targets 10, mixing 20, resizing 30, layout 90
+    order = 50  # hooks fire in ascending order (then by name): soft targets 10, mixing 20, resizing 30, SAM 70,
+    # EMA 80, layout 90
     exclusive = None  # methods sharing a group cannot be combined
     no_effect = None  # apply_model sets a reason when the method changed nothing in this model
+    recomputes_gradient = False  # its before_step replaces the step's gradient (ctx.forward_backward(): SAM)
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.options))
@@ -91,7 +99,8 @@ class Method:
 
     def before_step(self, model, optimizer, ctx):
         """After the step's gradients are complete (all micro-batches, all-reduced under DDP; scaled by
-        ctx.grad_scale under fp16), before clipping and the update. ctx.forward_backward() recomputes them."""
+        ctx.grad_scale under fp16), before clipping and the update. ctx.forward_backward() recomputes them (set
+        recomputes_gradient then): the gradient the hooks ordered after this one see, and the update uses."""
 
     def after_step(self, model, optimizer, ctx):
         """After the optimizer's update (not called for a skipped non-finite step)."""
@@ -129,7 +138,8 @@ class Method:
     def label(self):
         """The run-directory label: the short name, with non-default options."""
         extra = self.non_default()
-        return (self.short or self.name) + "".join(f"-{k}{format_value(v)}" for k, v in sorted(extra.items()))
+        return (own_short(type(self)) or self.name) + "".join(f"-{k}{format_value(v)}"
+                                                             for k, v in sorted(extra.items()))
 
 
 def format_value(value):
@@ -178,6 +188,11 @@ def weights_kept(model):
         yield
     finally:
         model.load_state_dict(saved)
+
+
+def own_short(cls):
+    """The class's own short name, or None: a subclass of a built-in does not take the built-in's label."""
+    return vars(cls).get("short")
 
 
 def overrides(method, hook):
@@ -284,6 +299,15 @@ class MethodList:
 
     def without_effect(self):
         return sorted(m.spec for m in self.all if m.no_effect)
+
+    def warnings(self):
+        """One line for each before_step hook ordered before a method that recomputes the gradient: its edits to
+        the gradient do not reach the update."""
+        hooked = self._hooked["before_step"]
+        return [f"method {m.spec}'s before_step (order {m.order}) runs before {r.spec}'s (order {r.order}), which "
+                f"recomputes the gradient: what {m.name} does to the gradient does not reach the update (give it an "
+                f"order above {r.order} to change the gradient the update uses)"
+                for i, r in enumerate(hooked) if r.recomputes_gradient for m in hooked[:i]]
 
 
 def base_loss(logits, targets):

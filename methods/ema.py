@@ -8,9 +8,12 @@ At a cyclic run's cycle ends: the average is never reset at a restart, so a cycl
 over the last ~1 / (1 - decay) steps, which reach back across the previous restart when that horizon is longer
 than the cycle: the cyclic curve then mixes weights of a high and a low LR, where a standard run of that budget
 averages only its own decayed end. Keep the horizon well under the first cycle (the EMA's
-`ema_horizon_steps` in config.json says what it was) or read its gap as part of the method's effect."""
+`ema_horizon_steps` in config.json says what it was) or read its gap as part of the method's effect.
+Under DDP the weights are alike on every rank, the BatchNorm statistics are not (each rank's batches move its
+own); rank 0's are evaluated and saved, and every rank takes them at each evaluation, as a resume would."""
 import contextlib
 
+import torch.distributed as dist
 from timm.utils import ModelEmaV3
 
 from methods.api import Method, MethodError, weights_kept
@@ -40,6 +43,9 @@ class EMA(Method):
 
     @contextlib.contextmanager
     def eval_weights(self, model):
+        if dist.is_initialized():  # (every rank evaluates at once) rank 0's averaged statistics on every rank
+            for buf in self.ema.module.buffers():
+                dist.broadcast(buf, 0)
         with weights_kept(model):
             model.load_state_dict(self.ema.module.state_dict())
             yield

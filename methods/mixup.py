@@ -31,9 +31,14 @@ class MixUp(Method):
                               f"got {run.micro_batch}")
 
     def transform_batch(self, x, y, ctx):
-        # timm's Mixup draws from NumPy's global generator: seed it from the key, never from history
+        # timm's Mixup draws from NumPy's global generator: seeded from the key (never from history), then put back,
+        # so that whatever else draws from it (a plug-in) goes on with its own stream
+        state = np.random.get_state()
         np.random.seed(hash((ctx.seed, *ctx.key)) & 0xFFFF_FFFF)
-        lam = self.mixer._mix_batch(x)  # mixes x in place (the loop hands the methods a batch of their own)
+        try:
+            lam = self.mixer._mix_batch(x)  # mixes x in place (the loop hands the methods a batch of their own)
+        finally:
+            np.random.set_state(state)
         if y.dtype.is_floating_point:
             return x, y * lam + y.flip(0) * (1. - lam)
         return x, mixup_target(y, ctx.num_classes, lam, 0.0)

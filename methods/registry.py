@@ -10,7 +10,7 @@ import os
 import re
 import sys
 
-from methods.api import Method, MethodError, MethodList
+from methods.api import Method, MethodError, MethodList, own_short
 
 REGISTRY = {}  # name -> Method subclass
 SOURCES = {}  # name -> "sha256:<hex>" of the plug-in file that defined it (built-ins: absent)
@@ -29,6 +29,16 @@ def register(cls, source=None):
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise MethodError(f"--plugins: method '{cls.name}' is defined twice ({REGISTRY[cls.name].__module__} and "
                           f"{cls.__module__}); rename one")
+    for other in REGISTRY.values():  # one word, two methods: `--method mx` (launch.sh's `--methods mx`) and the run
+        clash = {cls.name, own_short(cls)} & {other.name, own_short(other)} - {None}  # folders' labels would mix them
+        if other is not cls and clash:
+            word = clash.pop()
+            mine = "is named" if word == cls.name else "has the short name"
+            theirs = "name" if word == other.name else "short name"
+            where = getattr(sys.modules.get(cls.__module__), "__file__", cls.__module__)
+            raise MethodError(f"--plugins: method '{cls.name}' in {where} {mine} '{word}', already method "
+                              f"{other.name}'s {theirs} (--method {word} and launch.sh's --methods {word} mean "
+                              f"{other.name}); rename it")
     REGISTRY[cls.name] = cls
     if source:
         SOURCES[cls.name] = source
@@ -90,6 +100,7 @@ def parse_value(method, key, default, raw):
 def build(text):
     """A Method from 'name' or 'name:key=value,...'."""
     name, _, rest = text.strip().partition(":")
+    name = next((n for n, c in REGISTRY.items() if own_short(c) == name), name)  # mx = mixup, as launch.sh reads it
     if name not in REGISTRY:
         raise MethodError(f"--method: unknown method '{name}'; built in: {', '.join(sorted(REGISTRY))} (a method of "
                           f"your own: --plugins FILE.py)")

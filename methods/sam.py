@@ -7,7 +7,8 @@ reruns the same micro-batches with the same draws of the key-seeded batch transf
 ctx.generator; dropout and drop-path masks, drawn from the global RNG, differ between the passes). Under fp16 the gradients carry the GradScaler's
 scale, which cancels out of g / ||g||; a non-finite first gradient perturbs nothing (the step is plain SGD, or the scaler
 skips it). BatchNorm statistics come from the first pass only (the second's are put back). The loss logged is the
-first pass's, at the unperturbed weights."""
+first pass's, at the unperturbed weights. Other methods' before_step hooks ordered before SAM's 70 see (and may edit)
+the first gradient, the one SAM perturbs along; the update uses the second, which the hooks ordered after 70 see."""
 import torch
 
 from methods.api import Method, MethodError
@@ -16,6 +17,7 @@ from methods.api import Method, MethodError
 class SAM(Method):
     """--method sam[:rho=0.05]."""
     name, order, options = "sam", 70, {"rho": 0.05}
+    recomputes_gradient = True  # a before_step ordered before 70 edits the gradient perturbed along, not the update's
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -25,7 +27,8 @@ class SAM(Method):
     def before_step(self, model, optimizer, ctx):
         params = [p for p in model.parameters() if p.grad is not None]
         # rho g / ||g||: fp16's loss scale cancels out of it, so the scaled gradients serve as they are
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        norms = [torch.linalg.vector_norm(p.grad.float()) for p in params]  # none: an earlier hook dropped them
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         factor = self.rho / (norm + 1e-12)
         kept = [p.detach().clone() for p in params]
         buffers = [b.detach().clone() for b in model.buffers()]

@@ -173,7 +173,7 @@ RESULT_KEYS = ("dataset", "data_dir", "subset", "model", "model_kwargs", "schedu
                "weight_decay", "amp", "methods", "method_options", "plugins", "seed", "compile", "cycle_decay",
                "cooldown_frac", "cooldown_shape", "sf_lr", "sf_warmup_epochs", "family_t0",
                "family_t_mult", "eval_every", "tf32", "deterministic", "device_name", "cooldown_version", "opt",
-               "opt_betas", "opt_eps", "decay_exclusions", "clip_grad")
+               "opt_betas", "opt_eps", "decay_exclusions", "clip_grad", "lamb_version")
 
 
 @pytest.fixture(scope="module")

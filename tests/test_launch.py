@@ -192,3 +192,17 @@ def test_more_seeds_adds_seeds_3_and_4_of_the_resolved_sets_with_the_cyclic_esti
         p = subprocess.run([os.path.join(ROOT, "launch.sh"), "vit-study", "--more-seeds", other, "--dry-run"], cwd=ROOT,
                            env=ENV, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and "--more-seeds adds seeds to the ViT study only" in p.stderr
+
+
+def test_a_plug_in_named_like_a_paper_short_name_is_refused(tmp_path):
+    """`--methods mx` is MixUp: with a plug-in called mx the sweep used to run MixUp (plugins {}) where train.py
+    alone ran the plug-in. One name, two methods: refused in one line before any run."""
+    plugin = tmp_path / "pl" / "mx.py"
+    plugin.parent.mkdir()
+    plugin.write_text("from methods import Method\n\nclass Mine(Method):\n    name = 'mx'\n")
+    p = launch("--plugins", str(plugin), "--methods", "mx", "--dry-run", "--", "--data", "synthetic",
+               out=tmp_path / "sweep", check=False)
+    assert p.returncode == 2 and "train.py" not in p.stdout, p.stdout
+    assert p.stderr.strip().splitlines() == [
+        f"launch.sh: --methods: --plugins: method 'mx' in {plugin} is named 'mx', already method mixup's short name "
+        "(--method mx and launch.sh's --methods mx mean mixup); rename it"]

@@ -266,8 +266,9 @@ def test_drop_path_drops_whole_samples_rescales_the_kept_and_is_off_at_evaluatio
         assert torch.equal(model(x), plain(x)) and torch.equal(model(x), model(x))
 
 
-def sam_step(grad_accum=1, scale=None):
-    """One SAM step of train.py's train_step on a tiny linear model with plain SGD (lr 1): the weights' change."""
+def sam_step(grad_accum=1, scale=None, extra=()):
+    """One SAM step of train.py's train_step on a tiny linear model with plain SGD (lr 1), with the `extra`
+    methods: the weights' change."""
     from train import train_step
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
@@ -276,8 +277,8 @@ def sam_step(grad_accum=1, scale=None):
     x, y = torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 4, (8,), generator=g)
     before = [p.detach().clone() for p in net.parameters()]
     scaler = torch.amp.GradScaler("cpu", enabled=scale is not None, init_scale=scale or 1.0)
-    train_step(net, opt, scaler, MethodList([build("sam:rho=0.5")]), torch.autocast("cpu", enabled=False), x, y,
-               grad_accum, False, step_context(num_classes=4))
+    train_step(net, opt, scaler, MethodList([build("sam:rho=0.5"), *extra]), torch.autocast("cpu", enabled=False),
+               x, y, grad_accum, False, step_context(num_classes=4))
     return [b - p.detach() for b, p in zip(before, net.parameters())], (net, before, x, y)
 
 
@@ -300,6 +301,52 @@ def test_sam_updates_with_the_gradient_at_the_perturbed_weights():
         torch.testing.assert_close(a, b)
     for a, b in zip(change, sam_step(scale=1024.0)[0]):  # fp16's loss scale cancels out of the perturbation
         torch.testing.assert_close(a, b)
+
+
+class GradHook(Method):
+    """A before_step at `order`: keeps the gradient it sees, and zeroes it where asked."""
+    name = "grad_hook"
+
+    def __init__(self, order, zero=False):
+        super().__init__()
+        self.order, self.zero, self.seen = order, zero, None
+
+    def before_step(self, model, optimizer, ctx):
+        self.seen = [p.grad.clone() for p in model.parameters()]
+        if self.zero:
+            for p in model.parameters():
+                p.grad.zero_()
+
+
+def test_a_before_step_after_sam_sees_and_edits_the_gradient_the_update_uses():
+    """SAM (order 70) replaces the gradient: a hook at 75 sees the second pass's (SGD lr 1: the step taken) and
+    its edit is the update's; a hook at 50 edits only the gradient SAM perturbs along, and a warning says so."""
+    change, _ = sam_step()
+    after = GradHook(75)
+    for a, b, seen in zip(change, sam_step(extra=[after])[0], after.seen, strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(seen, a)  # the second-pass gradient
+    assert all(not c.any() for c in sam_step(extra=[GradHook(75, zero=True)])[0])  # its zeroed gradient: no step
+    assert all(c.abs().sum() > 0 for c in sam_step(extra=[GradHook(50, zero=True)])[0])  # SAM's gradient anyway
+    assert MethodList([build("sam"), GradHook(75)]).warnings() == []
+    assert MethodList([build("sam"), GradHook(50)]).warnings() == [
+        "method grad_hook's before_step (order 50) runs before sam's (order 70), which recomputes the gradient: what "
+        "grad_hook does to the gradient does not reach the update (give it an order above 70 to change the gradient "
+        "the update uses)"]
+
+
+def test_train_py_warns_in_one_line_of_a_before_step_ordered_before_sam(tmp_path):
+    plugin = tmp_path / "zero_grad.py"
+    plugin.write_text("from methods import Method\n\nclass ZeroGrad(Method):\n    name = 'zero_grad'\n\n"
+                      "    def before_step(self, model, optimizer, ctx):\n        optimizer.zero_grad()\n")
+    args = TINY + ["--amp", "none", "--eval-every", "0", "--plugins", str(plugin), "--method", "zero_grad"]
+    alone = run_train(args + ["--run-dir", str(tmp_path / "alone")]).stdout
+    with_sam = run_train(args + ["--method", "sam", "--run-dir", str(tmp_path / "sam")]).stdout
+    assert "warning" not in alone
+    assert [line for line in with_sam.splitlines() if "warning" in line] == [
+        "warning: method zero_grad's before_step (order 50) runs before sam's (order 70), which recomputes the "
+        "gradient: what zero_grad does to the gradient does not reach the update (give it an order above 70 to "
+        "change the gradient the update uses)"]
 
 
 def test_sams_second_pass_sees_the_same_augmented_batch():
@@ -527,3 +574,55 @@ def test_config_json_and_a_checkpoint_are_named_alike_whichever_predates_the_api
     assert api_names(old)["method_options"] == new["method_options"] == api_names(new)["method_options"]
     # a checkpoint written between the API and method_options records plugins only: it adds no empty options
     assert "method_options" not in api_names({"methods": ["ema"], "plugins": {}})
+
+
+@pytest.mark.parametrize("word", ["mx", "ls", "bp", "cl"])
+def test_a_plug_in_named_like_a_built_ins_short_name_is_refused_in_one_line(tmp_path, word):
+    """launch.sh's `--methods mx` is MixUp: a plug-in called mx (or labelled mx) would be one name for two methods,
+    run by launch.sh as MixUp and by train.py as itself. It is refused, by train.py and by launch.sh's check."""
+    named, short = tmp_path / f"{word}.py", tmp_path / "short.py"
+    named.write_text(f"from methods import Method\n\nclass Mine(Method):\n    name = {word!r}\n")
+    short.write_text(f"from methods import Method\n\nclass Mine(Method):\n    name, short = 'mine_{word}', {word!r}\n")
+    builtin = next(n for n, c in methods.REGISTRY.items() if c.short == word)
+    for plugin, method in ((named, word), (short, f"mine_{word}")):
+        run = tmp_path / "run"
+        p = run_train(TINY + ["--plugins", str(plugin), "--method", method, "--run-dir", str(run)], check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert f"in {plugin}" in p.stderr and f"'{word}', already method {builtin}'s short name" in p.stderr
+        assert not run.exists()
+    assert build(word).name == builtin  # train.py's --method mx is launch.sh's mx
+
+
+def test_a_plug_in_subclass_does_not_take_the_built_ins_label():
+    class Calibrated(methods.REGISTRY["label_smoothing"]):
+        name = "calibrated_ls"
+    assert Calibrated().label == "calibrated_ls" and build("label_smoothing").label == "ls"
+
+
+BUFFER_SPY = '''import contextlib, os, torch
+from methods import Method
+
+class BufferSpy(Method):
+    """Innermost at evaluation: saves the buffers of the weights evaluated (EMA's), per rank and evaluation."""
+    name, order = "buffer_spy", 95
+    evaluations = 0
+
+    @contextlib.contextmanager
+    def eval_weights(self, model):
+        self.evaluations += 1
+        torch.save([b.clone() for b in model.buffers()],
+                   os.path.join({out!r}, f"rank{{os.environ['RANK']}}-{{self.evaluations}}.pt"))
+        yield
+'''
+
+
+def test_the_emas_batchnorm_statistics_are_rank_0s_on_every_rank_at_each_evaluation(tmp_path):
+    """2 gloo ranks: each rank's batches move its own BatchNorm statistics, and so its EMA's; rank 0's are the
+    ones evaluated and saved, and every rank holds them at each evaluation (as after a resume)."""
+    spy = tmp_path / "spy.py"
+    spy.write_text(BUFFER_SPY.format(out=str(tmp_path)))
+    run_train(TINY + ["--amp", "none", "--eval-every", "1", "--method", "ema:decay=0.9", "--plugins", str(spy),
+                      "--method", "buffer_spy", "--run-dir", str(tmp_path / "run")], torchrun=2)
+    for n in (1, 2, 3, 4):
+        a, b = (torch.load(tmp_path / f"rank{r}-{n}.pt") for r in (0, 1))
+        assert len(a) > 10 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), n

@@ -177,6 +177,25 @@ def test_mixup_batch_and_targets_are_the_same_convex_combination(eps):
     assert mixing_weight(x, xm5) == pytest.approx(lams[5].item()) and not torch.allclose(xm5, xm6)
 
 
+def test_mixup_draws_what_it_drew_and_leaves_numpys_global_stream_alone():
+    """MixUp seeds NumPy's global generator from the key for timm's draw; it puts the generator back after, so a
+    plug-in drawing from np.random sees its own stream, not one restarted each micro-batch. Its draws are those
+    of the committed studies (lambda pinned for three keys)."""
+    import numpy as np
+    x, y = torch.randn(8, 3, 4, 4), torch.arange(8)
+    mixup = method_list("mixup")
+    lams = [mixup.transform_batch(x.clone(), y, ctx(step))[1][0, 0].item() for step in (0, 1, 7)]
+    assert lams == [0.7319868803024292, 0.6799988150596619, 0.9416455626487732]  # t[0] = lam e_0 + (1 - lam) e_7
+    np.random.seed(123)
+    want = np.random.rand(4)
+    np.random.seed(123)
+    got = [np.random.rand(2)]
+    for step in range(3):
+        mixup.transform_batch(x.clone(), y, ctx(step))
+    got.append(np.random.rand(2))
+    assert np.array_equal(np.concatenate(got), want)
+
+
 ALL_SETS = [combo for r in range(5) for combo in itertools.combinations(PAPER_METHODS, r)]
 ALIASES = {"blurpool": "--blurpool", "channels_last": "--channels-last", "label_smoothing": "--label-smoothing",
            "mixup": "--mixup"}

@@ -162,3 +162,52 @@ def test_model_kwargs_reach_the_model():
         tokens[patch] = vit.patch_embed.num_patches
         assert len(vit.blocks) == 2 and vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)  # linear rule
     assert tokens == {4: 64, 8: 16}
+
+
+def test_lamb_takes_its_trust_ratio_without_weight_decay_too():
+    """timm's Lamb took the trust ratio only where weight decay was on: --weight-decay 0 trained as plain Adam.
+    Now each parameter's step is lr x ||w|| (the update scaled to the weights' norm), and not Adam's."""
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 10, 1)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    adam = torch.optim.Adam([p.detach().clone().requires_grad_() for p in model.parameters()], lr=0.01, eps=1e-6)
+    for p, q in zip(model.parameters(), adam.param_groups[0]["params"]):
+        q.grad = p.grad.clone()
+    adam.step()
+    build(["--opt", "lamb", "--lr", "0.01", "--weight-decay", "0"], model).step()
+    for p, b, a in zip(model.parameters(), before, adam.param_groups[0]["params"]):
+        if b.norm() > 0 and p.grad.norm() > 0:  # timm: a ratio of 1 where a norm is 0
+            assert (p.detach() - b).norm().item() == pytest.approx(0.01 * b.norm().item(), rel=1e-4)
+            if p.ndim > 1:  # (BatchNorm's weights of ones: Adam's first step, ~lr per entry, has that norm too)
+                assert not torch.allclose(p.detach() - b, a.detach() - b, rtol=1e-3, atol=0)
+
+
+def test_lamb_runs_record_their_version_and_older_ones_stay_apart(tmp_path):
+    """config.json's lamb_version (2); a lamb run without it took the old update: it counts as null, is not
+    resumed with the new one, and is another group in the analysis."""
+    import os
+    import shutil
+
+    from analysis.runs import load_runs
+    args = TINY + ["--opt", "lamb", "--lr", "0.01", "--weight-decay", "0", "--cycles", "1", "--eval-every", "0",
+                   "--amp", "none"]
+    new, old = tmp_path / "runs" / "new", tmp_path / "runs" / "old"
+    run_train(args + ["--run-dir", str(new)])
+    assert json.loads((new / "config.json").read_text())["lamb_version"] == 2
+    shutil.copytree(new, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["lamb_version"]
+    (old / "config.json").write_text(json.dumps(config))
+    last = old / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["config"]["lamb_version"]
+    torch.save(ckpt, last)
+    runs = {os.path.basename(r.path): r for r in load_runs([str(tmp_path / "runs")])}
+    assert runs["old"].option("lamb_version") is None and runs["new"].option("lamb_version") == 2
+    assert runs["old"].family != runs["new"].family
+    os.remove(old / "done")
+    p = run_train(args + ["--run-dir", str(old), "--resume"], check=False)
+    assert p.returncode == 2 and "lamb_version: None -> 2" in p.stderr

@@ -104,8 +104,12 @@ def test_a_damaged_image_is_named_by_prepare_and_by_the_loader(tmp_path):
     with open(tmp_path / "out" / "train" / f"shard-{shard:05d}.bin", "r+b") as f:  # its bytes spoilt in the shard
         f.seek(offset)
         f.write(bytes(64))
-    with pytest.raises(DataError, match=f"error while reading {bad}.*run shards.py SRC OUT again"):
+    with pytest.raises(DataError) as e:  # the shard's bytes and its index row are named, not the intact source
         list(data.train_loader(6, 0, 1, seed=0).epoch(0))
+    assert str(e.value).startswith(f"--data-dir: error while reading image {i} of {tmp_path / 'out' / 'train'} as "
+                                   f"stored (shard-{shard:05d}.bin, bytes {offset}-") and f"index.npy row {i})" in str(
+        e.value) and str(bad) not in str(e.value) and "good copy" not in str(e.value)
+    assert str(e.value).endswith("; run shards.py SRC OUT again (remove OUT first), then continue with --resume")
 
 
 def test_a_shard_cut_short_or_missing_and_mixed_storage_are_refused(tmp_path):
@@ -181,3 +185,50 @@ def test_a_run_on_shards_of_unchanged_images_equals_the_folder_run(tmp_path):
     p = run_train(FOLDER + ["--data-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path / "shards"), "--resume",
                             "auto"], check=False)
     assert p.returncode != 0 and "are not stored as when" in p.stderr.strip().splitlines()[-1]
+
+
+def edited_index(out, edit, split="train"):
+    """OUT/split/index.npy with edit(table) applied in place, as a hand edit or a stray script would leave it."""
+    path = out / split / "index.npy"
+    table = np.load(path)
+    edit(table)
+    np.save(path, table)
+
+
+@pytest.mark.parametrize("edit", ["label", "swap"])
+def test_an_index_changed_after_preparing_is_refused_before_anything_is_written(tmp_path, edit):
+    """A fresh run checked nothing against meta.json (a resume compares index_crc32 only with the run's start):
+    a label 0 -> 1, or two rows swapped, trained on wrong labels without a word."""
+    root = tree(tmp_path / "tree", per_class=8)
+    out = tmp_path / "out"
+    shards.prepare(root, str(out), workers=1, progress=False)
+    if edit == "label":
+        edited_index(out, lambda t: t.__setitem__((0, 3), 1))  # image 0 is of class 0
+    else:
+        edited_index(out, lambda t: t.__setitem__([0, 23], t[[23, 0]]))  # the first and the last: other classes
+    run = tmp_path / "run"
+    p = run_train(FOLDER + ["--data-dir", str(out), "--run-dir", str(run)], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"train.py: error: --data-dir: {out / 'train'}/index.npy was changed after shards.py wrote it (CRC-32 "
+        f"{shards.table_crc32(np.load(out / 'train' / 'index.npy'))}, meta.json records "
+        f"{json.loads((out / 'train' / 'meta.json').read_text())['index_crc32']}): its labels or order may be wrong; "
+        f"remove it and run shards.py again"]
+    assert not run.exists()
+
+
+def test_a_label_outside_the_classes_is_refused_before_anything_is_written(tmp_path):
+    """Was IndexError ('Target 5 is out of bounds') mid-training, the run folder left; also for shards prepared
+    before meta.json recorded index_crc32."""
+    root = tree(tmp_path / "tree")
+    out = tmp_path / "out"
+    shards.prepare(root, str(out), workers=1, progress=False)
+    edited_index(out, lambda t: t.__setitem__((4, 3), 5), split="val")
+    meta = json.loads((out / "val" / "meta.json").read_text())
+    del meta["index_crc32"]  # as an older shards.py wrote it
+    (out / "val" / "meta.json").write_text(json.dumps(meta))
+    run = tmp_path / "run"
+    p = run_train(FOLDER + ["--data-dir", str(out), "--run-dir", str(run)], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"train.py: error: --data-dir: {out / 'val'}/index.npy row 4 has label 5, outside its meta.json's 3 classes "
+        f"(0-2); remove it and run shards.py again"]
+    assert not run.exists()
