@@ -150,7 +150,9 @@ def check_model_runs(model, data, methods, args):
         with weights_kept(model), torch.no_grad():
             model.train()
             model(methods.transform_eval_batch(x))
-    except Exception as e:  # whatever the model raises
+    except Exception as e:  # whatever the model makes of its options; not the GPU's own trouble (memory, driver)
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e) or "cuDNN" in str(e):
+            raise
         raise ValueError(f"--model {args.model} --model-kwargs '{args.model_kwargs}': a forward pass on "
                          f"{data.in_chans}x{size[0]}x{size[1]} images fails ({error_line(e)}); fix the model's "
                          f"options") from None

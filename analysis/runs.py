@@ -23,7 +23,8 @@ FINITE = ("epoch", "step", "cycle", "cycle_end")  # a curve point cannot be plac
 # Each column's range. A cell outside it (accuracy 1e9, a negative time) is damage: its row counts as a row of
 # non-finite accuracy (no curve point, no peak), with one warning. Empty cells are "none" (train_loss after only
 # skipped steps, val_acc5 under 5 classes); non-finite losses and accuracies are how a diverged run ends.
-RANGES = {"val_acc1": (0, 100), "val_acc5": (0, 100), "train_loss": (0, math.inf), "val_loss": (0, math.inf),
+# train_loss is whatever the methods' loss hooks return (a confidence penalty can make it negative): a number.
+RANGES = {"val_acc1": (0, 100), "val_acc5": (0, 100), "train_loss": (-math.inf, math.inf), "val_loss": (0, math.inf),
           "train_time_s": (0, math.inf), "curve_cost_s": (0, math.inf)}
 NON_FINITE_OK = ("val_acc1", "val_acc5", "train_loss", "val_loss")
 MATCH_TOLERANCE = 0.05  # budgets match across curves when epochs agree within 5 %

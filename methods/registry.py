@@ -16,6 +16,7 @@ REGISTRY = {}  # name -> Method subclass
 SOURCES = {}  # name -> "sha256:<hex>" of the plug-in file that defined it (built-ins: absent)
 LOADED = {}  # (path, digest) -> the names a plug-in file registered: a file loaded again is not imported again
 ALIAS_KEYS = {}  # method name -> the options its alias flags add (label_smoothing, ...): its config() may record them
+RESERVED = {"baseline"}  # words that name no method: a sweep's set of none
 
 
 def register(cls, source=None):
@@ -29,6 +30,11 @@ def register(cls, source=None):
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise MethodError(f"--plugins: method '{cls.name}' is defined twice ({REGISTRY[cls.name].__module__} and "
                           f"{cls.__module__}); rename one")
+    reserved = RESERVED & {cls.name, own_short(cls)}
+    if reserved:  # launch.sh's --methods baseline is the set of no method
+        where = getattr(sys.modules.get(cls.__module__), "__file__", cls.__module__)
+        raise MethodError(f"--plugins: method '{cls.name}' in {where} is named '{reserved.pop()}', the word for no "
+                          f"method (launch.sh's --methods baseline); rename it")
     for other in REGISTRY.values():  # one word, two methods: `--method mx` (launch.sh's `--methods mx`) and the run
         clash = {cls.name, own_short(cls)} & {other.name, own_short(other)} - {None}  # folders' labels would mix them
         if other is not cls and clash:

@@ -183,6 +183,13 @@ def pytest_configure(config):
 # The tests over ~10 s on 2 cores (pytest --durations): several runs, torchrun, sweeps through launch.sh, the
 # gpu-check dry run. `./launch.sh test --fast` leaves them out; CI and `./launch.sh test` run everything.
 SLOW = {
+    "test_the_emas_batchnorm_statistics_are_rank_0s_on_every_rank_at_each_evaluation",
+    "test_two_gloo_ranks_see_every_image_once_an_epoch_with_their_own_crops",
+    "test_a_plug_in_named_like_a_paper_short_name_is_refused",
+    "test_an_empty_method_set_is_named",
+    "test_bad_method_name_is_refused",
+    "test_dry_run_plans_each_run_once",
+    "test_the_checks_of_a_model_leave_the_run_as_it_was",
     "test_tiny_real_sweep_end_to_end",
     "test_gpu_check_runs_every_check_in_its_cpu_dry_mode",
     "test_gpu_check_skips_a_check_whose_optional_package_is_missing",

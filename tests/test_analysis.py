@@ -333,9 +333,9 @@ def test_a_cell_outside_its_range_costs_its_row_with_one_line(sweep, tmp_path, c
     text = (loss / "metrics.csv").read_text().splitlines()
     (loss / "metrics.csv").write_text("\n".join(text[:-1] + [text[-1].replace(",1.0,1.0,", ",1.0,-1,")]) + "\n")
     legal = write_run(sweep, "legal", "cyclic", [], cyclic_rows([81, 84, 90], [2, 4, 8]), seed=1)
-    text = (legal / "metrics.csv").read_text().splitlines()  # no train loss, no top-5; then diverged (nan losses)
-    text[2], text[-1] = text[2].replace(",1.0,1.0,", ",,1.0,").replace(",99.0,", ",,"), \
-        text[-1].replace(",1.0,1.0,", ",nan,nan,")
+    text = (legal / "metrics.csv").read_text().splitlines()  # no train loss, no top-5; a method's negative training
+    text[2], text[3], text[-1] = text[2].replace(",1.0,1.0,", ",,1.0,").replace(",99.0,", ",,"), \
+        text[3].replace(",1.0,1.0,", ",-0.12,1.0,"), text[-1].replace(",1.0,1.0,", ",nan,nan,")  # loss; diverged
     (legal / "metrics.csv").write_text("\n".join(text) + "\n")
     out = tmp_path / "out"
     compare.main([str(sweep), "--out", str(out), "--metric", "max"])

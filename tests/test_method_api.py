@@ -593,6 +593,16 @@ def test_a_plug_in_named_like_a_built_ins_short_name_is_refused_in_one_line(tmp_
     assert build(word).name == builtin  # train.py's --method mx is launch.sh's mx
 
 
+def test_a_plug_in_named_baseline_is_refused_in_one_line(tmp_path):
+    """launch.sh's `--methods baseline` is the set of no method: a plug-in of that name would run there as the
+    baseline and in train.py as itself."""
+    plugin, run = tmp_path / "baseline.py", tmp_path / "run"
+    plugin.write_text("from methods import Method\n\nclass Mine(Method):\n    name = 'baseline'\n")
+    p = run_train(TINY + ["--plugins", str(plugin), "--method", "baseline", "--run-dir", str(run)], check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "the word for no method" in p.stderr and not run.exists()
+
+
 def test_a_plug_in_subclass_does_not_take_the_built_ins_label():
     class Calibrated(methods.REGISTRY["label_smoothing"]):
         name = "calibrated_ls"

@@ -262,9 +262,11 @@ def test_a_model_that_cannot_train_on_the_data_is_one_line_and_writes_nothing(ar
     assert not run.exists()
 
 
-def test_the_checks_of_a_model_leave_the_run_as_it_was(tmp_path):
+def test_the_checks_of_a_model_leave_the_run_as_it_was(tmp_path, monkeypatch):
     """The trial forward pass (dropout and drop-path draw from the RNG, BatchNorm counts its batches) is undone:
-    a run's rows are those of the model trained without it."""
+    weights, buffers and every RNG as they were, and a run's rows are those of the run trained without the check."""
+    import csv
+
     import train
     from data import build_data
     from methods import MethodList
@@ -272,11 +274,22 @@ def test_the_checks_of_a_model_leave_the_run_as_it_was(tmp_path):
     data = build_data("synthetic", None, torch.device("cpu"), 64)
     torch.manual_seed(0)
     model = build_model("resnet10t", 10, 3, {"drop_rate": 0.5, "drop_path_rate": 0.5})
-    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, train.rng_state()
     args = train.parse_args(["--model", "resnet10t", "--data", "synthetic"])
     train.check_model_runs(model, data, MethodList([]), args)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert torch.equal(rng, torch.get_rng_state())
+    after = train.rng_state()
+    assert all(torch.equal(rng[k], after[k]) if isinstance(rng[k], torch.Tensor) else rng[k] == after[k] for k in rng)
+    monkeypatch.delenv("RANK", raising=False)
+    flags = TINY + ["--model", "resnet10t", "--model-kwargs", "drop_rate=0.3,drop_path_rate=0.2", "--cycles", "1",
+                    "--eval-every", "0.5", "--method", "mixup"]
+    train.main(flags + ["--run-dir", str(tmp_path / "checked")])
+    monkeypatch.setattr(train, "check_model_runs", lambda *a: None)
+    train.main(flags + ["--run-dir", str(tmp_path / "unchecked")])
+    rows = [[{k: v for k, v in r.items() if not k.endswith("_s")} for r in csv.DictReader(open(tmp_path / d /
+                                                                                              "metrics.csv"))]
+            for d in ("checked", "unchecked")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
 
 
 def test_amp_auto_measures_only_after_the_schedule_checks(tmp_path, capsys, monkeypatch):
