@@ -64,7 +64,7 @@ class Watch(contextlib.AbstractContextManager):
         self.seen = {}
 
         def hook(module, inputs, output):
-            if not module.training:
+            if not module.training or not torch.is_grad_enabled():  # train.py's start-up check of the model: no grad
                 return
             x = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
             if x is not None and x.dim() == 4 and "batch_size" not in self.seen:  # the outermost module: the model
