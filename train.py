@@ -409,6 +409,9 @@ class TrainState:
     skipped: int = 0
     loss_sum: float = 0.0  # this rank's sum of step losses since the last row
     loss_steps: int = 0
+    # this rank's loss at each of the path's last steps_per_epoch steps, slot = path step mod steps_per_epoch (NaN:
+    # no loss there, a skipped step or none yet): train_loss_epoch. None: empty (a checkpoint from before it)
+    loss_window: list = None
     images: int = 0  # images trained since the last row, and the seconds they took
     row_time: float = 0.0
     trunk: dict = None  # wsd, inside a branch: the trunk's state at the branch point, restored after it
@@ -447,6 +450,7 @@ class Run:
         first_step = state.step
         first_bad = torch.full((), NO_STEP, dtype=torch.long, device=self.device)  # earliest non-finite step
         loss_sum = torch.full((), state.loss_sum, device=self.device)  # summed on the device: no sync per step
+        loss_window = self.window_tensor(state)
         started = time.perf_counter()
         stream = self.warm_up(state) if state.step < plan.run_steps else None
         state.startup_time += time.perf_counter() - started  # start-up: its own column, off the training clock
@@ -458,6 +462,7 @@ class Run:
             seg, at = plan.segment_at(state.step)
             if seg.kind == "branch" and state.trunk is None:  # wsd: keep the trunk, train a copy down to 0
                 clock.pause(state)  # the trunk's time so far belongs to the snapshot
+                state.loss_window = loss_window.tolist()
                 state.trunk = self.snapshot(state, loss_sum)
                 clock.start()
             for path_step, x, y in itertools.islice(stream, seg.end - at):  # this segment's steps
@@ -471,6 +476,7 @@ class Run:
                 if self.sf:
                     lr = self.optimizer.param_groups[0]["scheduled_lr"]
                 self.tracked.lr(state.step + 1, lr)
+                loss_window[path_step % spe] = math.nan if loss is None else loss
                 if loss is None:  # non-finite and --skip-nonfinite allows it: no update, the schedule goes on
                     state.skipped += 1
                     if self.master:
@@ -492,6 +498,7 @@ class Run:
                 if save_due:
                     clock.pause(state)
                     state.loss_sum = self.check_finite(first_bad, loss_sum)
+                    state.loss_window = loss_window.tolist()
                     if row_due:
                         self.evaluate_and_log(state, seg, done, lr)
                         loss_sum.zero_()
@@ -499,6 +506,7 @@ class Run:
                         # (after the last branch the run is over: last.pt keeps the model of the last row)
                         state.loss_sum = self.restore_snapshot(state)
                         loss_sum.fill_(state.loss_sum)
+                        loss_window = self.window_tensor(state)
                     self.save(state)
                     self.tracked.flush()
                     last_save = time.monotonic()
@@ -534,6 +542,11 @@ class Run:
             torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gb: training's, not the start-up's
         return itertools.chain([first], stream)
 
+    def window_tensor(self, state):
+        """state.loss_window on the device, as float32 like the losses it holds (all NaN where empty)."""
+        values = state.loss_window or [math.nan] * self.loader.steps_per_epoch
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
     def checkpoint_due(self, last_save, step):
         """--checkpoint-every: rank 0's clock decides, every 25 steps under DDP so that ranks agree."""
         if not self.args.checkpoint_every:
@@ -558,7 +571,9 @@ class Run:
     def evaluate_and_log(self, state, seg, done, lr):
         """Validate, append the metrics row (rank 0), reset the row's accumulators."""
         t_eval = time.perf_counter()
-        sums = torch.tensor([state.loss_sum, state.loss_steps], dtype=torch.float64, device=self.device)
+        window = [v for v in state.loss_window or () if math.isfinite(v)]
+        sums = torch.tensor([state.loss_sum, state.loss_steps, sum(window), len(window)], dtype=torch.float64,
+                            device=self.device)
         if self.ddp:
             dist.all_reduce(sums)
         val = self.evaluate_point(done)
@@ -573,7 +588,8 @@ class Run:
                    cycle=seg.branch if seg.kind == "branch" else plan.cycle_of_step(done - 1),
                    cycle_end=int(curve_point or (done == plan.total_steps and plan.schedule != "wsd")),
                    images_per_s=f"{state.images / max(state.row_time, 1e-9):.1f}", skipped_steps=state.skipped,
-                   eval_time_s=f"{time.perf_counter() - t_eval:.3f}")
+                   eval_time_s=f"{time.perf_counter() - t_eval:.3f}",
+                   train_loss_epoch=f"{sums[2] / sums[3]:.6f}" if sums[3] else None)
         if self.device.type == "cuda":
             row["peak_mem_gb"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}"
         if self.master:
@@ -650,8 +666,10 @@ class Run:
             skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=result_options(self.args, self.setup)))
 
 
-ROW_FIELDS = ("loss_sum", "loss_steps", "images", "row_time", "path_time")  # TrainState fields a path carries
-PER_RANK = ("rng", "loss_sum", "loss_steps")  # path parts that differ between DDP ranks
+# TrainState fields a path carries
+ROW_FIELDS = ("loss_sum", "loss_steps", "images", "row_time", "path_time", "loss_window")
+PER_RANK = ("rng", "loss_sum", "loss_steps", "loss_window")  # path parts that differ between DDP ranks
+ADDED_PER_RANK = {"loss_window": None}  # what checkpoints from before a per-rank part read as
 
 
 def load_path(path, raw_model, optimizer, scaler, methods):
@@ -666,12 +684,12 @@ def load_path(path, raw_model, optimizer, scaler, methods):
 
 def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank):
     """Load what Run.save wrote; returns the TrainState to continue from."""
-    mine = ckpt["ranks"][rank] if rank < len(ckpt["ranks"]) else ckpt["ranks"][0]
+    mine = dict(ADDED_PER_RANK, **(ckpt["ranks"][rank] if rank < len(ckpt["ranks"]) else ckpt["ranks"][0]))
     path = dict(ckpt, path_time=ckpt["train_time_s"], **{k: mine[k] for k in PER_RANK})
     row = load_path(path, raw_model, optimizer, scaler, methods)
     if scheduler is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
-    trunk = None if ckpt["trunk"] is None else dict(ckpt["trunk"], **{k: mine["trunk"][k] for k in PER_RANK})
+    trunk = None if ckpt["trunk"] is None else dict(ckpt["trunk"], **dict(ADDED_PER_RANK, **mine["trunk"]))
     return TrainState(step=ckpt["step"], cost_time=ckpt["curve_cost_s"], startup_time=ckpt.get("startup_s", 0.0),
                       metrics_rows=ckpt["metrics_rows"], skipped=ckpt["skipped_steps"], trunk=trunk, **row)
 

@@ -287,9 +287,10 @@ def ranking_row(estimator, budget, names, std_points, est_points):
     std_scores, est_scores = [mean(p) for p in std_points], [mean(p) for p in est_points]
     tau, discordant = stats.kendall_tau(std_scores, est_scores)
     n = len(names)
-    diffs, separated, no_ci = [], 0, 0
+    diffs, separated, no_ci, tests = [], 0, 0, []
     for i, j in discordant:
         d, lo, hi, seeds, pairing = standard_difference(std_points[i], std_points[j])
+        tests.append((names[i], names[j], d, lo, hi, seeds))
         separated += bool(stats.resolved(lo, hi))
         no_ci += lo is None
         ci = f"[{lo:+.2f}, {hi:+.2f}]" if lo is not None else "no CI"
@@ -299,7 +300,8 @@ def ranking_row(estimator, budget, names, std_points, est_points):
                 estimator_order=order_text(names, est_scores), kendall_tau=tau, discordant_pairs=len(discordant),
                 n_pairs=n * (n - 1) // 2, swaps="; ".join(f"{names[i]} <> {names[j]}" for i, j in discordant),
                 swaps_standard_separates=separated, swaps_without_ci=no_ci, swap_standard_diffs="; ".join(diffs),
-                _names=names, _std=std_scores, _est=est_scores)
+                _names=names, _std=std_scores, _est=est_scores, _std_points=std_points, _est_points=est_points,
+                _swap_tests=tests)
 
 
 def ranking_rows(cmap, estimator, min_epochs=0.0):
@@ -339,6 +341,7 @@ def fit_rows(cmap, x):
             row["note"] = f"not fitted: {e}"
             rows.append(row)
             continue
+        row["_fit"] = f
         row.update(a=f.a, b=f.b, c=f.c, rmse_pp=f.rmse, max_abs_residual_pp=float(np.abs(f.residuals).max()),
                    residuals_pp=" ".join(f"{r:.3g}" for r in f.residuals))
         standard = fits.get((m, "standard"))
@@ -398,12 +401,37 @@ def group_tables(cmap, min_epochs, x):
 TABLE_COLUMNS = {"curves.csv": CURVE_COLUMNS, "gaps.csv": GAP_COLUMNS, "estimators.csv": ESTIMATOR_COLUMNS,
                  "points.csv": POINT_COLUMNS, "improvement.csv": IMPROVEMENT_COLUMNS, "ranking.csv": RANKING_COLUMNS,
                  "fits.csv": FIT_COLUMNS}
+# analysis.review's statistics (issue 45), after every column above: a p-value, Holm's verdict over the test's family
+# and leave-one-seed-out robustness per test; the cost ratio paired by seed; Kendall's tau's CI; the fits' degrees of
+# freedom and parameter CIs; stats_note: why one of them is empty. And two tables of their own.
+GAP_REVIEW_COLUMNS = ["mean_gap_p", "mean_gap_resolved_holm", "mean_gap_robust", "mean_gap_robust_holm",
+                      "delta_gap_vs_baseline_p", "delta_gap_vs_baseline_resolved_holm", "delta_gap_vs_baseline_robust",
+                      "delta_gap_vs_baseline_robust_holm", "time_ratio_paired", "time_ratio_paired_lo",
+                      "time_ratio_paired_hi", "time_ratio_paired_seeds", "stats_note"]
+REVIEW_COLUMNS = {"gaps.csv": GAP_REVIEW_COLUMNS, "estimators.csv": GAP_REVIEW_COLUMNS,
+                  "improvement.csv": ["improvement_p", "improvement_resolved_holm", "improvement_robust",
+                                      "improvement_robust_holm", "stats_note"],
+                  "ranking.csv": ["kendall_tau_lo", "kendall_tau_hi", "kendall_tau_seeds", "swap_standard_p",
+                                  "swap_standard_resolved_holm", "swaps_standard_separates_holm",
+                                  "swap_standard_robust", "swap_standard_robust_holm", "stats_note"],
+                  "fits.csv": ["dof", "a_lo", "a_hi", "b_lo", "b_hi", "c_lo", "c_hi"]}
+for _name, _extra in REVIEW_COLUMNS.items():
+    TABLE_COLUMNS[_name].extend(_extra)
+POWER_COLUMNS = ["comparison", "methods", "curve", "budget", "estimate_pp", "lo", "hi", "n_seeds", "sd_per_seed_pp",
+                 "mde_pp", "detect_pp", "seeds_needed", "note", "group"]
+PAIR_COLUMNS = ["estimator_a", "estimator_b", "methods", "n_seeds", "per_run_abs_gap_a", "per_run_abs_gap_b", "diff_pp",
+                "diff_lo", "diff_hi", "resolved", "p", "resolved_holm", "robust", "robust_holm", "note", "group"]
+TEST_COLUMNS = ["family", "curve", "methods", "budget", "estimate_pp", "lo", "hi", "n_seeds", "p", "resolved",
+                "resolved_holm", "robust", "robust_holm", "family_tests", "note", "group"]
+TABLE_COLUMNS.update({"tests.csv": TEST_COLUMNS, "power.csv": POWER_COLUMNS, "estimator_pairs.csv": PAIR_COLUMNS})
 
 
-def analyse_runs(runs, metric="max", min_epochs=0.0, x="time", only_complete_seeds=False):
+def analyse_runs(runs, metric="max", min_epochs=0.0, x="time", only_complete_seeds=False, detect=None):
     """Curves per group and every table of `runs` (from analysis.runs.load_runs) as an Analysis; with
     only_complete_seeds, each method set's seeds that miss a run some other seed has are set aside
-    (analysis.runs.complete_seeds) and listed in Analysis.left_out."""
+    (analysis.runs.complete_seeds) and listed in Analysis.left_out. detect: the difference (pp) power.csv plans
+    seeds for (default analysis.review.DETECT)."""
+    from analysis import review  # it builds on this module's functions
     groups, left_out = group_runs(runs), []
     if only_complete_seeds:
         for group, members in groups.items():
@@ -418,6 +446,8 @@ def analyse_runs(runs, metric="max", min_epochs=0.0, x="time", only_complete_see
         for name, rows in group_tables(cmap, min_epochs, x).items():
             tables[name][1].extend(tag(group, rows))
         dropped += [(group,) + d for d in dropped_budgets(cmap, min_epochs)]
+    for group, cmap in curve_sets.items():
+        review.extend(tables, group, cmap, min_epochs, x, detect or review.DETECT)
     return Analysis(runs, groups, curve_sets, tables, dropped, left_out)
 
 
@@ -429,7 +459,7 @@ def analyse(args):
         sys.exit(f"analysis: error: {e}")
     if not runs:
         sys.exit(f"analysis: error: no readable finished runs below {' '.join(args.runs)}")
-    return analyse_runs(runs, args.metric, args.min_epochs, args.x, args.complete_seeds)
+    return analyse_runs(runs, args.metric, args.min_epochs, args.x, args.complete_seeds, detect=args.detect)
 
 
 def fmt(v, spec=".2f"):
@@ -489,6 +519,20 @@ def add_common_args(p):
     p.add_argument("--complete-seeds", action="store_true",
                    help="per method set, use only the seeds that have every standard budget and every estimator "
                         "run of 2+ seeds (an unfinished sweep then compares seed-paired curves over the same seeds)")
+    p.add_argument("--detect", type=positive_pp, metavar="PP",
+                   help="power.csv: the seeds each comparison needs to resolve a true difference of PP percentage "
+                        "points (95 %% CI, 80 %% power; default 0.3, the paper's)")
+
+
+def positive_pp(text):
+    """--detect's value: a positive, finite number of percentage points."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of percentage points (e.g. 0.3)")
+    return value
 
 
 def left_out_lines(analysis):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from analysis import stats
+
 C_GRID = np.geomspace(1e-3, 10.0, 400)
 MIN_POINTS = 3  # three parameters
 
@@ -37,6 +39,11 @@ class PowerLaw:
     @property
     def rmse(self):
         return float(np.sqrt(np.mean(self.residuals ** 2)))
+
+    @property
+    def dof(self):
+        """Degrees of freedom: points beyond the three parameters (0: the curve passes exactly through them)."""
+        return self.xs.size - MIN_POINTS
 
 
 def solve_ab(xs, ys, c):
@@ -84,3 +91,22 @@ def area_between(f, g, lo, hi, n=1024):
     u = np.linspace(math.log(lo), math.log(hi), n)
     d = f.predict(np.exp(u)) - g.predict(np.exp(u))
     return float(np.sum((d[1:] + d[:-1]) / 2 * np.diff(u)))
+
+
+def param_ci(f):
+    """95 % CIs [(lo, hi)] of (a, b, c), linearised least squares: t(dof) x the standard errors of
+    s^2 (J^T J)^-1, s^2 = SSE / dof, J the model's derivatives at the fit. None with no degree of freedom (an exact
+    curve, not a fit) or where J^T J is singular."""
+    if f.dof < 1:
+        return None
+    u = np.power(f.xs, -f.c)
+    jac = np.stack([np.ones_like(u), -u, f.b * u * np.log(f.xs)], axis=1)
+    try:
+        cov = np.linalg.inv(jac.T @ jac) * float(np.sum(f.residuals ** 2)) / f.dof
+    except np.linalg.LinAlgError:
+        return None
+    with np.errstate(invalid="ignore"):
+        half = stats.t975(f.dof) * np.sqrt(np.diag(cov))
+    if not np.all(np.isfinite(half)):
+        return None
+    return [(v - h, v + h) for v, h in zip((f.a, f.b, f.c), half.tolist())]

@@ -143,10 +143,11 @@ def fig_run(run, out, name):
                    label="curve points")
         finish_axes(ax, "optimizer step" if x == "step" else "training time (s)", "validation top-1 (%)",
                     f"accuracy against {'steps' if x == 'step' else 'training time'}", log_x=False)
-    for col, colour in (("train_loss", "tab:green"), ("val_loss", "tab:purple")):
+    for col, colour in (("train_loss", "tab:green"), ("train_loss_epoch", "tab:olive"), ("val_loss", "tab:purple")):
         pts = [(r["step"], float(r[col])) for r in path if r.get(col) not in (None, "")]
         loss_ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, marker=".", lw=1, label=col)
-    finish_axes(loss_ax, "optimizer step", "loss", "losses (train: mean since the last row)", log_x=False)
+    finish_axes(loss_ax, "optimizer step", "loss", "losses (train_loss: since the last row; _epoch: the last epoch)",
+                log_x=False)
     fig.suptitle(f"{run.path}: {run.methods}, seed {c.get('seed')}", fontsize=10)
     return save(fig, out, name)
 
@@ -580,6 +581,144 @@ def time_section(gaps):
                        f"{g['eq1_ratio']:.2f}"] for g in timed]), ""] + pooled_time_line(gaps)
 
 
+def test_name(t):
+    """A test's name in report.md: its method set (or pair of sets) and budget where it has one."""
+    return t["methods"] + ("" if t["budget"] is None else f" at {fmt(t['budget'], 'g')}")
+
+
+def moved_verdicts(t):
+    """'alone', 'Holm' or both: the verdicts of a test that some left-out seed changes."""
+    return ", ".join(name for name, kept in (("alone", t["robust"]), ("Holm", t["robust_holm"])) if not kept)
+
+
+def family_section(tests):
+    """report.md's families of tests (tests.csv): per family its size, what the 95 % CIs resolve alone, what Holm's
+    familywise procedure keeps, and the verdicts that leaving one seed out changes."""
+    if not tests:
+        return []
+    rows = []
+    for family, curve in dict.fromkeys((t["family"], t["curve"]) for t in tests):
+        mine = [t for t in tests if (t["family"], t["curve"]) == (family, curve)]
+        tested = [t for t in mine if t["p"] is not None]
+        dropped = [test_name(t) for t in tested if t["resolved"] and not t["resolved_holm"]]
+        checked = [t for t in mine if t["robust"] is not None]
+        moved = [f"{test_name(t)} ({moved_verdicts(t)})" for t in checked if not (t["robust"] and t["robust_holm"])]
+        rows.append([family, curve, len(tested), sum(bool(t["resolved"]) for t in tested),
+                     sum(bool(t["resolved_holm"]) for t in tested), "; ".join(dropped) or "none", len(checked),
+                     "; ".join(moved) or ("none" if checked else "")])
+    return ["## Families of tests: Holm's correction, leaving one seed out", "",
+            "Each table makes many tests at once. A family (a row here) is one table's tests of one estimator or "
+            "curve; its size is the number of tests with a p-value (p from the same t and standard error as the "
+            "test's 95 % CI, so p < 0.05 where the CI excludes 0). Resolved alone: the CI excludes 0 (the tables' "
+            "`resolved`); under Holm: Holm's step-down procedure at a familywise 5 % "
+            "(`*_resolved_holm`). Left out: with 4+ seeds behind a test, the whole group is recomputed without "
+            "each seed in turn; a verdict that changes for some seed is listed (`*_robust`, `*_robust_holm`). "
+            "Every test: tests.csv.", "",
+            md_table(["family", "estimator / curve", "tests", "resolved alone", "under Holm",
+                      "resolved alone, not under Holm", "checked (4+ seeds)", "verdicts one left-out seed changes"],
+                     rows), ""]
+
+
+def power_section(rows):
+    """report.md's seeds to plan (power.csv): the whole-curve comparisons and the standard curve's improvements."""
+    shown = [r for r in rows if r["comparison"] != "improvement over the baseline" or r["curve"] == "standard"]
+    if not shown:
+        return []
+    detect = shown[0]["detect_pp"]
+    return ["## Seeds to plan", "",
+            "From each comparison's spread over seeds (its CI's standard error x sqrt(seeds)): the smallest true "
+            "difference its seeds resolve with a 95 % CI 80 % of the time, (t(0.975, n-1) + t(0.8, n-1)) x sd / "
+            f"sqrt(n), and the seeds a true difference of {detect:g} pp needs (`--detect`; per side where the "
+            "comparison is unpaired). The estimators' improvements: power.csv. To plan a study, run 2 seeds first "
+            "(`./launch.sh sweep ... --seeds \"0 1\"`; it has no `--pilot-seeds` mode) and read this table.", "",
+            md_table(["comparison", "methods", "curve", "budget", "estimate [95 % CI]", "seeds", "sd per seed",
+                      "resolved at 80 % power", f"seeds for {detect:g} pp", "note"],
+                     [[r["comparison"], r["methods"], r["curve"], fmt(r["budget"], "g"),
+                       gap_cell(r["estimate_pp"], r["lo"], r["hi"]), r["n_seeds"], fmt(r["sd_per_seed_pp"]),
+                       fmt(r["mde_pp"]), fmt(r["seeds_needed"]), fmt(r["note"])] for r in shown]), ""]
+
+
+def pair_section(rows):
+    """report.md's estimator against estimator (estimator_pairs.csv)."""
+    if not rows:
+        return []
+    return ["## Estimator against estimator: per-run |gap|, paired by seed", "",
+            "Per method set, estimator a's per-run |gap| minus estimator b's (pp), the mean over the seeds both hold "
+            "with its 95 % t interval; negative: a is closer to the standard curve. `all N sets`: per seed the mean "
+            "over the sets, where every set holds the same seeds. Holm: over each pair's rows.", "",
+            md_table(["a - b", "methods", "seeds", "a's per-run abs gap", "b's", "a - b [95 % CI]", "resolved",
+                      "under Holm", "robust (alone / Holm)", "note"],
+                     [[f"{r['estimator_a']} - {r['estimator_b']}", r["methods"], r["n_seeds"],
+                       fmt(r["per_run_abs_gap_a"]), fmt(r["per_run_abs_gap_b"]),
+                       gap_cell(r["diff_pp"], r["diff_lo"], r["diff_hi"]), resolved_cell(r["resolved"]),
+                       resolved_cell(r["resolved_holm"]), "" if r["robust"] is None
+                       else f"{resolved_cell(r['robust'])} / {resolved_cell(r['robust_holm'])}", fmt(r["note"])]
+                      for r in rows]), ""]
+
+
+def calibrated_section(estimators):
+    """report.md's pooled fidelity and cost per estimator (what fig8 draws), the baseline-calibrated one included."""
+    data = fidelity_points(estimators)
+    if "baseline-calibrated" not in data:
+        return ["## The baseline-calibrated estimator", "",
+                "(none: it needs the baseline's standard and cyclic curves)", ""]
+    pooled, shared = pooled_rows(estimators)
+    n_sets = len({r["methods"] for r in pooled})
+    return ["## The baseline-calibrated estimator", "",
+            "Each set's cyclic curve shifted, at each budget, by the baseline's standard - cyclic difference "
+            "(seed-averaged), so that the baseline's own cyclic bias cancels; exact where a set's cyclic bias equals "
+            "the baseline's, and no help where a set interacts with the schedule (its mean gap is then the gap - "
+            "baseline's). Cost: every set's cyclic run plus the baseline's standard curve (estimators.csv: each set "
+            "its run plus an equal share). Pooled over the "
+            + (f"{n_sets} sets every estimator has" if shared else f"{n_sets} sets") + " (fig8's numbers):", "",
+            md_table(["estimator", "per-run abs gap [95 % CI]", "mean-curve abs gap [95 % CI]",
+                      "cost / standard curve [95 % CI]"],
+                     [[est, "" if f.run_gap is None else gap_cell(f.run_gap, *f.run_ci, ".2f"),
+                       gap_cell(f.gap, *f.gap_ci, ".2f"), gap_cell(f.cost, *f.cost_ci, ".2f")]
+                      for est, f in data.items()]), ""]
+
+
+def paired_ratio_section(estimators):
+    """report.md's cost ratios with the CI that resamples the two sides apart, and paired by seed."""
+    rows = [r for r in estimators if r["time_ratio"] is not None]
+    if not rows:
+        return []
+    return ["## Cost ratios paired by seed", "",
+            "Standard time over the estimator's cost: `time_ratio` resamples the two sides apart; paired: over the "
+            "seeds with every run, the same seeds drawn on both sides (seed by seed, the runs share a machine's "
+            "speed).", "",
+            md_table(["estimator", "methods", "ratio [95 % CI]", "paired ratio [95 % CI] (seeds)"],
+                     [[r["estimator"], r["methods"], gap_cell(r["time_ratio"], r["time_ratio_lo"], r["time_ratio_hi"],
+                                                              ".2f"),
+                       "" if r["time_ratio_paired"] is None else
+                       gap_cell(r["time_ratio_paired"], r["time_ratio_paired_lo"], r["time_ratio_paired_hi"], ".2f")
+                       + f" ({r['time_ratio_paired_seeds']})"] for r in rows]), ""]
+
+
+def tau_section(ranking):
+    """report.md's Kendall's tau with its CI over seeds, and the swaps the standard curve separates under Holm."""
+    if not ranking:
+        return []
+    return ["## Kendall's tau with its CI", "",
+            "Each resample draws seeds with replacement for every set and both curves, and recomputes the orderings; "
+            "separated: the swaps whose standard difference's CI excludes 0, alone and under Holm (over every swap of "
+            "the estimator).", "",
+            md_table(["estimator", "budget", "tau [95 % CI]", "seeds", "swaps separated alone / Holm", "note"],
+                     [[r["estimator"], fmt(r["budget"], "g"), gap_cell(r["kendall_tau"], r["kendall_tau_lo"],
+                                                                       r["kendall_tau_hi"]), r["kendall_tau_seeds"],
+                       f"{r['swaps_standard_separates']} / {r['swaps_standard_separates_holm'] or 0} of "
+                       f"{r['discordant_pairs']}", "; ".join(n for n in (r["stats_note"] or "").split("; ")
+                                                            if n.startswith("tau CI"))] for r in ranking]), ""]
+
+
+def review_sections(pick):
+    """The report's sections of analysis.review's statistics, from one group's rows."""
+    estimators = pick("estimators.csv")
+    return (family_section(pick("tests.csv")) + power_section(pick("power.csv"))
+            + pair_section(pick("estimator_pairs.csv")) + calibrated_section(estimators)
+            + paired_ratio_section(estimators) + tau_section(pick("ranking.csv")))
+
+
 def group_report(analysis, group, cmap, args, suffix):
     """report.md lines and figures of one group of runs."""
     pick = lambda name: [r for r in analysis.rows(name) if r["group"] == group]  # noqa: E731
@@ -606,6 +745,7 @@ def group_report(analysis, group, cmap, args, suffix):
     md = gap_section(gaps, [p for g in gaps for p in g["_points"]]) if any(g["n_points"] for g in gaps) else []
     md += improvement_section(pick("improvement.csv")) + ranking_section(ranking)
     md += estimator_section(estimators) + fit_section(pick("fits.csv"), args.x) + time_section(gaps)
+    md += review_sections(pick)
     dropped = [d for d in analysis.dropped if d[0] == group]
     if dropped:
         md += ["## Budgets left unmatched", ""] + [f"- {m} {s} at {e:g} epochs (no {o} point within "

@@ -23,10 +23,11 @@ FINITE = ("epoch", "step", "cycle", "cycle_end")  # a curve point cannot be plac
 # Each column's range. A cell outside it (accuracy 1e9, a negative time) is damage: its row counts as a row of
 # non-finite accuracy (no curve point, no peak), with one warning. Empty cells are "none" (train_loss after only
 # skipped steps, val_acc5 under 5 classes); non-finite losses and accuracies are how a diverged run ends.
-# train_loss is whatever the methods' loss hooks return (a confidence penalty can make it negative): a number.
+# train_loss (and train_loss_epoch) is whatever the methods' loss hooks return (a confidence penalty can make it
+# negative): a number.
 RANGES = {"val_acc1": (0, 100), "val_acc5": (0, 100), "train_loss": (-math.inf, math.inf), "val_loss": (0, math.inf),
-          "train_time_s": (0, math.inf), "curve_cost_s": (0, math.inf)}
-NON_FINITE_OK = ("val_acc1", "val_acc5", "train_loss", "val_loss")
+          "train_time_s": (0, math.inf), "curve_cost_s": (0, math.inf), "train_loss_epoch": (-math.inf, math.inf)}
+NON_FINITE_OK = ("val_acc1", "val_acc5", "train_loss", "val_loss", "train_loss_epoch")
 MATCH_TOLERANCE = 0.05  # budgets match across curves when epochs agree within 5 %
 ESTIMATORS = tuple(s for s in SCHEDULES if s != "standard")  # one run gives a whole curve
 # Options that change a run's result, seed aside: runs differing in any are never averaged (group_runs). t0 and

@@ -178,3 +178,90 @@ def kendall_tau(xs, ys):
     untied = concordant + len(discordant)
     denominator = math.sqrt((untied + ties_y) * (untied + ties_x))
     return ((concordant - len(discordant)) / denominator if denominator else None), discordant
+
+
+# ---- tests over families of intervals, and seeds to plan (issue 45) ------------------------------------------
+
+POWER = 0.80  # the power the minimum detectable effect is quoted at
+
+
+def t_within(t, df):
+    """P(|T| < |t|) for Student's t with df (an integer >= 1) degrees of freedom, in closed form (Abramowitz and
+    Stegun 26.7.3-4); the normal's beyond 200, as t975 does."""
+    if df >= 200:
+        return math.erf(abs(t) / math.sqrt(2))
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c = math.sin(theta), math.cos(theta)
+    if df % 2:  # odd: 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), (df - 1) / 2 terms
+        term, total = c, 0.0
+        for j in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c * c * (2 * j) / (2 * j + 1)
+        return 2 / math.pi * (theta + s * total)
+    term, total = 1.0, 0.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...), df / 2 terms
+    for j in range(1, df // 2 + 1):
+        total += term
+        term *= c * c * (2 * j - 1) / (2 * j)
+    return s * total
+
+
+def t_quantile(q, df):
+    """The q quantile (q > 0.5) of Student's t with df degrees of freedom, by bisection on t_within."""
+    lo, hi = 0.0, 1e4
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 0.5 + t_within(mid, df) / 2 < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def table_df(df):
+    """The degrees of freedom t975 reads its quantile at (the table's row at or below df)."""
+    return max(k for k in T975 if k <= df) if df < 200 else 200
+
+
+def p_value(center, lo, hi, n):
+    """Two-sided p of 'the statistic is 0' from its t interval center +- t975(n - 1) x SE over n seeds: the same SE
+    and degrees of freedom, so p < 0.05 where the interval excludes 0 (to the t table's 3 decimals). (p, None), or
+    (None, why) without an interval or with one of zero width (every seed alike: no spread to test against)."""
+    if lo is None or center is None or n is None or n < 2:
+        return None, "no CI"
+    se = (hi - lo) / 2 / t975(n - 1)
+    if not se > 1e-9 * max(1.0, abs(center)):  # a zero width up to rounding: every seed's value alike
+        return None, "no spread over seeds"
+    return 1.0 - t_within(center / se, table_df(n - 1)), None
+
+
+def holm(ps, alpha=1 - LEVEL):
+    """Holm's step-down verdicts at familywise level alpha over a family of p-values, None where a member has none
+    (not counted in the family): sorted ascending, the k-th smallest (k from 0) is rejected while each so far is
+    <= alpha / (m - k)."""
+    order = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    out, rejecting = [None] * len(ps), True
+    for k, (p, i) in enumerate(order):
+        rejecting = rejecting and p <= alpha / (len(order) - k)
+        out[i] = rejecting
+    return out
+
+
+def spread_from_ci(lo, hi, n):
+    """The per-seed standard deviation behind a t interval over n seeds: SE x sqrt(n), SE = half width / t975."""
+    return (hi - lo) / 2 / t975(n - 1) * math.sqrt(n)
+
+
+def min_detectable(sd, n, power=POWER):
+    """The smallest true difference a two-sided 95 % t test over n seeds detects with this power (the textbook
+    (t(0.975, n-1) + t(power, n-1)) x sd / sqrt(n))."""
+    return (t_quantile(0.975, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
+
+
+def seeds_needed(sd, detect, power=POWER, most=1000):
+    """The fewest seeds (2+) whose min_detectable is <= detect, or None beyond `most`."""
+    return next((n for n in range(2, most + 1) if min_detectable(sd, n, power) <= detect), None)
+
+
+def kendall_tau_rows(xs, ys):
+    """Kendall's tau-b of each row of two (rows, items) score arrays, as kendall_tau; NaN where undefined."""
+    i, j = np.triu_indices(xs.shape[1], 1)
+    dx, dy = np.sign(xs[:, i] - xs[:, j]), np.sign(ys[:, i] - ys[:, j])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (dx * dy).sum(1) / np.sqrt((dx != 0).sum(1) * (dy != 0).sum(1))

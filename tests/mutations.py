@@ -17,6 +17,7 @@ PLAIN = EVAL + "test_validation_metrics_equal_plain_pytorch_with_methods_on"
 EMA_TEST = M + "test_ema_averages_weights_and_batchnorm_statistics_with_its_decay_and_evaluates_both"
 DROP_PATH = M + "test_drop_path_drops_whole_samples_rescales_the_kept_and_is_off_at_evaluation"
 LOOP = M + "test_the_loop_hands_methods_the_budgets_progress_and_drives_every_parameter_group"
+REVIEW = "tests/test_review.py::"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
      T + "test_a_resumed_process_continues_instead_of_restarting"),
@@ -293,6 +294,46 @@ MUTATIONS = [
     ("a sweep skips a finished run whose recipe changed", "launch.sh",
      'or bool(recipes and c.get("recipe_sha256") != sha)', "or False",
      "tests/test_launch.py::test_a_finished_run_whose_recipe_file_changed_is_not_skipped"),
+    # issue 45: each statistic a reviewer asked for, and train_loss_epoch
+    ("Holm without its correction", "analysis/stats.py", "rejecting and p <= alpha / (len(order) - k)",
+     "p <= alpha", REVIEW + "test_holm_keeps_the_familywise_level_and_drops_exactly_one_verdict"),
+    ("a one-sided p-value", "analysis/stats.py", "return 1.0 - t_within(center / se, table_df(n - 1)), None",
+     "return (1.0 - t_within(center / se, table_df(n - 1))) / 2, None",
+     REVIEW + "test_holm_keeps_the_familywise_level_and_drops_exactly_one_verdict"),
+    ("leave-one-seed-out leaves no seed out", "analysis/review.py",
+     "kept = [restrict(p, set(p.seeds) - {seed}) for p in points if set(p.seeds) - {seed}]", "kept = list(points)",
+     REVIEW + "test_a_seed_whose_removal_flips_a_verdict_makes_it_not_robust"),
+    ("the calibrated shift with its sign flipped", "analysis/review.py",
+     "shift = {id(c): s.acc_mean - c.acc_mean for c, s in base}",
+     "shift = {id(c): c.acc_mean - s.acc_mean for c, s in base}",
+     REVIEW + "test_the_calibrated_estimator_is_exact_where_every_set_shares_the_baselines_bias"),
+    ("the minimum detectable effect without the power term", "analysis/stats.py",
+     "return (t_quantile(0.975, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)",
+     "return t_quantile(0.975, n - 1) * sd / math.sqrt(n)",
+     REVIEW + "test_the_minimum_detectable_effect_and_seeds_needed_follow_the_textbook_formula"),
+    ("estimator pairs matched by position, not seed", "analysis/review.py",
+     "diffs = [runs[a][s] - runs[b][s] for s in shared]",
+     "diffs = [runs[a][s] - runs[b][t] for s, t in zip(shared, reversed(shared))]",
+     REVIEW + "test_estimator_against_estimator_is_the_paired_difference_of_per_run_gaps"),
+    ("the paired cost ratio resampled unpaired", "analysis/review.py", "resampled = boot.b[:, 0] / boot.a[:, 0]",
+     "resampled = boot.b[:, 0] / boot.a[::-1, 0]",
+     REVIEW + "test_the_cost_ratio_paired_by_seed_cancels_each_seeds_machine_speed"),
+    ("Kendall's tau's CI draws other seeds for the estimator's curve", "analysis/review.py",
+     "taus = stats.kendall_tau_rows(scores(curves[:half]), scores(curves[half:]))",
+     "taus = stats.kendall_tau_rows(scores(curves[:half]), scores(curves[half:])[::-1])",
+     REVIEW + "test_kendall_taus_ci_draws_the_same_seeds_for_both_curves"),
+    ("a power law through 3 points reported as a fit", "analysis/review.py", "if f.dof < 1 or against_exact:",
+     "if against_exact:", "tests/test_analysis.py::test_fits_refuse_short_curves_with_a_note"),
+    ("fit parameter CIs with the normal's quantile", "analysis/fit.py", "half = stats.t975(f.dof) * np.sqrt",
+     "half = 1.96 * np.sqrt",
+     REVIEW + "test_a_power_law_through_three_points_is_exact_not_a_fit_and_four_get_parameter_intervals"),
+    ("train_loss_epoch of rank 0 only", "train.py", 'train_loss_epoch=f"{sums[2] / sums[3]:.6f}" if sums[3] else None',
+     'train_loss_epoch=f"{sum(window) / len(window):.6f}" if window else None',
+     T + "test_train_loss_epoch_is_the_last_epochs_mean_loss_whatever_the_evaluation_cadence[2]"),
+    ("train_loss_epoch's window not restored on resume", "train.py",
+     "no sync per step\n        loss_window = self.window_tensor(state)",
+     "no sync per step\n        loss_window = self.window_tensor(TrainState())",
+     R + "test_sigkill_then_resume_gives_the_same_run"),
 ]
 
 

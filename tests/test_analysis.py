@@ -437,7 +437,8 @@ def test_estimators_read_their_own_rows_and_cost_from_curve_cost(sweep, tmp_path
     assert "unknown schedule 'lion-magic' (1 runs" in capsys.readouterr().err
     est = {(r["methods"], r["estimator"]): r for r in read_rows(out / "estimators.csv")}
     assert list(est) == [("baseline", "cyclic"), ("baseline", "wsd"), ("baseline", "schedule-free"),
-                         ("baseline", "lion-magic"), ("mixup", "cyclic")]
+                         ("baseline", "lion-magic"), ("mixup", "cyclic"),  # then the calibrated cyclic curves
+                         ("baseline", "baseline-calibrated"), ("mixup", "baseline-calibrated")]
     wsd, sf = est[("baseline", "wsd")], est[("baseline", "schedule-free")]
     assert float(wsd["mean_gap_pp"]) == pytest.approx(-4 / 3) and float(wsd["max_abs_gap_pp"]) == 2
     assert (float(wsd["cyclic_time_s"]), float(wsd["standard_time_s"])) == (11, 14)
@@ -458,9 +459,11 @@ def test_fits_refuse_short_curves_with_a_note(sweep, tmp_path):
     compare.main([str(sweep), "--out", str(out), "--x", "epochs"])
     fits = {(r["methods"], r["schedule"]): r for r in read_rows(out / "fits.csv")}
     assert fits[("label_smoothing", "standard")]["note"] == "not fitted: needs 3+ points at distinct budgets, has 1"
-    base = fits[("baseline", "cyclic")]
-    assert base["x"] == "epochs" and float(base["range_lo"]) == 2 and float(base["range_hi"]) == 8
-    assert float(base["rmse_pp"]) < 1 and base["mean_fitted_gap_pp"] != ""
+    base = fits[("baseline", "cyclic")]  # 3 points for 3 parameters: the curve passes through them, no fit
+    assert base["x"] == "epochs" and base["dof"] == "0" and "exact, not a fit" in base["note"]
+    assert base["rmse_pp"] == base["mean_fitted_gap_pp"] == base["range_lo"] == base["a_lo"] == ""
+    std = fits[("baseline", "standard")]
+    assert (std["dof"], std["rmse_pp"], std["note"]) == ("0", "", "exact, not a fit: 3 points for 3 parameters")
 
 
 def test_a_schedule_run_with_other_options_is_another_curve(sweep, tmp_path):

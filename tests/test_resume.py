@@ -234,3 +234,29 @@ def test_a_run_from_an_older_train_py_resumes_with_its_columns_extended(referenc
     got = list(csv.DictReader(open(metrics)))
     assert [r["startup_s"] for r in got[:-1]] == [""] * (len(got) - 1) and got[-1]["startup_s"] != ""
     assert metrics_without_time(run) == metrics_without_time(reference)
+
+
+def test_a_checkpoint_and_metrics_from_before_train_loss_epoch_resume_with_the_window_restarted(reference, tmp_path):
+    """A run from before train_loss_epoch (its column absent from metrics.csv, its checkpoints without the loss
+    window), resumed from its second-last row: the old rows read the column as empty, the resumed row averages the
+    steps since the resume (its own train_loss), and every other column is the uninterrupted run's."""
+    from rundir import save_checkpoint
+    run = unfinished_copy(reference, tmp_path)
+    last, prev = (os.path.join(run, "checkpoints", f) for f in ("last.pt", "prev.pt"))
+    old = torch.load(prev, weights_only=True)
+    for rank in old["ranks"]:
+        del rank["loss_window"]
+    os.remove(last)
+    save_checkpoint(run, old)
+    metrics = os.path.join(run, "metrics.csv")
+    rows = list(csv.reader(open(metrics)))
+    assert rows[0][-1] == "train_loss_epoch"
+    with open(metrics, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(r[:-1] for r in rows)
+    run_train(ARGS + ["--run-dir", run, "--resume"])
+    got, ref = metrics_without_time(run), metrics_without_time(reference)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "train_loss_epoch"} for r in rs]  # noqa: E731
+    assert strip(got) == strip(ref)
+    assert [r["train_loss_epoch"] for r in got[:-1]] == [""] * (len(got) - 1)
+    assert float(got[-1]["train_loss_epoch"]) == pytest.approx(float(got[-1]["train_loss"]), abs=2e-6)
+    assert abs(float(got[-1]["train_loss_epoch"]) - float(ref[-1]["train_loss_epoch"])) > 1e-3

@@ -271,3 +271,27 @@ def test_standard_takes_t_mult_and_ends_on_the_cyclic_step(tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["epochs"] == 2.5  # warmup 0.5 + 0.5 + 1.5: t_mult 3, not a hard-coded 2
     assert read_metrics(run)[-1]["step"] == str(58 + 58 * 4)  # the cyclic run's second cycle ends at step 290
+
+
+@pytest.mark.parametrize("ranks", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_train_loss_epoch_is_the_last_epochs_mean_loss_whatever_the_evaluation_cadence(tmp_path, ranks):
+    """8 steps per epoch, a row every 4 (--eval-every 0.5): each row's train_loss_epoch is the mean of its own and
+    the previous row's train_loss (4 steps each), the first row's its own (the run has taken half an epoch); under
+    DDP the mean over ranks, as train_loss. A standard run evaluated only at its end (one row, whose train_loss is the
+    whole run's mean) reports the same train_loss_epoch as one evaluated every half epoch."""
+    run = tmp_path / "run"
+    run_train(TINY + ["--run-dir", str(run), "--eval-every", "0.5"], torchrun=ranks)
+    rows = read_metrics(run)
+    loss, epoch = ([float(r[c]) for r in rows] for c in ("train_loss", "train_loss_epoch"))
+    assert len(rows) == 8 and epoch[0] == loss[0]
+    assert epoch[1:] == pytest.approx([(a + b) / 2 for a, b in zip(loss, loss[1:])], abs=2e-6)
+    assert min(abs(e - v) for e, v in zip(epoch[1:], loss[1:])) > 1e-3  # not train_loss again
+    if ranks:
+        return
+    standard = TINY + ["--schedule", "standard", "--epochs", "2"]
+    run_train(standard + ["--run-dir", str(tmp_path / "one"), "--eval-every", "0"])
+    run_train(standard + ["--run-dir", str(tmp_path / "every"), "--eval-every", "0.5"])
+    (one,), every = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "every")
+    assert float(one["train_loss"]) == pytest.approx(sum(float(r["train_loss"]) for r in every) / 4, abs=2e-6)
+    assert float(one["train_loss_epoch"]) == pytest.approx(float(every[-1]["train_loss_epoch"]), abs=2e-6)
+    assert float(one["train_loss_epoch"]) < float(one["train_loss"]) - 1e-3

@@ -1,0 +1,408 @@
+"""What a reviewer asks of a report's many intervals (issue 45), added per group to analysis.compare's tables.
+
+- Families: each test in a table that makes several at once gets a p-value (from the same t and standard error as
+  its CI, so p < 0.05 where the CI excludes 0) and Holm's verdict over its family at familywise 95 %. The families of
+  a group: the mean gaps of one estimator (every method set); the differences in gaps against the baseline of one
+  estimator; the improvements over the baseline on one curve (every set and budget); the standard-curve differences
+  behind one estimator's swaps (ranking.csv); the per-run |gap| differences of one estimator pair. With 4+ seeds
+  behind a test, `robust`: its verdict is the same whichever one seed is left out of the whole group (every
+  statistic recomputed without it), unadjusted and under Holm over the same family.
+- Seeds to plan (power.csv): per comparison, from its CI's per-seed spread, the smallest true difference its seeds
+  resolve (95 % CI, 80 % power; the textbook (t(0.975) + t(0.8)) x sd / sqrt(n)) and the seeds --detect pp needs.
+- The baseline-calibrated estimator (estimators.csv rows, estimator CALIBRATED): each set's cyclic curve shifted, at
+  each budget, by the baseline's standard - cyclic difference of the seed-averaged curves, so that the baseline's own
+  cyclic bias cancels. Its cost, every set's cyclic run plus the baseline's standard curve, is split evenly over the
+  N sets of the group: each row costs its cyclic run plus 1/N of the baseline's standard curve.
+- Estimator against estimator (estimator_pairs.csv): per set, the difference of two estimators' per-run |gap|,
+  paired by seed, and pooled over the sets (per seed, the mean over sets) where every set holds the same seeds.
+- The cost ratio paired by seed; Kendall's tau with a CI over seeds; the power-law fits' degrees of freedom and
+  parameter CIs, and an exact curve (3 points for 3 parameters) named as no fit, without a fitted gap.
+A statistic that cannot be computed (one seed, every seed alike, no baseline) is empty, its reason in stats_note
+(power.csv, estimator_pairs.csv: note).
+"""
+import itertools
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from analysis import compare, fit, stats
+from analysis.runs import curve_point, match, order_methods, restrict
+
+CALIBRATED = "baseline-calibrated"
+DETECT = 0.3  # pp: the smallest difference of interest the paper reads
+LOO_SEEDS = 4  # a leave-one-seed-out check needs this many seeds behind a test
+# the two tests of an estimators.csv row: (family, its columns' prefix, the estimate's column, its seeds', label)
+GAP_TESTS = (("mean_gap", "mean_gap", "mean_gap_pp", "n_seeds", "mean gap"),
+             ("delta", "delta_gap_vs_baseline", "delta_gap_vs_baseline", "delta_gap_seeds", "gap - baseline's"))
+
+
+def extend(tables, group, cmap, min_epochs, x, detect=DETECT):
+    """Fill this module's columns of one group's rows of `tables` ({name: (columns, rows)}, rows tagged with their
+    group) and add the group's rows of estimators.csv (the calibrated estimator), estimator_pairs.csv, tests.csv and
+    power.csv."""
+    full = {**cmap, **calibrated_curves(cmap, min_epochs)}
+    tables["estimators.csv"][1].extend(compare.tag(group, calibrated_rows(full, min_epochs)))
+    own = {name: [r for r in rows if r["group"] == group] for name, (_, rows) in tables.items()}
+    own["estimator_pairs.csv"] = compare.tag(group, pair_rows(own["estimators.csv"]))
+    tables["estimator_pairs.csv"][1].extend(own["estimator_pairs.csv"])
+    for name, extra in compare.REVIEW_COLUMNS.items():
+        for r in own[name]:
+            r.update({c: None for c in extra if c not in r})
+    for r in own["estimators.csv"]:
+        (r["time_ratio_paired"], r["time_ratio_paired_lo"], r["time_ratio_paired_hi"],
+         r["time_ratio_paired_seeds"], why) = paired_cost_ratio(full, r["methods"], r["estimator"], min_epochs)
+        add_note(r, why and r["time_ratio"] is not None and f"paired cost ratio: {why}")
+    tests = families(own, cmap, min_epochs, x)
+    tables["tests.csv"][1].extend(compare.tag(group, tests))
+    for r in own["ranking.csv"]:
+        tau_ci(r)
+    fit_freedom(own["fits.csv"])
+    tables["power.csv"][1].extend(compare.tag(group, power_rows(tests, detect)))
+
+
+def add_note(row, text, key="stats_note"):
+    """Append `text` (when not empty) to the row's note column."""
+    if text:
+        row[key] = "; ".join(filter(None, [row.get(key), text]))
+
+
+# ---- the baseline-calibrated estimator ---------------------------------------------------------------------
+
+def calibrated_curves(cmap, min_epochs=0.0):
+    """{(methods, CALIBRATED): [CurvePoint]}: each set's cyclic points at the budgets where the baseline has both
+    curves, every seed's accuracy shifted by the baseline's standard - cyclic mean there, each cost raised by 1/N of
+    the baseline's standard curve (N: the sets calibrated). Empty without the baseline's two curves."""
+    base = match(cmap.get(("baseline", "cyclic"), []), cmap.get(("baseline", "standard"), []), min_epochs)
+    sets = order_methods(m for m, s in cmap if s == "cyclic")
+    if not base or not sets:
+        return {}
+    shift = {id(c): s.acc_mean - c.acc_mean for c, s in base}
+    share = sum(s.time_mean for _, s in base) / len(sets)
+    out = {}
+    for m in sets:
+        points = []
+        for p in cmap[(m, "cyclic")]:
+            near = match([p], [c for c, _ in base])
+            if near:
+                d = shift[id(near[0][1])]
+                points.append(curve_point(m, CALIBRATED, p.epochs, p.seeds, [a + d for a in p.accs], p.times,
+                                          [c + share for c in p.costs]))
+        if points:
+            out[(m, CALIBRATED)] = points
+    return out
+
+
+def calibrated_rows(full, min_epochs=0.0):
+    """estimators.csv rows of the calibrated curves in `full` (a curve map that holds them), as compare_one writes
+    them."""
+    keys = [k for k in full if k[1] == CALIBRATED]
+    rows = []
+    for m in order_methods(m for m, _ in keys):
+        r = compare.compare_one(full, m, CALIBRATED, min_epochs)
+        r["_points"] = []  # its per-budget gaps are the differences against the baseline's: fig9 draws runs' curves
+        add_note(r, f"cost: its cyclic run + 1/{len(keys)} of the baseline's standard curve", "note")
+        rows.append(r)
+    return rows
+
+
+# ---- the cost ratio paired by seed ---------------------------------------------------------------------------
+
+def paired_cost_ratio(cmap, m, estimator, min_epochs=0.0):
+    """(ratio, lo, hi, seeds, why): standard time over the estimator's cost over the seeds that have the estimator's
+    cost at its largest matched budget and a standard run at every matched budget, with its CI from a bootstrap that
+    draws the same seeds on both sides (time_ratio's resamples the two apart); why: the reason it is empty."""
+    pairs = match(cmap.get((m, estimator), []), cmap.get((m, "standard"), []), min_epochs)
+    if not pairs:
+        return None, None, None, None, "no matched budgets"
+    pairs, _ = compare.on_shared_seeds(pairs)
+    cost = dict(max(pairs, key=lambda p: p[0].epochs)[0].samples("cost"))
+    times = [dict(s.samples("time")) for _, s in pairs]
+    total = {seed: sum(t[seed] for t in times) for seed in cost if all(seed in t for t in times)}
+    if len(total) < 2:
+        return None, None, None, len(total), f"{len(total)} seed with every run: no paired CI"
+    seeds = list(total)
+    a, b = (stats.side([[(s, v[s]) for s in seeds]]) for v in (cost, total))
+    denominator = sum(cost[s] for s in seeds)
+    if not denominator > 0:
+        return None, None, None, len(seeds), "zero cost"
+    boot = stats.bootstrap(a, b)  # the same seeds on both sides: paired
+    with np.errstate(divide="ignore", invalid="ignore"):
+        resampled = boot.b[:, 0] / boot.a[:, 0]
+    ratio = sum(total.values()) / denominator
+    lo, hi = stats.interval(resampled, len(seeds), ratio)
+    return ratio, compare.nonnegative(lo), hi, len(seeds), None
+
+
+# ---- families: p-values, Holm, leave one seed out ------------------------------------------------------------
+
+def test_values(tables, swaps=None):
+    """{(family, key): (estimate, lo, hi, seeds)} of every test in one group's rows ({name: rows}). swaps: the swap
+    tests to evaluate on these rows (another seed set's swaps), default the swaps the ranking rows list."""
+    out = {}
+    for r in tables["estimators.csv"]:
+        for family, prefix, value, seeds, _ in GAP_TESTS:
+            if r[value] is not None:
+                out[((family, r["estimator"]), r["methods"])] = (r[value], r[f"{prefix}_lo"], r[f"{prefix}_hi"],
+                                                                 r[seeds])
+    for r in tables["improvement.csv"]:
+        out[(("improvement", r["schedule"]), (r["methods"], r["budget"]))] = (
+            r["improvement_pp"], r["lo"], r["hi"], min(r["n"], r["n_baseline"]))
+    for r in tables["estimator_pairs.csv"]:
+        if r["diff_pp"] is not None:
+            out[(("pair", f"{r['estimator_a']} - {r['estimator_b']}"), r["methods"])] = (
+                r["diff_pp"], r["diff_lo"], r["diff_hi"], r["n_seeds"])
+    for r in tables["ranking.csv"]:
+        family = ("swap", r["estimator"])
+        if swaps is None:
+            for a, b, d, lo, hi, n in r["_swap_tests"]:
+                if d is not None:
+                    out[(family, (r["budget"], a, b))] = (d, lo, hi, n)
+            continue
+        points = dict(zip(r["_names"], r["_std_points"]))
+        for fam, (budget, a, b) in swaps:
+            if fam == family and budget == r["budget"] and a in points and b in points:
+                d, lo, hi, n, _ = compare.standard_difference(points[a], points[b])
+                if d is not None:
+                    out[(family, (budget, a, b))] = (d, lo, hi, n)
+    return out
+
+
+def verdicts(values):
+    """({test: p}, {test: resolved: the CI excludes 0}, {test: Holm's verdict within its family})."""
+    ps = {k: stats.p_value(*v)[0] for k, v in values.items()}
+    by_family = defaultdict(list)
+    for k in values:
+        by_family[k[0]].append(k)
+    holm = {k: h for keys in by_family.values() for k, h in zip(keys, stats.holm([ps[k] for k in keys]))}
+    return ps, {k: stats.resolved(v[1], v[2]) for k, v in values.items()}, holm
+
+
+def without_seed(cmap, seed):
+    """The curve map with `seed`'s runs left out (a point of that seed only: gone)."""
+    out = {}
+    for key, points in cmap.items():
+        kept = [restrict(p, set(p.seeds) - {seed}) for p in points if set(p.seeds) - {seed}]
+        if kept:
+            out[key] = kept
+    return out
+
+
+def test_rows(cmap, min_epochs, x):
+    """The rows test_values reads, for a curve map, as analyse_runs computes them (the calibrated estimator too)."""
+    rows = compare.group_tables(cmap, min_epochs, x)
+    rows["estimators.csv"] += calibrated_rows({**cmap, **calibrated_curves(cmap, min_epochs)}, min_epochs)
+    rows["estimator_pairs.csv"] = pair_rows(rows["estimators.csv"])
+    return rows
+
+
+def robustness(cmap, values, resolved, holm, min_epochs, x):
+    """{test: (robust, robust_holm)} for the tests over LOO_SEEDS+ seeds: whether its verdict (the CI's; Holm's
+    over its family) stays the same whichever seed of the group is left out."""
+    wanted = [k for k, v in values.items() if v[3] >= LOO_SEEDS]
+    if not wanted:
+        return {}
+    swaps = [k for k in values if k[0][0] == "swap"]
+    robust = {k: [True, True] for k in wanted}
+    for seed in sorted({s for points in cmap.values() for p in points for s in p.seeds}, key=repr):
+        _, resolved_s, holm_s = verdicts(test_values(test_rows(without_seed(cmap, seed), min_epochs, x), swaps))
+        for k in wanted:
+            robust[k][0] &= bool(resolved_s.get(k)) == bool(resolved[k])
+            robust[k][1] &= bool(holm_s.get(k)) == bool(holm[k])
+    return {k: tuple(v) for k, v in robust.items()}
+
+
+FAMILIES = {"mean_gap": "mean gap", "delta": "gap - baseline's", "improvement": "improvement over the baseline",
+            "swap": "standard difference of a swap", "pair": "per-run |gap| difference"}
+
+
+def families(own, cmap, min_epochs, x):
+    """Fill the p, Holm and robust columns of one group's rows; returns its tests.csv rows, one per test."""
+    values = test_values(own)
+    ps, resolved, holm = verdicts(values)
+    robust = robustness(cmap, values, resolved, holm, min_epochs, x)
+    sizes = Counter(key[0] for key, p in ps.items() if p is not None)
+    tests = []
+    for key, (estimate, lo, hi, n) in values.items():
+        (family, curve), what = key
+        if family == "improvement":
+            methods, budget = what
+        elif family == "swap":
+            budget, methods = what[0], f"{what[1]} - {what[2]}"
+        else:
+            methods, budget = what, None
+        why = stats.p_value(estimate, lo, hi, n)[1]
+        tests.append(dict(family=FAMILIES[family], curve=curve, methods=methods, budget=budget, estimate_pp=estimate,
+                          lo=lo, hi=hi, n_seeds=n, p=ps[key], resolved=resolved[key], resolved_holm=holm[key],
+                          robust=robust.get(key, (None,))[0], robust_holm=robust.get(key, (None, None))[1],
+                          family_tests=sizes[key[0]], note="; ".join(filter(None, [
+                              why != "no CI" and why, key not in robust and ps[key] is not None
+                              and f"robust: {n} seeds, needs {LOO_SEEDS}"])) or None))
+
+    def fill(row, prefix, key, label, note="stats_note"):
+        """The row's columns of test `key`; returns the test's seeds where they are too few to leave one out."""
+        if key not in values:
+            return None
+        p, why = stats.p_value(*values[key])
+        add_note(row, why and why != "no CI" and f"{label}p: {why}", note)
+        name = lambda c: f"{prefix}_{c}" if prefix else c  # noqa: E731
+        row[name("p")], row[name("resolved_holm")] = p, holm[key]
+        row[name("robust")], row[name("robust_holm")] = robust.get(key, (None, None))
+        return values[key][3] if key not in robust and p is not None else None
+
+    for r in own["estimators.csv"]:
+        few = [fill(r, prefix, ((family, r["estimator"]), r["methods"]), label + " ")
+               for family, prefix, _, _, label in GAP_TESTS]
+        if r["methods"] != "baseline" and r["mean_gap_pp"] is not None and r["delta_gap_vs_baseline"] is None:
+            add_note(r, "gap - baseline's: no baseline run at this set's budgets and seeds")
+        robust_note(r, few)
+    for r in own["improvement.csv"]:
+        robust_note(r, [fill(r, "improvement", (("improvement", r["schedule"]), (r["methods"], r["budget"])),
+                             "improvement ")])
+    for r in own["estimator_pairs.csv"]:
+        robust_note(r, [fill(r, "", (("pair", f"{r['estimator_a']} - {r['estimator_b']}"), r["methods"]), "", "note")],
+                    "note")
+    for r in own["ranking.csv"]:
+        keys = [(("swap", r["estimator"]), (r["budget"], a, b)) for a, b, *_ in r["_swap_tests"]]
+        if not keys:
+            continue
+        r["swap_standard_p"] = "; ".join("-" if ps.get(k) is None else f"{ps[k]:.3g}" for k in keys)
+        r["swap_standard_resolved_holm"] = "; ".join(yes_no(holm.get(k)) for k in keys)
+        r["swaps_standard_separates_holm"] = sum(bool(holm.get(k)) for k in keys)
+        if any(k in robust for k in keys):
+            r["swap_standard_robust"] = "; ".join(yes_no(robust.get(k, (None,))[0]) for k in keys)
+            r["swap_standard_robust_holm"] = "; ".join(yes_no(robust.get(k, (None, None))[1]) for k in keys)
+        robust_note(r, [values[k][3] for k in keys if k in values and k not in robust])
+    return tests
+
+
+def yes_no(verdict):
+    return "-" if verdict is None else ("yes" if verdict else "no")
+
+
+def robust_note(row, seeds, key="stats_note"):
+    """Say why a test's leave-one-seed-out check is empty: too few seeds."""
+    few = [n for n in seeds if n is not None]
+    if few:
+        add_note(row, f"robust: {min(few)} seeds, needs {LOO_SEEDS}", key)
+
+
+# ---- seeds to plan ----------------------------------------------------------------------------------------
+
+def power_rows(tests, detect):
+    """power.csv rows: per mean gap, gap - baseline's and improvement test (tests.csv rows), the per-seed spread its
+    CI implies, the smallest difference its seeds resolve at 80 % power and the seeds `detect` pp needs."""
+    rows = []
+    for t in tests:
+        if t["family"] not in (FAMILIES["mean_gap"], FAMILIES["delta"], FAMILIES["improvement"]):
+            continue
+        n = t["n_seeds"]
+        row = dict(comparison=t["family"], methods=t["methods"], curve=t["curve"], budget=t["budget"],
+                   estimate_pp=t["estimate_pp"], lo=t["lo"], hi=t["hi"], n_seeds=n, sd_per_seed_pp=None, mde_pp=None,
+                   detect_pp=detect, seeds_needed=None, note=None)
+        sd = stats.spread_from_ci(t["lo"], t["hi"], n) if t["lo"] is not None and n >= 2 else None
+        if sd is None:
+            row["note"] = f"{n} seed: no spread to plan from" if n < 2 else "no CI: no spread to plan from"
+        elif not sd > 1e-9:
+            row["note"] = "every seed alike: no spread to plan from"
+        else:
+            row.update(sd_per_seed_pp=sd, mde_pp=stats.min_detectable(sd, n),
+                       seeds_needed=stats.seeds_needed(sd, detect))
+            if row["seeds_needed"] is None:
+                row["note"] = "over 1000 seeds"
+        rows.append(row)
+    return rows
+
+
+# ---- estimator against estimator --------------------------------------------------------------------------
+
+def pair_rows(estimator_rows):
+    """estimator_pairs.csv rows: per pair of estimators and set, the mean over shared seeds of (a's per-run |gap| -
+    b's) with its t interval, then the pair pooled over sets (families() adds p, Holm and robust)."""
+    per_run = defaultdict(dict)  # methods -> estimator -> {seed: that run's mean |gap|}
+    for r in estimator_rows:
+        if r.get("_per_run"):
+            per_run[r["methods"]][r["estimator"]] = r["_per_run"]
+    estimators = list(dict.fromkeys(e for m in per_run.values() for e in m))
+    rows = []
+    for a, b in itertools.combinations(estimators, 2):
+        mine, pooled = [], defaultdict(list)  # pooled: seed -> its differences over the sets
+        for m, runs in per_run.items():
+            if a not in runs or b not in runs:
+                continue
+            shared = [s for s in runs[a] if s in runs[b]]
+            diffs = [runs[a][s] - runs[b][s] for s in shared]
+            for s, d in zip(shared, diffs):
+                pooled[s].append(d)
+            mine.append(pair_row(a, b, m, diffs, *(float(np.mean([runs[e][s] for s in shared])) if shared else None
+                                                   for e in (a, b))))
+        if len(mine) > 1:
+            same = len({len(v) for v in pooled.values()}) == 1
+            row = pair_row(a, b, f"all {len(mine)} sets", [float(np.mean(v)) for v in pooled.values()] if same else [])
+            if not same:
+                row["note"] = "the sets hold different seeds: no pooled difference"
+            mine.append(row)
+        rows += mine
+    return rows
+
+
+def pair_row(a, b, methods, diffs, gap_a=None, gap_b=None):
+    """One estimator_pairs.csv row from the per-seed differences."""
+    row = dict(estimator_a=a, estimator_b=b, methods=methods, n_seeds=len(diffs), per_run_abs_gap_a=gap_a,
+               per_run_abs_gap_b=gap_b, diff_pp=float(np.mean(diffs)) if diffs else None, p=None, resolved_holm=None,
+               robust=None, robust_holm=None, note=None if len(diffs) >= 2 else f"{len(diffs)} shared seed: no CI")
+    row["diff_lo"], row["diff_hi"] = stats.mean_ci(diffs)
+    row["resolved"] = stats.resolved(row["diff_lo"], row["diff_hi"])
+    return row
+
+
+# ---- Kendall's tau's CI, fits' freedom ------------------------------------------------------------------------
+
+def tau_ci(row, n_boot=stats.N_BOOT, seed=stats.BOOT_SEED):
+    """Kendall's tau's 95 % CI over seeds for a ranking.csv row: one draw of seeds (with replacement) resamples
+    every set's points on both curves, the scores are recomputed and tau with them."""
+    curves = row["_std_points"] + row["_est_points"]
+    points = [p for pts in curves for p in pts]
+    row["kendall_tau_seeds"] = n = min(p.n for p in points)
+    if row["kendall_tau"] is None:
+        return add_note(row, "tau CI: no tau (every set tied)")
+    if n < 2:
+        return add_note(row, "tau CI: a set with one seed")
+    if all(p.acc_std == 0 for p in points):
+        return add_note(row, "tau CI: every seed alike")
+    seeds = sorted({s for p in points for s in p.seeds}, key=repr)
+    idx = np.random.default_rng(seed).integers(0, len(seeds), size=(n_boot, len(seeds)))
+
+    def scores(sets):  # (n_boot, sets): each set's mean over its budgets of the resampled seed means
+        out = []
+        for pts in sets:
+            values = np.full((len(seeds), len(pts)), np.nan)
+            for j, p in enumerate(pts):
+                for s, acc in p.samples("acc"):
+                    values[seeds.index(s), j] = acc
+            out.append(stats.resampled_means(values, idx).mean(1))
+        return np.stack(out, 1)
+
+    half = len(curves) // 2
+    taus = stats.kendall_tau_rows(scores(curves[:half]), scores(curves[half:]))
+    lo, hi = stats.interval(taus, n, row["kendall_tau"])
+    row["kendall_tau_lo"], row["kendall_tau_hi"] = (None, None) if lo is None else (max(lo, -1.0), min(hi, 1.0))
+
+
+def fit_freedom(rows):
+    """fits.csv: each fit's degrees of freedom and its parameters' CIs (fit.param_ci); a curve through 3 points is
+    exact, not a fit: no rmse, residuals or fitted gap (nor for an estimator against it)."""
+    exact = {r["methods"] for r in rows if r.get("_fit") and r["schedule"] == "standard" and r["_fit"].dof < 1}
+    for r in rows:
+        f = r.get("_fit")
+        if f is None:
+            continue
+        r["dof"] = f.dof
+        for name, ci in zip("abc", fit.param_ci(f) or []):
+            r[f"{name}_lo"], r[f"{name}_hi"] = ci
+        against_exact = r["schedule"] != "standard" and r["methods"] in exact
+        if f.dof < 1 or against_exact:
+            r.update(area_vs_standard=None, mean_fitted_gap_pp=None, range_lo=None, range_hi=None)
+            if f.dof < 1:
+                r.update(rmse_pp=None, max_abs_residual_pp=None, residuals_pp=None)
+            add_note(r, "exact, not a fit: 3 points for 3 parameters" if f.dof < 1
+                     else "no fitted gap: the standard curve's is exact (3 points)", "note")

@@ -1,0 +1,233 @@
+"""analysis.review's statistics (issue 45) on constructed seeds with known answers: Holm's families, leaving one seed
+out, seeds to plan, the baseline-calibrated estimator, estimator against estimator, the paired cost ratio, Kendall's
+tau's CI, exact fits; and bad input (one seed, identical seeds, no baseline) as empty cells with a reason."""
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from analysis import compare, fit, report, review, stats
+from test_analysis import cyclic_rows, read_csv, read_rows, seeded, standard, write_run
+
+Z = [z / math.sqrt(2.5) for z in (-2, -1, 0, 1, 2)]  # 5 seeds: mean 0, standard deviation 1 (n - 1)
+BASE = [80.0, 85.0, 90.0]
+BIAS = [-1.0, 0.5, 0.8]  # the baseline's cyclic - standard per budget
+
+
+def deltas_study(root, deltas):
+    """5 seeds; per set its per-seed gap - baseline's (the same at every budget): seed s's offset cancels."""
+    for seed in range(5):
+        base = [a + seed for a in BASE]
+        seeded(root, [], base, base, seed)
+        for name, per_seed in deltas.items():
+            std = [a + 1 for a in base]
+            seeded(root, [name], std, [a + per_seed[seed] for a in std], seed)
+
+
+def analyse(root, *extra):
+    out = root / "out"
+    compare.main([str(root), "--out", str(out), "--metric", "final", *extra])
+    return out
+
+
+def test_holm_keeps_the_familywise_level_and_drops_exactly_one_verdict(tmp_path):
+    """Four sets' gap - baseline's, 5 seeds, t statistics 8.610, 4.604, 3.0 and 1.0 (two-sided p 0.001 and 0.01 at
+    4 degrees of freedom by the t table, ~0.04, ~0.37): three CIs exclude 0; Holm's thresholds 0.05/4, 0.05/3,
+    0.05/2 keep the first two and drop the third (0.04 > 0.025), and stop there."""
+    sd, ts = 0.1, {"ema": 8.610, "cutmix": 4.604, "sam": 3.0, "blurpool": 1.0}
+    deltas_study(tmp_path, {m: [t * sd / math.sqrt(5) + sd * z for z in Z] for m, t in ts.items()})
+    gaps = read_csv(analyse(tmp_path) / "gaps.csv")
+    p = {m: float(gaps[m]["delta_gap_vs_baseline_p"]) for m in ts}
+    assert p["ema"] == pytest.approx(0.001, rel=0.01) and p["cutmix"] == pytest.approx(0.01, rel=0.01)
+    assert 0.025 < p["sam"] < 0.05 < p["blurpool"]
+    assert [gaps[m]["delta_gap_vs_baseline_resolved"] for m in ts] == ["true", "true", "true", "false"]
+    assert [gaps[m]["delta_gap_vs_baseline_resolved_holm"] for m in ts] == ["true", "true", "false", "false"]
+    assert gaps["baseline"]["delta_gap_vs_baseline_p"] == gaps["baseline"]["delta_gap_vs_baseline_resolved_holm"] == ""
+    tests = [t for t in read_rows(tmp_path / "out" / "tests.csv")
+             if t["family"] == "gap - baseline's" and t["curve"] == "cyclic"]
+    assert len(tests) == 4 and {t["family_tests"] for t in tests} == {"4"}
+    assert stats.holm([0.001, 0.01, 0.04, 0.37]) == [True, True, False, False]
+    assert stats.holm([0.02, None, 0.04]) == [True, None, True]  # no p, no member: 0.02 <= 0.05 / 2, not / 3
+    report.main([str(tmp_path), "--out", str(tmp_path / "rep"), "--metric", "final"])
+    assert "| gap - baseline's | cyclic | 4 | 3 | 2 | sam |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_holm_of_two_equal_p_values_between_the_thresholds():
+    assert stats.holm([0.03, 0.03]) == [False, False]  # 0.03 > 0.05 / 2: the first fails, so does the second
+    assert stats.holm([0.02, 0.04]) == [True, True]  # 0.02 <= 0.025, then 0.04 <= 0.05
+
+
+def test_a_seed_whose_removal_flips_a_verdict_makes_it_not_robust(tmp_path):
+    """cutmix's per-seed differences are 0.45-0.55 but seed 4's is -0.9: not resolved with 5 seeds, resolved once
+    seed 4 is left out (the only seed that does it): not robust. ema's, 0.2-0.4, are resolved whichever seed is left
+    out. With 3 seeds there is no check, and the note says why."""
+    deltas_study(tmp_path, {"ema": [0.2, 0.25, 0.3, 0.35, 0.4], "cutmix": [0.5, 0.55, 0.45, 0.5, -0.9]})
+    gaps = read_csv(analyse(tmp_path) / "gaps.csv")
+    ema, cutmix = gaps["ema"], gaps["cutmix"]
+    assert (ema["delta_gap_vs_baseline_resolved"], ema["delta_gap_vs_baseline_robust"],
+            ema["delta_gap_vs_baseline_robust_holm"]) == ("true", "true", "true")
+    assert (cutmix["delta_gap_vs_baseline_resolved"], cutmix["delta_gap_vs_baseline_robust"],
+            cutmix["delta_gap_vs_baseline_robust_holm"]) == ("false", "false", "false")
+    lo, hi = stats.mean_ci([0.5, 0.55, 0.45, 0.5])  # the check's own answer, by hand: seed 4 left out
+    assert lo > 0 and stats.mean_ci([0.5, 0.55, 0.45, 0.5, -0.9])[0] < 0
+    three = tmp_path / "three"
+    for seed in range(3):
+        seeded(three, [], BASE, BASE, seed)
+        seeded(three, ["ema"], BASE, [a + 0.3 + 0.01 * seed for a in BASE], seed)
+    row = read_csv(analyse(three) / "gaps.csv")["ema"]
+    assert row["delta_gap_vs_baseline_robust"] == "" and "robust: 3 seeds, needs 4" in row["stats_note"]
+
+
+def test_the_calibrated_estimator_is_exact_where_every_set_shares_the_baselines_bias(tmp_path):
+    """Every set's cyclic run misses its standard one by the baseline's bias (-1, +0.5, +0.8 pp): shifted by the
+    baseline's standard - cyclic difference, ema's calibrated curve is its standard curve, seed by seed (per-run
+    |gap| 0, against cyclic's 0.77); cutmix loses 0, 0.5 and 1 pp more (a late gain the schedule misses), which
+    calibration cannot see: its calibrated gap is -0.5, its gap - baseline's. Cost: the cyclic run plus a third of
+    the baseline's standard curve."""
+    for seed, off in enumerate((0.0, 1.5, -0.7)):
+        base = [a + off for a in BASE]
+        seeded(tmp_path, [], base, [a + b for a, b in zip(base, BIAS)], seed)
+        ema = [a + 1 + 0.3 * seed for a in base]
+        seeded(tmp_path, ["ema"], ema, [a + b for a, b in zip(ema, BIAS)], seed)
+        cutmix = [a + 2 for a in base]
+        seeded(tmp_path, ["cutmix"], cutmix, [a + b - late for a, b, late in zip(cutmix, BIAS, (0, 0.5, 1.0))], seed)
+    est = {(r["methods"], r["estimator"]): r for r in read_rows(analyse(tmp_path) / "estimators.csv")}
+    cal, cyc = est[("ema", review.CALIBRATED)], est[("ema", "cyclic")]
+    assert float(cal["per_run_abs_gap_pp"]) == pytest.approx(0, abs=1e-9)
+    assert float(cal["mean_gap_pp"]) == pytest.approx(0, abs=1e-9)
+    assert float(cyc["per_run_abs_gap_pp"]) == pytest.approx(sum(map(abs, BIAS)) / 3)
+    cut = est[("cutmix", review.CALIBRATED)]
+    assert float(cut["mean_gap_pp"]) == pytest.approx(-0.5) == float(cut["delta_gap_vs_baseline"])
+    assert float(cut["per_run_abs_gap_pp"]) == pytest.approx(0.5)
+    assert float(cal["cyclic_time_s"]) == pytest.approx(8 + (2 + 4 + 8) / 3)
+    assert "1/3 of the baseline's standard curve" in cal["note"]
+
+
+def test_the_minimum_detectable_effect_and_seeds_needed_follow_the_textbook_formula(tmp_path):
+    """ema's gap - baseline's: 5 seeds with a standard deviation of 0.2 pp. At 95 % and 80 % power the smallest
+    difference those seeds resolve is (t(0.975, 4) + t(0.8, 4)) x 0.2 / sqrt(5) = (2.776 + 0.941) x 0.0894 (t table);
+    0.3 pp needs 6 seeds ((2.571 + 0.920) x 0.2 / sqrt(6) = 0.285; 5 give 0.332); 0.5 pp needs 4."""
+    deltas_study(tmp_path, {"ema": [0.1 + 0.2 * z for z in Z]})
+    for detect, need in ((None, 6), ("0.5", 4)):
+        out = analyse(tmp_path, *(["--detect", detect] if detect else []))
+        row = [r for r in read_rows(out / "power.csv") if r["comparison"] == "gap - baseline's"][0]
+        assert (row["methods"], row["curve"], row["n_seeds"]) == ("ema", "cyclic", "5")
+        assert float(row["sd_per_seed_pp"]) == pytest.approx(0.2)
+        assert float(row["mde_pp"]) == pytest.approx((2.776 + 0.941) * 0.2 / math.sqrt(5), abs=1e-3)
+        assert float(row["detect_pp"]) == float(detect or 0.3) and row["seeds_needed"] == str(need)
+    for n, t80 in ((2, 1.376), (3, 1.061), (11, 0.879)):  # the t table's 80 % column
+        assert stats.t_quantile(0.8, n - 1) == pytest.approx(t80, abs=1e-3)
+    assert stats.min_detectable(1.0, 3) == pytest.approx((4.303 + 1.061) / math.sqrt(3), abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "abc", "nan"])
+def test_a_detect_that_is_not_a_positive_number_is_refused_before_anything_is_written(tmp_path, capsys, bad):
+    seeded(tmp_path, [], BASE, BASE, 0)
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(tmp_path), "--out", str(tmp_path / "out"), "--detect", bad])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "--detect" in err and "positive number of percentage points" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_estimator_against_estimator_is_the_paired_difference_of_per_run_gaps(tmp_path):
+    """ema's cyclic runs miss by the baseline's bias plus a seed's own 0.1, 0.3, -0.2 pp: per seed, cyclic's per-run
+    |gap| (0.80, 0.87, 0.70) minus the calibrated one's (0.1, 0.3, 0.2), with its t interval over the 3 seeds; and
+    pooled with the baseline (its calibrated per-run |gap| 0) seed by seed."""
+    own = (0.1, 0.3, -0.2)
+    for seed in range(3):
+        seeded(tmp_path, [], BASE, [a + b for a, b in zip(BASE, BIAS)], seed)
+        ema = [a + 1 for a in BASE]
+        seeded(tmp_path, ["ema"], ema, [a + b + own[seed] for a, b in zip(ema, BIAS)], seed)
+    pairs = {r["methods"]: r for r in read_rows(analyse(tmp_path) / "estimator_pairs.csv")}
+    diffs = [np.mean([abs(b + e) for b in BIAS]) - abs(e) for e in own]
+    mean, half = np.mean(diffs), 4.303 * np.std(diffs, ddof=1) / math.sqrt(3)
+    row = pairs["ema"]
+    assert (row["estimator_a"], row["estimator_b"], row["n_seeds"]) == ("cyclic", review.CALIBRATED, "3")
+    assert (float(row["diff_pp"]), float(row["diff_lo"]), float(row["diff_hi"])) == pytest.approx(
+        (mean, mean - half, mean + half))
+    assert row["resolved"] == "true" and float(row["p"]) < 0.05
+    pooled = [(d + np.mean(np.abs(BIAS))) / 2 for d in diffs]
+    assert float(pairs["all 2 sets"]["diff_pp"]) == pytest.approx(np.mean(pooled))
+    assert pairs["baseline"]["note"] == "p: no spread over seeds"  # every seed's difference is mean |bias|
+
+
+def test_the_cost_ratio_paired_by_seed_cancels_each_seeds_machine_speed(tmp_path):
+    """Seed s ran on a machine k_s times slower (1, 1.6, 0.6): its standard runs take 2, 4, 8 x k_s s and its cyclic
+    run 8.8 x k_s: every seed's ratio is 14 / 8.8, so the paired interval has no width, while the sides resampled
+    apart spread over the speeds."""
+    for seed, k in enumerate((1.0, 1.6, 0.6)):
+        standard(tmp_path, [], [(2, 80), (4, 85), (8, 90)], seed=seed, time_per_epoch=k)
+        write_run(tmp_path, f"cyc_s{seed}", "cyclic", [], cyclic_rows([79, 86, 89], [2.2 * k, 4.4 * k, 8.8 * k]), seed)
+    g = read_csv(analyse(tmp_path) / "gaps.csv")["baseline"]
+    assert float(g["time_ratio_paired"]) == pytest.approx(14 / 8.8) == float(g["time_ratio"])
+    assert float(g["time_ratio_paired_lo"]) == pytest.approx(14 / 8.8) == float(g["time_ratio_paired_hi"])
+    assert g["time_ratio_paired_seeds"] == "3" and float(g["time_ratio_lo"]) < 1.4
+
+
+def test_kendall_taus_ci_draws_the_same_seeds_for_both_curves(tmp_path):
+    """The estimator's curve is the standard one, seed by seed, and the sets overlap over seeds: every resample
+    orders both curves alike, so tau is 1 with a CI of no width; one seed gives no CI, with the reason."""
+    rng = np.random.default_rng(3)
+    for seed in range(4):
+        for name, lift in (([], 0.0), (["ema"], 0.2), (["cutmix"], 0.4)):
+            accs = [a + lift + rng.normal(0, 1.0) for a in BASE]
+            seeded(tmp_path, name, accs, accs, seed)
+    rank = {r["budget"]: r for r in read_rows(analyse(tmp_path) / "ranking.csv")}
+    overall = rank["overall"]
+    assert (overall["kendall_tau"], overall["kendall_tau_lo"], overall["kendall_tau_hi"]) == ("1", "1", "1")
+    assert overall["kendall_tau_seeds"] == "4"
+    rows = [dict(r, kendall_tau=float(r["kendall_tau"])) for r in read_rows(tmp_path / "out" / "ranking.csv")]
+    assert all(r["kendall_tau_lo"] != "" for r in rows)
+
+
+def test_a_power_law_through_three_points_is_exact_not_a_fit_and_four_get_parameter_intervals():
+    x = np.array([2.0, 4, 8, 16])
+    rng = np.random.default_rng(0)
+    y = 90 - 20 * x ** -0.7 + rng.normal(0, 0.05, 4)
+    exact, one = fit.fit_power_law(x[:3], y[:3]), fit.fit_power_law(x, y)
+    assert (exact.dof, fit.param_ci(exact)) == (0, None)
+    ci = fit.param_ci(one)
+    assert one.dof == 1 and all(lo < v < hi for (lo, hi), v in zip(ci, (one.a, one.b, one.c)))
+    # the linearised interval by hand: t(1) x sqrt(SSE / 1 x [(J^T J)^-1]_aa)
+    u = x ** -one.c
+    jac = np.stack([np.ones(4), -u, one.b * u * np.log(x)], 1)
+    half = 12.706 * math.sqrt(np.sum(one.residuals ** 2) * np.linalg.inv(jac.T @ jac)[0, 0])
+    assert ci[0] == pytest.approx((one.a - half, one.a + half))
+
+
+def no_number_is_nan(out):
+    for path in out.glob("*.csv"):
+        cells = {c.strip().lower() for row in csv.reader(open(path)) for c in row}
+        assert not cells & {"nan", "inf", "-inf"}, path
+
+
+def test_one_seed_identical_seeds_and_no_baseline_give_empty_statistics_with_a_reason(tmp_path):
+    one, same, alone = tmp_path / "one", tmp_path / "same", tmp_path / "alone"
+    seeded(one, [], BASE, [a + b for a, b in zip(BASE, BIAS)], 0)
+    seeded(one, ["ema"], [a + 1 for a in BASE], [a + 1.5 for a in BASE], 0)
+    for seed in (0, 1):  # two seeds with identical accuracies
+        seeded(same, [], BASE, [a + b for a, b in zip(BASE, BIAS)], seed)
+        seeded(same, ["ema"], [a + 1 for a in BASE], [a + 1.5 for a in BASE], seed)
+    for seed in (0, 1):
+        seeded(alone, ["ema"], [a + seed for a in BASE], [a + 0.5 * seed for a in BASE], seed)
+    for root in (one, same, alone):
+        report.main([str(root), "--out", str(root / "rep"), "--metric", "final"])
+        no_number_is_nan(root / "rep")
+    gap = read_csv(one / "rep" / "gaps.csv")["ema"]
+    assert gap["mean_gap_p"] == gap["mean_gap_resolved_holm"] == gap["delta_gap_vs_baseline_p"] == ""
+    power = read_rows(one / "rep" / "power.csv")
+    assert power and {r["note"] for r in power} == {"1 seed: no spread to plan from"}
+    assert {r["mde_pp"] for r in power} == {""}
+    assert {r["stats_note"] for r in read_rows(one / "rep" / "ranking.csv")} == {"tau CI: a set with one seed"}
+    assert {r["note"] for r in read_rows(one / "rep" / "estimator_pairs.csv")} == {"1 shared seed: no CI"}
+    gap = read_csv(same / "rep" / "gaps.csv")["ema"]
+    assert gap["resolved"] == "true" and gap["mean_gap_p"] == gap["mean_gap_resolved_holm"] == ""
+    assert "mean gap p: no spread over seeds" in gap["stats_note"]
+    assert {r["note"] for r in read_rows(same / "rep" / "power.csv")} == {"every seed alike: no spread to plan from"}
+    assert all("tau CI: every seed alike" in r["stats_note"] for r in read_rows(same / "rep" / "ranking.csv"))
+    gap = read_csv(alone / "rep" / "gaps.csv")["ema"]
+    assert gap["delta_gap_vs_baseline"] == "" and "no baseline run" in gap["stats_note"]
+    assert [r["estimator"] for r in read_rows(alone / "rep" / "estimators.csv")] == ["cyclic"]
+    assert "(none: it needs the baseline's standard and cyclic curves)" in (alone / "rep" / "report.md").read_text()
