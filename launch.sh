@@ -118,6 +118,9 @@ print(options.sweep_defaults(sys.argv[2::2]))' "${CONFIGS[@]}") || exit 2
 method_flags() {  # bp+cl -> --blurpool --channels-last; ema+sam:rho=0.1 -> --method ema --method sam:rho=0.1
   local set=$1 flags=() m
   [ "$set" = baseline ] && return 0
+  if [[ "$set" == +* || "$set" == *+ ]]; then  # (read drops a last empty field: ls+ would run as ls, labelled ls+)
+    echo "launch.sh: bad method '' in --methods set '$set' (names joined by +, sets by commas)" >&2; exit 2
+  fi
   IFS=+ read -ra parts <<<"$set"
   for m in "${parts[@]}"; do
     case "$m" in
@@ -273,6 +276,9 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
   ends=$(PY -c "import schedules as s
 print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES)))")
   local sets=() checks=() set
+  if [[ "$METHODS" == *, ]]; then  # (the shell drops a last empty field: 'ls,' would pass as 'ls')
+    echo "launch.sh: --methods '$METHODS' ends in a comma; remove it" >&2; exit 2
+  fi
   mapfile -t sets < <(method_sets "$METHODS")
   for set in "${sets[@]}"; do checks+=("$set" "$(method_flags "$set")"); done
   local key="$METHODS|${CONFIGS[*]:-} ${EXTRA[*]:-}|${PLUGINS[*]:-}"  # a preset's sweeps of the same sets: checked once

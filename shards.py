@@ -76,7 +76,10 @@ class ShardSet(torch.utils.data.Dataset):
         self.index = np.load(os.path.join(folder, "index.npy"))
         with open(os.path.join(folder, "paths.txt"), encoding="utf-8", errors="surrogateescape", newline="\n") as f:
             paths = f.read().split("\n")[:-1]  # file names may hold any character but a newline
-        if len(paths) != len(self.index) or self.index.shape[1:] != (len(COLUMNS),):
+        if self.index.ndim != 2 or self.index.shape[1] != len(COLUMNS) or self.index.dtype.kind not in "iu":
+            raise DataError(f"{option}: {folder}/index.npy is a {self.index.dtype} table of shape {self.index.shape}, "
+                            f"not the {len(COLUMNS)} integer columns shards.py writes; {again}")
+        if len(paths) != len(self.index):
             raise DataError(f"{option}: {folder} has {len(self.index)} images in index.npy but {len(paths)} paths; "
                             f"{again}")
         shard, offset, length = (self.index[:, k] for k in range(3))

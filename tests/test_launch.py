@@ -76,6 +76,9 @@ def test_an_empty_method_set_is_named(tmp_path):
     p = launch("--methods", "baseline,,ls", "--dry-run", out=tmp_path, check=False)
     assert p.returncode == 2 and p.stderr.strip() == ("launch.sh: --methods: set 2 is empty (two commas in a row, "
                                                       "or one first); remove it")
+    for methods, told in (("ls,", "ends in a comma"), ("ls+,mx", "bad method '' in --methods set 'ls+'")):
+        p = launch("--methods", methods, "--dry-run", out=tmp_path, check=False)  # the shell dropped the empty end
+        assert p.returncode == 2 and told in p.stderr and "train.py" not in p.stdout, p.stderr
 
 
 def test_tiny_real_sweep_end_to_end(tmp_path):

@@ -216,6 +216,19 @@ def test_an_index_changed_after_preparing_is_refused_before_anything_is_written(
     assert not run.exists()
 
 
+def test_an_index_saved_as_floats_is_refused_in_one_line(tmp_path):
+    """A script that saved index.npy again as floats (same values) met an IndexError traceback."""
+    root = tree(tmp_path / "tree")
+    out = tmp_path / "out"
+    shards.prepare(root, str(out), workers=1, progress=False)
+    index = out / "train" / "index.npy"
+    np.save(index, np.load(index).astype(np.float64))
+    run = tmp_path / "run"
+    p = run_train(FOLDER + ["--data-dir", str(out), "--run-dir", str(run)], check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "index.npy is a float64 table" in p.stderr and not run.exists()
+
+
 def test_a_label_outside_the_classes_is_refused_before_anything_is_written(tmp_path):
     """Was IndexError ('Target 5 is out of bounds') mid-training, the run folder left; also for shards prepared
     before meta.json recorded index_crc32."""
