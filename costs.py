@@ -29,6 +29,22 @@ def cost_key(config):
     return {k: derived[k] if k in derived else c.get(k) for k in COST_KEYS}
 
 
+def method_specs(key):
+    """--method specs of a cost key's methods with every option given ('mixup:alpha=0.2'): built as the run built
+    them even where a default changed since."""
+    from methods.api import format_value
+    return [name + "".join(f"{':' if i == 0 else ','}{k}={format_value(v)}" for i, (k, v) in
+                           enumerate(sorted(key["method_options"].get(name, {}).items())))
+            for name in (spec.split(":")[0] for spec in key["methods"])]
+
+
+def methods_of(config):
+    """The MethodList a run's config.json records (plug-in files loaded from the paths it recorded)."""
+    from methods import MethodList, build, load_plugins
+    load_plugins(config.get("plugin_files") or [])
+    return MethodList([build(spec) for spec in method_specs(cost_key(config))])
+
+
 def key_text(key):
     """A cost key as canonical JSON text: what two keys are compared by."""
     return json.dumps(key, sort_keys=True)
@@ -94,6 +110,8 @@ class StepCounts:
 
     def run(self, n):
         """{size: steps} of run steps [0, n): wsd's trunk and every branch taken so far."""
+        if self.plan is None or self.plan.schedule != "wsd":  # run steps are path steps
+            return self.path(n)
         out = Counter()
         for seg in self.plan.segments():
             take = min(seg.end - seg.start, n - seg.run_start)

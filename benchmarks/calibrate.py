@@ -33,7 +33,6 @@ import train
 from analysis.runs import RunError, find_run_dirs, read_config, warn
 from analysis.stats import median_ci
 from data import build_data
-from methods.api import format_value
 from rundir import atomic_write
 from trackers import Trackers
 
@@ -83,9 +82,7 @@ def run_args(config, data_dir=None):
         args.t_mult = None
     args.model_kwargs = ",".join(f"{k}={json.dumps(v)}" for k, v in key["model_kwargs"].items())
     args.decay_exclusions = "on" if key["decay_excluded"] else "off"
-    args.method = [name + "".join(f"{':' if i == 0 else ','}{k}={format_value(v)}" for i, (k, v) in
-                                  enumerate(sorted(key["method_options"].get(name, {}).items())))
-                   for name in (spec.split(":")[0] for spec in key["methods"])]
+    args.method = costs.method_specs(key)
     args.plugin_files = list(c.get("plugin_files") or [])
     args.data_dir = data_dir or c.get("data_dir")
     args.eval_every, args.no_progress = 0.0, True
