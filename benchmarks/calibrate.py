@@ -9,8 +9,8 @@ micro-batch, accumulation, precision, layout, optimizer, world size as each devi
 is built once as train.py builds it (its options rebuilt from the config.json of one of its runs), and its steps
 are train.py's own (train.Run.step, with the loader's augmented batches), at each image size its runs train at
 (progressive resizing: each size of its schedule). The configurations are timed interleaved, A B C A B C ..., over
---rounds rounds, each timing synchronised on the device: --steps steps per size (after --warmup-steps untimed ones
-in the first round) and one evaluation pass (train.py's, over this device's share of the validation set). Each
+--rounds rounds, each timing synchronised on the device: --steps steps per size (after one untimed step, and
+--warmup-steps untimed ones before the first round) and one evaluation pass (train.py's, over this device's share of the validation set). Each
 cost is the median over rounds with a distribution-free interval (analysis.stats.median_ci). The FLOPs of a
 training image at each size are counted too (train.flops_per_image), for runs made before train.py recorded them.
 Nothing is written unless every configuration was measured; a configuration that cannot be rebuilt here stops the
@@ -129,14 +129,20 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(cfg, side, n, device):
-    """Seconds per optimizer step over n of train.py's steps at this image size (train.Run.step)."""
+def time_steps(cfg, side, n, device, untimed=1):
+    """Seconds per optimizer step over n of train.py's steps at this image size (train.Run.step), after `untimed`
+    steps: the configuration before this one left its own weights in the caches, a run's steps follow each other."""
     ctx = cfg.contexts[side]
+
+    def step():
+        x, y = next(cfg.batches)
+        _, cfg.first_bad = cfg.run.step(cfg.state, x, y, ctx, cfg.loss_sum, cfg.first_bad)
+    for _ in range(untimed):
+        step()
     sync(device)
     started = time.perf_counter()
     for _ in range(n):
-        x, y = next(cfg.batches)
-        _, cfg.first_bad = cfg.run.step(cfg.state, x, y, ctx, cfg.loss_sum, cfg.first_bad)
+        step()
     sync(device)
     return (time.perf_counter() - started) / n
 
@@ -203,7 +209,7 @@ def main(argv=None):
         print(f"  {i}/{len(configs)} {cfg.label}: {len(cfg.runs)} runs, e.g. {cfg.runs[0][0]}", flush=True)
         build(cfg, device, data_cache, a.data_dir)
         for side in cfg.contexts if a.warmup_steps else ():  # untimed: allocator growth, autotuning, first draws
-            time_steps(cfg, side, a.warmup_steps, device)
+            time_steps(cfg, side, a.warmup_steps, device, untimed=0)
         print(f"     built in {time.perf_counter() - t:.1f} s", flush=True)
     for r in range(a.rounds):
         t = time.perf_counter()
