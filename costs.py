@@ -56,7 +56,8 @@ def plan_of(config):
     c = config
     t0, t_mult = c.get("family_t0", c["t0"]), c.get("family_t_mult", c["t_mult"])
     plan = schedules.make_plan(c["schedule"], c["epochs"], c["warmup_epochs"], t0, t_mult, c["steps_per_epoch"],
-                               c.get("cycle_decay", 1.0), c.get("cooldown_frac", 0.2), c.get("cooldown_shape", "1-sqrt"))
+                               c.get("cycle_decay", 1.0), c.get("cooldown_frac", 0.2),
+                               c.get("cooldown_shape", "1-sqrt"))
     if c["schedule"] == "schedule-free" and c.get("sf_warmup_epochs") is not None:
         from dataclasses import replace
         plan = replace(plan, warmup_steps=round(c["sf_warmup_epochs"] * c["steps_per_epoch"]))

@@ -10,9 +10,10 @@ is built once as train.py builds it (its options rebuilt from the config.json of
 are train.py's own (train.Run.step, with the loader's augmented batches), at each image size its runs train at
 (progressive resizing: each size of its schedule). The configurations are timed interleaved, A B C A B C ..., over
 --rounds rounds, each timing synchronised on the device: --steps steps per size (after one untimed step, and
---warmup-steps untimed ones before the first round) and one evaluation pass (train.py's, over this device's share of the validation set). Each
-cost is the median over rounds with a distribution-free interval (analysis.stats.median_ci). The FLOPs of a
-training image at each size are counted too (train.flops_per_image), for runs made before train.py recorded them.
+--warmup-steps untimed ones before the first round) and one evaluation pass (train.py's, over this device's share
+of the validation set). Each cost is the median over rounds with a distribution-free interval
+(analysis.stats.median_ci). The FLOPs of a training image at each size are counted too (train.flops_per_image),
+for runs made before train.py recorded them.
 Nothing is written unless every configuration was measured; a configuration that cannot be rebuilt here stops the
 calibration with train.py's one line about it.
 """
