@@ -17,7 +17,8 @@ import torch
 
 METRICS_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s",
                    "cycle", "cycle_end", "curve_cost_s", "images_per_s", "eval_time_s",
-                   "skipped_steps", "peak_mem_gb", "startup_s", "train_loss_epoch"]
+                   "skipped_steps", "peak_mem_gb", "startup_s", "train_loss_epoch", "train_flops",
+                   "curve_cost_flops"]
 RUN_FILES = ("config.json", "metrics.csv", "done", "checkpoints")
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import costs
 import schedules
 from analysis.runs import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 from data import DataError, build_data
@@ -107,16 +108,17 @@ def resume_decision(args, setup, master):
     return ckpt, False
 
 
-def build_run(args, setup, methods, device, rank, world_size):
-    """(data, model, train loader): the data, the model with the methods' surgery on its device, checked by the
-    methods; seeded so that every rank builds the same initial model. fail()s in one line."""
+def build_run(args, setup, methods, device, rank, world_size, data=None):
+    """(data, model, train loader): the data (or `data`, already built from these options), the model with the
+    methods' surgery on its device, checked by the methods; seeded so that every rank builds the same initial model.
+    fail()s in one line."""
     configure_device(device, args.deterministic)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
     try:
-        data = build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers,
-                          augment=args.augment == "standard", decode=args.decode, image_size=args.image_size)
+        data = data or build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers,
+                                  augment=args.augment == "standard", decode=args.decode, image_size=args.image_size)
         model = build_model(args.model, data.num_classes, data.in_chans,
                             {**setup.model_kwargs, **methods.model_kwargs()}).to(device)
         model = methods.apply_model(model)  # surgery (BlurPool, channels-last, an EMA copy), before DDP
@@ -334,11 +336,8 @@ def run_main(argv=None):
         print(f"warning: --weight-decay {args.weight_decay:g} is the decay per step at the peak LR: {args.opt} will "
               f"shrink the weights by {args.weight_decay:.0%} a step (torch's AdamW weight_decay w is --weight-decay "
               f"w x --lr here)")
-    optimizer = methods.wrap_optimizer(build_optimizer(model, args, setup, plan, exclusions), model)
-    scheduler = schedules.build_scheduler(optimizer, plan, args.eta_min)
-    scaler = torch.amp.GradScaler(device.type, enabled=setup.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.amp)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    optimizer, scheduler, scaler, autocast = build_training(model, args, setup, plan, methods, exclusions, device)
+    flops = count_flops(raw_model, methods, autocast, data, plan, micro_batch_size(args, world_size), spe)
     state = TrainState()
     if ckpt is not None:
         try:
@@ -362,6 +361,8 @@ def run_main(argv=None):
               "cuda_version": torch.version.cuda if device.type == "cuda" else None, "decay_excluded": exclusions,
               "methods_without_effect": without_effect, "data_storage": getattr(data, "storage", None),
               "amp_measured": amp_measured if ckpt is None else recorded.get("amp_measured"),
+              "train_flops_per_image": flops.per_image.get(costs.side_name((data.image_size,) * 2)),
+              "train_flops_per_image_by_side": flops.per_image,
               "device_names": device_history(setup, ckpt),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     log = None
@@ -384,7 +385,7 @@ def run_main(argv=None):
                     print(f"{m.spec}: {key}: {', '.join(map(str, value))}")
 
     run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods, autocast,
-              rank, world_size, ddp, device, log, tracked if master else Trackers([], None, None))
+              rank, world_size, ddp, device, log, tracked if master else Trackers([], None, None), flops)
     steps_here = run.train(state)
     run.tracked.close()
     if hasattr(data, "close"):  # the validation workers
@@ -421,8 +422,9 @@ class Run:
     """The training loop and what it needs; one object so the loop reads without a dozen arguments."""
 
     def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods,
-                 autocast, rank, world_size, ddp, device, log, tracked):
+                 autocast, rank, world_size, ddp, device, log, tracked, flops):
         self.args, self.setup, self.plan, self.data, self.loader = args, setup, plan, data, loader
+        self.flops = flops
         self.model, self.raw_model, self.optimizer, self.scheduler, self.scaler = (model, raw_model, optimizer,
                                                                                    scheduler, scaler)
         self.methods, self.autocast, self.log, self.tracked = methods, autocast, log, tracked
@@ -439,10 +441,8 @@ class Run:
 
     def context(self, path_step):
         """What the methods' hooks are told about this step (methods/api.py: Context)."""
-        spe = self.loader.steps_per_epoch
-        return Context(step=path_step, epoch=path_step / spe, rank=self.rank, world_size=self.world_size,
-                       seed=self.args.seed, run_progress=path_step / self.plan.total_steps,
-                       cycle_progress=self.plan.budget_progress(path_step), num_classes=self.data.num_classes)
+        return costs.step_context(self.plan, path_step, self.loader.steps_per_epoch, self.args.seed, self.rank,
+                                  self.world_size, self.data.num_classes)
 
     def train(self, state):
         """Run the plan from state.step to the end; returns the optimizer steps taken by this process."""
@@ -466,30 +466,7 @@ class Run:
                 state.trunk = self.snapshot(state, loss_sum)
                 clock.start()
             for path_step, x, y in itertools.islice(stream, seg.end - at):  # this segment's steps
-                # -- 1. learning rate: the scheduler set it for this step (schedule-free: the optimizer does)
-                lr = self.optimizer.param_groups[0]["lr"]
-                # -- 2. forward, backward, update
-                loss = train_step(self.model, self.optimizer, self.scaler, self.methods, self.autocast, x, y,
-                                  a.grad_accum, self.ddp, self.context(path_step),
-                                  check_finite=state.skipped < a.skip_nonfinite, clip_grad=a.clip_grad,
-                                  raw_model=self.raw_model)
-                if self.sf:
-                    lr = self.optimizer.param_groups[0]["scheduled_lr"]
-                self.tracked.lr(state.step + 1, lr)
-                loss_window[path_step % spe] = math.nan if loss is None else loss
-                if loss is None:  # non-finite and --skip-nonfinite allows it: no update, the schedule goes on
-                    state.skipped += 1
-                    if self.master:
-                        tqdm.write(f"skipped step {state.step + 1}: non-finite loss "
-                                   f"({state.skipped}/{a.skip_nonfinite} allowed)")
-                else:
-                    loss_sum += loss
-                    state.loss_steps += 1
-                    first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss), state.step, first_bad)
-                if self.scheduler is not None:
-                    self.scheduler.step()
-                state.step += 1
-                state.images += a.batch_size
+                lr, first_bad = self.step(state, x, y, self.context(path_step), loss_sum, first_bad, loss_window)
                 bar.update(1)
                 # -- 3. evaluate and log at the curve points; checkpoint after that or every few minutes
                 done = path_step + 1
@@ -519,6 +496,38 @@ class Run:
         bar.close()
         return state.step - first_step
 
+    def step(self, state, x, y, ctx, loss_sum, first_bad, loss_window=None):
+        """One optimizer step of the loop (benchmarks.calibrate times this very step): its LR, the forward, backward
+        and update with the methods' hooks, the loss summed on the device (and kept in the epoch's loss_window, NaN
+        for a skipped step), the scheduler stepped. Returns the step's LR and the earliest non-finite step so far (a
+        device tensor)."""
+        a = self.args
+        # -- 1. learning rate: the scheduler set it for this step (schedule-free: the optimizer does)
+        lr = self.optimizer.param_groups[0]["lr"]
+        # -- 2. forward, backward, update
+        loss = train_step(self.model, self.optimizer, self.scaler, self.methods, self.autocast, x, y, a.grad_accum,
+                          self.ddp, ctx, check_finite=state.skipped < a.skip_nonfinite, clip_grad=a.clip_grad,
+                          raw_model=self.raw_model)
+        if self.sf:
+            lr = self.optimizer.param_groups[0]["scheduled_lr"]
+        self.tracked.lr(state.step + 1, lr)
+        if loss_window is not None:
+            loss_window[ctx.step % self.loader.steps_per_epoch] = math.nan if loss is None else loss
+        if loss is None:  # non-finite and --skip-nonfinite allows it: no update, the schedule goes on
+            state.skipped += 1
+            if self.master:
+                tqdm.write(f"skipped step {state.step + 1}: non-finite loss "
+                           f"({state.skipped}/{a.skip_nonfinite} allowed)")
+        else:
+            loss_sum += loss
+            state.loss_steps += 1
+            first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss), state.step, first_bad)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        state.step += 1
+        state.images += a.batch_size
+        return lr, first_bad
+
     def warm_up(self, state):
         """This process's start-up, timed apart into startup_s: the data pipeline's first batch, then one forward
         and backward pass on it (torch.compile, cudnn autotuning, allocator growth), undone (weights, BatchNorm
@@ -526,17 +535,8 @@ class Run:
         run alike, and a resumed process's compilation too. Returns the batches of the rest of the run."""
         stream = run_batches(self.loader, self.plan, state.step)
         path_step, x, y = first = next(stream)
-        rng = rng_state()
-        with weights_kept(self.raw_model):
-            self.model.train()
-            ctx = self.context(path_step)  # a batch transform may change its batch in place: it gets a copy
-            xm, ym = self.methods.transform_batch(x.chunk(self.args.grad_accum)[0].clone(),
-                                                  y.chunk(self.args.grad_accum)[0].clone(), ctx)
-            with (self.model.no_sync() if self.ddp else contextlib.nullcontext()), self.autocast:
-                loss = self.methods.loss(self.model(xm), ym, ctx)
-            self.scaler.scale(loss).backward()
-            self.optimizer.zero_grad(set_to_none=True)
-        restore_rng(rng)
+        trial_pass(self.model, self.raw_model, self.methods, self.autocast, x.chunk(self.args.grad_accum)[0],
+                   y.chunk(self.args.grad_accum)[0], self.context(path_step), self.scaler, self.ddp)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gb: training's, not the start-up's
@@ -570,7 +570,7 @@ class Run:
 
     def evaluate_and_log(self, state, seg, done, lr):
         """Validate, append the metrics row (rank 0), reset the row's accumulators."""
-        t_eval = time.perf_counter()
+        t_eval, a = time.perf_counter(), self.args
         window = [v for v in state.loss_window or () if math.isfinite(v)]
         sums = torch.tensor([state.loss_sum, state.loss_steps, sum(window), len(window)], dtype=torch.float64,
                             device=self.device)
@@ -585,6 +585,8 @@ class Run:
                    val_acc5=f"{val['acc5']:.4f}" if val["acc5"] is not None else None,
                    train_time_s=f"{state.path_time:.3f}", curve_cost_s=f"{state.cost_time:.3f}",
                    startup_s=f"{state.startup_time:.3f}",
+                   train_flops=f"{self.flops.of(self.flops.counts.path(done), a.batch_size):.10g}",
+                   curve_cost_flops=f"{self.flops.of(self.flops.counts.run(state.step), a.batch_size):.10g}",
                    cycle=seg.branch if seg.kind == "branch" else plan.cycle_of_step(done - 1),
                    cycle_end=int(curve_point or (done == plan.total_steps and plan.schedule != "wsd")),
                    images_per_s=f"{state.images / max(state.row_time, 1e-9):.1f}", skipped_steps=state.skipped,
@@ -740,6 +742,74 @@ def make_plan(args, setup, spe):
                  f"too short for a cooldown after the warmup; raise --cooldown-frac or --t0, or lower --warmup-epochs",
                  options=True)
     return plan
+
+
+def build_training(model, args, setup, plan, methods, exclusions, device):
+    """(optimizer, scheduler, GradScaler, autocast) of a run: the optimizer wrapped by the methods, the schedule's
+    scheduler, the precision's scaler and autocast context (benchmarks.calibrate builds each study's this way)."""
+    optimizer = methods.wrap_optimizer(build_optimizer(model, args, setup, plan, exclusions), model)
+    scheduler = schedules.build_scheduler(optimizer, plan, args.eta_min)
+    scaler = torch.amp.GradScaler(device.type, enabled=setup.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.amp)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    return optimizer, scheduler, scaler, autocast
+
+
+@dataclass
+class Flops:
+    """A run's training FLOPs: per image at each size it trains at ({'28x28': FLOPs}), and its steps per size."""
+    per_image: dict
+    counts: costs.StepCounts
+
+    def of(self, counts, batch_size):
+        """FLOPs of the steps counted ({size: steps}), batch_size images each."""
+        return costs.priced(counts, self.per_image) * batch_size
+
+
+def count_flops(model, methods, autocast, data, plan, micro, spe):
+    """The run's Flops, off the clock: flops_per_image at each image size it trains at (the methods'
+    train_image_size over the plan), and its steps per size."""
+    sides = costs.step_sides(plan, methods, (data.image_size, data.image_size), spe)
+    per_image = flops_per_image(model, methods, autocast, data, micro, side_contexts(plan, sides, spe, data))
+    return Flops(per_image, costs.StepCounts(plan, sides, next(iter(per_image))))
+
+
+def side_contexts(plan, sides, spe, data):
+    """{size name: the Context of the first path step that trains at that size} (sides: costs.step_sides)."""
+    first = {costs.side_name((data.image_size, data.image_size)): 0} if sides is None else {}
+    for p, side in enumerate(sides or []):
+        first.setdefault(side, p)
+    return {side: costs.step_context(plan, p, spe, num_classes=data.num_classes) for side, p in first.items()}
+
+
+def flops_per_image(model, methods, autocast, data, micro, contexts):
+    """{size name: FLOPs of one training image}: torch's flop counter over one forward and backward pass of a blank
+    micro-batch of the data's shape through the methods' transform_batch (which resizes it at that Context) and
+    loss, undone (trial_pass), per image, times the passes a step makes (SAM: 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    out = {}
+    for side, ctx in sorted(contexts.items()):
+        x = torch.zeros(micro, data.in_chans, data.image_size, data.image_size, device=data.device)
+        y = torch.zeros(micro, dtype=torch.long, device=data.device)
+        with FlopCounterMode(display=False) as counter:
+            trial_pass(model, model, methods, autocast, x, y, ctx)
+        out[side] = counter.get_total_flops() * methods.passes / micro
+    return out
+
+
+def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=False):
+    """One training forward and backward pass of `model` (raw_model: under its DDP and compile wrappers) on the
+    micro-batch (x, y) through the methods' transform_batch and loss, undone: weights, BatchNorm statistics,
+    gradients and RNG as before."""
+    rng = rng_state()
+    with weights_kept(raw_model):
+        model.train()
+        xm, ym = methods.transform_batch(x.clone(), y.clone(), ctx)  # a batch transform may change it in place
+        with (model.no_sync() if ddp else contextlib.nullcontext()), autocast:
+            loss = methods.loss(model(xm), ym, ctx)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        raw_model.zero_grad(set_to_none=True)
+    restore_rng(rng)
 
 
 def decay_exclusions(args, model):

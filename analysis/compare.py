@@ -1,11 +1,13 @@
 """Diff the standard tradeoff curve against each one-run estimator's, every number with a 95 % CI over seeds.
 
-    python -m analysis.compare RUN_DIR_OR_PARENT... [--out DIR] [--metric max|final] [--min-epochs E] [--x time|epochs]
-                               [--complete-seeds]
+    python -m analysis.compare RUN_DIR_OR_PARENT... [--out DIR] [--metric max|final] [--min-epochs E]
+                               [--x time|epochs|calibrated|flops] [--calibration FILE] [--complete-seeds]
 
 Prints the gap table and writes to DIR: curves.csv, gaps.csv (cyclic vs standard), estimators.csv (every one-run
 schedule vs standard), points.csv (cyclic vs standard per budget), improvement.csv, ranking.csv and fits.csv.
 Runs that differ in a result-defining option (analysis.runs.RESULT_KEYS) form separate groups, compared apart.
+--x calibrated and --x flops (analysis.axes) add columns of their own (docs/run-format.md) and method_costs.csv;
+on them the hardware's name does not split groups.
 """
 import argparse
 import csv
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis import fit, stats
+from analysis import axes, fit, stats
 from analysis.runs import (ESTIMATORS, MATCH_TOLERANCE, RunError, complete_seeds, group_curves, group_runs, load_runs,
                            match, order_methods, restrict)
 
@@ -40,6 +42,18 @@ FIT_COLUMNS = ["methods", "schedule", "x", "n_points", "a", "b", "c", "rmse_pp",
                "range_lo", "range_hi", "area_vs_standard", "mean_fitted_gap_pp", "note", "group"]
 
 
+def axis_columns(x):
+    """The extra columns of --x calibrated / flops: (curves.csv's, gaps.csv's and estimators.csv's)."""
+    if x not in axes.NEW_AXES:
+        return [], []
+    time, cost, standard, cyclic, ratio = axes.COLUMNS[x]
+    return [f"{time}_mean", f"{cost}_mean"], [standard, cyclic, ratio, f"{ratio}_lo", f"{ratio}_hi", f"{ratio}_seeds"]
+
+
+METHOD_COST_COLUMNS = ["methods", "per_image", "relative", "relative_lo", "relative_hi", "coverage", "runs", "unit",
+                       "group"]
+
+
 @dataclass
 class Analysis:
     """Everything compare and report need: the runs, their curves per group and every table by file name."""
@@ -49,6 +63,8 @@ class Analysis:
     tables: dict  # {"gaps.csv": (columns, rows), ...}
     dropped: list  # (group, methods, schedule, epochs, other schedule) of budgets without a partner
     left_out: list  # (group, methods, seed, missing runs) of seeds --complete-seeds set aside
+    x: str = "time"
+    calibration: object = None  # analysis.axes.Calibration on --x calibrated
 
     def rows(self, name):
         return self.tables[name][1]
@@ -127,6 +143,31 @@ def time_stats(pairs):
     return standard, cost, ratio, nonnegative(lo), hi, boot
 
 
+def axis_stats(pairs, n_boot=stats.N_BOOT):
+    """On --x calibrated or flops: (standard, estimator, ratio, lo, hi, seeds): the sum over matched budgets of the
+    standard runs' mean axis value, the estimator run's axis cost (its whole run) at the largest budget, their ratio,
+    and its 95 % CI paired by seed: a resample draws seeds, each with its own standard runs and estimator run, and
+    on the calibrated axis one calibration round for every configuration (the rounds were interleaved, so a round's
+    costs belong together). CI None with fewer than 2 seeds that have every run. Also returns the resampled means
+    (estimator, standard), or None, for the report's pooled cost."""
+    last = max(pairs, key=lambda p: p[0].epochs)[0]
+    standard, cost = sum(s.axis_time_mean for _, s in pairs), last.axis_cost_mean
+    ratio = standard / cost if cost else None
+    per_seed = [dict(s.samples("axis_rounds")) for _, s in pairs]
+    seeds = sorted(set(last.seeds).intersection(*per_seed), key=repr)
+    if ratio is None or len(seeds) < 2:
+        return standard, cost, ratio, None, None, len(seeds), None
+    mine = dict(last.samples("axis_rounds"))  # {seed: (times, costs) per round}; FLOPs: one exact round
+    std = np.array([[sum(col) for col in zip(*(b[seed][0] for b in per_seed))] for seed in seeds])  # (seeds, rounds)
+    est = np.array([mine[seed][1] for seed in seeds])
+    rng = np.random.default_rng(stats.BOOT_SEED)
+    idx = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
+    rnd = rng.integers(0, std.shape[1], size=(n_boot, 1))
+    means = est[idx, rnd].mean(1), std[idx, rnd].mean(1)
+    lo, hi = stats.interval(means[1] / means[0], len(seeds), ratio)
+    return standard, cost, ratio, nonnegative(lo), hi, len(seeds), means
+
+
 def delta_gap_vs_baseline(cmap, m, estimator, min_epochs=0.0):
     """How much more the estimator's curve misses set m's standard curve than the baseline's, paired by seed: per
     seed s, the mean over the budgets where the most seeds have all four curves of (estimator_m - standard_m) -
@@ -158,9 +199,9 @@ def delta_gap_vs_baseline(cmap, m, estimator, min_epochs=0.0):
     return sum(deltas) / len(deltas), lo, hi, stats.resolved(lo, hi), len(deltas)
 
 
-def compare_one(cmap, m, estimator, min_epochs=0.0):
+def compare_one(cmap, m, estimator, min_epochs=0.0, x="time"):
     """The gaps.csv row of method set m, estimator against standard; '_points' holds its per-budget rows."""
-    row = {c: None for c in ESTIMATOR_COLUMNS}
+    row = {c: None for c in ESTIMATOR_COLUMNS + axis_columns(x)[1]}
     row.update(methods=m, estimator=estimator, n_points=0, _points=[])
     std, est = cmap.get((m, "standard"), []), cmap.get((m, estimator), [])
     if not std or not est:
@@ -198,6 +239,9 @@ def compare_one(cmap, m, estimator, min_epochs=0.0):
     (row["standard_time_s"], row["cyclic_time_s"], row["time_ratio"], row["time_ratio_lo"], row["time_ratio_hi"],
      time_boot) = time_stats(pairs)
     row["_cost_boot"] = (time_boot.a[:, 0], time_boot.b.sum(1)) if time_boot.defined else None
+    if x in axes.NEW_AXES:
+        *values, row["_axis_boot"] = axis_stats(pairs)
+        row.update(zip(axis_columns(x)[1], values))
     if m != "baseline":
         row["improvement_corr"] = improvement_corr(cmap, m, estimator, pairs)
         if row["improvement_corr"] is None:
@@ -378,16 +422,18 @@ def tag(group, rows):
     return rows
 
 
-def group_tables(cmap, min_epochs, x):
-    """Every table's rows for one group's curves."""
+def group_tables(cmap, min_epochs, x, runs=()):
+    """Every table's rows for one group's curves (runs: the group's, for method_costs.csv)."""
     methods, estimators = order_methods(m for m, _ in cmap), estimator_of(cmap)
-    comparisons = [compare_one(cmap, m, e, min_epochs) for m in methods
+    comparisons = [compare_one(cmap, m, e, min_epochs, x) for m in methods
                    for e in ["cyclic"] + [e for e in estimators if e != "cyclic"]]
     gaps = [r for r in comparisons if r["estimator"] == "cyclic"]
-    return {
+    curve_axis = axis_columns(x)[0]
+    tables = {
         "curves.csv": [dict(methods=p.methods, schedule=p.schedule, epochs=p.epochs, n=p.n, acc_mean=p.acc_mean,
                             acc_std=p.acc_std, time_mean=p.time_mean, acc_lo=p.acc_lo, acc_hi=p.acc_hi,
-                            cost_mean=p.cost_mean) for key in sorted(cmap) for p in cmap[key]],
+                            cost_mean=p.cost_mean, **dict(zip(curve_axis, (p.axis_time_mean, p.axis_cost_mean))))
+                       for key in sorted(cmap) for p in cmap[key]],
         "gaps.csv": gaps,
         "estimators.csv": [r for r in comparisons if (r["methods"], r["estimator"]) in cmap],
         "points.csv": [p for r in gaps for p in r["_points"]],
@@ -396,6 +442,33 @@ def group_tables(cmap, min_epochs, x):
         "ranking.csv": [r for e in estimators for r in ranking_rows(cmap, e, min_epochs)],
         "fits.csv": fit_rows(cmap, x),
     }
+    if x in axes.NEW_AXES:
+        tables["method_costs.csv"] = method_cost_rows(runs, x)
+    return tables
+
+
+def method_cost_rows(runs, x):
+    """method_costs.csv: per method set, the axis's cost of one training image (calibrated seconds or FLOPs) over
+    its standard runs (its cyclic runs where it has none): their whole runs' axis cost over the images they
+    trained; relative to the baseline's, with the interval of that ratio over the calibration's rounds (paired:
+    each round's costs are one interleaved measurement); exact on the FLOPs axis."""
+    rows, per_round = [], {}
+    for m in order_methods(r.methods for r in runs):
+        mine = ([r for r in runs if r.methods == m and r.curve == "standard"]
+                or [r for r in runs if r.methods == m and r.curve == "cyclic"])
+        if not mine:
+            continue
+        last = [r.rows[-1] for r in mine]
+        images = sum(row["axis_run_steps"] * r.config["batch_size"] for r, row in zip(mine, last))
+        per_round[m] = [sum(c) / images for c in zip(*(row["axis_rounds"][1] for row in last))]
+        rows.append(dict(methods=m, per_image=sum(row["axis_cost"] for row in last) / images, runs=len(mine),
+                         unit=axes.unit(x)))
+    base = next((r for r in rows if r["methods"] == "baseline"), None)
+    for row in rows if base else ():
+        _, lo, hi, coverage = stats.median_ci([a / b for a, b in zip(per_round[row["methods"]],
+                                                                     per_round["baseline"])])
+        row.update(relative=row["per_image"] / base["per_image"], relative_lo=lo, relative_hi=hi, coverage=coverage)
+    return [{c: r.get(c) for c in METHOD_COST_COLUMNS} for r in rows]
 
 
 TABLE_COLUMNS = {"curves.csv": CURVE_COLUMNS, "gaps.csv": GAP_COLUMNS, "estimators.csv": ESTIMATOR_COLUMNS,
@@ -426,12 +499,26 @@ TEST_COLUMNS = ["family", "curve", "methods", "budget", "estimate_pp", "lo", "hi
 TABLE_COLUMNS.update({"tests.csv": TEST_COLUMNS, "power.csv": POWER_COLUMNS, "estimator_pairs.csv": PAIR_COLUMNS})
 
 
-def analyse_runs(runs, metric="max", min_epochs=0.0, x="time", only_complete_seeds=False, detect=None):
+def table_columns(x):
+    """TABLE_COLUMNS with the extra columns of --x calibrated or flops, and method_costs.csv on those axes."""
+    curve_axis, gap_axis = axis_columns(x)
+    out = dict(TABLE_COLUMNS, **{"curves.csv": CURVE_COLUMNS + curve_axis, "gaps.csv": GAP_COLUMNS + gap_axis,
+                                 "estimators.csv": ESTIMATOR_COLUMNS + gap_axis})
+    if x in axes.NEW_AXES:
+        out["method_costs.csv"] = METHOD_COST_COLUMNS
+    return out
+
+
+def analyse_runs(runs, metric="max", min_epochs=0.0, x="time", only_complete_seeds=False, calibration=None,
+                 study="RUNS_DIR", detect=None):
     """Curves per group and every table of `runs` (from analysis.runs.load_runs) as an Analysis; with
     only_complete_seeds, each method set's seeds that miss a run some other seed has are set aside
-    (analysis.runs.complete_seeds) and listed in Analysis.left_out. detect: the difference (pp) power.csv plans
-    seeds for (default analysis.review.DETECT)."""
+    (analysis.runs.complete_seeds) and listed in Analysis.left_out. x calibrated or flops: the runs' rows are
+    given the axis's values first (analysis.axes.annotate; AxisError where a run cannot have them). detect: the
+    difference (pp) power.csv plans seeds for (default analysis.review.DETECT)."""
     from analysis import review  # it builds on this module's functions
+    if x in axes.NEW_AXES:
+        axes.annotate(runs, x, calibration, study)
     groups, left_out = group_runs(runs), []
     if only_complete_seeds:
         for group, members in groups.items():
@@ -440,26 +527,36 @@ def analyse_runs(runs, metric="max", min_epochs=0.0, x="time", only_complete_see
         kept = {id(r) for members in groups.values() for r in members}
         runs = [r for r in runs if id(r) in kept]
     curve_sets = {group: group_curves(members, metric) for group, members in groups.items()}
-    tables = {name: (cols, []) for name, cols in TABLE_COLUMNS.items()}
+    tables = {name: (cols, []) for name, cols in table_columns(x).items()}
     dropped = []
     for group, cmap in curve_sets.items():
-        for name, rows in group_tables(cmap, min_epochs, x).items():
+        for name, rows in group_tables(cmap, min_epochs, x, groups[group]).items():
             tables[name][1].extend(tag(group, rows))
         dropped += [(group,) + d for d in dropped_budgets(cmap, min_epochs)]
     for group, cmap in curve_sets.items():
         review.extend(tables, group, cmap, min_epochs, x, detect or review.DETECT)
-    return Analysis(runs, groups, curve_sets, tables, dropped, left_out)
+    return Analysis(runs, groups, curve_sets, tables, dropped, left_out, x, calibration)
 
 
 def analyse(args):
     """analyse_runs on the command line's runs; exits with one line when there is nothing to analyse."""
+    pool = ("device_name",) if args.pool_hardware or args.x in axes.NEW_AXES else ()  # the point of the new axes
     try:
-        runs = load_runs(args.runs, args.include_partial, pool=("device_name",) if args.pool_hardware else ())
+        runs = load_runs(args.runs, args.include_partial, pool=pool)
     except RunError as e:
         sys.exit(f"analysis: error: {e}")
     if not runs:
         sys.exit(f"analysis: error: no readable finished runs below {' '.join(args.runs)}")
-    return analyse_runs(runs, args.metric, args.min_epochs, args.x, args.complete_seeds, detect=args.detect)
+    try:
+        calibration = None  # the FLOPs axis reads one where it finds one: it counts older runs' FLOPs
+        if args.x in axes.NEW_AXES:
+            path = args.calibration or axes.find_calibration(args.runs, required=args.x == "calibrated")
+            calibration = axes.read_calibration(path) if path else None
+        return analyse_runs(runs, args.metric, args.min_epochs, args.x, args.complete_seeds, calibration,
+                            args.runs[0], detect=args.detect)
+    except axes.AxisError as e:  # before anything is written
+        print(f"analysis: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def fmt(v, spec=".2f"):
@@ -490,19 +587,27 @@ def ci_text(lo, hi, spec="+.2f"):
     return "no CI" if lo is None else f"[{lo:{spec}}, {hi:{spec}}]"
 
 
-def format_gap_table(rows, label="methods"):
-    """The printed gap table: a line per row, the 95 % CI next to each gap, '*' where it excludes 0."""
+def format_gap_table(rows, label="methods", x="time"):
+    """The printed gap table: a line per row, the 95 % CI next to each gap, '*' where it excludes 0; the cost columns
+    on the axis x (calibrated, flops: their own columns, the ratio's CI paired by seed)."""
     w = max([len(label)] + [len(r[label]) for r in rows])
+    standard, cyclic, ratio = ("standard_time_s", "cyclic_time_s", "time_ratio") if x not in axes.NEW_AXES else \
+        axes.COLUMNS[x][2:]
+    names = ("std s", "cyc s") if x not in axes.NEW_AXES else {"calibrated": ("std cal s", "cyc cal s"),
+                                                               "flops": ("std FLOPs", "cyc FLOPs")}[x]
+    spec = ".3g" if x == "flops" else ".1f"
     head = (f"{label:<{w}} {'n':>3} {'seeds':>5} {'gap pp':>8} {'95 % CI':>16} {'max|gap|':>9} {'corr':>6} "
-            f"{'std s':>9} {'cyc s':>9} {'ratio':>6} {'Eq.1':>6}")
+            f"{names[0]:>9} {names[1]:>9} {'ratio':>6} {'Eq.1':>6}" + (" ratio 95 % CI" if x in axes.NEW_AXES else ""))
     lines = [head, "-" * len(head)]
     for r in rows:
         ci = "" if r["mean_gap_pp"] is None else ci_text(r["mean_gap_lo"], r["mean_gap_hi"]) + (
             "*" if r["resolved"] else " ")
         lines.append(f"{r[label]:<{w}} {r['n_points']:>3} {fmt(r['n_seeds']):>5} {fmt(r['mean_gap_pp'], '+.2f'):>8} "
                      f"{ci:>16} {fmt(r['max_abs_gap_pp']):>9} {fmt(r['improvement_corr']):>6} "
-                     f"{fmt(r['standard_time_s'], '.1f'):>9} {fmt(r['cyclic_time_s'], '.1f'):>9} "
-                     f"{fmt(r['time_ratio']):>6} {fmt(r['eq1_ratio']):>6}" + (f"  ({r['note']})" if r["note"] else ""))
+                     f"{fmt(r[standard], spec):>9} {fmt(r[cyclic], spec):>9} "
+                     f"{fmt(r[ratio]):>6} {fmt(r['eq1_ratio']):>6}"
+                     + (f" {ci_text(r[ratio + '_lo'], r[ratio + '_hi'], '.3f')}" if x in axes.NEW_AXES else "")
+                     + (f"  ({r['note']})" if r["note"] else ""))
     return "\n".join(lines)
 
 
@@ -512,7 +617,11 @@ def add_common_args(p):
                    help="max: best val_acc1 in the run (standard) or cycle (cyclic); final: the point's own row")
     p.add_argument("--min-epochs", type=float, default=0.0, help="ignore budgets below this many epochs")
     p.add_argument("--include-partial", action="store_true", help="use runs without 'done' too")
-    p.add_argument("--x", choices=("time", "epochs"), default="time", help="x of the curves and their fits")
+    p.add_argument("--x", choices=axes.AXES, default="time",
+                   help="x of the curves and their fits: time (train_time_s as measured), epochs, calibrated (steps x "
+                        "a device's step cost: calibration.json) or flops (docs/time-axes.md)")
+    p.add_argument("--calibration", metavar="FILE", help="--x calibrated: the calibration.json to use (default: the "
+                                                         "one at or above the folders analysed)")
     p.add_argument("--pool-hardware", action="store_true",
                    help="average seeds that ran on different GPU or CPU models (e.g. a study over several sessions): "
                         "accuracies pool, times mix speeds (the output says so); default: each model its own group")
@@ -550,6 +659,16 @@ def group_line(analysis):
             + "; ".join(analysis.curves))
 
 
+def axis_lines(analysis):
+    """What the cost columns are on analysis.x, where it is a new axis (None otherwise)."""
+    if analysis.x == "calibrated":
+        return axes.calibration_lines(analysis.calibration, analysis.runs)
+    if analysis.x == "flops":
+        return ["FLOPs: each run's training FLOPs (train_flops, counted by train.py: forward and backward per training "
+                "image x images, SAM's second pass included), independent of the hardware"]
+    return []
+
+
 def hardware_lines(analysis):
     """A line per group whose runs ran on more than one GPU or CPU model (config.json's device_name; with
     --pool-hardware, else they are groups of their own): their accuracies are pooled, but their times mix speeds."""
@@ -557,7 +676,11 @@ def hardware_lines(analysis):
     for label, members in analysis.groups.items():
         names = sorted({n for r in members for n in r.config.get("device_names") or [r.config.get("device_name")]}
                        - {None})
-        if len(names) > 1:
+        if len(names) > 1 and analysis.x in axes.NEW_AXES:
+            lines.append(f"{label or 'the runs'} ran on {len(names)} kinds of hardware ({'; '.join(names)}): pooled, "
+                         f"since the {analysis.x} axis does not depend on it; the wall-clock columns (time_mean, "
+                         f"standard_time_s, time_ratio) mix their speeds")
+        elif len(names) > 1:
             lines.append(f"{label or 'the runs'} ran on {len(names)} kinds of hardware ({'; '.join(names)}): "
                          f"accuracies are pooled over them, but times (train_time_s, time ratios, the time axis) mix "
                          f"their speeds")
@@ -603,19 +726,21 @@ def main(argv=None):
         print(line)
     print(f"{len(analysis.runs)} runs, metric {args.metric}; gap = cyclic - standard (percentage points), "
           f"95 % CI: {stats.CI_METHOD}; * = CI excludes 0")
+    for line in axis_lines(analysis):
+        print(line)
     if group_line(analysis):
         print(group_line(analysis))
     for line in hardware_lines(analysis) + speed_lines(analysis):
         print(f"warning: {line}")
     for group in analysis.curves:
         print(f"\n[{group}]" if group else "")
-        print(format_gap_table([r for r in analysis.rows("gaps.csv") if r["group"] == group]))
+        print(format_gap_table([r for r in analysis.rows("gaps.csv") if r["group"] == group], x=args.x))
         others = [r for r in analysis.rows("estimators.csv") if r["group"] == group and r["estimator"] != "cyclic"]
         for r in others:
             r["estimator / methods"] = f"{r['estimator']} / {r['methods']}"
         if others:
             print("\nother one-run estimators against standard (cyclic s = the estimator's curve_cost_s)")
-            print(format_gap_table(others, "estimator / methods"))
+            print(format_gap_table(others, "estimator / methods", args.x))
     for group, m, sched, e, other in analysis.dropped:
         print(f"unmatched budget: {(group + ' ') if group else ''}{m} {sched} at {e:g} epochs (no {other} point "
               f"within {MATCH_TOLERANCE:.0%})")

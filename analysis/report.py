@@ -1,6 +1,6 @@
 """The paper's figures and a report.md for a folder of runs, every gap with its 95 % CI over seeds.
 
-    python -m analysis.report RUNS... --out DIR [--x time|epochs] [--metric max|final]
+    python -m analysis.report RUNS... --out DIR [--x time|epochs|calibrated|flops] [--metric max|final]
 
 Writes every table of analysis.compare, each figure as PNG and PDF, and DIR/report.md linking them. When the runs
 form several groups (they differ in a result-defining option), each group gets its own figures, named with _gN.
@@ -19,9 +19,10 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 import schedules  # noqa: E402
-from analysis import stats  # noqa: E402
-from analysis.compare import (add_common_args, analyse, ci_text, fmt, group_line, hardware_lines,  # noqa: E402
-                              improvement_series, left_out_lines, nonnegative, speed_lines, write_tables)
+from analysis import axes, stats  # noqa: E402
+from analysis.compare import (add_common_args, analyse, axis_lines, ci_text, fmt, group_line,  # noqa: E402
+                              hardware_lines, improvement_series, left_out_lines, nonnegative, speed_lines,
+                              write_tables)
 from analysis.runs import MATCH_TOLERANCE, SCHEDULE_KEYS, RunError, order_methods, read_run  # noqa: E402
 
 STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"),
@@ -48,8 +49,19 @@ def save(fig, out, name):
     return f"{name}.png"
 
 
-def xlabel(x):
-    return "training time (s, log scale)" if x == "time" else "training epochs (log scale)"
+def xlabel(x, calibration=None):
+    return axes.label(x, calibration)
+
+
+def cost_columns(x):
+    """gaps.csv's (standard, estimator, ratio) columns of the cost on axis x: wall-clock time on time and epochs."""
+    return axes.COLUMNS[x][2:] if x in axes.NEW_AXES else ("standard_time_s", "cyclic_time_s", "time_ratio")
+
+
+def cost_unit(x, calibration=None):
+    """How report.md and the figures name the cost on axis x."""
+    return {"calibrated": f"calibrated s on {calibration.device_name if calibration else '?'}",
+            "flops": "training FLOPs"}.get(x, "training time (s)")
 
 
 def finish_axes(ax, x_label, y_label, title, legend_loc="lower right", log_x=True):
@@ -187,29 +199,35 @@ def fig_schedules(runs, out, name):
     return save(fig, out, name)
 
 
-def fig_total_time(gaps, out, name):
-    """Fig. 1B / 3D: time to build each curve, standard vs cyclic, with Eq. 1's prediction and the ratio's CI."""
-    rows = [g for g in gaps if g["standard_time_s"] is not None]
+def fig_total_time(gaps, out, name, x="time", calibration=None):
+    """Fig. 1B / 3D: time (the cost on axis x) to build each curve, standard vs cyclic, with Eq. 1's prediction and
+    the ratio's CI."""
+    standard, cyclic, ratio = cost_columns(x)
+    rows = [g for g in gaps if g[standard] is not None]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4), layout="constrained")
     xs = range(len(rows))
-    ax.bar([i - 0.2 for i in xs], [g["standard_time_s"] for g in rows], 0.4, label="standard (sum of runs)")
-    ax.bar([i + 0.2 for i in xs], [g["cyclic_time_s"] for g in rows], 0.4, label="cyclic (one run)")
-    ax.scatter([i - 0.2 for i in xs], [g["cyclic_time_s"] * g["eq1_ratio"] for g in rows], marker="_", s=600,
+    ax.bar([i - 0.2 for i in xs], [g[standard] for g in rows], 0.4, label="standard (sum of runs)")
+    ax.bar([i + 0.2 for i in xs], [g[cyclic] for g in rows], 0.4, label="cyclic (one run)")
+    ax.scatter([i - 0.2 for i in xs], [g[cyclic] * g["eq1_ratio"] for g in rows], marker="_", s=600,
                color="k", zorder=3, label="Eq. 1: cyclic time x epoch ratio")
     for i, g in enumerate(rows):
-        ci = "" if g["time_ratio_lo"] is None else f"\n[{g['time_ratio_lo']:.2f}, {g['time_ratio_hi']:.2f}]"
-        ax.annotate(f"{g['time_ratio']:.2f}x{ci}", (i - 0.2, g["standard_time_s"]), ha="center", va="bottom",
-                    fontsize=7)
+        ci = "" if g[f"{ratio}_lo"] is None else f"\n[{g[f'{ratio}_lo']:.2f}, {g[f'{ratio}_hi']:.2f}]"
+        ax.annotate(f"{g[ratio]:.2f}x{ci}", (i - 0.2, g[standard]), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(xs), [g["methods"] for g in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("total training time (s)")
-    ax.set_title("Time to build a tradeoff curve (ratio with its 95 % CI over seeds)")
+    if x in axes.NEW_AXES:
+        ax.set_ylabel(f"total {cost_unit(x, calibration)}")
+        ax.set_title(f"Cost to build a tradeoff curve, {cost_unit(x, calibration)} (ratio with its 95 % CI, paired "
+                     f"by seed)", fontsize=9)
+    else:
+        ax.set_ylabel("total training time (s)")
+        ax.set_title("Time to build a tradeoff curve (ratio with its 95 % CI over seeds)")
     ax.legend(fontsize=8, loc="lower right")
     return save(fig, out, name)
 
 
-def fig_tradeoff(cmap, methods_sets, col, x, out, name):
+def fig_tradeoff(cmap, methods_sets, col, x, out, name, calibration=None):
     """Fig. 1C / 2: accuracy against time, standard solid, cyclic dashed; a panel per method set plus one with all."""
     panels = [("all", methods_sets)] + [(m, ["baseline", m]) for m in methods_sets if m != "baseline"]
     ncol = min(3, len(panels))
@@ -225,7 +243,7 @@ def fig_tradeoff(cmap, methods_sets, col, x, out, name):
         for p in cmap.get(("baseline", "cyclic"), []) if title == "all" else []:
             ax.annotate(f"{p.epochs:g} ep", (p.x(x), p.acc_mean), fontsize=7, xytext=(3, -10),
                         textcoords="offset points")
-        finish_axes(ax, xlabel(x), "validation top-1 (%)",
+        finish_axes(ax, xlabel(x, calibration), "validation top-1 (%)",
                     "all (standard solid, cyclic dashed)" if title == "all" else f"{title} vs baseline",
                     legend_loc=None if title == "all" else "lower right")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -264,7 +282,7 @@ def fig_improvement(cmap, methods_sets, col, out, name, min_epochs=0.0):
     return save(fig, out, name)
 
 
-def fig_constant(cmap, methods_sets, col, x, out, name):
+def fig_constant(cmap, methods_sets, col, x, out, name, calibration=None):
     """Fig. S1: constant-period cyclic runs against the standard curve, when there are any."""
     sets = [m for m in methods_sets if (m, "constant") in cmap]
     if not sets:
@@ -274,7 +292,7 @@ def fig_constant(cmap, methods_sets, col, x, out, name):
         for sched in ("standard", "cyclic", "constant"):
             if (m, sched) in cmap:
                 plot_curve(ax, cmap[(m, sched)], x, col[m], sched, f"{m} {sched}")
-    finish_axes(ax, xlabel(x), "validation top-1 (%)", "Constant-period cycles against the standard curve")
+    finish_axes(ax, xlabel(x, calibration), "validation top-1 (%)", "Constant-period cycles against the standard curve")
     return save(fig, out, name)
 
 
@@ -302,7 +320,7 @@ def draw_swaps(ax, row, col, label_right):
     ax.invert_yaxis()
 
 
-def fig_ordering(cmap, methods_sets, ranking, col, x, out, name):
+def fig_ordering(cmap, methods_sets, ranking, col, x, out, name, calibration=None):
     """Fig. S2: curves of the method sets per schedule, and below the rank of each set on both (thick: swaps)."""
     rows = [r for r in ranking if r["estimator"] == "cyclic"]
     fig = plt.figure(figsize=(max(11, 2.4 * len(rows)), 8 if rows else 4.5), layout="constrained")
@@ -312,7 +330,7 @@ def fig_ordering(cmap, methods_sets, ranking, col, x, out, name):
         for m in methods_sets:
             if (m, sched) in cmap:
                 plot_curve(ax, cmap[(m, sched)], x, col[m], sched, m)
-        finish_axes(ax, xlabel(x), None, f"{sched} curves")
+        finish_axes(ax, xlabel(x, calibration), None, f"{sched} curves")
     axes[0].set_ylabel("validation top-1 (%)")
     if rows:
         for i, (ax, row) in enumerate(zip(bottom.subplots(1, len(rows), squeeze=False)[0], rows)):
@@ -373,7 +391,7 @@ def pooled_rows(rows):
     return ([r for r in rows if r["methods"] in shared], True) if shared else (rows, False)
 
 
-def fidelity_points(rows):
+def fidelity_points(rows, x="time"):
     """{estimator: Fidelity} pooled over pooled_rows' method sets: cost = the estimator's curve_cost_s, summed over
     sets, over the standard runs'; gap = mean |gap| of the seed-averaged curves; run_gap = per-run |gap| (each
     seed's own runs), averaged over sets. CIs are (None, None) unless every set has one (run_gap's: unless every set
@@ -382,14 +400,16 @@ def fidelity_points(rows):
     rows, _ = pooled_rows(rows)
     for est in dict.fromkeys(r["estimator"] for r in rows):
         mine = [r for r in rows if r["estimator"] == est]
-        standard = sum(r["standard_time_s"] for r in mine)
+        std_col, est_col, _ = cost_columns(x)
+        boot = "_axis_boot" if x in axes.NEW_AXES else "_cost_boot"  # (estimator, standard) resampled
+        standard = sum(r[std_col] or 0 for r in mine)
         if not standard:
             continue
-        cost = sum(r["cyclic_time_s"] for r in mine) / standard
+        cost = sum(r[est_col] for r in mine) / standard
         gap = sum(r["mean_abs_gap_pp"] for r in mine) / len(mine)
         cost_ci, gap_ci, run_gap, run_ci = (None, None), (None, None), None, (None, None)
-        if all(r.get("_cost_boot") is not None for r in mine):
-            lo, hi = stats.interval(sum(r["_cost_boot"][0] for r in mine) / sum(r["_cost_boot"][1] for r in mine),
+        if all(r.get(boot) is not None for r in mine):
+            lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine),
                                     min(r["n_seeds"] for r in mine), cost)
             cost_ci = (nonnegative(lo), hi)
         if all(r.get("_abs_boot") is not None for r in mine):
@@ -405,10 +425,10 @@ def fidelity_points(rows):
     return out
 
 
-def fig_fidelity(rows, out, name):
-    """Fidelity against cost: per one-run estimator, its per-run |gap| to the standard curve (filled, where every
-    method set has one) and the |gap| of its seed-averaged curve (hollow), over its cost."""
-    data = fidelity_points(rows)
+def fig_fidelity(rows, out, name, x="time", calibration=None):
+    """Fidelity against cost (on axis x): per one-run estimator, its per-run |gap| to the standard curve (filled,
+    where every method set has one) and the |gap| of its seed-averaged curve (hollow), over its cost."""
+    data = fidelity_points(rows, x)
     if not data:
         return None
     pooled, shared = pooled_rows(rows)
@@ -433,7 +453,8 @@ def fig_fidelity(rows, out, name):
     highest_cost = max(f.cost if f.cost_ci[1] is None else f.cost_ci[1] for f in data.values())
     ax.set_xlim(0, max(1.05, 1.1 * highest_cost))  # both axes from 0: the origin is a free, exact estimator
     ax.set_ylim(0, 1.15 * max(tops) or 1)
-    finish_axes(ax, "cost relative to the standard curve (curve_cost_s / sum of standard runs)",
+    finish_axes(ax, "cost relative to the standard curve (curve_cost_s / sum of standard runs)"
+                if x not in axes.NEW_AXES else f"cost relative to the standard curve ({cost_unit(x, calibration)})",
                 "|estimator - standard| (pp), mean over budgets",
                 f"Fidelity vs cost, {over}\nfilled: each seed's run vs its own standard "
                 f"runs; hollow: seed-averaged curves\n{CI_NOTE}", legend_loc="best", log_x=False)
@@ -520,10 +541,14 @@ def ranking_section(ranking):
                       for r in ranking]), ""]
 
 
-def estimator_section(rows):
-    """report.md's table of every one-run estimator against the standard curve."""
+def estimator_section(rows, x="time", calibration=None):
+    """report.md's table of every one-run estimator against the standard curve (on --x calibrated / flops, with
+    the cost on that axis too)."""
     if not any(r["estimator"] != "cyclic" for r in rows):
         return []
+    standard, cyclic, ratio = cost_columns(x)
+    spec = ".3g" if x == "flops" else ".1f"
+    extra = x in axes.NEW_AXES
     return ["## One-run estimators against the standard curve", "",
             "Cost: the estimator run's `curve_cost_s` at its largest matched budget (all the compute it spent, "
             "branches included); standard: the sum of the standard runs' training time at the matched budgets. "
@@ -531,19 +556,23 @@ def estimator_section(rows):
             "|estimator - standard| (what one run delivers; needs the same seeds on both curves).", "",
             md_table(["estimator", "methods", "budgets", "seeds", "mean gap [95 % CI]", "resolved",
                       "mean abs gap [95 % CI]", "per-run abs gap [95 % CI]", "estimator cost s", "standard s",
-                      "ratio [95 % CI]", "note"],
+                      "ratio [95 % CI]"] + [f"estimator ({axes.unit(x)})", f"standard ({axes.unit(x)})",
+                                            "ratio [95 % CI, paired]"] * extra + ["note"],
                      [[r["estimator"], r["methods"], r["budgets"] or "", fmt(r["n_seeds"]),
                        gap_cell(r["mean_gap_pp"], r["mean_gap_lo"], r["mean_gap_hi"]), resolved_cell(r["resolved"]),
                        gap_cell(r["mean_abs_gap_pp"], r["mean_abs_gap_lo"], r["mean_abs_gap_hi"], ".2f"),
                        gap_cell(r["per_run_abs_gap_pp"], r["per_run_abs_gap_lo"], r["per_run_abs_gap_hi"], ".2f"),
                        fmt(r["cyclic_time_s"], ".1f"), fmt(r["standard_time_s"], ".1f"),
                        "" if r["time_ratio"] is None else f"{r['time_ratio']:.2f} "
-                       f"{ci_text(r['time_ratio_lo'], r['time_ratio_hi'], '.2f')}", fmt(r["note"])] for r in rows]), ""]
+                       f"{ci_text(r['time_ratio_lo'], r['time_ratio_hi'], '.2f')}"]
+                      + [fmt(r[cyclic], spec), fmt(r[standard], spec), "" if r[ratio] is None else
+                         f"{r[ratio]:.3f} {ci_text(r[f'{ratio}_lo'], r[f'{ratio}_hi'], '.3f')}"] * extra
+                      + [fmt(r["note"])] for r in rows]), ""]
 
 
 def fit_section(fits, x):
     """report.md's table of power-law fits and the mean gap between fitted curves."""
-    unit = "s" if x == "time" else "epochs"
+    unit = "s" if x == "time" else "epochs" if x == "epochs" else axes.unit(x)
     return ["## Power-law fits", "",
             f"acc(x) = a - b x^(-c) by least squares on each curve's mean points, x = training {unit}. Fitted gap: "
             "the area between the fitted estimator and standard curves over their shared x range, integrated over "
@@ -567,6 +596,43 @@ def pooled_time_line(gaps):
     ratio = standard / cyclic
     return [f"All {len(timed)} method sets pooled: standard {standard:.1f} s, cyclic {cyclic:.1f} s, ratio "
             f"{ratio:.3f} against Eq. 1's {predicted:.3f} ({100 * (ratio / predicted - 1):+.1f} %).", ""]
+
+
+def axis_time_section(gaps, x, calibration):
+    """--x calibrated / flops: the cost to build each curve on the axis, its ratio's CI paired by seed, beside the
+    measured time's ratio and CI (wall clock: the two sides resampled independently)."""
+    standard, cyclic, ratio = cost_columns(x)
+    timed = [g for g in gaps if g[standard] is not None]
+    spec = ".3g" if x == "flops" else ".1f"
+    return [f"## Cost to build each curve ({cost_unit(x, calibration)})", "",
+            f"Standard: sum of the standard runs' mean {cost_unit(x, calibration)} at the matched budgets. Cyclic: the "
+            "cyclic run's at the largest matched budget. Ratio: standard / cyclic, its 95 % CI paired by seed (each "
+            "seed's standard runs with its own cyclic run" + (", and one calibration round for all: the rounds were "
+            "interleaved" if x == "calibrated" else "") + "); the measured time's ratio and CI beside it (the two "
+            "sides resampled independently). Eq. 1: the epoch ratio the paper predicts for those budgets.", "",
+            md_table(["methods", f"standard ({axes.unit(x)})", f"cyclic ({axes.unit(x)})", "ratio [95 % CI, paired]",
+                      "seeds", "measured ratio [95 % CI]", "Eq. 1"],
+                     [[g["methods"], f"{g[standard]:{spec}}", f"{g[cyclic]:{spec}}",
+                       f"{g[ratio]:.3f} {ci_text(g[f'{ratio}_lo'], g[f'{ratio}_hi'], '.3f')}", fmt(g[f"{ratio}_seeds"]),
+                       "" if g["time_ratio"] is None else
+                       f"{g['time_ratio']:.2f} {ci_text(g['time_ratio_lo'], g['time_ratio_hi'], '.2f')}",
+                       f"{g['eq1_ratio']:.2f}"] for g in timed]), ""]
+
+
+def method_cost_section(rows, x, calibration):
+    """--x calibrated / flops: what one training image of each method set costs, relative to the baseline."""
+    if not rows:
+        return []
+    return ["## Cost of a training image, per method set", "",
+            f"Its {cost_unit(x, calibration)} per training image over the set's standard runs (cyclic where it has "
+            "none), relative to the baseline's" + (": the interval is over the calibration's interleaved rounds "
+                                                   "(median_ci; its coverage given)" if x == "calibrated" else
+                                                   ": counted, exact") + ".", "",
+            md_table(["methods", f"per image ({axes.unit(x)})", "relative to baseline", "interval (coverage)", "runs"],
+                     [[r["methods"], fmt(r["per_image"], ".4g"), fmt(r["relative"], ".3f"),
+                       "" if r["relative_lo"] is None else
+                       f"[{r['relative_lo']:.3f}, {r['relative_hi']:.3f}] ({100 * r['coverage']:.0f} %)",
+                       r["runs"]] for r in rows]), ""]
 
 
 def time_section(gaps):
@@ -725,26 +791,34 @@ def group_report(analysis, group, cmap, args, suffix):
     gaps, estimators, ranking = pick("gaps.csv"), pick("estimators.csv"), pick("ranking.csv")
     methods_sets = order_methods(m for m, _ in cmap)
     col = colours(methods_sets)
-    out, x = args.out, args.x
+    out, x, cal = args.out, args.x, analysis.calibration
     figures = [
         ("Schedules and accuracy during training (Fig. 1A)",
          fig_schedules(analysis.groups[group], out, f"fig1_schedules{suffix}")),
-        ("Time to build each curve (Fig. 1B / 3D)", fig_total_time(gaps, out, f"fig2_total_time{suffix}")),
-        ("Tradeoff curves (Fig. 1C, 2)", fig_tradeoff(cmap, methods_sets, col, x, out, f"fig3_tradeoff{suffix}")),
+        ("Time to build each curve (Fig. 1B / 3D)" if x not in axes.NEW_AXES else
+         f"Cost to build each curve, {cost_unit(x, cal)} (Fig. 1B / 3D)",
+         fig_total_time(gaps, out, f"fig2_total_time{suffix}", x, cal)),
+        ("Tradeoff curves (Fig. 1C, 2)" + (f", x: {cost_unit(x, cal)}" if x in axes.NEW_AXES else ""),
+         fig_tradeoff(cmap, methods_sets, col, x, out, f"fig3_tradeoff{suffix}", cal)),
         ("Improvement over the baseline (Fig. 3A-C)",
          fig_improvement(cmap, methods_sets, col, out, f"fig4_improvement{suffix}", args.min_epochs)),
-        ("Constant-period cycles (Fig. S1)", fig_constant(cmap, methods_sets, col, x, out, f"fig5_constant{suffix}")),
+        ("Constant-period cycles (Fig. S1)",
+         fig_constant(cmap, methods_sets, col, x, out, f"fig5_constant{suffix}", cal)),
         ("Ordering of method sets and their swaps (Fig. S2)",
-         fig_ordering(cmap, methods_sets, ranking, col, x, out, f"fig6_ordering{suffix}")),
+         fig_ordering(cmap, methods_sets, ranking, col, x, out, f"fig6_ordering{suffix}", cal)),
         ("Gap per budget, cyclic - standard, every method set",
          fig_gap([r for r in estimators if r["estimator"] == "cyclic"], col, out, f"fig7_gap_per_budget{suffix}")),
         ("Gap per budget of every one-run estimator, on the method sets that have more than the cyclic one",
          fig_gap(with_other_estimators(estimators), col, out, f"fig9_estimator_gaps{suffix}")),
-        ("Fidelity vs cost of the one-run estimators", fig_fidelity(estimators, out, f"fig8_fidelity_cost{suffix}")),
+        ("Fidelity vs cost of the one-run estimators" + (f", cost in {cost_unit(x, cal)}" if x in axes.NEW_AXES
+                                                          else ""),
+         fig_fidelity(estimators, out, f"fig8_fidelity_cost{suffix}", x, cal)),
     ]
     md = gap_section(gaps, [p for g in gaps for p in g["_points"]]) if any(g["n_points"] for g in gaps) else []
     md += improvement_section(pick("improvement.csv")) + ranking_section(ranking)
-    md += estimator_section(estimators) + fit_section(pick("fits.csv"), args.x) + time_section(gaps)
+    md += estimator_section(estimators, x, cal) + fit_section(pick("fits.csv"), args.x) + time_section(gaps)
+    if x in axes.NEW_AXES:
+        md += axis_time_section(gaps, x, cal) + method_cost_section(pick("method_costs.csv"), x, cal)
     md += review_sections(pick)
     dropped = [d for d in analysis.dropped if d[0] == group]
     if dropped:
@@ -774,6 +848,10 @@ def main(argv=None):
           "runs together across budgets; the two curves are `paired` (cyclic seed s against standard seed s), at each "
           "budget over the seeds both hold there where one curve has more (its note says so), and resampled "
           "`independent`ly only where a budget shares fewer than 2. With one seed there is no CI.", ""]
+    if args.x in axes.NEW_AXES:
+        md += [f"x axis: {xlabel(args.x, analysis.calibration).replace(', log scale', '')}; the wall-clock columns "
+               "(time_mean, standard_time_s, time_ratio) keep their measured meaning."] + [""]
+        md += [f"- {line}." for line in axis_lines(analysis)] + [""]
     if group_line(analysis):
         md += [group_line(analysis) + ".", ""]
     for line in hardware_lines(analysis) + speed_lines(analysis):

@@ -78,6 +78,8 @@ def calibrated_curves(cmap, min_epochs=0.0):
         return {}
     shift = {id(c): s.acc_mean - c.acc_mean for c, s in base}
     share = sum(s.time_mean for _, s in base) / len(sets)
+    axis = [s.axis_time_mean for _, s in base]  # the same share on a --x calibrated or flops axis, where annotated
+    axis_share = None if None in axis else sum(axis) / len(sets)
     out = {}
     for m in sets:
         points = []
@@ -85,8 +87,10 @@ def calibrated_curves(cmap, min_epochs=0.0):
             near = match([p], [c for c, _ in base])
             if near:
                 d = shift[id(near[0][1])]
+                axis_costs = [None if c is None or axis_share is None else c + axis_share for c in p.axis_costs]
                 points.append(curve_point(m, CALIBRATED, p.epochs, p.seeds, [a + d for a in p.accs], p.times,
-                                          [c + share for c in p.costs]))
+                                          [c + share for c in p.costs], p.axis_times, axis_costs,
+                                          [None] * len(p.axis_rounds)))
         if points:
             out[(m, CALIBRATED)] = points
     return out

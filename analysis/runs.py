@@ -135,6 +135,9 @@ class Point:
     run: str
     seed: object = None
     cost_s: float = None  # curve_cost_s: the whole run's compute so far (train_time_s where absent)
+    axis_time: float = None  # --x calibrated or flops (analysis.axes.annotate): the row's value, as time_s
+    axis_cost: float = None  # ... and the whole run's so far, as cost_s
+    axis_rounds: tuple = None  # calibrated: (times, costs) with each calibration round's step costs
 
 
 @dataclass
@@ -152,18 +155,38 @@ class CurvePoint:
     costs: list = field(default_factory=list)
     acc_lo: float = None  # 95 % CI of acc_mean over seeds; None with one seed
     acc_hi: float = None
+    axis_times: list = field(default_factory=list)  # per run: Point.axis_time, axis_cost, axis_rounds
+    axis_costs: list = field(default_factory=list)
+    axis_rounds: list = field(default_factory=list)
 
     @property
     def cost_mean(self):
         return sum(self.costs) / len(self.costs)
 
+    @property
+    def axis_time_mean(self):
+        return mean_of(self.axis_times)
+
+    @property
+    def axis_cost_mean(self):
+        return mean_of(self.axis_costs)
+
     def x(self, axis):
-        """Where the point sits on a curve's x axis: 'time' (mean train_time_s) or 'epochs'."""
-        return self.time_mean if axis == "time" else self.epochs
+        """Where the point sits on a curve's x axis: 'time' (mean train_time_s), 'epochs', or the mean of a new
+        axis's values (analysis.axes: 'calibrated', 'flops')."""
+        return self.time_mean if axis == "time" else self.epochs if axis == "epochs" else self.axis_time_mean
 
     def samples(self, value="acc"):
-        """(seed, value) per run behind the point; value is 'acc', 'time' or 'cost'."""
-        return list(zip(self.seeds, {"acc": self.accs, "time": self.times, "cost": self.costs}[value]))
+        """(seed, value) per run behind the point; value is 'acc', 'time', 'cost', 'axis_time', 'axis_cost' or
+        'axis_rounds'."""
+        return list(zip(self.seeds, {"acc": self.accs, "time": self.times, "cost": self.costs,
+                                     "axis_time": self.axis_times, "axis_cost": self.axis_costs,
+                                     "axis_rounds": self.axis_rounds}[value]))
+
+
+def mean_of(values):
+    """The mean, or None where some value is missing (no axis annotated)."""
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
 
 def is_legacy(config):
@@ -370,7 +393,8 @@ def run_points(run, metric="max"):
             lost.append(r)
             continue
         points.append(Point(run.methods, run.curve, r["epoch"], r["train_time_s"], point_acc(run, r, metric),
-                            run.path, run.seed, r["curve_cost_s"]))
+                            run.path, run.seed, r["curve_cost_s"], r.get("axis_time"), r.get("axis_cost"),
+                            r.get("axis_rounds")))
     lost = [r for r in lost if not r.get("damaged")]  # a damaged row was told of when it was read
     if lost:
         warn(f"{os.path.join(run.path, 'metrics.csv')}: val_acc1 is not a finite number at epoch(s) "
@@ -458,24 +482,25 @@ def complete_seeds(runs):
 def average(points):
     """One CurvePoint from the points of one (group, methods, schedule, budget): their mean, std and 95 % CI."""
     p0 = points[0]
-    return curve_point(p0.methods, p0.schedule, p0.epochs, [p.seed for p in points], [p.acc for p in points],
-                       [p.time_s for p in points], [p.cost_s for p in points])
+    return curve_point(p0.methods, p0.schedule, p0.epochs, *([getattr(p, k) for p in points] for k in (
+        "seed", "acc", "time_s", "cost_s", "axis_time", "axis_cost", "axis_rounds")))
 
 
-def curve_point(methods, schedule, epochs, seeds, accs, times, costs):
+def curve_point(methods, schedule, epochs, seeds, accs, times, costs, axis_times, axis_costs, axis_rounds):
     """The CurvePoint of these runs (one per seed): mean, std and 95 % CI of their accuracies, their mean time."""
     mean = sum(accs) / len(accs)
     std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
     lo, hi = stats.mean_ci(accs)
     return CurvePoint(methods, schedule, epochs, len(accs), mean, std, sum(times) / len(times), list(accs),
-                      list(seeds), list(times), list(costs), lo, hi)
+                      list(seeds), list(times), list(costs), lo, hi, list(axis_times), list(axis_costs),
+                      list(axis_rounds))
 
 
 def restrict(point, seeds):
     """`point` averaged over its runs of `seeds` only (at least one of them)."""
     keep = [i for i, seed in enumerate(point.seeds) if seed in seeds]
-    return curve_point(point.methods, point.schedule, point.epochs, *([col[i] for i in keep] for col in
-                       (point.seeds, point.accs, point.times, point.costs)))
+    return curve_point(point.methods, point.schedule, point.epochs, *([col[i] for i in keep] for col in (
+        point.seeds, point.accs, point.times, point.costs, point.axis_times, point.axis_costs, point.axis_rounds)))
 
 
 def group_curves(runs, metric="max"):

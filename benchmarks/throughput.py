@@ -1,6 +1,7 @@
 """Training throughput: our loop against the model's compute limit and a conventional pipeline.
 
-    python -m benchmarks.throughput [--batch-size 256] [--channels-last] [--amp auto] [--steps 60] [--json FILE]
+    python -m benchmarks.throughput [--batch-size 256] [--channels-last] [--amp auto] [--steps 60] [--rounds 5]
+                                    [--json FILE]
                                     [--data-dir FASHION_MNIST_DIR] [--model NAME --model-kwargs K=V,...] [--opt adamw]
                                     [--method SPEC ... --plugins FILE.py]   # e.g. --method sam, progressive_resizing
 
@@ -11,9 +12,13 @@ format:
       from the images_per_s of its metrics.csv;
   (c) a conventional pipeline: torchvision's FashionMNIST with per-sample RandomCrop / Flip /
       ToTensor / Normalize through a DataLoader, feeding the same training step.
-Prints images/s, b/a and b/c, and achieved model FLOP/s for (a) and (b). Methods (train.py's --method and its
-aliases) run in all three; a duration-dependent one (progressive resizing) sweeps its whole budget over the timed
-steps of (a) and (c), and over the one-epoch run of (b), so each figure is its average over a budget.
+The three are interleaved, (a) (b) (c) (a) (b) (c) ..., over --rounds rounds, so that a machine whose speed drifts
+slows all three alike; each figure is the median over rounds with a distribution-free interval (analysis.stats.
+median_ci), and b/a, b/c are taken round by round (paired) before their median. Prints images/s, b/a and b/c, and
+achieved model FLOP/s for (a) and (b) (train.py's count of the FLOPs of a training image: its config.json). Methods
+(train.py's --method and its aliases) run in all three; a duration-dependent one (progressive resizing) sweeps its
+whole budget over the timed steps of (a) and (c), and over the one-epoch run of (b), so each figure is its average
+over a budget.
 """
 import argparse
 import contextlib
@@ -26,13 +31,13 @@ import tempfile
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import methods as method_registry
 import options
 import train
+from analysis.stats import median_ci
 from data import FASHION_MNIST_SYSTEM_DIR, STATS, build_data
-from methods import Context
+from methods import Context, weights_kept
 from models import build_model, parse_model_kwargs
 
 
@@ -80,18 +85,13 @@ class Watch(contextlib.AbstractContextManager):
         self.handle.remove()
 
 
-def flops_per_image(model, x, y, step):
-    with FlopCounterMode(display=False) as counter:
-        step(x, y)
-    return counter.get_total_flops() / len(x)
-
-
-def timed(step, batches, n):
-    """images/s over n steps after five warm-up steps; `batches` yields (x, y)."""
-    it = iter(batches)
-    for _ in range(5):
+def timed(step, it, n, warm_up=5):
+    """images/s over n steps after `warm_up` untimed ones; `it` yields (x, y)."""
+    loss = None
+    for _ in range(warm_up):
         loss = step(*next(it))
-    loss.item()  # warm-up finished before the clock starts
+    if loss is not None:
+        loss.item()  # warm-up finished before the clock starts
     t, images = time.perf_counter(), 0
     for _ in range(n):
         x, y = next(it)
@@ -113,6 +113,16 @@ def torchvision_root(tmp, data_dir):
     return tmp
 
 
+def summary(values):
+    """{median, lo, hi, coverage, rounds} of one figure's rounds (analysis.stats.median_ci)."""
+    median, lo, hi, coverage = median_ci(values)
+    return dict(median=median, lo=lo, hi=hi, coverage=coverage, rounds=list(values))
+
+
+def ci_text(s, spec=".0f"):
+    return f"{s['median']:{spec}}" + ("" if s["lo"] is None else f" [{s['lo']:{spec}}, {s['hi']:{spec}}]")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=256)
@@ -121,11 +131,14 @@ def main(argv=None):
     p.add_argument("--opt", default="sgdw", help="as train.py's: sgdw | adamw | lamb | lion")
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"))
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST's IDX files (default: Debian's package)")
-    p.add_argument("--steps", type=int, default=60, help="timed optimizer steps for each measurement")
+    p.add_argument("--steps", type=int, default=60, help="timed optimizer steps of each measurement in each round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of (a), (b), (c), interleaved")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for (c)")
     p.add_argument("--json", help="write the figures to this file")
     method_registry.add_flags(p)  # train.py's --method, --plugins and the aliases (--channels-last, ...)
     a = p.parse_args(argv)
+    if a.rounds < 1 or a.steps < 1:
+        p.error("--rounds and --steps must be >= 1")
     methods, _ = method_registry.selected(a)
     # all three measurements on the device train.py would use: the GPU where there is one
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -148,49 +161,61 @@ def main(argv=None):
     # on Fashion-MNIST than on randn inputs, so a random batch would understate the limit
     x, y = next(build_data("fashion-mnist", a.data_dir, device, subset=a.batch_size)
                 .train_loader(a.batch_size, 0, 1, 0).epoch(0))
-    with Watch() as ran_a:
-        a_img_s = timed(step, iter(lambda: (x, y), None), a.steps)
-    flops = flops_per_image(model, x, y, step)
-
-    # (b) train.py's loop, end to end, on as many images as the timed steps need. (a) and (b) are each
-    # measured twice, alternating, and the better of each kept: this VM's speed drifts by 10-20 %.
+    # (b) train.py's loop, end to end, on as many images as the timed steps need
     args = ["--data", "fashion-mnist", "--subset", str(a.batch_size * (a.steps + 5)), "--batch-size",
             str(a.batch_size), "--schedule", "standard", "--epochs", "1", "--warmup-epochs", "0.1", "--amp", amp,
             "--model", a.model, "--model-kwargs", a.model_kwargs, "--no-progress"] + optimizer_flags + [
             f"--method={spec}" for spec in methods.specs] + [f"--plugins={f}" for f in a.plugin_files] + (
             ["--data-dir", a.data_dir] if a.data_dir else [])
-    b_img_s = 0.0
-    for _ in range(2):
+    # (c) torchvision dataset + per-sample transforms + DataLoader, one iterator over every round
+    import torchvision.transforms as T
+    from torchvision.datasets import FashionMNIST
+    mean, std = STATS["fashion-mnist"]
+    tmp_c = tempfile.TemporaryDirectory()
+    ds = FashionMNIST(torchvision_root(tmp_c.name, a.data_dir), train=True, transform=T.Compose([
+        T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
+                                         drop_last=True, persistent_workers=a.workers > 0,
+                                         pin_memory=device.type == "cuda")
+
+    def on_device():
+        while True:  # epochs, as long as the rounds need
+            for xb, yb in loader:
+                yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+    c_batches, c_steps = on_device(), min(a.steps, len(loader) - 5)
+
+    figures, seen = {"a": [], "b": [], "c": []}, {}
+    for r in range(a.rounds):  # interleaved: a drifting machine slows each round's three alike
+        with Watch() as ran_a, weights_kept(model):  # each round from the same weights: not one batch overfitted
+            figures["a"].append(timed(step, iter(lambda: (x, y), None), a.steps))
         with tempfile.TemporaryDirectory() as tmp:
             with contextlib.redirect_stdout(open(os.devnull, "w")), Watch() as ran_b:
                 train.main(args + ["--run-dir", os.path.join(tmp, "run")])
             with open(os.path.join(tmp, "run", "metrics.csv")) as f:
-                b_img_s = max(b_img_s, float(list(csv.DictReader(f))[-1]["images_per_s"]))
+                last = list(csv.DictReader(f))[-1]
             with open(os.path.join(tmp, "run", "config.json")) as f:
                 b_cfg = json.load(f)
-        a_img_s = max(a_img_s, timed(step, iter(lambda: (x, y), None), a.steps))
-
-    # (c) torchvision dataset + per-sample transforms + DataLoader
-    import torchvision.transforms as T
-    from torchvision.datasets import FashionMNIST
-    mean, std = STATS["fashion-mnist"]
-    with tempfile.TemporaryDirectory() as tmp:
-        ds = FashionMNIST(torchvision_root(tmp, a.data_dir), train=True, transform=T.Compose([
-            T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
-        loader = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
-                                             drop_last=True, persistent_workers=a.workers > 0,
-                                             pin_memory=device.type == "cuda")
-        on_device = ((xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)) for xb, yb in loader)
+        figures["b"].append(float(last["images_per_s"]))
         with Watch() as ran_c:
-            c_img_s = timed(step, on_device, min(a.steps, len(loader) - 5))
+            figures["c"].append(timed(step, c_batches, c_steps, warm_up=5 if r == 0 else 1))
+        for part, watch in (("a", ran_a), ("b", ran_b), ("c", ran_c)):
+            seen.setdefault(part, watch.seen)  # the first round's
+    tmp_c.cleanup()
+    # train.py's own count: the FLOPs of its training images, averaged over the run (progressive resizing's sizes)
+    flops = float(last["train_flops"]) / (int(last["step"]) * a.batch_size)
 
     # what each measurement really ran (seen in its forward passes, not the options asked for), so that a reader
     # and the tests can check that they are comparable
-    ran = dict(a=dict(ran_a.seen, model=a.model), b=dict(ran_b.seen, model=b_cfg["model"]),
-               c=dict(ran_c.seen, model=a.model))
-
-    out = dict(a_img_s=a_img_s, b_img_s=b_img_s, c_img_s=c_img_s, b_over_a=b_img_s / a_img_s,
-               b_over_c=b_img_s / c_img_s,
+    ran = dict(a=dict(seen["a"], model=a.model), b=dict(seen["b"], model=b_cfg["model"]),
+               c=dict(seen["c"], model=a.model))
+    rounds = {k: summary(v) for k, v in figures.items()}
+    ratios = {k: summary([b / o for b, o in zip(figures["b"], figures[o])]) for k, o in (("b_over_a", "a"),
+                                                                                          ("b_over_c", "c"))}
+    a_img_s, b_img_s, c_img_s = (rounds[k]["median"] for k in "abc")
+    out = dict(a_img_s=a_img_s, b_img_s=b_img_s, c_img_s=c_img_s, b_over_a=ratios["b_over_a"]["median"],
+               b_over_c=ratios["b_over_c"]["median"], rounds=a.rounds, steps=a.steps,
+               figures=dict(rounds, **ratios), ci_method="median over rounds, distribution-free interval between order "
+               "statistics (analysis.stats.median_ci); b/a and b/c per round",
                flops_per_image=flops, a_flop_s=a_img_s * flops, b_flop_s=b_img_s * flops, batch_size=a.batch_size,
                model=a.model, model_kwargs=a.model_kwargs, opt=a.opt, amp=amp, methods=methods.specs,
                channels_last="channels_last" in methods.specs,
@@ -199,11 +224,14 @@ def main(argv=None):
                dataloader_workers=a.workers, ran=ran)
     print(f"{options.hardware_name(device)} ({device.type}): model {a.model}, batch {a.batch_size}, amp {amp}, "
           f"methods {', '.join(methods.specs) or 'none'}, "
-          f"{torch.get_num_threads()} threads; {flops / 1e6:.1f} MFLOP per training image")
-    print(f"(a) compute limit, fixed resident batch: {a_img_s:8.0f} img/s  {out['a_flop_s'] / 1e9:6.1f} GFLOP/s")
-    print(f"(b) train.py loop on Fashion-MNIST:      {b_img_s:8.0f} img/s  {out['b_flop_s'] / 1e9:6.1f} GFLOP/s")
-    print(f"(c) torchvision dataset + DataLoader:    {c_img_s:8.0f} img/s  ({a.workers} workers)")
-    print(f"b/a = {out['b_over_a']:.3f}   b/c = {out['b_over_c']:.2f}")
+          f"{torch.get_num_threads()} threads; {flops / 1e6:.1f} MFLOP per training image; medians over {a.rounds} "
+          f"interleaved rounds" + (f" [{100 * rounds['a']['coverage']:.0f} % interval]" if a.rounds > 1 else ""))
+    print(f"(a) compute limit, fixed resident batch: {ci_text(rounds['a']):>20} img/s  "
+          f"{out['a_flop_s'] / 1e9:6.1f} GFLOP/s")
+    print(f"(b) train.py loop on Fashion-MNIST:      {ci_text(rounds['b']):>20} img/s  "
+          f"{out['b_flop_s'] / 1e9:6.1f} GFLOP/s")
+    print(f"(c) torchvision dataset + DataLoader:    {ci_text(rounds['c']):>20} img/s  ({a.workers} workers)")
+    print(f"b/a = {ci_text(ratios['b_over_a'], '.3f')}   b/c = {ci_text(ratios['b_over_c'], '.2f')}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)

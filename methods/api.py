@@ -15,6 +15,7 @@ Where the loop (train.py) calls the hooks, in this order:
     build         model_kwargs() -> [model built, on its device] -> apply_model(model) -> check(run)
                   -> [optimizer built] -> wrap_optimizer(optimizer, model)
     each micro-batch   transform_batch(x, y, ctx) -> forward -> loss(logits, targets, ctx, base_loss) -> backward
+    cost accounting    train_image_size((H, W), ctx): the size transform_batch gives the model (FLOPs, calibration)
     each step     before_step(model, optimizer, ctx) -> [clip, optimizer step] -> after_step(model, optimizer, ctx)
     evaluation    with eval_weights(model): every validation batch through transform_eval_batch(x)
     checkpoint    state_dict() on save (and at a wsd branch point); load_state_dict(state) on resume
@@ -92,6 +93,12 @@ class Method:
     def transform_eval_batch(self, x):
         """One validation batch (and the batches of BatchNorm recalibration); returns x."""
         return x
+
+    def train_image_size(self, size, ctx):
+        """The (H, W) of this step's training images after transform_batch, given their (H, W) before it. A method
+        that changes the size (progressive resizing) overrides it: train.py counts each step's FLOPs, and
+        benchmarks.calibrate times each size, from it, without running transform_batch."""
+        return size
 
     def loss(self, logits, targets, ctx, base_loss):
         """The training loss of one micro-batch; base_loss(logits, targets) is the loss without this method."""
@@ -213,7 +220,8 @@ class MethodList:
                                                                   "timm does" if m.exclusive == "mixing" else ""))
             groups.setdefault(m.exclusive, m)
         self._hooked = {hook: [m for m in self.all if overrides(m, hook)] for hook in (
-            "transform_batch", "transform_eval_batch", "loss", "before_step", "after_step", "eval_weights")}
+            "transform_batch", "transform_eval_batch", "loss", "before_step", "after_step", "eval_weights",
+            "train_image_size")}
         self.reruns = bool(self._hooked["before_step"])  # a second pass over the step's batch (SAM)
 
     @property
@@ -251,6 +259,22 @@ class MethodList:
         for m in self._hooked["transform_batch"]:
             x, y = m.transform_batch(x, y, ctx)
         return x, y
+
+    @property
+    def resizes(self):
+        """Some method changes the training images' size during the run (progressive resizing)."""
+        return bool(self._hooked["train_image_size"])
+
+    @property
+    def passes(self):
+        """Forward and backward passes over the step's batch: 1, plus one per method that recomputes the gradient
+        (SAM): the FLOPs of a step."""
+        return 1 + sum(m.recomputes_gradient for m in self._hooked["before_step"])
+
+    def train_image_size(self, size, ctx):
+        for m in self._hooked["train_image_size"]:
+            size = tuple(m.train_image_size(size, ctx))
+        return tuple(size)
 
     def transform_eval_batch(self, x):
         for m in self._hooked["transform_eval_batch"]:

@@ -54,8 +54,11 @@ class ProgressiveResizing(Method):
         finally:
             model.train(was_training)
 
+    def train_image_size(self, size, ctx):
+        return self.size(size[0], ctx.cycle_progress), self.size(size[1], ctx.cycle_progress)
+
     def transform_batch(self, x, y, ctx):
-        size = (self.size(x.shape[-2], ctx.cycle_progress), self.size(x.shape[-1], ctx.cycle_progress))
+        size = self.train_image_size(tuple(x.shape[-2:]), ctx)
         if size == tuple(x.shape[-2:]):
             return x, y
         return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False), y

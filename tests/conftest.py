@@ -226,6 +226,8 @@ SLOW = {
     "test_the_loop_hands_methods_the_budgets_progress_and_drives_every_parameter_group",
     "test_a_finished_run_whose_recipe_file_changed_is_not_skipped",
     "test_a_tiny_vit_trains_both_curves_and_a_method_that_does_not_fit_says_so",
+    "test_an_injected_slowdown_changes_the_measured_axis_and_neither_calibrated_time_nor_flops",
+    "test_a_run_records_its_flops_and_progressive_resizing_rows_follow_its_sizes",
 }
 
 

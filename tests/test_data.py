@@ -336,13 +336,17 @@ def test_image_folder_flat_or_mismatched_val_is_refused(tmp_path):
 
 def test_benchmark_compares_like_with_like(tmp_path):
     """(a) compute limit, (b) train.py's loop and (c) the DataLoader pipeline must run the same model, batch,
-    precision, layout and image shape, or their ratios mean nothing."""
+    precision, layout and image shape, or their ratios mean nothing; they are interleaved over rounds, and b/a is
+    the median of each round's own ratio."""
     out = tmp_path / "bench.json"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for flags in ([], ["--channels-last", "--amp", "none"]):
-        subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--steps", "2", "--batch-size", "32", "--json",
-                        str(out)] + flags, cwd=root, check=True, capture_output=True, timeout=600)
+        subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--steps", "2", "--batch-size", "32", "--rounds",
+                        "2", "--json", str(out)] + flags, cwd=root, check=True, capture_output=True, timeout=600)
         figures = json.loads(out.read_text())
+        rounds = {k: figures["figures"][k]["rounds"] for k in "abc"}  # interleaved rounds; b/a taken round by round
+        assert all(len(r) == 2 for r in rounds.values())
+        assert figures["b_over_a"] == pytest.approx(sum(b / a for a, b in zip(rounds["a"], rounds["b"])) / 2)
         ran = figures["ran"]  # what each measurement's first convolution saw, in its forward pass
         assert ran["a"] == ran["b"] == ran["c"], ran
         assert ran["a"]["batch_size"] == 32 and ran["a"]["shape"] == [1, 28, 28]
