@@ -800,8 +800,9 @@ def flops_per_image(model, methods, autocast, data, micro, contexts):
 def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=False):
     """One training forward and backward pass of `model` (raw_model: under its DDP and compile wrappers) on the
     micro-batch (x, y) through the methods' transform_batch and loss, undone: weights, BatchNorm statistics,
-    gradients and RNG as before."""
-    rng = rng_state()
+    gradients, RNG and the methods' own state (state_dict: a plug-in counting its calls counts this one not) as
+    before."""
+    rng, kept = rng_state(), copy.deepcopy(methods.state_dict())
     with weights_kept(raw_model):
         model.train()
         xm, ym = methods.transform_batch(x.clone(), y.clone(), ctx)  # a batch transform may change it in place
@@ -809,6 +810,7 @@ def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=
             loss = methods.loss(model(xm), ym, ctx)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         raw_model.zero_grad(set_to_none=True)
+    methods.load_state_dict(kept)
     restore_rng(rng)
 
 

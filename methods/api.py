@@ -19,6 +19,8 @@ Where the loop (train.py) calls the hooks, in this order:
     each step     before_step(model, optimizer, ctx) -> [clip, optimizer step] -> after_step(model, optimizer, ctx)
     evaluation    with eval_weights(model): every validation batch through transform_eval_batch(x)
     checkpoint    state_dict() on save (and at a wsd branch point); load_state_dict(state) on resume
+    start-up      one trial transform_batch -> forward -> loss -> backward per process (compilation, FLOPs), undone:
+                  weights, RNG and state_dict() are put back, so keep what a method counts in its state_dict()
 
 Composition: methods run in the order of their `order` (then name). apply_model, wrap_optimizer, transform_batch
 and transform_eval_batch chain in that order; before_step and after_step run in it; eval_weights nest in it (the

@@ -334,6 +334,8 @@ MUTATIONS = [
      "no sync per step\n        loss_window = self.window_tensor(state)",
      "no sync per step\n        loss_window = self.window_tensor(TrainState())",
      R + "test_sigkill_then_resume_gives_the_same_run"),
+    ("the start-up trial pass leaves a method's state moved", "train.py", "    methods.load_state_dict(kept)\n",
+     "", M + "test_a_stateful_plug_in_resumes_exactly_the_start_up_pass_counts_nothing"),
 ]
 
 

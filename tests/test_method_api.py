@@ -87,6 +87,39 @@ def test_a_users_method_from_a_file_trains_records_itself_and_resumes_exactly(tm
     assert p.returncode == 2 and "plugins: {'pixel_drop': 'sha256:" in p.stderr
 
 
+COUNTER = '''
+from methods import Method
+
+class Counter(Method):
+    """Halves every other micro-batch, counting its calls in its state."""
+    name = "counter"
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.n = 0
+
+    def transform_batch(self, x, y, ctx):
+        self.n += 1
+        return x * (1.0 if self.n % 2 else 0.5), y
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+'''
+
+
+def test_a_stateful_plug_in_resumes_exactly_the_start_up_pass_counts_nothing(tmp_path):
+    """Every process start runs one trial pass through transform_batch (compilation, FLOPs): a method's state is
+    put back after it, or a resumed run would count one call more than the uninterrupted one."""
+    (tmp_path / "counter.py").write_text(COUNTER)
+    args = TINY + ["--eval-every", "1", "--plugins", str(tmp_path / "counter.py"), "--method", "counter"]
+    ref = str(tmp_path / "ref")
+    run_train(args + ["--run-dir", ref])
+    resume_from_previous_checkpoint(ref, str(tmp_path / "run"), args)
+
+
 def test_a_plug_in_check_refuses_bad_options_in_one_line(tmp_path):
     plugin = tmp_path / "my_aug.py"
     plugin.write_text(USER_METHOD)
