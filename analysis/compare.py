@@ -158,6 +158,8 @@ def axis_stats(pairs, n_boot=stats.N_BOOT):
     if ratio is None or len(seeds) < 2:
         return standard, cost, ratio, None, None, len(seeds), None
     mine = dict(last.samples("axis_rounds"))  # {seed: (times, costs) per round}; FLOPs: one exact round
+    if any(mine.get(seed) is None for seed in seeds):  # (the calibrated estimator's costs have no rounds)
+        return standard, cost, ratio, None, None, len(seeds), None
     std = np.array([[sum(col) for col in zip(*(b[seed][0] for b in per_seed))] for seed in seeds])  # (seeds, rounds)
     est = np.array([mine[seed][1] for seed in seeds])
     rng = np.random.default_rng(stats.BOOT_SEED)

@@ -41,9 +41,9 @@ def extend(tables, group, cmap, min_epochs, x, detect=DETECT):
     group) and add the group's rows of estimators.csv (the calibrated estimator), estimator_pairs.csv, tests.csv and
     power.csv."""
     full = {**cmap, **calibrated_curves(cmap, min_epochs)}
-    tables["estimators.csv"][1].extend(compare.tag(group, calibrated_rows(full, min_epochs)))
+    tables["estimators.csv"][1].extend(compare.tag(group, calibrated_rows(full, min_epochs, x)))
     own = {name: [r for r in rows if r["group"] == group] for name, (_, rows) in tables.items()}
-    own["estimator_pairs.csv"] = compare.tag(group, pair_rows(own["estimators.csv"]))
+    own["estimator_pairs.csv"] = compare.tag(group, pair_rows(uncalibrated(own["estimators.csv"])))
     tables["estimator_pairs.csv"][1].extend(own["estimator_pairs.csv"])
     for name, extra in compare.REVIEW_COLUMNS.items():
         for r in own[name]:
@@ -96,15 +96,20 @@ def calibrated_curves(cmap, min_epochs=0.0):
     return out
 
 
-def calibrated_rows(full, min_epochs=0.0):
+def calibrated_rows(full, min_epochs=0.0, x="time"):
     """estimators.csv rows of the calibrated curves in `full` (a curve map that holds them), as compare_one writes
-    them."""
+    them, point estimates only: their intervals would treat the shift (the baseline's seed-averaged standard -
+    cyclic difference) as known, and its seed noise is not resampled yet, so no CI, verdict or test is given."""
     keys = [k for k in full if k[1] == CALIBRATED]
     rows = []
     for m in order_methods(m for m, _ in keys):
-        r = compare.compare_one(full, m, CALIBRATED, min_epochs)
+        r = compare.compare_one(full, m, CALIBRATED, min_epochs, x)
         r["_points"] = []  # its per-budget gaps are the differences against the baseline's: fig9 draws runs' curves
-        add_note(r, f"cost: its cyclic run + 1/{len(keys)} of the baseline's standard curve", "note")
+        for c in r:
+            if c.endswith(("_lo", "_hi", "resolved")) or c.startswith("delta_gap"):
+                r[c] = None
+        add_note(r, f"cost: its cyclic run + 1/{len(keys)} of the baseline's standard curve; point estimates only "
+                    f"(no CI: the shift's own seed noise is not resampled)", "note")
         rows.append(r)
     return rows
 
@@ -194,8 +199,8 @@ def without_seed(cmap, seed):
 def test_rows(cmap, min_epochs, x):
     """The rows test_values reads, for a curve map, as analyse_runs computes them (the calibrated estimator too)."""
     rows = compare.group_tables(cmap, min_epochs, x)
-    rows["estimators.csv"] += calibrated_rows({**cmap, **calibrated_curves(cmap, min_epochs)}, min_epochs)
-    rows["estimator_pairs.csv"] = pair_rows(rows["estimators.csv"])
+    rows["estimators.csv"] += calibrated_rows({**cmap, **calibrated_curves(cmap, min_epochs)}, min_epochs, x)
+    rows["estimator_pairs.csv"] = pair_rows(uncalibrated(rows["estimators.csv"]))
     return rows
 
 
@@ -318,6 +323,11 @@ def power_rows(tests, detect):
 
 
 # ---- estimator against estimator --------------------------------------------------------------------------
+
+def uncalibrated(estimator_rows):
+    """The rows of every estimator but the calibrated one (its per-run gaps take the shift as known: no pair test)."""
+    return [r for r in estimator_rows if r["estimator"] != CALIBRATED]
+
 
 def pair_rows(estimator_rows):
     """estimator_pairs.csv rows: per pair of estimators and set, the mean over shared seeds of (a's per-run |gap| -

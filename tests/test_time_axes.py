@@ -235,3 +235,24 @@ def test_median_ci_is_the_order_statistic_interval_with_its_coverage():
     assert median_ci([5, 1, 3, 2, 4]) == (3.0, 1.0, 5.0, 1 - 2 / 2 ** 5)  # too few for 95 %: [min, max]
     median, lo, hi, coverage = median_ci(range(10))
     assert (median, lo, hi) == (4.5, 1, 8) and coverage == pytest.approx(0.9785, abs=1e-4)
+
+
+@pytest.mark.parametrize("axis", ["calibrated", "flops"])
+def test_a_study_with_the_baselines_two_curves_reads_on_the_new_axes(tmp_path, axis):
+    """The baseline's standard and cyclic curves (two seeds) make the baseline-calibrated estimator, whose rows
+    crashed the new axes (no axis columns); its rows give point estimates only (its CI would take the shift as
+    known)."""
+    study = tmp_path / "study"
+    for seed in ("s0", "s1"):
+        for run in ("cyclic", "standard-e1", "standard-e2", "standard-e4", "standard-e8"):
+            shutil.copytree(os.path.join(ROOT, "results", "fashion-mnist", "baseline", seed, run), study / seed / run)
+    configs = [json.load(open(study / "s0" / run / "config.json")) for run in ("cyclic", "standard-e1")]
+    entries = [calibration_of(c)["configs"][0] for c in configs]
+    unique = list({json.dumps(e["key"], sort_keys=True): e for e in entries}.values())
+    (study / "calibration.json").write_text(json.dumps(dict(calibration_of(configs[0]), configs=unique)))
+    p = analyse(study, tmp_path / "out", "--x", axis, "--metric", "final")
+    assert p.returncode == 0, p.stderr
+    rows_ = {r["estimator"]: r for r in csv.DictReader(open(tmp_path / "out" / "estimators.csv"))}
+    calibrated = rows_["baseline-calibrated"]
+    assert calibrated["mean_gap_pp"] != "" and calibrated["mean_gap_lo"] == calibrated["resolved"] == ""
+    assert rows_["cyclic"]["mean_gap_lo"] != ""
