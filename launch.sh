@@ -3,7 +3,7 @@
 #
 #   ./launch.sh setup                 venv in .venv, requirements, Fashion-MNIST (Debian package)
 #   ./launch.sh demo                  setup + a real cyclic-vs-standard curve on Fashion-MNIST + report
-#   ./launch.sh test [--fast]         setup + the test suite (--fast: without the slow tests, < 3 min)
+#   ./launch.sh test [--fast]         setup + the test suite (--fast: without the tests marked slow)
 #   ./launch.sh sweep [options]       cyclic + standard runs for every seed x method set, then the report
 #   ./launch.sh repro [options]       the study: eight method sets x 3 seeds on Fashion-MNIST + estimators (a preset)
 #   ./launch.sh vit-study [--pilot|--more-seeds|--resnet]  Study 2: the ViT recipe (--resnet: the small
@@ -321,7 +321,7 @@ case "${1:-}" in
     setup
     # test-only packages (nbclient to execute the notebook)
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-test.txt
-    # --fast: the everyday subset (< 3 min on 2 cores), without the tests marked slow; CI runs them all
+    # --fast: the everyday subset, without the tests marked slow (conftest.SLOW); CI runs them all
     shift; if [ "${1:-}" = --fast ]; then shift; set -- -m "not slow" "$@"; fi
     PY -m pytest -q --durations=15 tests "$@";;
   demo)
