@@ -235,3 +235,16 @@ def test_median_ci_is_the_order_statistic_interval_with_its_coverage():
     assert median_ci([5, 1, 3, 2, 4]) == (3.0, 1.0, 5.0, 1 - 2 / 2 ** 5)  # too few for 95 %: [min, max]
     median, lo, hi, coverage = median_ci(range(10))
     assert (median, lo, hi) == (4.5, 1, 8) and coverage == pytest.approx(0.9785, abs=1e-4)
+
+
+@pytest.mark.parametrize("flags", [[], ["--device", "gpu"], ["--rounds", "0"]])
+def test_calibrate_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, flags):
+    study = tmp_path / "study"
+    study.mkdir()
+    if flags:  # a folder of runs, bad options
+        shutil.copytree(COMMITTED, study / "run")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.calibrate", str(study), *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("benchmarks.calibrate: error: "), p.stderr
+    assert not (study / "calibration.json").exists()
