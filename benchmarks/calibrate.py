@@ -93,7 +93,7 @@ def run_args(config, data_dir=None):
 def build(cfg, device, data_cache, data_dir):
     """Build cfg's model, optimizer and loader as train.py does, from the options of its first run, and the Context
     of one step at each image size any of its runs trains at."""
-    path, config = cfg.runs[0]
+    config = cfg.runs[0][1]
     args = run_args(config, data_dir)
     world_size = cfg.key["world_size"]
     setup, methods = options.resolve(args, world_size, device)
