@@ -141,8 +141,9 @@ def run_axis(run, axis, calibration, cache, study):
         raise AxisError(f"{calibration.path} has no step cost of the configuration of {run.path} (another model, "
                         f"methods, batch, precision or layout than it calibrated); run {calibration.command}")
     recorded = config.get("train_flops_per_image_by_side")
-    per_image = recorded if isinstance(recorded, dict) and recorded else (
-        {s: v["train_flops_per_image"] for s, v in entry["sides"].items()} if entry else None)
+    recorded = recorded if isinstance(recorded, dict) and recorded else None
+    per_image = recorded or ({s: v["train_flops_per_image"] for s, v in entry["sides"].items()} if entry else None)
+    prices = calibration.path if entry and not recorded else where  # where the FLOPs per image come from
     if axis == "flops" and per_image is None and not all(has_flops(r) for r in run.rows):
         raise AxisError(f"{run.path} records no training FLOPs (made before train.py counted them) and no "
                         f"calibration.json at or above it counts its configuration's: run python -m "
@@ -150,25 +151,43 @@ def run_axis(run, axis, calibration, cache, study):
     sides = sorted(entry["sides"] if entry else per_image or [None])
     try:
         counts = step_counts(run, key, sides, entry, cache)
+        return [row_axis(run, row, counts, axis, entry, per_image, calibration, prices) for row in run.rows]
     except (KeyError, TypeError, ValueError) as e:
-        raise AxisError(f"{where}: its schedule cannot be rebuilt to count its steps ({e})")
-    batch = config["batch_size"]
-    out = []
-    for row in run.rows:
-        path = counts.path(int(round(row["step"])))
-        taken = counts.run(int(round(row["step"])) if counts.plan is None else
-                           costs.run_steps_at_row(counts.plan, int(round(row["step"])), is_branch_row(run, row)))
-        if axis == "flops":
-            t, c = ((float(row["train_flops"]), float(row["curve_cost_flops"])) if has_flops(row) else
-                    (costs.priced(path, per_image) * batch, costs.priced(taken, per_image) * batch))
-            rounds = ((t,), (c,))
+        raise AxisError(f"{where}: its steps cannot be counted from its schedule ({e})") from None
+    except MissingSize as e:
+        raise AxisError(f"{e.args[0]} has no cost of the {e.args[1]} images {run.path} trains at (a run added since "
+                        f"it was made?); run python -m benchmarks.calibrate {study} again") from None
+
+
+class MissingSize(Exception):
+    """A run trains at an image size its price list (calibration.json, config.json's FLOPs) lacks."""
+
+
+def row_axis(run, row, counts, axis, entry, per_image, calibration, prices):
+    """(axis_time, axis_cost, per-round (times, costs), run steps) of one metrics row."""
+    batch, step = run.config["batch_size"], int(round(row["step"]))
+    path = counts.path(step)
+    taken = counts.run(step if counts.plan is None else
+                       costs.run_steps_at_row(counts.plan, step, is_branch_row(run, row)))
+    if axis == "flops":
+        if has_flops(row):
+            t, c = float(row["train_flops"]), float(row["curve_cost_flops"])
         else:
-            step_s = {s: v["step_s"] for s, v in entry["sides"].items()}
-            t, c = costs.priced(path, step_s), costs.priced(taken, step_s)
-            by_round = [{s: v["rounds"][r] for s, v in entry["sides"].items()} for r in range(calibration.rounds)]
-            rounds = tuple(costs.priced(path, p) for p in by_round), tuple(costs.priced(taken, p) for p in by_round)
-        out.append((t, c, rounds, sum(taken.values())))
-    return out
+            check_sizes(taken, per_image, prices)
+            t, c = costs.priced(path, per_image) * batch, costs.priced(taken, per_image) * batch
+        return t, c, ((t,), (c,)), sum(taken.values())
+    check_sizes(taken, entry["sides"], calibration.path)
+    step_s = {s: v["step_s"] for s, v in entry["sides"].items()}
+    by_round = [{s: v["rounds"][r] for s, v in entry["sides"].items()} for r in range(calibration.rounds)]
+    return (costs.priced(path, step_s), costs.priced(taken, step_s),
+            (tuple(costs.priced(path, p) for p in by_round), tuple(costs.priced(taken, p) for p in by_round)),
+            sum(taken.values()))
+
+
+def check_sizes(counts, price, where):
+    missing = sorted(set(counts) - set(price))
+    if missing:
+        raise MissingSize(where, missing[0])
 
 
 def has_flops(row):

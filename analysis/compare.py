@@ -741,7 +741,9 @@ def main(argv=None):
         for r in others:
             r["estimator / methods"] = f"{r['estimator']} / {r['methods']}"
         if others:
-            print("\nother one-run estimators against standard (cyclic s = the estimator's curve_cost_s)")
+            print("\nother one-run estimators against standard (" + (
+                "cyclic s = the estimator's curve_cost_s)" if args.x not in axes.NEW_AXES else
+                f"cyc = the estimator's whole run on the {args.x} axis)"))
             print(format_gap_table(others, "estimator / methods", args.x))
     for group, m, sched, e, other in analysis.dropped:
         print(f"unmatched budget: {(group + ' ') if group else ''}{m} {sched} at {e:g} epochs (no {other} point "

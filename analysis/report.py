@@ -553,8 +553,9 @@ def estimator_section(rows, x="time", calibration=None):
             "Cost: the estimator run's `curve_cost_s` at its largest matched budget (all the compute it spent, "
             "branches included); standard: the sum of the standard runs' training time at the matched budgets. "
             "Mean abs gap: |gap| of the seed-averaged curves; per-run abs gap: the mean over seeds of each seed's own "
-            "|estimator - standard| (what one run delivers; needs the same seeds on both curves).", "",
-            md_table(["estimator", "methods", "budgets", "seeds", "mean gap [95 % CI]", "resolved",
+            "|estimator - standard| (what one run delivers; needs the same seeds on both curves)."
+            + (f" Then the same cost in {cost_unit(x, calibration)}, its ratio's CI paired by seed." if extra else ""),
+            "", md_table(["estimator", "methods", "budgets", "seeds", "mean gap [95 % CI]", "resolved",
                       "mean abs gap [95 % CI]", "per-run abs gap [95 % CI]", "estimator cost s", "standard s",
                       "ratio [95 % CI]"] + [f"estimator ({axes.unit(x)})", f"standard ({axes.unit(x)})",
                                             "ratio [95 % CI, paired]"] * extra + ["note"],

@@ -93,7 +93,7 @@ def run_args(config, data_dir=None):
 def build(cfg, device, data_cache, data_dir):
     """Build cfg's model, optimizer and loader as train.py does, from the options of its first run, and the Context
     of one step at each image size any of its runs trains at."""
-    path, config = cfg.runs[0]
+    config = cfg.runs[0][1]
     args = run_args(config, data_dir)
     world_size = cfg.key["world_size"]
     setup, methods = options.resolve(args, world_size, device)
@@ -176,6 +176,12 @@ def scan(runs_dir):
     return configs
 
 
+def refuse(message):
+    """Bad input: one line, exit 2, nothing written."""
+    print(f"benchmarks.calibrate: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs_dir", help="a folder of runs (a study): every configuration below it is calibrated")
@@ -187,21 +193,26 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="default: RUNS_DIR/calibration.json")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.steps < 1 or a.warmup_steps < 0:
-        p.error("--rounds and --steps must be >= 1, --warmup-steps >= 0")
+        refuse("--rounds and --steps must be >= 1, --warmup-steps >= 0")
     if not os.path.isdir(a.runs_dir):
-        p.error(f"{a.runs_dir} is not a folder of runs")
+        refuse(f"{a.runs_dir} is not a folder of runs")
     out = a.out or os.path.join(a.runs_dir, "calibration.json")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        p.error(f"--out {out}: no such folder")
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        refuse(f"--out {out}: no such folder")
+    try:
+        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        refuse(f"--device {a.device}: not a device; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        refuse(f"--device {a.device}: train.py trains on cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            p.error("--device cuda: no CUDA device here; use --device cpu")
+            refuse("--device cuda: no CUDA device here; use --device cpu")
         device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
     configs = list(scan(a.runs_dir).values())
     if not configs:
-        p.error(f"no runs (config.json) below {a.runs_dir}")
+        refuse(f"no runs (config.json) below {a.runs_dir}")
     started, data_cache = time.perf_counter(), {}
     print(f"{len(configs)} configurations of {sum(len(c.runs) for c in configs)} runs; building them on "
           f"{options.hardware_name(device)}")

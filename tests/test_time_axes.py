@@ -256,3 +256,16 @@ def test_a_study_with_the_baselines_two_curves_reads_on_the_new_axes(tmp_path, a
     calibrated = rows_["baseline-calibrated"]
     assert calibrated["mean_gap_pp"] != "" and calibrated["mean_gap_lo"] == calibrated["resolved"] == ""
     assert rows_["cyclic"]["mean_gap_lo"] != ""
+
+
+@pytest.mark.parametrize("flags", [[], ["--device", "gpu"], ["--rounds", "0"]])
+def test_calibrate_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, flags):
+    study = tmp_path / "study"
+    study.mkdir()
+    if flags:  # a folder of runs, bad options
+        shutil.copytree(COMMITTED, study / "run")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.calibrate", str(study), *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("benchmarks.calibrate: error: "), p.stderr
+    assert not (study / "calibration.json").exists()
