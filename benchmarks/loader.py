@@ -7,7 +7,7 @@ On a generated ImageNet-like tree (made once and cached: 500x375 and larger phot
 100 KB each), it times, for each crop size and worker count:
   conventional  torchvision ImageFolder, PIL decode and transforms (RandomResizedCrop, flip, ToTensor, Normalize)
                 in the workers, float32 batches through shared memory: the usual ImageNet script
-  ours          imagefolder.py: torchvision.io decode and transforms.v2 on uint8 in the workers, uint8 batches
+  ours          data/folder.py: torchvision.io decode and transforms.v2 on uint8 in the workers, uint8 batches
                 (timed as far as the device: conversion and normalisation are the training device's, on a GPU)
   ours+norm     the same, and the float conversion and normalisation in the main process (on a CPU device: what
                 a CPU-only run pays; on a GPU that work is the GPU's)
@@ -97,7 +97,7 @@ def prepared(root, short_side, quality=90):
     """The tree as shards.py stores it, beside the tree (made once; again if its settings or images differ)."""
     import shutil
 
-    import shards
+    from data import prepare, shards
     out = f"{root}-shards{short_side}"
     try:
         with open(os.path.join(out, "val", "meta.json")) as f:
@@ -109,7 +109,7 @@ def prepared(root, short_side, quality=90):
             shards.is_prepared(out, "train") and not os.path.exists(os.path.join(out, shards.MARK))
             and shards.ShardSet(os.path.join(out, "train"), None).meta["images"] == images):
         shutil.rmtree(out, ignore_errors=True)
-        shards.prepare(root, out, short_side=short_side, quality=quality, workers=len(os.sched_getaffinity(0)),
+        prepare.prepare(root, out, short_side=short_side, quality=quality, workers=len(os.sched_getaffinity(0)),
                        progress=False)
     return out
 
@@ -155,7 +155,7 @@ def read_rates(root, passes=2):
     page cache, file by file from the tree and from shards of the same bytes (every image stored as it is)."""
     import gc
 
-    from imagefolder import image_folder
+    from data.folder import image_folder
     as_is = prepared(root, 1 << 20)
     tree, sharded = image_folder(root, "train", None), image_folder(as_is, "train", None)
     assert sharded.meta["stored"] == {"as-is": len(tree)}, "the shards hold other bytes than the tree"
@@ -183,7 +183,7 @@ def measure(pipeline, root, size, train, workers, timed, device, batch=64):
     """Best of two passes: images per second of `pipeline` (conventional, ours, ours-cuda) in steady state: `timed`
     batches after 4 x workers + 1 (DataLoader's prefetch) untimed ones, over as many epochs of the tree as that
     takes."""
-    from imagefolder import EncodedSamples, FolderData, SeededSamples, gpu_batches
+    from data.folder import EncodedSamples, FolderData, SeededSamples, gpu_batches
     warm = 4 * workers + 1
     total, best = warm + timed, 0.0
     for rep in range(2):

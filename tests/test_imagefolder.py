@@ -1,4 +1,4 @@
-"""The ImageFolder path (imagefolder.py): uint8 batches from the workers, one DataLoader per run and persistent
+"""The ImageFolder path (data/folder.py): uint8 batches from the workers, one DataLoader per run and persistent
 validation workers, the GPU-decode path's augmentation equal to the CPU path's, exact resume, and two gloo ranks
 that split every epoch and draw their own crops."""
 import json
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import imagefolder
 from conftest import ROOT, run_train
 from data import build_data
+from data.folder import SeededSamples
 from test_data import write_image_folder
 from test_resume import kill_after, metrics_without_time
 
@@ -36,7 +36,7 @@ def tree(root, ext="JPEG", per_class=6):
 def test_workers_ship_uint8_batches_of_the_crop_size(tmp_path):
     data = build_data("imagenet", tree(tmp_path), CPU, workers=2, image_size=40)
     loader = data.train_loader(6, 0, 1, seed=0)
-    samples = imagefolder.SeededSamples(data.train_set, 40, train=True)
+    samples = SeededSamples(data.train_set, 40, train=True)
     x, y = next(iter(data.loader(samples, [loader.keys(0)])))  # what crosses shared memory
     assert x.dtype == torch.uint8 and x.shape == (6, 3, 40, 40) and x.numel() * x.element_size() == 6 * 3 * 40 * 40
     xf, yf = next(loader.epoch(0))  # on the device: float, normalised, NCHW

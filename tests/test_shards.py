@@ -1,5 +1,6 @@
-"""Sharded storage (shards.py): a prepared tree serves the folder path's very batches where no image changed,
-resizes and re-encodes what it must, refuses to write over anything, and names a damaged image."""
+"""Sharded storage (`python shards.py`: data/prepare.py writes, data/shards.py reads): a prepared tree serves the
+folder path's very batches where no image changed, resizes and re-encodes what it must, refuses to write over
+anything, and names a damaged image."""
 import json
 import os
 import subprocess
@@ -9,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import shards
 from conftest import ROOT, run_train
-from data import DataError, build_data
+from data import DataError, build_data, prepare, shards
 from test_imagefolder import FOLDER, tree
 from test_resume import metrics_without_time
 
@@ -26,7 +26,7 @@ def batches(data, steps=3):
 @pytest.mark.parametrize("decode", ["cpu", "cuda"], ids=["cpu", "gpu-path-on-cpu"])  # the GPU path's worker side
 def test_shards_of_small_jpegs_give_the_folder_trees_batches(tmp_path, decode):
     root = tree(tmp_path / "tree")
-    counts = shards.prepare(root, str(tmp_path / "out"), short_side=256, shard_mb=1, workers=1, progress=False)
+    counts = prepare.prepare(root, str(tmp_path / "out"), short_side=256, shard_mb=1, workers=1, progress=False)
     assert counts == {"train": {"as-is": 18}, "val": {"as-is": 6}}
     folder = build_data("imagenet", root, CPU, workers=0, image_size=24, decode=decode)
     sharded = build_data("imagenet", str(tmp_path / "out"), CPU, workers=2, image_size=24, decode=decode)
@@ -39,7 +39,7 @@ def test_shards_of_small_jpegs_give_the_folder_trees_batches(tmp_path, decode):
 def test_large_images_are_resized_and_other_formats_reencoded(tmp_path):
     root = tree(tmp_path / "tree", ext="png")  # 48 x 64 PNGs
     out = str(tmp_path / "out")
-    counts = shards.prepare(root, out, short_side=32, quality=95, shard_mb=1, workers=2, progress=False)
+    counts = prepare.prepare(root, out, short_side=32, quality=95, shard_mb=1, workers=2, progress=False)
     assert counts == {"train": {"resized": 18}, "val": {"resized": 6}}
     data = build_data("imagenet", out, CPU, workers=0, augment=False, image_size=16)
     ref = build_data("imagenet", root, CPU, workers=0, augment=False, image_size=16)
@@ -56,7 +56,7 @@ def test_large_images_are_resized_and_other_formats_reencoded(tmp_path):
     cpu = build_data("imagenet", out, CPU, workers=0, image_size=16)
     for (xa, ya), (xb, yb) in zip(batches(cpu), batches(gpu), strict=True):  # the stored images, not the tree's
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
-    shards.prepare(root, str(tmp_path / "as-is"), short_side=48, workers=1, progress=False)
+    prepare.prepare(root, str(tmp_path / "as-is"), short_side=48, workers=1, progress=False)
     meta = json.load(open(tmp_path / "as-is" / "train" / "meta.json"))
     assert meta["stored"] == {"re-encoded": 18} and meta["images"] == 18  # PNGs that fit: JPEG now
 
@@ -67,7 +67,7 @@ def test_prepare_refuses_to_write_over_anything_and_finishes_an_interrupted_one(
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="exists and is not empty"):
-        shards.prepare(root, str(out), workers=1, progress=False)
+        prepare.prepare(root, str(out), workers=1, progress=False)
     assert os.listdir(out) == ["notes.txt"]
     (out / "notes.txt").unlink()
     (out / shards.MARK).touch()  # an interrupted prepare: refused by the loader, finished by a new prepare
@@ -75,13 +75,13 @@ def test_prepare_refuses_to_write_over_anything_and_finishes_an_interrupted_one(
     (out / "train" / "shard-00007.bin").write_bytes(b"half")
     with pytest.raises(DataError, match="unfinished"):
         build_data("imagenet", str(out), CPU, workers=0)
-    shards.prepare(root, str(out), workers=1, progress=False)
+    prepare.prepare(root, str(out), workers=1, progress=False)
     assert sorted(os.listdir(out / "train")) == ["index.npy", "meta.json", "paths.txt", "shard-00000.bin"]
     assert not (out / shards.MARK).exists() and len(build_data("imagenet", str(out), CPU, workers=0).train_set) == 18
     (out / shards.MARK).touch()  # interrupted while writing val/: train/ is kept, val/ written again
     (out / "val" / "meta.json").unlink()
     train_shard = (out / "train" / "shard-00000.bin").stat()
-    assert shards.prepare(root, str(out), workers=1, progress=False) == {"train": {"as-is": 18}, "val": {"as-is": 6}}
+    assert prepare.prepare(root, str(out), workers=1, progress=False) == {"train": {"as-is": 18}, "val": {"as-is": 6}}
     assert (out / "train" / "shard-00000.bin").stat().st_mtime_ns == train_shard.st_mtime_ns
     assert (out / "val" / "meta.json").exists() and not (out / shards.MARK).exists()
 
@@ -95,9 +95,9 @@ def test_a_damaged_image_is_named_by_prepare_and_by_the_loader(tmp_path):
     good = bad.read_bytes()
     bad.write_bytes(good[:len(good) // 2])  # truncated, its header whole: found although it would be stored as is
     with pytest.raises(DataError, match=f"SRC: error while reading {bad}.*prepare again"):
-        shards.prepare(root, str(tmp_path / "out"), short_side=4096, workers=1, progress=False)
+        prepare.prepare(root, str(tmp_path / "out"), short_side=4096, workers=1, progress=False)
     bad.write_bytes(good)
-    shards.prepare(root, str(tmp_path / "out"), short_side=4096, workers=1, progress=False)  # over the interrupted
+    prepare.prepare(root, str(tmp_path / "out"), short_side=4096, workers=1, progress=False)  # over the interrupted
     data = build_data("imagenet", str(tmp_path / "out"), CPU, workers=0, image_size=16)
     i = [path for path, _ in data.train_set.samples].index(str(bad))
     shard, offset = data.train_set.index[i, :2]
@@ -115,7 +115,7 @@ def test_a_damaged_image_is_named_by_prepare_and_by_the_loader(tmp_path):
 def test_a_shard_cut_short_or_missing_and_mixed_storage_are_refused(tmp_path):
     root = tree(tmp_path / "tree")
     out = tmp_path / "out"
-    shards.prepare(root, str(out), shard_mb=1, workers=1, progress=False)
+    prepare.prepare(root, str(out), shard_mb=1, workers=1, progress=False)
     shard = out / "train" / "shard-00000.bin"
     whole = shard.read_bytes()
     shard.write_bytes(whole[:-10])  # a copy cut short
@@ -136,7 +136,7 @@ def test_a_shard_cut_short_or_missing_and_mixed_storage_are_refused(tmp_path):
     with pytest.raises(DataError, match="train/ and val/ are stored differently"):
         build_data("imagenet", str(out), CPU, workers=0)
     with pytest.raises(DataError, match="SRC: .* is itself shards.py's output"):
-        shards.prepare(str(out), str(tmp_path / "again"), workers=1, progress=False)
+        prepare.prepare(str(out), str(tmp_path / "again"), workers=1, progress=False)
 
 
 def test_grayscale_jpegs_are_stored_as_they_are_and_cmyk_reencoded(tmp_path):
@@ -145,7 +145,7 @@ def test_grayscale_jpegs_are_stored_as_they_are_and_cmyk_reencoded(tmp_path):
     a = sorted((tmp_path / "tree" / "train" / "a").iterdir())
     Image.open(a[0]).convert("L").save(a[0], format="JPEG", quality=90)
     Image.open(a[1]).convert("CMYK").save(a[1], format="JPEG", quality=90)
-    counts = shards.prepare(root, str(tmp_path / "out"), workers=1, progress=False)
+    counts = prepare.prepare(root, str(tmp_path / "out"), workers=1, progress=False)
     assert counts["train"] == {"as-is": 17, "re-encoded": 1}
     folder = build_data("imagenet", root, CPU, workers=0, augment=False, image_size=24)
     sharded = build_data("imagenet", str(tmp_path / "out"), CPU, workers=0, augment=False, image_size=24)
@@ -162,16 +162,16 @@ def test_prepare_refuses_an_out_being_written_and_runs_warn_of_upsampled_shards(
     held = os.open(out, os.O_RDONLY)  # another shards.py writing it now
     fcntl.flock(held, fcntl.LOCK_EX)
     with pytest.raises(DataError, match="being written by another shards.py"):
-        shards.prepare(root, str(out), workers=1, progress=False)
+        prepare.prepare(root, str(out), workers=1, progress=False)
     os.close(held)
-    shards.prepare(root, str(out), short_side=20, workers=1, progress=False)
+    prepare.prepare(root, str(out), short_side=20, workers=1, progress=False)
     build_data("imagenet", str(out), CPU, workers=0, image_size=24)  # evaluates at 27 > 20
     assert "shorter side of 20, below the 27 that --image-size 24 evaluates at" in capsys.readouterr().err
 
 
 def test_a_run_on_shards_of_unchanged_images_equals_the_folder_run(tmp_path):
     root = tree(tmp_path / "tree", per_class=8)
-    shards.prepare(root, str(tmp_path / "out"), workers=1, progress=False)
+    prepare.prepare(root, str(tmp_path / "out"), workers=1, progress=False)
     for name, where in (("folder", root), ("shards", str(tmp_path / "out"))):  # one in a new interpreter
         run_train(FOLDER + ["--data-dir", where, "--run-dir", str(tmp_path / name)], fresh=name == "folder")
     assert metrics_without_time(str(tmp_path / "shards")) == metrics_without_time(str(tmp_path / "folder"))
@@ -181,7 +181,7 @@ def test_a_run_on_shards_of_unchanged_images_equals_the_folder_run(tmp_path):
     os.remove(tmp_path / "shards" / "done")  # as if killed after its last checkpoint
     import shutil
     shutil.rmtree(tmp_path / "out")  # and the shards prepared again, smaller
-    shards.prepare(root, str(tmp_path / "out"), short_side=20, workers=1, progress=False)
+    prepare.prepare(root, str(tmp_path / "out"), short_side=20, workers=1, progress=False)
     p = run_train(FOLDER + ["--data-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path / "shards"), "--resume",
                             "auto"], check=False)
     assert p.returncode != 0 and "are not stored as when" in p.stderr.strip().splitlines()[-1]
@@ -201,7 +201,7 @@ def test_an_index_changed_after_preparing_is_refused_before_anything_is_written(
     a label 0 -> 1, or two rows swapped, trained on wrong labels without a word."""
     root = tree(tmp_path / "tree", per_class=8)
     out = tmp_path / "out"
-    shards.prepare(root, str(out), workers=1, progress=False)
+    prepare.prepare(root, str(out), workers=1, progress=False)
     if edit == "label":
         edited_index(out, lambda t: t.__setitem__((0, 3), 1))  # image 0 is of class 0
     else:
@@ -220,7 +220,7 @@ def test_an_index_saved_as_floats_is_refused_in_one_line(tmp_path):
     """A script that saved index.npy again as floats (same values) met an IndexError traceback."""
     root = tree(tmp_path / "tree")
     out = tmp_path / "out"
-    shards.prepare(root, str(out), workers=1, progress=False)
+    prepare.prepare(root, str(out), workers=1, progress=False)
     index = out / "train" / "index.npy"
     np.save(index, np.load(index).astype(np.float64))
     run = tmp_path / "run"
@@ -234,7 +234,7 @@ def test_a_label_outside_the_classes_is_refused_before_anything_is_written(tmp_p
     before meta.json recorded index_crc32."""
     root = tree(tmp_path / "tree")
     out = tmp_path / "out"
-    shards.prepare(root, str(out), workers=1, progress=False)
+    prepare.prepare(root, str(out), workers=1, progress=False)
     edited_index(out, lambda t: t.__setitem__((4, 3), 5), split="val")
     meta = json.loads((out / "val" / "meta.json").read_text())
     del meta["index_crc32"]  # as an older shards.py wrote it

@@ -1,12 +1,5 @@
-"""Datasets: small ones resident on the training device with batched augmentation, ImageNet
-through DataLoader workers (imagefolder.py).
-
-Both loaders yield, for each optimizer step, this rank's slice of the global batch, and both derive
-the data order and every augmentation draw from (seed, epoch) and the image's position in the epoch
-alone, so resuming at step k of an epoch needs nothing but k, the global batch does not depend on the
-number of ranks or workers, and a method flag never changes which images a step sees.
-Batches are NCHW-contiguous (the channels-last method converts them itself).
-"""
+"""The small datasets (Fashion-MNIST, CIFAR-10/100, synthetic): read once, whole, onto the training device as
+uint8, and cropped, flipped and normalised there in batches."""
 import gzip
 import os
 import struct
@@ -16,40 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.common import DataError, epoch_generator, normalize, rank_slots
+
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FIX = ("get a good copy: 'apt-get install --reinstall dataset-fashion-mnist', or download the file "
                      "again from github.com/zalandoresearch/fashion-mnist")
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
-
-# Per-channel mean and std of the training images (0-1 scale).
-STATS = {
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-}
-
-
-class DataError(ValueError):
-    """A dataset that cannot be found or read; the message names the flag and the fix."""
-
-
-def epoch_generator(seed, epoch, salt=0):
-    """A CPU generator that depends only on the integers (seed, epoch, salt): the source of every data draw."""
-    return torch.Generator().manual_seed(hash((seed, epoch, salt)) & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-def rank_slots(step, batch_size, rank, world_size):
-    """The positions in the epoch's order that `rank` trains on at `step`: its slice of the global batch."""
-    local = batch_size // world_size
-    lo = step * batch_size + rank * local
-    return slice(lo, lo + local)
-
-
-def normalize(x_uint8, mean, std):
-    """uint8 images as floats normalised per channel (mean and std on the 0-255 scale), in their memory layout."""
-    return x_uint8.float().sub_(mean).div_(std)  # in place on the new float tensor: one allocation
 
 
 def check_split(images_file, labels_file, x, y, image_shape, num_classes):
@@ -213,44 +177,3 @@ class ResidentLoader:
         sel = rank_slots(step, self.batch_size, self.rank, self.world_size)
         idx = perm[sel]
         return d.normalize(d.augment(d.train_x[idx], shifts[sel], flips[sel])), d.train_y[idx]
-
-
-def build_data(name, data_dir, device, subset=0, download=False, workers=8, augment=True, decode="cpu",
-               image_size=224):
-    """The dataset named by --data, ready to iterate on `device`. --subset N keeps the first N training images
-    of a resident dataset (their files are already in random order) and a fixed random N of an ImageNet tree
-    (sorted by class; drawn with seed 0, so every run trains on the same images). augment=False (--augment none):
-    training images as evaluated (no crop or flip), a data-limited regime where regularisers matter."""
-    if name not in DATASETS:
-        raise DataError(f"--data: unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
-    if data_dir and not os.path.isdir(data_dir):
-        raise DataError(f"--data-dir: {data_dir} is not a directory")
-    if name == "imagenet":
-        if not data_dir:
-            raise DataError("--data-dir is required for --data imagenet (an ImageFolder tree with train/ and val/)")
-        from imagefolder import FolderData
-        data = FolderData(data_dir, device, workers, image_size, augment=augment, decode=decode)
-        if subset and subset < len(data.train_set):
-            keep = torch.randperm(len(data.train_set), generator=torch.Generator().manual_seed(0))[:subset]
-            data.train_set = torch.utils.data.Subset(data.train_set, keep.sort().values.tolist())
-        return data
-    if name == "fashion-mnist":
-        arrays, pad, flip = load_fashion_mnist(data_dir), 2, True
-    elif name == "synthetic":
-        arrays, pad, flip = make_synthetic(), 2, True
-    else:
-        arrays, pad, flip = load_cifar(name, data_dir, download), 4, True
-    xtr, ytr, xva, yva = arrays
-    if subset:
-        xtr, ytr = xtr[:subset], ytr[:subset]
-    num_classes = 100 if name == "cifar100" else 10
-    mean, std = STATS[name]
-    if not augment:
-        pad, flip = 0, False
-    return ResidentData(xtr, ytr, xva, yva, mean, std, device, pad, flip, num_classes)
-
-
-def on_device(loader, device):
-    """imagefolder.on_device (kept here for its callers)."""
-    from imagefolder import on_device as to_device
-    return to_device(loader, device)

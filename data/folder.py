@@ -1,4 +1,4 @@
-"""ImageNet-style folder trees (train/<class>/*, val/<class>/*), read by DataLoader workers.
+"""ImageNet-style folder trees (train/<class>/*, val/<class>/*), or their shards, read by DataLoader workers.
 
 Workers read each file, decode it with torchvision.io (libjpeg-turbo; PIL for formats it cannot read) and crop,
 resize and flip it as a uint8 tensor (transforms.v2), and ship uint8 batches: a quarter of float32's shared
@@ -7,18 +7,19 @@ workers only read the bytes and draw the crop, and the GPU decodes each batch at
 resizes, flips and normalises it.
 
 As on the resident path, an epoch's order and each image's augmentation come from (seed, epoch) and the image's
-position alone (data.epoch_generator), whatever the worker, the number of workers or a resume; every rank takes
-its own slots of the global batch (data.rank_slots), so ranks see different images with different draws and
+position alone (data.common.epoch_generator), whatever the worker, the number of workers or a resume; every rank
+takes its own slots of the global batch (data.common.rank_slots), so ranks see different images with different draws and
 every image once per epoch across ranks. The training loop asks for the batches of a whole run at once
 (FolderLoader.steps): one DataLoader and one set of workers per run, no refill at each epoch or wsd segment.
 """
 import os
 import sys
 
-import numpy as np
 import torch
 
-from data import STATS, DataError, epoch_generator, normalize, rank_slots
+from data import shards
+from data.common import STATS, DataError, epoch_generator, normalize, rank_slots
+from data.images import jpeg_header, raise_named, read_image
 
 DECODERS = ("cpu", "cuda")
 
@@ -26,7 +27,6 @@ DECODERS = ("cpu", "cuda")
 def open_splits(root, train_transform, val_transform, option="--data-dir"):
     """(train, val) of root, each an ImageFolder or a shards.ShardSet, checked: both stored alike (a tree, or
     shards of the same settings) and with the same classes; else a DataError naming `option`."""
-    import shards
     train, val = (image_folder(root, split, t, option) for split, t in (("train", train_transform),
                                                                         ("val", val_transform)))
     kinds = [shards.settings(getattr(s, "meta", None)) for s in (train, val)]
@@ -46,8 +46,6 @@ def image_folder(root, split, transform, option="--data-dir"):
     """torchvision's ImageFolder of root/split with our decoder (shards.ShardSet where `python shards.py` prepared
     root), or a DataError naming `option` and saying how to arrange the tree."""
     from torchvision.datasets import ImageFolder
-
-    import shards
     if os.path.exists(os.path.join(root, shards.MARK)):
         raise DataError(f"{option}: {root} is an unfinished `python shards.py` output; run it again to finish")
     if shards.is_prepared(root, split):
@@ -65,31 +63,6 @@ def image_folder(root, split, transform, option="--data-dir"):
         raise DataError(f"{option}: {path}: {e}")
 
 
-def read_image(path):
-    """The file as a uint8 RGB tensor (3, H, W) (decode)."""
-    from torchvision.io import read_file
-    return decode(read_file(path))
-
-
-def decode(data):
-    """An image file's bytes (a uint8 tensor) as a uint8 RGB tensor (3, H, W): torchvision.io's decoder (JPEG with
-    CMYK and grayscale, PNG, WebP, GIF), PIL for anything else it cannot read (bytes neither can read raise PIL's
-    error)."""
-    from torchvision.io import ImageReadMode, decode_image
-    try:
-        img = decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        import io
-
-        from PIL import Image
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as pil:
-            return torch.from_numpy(np.asarray(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
-    if img.dtype != torch.uint8:  # a 16-bit PNG
-        from torchvision.transforms.v2.functional import to_dtype
-        img = to_dtype(img, torch.uint8, scale=True)
-    return img
-
-
 def transforms(image_size, train):
     """uint8 tensor transforms: RandomResizedCrop and a flip for training; resize to 256/224 of the size and a
     centre crop for validation (and for training without augmentation)."""
@@ -103,7 +76,6 @@ class FolderData:
     """An ImageFolder tree (train/, val/): uint8 batches from DataLoader workers, normalised on the device."""
 
     def __init__(self, root, device, workers, image_size=224, augment=True, decode="cpu"):
-        import shards
         self.train_set, self.val_set = open_splits(root, transforms(image_size, augment), transforms(image_size, False))
         self.num_classes, self.in_chans, self.image_size = len(self.train_set.classes), 3, image_size
         self.device, self.workers, self.augment, self.decode = device, workers, augment, decode
@@ -151,10 +123,10 @@ class FolderData:
         key = (id(self.val_set), rank, world_size, batch_size)
         if key not in self.val_loaders:
             idx = list(range(rank, len(self.val_set), world_size))
-            shards = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+            batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
             samples = (EncodedSamples if self.decode == "cuda" else NamedSamples)(self.val_set, self.image_size,
                                                                                  train=False)
-            self.val_loaders[key] = self.loader(samples, shards, persistent=True)
+            self.val_loaders[key] = self.loader(samples, batches, persistent=True)
         yield from self.batches_on_device(self.val_loaders[key])
 
 
@@ -242,22 +214,6 @@ def named_sample(dataset, index, read=None):
                     getattr(base, "then", "continue with --resume"))
 
 
-def raise_named(e, path, then, option="--data-dir", replace=True):
-    """Raises a DataError naming the file for what PIL and torchvision.io raise on an image they cannot decode,
-    and any other exception as it is (an OSError with an errno is the file system's: EIO, ESTALE, EMFILE).
-    replace: the fix begins with replacing the file (not for a copy that is made again)."""
-    import struct
-
-    from PIL import Image
-    if (not isinstance(e, (OSError, SyntaxError, EOFError, ValueError, struct.error, IndexError,
-                           Image.DecompressionBombError))
-            or isinstance(e, OSError) and e.errno is not None or isinstance(e, DataError)):
-        raise e
-    why = (str(e).splitlines() or [""])[0][:100]
-    raise DataError(f"{option}: error while reading {path} ({type(e).__name__}: {why}); "
-                    f"{'replace it with a good copy of the image and ' * replace}{then}") from None
-
-
 def base_of(dataset, index):
     """(ImageFolder or ShardSet, index in it) of dataset[index] through any Subsets."""
     while isinstance(dataset, torch.utils.data.Subset):
@@ -291,14 +247,6 @@ class EncodedSamples(NamedSamples):
             payload = read_file(path) if jpeg else read_image(path)
         box, flip = crop_params(height, width, self.image_size, self.train)
         return payload, jpeg, label, box, flip
-
-
-def jpeg_header(path):
-    """(height, width, whether nvJPEG and a byte-for-byte copy can take it: a JPEG in RGB or grey) from the file's
-    header alone."""
-    from PIL import Image
-    with Image.open(path) as img:
-        return img.size[1], img.size[0], img.format == "JPEG" and img.mode in ("RGB", "L")
 
 
 def crop_params(height, width, size, train):
