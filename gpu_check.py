@@ -65,8 +65,9 @@ def rows(run):
         return list(csv.DictReader(f))
 
 
-class Checks:
-    """Each check is a method returning (passed, figures); a missing optional package makes it a skip."""
+class Machine:
+    """Where the checks run: OUT, the data flags (real or dry), the accuracy bar, the environment; train() and
+    trained() run train.py for a check."""
 
     def __init__(self, out, data_dir, dry, gpus):
         self.out, self.data_dir, self.dry, self.gpus = out, data_dir, dry, gpus
@@ -89,6 +90,7 @@ class Checks:
         return run
 
     def trained(self, name, *flags):
+        """(reached the accuracy bar, figures) of a standard 2-epoch run with these flags."""
         run = self.train(name, "--schedule", "standard", "--epochs", "2", "--warmup-epochs", "0.2", "--eval-every",
                          "0", *flags)
         last = rows(run)[-1]
@@ -96,128 +98,146 @@ class Checks:
                        images_per_s=float(last["images_per_s"]), startup_s=float(last.get("startup_s") or 0))
         return figures["val_acc1"] >= self.bar, figures
 
-    def bf16(self):
-        return self.trained("bf16", "--amp", "bf16" if not self.dry else "auto")
 
-    def fp16(self):
-        """fp16 with a GradScaler to a real accuracy; the scaler's final scale and growth tracker are reported (a
-        scale below the initial 65536 means it skipped steps on overflow and backed off, as it should)."""
-        if self.dry:
-            return None, "fp16 needs a GPU"
-        ok, figures = self.trained("fp16", "--amp", "fp16")
-        import torch
-        scale = torch.load(os.path.join(self.out, "fp16", "checkpoints", "last.pt"), weights_only=True)["scaler"]
-        figures.update(final_scale=scale.get("scale"), growth_tracker=scale.get("_growth_tracker"))
-        return ok and scale.get("scale") not in (None, 0), figures
+# ---- the checks: each takes the Machine and returns (passed, figures); passed None is a skip -------------------
 
-    def compile(self):
-        if self.dry:  # minutes of C++ compilation on a small CPU; the check is bf16's with one flag more
-            return None, "compiling is checked on a GPU only"
-        return self.trained("compile", "--compile")
+def check_bf16(m):
+    return m.trained("bf16", "--amp", "bf16" if not m.dry else "auto")
 
-    def resume(self):
-        """Killed mid-run and resumed, against the uninterrupted run: bitwise under --deterministic."""
-        flags = ["--schedule", "standard", "--epochs", "1", "--warmup-epochs", "0.2", "--eval-every", "0.25",
-                 "--deterministic", "--checkpoint-every", "0"]
-        ref = self.train("resume-ref", *flags)
-        run = os.path.join(self.out, "resume")
-        shutil.rmtree(run, ignore_errors=True)
-        cmd = [sys.executable, os.path.join(ROOT, "train.py")] + self.data + ["--run-dir", run, "--no-progress",
-                                                                             *flags]
-        p = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        metrics, deadline = os.path.join(run, "metrics.csv"), time.time() + TIMEOUT
-        while p.poll() is None and time.time() < deadline:
-            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:  # header + 2 rows
-                break
-            time.sleep(0.02)
-        p.kill()
-        p.wait()
-        if p.returncode != -signal.SIGKILL or os.path.exists(os.path.join(run, "done")):
-            raise RuntimeError("the run to interrupt finished (or failed) before it could be killed")
-        self.train("resume", *flags, "--resume", "auto")
-        timing = lambda k: k.endswith("_s") or k == "peak_mem_gb"  # noqa: E731 (not the arithmetic's)
-        strip = lambda rs: [{k: v for k, v in r.items() if not timing(k)} for r in rs]  # noqa: E731
-        same = strip(rows(run)) == strip(rows(ref))
-        return same, dict(rows=len(rows(run)), val_acc1=float(rows(run)[-1]["val_acc1"]),
-                          reference_val_acc1=float(rows(ref)[-1]["val_acc1"]))
 
-    def estimators(self):
-        figures = {}
-        for schedule in ("wsd", "schedule-free"):
-            try:
-                run = self.train(schedule, "--schedule", schedule, "--warmup-epochs", "0.25", "--t0", "0.25",
-                                 "--cycles", "2", "--eval-every", "0")
-            except RuntimeError as e:
-                if "schedulefree" in str(e):
-                    figures[schedule] = "skipped: the schedulefree package is not installed"
-                    continue
-                raise
-            figures[schedule] = float(rows(run)[-1]["val_acc1"])
-        return all(isinstance(v, str) or v >= self.bar * 0.9 for v in figures.values()), figures
+def check_fp16(m):
+    """fp16 with a GradScaler to a real accuracy; the scaler's final scale and growth tracker are reported (a
+    scale below the initial 65536 means it skipped steps on overflow and backed off, as it should)."""
+    if m.dry:
+        return None, "fp16 needs a GPU"
+    ok, figures = m.trained("fp16", "--amp", "fp16")
+    import torch
+    scale = torch.load(os.path.join(m.out, "fp16", "checkpoints", "last.pt"), weights_only=True)["scaler"]
+    figures.update(final_scale=scale.get("scale"), growth_tracker=scale.get("_growth_tracker"))
+    return ok and scale.get("scale") not in (None, 0), figures
 
-    def image_folder(self):
-        """A generated ImageFolder tree through DataLoader workers (decode, crop, flip) to a finished run."""
-        import numpy as np
-        from PIL import Image
-        root = os.path.join(self.out, "tree")
-        g = np.random.default_rng(0)
-        for split, n in (("train", 32), ("val", 8)):
-            for c in ("a", "b"):
-                os.makedirs(os.path.join(root, split, c), exist_ok=True)
-                for i in range(n):
-                    Image.fromarray(g.integers(0, 256, (64, 80, 3), np.uint8)).save(
-                        os.path.join(root, split, c, f"{i}.JPEG"), format="JPEG")
-        data, self.data = self.data, ["--data", "imagenet", "--data-dir", root, "--batch-size", "16", "--workers",
-                                      "2"]
-        figures = {}
-        try:  # the workers decode; then (on a GPU) the GPU decodes each batch (--decode cuda)
-            for decode in ("cpu",) + (() if self.dry else ("cuda",)):
-                run = self.train(f"image-folder-{decode}", "--cycles", "1", "--warmup-epochs", "1", "--t0", "1",
-                                 "--decode", decode)
-                last = rows(run)[-1]
-                figures.update({f"{decode}_val_acc1": float(last["val_acc1"]),
-                                f"{decode}_images_per_s": float(last["images_per_s"])})
-        finally:
-            self.data = data
-        if not self.dry:  # the loader benchmark: the input pipelines' img/s, the GPU-decode one included
-            path = os.path.join(self.out, "loader.json")
-            p = run_bounded([sys.executable, "-m", "benchmarks.loader", "--decode", "cuda", "--sizes", "224",
-                             "--workers", "0", "4", "8", "--images", "1024", "--json", path], self.env, TIMEOUT)
-            if p.returncode != 0:
-                raise RuntimeError(f"loader benchmark failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-            figures["loader"] = {f"{r['pipeline']} {r['transform']} w{r['workers']}": r["images_per_s"]
-                                 for r in json.load(open(path))["results"]}
-        return True, figures
 
-    def two_gpus(self):
-        """2 ranks over NCCL (the model compiled around DDP, with the untimed warm-up): their sharded evaluation
-        of the saved weights equals one process's; and schedule-free on 2 ranks (BatchNorm averaged over them)."""
-        if self.gpus < 2 and not self.dry:
-            return None, "needs 2 GPUs"
-        flags = ["--cycles", "1", "--warmup-epochs", "0.5", "--t0", "0.5", "--eval-every", "0", "--deterministic",
-                 "--amp", "none"]  # fp32 without TF32: the two evaluations differ only in the order of the sums
-        run = self.train("two-ranks", *flags, *([] if self.dry else ["--compile"]), procs=2)
-        sf = self.train("two-ranks-sf", *flags, "--schedule", "schedule-free", procs=2)
-        single = run_bounded([sys.executable, "-c", EVAL_ONE.format(root=ROOT, run=run, data=self.data)], self.env,
-                             TIMEOUT)
-        if single.returncode != 0:
-            raise RuntimeError(f"one-process evaluation failed: {single.stderr.strip().splitlines()[-1:]}")
-        one = json.loads(single.stdout.strip().splitlines()[-1])
-        two = rows(run)[-1]
-        close = abs(float(two["val_acc1"]) - one["acc1"]) < 0.02 and abs(float(two["val_loss"]) - one["loss"]) < 1e-4
-        return close, dict(two_ranks=dict(val_acc1=float(two["val_acc1"]), val_loss=float(two["val_loss"])),
-                           one_process=one, schedule_free_val_acc1=float(rows(sf)[-1]["val_acc1"]))
+def check_compile(m):
+    if m.dry:  # minutes of C++ compilation on a small CPU; the check is bf16's with one flag more
+        return None, "compiling is checked on a GPU only"
+    return m.trained("compile", "--compile")
 
-    def benchmark(self):
-        path = os.path.join(self.out, "throughput.json")
-        flags = ["--steps", "3", "--batch-size", "32"] if self.dry else []
-        p = run_bounded([sys.executable, "-m", "benchmarks.throughput", "--json", path] + flags + (
-            ["--data-dir", self.data_dir] if self.data_dir else []), self.env, TIMEOUT)
-        if p.returncode != 0:
-            raise RuntimeError(f"benchmark failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-        figures = json.load(open(path))
-        same = figures["ran"]["a"] == figures["ran"]["b"] == figures["ran"]["c"]
-        return same, {k: figures[k] for k in ("device", "amp", "a_img_s", "b_img_s", "c_img_s", "b_over_a")}
+
+def check_resume(m):
+    """Killed mid-run and resumed, against the uninterrupted run: bitwise under --deterministic."""
+    flags = ["--schedule", "standard", "--epochs", "1", "--warmup-epochs", "0.2", "--eval-every", "0.25",
+             "--deterministic", "--checkpoint-every", "0"]
+    ref = m.train("resume-ref", *flags)
+    run = os.path.join(m.out, "resume")
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + m.data + ["--run-dir", run, "--no-progress", *flags]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=m.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = os.path.join(run, "metrics.csv"), time.time() + TIMEOUT
+    while p.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:  # header + 2 rows
+            break
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+    if p.returncode != -signal.SIGKILL or os.path.exists(os.path.join(run, "done")):
+        raise RuntimeError("the run to interrupt finished (or failed) before it could be killed")
+    m.train("resume", *flags, "--resume", "auto")
+    timing = lambda k: k.endswith("_s") or k == "peak_mem_gb"  # noqa: E731 (not the arithmetic's)
+    strip = lambda rs: [{k: v for k, v in r.items() if not timing(k)} for r in rs]  # noqa: E731
+    same = strip(rows(run)) == strip(rows(ref))
+    return same, dict(rows=len(rows(run)), val_acc1=float(rows(run)[-1]["val_acc1"]),
+                      reference_val_acc1=float(rows(ref)[-1]["val_acc1"]))
+
+
+def check_estimators(m):
+    figures = {}
+    for schedule in ("wsd", "schedule-free"):
+        try:
+            run = m.train(schedule, "--schedule", schedule, "--warmup-epochs", "0.25", "--t0", "0.25", "--cycles",
+                          "2", "--eval-every", "0")
+        except RuntimeError as e:
+            if "schedulefree" in str(e):
+                figures[schedule] = "skipped: the schedulefree package is not installed"
+                continue
+            raise
+        figures[schedule] = float(rows(run)[-1]["val_acc1"])
+    return all(isinstance(v, str) or v >= m.bar * 0.9 for v in figures.values()), figures
+
+
+def check_image_folder(m):
+    """A generated ImageFolder tree through DataLoader workers (decode, crop, flip) to a finished run."""
+    import numpy as np
+    from PIL import Image
+    root = os.path.join(m.out, "tree")
+    g = np.random.default_rng(0)
+    for split, n in (("train", 32), ("val", 8)):
+        for c in ("a", "b"):
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(n):
+                Image.fromarray(g.integers(0, 256, (64, 80, 3), np.uint8)).save(
+                    os.path.join(root, split, c, f"{i}.JPEG"), format="JPEG")
+    data, m.data = m.data, ["--data", "imagenet", "--data-dir", root, "--batch-size", "16", "--workers", "2"]
+    figures = {}
+    try:  # the workers decode; then (on a GPU) the GPU decodes each batch (--decode cuda)
+        for decode in ("cpu",) + (() if m.dry else ("cuda",)):
+            run = m.train(f"image-folder-{decode}", "--cycles", "1", "--warmup-epochs", "1", "--t0", "1",
+                          "--decode", decode)
+            last = rows(run)[-1]
+            figures.update({f"{decode}_val_acc1": float(last["val_acc1"]),
+                            f"{decode}_images_per_s": float(last["images_per_s"])})
+    finally:
+        m.data = data
+    if not m.dry:
+        figures["loader"] = loader_benchmark(m)
+    return True, figures
+
+
+def loader_benchmark(m):
+    """The loader benchmark's img/s of each input pipeline, the GPU-decode one included."""
+    path = os.path.join(m.out, "loader.json")
+    p = run_bounded([sys.executable, "-m", "benchmarks.loader", "--decode", "cuda", "--sizes", "224",
+                     "--workers", "0", "4", "8", "--images", "1024", "--json", path], m.env, TIMEOUT)
+    if p.returncode != 0:
+        raise RuntimeError(f"loader benchmark failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    return {f"{r['pipeline']} {r['transform']} w{r['workers']}": r["images_per_s"]
+            for r in json.load(open(path))["results"]}
+
+
+def check_two_gpus(m):
+    """2 ranks over NCCL (the model compiled around DDP, with the untimed warm-up): their sharded evaluation
+    of the saved weights equals one process's; and schedule-free on 2 ranks (BatchNorm averaged over them)."""
+    if m.gpus < 2 and not m.dry:
+        return None, "needs 2 GPUs"
+    flags = ["--cycles", "1", "--warmup-epochs", "0.5", "--t0", "0.5", "--eval-every", "0", "--deterministic",
+             "--amp", "none"]  # fp32 without TF32: the two evaluations differ only in the order of the sums
+    run = m.train("two-ranks", *flags, *([] if m.dry else ["--compile"]), procs=2)
+    sf = m.train("two-ranks-sf", *flags, "--schedule", "schedule-free", procs=2)
+    single = run_bounded([sys.executable, "-c", EVAL_ONE.format(root=ROOT, run=run, data=m.data)], m.env, TIMEOUT)
+    if single.returncode != 0:
+        raise RuntimeError(f"one-process evaluation failed: {single.stderr.strip().splitlines()[-1:]}")
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    two = rows(run)[-1]
+    close = abs(float(two["val_acc1"]) - one["acc1"]) < 0.02 and abs(float(two["val_loss"]) - one["loss"]) < 1e-4
+    return close, dict(two_ranks=dict(val_acc1=float(two["val_acc1"]), val_loss=float(two["val_loss"])),
+                       one_process=one, schedule_free_val_acc1=float(rows(sf)[-1]["val_acc1"]))
+
+
+def check_benchmark(m):
+    path = os.path.join(m.out, "throughput.json")
+    flags = ["--steps", "3", "--batch-size", "32"] if m.dry else []
+    p = run_bounded([sys.executable, "-m", "benchmarks.throughput", "--json", path] + flags + (
+        ["--data-dir", m.data_dir] if m.data_dir else []), m.env, TIMEOUT)
+    if p.returncode != 0:
+        raise RuntimeError(f"benchmark failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    figures = json.load(open(path))
+    same = figures["ran"]["a"] == figures["ran"]["b"] == figures["ran"]["c"]
+    return same, {k: figures[k] for k in ("device", "amp", "a_img_s", "b_img_s", "c_img_s", "b_over_a")}
+
+
+# The checks in the order they run (--only picks some): a new check is one function above and one line here.
+CHECKS = {"bf16": check_bf16, "fp16": check_fp16, "compile": check_compile, "resume": check_resume,
+          "estimators": check_estimators, "image_folder": check_image_folder, "two_gpus": check_two_gpus,
+          "benchmark": check_benchmark}
 
 
 # One process evaluates a run's saved weights on the whole validation set (train.py's own evaluate, world 1).
@@ -242,15 +262,13 @@ val = train.evaluate(model, data, 0, 1, micro, torch.autocast(device.type, dtype
 print(json.dumps(dict(acc1=val["acc1"], loss=val["loss"])))
 """
 
-ORDER = ("bf16", "fp16", "compile", "resume", "estimators", "image_folder", "two_gpus", "benchmark")
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join("runs", "gpu-check"))
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST's IDX files (default: Debian's package)")
     p.add_argument("--dry", action="store_true", help="every check, tiny, on CPU (what the test suite runs)")
-    p.add_argument("--only", default=",".join(ORDER), help="a comma-separated subset of " + ", ".join(ORDER))
+    p.add_argument("--only", default=",".join(CHECKS), help="a comma-separated subset of " + ", ".join(CHECKS))
     a = p.parse_args(argv)
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if missing:
@@ -266,11 +284,11 @@ def main(argv=None):
     summary = dict(device=torch.cuda.get_device_name(0) if gpus else "cpu (dry run)", gpus=gpus,
                    torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0],
                    too_old=version_problems(), checks={})
-    checks = Checks(a.out, a.data_dir, a.dry, gpus)
+    machine = Machine(a.out, a.data_dir, a.dry, gpus)
     for name in a.only.split(","):
         t = time.time()
         try:
-            passed, figures = getattr(checks, name)()
+            passed, figures = CHECKS[name](machine)
             verdict = "skipped" if passed is None else ("passed" if passed else "FAILED")
         except Exception as e:  # one check's failure is reported; the others still run
             verdict, figures = "FAILED", f"{type(e).__name__}: {e}"

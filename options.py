@@ -18,6 +18,7 @@ import trackers
 from data import DATASETS
 from methods import ALIAS_KEYS, MethodError
 from models import SMALL_RESNET, parse_model_kwargs
+from precision import auto_precision
 
 # Options that define the result: a resume with any of them changed is refused. eval_every: the rows --metric max
 # takes its peak from; tf32 and deterministic: the GPU's arithmetic; device_name: the speed of train_time_s;
@@ -94,6 +95,15 @@ def build_parser():
     p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                    help="a recipe: any of these options as 'name: value' lines (recipes/); repeatable, a later file "
                         "over an earlier one; flags given override them")
+    add_data_flags(p)
+    add_schedule_flags(p)
+    add_optimisation_flags(p)
+    methods_registry.add_flags(p)
+    add_run_flags(p)
+    return p
+
+
+def add_data_flags(p):
     g = p.add_argument_group("data and model")
     g.add_argument("--data", dest="dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--data-dir", default=None, help="dataset folder (default for fashion-mnist: Debian's package)")
@@ -111,6 +121,9 @@ def build_parser():
     g.add_argument("--model", default=SMALL_RESNET, help=f"{SMALL_RESNET} or any timm model name")
     g.add_argument("--model-kwargs", default="", metavar="K=V,...",
                    help="options for timm.create_model, e.g. drop_rate=0.1,drop_path_rate=0.1,img_size=32")
+
+
+def add_schedule_flags(p):
     g = p.add_argument_group("schedule (periods in epochs, applied per optimizer step)")
     g.add_argument("--schedule", default="cyclic", help=" | ".join(schedules.SCHEDULES))
     g.add_argument("--epochs", type=float, default=None, help="total epochs (all but standard: must end a cycle)")
@@ -127,6 +140,9 @@ def build_parser():
     g.add_argument("--sf-lr", type=float, default=None, help="schedule-free: its LR (default 5 x --lr)")
     g.add_argument("--sf-warmup-epochs", type=float, default=None,
                    help="schedule-free: its linear warmup (default --warmup-epochs)")
+
+
+def add_optimisation_flags(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=256, help="global batch per optimizer step")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -152,7 +168,9 @@ def build_parser():
     g.add_argument("--deterministic", action="store_true",
                    help="GPU: no TF32, no cudnn autotuning, deterministic kernels (slower; bitwise-exact resume)")
     g.add_argument("--seed", type=int, default=0)
-    methods_registry.add_flags(p)
+
+
+def add_run_flags(p):
     g = p.add_argument_group("run directory and logging")
     g.add_argument("--run-dir", default=None,
                    help="default: runs/<dataset>_<model>_<schedule>-e<epochs>_<methods>_s<seed>")
@@ -173,7 +191,6 @@ def build_parser():
                         "WANDB_MODE=online); metrics.csv is always written")
     g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="skip up to N optimizer steps whose loss is NaN/inf instead of stopping (checks every step)")
-    return p
 
 
 def flags_given(parser, argv):
@@ -193,8 +210,45 @@ def read_recipe(parser, path):
     text and converted as its flag's would be (YAML's own typing would read 010 as 8 and 1:30 as 90); fail()s in
     one line on an unknown key, a value of the wrong kind or a key given twice."""
     import difflib
-    import yaml  # timm's dependency
     where = f"--config {path}"
+    text, recipe = load_yaml(path, where)
+    if recipe in (None, ""):
+        return {}
+    if not isinstance(recipe, dict):
+        fail(f"{where}: a recipe is 'option: value' lines, not a {type(recipe).__name__}", options=True)
+    actions = {}
+    for a in parser._actions:
+        for flag in a.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                actions[flag[2:]] = a
+                actions[flag[2:].replace("-", "_")] = a
+    out = {}
+    for key, value in recipe.items():
+        line = next((n for n, t in enumerate(text.splitlines(), 1) if t.split(":")[0].strip() == key), "?")
+        if key not in actions:
+            names = [k for k in actions if "-" not in k and actions[k].dest not in RUN_CONTROLS]
+            close = sorted(k for k in names if k.startswith(key.replace("-", "_"))) or \
+                difflib.get_close_matches(key.replace("-", "_"), names, n=1)  # warmup -> warmup_epochs
+            hint = f"; did you mean '{close[0]}'?" if close else "; see python train.py --help"
+            fail(f"{where}, line {line}: unknown option '{key}'{hint}", options=True)
+        a = actions[key]
+        if isinstance(a, argparse.BooleanOptionalAction) and key.startswith(("no-", "no_")):
+            fail(f"{where}, line {line}: write {a.dest}: false, not {key}", options=True)
+        if a.dest in RUN_CONTROLS:
+            fail(f"{where}, line {line}: {key} controls one run, not a recipe: give it as a flag", options=True)
+        if a.dest in out:
+            fail(f"{where}, line {line}: '{key}' sets {a.dest} a second time; give it once", options=True)
+        try:
+            out[a.dest] = recipe_value(a, value)
+        except (TypeError, ValueError) as e:
+            fail(f"{where}, line {line}: {key}: {e}", options=True)
+    return out
+
+
+def load_yaml(path, where):
+    """(text, value) of the YAML file at `path`, every scalar as its text; fail()s in one line (naming `where`) on an
+    unreadable file, text that is not YAML, a key given twice, or aliases that expand past MAX_RECIPE_VALUES."""
+    import yaml  # timm's dependency
 
     class Loader(yaml.BaseLoader):  # every scalar as its text; two equal keys refused (PyYAML keeps the last)
         def construct_mapping(self, node, deep=False):
@@ -228,37 +282,7 @@ def read_recipe(parser, path):
         mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)  # where the broken item starts
         fail(f"{where}{f', line {mark.line + 1}' if mark else ''}: not YAML ({getattr(e, 'problem', None) or e})",
              options=True)
-    if recipe in (None, ""):
-        return {}
-    if not isinstance(recipe, dict):
-        fail(f"{where}: a recipe is 'option: value' lines, not a {type(recipe).__name__}", options=True)
-    actions = {}
-    for a in parser._actions:
-        for flag in a.option_strings:
-            if flag.startswith("--") and flag != "--help":
-                actions[flag[2:]] = a
-                actions[flag[2:].replace("-", "_")] = a
-    out = {}
-    for key, value in recipe.items():
-        line = next((n for n, t in enumerate(text.splitlines(), 1) if t.split(":")[0].strip() == key), "?")
-        if key not in actions:
-            names = [k for k in actions if "-" not in k and actions[k].dest not in RUN_CONTROLS]
-            close = sorted(k for k in names if k.startswith(key.replace("-", "_"))) or \
-                difflib.get_close_matches(key.replace("-", "_"), names, n=1)  # warmup -> warmup_epochs
-            hint = f"; did you mean '{close[0]}'?" if close else "; see python train.py --help"
-            fail(f"{where}, line {line}: unknown option '{key}'{hint}", options=True)
-        a = actions[key]
-        if isinstance(a, argparse.BooleanOptionalAction) and key.startswith(("no-", "no_")):
-            fail(f"{where}, line {line}: write {a.dest}: false, not {key}", options=True)
-        if a.dest in RUN_CONTROLS:
-            fail(f"{where}, line {line}: {key} controls one run, not a recipe: give it as a flag", options=True)
-        if a.dest in out:
-            fail(f"{where}, line {line}: '{key}' sets {a.dest} a second time; give it once", options=True)
-        try:
-            out[a.dest] = recipe_value(a, value)
-        except (TypeError, ValueError) as e:
-            fail(f"{where}, line {line}: {key}: {e}", options=True)
-    return out
+    return text, recipe
 
 
 MAX_RECIPE_VALUES = 10_000  # a recipe's nodes, each alias counted as what it stands for: a real one has dozens
@@ -393,7 +417,36 @@ def resolve(args, world_size, device):
     for name, value in sorted(vars(a).items()):  # before anything is written: inf and nan pass every bound below
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}", options=True)
-    checks = [
+    checks = (optimizer_checks(a) + schedule_checks(a, world_size) + data_checks(a, device)
+              + run_checks(a, device))  # all made, then the first failing reported: in this order
+    for ok, message in checks:
+        if not ok:
+            fail(message, options=True)
+    prepare_services(a)
+    epochs, cycles, t_mult = budget(a)
+    amp = auto_precision(device) if a.amp == "auto" else a.amp
+    methods, plugins, model_kwargs = selected_methods(a)
+    standard = a.schedule == "standard"  # recorded shape: one cosine period over the rest of the run
+    setup = Setup(epochs=epochs, cycles=cycles, t0=epochs - a.warmup_epochs if standard else a.t0,
+                  t_mult=1 if standard else t_mult, family_t0=a.t0, family_t_mult=t_mult, amp=amp,
+                  methods=methods.specs, plugins=plugins,
+                  method_options={m.name: {k: getattr(m, k) for k in m.options} for m in methods.all},
+                  world_size=world_size, eval_every=a.eval_every if a.eval_every is not None else
+                  (0.0 if a.dataset == "imagenet" else 1.0),
+                  run_dir=a.run_dir or default_run_dir(a, epochs, methods),
+                  sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
+                  else a.sf_warmup_epochs, model_kwargs=model_kwargs,
+                  tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device),
+                  cooldown_version=schedules.COOLDOWN_VERSION if a.schedule == "wsd" else None,
+                  lamb_version=LAMB_VERSION if a.opt == "lamb" else None)
+    return setup, methods
+
+
+# ---- the flag checks, by concern: (holds, the one line that names the flag and the fix) each ---------------
+
+def optimizer_checks(a):
+    """The names of the dataset, schedule and precision, then the optimizer's flags and the LR."""
+    return [
         (a.dataset in DATASETS, f"--data: unknown dataset '{a.dataset}'; choose one of {', '.join(DATASETS)}"),
         (a.schedule in schedules.SCHEDULES,
          f"--schedule: unknown '{a.schedule}'; choose one of {', '.join(schedules.SCHEDULES)}"),
@@ -417,6 +470,12 @@ def resolve(args, world_size, device):
         (not (a.nesterov and a.momentum == 0), "--nesterov needs --momentum > 0"),
         (a.weight_decay >= 0, f"--weight-decay must be >= 0, got {a.weight_decay}"),
         (0 <= a.eta_min < a.lr, f"--eta-min must be in [0, --lr), got {a.eta_min}"),
+    ]
+
+
+def schedule_checks(a, world_size):
+    """The batch and its split over ranks and micro-steps, then the schedule's periods and its own options."""
+    return [
         (a.batch_size > 0, f"--batch-size must be positive, got {a.batch_size}"),
         (a.grad_accum > 0, f"--grad-accum must be positive, got {a.grad_accum}"),
         (a.batch_size % (world_size * max(a.grad_accum, 1)) == 0,
@@ -438,6 +497,12 @@ def resolve(args, world_size, device):
          f"--sf-warmup-epochs must be >= 0, got {a.sf_warmup_epochs}"),
         (not (a.schedule == "schedule-free" and a.opt == "sgdw" and a.momentum == 0),
          "--schedule schedule-free needs --momentum > 0"),
+    ]
+
+
+def data_checks(a, device):
+    """The data's own flags: subset, augmentation, workers, decoding, image size."""
+    return [
         (a.subset >= 0, f"--subset must be >= 0, got {a.subset}"),
         (a.augment in ("standard", "none"), f"--augment: unknown '{a.augment}'; choose standard or none"),
         (a.workers is None or a.workers >= 0, f"--workers must be >= 0, got {a.workers}"),
@@ -448,6 +513,12 @@ def resolve(args, world_size, device):
         (a.image_size >= 8, f"--image-size must be >= 8 pixels, got {a.image_size}"),
         (a.image_size == 224 or a.dataset == "imagenet", "--image-size is for --data imagenet (the resident "
                                                          "datasets train at their own size)"),
+    ]
+
+
+def run_checks(a, device):
+    """The run's cadences, its precision on this device, and --resume against --overwrite."""
+    return [
         (a.eval_every is None or a.eval_every >= 0, f"--eval-every must be >= 0, got {a.eval_every}"),
         (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 minutes, got {a.checkpoint_every}"),
         (a.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0, got {a.skip_nonfinite}"),
@@ -458,9 +529,13 @@ def resolve(args, world_size, device):
         (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other; pick one"),
         (a.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{a.resume}'"),
     ]
-    for ok, message in checks:
-        if not ok:
-            fail(message, options=True)
+
+
+# ---- what the checked flags imply ----------------------------------------------------------------
+
+def prepare_services(a):
+    """The DataLoader workers' default, the trackers (each installed), and schedule-free's package: fail()s in one
+    line where one is missing."""
     if a.workers is None:
         a.workers = default_workers()
     try:
@@ -475,6 +550,11 @@ def resolve(args, world_size, device):
         except ImportError:
             fail("--schedule schedule-free needs the schedulefree package: pip install -r requirements.txt",
                  options=True)
+
+
+def budget(a):
+    """(epochs, cycles, t_mult) of the run from --epochs or --cycles (a standard run: the epochs of the cyclic run
+    of those cycles); fail()s where they disagree, or the warmup does not fit."""
     t_mult = 1 if a.schedule == "constant" else (a.t_mult or 2)
     if a.schedule == "standard":  # the epochs of the cyclic run's cycles, if given as --cycles
         epochs, cycles = a.epochs or schedules.cyclic_epochs(a.warmup_epochs, a.t0, t_mult, a.cycles or 3), 1
@@ -495,7 +575,12 @@ def resolve(args, world_size, device):
     if a.schedule == "schedule-free" and (a.sf_warmup_epochs or 0) >= epochs:
         fail(f"--sf-warmup-epochs {a.sf_warmup_epochs:g} must be shorter than the run ({epochs:g} epochs): the LR "
              f"would never reach its peak", options=True)
-    amp = auto_precision(device) if a.amp == "auto" else a.amp
+    return epochs, cycles, t_mult
+
+
+def selected_methods(a):
+    """(MethodList, plug-ins' file hashes, --model-kwargs parsed); fail()s on a bad method or model option, or an
+    option of the model that a method sets too."""
     try:
         model_kwargs = parse_model_kwargs(a.model_kwargs)
         methods, plugins = methods_registry.selected(a)
@@ -504,20 +589,7 @@ def resolve(args, world_size, device):
             raise MethodError(f"--model-kwargs {clash[0]} is also set by a --method; give it in one place")
     except ValueError as e:  # MethodError too
         fail(str(e), options=True)
-    standard = a.schedule == "standard"  # recorded shape: one cosine period over the rest of the run
-    setup = Setup(epochs=epochs, cycles=cycles, t0=epochs - a.warmup_epochs if standard else a.t0,
-                 t_mult=1 if standard else t_mult, family_t0=a.t0, family_t_mult=t_mult, amp=amp,
-                 methods=methods.specs, plugins=plugins,
-                 method_options={m.name: {k: getattr(m, k) for k in m.options} for m in methods.all},
-                 world_size=world_size, eval_every=a.eval_every if a.eval_every is not None else
-                 (0.0 if a.dataset == "imagenet" else 1.0),
-                 run_dir=a.run_dir or default_run_dir(a, epochs, methods),
-                 sf_lr=a.sf_lr or 5 * a.lr, sf_warmup_epochs=a.warmup_epochs if a.sf_warmup_epochs is None
-                 else a.sf_warmup_epochs, model_kwargs=model_kwargs,
-                 tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device),
-                 cooldown_version=schedules.COOLDOWN_VERSION if a.schedule == "wsd" else None,
-                 lamb_version=LAMB_VERSION if a.opt == "lamb" else None)
-    return setup, methods
+    return methods, plugins, model_kwargs
 
 
 def default_workers():
@@ -539,27 +611,6 @@ def hardware_name(device):
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def auto_precision(device):
-    """What --amp auto means on `device`: bf16 where it is native, else fp16 with a GradScaler (GPU) or fp32 (CPU)."""
-    if device.type == "cuda":
-        return "bf16" if gpu_has_native_bf16() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "none"
-
-
-def gpu_has_native_bf16():
-    """bf16 in hardware (Ampere and later): torch's default check also counts pre-Ampere GPUs, which emulate it
-    slowly, where fp16 with a GradScaler is the right choice. Asked after set_device: of this rank's GPU."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def cpu_has_native_bf16():
-    """bf16 in hardware: AVX512-BF16 or AMX on x86 (mkldnn's own check also counts AVX-512 alone, where bf16 is
-    emulated and slower than fp32), and the bf16 extension on Arm (mkldnn checks exactly that there)."""
-    if platform.machine() in ("aarch64", "arm64"):
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
 def default_run_dir(args, epochs, methods):
     label = "+".join(m.label for m in sorted(methods.all, key=lambda m: m.spec)) or "baseline"
     return os.path.join("runs", f"{args.dataset}_{args.model}_{args.schedule}-e{epochs:g}_{label}_s{args.seed}")
@@ -568,3 +619,15 @@ def default_run_dir(args, epochs, methods):
 def result_options(args, setup):
     merged = {**vars(args), **asdict(setup)}
     return {k: merged[k] for k in RESULT_KEYS}
+
+
+def method_config(methods, args, setup):
+    """What the methods record of themselves in config.json (methods.config()); fail()s where a method's key is an
+    option of the run, which it would overwrite (the paper's methods may record their own old flags' options)."""
+    own = methods.config()
+    reserved = set(RESULT_KEYS) | set(asdict(setup)) | set(vars(args)) | {"argv"}
+    clash = sorted(k for m in methods.all for k in set(m.config()) & reserved
+                   - ALIAS_KEYS.get(m.name, set()))
+    if clash:
+        fail(f"--method: a method's config() returns '{clash[0]}', an option of the run; rename it", options=True)
+    return own

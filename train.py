@@ -7,6 +7,10 @@ DDP comes from the torchrun environment (NCCL on CUDA, gloo on CPU); only rank 0
 The LR follows schedules.py and is stepped once per optimizer step; validation runs at every
 curve point (cycle ends, budgets), at the end, and every --eval-every epochs; checkpoints are written
 after every evaluation and every --checkpoint-every minutes between them.
+
+This file is the run's story (run_main: parse -> set up -> build -> train -> finish) and the loop (Run); the
+options are options.py's, the optimizer optim.py's, the precision precision.py's, the resume decision resume.py's,
+the FLOPs flops.py's (README "Layout").
 """
 import contextlib
 import copy
@@ -26,87 +30,245 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import costs
+import precision
 import schedules
-from analysis.runs import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 from data import DataError, build_data
-from methods import ALIAS_KEYS, Context, MethodError, MethodList, weights_kept
+from flops import count_flops, trial_pass
+from methods import MethodError, weights_kept
 from models import build_model, error_line, fixed_input_size
-from options import (RESULT_KEYS, cpu_has_native_bf16, fail, micro_batch_size, parse_args, resolve,
-                     result_options)
-from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
-                    lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
+from optim import build_optimizer, decay_exclusions, weight_decay_note
+from options import fail, method_config, micro_batch_size, parse_args, resolve, result_options
+from resume import check_decay_convention, device_history, kept_precision, resume_decision, resumed_config
+from rng import restore_rng, rng_state
+from rundir import (MetricsLog, RunDirError, check_writable, lock_run_dir, mark_done, remove_run, save_checkpoint,
+                    write_config)
 from trackers import Trackers
 
 NO_STEP = 2 ** 62  # "no non-finite step yet"
 
 
-def device_history(setup, ckpt):
-    """Every GPU or CPU model the run has trained on (more than one only through --allow-device-change)."""
-    before = [] if ckpt is None else [ckpt["config"].get("device_name"),
-                                      *(recorded_options(setup.run_dir) or {}).get("device_names", [])]
-    return sorted({setup.device_name, *filter(None, before)})
+# ---- the run's story -------------------------------------------------------------------------
+
+def main(argv=None):
+    """train.py's entry point: a run-directory problem (unusable folder, lock held, full disk) or a damaged image
+    anywhere in the run is one line and exit 2, like a bad flag; the last checkpoint is kept."""
+    try:
+        run_main(argv)
+    except RunDirError as e:
+        fail(str(e))
+    except DataError as e:  # mid-run: a damaged image, named by the loader of whichever rank read it; every run
+        fail(str(e), every_rank=True, options=True)  # of a sweep on this data would meet it: the sweep stops
+    finally:  # the run directory's lock ends with the run, also where train.main is called in a process that goes on
+        while HELD_LOCKS:
+            HELD_LOCKS.pop().close()
 
 
-def resume_decision(args, setup, master):
-    """Read run_dir and decide: (checkpoint to resume or None, whether to wipe the old run first).
-    Exits 0 for a finished run of the same options under --resume, and fail()s on anything that would lose or mix
-    results: other options, a damaged metrics.csv, a folder that is not provably an empty start of this run."""
-    run_dir, options = setup.run_dir, result_options(args, setup)
-    if not args.resume:
-        if holds_run(run_dir) and not args.overwrite:
-            fail(f"--run-dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                 f"or choose another --run-dir")
-        return None, args.overwrite
-    ckpt = load_checkpoint(run_dir, discard_corrupt=master) if os.path.isdir(run_dir) else None
-    if ckpt is not None and ckpt.get("config") is None:
-        fail(f"--resume: the checkpoint in {run_dir}/checkpoints does not record its options (written by "
-             f"an older train.py); start the run again with --overwrite")
-    # the checkpoint says what it was trained with (a stray config.json cannot mislead); config.json fills in the
-    # keys an older checkpoint predates, and stands alone where there is no checkpoint
-    from_config = api_names(recorded_options(run_dir))
-    recorded = None if ckpt is None and from_config is None else {**ADDED_DEFAULTS, **(from_config or {}),
-                                                                  **(api_names(ckpt["config"]) if ckpt is not None else {})}
-    done = is_done(run_dir)
-    if recorded is not None:
-        # a finished run made elsewhere stays valid: the folder of a dataset that has one known content (not an
-        # ImageFolder tree: there the folder is the dataset); --amp auto keeps the precision the run recorded
-        # the hardware: tf32 follows it (CPU or GPU); each rank knows only its own GPU, so rank 0's decides
-        hardware = ("device_name", "tf32")
-        host = ((("data_dir",) * (args.dataset != "imagenet") + hardware if done else ())
-                + ("amp",) * (args.amp == "auto") + hardware * args.allow_device_change
-                + hardware * (not master))
-        diffs = {k: f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
-                 if k in recorded and k not in host and recorded[k] != options[k]}
-        if diffs and set(diffs) <= set(hardware):  # this run's own problem: a sweep goes on with the others
-            fail(f"--resume: {run_dir} was trained on other hardware ({'; '.join(diffs.values())}): its train_time_s "
-                 f"would splice two speeds; start it again with --overwrite, or pass --allow-device-change to resume "
-                 f"anyway (config.json then lists both)")
-        if diffs:
-            fail(f"--resume: these options differ from the {'finished ' * done}run in {run_dir}: "
-                 f"{'; '.join(diffs.values())}; ask for the run's options, or use another --run-dir (a sweep: another "
-                 f"--out)", options=True)
-    if done:  # never redo a finished run (sweeps rely on this); --overwrite replaces it
-        if recorded is None:
-            fail(f"--resume: {run_dir} is marked done but records no options (no config.json or checkpoint), so it "
-                 f"cannot be checked against this one; choose another --run-dir or --overwrite it")
-        if master:
-            print(f"run {run_dir} is already finished (it has 'done'); nothing to do. Pass --overwrite "
-                  f"instead of --resume to train it again")
-        sys.exit(0)
+HELD_LOCKS = []  # the lock files run_main holds
+
+
+def run_main(argv=None):
+    """The run: parse the options, set up the run directory (locked; resume or start decided), build the data,
+    model, schedule, precision and optimizer, record the run's files, train, finish."""
+    # -- parse
+    args = parse_args(argv)
+    proc = this_process()
+    setup, methods = resolve(args, proc.world_size, proc.device)
+    if args.print_amp:  # what --amp auto picks here, for a sweep to pass to all its runs: nothing is written
+        return print_amp(args, setup, methods, proc)
+    # -- set up: the run directory, and what it holds decided (every rank decides alike: they read the same files)
+    ckpt, wipe = open_run_dir(args, setup, proc.master)
+    # -- build: checks that need the data or the model come first, the precision's measurement after them all
+    data, model, loader = build_run(args, setup, methods, proc.device, proc.rank, proc.world_size)
+    recorded = resumed_config(args, setup, ckpt, data)  # config.json of the resumed run
+    own = method_config(methods, args, setup)  # what the methods record of themselves
+    spe = loader.steps_per_epoch
+    plan = make_plan(args, setup, spe)
+    setup, amp_measured = choose_precision(args, setup, ckpt, model, loader, methods, proc)
+    claim_run_dir(args, setup, proc.master)
+    without_effect = warn_of_methods(methods, args, proc.master)
+    raw_model, exclusions = model, decay_exclusions(args, model)
+    check_decay_convention(args, setup, ckpt, exclusions)
+    if proc.master and weight_decay_note(args):
+        print(weight_decay_note(args))
+    optimizer, scheduler, scaler, autocast = build_training(model, args, setup, plan, methods, exclusions, proc.device)
+    flops = count_flops(raw_model, methods, autocast, data, plan, micro_batch_size(args, proc.world_size), spe)
+    state = start_state(ckpt, args, raw_model, optimizer, scheduler, scaler, methods, proc.rank)
+    model = distribute(model, args, proc)
+    # -- record: config.json, metrics.csv, the trackers (rank 0)
+    derived = dict(decay_excluded=exclusions, methods_without_effect=without_effect,
+                   data_storage=getattr(data, "storage", None),
+                   amp_measured=amp_measured if ckpt is None else recorded.get("amp_measured"),
+                   train_flops_per_image=flops.per_image.get(costs.side_name((data.image_size,) * 2)),
+                   train_flops_per_image_by_side=flops.per_image, device_names=device_history(setup, ckpt))
+    config = run_config(args, setup, plan, spe, own, proc.device, derived, argv)
+    log, tracked = (open_run_files(args, setup, plan, config, state, ckpt, wipe, methods, proc) if proc.master
+                    else (None, Trackers([], None, None)))
+    # -- train
+    run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods, autocast,
+              proc.rank, proc.world_size, proc.ddp, proc.device, log, tracked, flops)
+    steps_here = run.train(state)
+    # -- finish
+    run.tracked.close()
+    if hasattr(data, "close"):  # the validation workers
+        data.close()
+    if proc.master:
+        mark_done(setup.run_dir)
+        print(f"done: {setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
+              f"process")
+    if proc.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in the run: from torchrun's environment, or one process alone."""
+    ddp: bool
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def this_process():
+    """The Process, its GPU made current (before any CUDA question: otherwise every rank makes a context on GPU 0)."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Process(ddp, rank, world_size, local_rank, device)
+
+
+def print_amp(args, setup, methods, proc):
+    """--print-amp: the precision --amp auto uses here, measured where it is (after the schedule's checks: they are
+    quick), on stdout alone and on stderr with its figures; nothing is written."""
+    amp, figures = setup.amp, None
+    if precision.measures_precision(args, proc.device, proc.world_size):
+        model, loader = build_run(args, setup, methods, proc.device, proc.rank, proc.world_size)[1:3]
+        make_plan(args, setup, loader.steps_per_epoch)
+        amp, figures = precision.measure_precision(model, loader, methods, args, train_step)
+    print(f"--amp auto: {amp}" + (f" ({', '.join(f'{k} {v:.0f}' for k, v in figures.items())} img/s)" if figures
+                                  else " (fixed by the device)"), file=sys.stderr)
+    print(amp)
+
+
+def open_run_dir(args, setup, master):
+    """(checkpoint to resume or None, whether to wipe the old run first): --run-dir checked before anything slow is
+    loaded, then decided (resume.resume_decision). One writer per run directory: rank 0 holds its lock from before it
+    reads the folder to the end of the run (a folder that does not exist yet holds nothing to read, and is created
+    only once the flags pass: claim_run_dir)."""
+    check_writable(setup.run_dir)
+    if master and not args.no_lock and os.path.isdir(setup.run_dir):
+        HELD_LOCKS.append(lock_run_dir(setup.run_dir))
+    return resume_decision(args, setup, master)
+
+
+def claim_run_dir(args, setup, master):
+    """Rank 0 creates the run directory and locks it where open_run_dir could not (it did not exist yet); with
+    --no-lock it only creates it."""
+    locking = master and not args.no_lock
+    if locking and not HELD_LOCKS:
+        HELD_LOCKS.append(lock_run_dir(setup.run_dir))
+    if master and not locking:
+        os.makedirs(setup.run_dir, exist_ok=True)
+
+
+def choose_precision(args, setup, ckpt, model, loader, methods, proc):
+    """(setup with the run's precision, the figures measured or None): --amp auto keeps on a resume the precision
+    the run recorded; on a CPU with native bf16 it is measured here, after every check of the options (a bad one
+    fails fast); elsewhere resolve() fixed it by the device."""
+    if args.amp == "auto" and ckpt is not None:
+        return kept_precision(setup, ckpt, proc.device), None
+    if not precision.measures_precision(args, proc.device, proc.world_size):
+        return setup, None
+    amp, measured = precision.measure_precision(model, loader, methods, args, train_step)
+    if proc.master:
+        print(f"--amp auto: {amp} ({', '.join(f'{k} {v:.0f}' for k, v in measured.items())} img/s over a few "
+              f"training steps of this model)")
+    return replace(setup, amp=amp), measured
+
+
+def warn_of_methods(methods, args, master):
+    """methods.without_effect() (config.json's methods_without_effect), and on rank 0 a warning for each method that
+    changed nothing, as Composer's NoEffectWarning (the set is run, and says what it is), and each of the methods'
+    own warnings (e.g. a gradient edit that a later hook's recomputed gradient replaces)."""
+    without_effect = methods.without_effect()
+    if master:
+        for m in methods.all:
+            if m.no_effect:
+                print(f"warning: method {m.spec} changed nothing in {args.model} ({m.no_effect}); recorded in "
+                      f"config.json as methods_without_effect")
+        for line in methods.warnings():
+            print(f"warning: {line}")
+    return without_effect
+
+
+def start_state(ckpt, args, raw_model, optimizer, scheduler, scaler, methods, rank):
+    """The TrainState to start from: the checkpoint's, put back into the model, optimizer and methods; or a new one,
+    with the model-side RNG (dropout, drop-path) seeded per rank (rank 0 keeps the seed)."""
     if ckpt is None:
-        if args.resume == "must":
-            fail(f"--resume: no readable checkpoint in {run_dir}/checkpoints; start it without --resume "
-                 f"(or with --resume auto)")
-        return None, fresh_start_allowed(run_dir, recorded, master)
-    rows = metrics_rows(run_dir)
-    if rows is None:
-        fail(f"--resume: {run_dir}/metrics.csv is missing, so the curve before the checkpoint is lost; "
-             f"restore the file or start again with --overwrite")
-    if rows < ckpt["metrics_rows"]:
-        fail(f"--resume: {run_dir}/metrics.csv has {rows} whole rows but the checkpoint recorded "
-             f"{ckpt['metrics_rows']}; restore the file or start again with --overwrite")
-    return ckpt, False
+        torch.manual_seed(args.seed if rank == 0 else hash((args.seed, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return TrainState()
+    try:
+        return restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank)
+    except MethodError as e:
+        fail(str(e))
 
+
+def distribute(model, args, proc):
+    """The model to train: under DDP (the process group joined now), then compiled around DDP, as PyTorch advises:
+    the compiler then overlaps all-reduce and backward."""
+    if proc.ddp:
+        init_distributed(proc.device, proc.rank, proc.world_size)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[proc.local_rank]
+                                                          if proc.device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+def run_config(args, setup, plan, spe, own, device, derived, argv):
+    """config.json (docs/run-format.md): every option under its flag's name, what they imply (Setup), the schedule
+    in steps, the methods' own keys, the software, what the run derived or measured (`derived`), and argv."""
+    return {**vars(args), **asdict(setup), "steps_per_epoch": spe, "total_steps": plan.total_steps,
+            "run_steps": plan.run_steps, "cycle_end_epochs": [s / spe for s in plan.cycle_end_steps()],
+            "speedup_ratio_eq1": schedules.eq1_ratio(schedules.cycle_end_epochs(
+                args.warmup_epochs, setup.family_t0, setup.family_t_mult, setup.cycles)),
+            **own, "device": device.type, "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda if device.type == "cuda" else None, **derived,
+            "argv": sys.argv[1:] if argv is None else list(argv)}
+
+
+def open_run_files(args, setup, plan, config, state, ckpt, wipe, methods, proc):
+    """Rank 0's (MetricsLog, Trackers): the old run removed where decided, config.json first for a new run (the
+    folder says whose it is before anything else is in it), after MetricsLog has checked the rows it keeps for a
+    resumed one; then the run's first lines on stdout."""
+    if wipe:
+        remove_run(setup.run_dir)
+    if ckpt is None:
+        write_config(setup.run_dir, config)
+    log = MetricsLog(setup.run_dir, keep_rows=state.metrics_rows if ckpt is not None else None)  # may refuse
+    if ckpt is not None:
+        write_config(setup.run_dir, config)
+    tracked = Trackers(args.log, setup.run_dir, config, resumed_at=state.step if ckpt is not None else 0)
+    print(f"run {setup.run_dir}: {args.schedule}, {setup.epochs:g} epochs = {plan.run_steps} steps, curve points "
+          f"at epochs {', '.join(f'{e:g}' for e in config['cycle_end_epochs'])}; methods "
+          f"{', '.join(setup.methods) or 'none'}; {proc.device.type} x{proc.world_size}, "
+          f"amp {setup.amp}" + (f"; resumed at step {state.step}" if ckpt is not None else ""))
+    for m in methods.all:
+        for key, value in m.config().items():
+            if isinstance(value, list) and value:  # what a method changed, e.g. the layers BlurPool replaced
+                print(f"{m.spec}: {key}: {', '.join(map(str, value))}")
+    return log, tracked
+
+
+# ---- building ----------------------------------------------------------------------------------
 
 def build_run(args, setup, methods, device, rank, world_size, data=None):
     """(data, model, train loader): the data (or `data`, already built from these options), the model with the
@@ -162,242 +324,62 @@ def check_model_runs(model, data, methods, args):
         restore_rng(rng)
 
 
-def measures_precision(args, device, world_size):
-    """--amp auto measures on a CPU with native bf16, in one process (ranks could pick differently); elsewhere its
-    choice is fixed: bf16 on GPUs that have it (else fp16), fp32 on CPUs without native bf16 (emulated: ~10x slower)."""
-    return args.amp == "auto" and device.type == "cpu" and world_size == 1 and cpu_has_native_bf16()
+def make_plan(args, setup, spe):
+    """The schedule in optimizer steps; fail() where it cannot be trained at this number of steps per epoch."""
+    plan = schedules.make_plan(args.schedule, setup.epochs, args.warmup_epochs, setup.family_t0, setup.family_t_mult,
+                               spe, args.cycle_decay, args.cooldown_frac, args.cooldown_shape)
+    if args.schedule == "schedule-free":
+        plan = replace(plan, warmup_steps=round(setup.sf_warmup_epochs * spe))
+    if args.schedule != "standard" and plan.t0_steps < 1:
+        fail(f"--t0 {args.t0:g} epochs is under one optimizer step ({spe} steps per epoch); raise --t0", options=True)
+    for seg in plan.segments():
+        if seg.kind == "branch" and (seg.end == seg.start or seg.start < plan.warmup_steps):
+            fail(f"--cooldown-frac {args.cooldown_frac:g}: the budget at {seg.end / spe:g} epochs ({seg.end} steps) is "
+                 f"too short for a cooldown after the warmup; raise --cooldown-frac or --t0, or lower --warmup-epochs",
+                 options=True)
+    return plan
 
 
-def measure_precision(model, loader, methods, args, steps=3):
-    """--amp auto on a CPU: which of fp32 and bf16 trains this model faster, and the images/s of each, from a few
-    steps (one untimed first) on the run's first batch. bf16's speed on a CPU depends on the model (on one Xeon
-    with AMX a small ViT ran 1.6x slower in bf16, our small ResNet 1.6x faster), so the CPU's features cannot decide.
-    Leaves no trace in the weights, BatchNorm statistics and RNG (put back); a method's own Python state is not
-    touched (the steps run without the methods' hooks, on the model after their surgery)."""
-    x, y = next(loader.epoch(0, 0))
-    micro = micro_batch_size(args, 1)
-    x, y = methods.transform_eval_batch(x[:micro]), y[:micro]  # the layout of training, no augmentation drawn
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ctx = Context(step=0, epoch=0.0, rank=0, world_size=1, seed=args.seed, run_progress=0.0, cycle_progress=0.0,
-                  num_classes=int(y.max()) + 1)
-    rng, rounds = rng_state(), {"none": [], "bf16": []}
-    with weights_kept(model):
-        for _ in range(2):  # interleaved, the better of two rounds each: this VM's speed drifts
-            for amp in rounds:
-                autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
-                rounds[amp].append(images_per_second(lambda: train_step(
-                    model, optimizer, scaler, MethodList([]), autocast, x, y, 1, False, ctx), len(x), steps))
-        optimizer.zero_grad(set_to_none=True)
-    restore_rng(rng)
-    figures = {amp: max(r) for amp, r in rounds.items()}
-    # bf16 only when clearly faster: near a tie fp32, whose result does not depend on the timing's noise
-    return ("bf16" if figures["bf16"] > AMP_MARGIN * figures["none"] else "none"), figures
+def build_training(model, args, setup, plan, methods, exclusions, device):
+    """(optimizer, scheduler, GradScaler, autocast) of a run: the optimizer wrapped by the methods, the schedule's
+    scheduler, the precision's scaler and autocast context (benchmarks.calibrate builds each study's this way)."""
+    optimizer = methods.wrap_optimizer(build_optimizer(model, args, setup, plan, exclusions), model)
+    scheduler = schedules.build_scheduler(optimizer, plan, args.eta_min)
+    scaler, autocast = precision.amp_context(setup.amp, device)
+    return optimizer, scheduler, scaler, autocast
 
 
-AMP_MARGIN = 1.1  # --amp auto takes bf16 on a CPU only when it trains at least this much faster than fp32
+def configure_device(device, deterministic=False):
+    """CUDA: TF32 matmuls and cudnn autotuning (fast, not bitwise reproducible), or with --deterministic neither,
+    deterministic cudnn and cuBLAS, and torch's deterministic algorithms (a warning names any op without one).
+    CPU: the threads this rank may use."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # either way: train.main may run again
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, cores // local_world)
+        torch.set_num_threads(threads)  # ranks on one machine share its cores; OMP_NUM_THREADS overrides
 
 
-def images_per_second(step, batch, steps):
-    """Images per second of `step` over `steps` calls, after one untimed call."""
-    step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch / (time.perf_counter() - started)
+def init_distributed(device, rank, world_size):
+    """Process group from the torchrun environment, its keys prefixed by the restart count: torchrun's
+    agent store outlives a worker restart, and without the prefix restarted gloo workers read the dead
+    workers' addresses and fail to connect."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_store)
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
+                            device_id=device if device.type == "cuda" else None)
 
 
-def api_names(options):
-    """Recorded options with `methods` as the method API names them; each source (config.json, a checkpoint) is read
-    on its own, since one may predate the API and the other not (a resume rewrites config.json first)."""
-    if options is None or "methods" not in options:
-        return options
-    named = {**options, "methods": canonical_methods(options)}
-    if "method_options" in options or is_legacy(options):  # (a checkpoint of 2026-12-01 morning has none)
-        named["method_options"] = method_options(options)
-    return named
-
-
-def fresh_start_allowed(run_dir, recorded, master):
-    """--resume auto without a checkpoint: start again only where nothing can be lost, i.e. the folder holds no
-    run, or the start of this very run (its config.json, with the options already compared) that died before its
-    first checkpoint: no checkpoint file of any kind and at most the one row written just before it. Anything else
-    is refused, and nothing is removed."""
-    if not holds_run(run_dir):
-        return False
-    files, rows = checkpoint_files(run_dir), metrics_rows(run_dir)
-    ours = recorded is not None and all(k in recorded for k in ("schedule", "seed", "epochs", "lr"))
-    bare = recorded is None and rows == 0 and not os.path.exists(os.path.join(run_dir, "done"))  # a header only
-    if (ours or bare) and not files and (rows or 0) <= 1:
-        if master:
-            print(f"--resume auto: {run_dir} has no checkpoint (the run stopped before its first); starting it "
-                  f"again, removing its " + " and ".join(["config.json"] * ours + [f"metrics.csv ({rows} row(s))"]
-                                                         * (rows is not None)))
-        return True
-    held = ", ".join(([f"checkpoints/{', '.join(files)}"] if files else []) +
-                     ([f"metrics.csv ({rows} rows)"] if rows is not None else []) +
-                     (["config.json"] if os.path.exists(os.path.join(run_dir, "config.json")) else []))
-    why = "no readable checkpoint" if ours else "no config.json of a train.py run"
-    fail(f"--resume auto: {run_dir} holds {held or 'run files'} but {why}, so it cannot be resumed and nothing was "
-         f"removed; start it again with --overwrite (deletes them), or use another --run-dir (a sweep: delete that "
-         f"folder or use another --out)")
-
-
-# ---- the run ---------------------------------------------------------------------------------
-
-def main(argv=None):
-    """train.py's entry point: a run-directory problem (unusable folder, lock held, full disk) or a damaged image
-    anywhere in the run is one line and exit 2, like a bad flag; the last checkpoint is kept."""
-    try:
-        run_main(argv)
-    except RunDirError as e:
-        fail(str(e))
-    except DataError as e:  # mid-run: a damaged image, named by the loader of whichever rank read it; every run
-        fail(str(e), every_rank=True, options=True)  # of a sweep on this data would meet it: the sweep stops
-    finally:  # the run directory's lock ends with the run, also where train.main is called in a process that goes on
-        while HELD_LOCKS:
-            HELD_LOCKS.pop().close()
-
-
-HELD_LOCKS = []  # the lock files run_main holds
-
-
-def run_main(argv=None):
-    args = parse_args(argv)
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    local_rank, master = int(os.environ.get("LOCAL_RANK", 0)), rank == 0
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":  # before any CUDA question: otherwise every rank makes a context on GPU 0
-        torch.cuda.set_device(device)
-    setup, methods = resolve(args, world_size, device)
-    if args.print_amp:  # what --amp auto picks here, for a sweep to pass to all its runs: nothing is written
-        amp, figures = setup.amp, None
-        if measures_precision(args, device, world_size):
-            model, loader = build_run(args, setup, methods, device, rank, world_size)[1:3]
-            make_plan(args, setup, loader.steps_per_epoch)  # the schedule's checks first: they are quick
-            amp, figures = measure_precision(model, loader, methods, args)
-        print(f"--amp auto: {amp}" + (f" ({', '.join(f'{k} {v:.0f}' for k, v in figures.items())} img/s)" if figures
-                                      else " (fixed by the device)"), file=sys.stderr)
-        print(amp)
-        return
-    check_writable(setup.run_dir)  # before anything slow is loaded
-    # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
-    # run (a folder that does not exist yet holds nothing to read, and is created only once the flags pass).
-    locking = master and not args.no_lock
-    if locking and os.path.isdir(setup.run_dir):
-        HELD_LOCKS.append(lock_run_dir(setup.run_dir))
-    ckpt, wipe = resume_decision(args, setup, master)  # every rank decides alike: they all read the same files
-    data, model, loader = build_run(args, setup, methods, device, rank, world_size)
-    recorded = (recorded_options(setup.run_dir) or {}) if ckpt is not None else {}  # config.json of the resumed run
-    stored = recorded.get("data_storage")  # None: not imagenet, or a run from before the key
-    if stored is not None and stored != getattr(data, "storage", None):
-        fail(f"--resume: the images in --data-dir {args.data_dir} are not stored as when {setup.run_dir} started "
-             f"({stored} -> {data.storage}); resume with the data it started on, or start again with --overwrite",
-             options=True)
-    own = methods.config()  # what the methods record of themselves: never over an option of the run
-    reserved = set(RESULT_KEYS) | set(asdict(setup)) | set(vars(args)) | {"argv"}
-    clash = sorted(k for m in methods.all for k in set(m.config()) & reserved
-                   - ALIAS_KEYS.get(m.name, set()))  # (the paper's methods record their own old flags' options)
-    if clash:
-        fail(f"--method: a method's config() returns '{clash[0]}', an option of the run; rename it", options=True)
-    spe = loader.steps_per_epoch
-    plan = make_plan(args, setup, spe)
-    amp_measured = None  # measured after every check of the options: a bad one fails fast
-    if args.amp == "auto" and ckpt is not None:  # a resume keeps the precision the run recorded
-        setup = replace(setup, amp=ckpt["config"]["amp"])
-        if setup.amp == "fp16" and device.type == "cpu":
-            fail(f"--resume: {setup.run_dir} trained in fp16 on a GPU; a CPU has no fp16 training: resume it on a "
-                 f"GPU, or start it again with --overwrite")
-    elif measures_precision(args, device, world_size):
-        amp, amp_measured = measure_precision(model, loader, methods, args)
-        setup = replace(setup, amp=amp)
-        if master:
-            print(f"--amp auto: {amp} ({', '.join(f'{k} {v:.0f}' for k, v in amp_measured.items())} img/s over a few "
-                  f"training steps of this model)")
-    if locking and not HELD_LOCKS:
-        HELD_LOCKS.append(lock_run_dir(setup.run_dir))
-    if master and not locking:
-        os.makedirs(setup.run_dir, exist_ok=True)
-    without_effect = methods.without_effect()
-    if master:  # as Composer's NoEffectWarning: the set is run, and says what it is
-        for m in methods.all:
-            if m.no_effect:
-                print(f"warning: method {m.spec} changed nothing in {args.model} ({m.no_effect}); recorded in "
-                      f"config.json as methods_without_effect")
-        for line in methods.warnings():  # e.g. a gradient edit that a later hook's recomputed gradient replaces
-            print(f"warning: {line}")
-    raw_model = model
-    exclusions = decay_exclusions(args, model)
-    if ckpt is not None and "decay_exclusions" not in ckpt["config"] and exclusions:
-        fail(f"--resume: {setup.run_dir} predates --decay-exclusions and decayed every parameter, which auto no "
-             f"longer does for {args.model}; resume it with --decay-exclusions off")
-    if master and args.opt != "sgdw" and args.weight_decay / args.lr > 1:  # AdamW's usual 0.05 means 0.05 x lr here
-        print(f"warning: --weight-decay {args.weight_decay:g} is the decay per step at the peak LR: {args.opt} will "
-              f"shrink the weights by {args.weight_decay:.0%} a step (torch's AdamW weight_decay w is --weight-decay "
-              f"w x --lr here)")
-    optimizer, scheduler, scaler, autocast = build_training(model, args, setup, plan, methods, exclusions, device)
-    flops = count_flops(raw_model, methods, autocast, data, plan, micro_batch_size(args, world_size), spe)
-    state = TrainState()
-    if ckpt is not None:
-        try:
-            state = restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank)
-        except MethodError as e:
-            fail(str(e))
-    else:  # the model-side RNG (dropout, drop-path) differs per rank; rank 0 keeps the seed
-        torch.manual_seed(args.seed if rank == 0 else hash((args.seed, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-    if ddp:
-        init_distributed(device, rank, world_size)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
-                                                          else None)
-    if args.compile:  # the DDP-wrapped model, as PyTorch advises: the compiler then overlaps all-reduce and backward
-        model = torch.compile(model)
-
-    config = {**vars(args), **asdict(setup), "steps_per_epoch": spe, "total_steps": plan.total_steps,
-              "run_steps": plan.run_steps, "cycle_end_epochs": [s / spe for s in plan.cycle_end_steps()],
-              "speedup_ratio_eq1": schedules.eq1_ratio(schedules.cycle_end_epochs(
-                  args.warmup_epochs, setup.family_t0, setup.family_t_mult, setup.cycles)),
-              **own, "device": device.type, "torch_version": torch.__version__,
-              "cuda_version": torch.version.cuda if device.type == "cuda" else None, "decay_excluded": exclusions,
-              "methods_without_effect": without_effect, "data_storage": getattr(data, "storage", None),
-              "amp_measured": amp_measured if ckpt is None else recorded.get("amp_measured"),
-              "train_flops_per_image": flops.per_image.get(costs.side_name((data.image_size,) * 2)),
-              "train_flops_per_image_by_side": flops.per_image,
-              "device_names": device_history(setup, ckpt),
-              "argv": sys.argv[1:] if argv is None else list(argv)}
-    log = None
-    if master:
-        if wipe:
-            remove_run(setup.run_dir)
-        if ckpt is None:  # config.json first: the folder says whose it is before anything else is in it
-            write_config(setup.run_dir, config)
-        log = MetricsLog(setup.run_dir, keep_rows=state.metrics_rows if ckpt is not None else None)  # may refuse
-        if ckpt is not None:  # after MetricsLog has checked the rows it keeps
-            write_config(setup.run_dir, config)
-        tracked = Trackers(args.log, setup.run_dir, config, resumed_at=state.step if ckpt is not None else 0)
-        print(f"run {setup.run_dir}: {args.schedule}, {setup.epochs:g} epochs = {plan.run_steps} steps, curve points "
-              f"at epochs {', '.join(f'{e:g}' for e in config['cycle_end_epochs'])}; methods "
-              f"{', '.join(setup.methods) or 'none'}; {device.type} x{world_size}, "
-              f"amp {setup.amp}" + (f"; resumed at step {state.step}" if ckpt is not None else ""))
-        for m in methods.all:
-            for key, value in m.config().items():
-                if isinstance(value, list) and value:  # what a method changed, e.g. the layers BlurPool replaced
-                    print(f"{m.spec}: {key}: {', '.join(map(str, value))}")
-
-    run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods, autocast,
-              rank, world_size, ddp, device, log, tracked if master else Trackers([], None, None), flops)
-    steps_here = run.train(state)
-    run.tracked.close()
-    if hasattr(data, "close"):  # the validation workers
-        data.close()
-    if master:
-        mark_done(setup.run_dir)
-        print(f"done: {setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
-              f"process")
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-
+# ---- the loop ----------------------------------------------------------------------------------
 
 @dataclass
 class TrainState:
@@ -419,25 +401,26 @@ class TrainState:
 
 
 class Run:
-    """The training loop and what it needs; one object so the loop reads without a dozen arguments."""
+    """The training loop and what it needs; one object so the loop reads without a dozen arguments. Its two
+    services: the evaluations and rows (Evaluator), the path's checkpoints and wsd snapshots (Checkpoints)."""
 
     def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods,
                  autocast, rank, world_size, ddp, device, log, tracked, flops):
         self.args, self.setup, self.plan, self.data, self.loader = args, setup, plan, data, loader
-        self.flops = flops
         self.model, self.raw_model, self.optimizer, self.scheduler, self.scaler = (model, raw_model, optimizer,
                                                                                    scheduler, scaler)
-        self.methods, self.autocast, self.log, self.tracked = methods, autocast, log, tracked
+        self.methods, self.autocast, self.tracked = methods, autocast, tracked
         self.rank, self.world_size, self.ddp, self.device, self.master = rank, world_size, ddp, device, rank == 0
+        self.sf = plan.schedule == "schedule-free"
+        self.evaluator = Evaluator(self, log, flops)
+        self.checkpoints = Checkpoints(self)
         spe = loader.steps_per_epoch
         every = round(setup.eval_every * spe) if setup.eval_every else 0
-        self.curve_points = set(plan.cycle_end_steps())
         # evaluations on the trunk (every run but wsd: the whole run); a wsd branch is evaluated at its end
         trunk_evals = set(range(every, plan.total_steps, every)) if every else set()
         if plan.schedule != "wsd":
-            trunk_evals |= self.curve_points | {plan.total_steps}
+            trunk_evals |= self.evaluator.curve_points | {plan.total_steps}
         self.trunk_evals = trunk_evals
-        self.sf = plan.schedule == "schedule-free"
 
     def context(self, path_step):
         """What the methods' hooks are told about this step (methods/api.py: Context)."""
@@ -463,7 +446,7 @@ class Run:
             if seg.kind == "branch" and state.trunk is None:  # wsd: keep the trunk, train a copy down to 0
                 clock.pause(state)  # the trunk's time so far belongs to the snapshot
                 state.loss_window = loss_window.tolist()
-                state.trunk = self.snapshot(state, loss_sum)
+                state.trunk = self.checkpoints.snapshot(state, loss_sum)
                 clock.start()
             for path_step, x, y in itertools.islice(stream, seg.end - at):  # this segment's steps
                 lr, first_bad = self.step(state, x, y, self.context(path_step), loss_sum, first_bad, loss_window)
@@ -471,20 +454,20 @@ class Run:
                 # -- 3. evaluate and log at the curve points; checkpoint after that or every few minutes
                 done = path_step + 1
                 row_due = done == seg.end if seg.kind == "branch" else done in self.trunk_evals
-                save_due = row_due or self.checkpoint_due(last_save, state.step)
+                save_due = row_due or checkpoint_due(a, last_save, state.step, self.ddp, self.device)
                 if save_due:
                     clock.pause(state)
                     state.loss_sum = self.check_finite(first_bad, loss_sum)
                     state.loss_window = loss_window.tolist()
                     if row_due:
-                        self.evaluate_and_log(state, seg, done, lr)
+                        self.evaluator.evaluate_and_log(state, seg, done, lr)
                         loss_sum.zero_()
                     if seg.kind == "branch" and done == seg.end and state.step < plan.run_steps:  # back to the trunk
                         # (after the last branch the run is over: last.pt keeps the model of the last row)
-                        state.loss_sum = self.restore_snapshot(state)
+                        state.loss_sum = self.checkpoints.restore_snapshot(state)
                         loss_sum.fill_(state.loss_sum)
                         loss_window = self.window_tensor(state)
-                    self.save(state)
+                    self.checkpoints.save(state)
                     self.tracked.flush()
                     last_save = time.monotonic()
                     clock.start()
@@ -547,18 +530,6 @@ class Run:
         values = state.loss_window or [math.nan] * self.loader.steps_per_epoch
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
-    def checkpoint_due(self, last_save, step):
-        """--checkpoint-every: rank 0's clock decides, every 25 steps under DDP so that ranks agree."""
-        if not self.args.checkpoint_every:
-            return False
-        if not self.ddp:
-            return time.monotonic() - last_save >= 60 * self.args.checkpoint_every
-        if step % 25:
-            return False
-        due = torch.tensor(float(time.monotonic() - last_save >= 60 * self.args.checkpoint_every), device=self.device)
-        dist.broadcast(due, 0)
-        return bool(due.item())
-
     def check_finite(self, first_bad, loss_sum):
         """Stop with the earliest non-finite step over all ranks; returns this rank's loss sum as a float."""
         bad = reduced_min(first_bad, self.ddp)
@@ -568,132 +539,18 @@ class Run:
                  f"lower --lr, use --amp bf16/none, or allow a few with --skip-nonfinite N", code=3)
         return loss_sum.item()
 
-    def evaluate_and_log(self, state, seg, done, lr):
-        """Validate, append the metrics row (rank 0), reset the row's accumulators."""
-        t_eval, a = time.perf_counter(), self.args
-        window = [v for v in state.loss_window or () if math.isfinite(v)]
-        sums = torch.tensor([state.loss_sum, state.loss_steps, sum(window), len(window)], dtype=torch.float64,
-                            device=self.device)
-        if self.ddp:
-            dist.all_reduce(sums)
-        val = self.evaluate_point(done)
-        spe, plan = self.loader.steps_per_epoch, self.plan
-        curve_point = done in self.curve_points and (seg.kind == "branch" or plan.schedule != "wsd")
-        row = dict(epoch=f"{done / spe:.6g}", step=done, lr=f"{lr:.8g}",
-                   train_loss=f"{sums[0] / sums[1]:.6f}" if sums[1] else None,  # no mean over zero steps
-                   val_loss=f"{val['loss']:.6f}", val_acc1=f"{val['acc1']:.4f}",
-                   val_acc5=f"{val['acc5']:.4f}" if val["acc5"] is not None else None,
-                   train_time_s=f"{state.path_time:.3f}", curve_cost_s=f"{state.cost_time:.3f}",
-                   startup_s=f"{state.startup_time:.3f}",
-                   train_flops=f"{self.flops.of(self.flops.counts.path(done), a.batch_size):.10g}",
-                   curve_cost_flops=f"{self.flops.of(self.flops.counts.run(state.step), a.batch_size):.10g}",
-                   cycle=seg.branch if seg.kind == "branch" else plan.cycle_of_step(done - 1),
-                   cycle_end=int(curve_point or (done == plan.total_steps and plan.schedule != "wsd")),
-                   images_per_s=f"{state.images / max(state.row_time, 1e-9):.1f}", skipped_steps=state.skipped,
-                   eval_time_s=f"{time.perf_counter() - t_eval:.3f}",
-                   train_loss_epoch=f"{sums[2] / sums[3]:.6f}" if sums[3] else None)
-        if self.device.type == "cuda":
-            row["peak_mem_gb"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}"
-        if self.master:
-            self.log.append(row)
-            self.tracked.row(state.step, row)
-            tqdm.write(f"epoch {row['epoch']:>6} step {done:>6} cycle {row['cycle']:>2} lr {lr:.4f} | train loss "
-                       f"{row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
-                       f"{row['images_per_s']} img/s, {state.path_time:.1f}s"
-                       + (f", peak {row['peak_mem_gb']} GiB" if "peak_mem_gb" in row else "")
-                       + (" | curve point" if row["cycle_end"] else ""))
-        state.metrics_rows += 1
-        state.loss_sum, state.loss_steps, state.images, state.row_time = 0.0, 0, 0, 0.0
-        if not math.isfinite(val["loss"]):
-            fail(f"non-finite validation loss at step {done} (the row is logged, no checkpoint is written, the last "
-                 f"good one is kept); lower --lr or use --amp none", code=3)
 
-    def evaluate_point(self, done):
-        """Validation of the model at this point; schedule-free evaluates its averaged weights with BatchNorm
-        statistics recomputed on a few training batches, as its authors prescribe, then puts the training weights
-        and statistics back bit for bit (its own eval/train switch is not exact): evaluations leave no trace."""
-        if not self.sf:
-            with self.methods.eval_weights(self.raw_model):  # e.g. EMA's averaged weights, put back after
-                return evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(),
-                                self.autocast, self.methods, self.ddp)
-        with weights_kept(self.raw_model):
-            self.optimizer.eval()
-            recompute_bn(self.raw_model, self.loader, done, self.methods, self.autocast, self.ddp)
-            with self.methods.eval_weights(self.raw_model):
-                val = evaluate(self.raw_model, self.data, self.rank, self.world_size, self.micro_batch(),
-                               self.autocast, self.methods, self.ddp)
-            self.optimizer.train()
-        return val
-
-    def micro_batch(self):
-        return micro_batch_size(self.args, self.world_size)
-
-    # ---- checkpoints and wsd snapshots: one path state, saved and restored side by side ----------
-
-    def path_state(self, state):
-        """The current model's path: model (BN buffers too), optimizer, scaler, the methods' state (an EMA), RNG
-        and the open row's sums. A wsd branch point keeps a copy (the trunk); a checkpoint saves it, PER_RANK parts
-        gathered."""
-        return dict(model=self.raw_model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scaler=self.scaler.state_dict(), methods=self.methods.state_dict(), rng=rng_state(),
-                    **{k: getattr(state, k) for k in ROW_FIELDS})
-
-    def snapshot(self, state, loss_sum):
-        """The trunk at a branch point (a deep copy: the branch trains the live model on)."""
-        state.loss_sum = float(loss_sum)
-        return copy.deepcopy(self.path_state(state))
-
-    def restore_snapshot(self, state):
-        """Put the trunk back after its branch; returns its row's loss sum."""
-        t, state.trunk = state.trunk, None
-        for k, v in load_path(t, self.raw_model, self.optimizer, self.scaler, self.methods).items():
-            setattr(state, k, v)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr  # the snapshot's LR was the branch's first; the trunk continues on the schedule's
-        return state.loss_sum
-
-    def save(self, state):
-        """Checkpoint (rank 0 writes; every rank contributes its RNG and row sums: a collective)."""
-        path = self.path_state(state)
-        mine = {k: path.pop(k) for k in PER_RANK}
-        mine["trunk"] = state.trunk and {k: state.trunk[k] for k in PER_RANK}
-        ranks = gather(mine, self.ddp)
-        if not self.master:
-            return
-        path["train_time_s"] = path.pop("path_time")  # the checkpoint's name for it, as in metrics.csv
-        trunk = state.trunk and {k: v for k, v in state.trunk.items() if k not in PER_RANK}
-        save_checkpoint(self.setup.run_dir, dict(
-            path, scheduler=self.scheduler.state_dict() if self.scheduler is not None else None, step=state.step,
-            curve_cost_s=state.cost_time, startup_s=state.startup_time, metrics_rows=state.metrics_rows,
-            skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=result_options(self.args, self.setup)))
-
-
-# TrainState fields a path carries
-ROW_FIELDS = ("loss_sum", "loss_steps", "images", "row_time", "path_time", "loss_window")
-PER_RANK = ("rng", "loss_sum", "loss_steps", "loss_window")  # path parts that differ between DDP ranks
-ADDED_PER_RANK = {"loss_window": None}  # what checkpoints from before a per-rank part read as
-
-
-def load_path(path, raw_model, optimizer, scaler, methods):
-    """Put back what Run.path_state captured: model, optimizer, scaler, methods, RNG; returns its ROW_FIELDS."""
-    raw_model.load_state_dict(path["model"])
-    optimizer.load_state_dict(path["optimizer"])
-    scaler.load_state_dict(path["scaler"])
-    methods.load_state_dict(path.get("methods"))  # checkpoints before the method API: methods without state
-    restore_rng(path["rng"])
-    return {k: path[k] for k in ROW_FIELDS}
-
-
-def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank):
-    """Load what Run.save wrote; returns the TrainState to continue from."""
-    mine = dict(ADDED_PER_RANK, **(ckpt["ranks"][rank] if rank < len(ckpt["ranks"]) else ckpt["ranks"][0]))
-    path = dict(ckpt, path_time=ckpt["train_time_s"], **{k: mine[k] for k in PER_RANK})
-    row = load_path(path, raw_model, optimizer, scaler, methods)
-    if scheduler is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    trunk = None if ckpt["trunk"] is None else dict(ckpt["trunk"], **dict(ADDED_PER_RANK, **mine["trunk"]))
-    return TrainState(step=ckpt["step"], cost_time=ckpt["curve_cost_s"], startup_time=ckpt.get("startup_s", 0.0),
-                      metrics_rows=ckpt["metrics_rows"], skipped=ckpt["skipped_steps"], trunk=trunk, **row)
+def checkpoint_due(args, last_save, step, ddp, device):
+    """--checkpoint-every: rank 0's clock decides, every 25 steps under DDP so that ranks agree."""
+    if not args.checkpoint_every:
+        return False
+    if not ddp:
+        return time.monotonic() - last_save >= 60 * args.checkpoint_every
+    if step % 25:
+        return False
+    due = torch.tensor(float(time.monotonic() - last_save >= 60 * args.checkpoint_every), device=device)
+    dist.broadcast(due, 0)
+    return bool(due.item())
 
 
 class Clock:
@@ -726,164 +583,6 @@ def run_batches(loader, plan, run_step):
     DataLoader, prefetching across epochs and segments."""
     path = [p for seg in plan.segments() for p in range(seg.start, seg.end)][run_step:]
     return ((p, x, y) for p, (x, y) in zip(path, loader.steps(path)))
-
-
-def make_plan(args, setup, spe):
-    """The schedule in optimizer steps; fail() where it cannot be trained at this number of steps per epoch."""
-    plan = schedules.make_plan(args.schedule, setup.epochs, args.warmup_epochs, setup.family_t0, setup.family_t_mult,
-                               spe, args.cycle_decay, args.cooldown_frac, args.cooldown_shape)
-    if args.schedule == "schedule-free":
-        plan = replace(plan, warmup_steps=round(setup.sf_warmup_epochs * spe))
-    if args.schedule != "standard" and plan.t0_steps < 1:
-        fail(f"--t0 {args.t0:g} epochs is under one optimizer step ({spe} steps per epoch); raise --t0", options=True)
-    for seg in plan.segments():
-        if seg.kind == "branch" and (seg.end == seg.start or seg.start < plan.warmup_steps):
-            fail(f"--cooldown-frac {args.cooldown_frac:g}: the budget at {seg.end / spe:g} epochs ({seg.end} steps) is "
-                 f"too short for a cooldown after the warmup; raise --cooldown-frac or --t0, or lower --warmup-epochs",
-                 options=True)
-    return plan
-
-
-def build_training(model, args, setup, plan, methods, exclusions, device):
-    """(optimizer, scheduler, GradScaler, autocast) of a run: the optimizer wrapped by the methods, the schedule's
-    scheduler, the precision's scaler and autocast context (benchmarks.calibrate builds each study's this way)."""
-    optimizer = methods.wrap_optimizer(build_optimizer(model, args, setup, plan, exclusions), model)
-    scheduler = schedules.build_scheduler(optimizer, plan, args.eta_min)
-    scaler = torch.amp.GradScaler(device.type, enabled=setup.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.amp)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    return optimizer, scheduler, scaler, autocast
-
-
-@dataclass
-class Flops:
-    """A run's training FLOPs: per image at each size it trains at ({'28x28': FLOPs}), and its steps per size."""
-    per_image: dict
-    counts: costs.StepCounts
-
-    def of(self, counts, batch_size):
-        """FLOPs of the steps counted ({size: steps}), batch_size images each."""
-        return costs.priced(counts, self.per_image) * batch_size
-
-
-def count_flops(model, methods, autocast, data, plan, micro, spe):
-    """The run's Flops, off the clock: flops_per_image at each image size it trains at (the methods'
-    train_image_size over the plan), and its steps per size."""
-    sides = costs.step_sides(plan, methods, (data.image_size, data.image_size), spe)
-    per_image = flops_per_image(model, methods, autocast, data, micro, side_contexts(plan, sides, spe, data))
-    return Flops(per_image, costs.StepCounts(plan, sides, next(iter(per_image))))
-
-
-def side_contexts(plan, sides, spe, data):
-    """{size name: the Context of the first path step that trains at that size} (sides: costs.step_sides)."""
-    first = {costs.side_name((data.image_size, data.image_size)): 0} if sides is None else {}
-    for p, side in enumerate(sides or []):
-        first.setdefault(side, p)
-    return {side: costs.step_context(plan, p, spe, num_classes=data.num_classes) for side, p in first.items()}
-
-
-def flops_per_image(model, methods, autocast, data, micro, contexts):
-    """{size name: FLOPs of one training image}: torch's flop counter over one forward and backward pass of a blank
-    micro-batch of the data's shape through the methods' transform_batch (which resizes it at that Context) and
-    loss, undone (trial_pass), per image, times the passes a step makes (SAM: 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    out = {}
-    for side, ctx in sorted(contexts.items()):
-        x = torch.zeros(micro, data.in_chans, data.image_size, data.image_size, device=data.device)
-        y = torch.zeros(micro, dtype=torch.long, device=data.device)
-        with FlopCounterMode(display=False) as counter:
-            trial_pass(model, model, methods, autocast, x, y, ctx)
-        out[side] = counter.get_total_flops() * methods.passes / micro
-    return out
-
-
-def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=False):
-    """One training forward and backward pass of `model` (raw_model: under its DDP and compile wrappers) on the
-    micro-batch (x, y) through the methods' transform_batch and loss, undone: weights, BatchNorm statistics,
-    gradients, RNG and the methods' own state (state_dict: a plug-in counting its calls counts this one not) as
-    before."""
-    rng, kept = rng_state(), copy.deepcopy(methods.state_dict())
-    with weights_kept(raw_model):
-        model.train()
-        xm, ym = methods.transform_batch(x.clone(), y.clone(), ctx)  # a batch transform may change it in place
-        with (model.no_sync() if ddp else contextlib.nullcontext()), autocast:
-            loss = methods.loss(model(xm), ym, ctx)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        raw_model.zero_grad(set_to_none=True)
-    methods.load_state_dict(kept)
-    restore_rng(rng)
-
-
-def decay_exclusions(args, model):
-    """--decay-exclusions resolved: auto is on iff the model has no BatchNorm (ViTs, but also ConvNeXt or NFNets),
-    off for BatchNorm models, as every run before the flag."""
-    if args.decay_exclusions != "auto":
-        return args.decay_exclusions == "on"
-    return not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def build_optimizer(model, args, setup, plan, exclusions):
-    """timm's --opt. Weight decay is decoupled and scaled by the LR in all four (lamb told to decouple it), so
-    wd / peak lr makes --weight-decay the decay per step at the peak LR, wd x lr / peak lr at any other: a cyclic
-    and a standard run decay alike at the same LR (torch's AdamW weight_decay = --weight-decay / --lr). With
-    exclusions, biases, normalisation weights and the model's no_weight_decay() names are not decayed (timm's
-    param_groups_weight_decay). Schedule-free: SGDScheduleFree (weight decay its L2 term, unscaled, as the study
-    ran it) or AdamWScheduleFree (the convention above, at its own peak LR); their own warmup."""
-    from timm.optim import create_optimizer_v2, param_groups_weight_decay
-    betas = dict(betas=tuple(args.opt_betas)) if args.opt_betas else {}
-    betas.update(eps=args.opt_eps) if args.opt_eps else None
-    if args.schedule != "schedule-free":
-        extra = dict(momentum=args.momentum, nesterov=args.nesterov) if args.opt == "sgdw" else betas
-        if args.opt == "lamb":  # timm's Lamb clips gradients to 1.0, couples its decay to the trust ratio and takes
-            # the ratio only where decayed (plain Adam elsewhere) unless told: --clip-grad, one decay convention and
-            # the ratio on every parameter (options.LAMB_VERSION 2) instead
-            extra.update(max_grad_norm=None, decoupled_decay=True, always_adapt=True)
-        return create_optimizer_v2(model if exclusions else model.parameters(), opt=args.opt, lr=args.lr,
-                                   weight_decay=args.weight_decay / args.lr, filter_bias_and_bn=exclusions, **extra)
-    import schedulefree  # resolve() checked it is installed
-    no_decay = getattr(model, "no_weight_decay", set)()  # a ViT's position embedding, as the factory spares it
-    # AdamW decays by lr x wd per step: wd / its peak LR, as for every --opt; SGD's L2 term as the study ran it
-    wd = args.weight_decay / setup.sf_lr if args.opt == "adamw" else args.weight_decay
-    params = (param_groups_weight_decay(model, wd, no_weight_decay_list=no_decay) if exclusions
-              else model.parameters())
-    if args.opt == "adamw":
-        optimizer = schedulefree.AdamWScheduleFree(params, lr=setup.sf_lr, weight_decay=wd,
-                                                   warmup_steps=plan.warmup_steps, **betas)
-    else:
-        optimizer = schedulefree.SGDScheduleFree(params, lr=setup.sf_lr, momentum=args.momentum, weight_decay=wd,
-                                                 warmup_steps=plan.warmup_steps)
-    optimizer.train()
-    return optimizer
-
-
-def configure_device(device, deterministic=False):
-    """CUDA: TF32 matmuls and cudnn autotuning (fast, not bitwise reproducible), or with --deterministic neither,
-    deterministic cudnn and cuBLAS, and torch's deterministic algorithms (a warning names any op without one).
-    CPU: the threads this rank may use."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # either way: train.main may run again
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-    else:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, cores // local_world)
-        torch.set_num_threads(threads)  # ranks on one machine share its cores; OMP_NUM_THREADS overrides
-
-
-def init_distributed(device, rank, world_size):
-    """Process group from the torchrun environment, its keys prefixed by the restart count: torchrun's
-    agent store outlives a worker restart, and without the prefix restarted gloo workers read the dead
-    workers' addresses and fail to connect."""
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=rank == 0 and not agent_store)
-    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
-                            device_id=device if device.type == "cuda" else None)
 
 
 def train_step(model, optimizer, scaler, methods, autocast, x, y, grad_accum, ddp, ctx, check_finite=False,
@@ -939,6 +638,75 @@ def train_step(model, optimizer, scaler, methods, autocast, x, y, grad_accum, dd
     optimizer.zero_grad(set_to_none=True)
     methods.after_step(model if raw_model is None else raw_model, optimizer, ctx)
     return total
+
+
+# ---- evaluation and the metrics rows -----------------------------------------------------------
+
+class Evaluator:
+    """The run's evaluations: validation at a point of the run (schedule-free's averaged weights, a method's
+    evaluation weights), and the metrics row of what was trained since the last one, logged by rank 0."""
+
+    def __init__(self, run, log, flops):
+        self.run, self.log, self.flops = run, log, flops
+        self.curve_points = set(run.plan.cycle_end_steps())
+
+    def evaluate_and_log(self, state, seg, done, lr):
+        """Validate, append the metrics row (rank 0), reset the row's accumulators."""
+        r, t_eval = self.run, time.perf_counter()
+        a = r.args
+        window = [v for v in state.loss_window or () if math.isfinite(v)]
+        sums = torch.tensor([state.loss_sum, state.loss_steps, sum(window), len(window)], dtype=torch.float64,
+                            device=r.device)
+        if r.ddp:
+            dist.all_reduce(sums)
+        val = self.evaluate_point(done)
+        spe, plan = r.loader.steps_per_epoch, r.plan
+        curve_point = done in self.curve_points and (seg.kind == "branch" or plan.schedule != "wsd")
+        row = dict(epoch=f"{done / spe:.6g}", step=done, lr=f"{lr:.8g}",
+                   train_loss=f"{sums[0] / sums[1]:.6f}" if sums[1] else None,  # no mean over zero steps
+                   val_loss=f"{val['loss']:.6f}", val_acc1=f"{val['acc1']:.4f}",
+                   val_acc5=f"{val['acc5']:.4f}" if val["acc5"] is not None else None,
+                   train_time_s=f"{state.path_time:.3f}", curve_cost_s=f"{state.cost_time:.3f}",
+                   startup_s=f"{state.startup_time:.3f}",
+                   train_flops=f"{self.flops.of(self.flops.counts.path(done), a.batch_size):.10g}",
+                   curve_cost_flops=f"{self.flops.of(self.flops.counts.run(state.step), a.batch_size):.10g}",
+                   cycle=seg.branch if seg.kind == "branch" else plan.cycle_of_step(done - 1),
+                   cycle_end=int(curve_point or (done == plan.total_steps and plan.schedule != "wsd")),
+                   images_per_s=f"{state.images / max(state.row_time, 1e-9):.1f}", skipped_steps=state.skipped,
+                   eval_time_s=f"{time.perf_counter() - t_eval:.3f}",
+                   train_loss_epoch=f"{sums[2] / sums[3]:.6f}" if sums[3] else None)
+        if r.device.type == "cuda":
+            row["peak_mem_gb"] = f"{torch.cuda.max_memory_allocated(r.device) / 2**30:.2f}"
+        if r.master:
+            self.log.append(row)
+            r.tracked.row(state.step, row)
+            tqdm.write(f"epoch {row['epoch']:>6} step {done:>6} cycle {row['cycle']:>2} lr {lr:.4f} | train loss "
+                       f"{row['train_loss']} | val loss {row['val_loss']} acc1 {row['val_acc1']}% | "
+                       f"{row['images_per_s']} img/s, {state.path_time:.1f}s"
+                       + (f", peak {row['peak_mem_gb']} GiB" if "peak_mem_gb" in row else "")
+                       + (" | curve point" if row["cycle_end"] else ""))
+        state.metrics_rows += 1
+        state.loss_sum, state.loss_steps, state.images, state.row_time = 0.0, 0, 0, 0.0
+        if not math.isfinite(val["loss"]):
+            fail(f"non-finite validation loss at step {done} (the row is logged, no checkpoint is written, the last "
+                 f"good one is kept); lower --lr or use --amp none", code=3)
+
+    def evaluate_point(self, done):
+        """Validation of the model at this point; schedule-free evaluates its averaged weights with BatchNorm
+        statistics recomputed on a few training batches, as its authors prescribe, then puts the training weights
+        and statistics back bit for bit (its own eval/train switch is not exact): evaluations leave no trace."""
+        r = self.run
+        micro = micro_batch_size(r.args, r.world_size)
+        if not r.sf:
+            with r.methods.eval_weights(r.raw_model):  # e.g. EMA's averaged weights, put back after
+                return evaluate(r.raw_model, r.data, r.rank, r.world_size, micro, r.autocast, r.methods, r.ddp)
+        with weights_kept(r.raw_model):
+            r.optimizer.eval()
+            recompute_bn(r.raw_model, r.loader, done, r.methods, r.autocast, r.ddp)
+            with r.methods.eval_weights(r.raw_model):
+                val = evaluate(r.raw_model, r.data, r.rank, r.world_size, micro, r.autocast, r.methods, r.ddp)
+            r.optimizer.train()
+        return val
 
 
 @torch.no_grad()
@@ -1012,19 +780,81 @@ def gather(obj, ddp):
     return out
 
 
-def rng_state():
-    np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                numpy=torch.from_numpy(np_state[1].astype(np.int64)), numpy_pos=int(np_state[2]),
-                python=list(random.getstate()[1]))
+# ---- checkpoints and wsd snapshots: one path state, saved and restored side by side ----------
+
+class Checkpoints:
+    """The current model's path state: copied at a wsd branch point (the trunk) and put back after the branch,
+    saved as a checkpoint after evaluations, restored by restore_checkpoint."""
+
+    def __init__(self, run):
+        self.raw_model, self.optimizer, self.scheduler, self.scaler, self.methods = (
+            run.raw_model, run.optimizer, run.scheduler, run.scaler, run.methods)
+        self.args, self.setup, self.ddp, self.master = run.args, run.setup, run.ddp, run.master
+
+    def path_state(self, state):
+        """The current model's path: model (BN buffers too), optimizer, scaler, the methods' state (an EMA), RNG
+        and the open row's sums. A wsd branch point keeps a copy (the trunk); a checkpoint saves it, PER_RANK parts
+        gathered."""
+        return dict(model=self.raw_model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict(), methods=self.methods.state_dict(), rng=rng_state(),
+                    **{k: getattr(state, k) for k in ROW_FIELDS})
+
+    def snapshot(self, state, loss_sum):
+        """The trunk at a branch point (a deep copy: the branch trains the live model on)."""
+        state.loss_sum = float(loss_sum)
+        return copy.deepcopy(self.path_state(state))
+
+    def restore_snapshot(self, state):
+        """Put the trunk back after its branch; returns its row's loss sum."""
+        t, state.trunk = state.trunk, None
+        for k, v in load_path(t, self.raw_model, self.optimizer, self.scaler, self.methods).items():
+            setattr(state, k, v)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the snapshot's LR was the branch's first; the trunk continues on the schedule's
+        return state.loss_sum
+
+    def save(self, state):
+        """Checkpoint (rank 0 writes; every rank contributes its RNG and row sums: a collective)."""
+        path = self.path_state(state)
+        mine = {k: path.pop(k) for k in PER_RANK}
+        mine["trunk"] = state.trunk and {k: state.trunk[k] for k in PER_RANK}
+        ranks = gather(mine, self.ddp)
+        if not self.master:
+            return
+        path["train_time_s"] = path.pop("path_time")  # the checkpoint's name for it, as in metrics.csv
+        trunk = state.trunk and {k: v for k, v in state.trunk.items() if k not in PER_RANK}
+        save_checkpoint(self.setup.run_dir, dict(
+            path, scheduler=self.scheduler.state_dict() if self.scheduler is not None else None, step=state.step,
+            curve_cost_s=state.cost_time, startup_s=state.startup_time, metrics_rows=state.metrics_rows,
+            skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=result_options(self.args, self.setup)))
 
 
-def restore_rng(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
-    random.setstate((3, tuple(state["python"]), None))
+# TrainState fields a path carries
+ROW_FIELDS = ("loss_sum", "loss_steps", "images", "row_time", "path_time", "loss_window")
+PER_RANK = ("rng", "loss_sum", "loss_steps", "loss_window")  # path parts that differ between DDP ranks
+ADDED_PER_RANK = {"loss_window": None}  # what checkpoints from before a per-rank part read as
+
+
+def load_path(path, raw_model, optimizer, scaler, methods):
+    """Put back what Checkpoints.path_state captured: model, optimizer, scaler, methods, RNG; returns its ROW_FIELDS."""
+    raw_model.load_state_dict(path["model"])
+    optimizer.load_state_dict(path["optimizer"])
+    scaler.load_state_dict(path["scaler"])
+    methods.load_state_dict(path.get("methods"))  # checkpoints before the method API: methods without state
+    restore_rng(path["rng"])
+    return {k: path[k] for k in ROW_FIELDS}
+
+
+def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank):
+    """Load what Checkpoints.save wrote; returns the TrainState to continue from."""
+    mine = dict(ADDED_PER_RANK, **(ckpt["ranks"][rank] if rank < len(ckpt["ranks"]) else ckpt["ranks"][0]))
+    path = dict(ckpt, path_time=ckpt["train_time_s"], **{k: mine[k] for k in PER_RANK})
+    row = load_path(path, raw_model, optimizer, scaler, methods)
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    trunk = None if ckpt["trunk"] is None else dict(ckpt["trunk"], **dict(ADDED_PER_RANK, **mine["trunk"]))
+    return TrainState(step=ckpt["step"], cost_time=ckpt["curve_cost_s"], startup_time=ckpt.get("startup_s", 0.0),
+                      metrics_rows=ckpt["metrics_rows"], skipped=ckpt["skipped_steps"], trunk=trunk, **row)
 
 
 if __name__ == "__main__":

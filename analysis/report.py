@@ -21,9 +21,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 import schedules  # noqa: E402
 from analysis import axes, stats  # noqa: E402
 from analysis.compare import (add_common_args, analyse, axis_lines, ci_text, fmt, group_line,  # noqa: E402
-                              hardware_lines, improvement_series, left_out_lines, nonnegative, speed_lines,
-                              write_tables)
+                              hardware_lines, left_out_lines, speed_lines, write_tables)
 from analysis.runs import MATCH_TOLERANCE, SCHEDULE_KEYS, RunError, order_methods, read_run  # noqa: E402
+from analysis.tables import improvement_series, nonnegative  # noqa: E402
 
 STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"),
          "constant": dict(ls=":", marker="^"), "cyclic-decay": dict(ls="-.", marker="D"),

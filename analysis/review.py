@@ -25,8 +25,10 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from analysis import compare, fit, stats
+from analysis import fit, stats
 from analysis.runs import curve_point, match, order_methods, restrict
+from analysis.tables import (REVIEW_COLUMNS, compare_one, group_tables, nonnegative, on_shared_seeds,
+                             standard_difference, tag)
 
 CALIBRATED = "baseline-calibrated"
 DETECT = 0.3  # pp: the smallest difference of interest the paper reads
@@ -41,11 +43,11 @@ def extend(tables, group, cmap, min_epochs, x, detect=DETECT):
     group) and add the group's rows of estimators.csv (the calibrated estimator), estimator_pairs.csv, tests.csv and
     power.csv."""
     full = {**cmap, **calibrated_curves(cmap, min_epochs)}
-    tables["estimators.csv"][1].extend(compare.tag(group, calibrated_rows(full, min_epochs, x)))
+    tables["estimators.csv"][1].extend(tag(group, calibrated_rows(full, min_epochs, x)))
     own = {name: [r for r in rows if r["group"] == group] for name, (_, rows) in tables.items()}
-    own["estimator_pairs.csv"] = compare.tag(group, pair_rows(uncalibrated(own["estimators.csv"])))
+    own["estimator_pairs.csv"] = tag(group, pair_rows(uncalibrated(own["estimators.csv"])))
     tables["estimator_pairs.csv"][1].extend(own["estimator_pairs.csv"])
-    for name, extra in compare.REVIEW_COLUMNS.items():
+    for name, extra in REVIEW_COLUMNS.items():
         for r in own[name]:
             r.update({c: None for c in extra if c not in r})
     for r in own["estimators.csv"]:
@@ -53,11 +55,11 @@ def extend(tables, group, cmap, min_epochs, x, detect=DETECT):
          r["time_ratio_paired_seeds"], why) = paired_cost_ratio(full, r["methods"], r["estimator"], min_epochs)
         add_note(r, why and r["time_ratio"] is not None and f"paired cost ratio: {why}")
     tests = families(own, cmap, min_epochs, x)
-    tables["tests.csv"][1].extend(compare.tag(group, tests))
+    tables["tests.csv"][1].extend(tag(group, tests))
     for r in own["ranking.csv"]:
         tau_ci(r)
     fit_freedom(own["fits.csv"])
-    tables["power.csv"][1].extend(compare.tag(group, power_rows(tests, detect)))
+    tables["power.csv"][1].extend(tag(group, power_rows(tests, detect)))
 
 
 def add_note(row, text, key="stats_note"):
@@ -103,7 +105,7 @@ def calibrated_rows(full, min_epochs=0.0, x="time"):
     keys = [k for k in full if k[1] == CALIBRATED]
     rows = []
     for m in order_methods(m for m, _ in keys):
-        r = compare.compare_one(full, m, CALIBRATED, min_epochs, x)
+        r = compare_one(full, m, CALIBRATED, min_epochs, x)
         r["_points"] = []  # its per-budget gaps are the differences against the baseline's: fig9 draws runs' curves
         for c in r:
             if c.endswith(("_lo", "_hi", "resolved")) or c.startswith("delta_gap"):
@@ -123,7 +125,7 @@ def paired_cost_ratio(cmap, m, estimator, min_epochs=0.0):
     pairs = match(cmap.get((m, estimator), []), cmap.get((m, "standard"), []), min_epochs)
     if not pairs:
         return None, None, None, None, "no matched budgets"
-    pairs, _ = compare.on_shared_seeds(pairs)
+    pairs, _ = on_shared_seeds(pairs)
     cost = dict(max(pairs, key=lambda p: p[0].epochs)[0].samples("cost"))
     times = [dict(s.samples("time")) for _, s in pairs]
     total = {seed: sum(t[seed] for t in times) for seed in cost if all(seed in t for t in times)}
@@ -139,7 +141,7 @@ def paired_cost_ratio(cmap, m, estimator, min_epochs=0.0):
         resampled = boot.b[:, 0] / boot.a[:, 0]
     ratio = sum(total.values()) / denominator
     lo, hi = stats.interval(resampled, len(seeds), ratio)
-    return ratio, compare.nonnegative(lo), hi, len(seeds), None
+    return ratio, nonnegative(lo), hi, len(seeds), None
 
 
 # ---- families: p-values, Holm, leave one seed out ------------------------------------------------------------
@@ -170,7 +172,7 @@ def test_values(tables, swaps=None):
         points = dict(zip(r["_names"], r["_std_points"]))
         for fam, (budget, a, b) in swaps:
             if fam == family and budget == r["budget"] and a in points and b in points:
-                d, lo, hi, n, _ = compare.standard_difference(points[a], points[b])
+                d, lo, hi, n, _ = standard_difference(points[a], points[b])
                 if d is not None:
                     out[(family, (budget, a, b))] = (d, lo, hi, n)
     return out
@@ -198,7 +200,7 @@ def without_seed(cmap, seed):
 
 def test_rows(cmap, min_epochs, x):
     """The rows test_values reads, for a curve map, as analyse_runs computes them (the calibrated estimator too)."""
-    rows = compare.group_tables(cmap, min_epochs, x)
+    rows = group_tables(cmap, min_epochs, x)
     rows["estimators.csv"] += calibrated_rows({**cmap, **calibrated_curves(cmap, min_epochs)}, min_epochs, x)
     rows["estimator_pairs.csv"] = pair_rows(uncalibrated(rows["estimators.csv"]))
     return rows

@@ -12,7 +12,7 @@ are train.py's own (train.Run.step, with the loader's augmented batches), at eac
 --rounds rounds, each timing synchronised on the device: --steps steps per size (after one untimed step, and
 --warmup-steps untimed ones before the first round) and one evaluation pass (train.py's, over this device's share
 of the validation set). Each cost is the median over rounds with a distribution-free interval
-(analysis.stats.median_ci). The FLOPs of a training image at each size are counted too (train.flops_per_image),
+(analysis.stats.median_ci). The FLOPs of a training image at each size are counted too (flops.flops_per_image),
 for runs made before train.py recorded them.
 Nothing is written unless every configuration was measured; a configuration that cannot be rebuilt here stops the
 calibration with train.py's one line about it.
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 import costs
+import flops
 import options
 import train
 from analysis.runs import RunError, find_run_dirs, read_config, warn
 from analysis.stats import median_ci
-from data import build_data
 from rundir import atomic_write
 from trackers import Trackers
 
@@ -111,11 +111,11 @@ def build(cfg, device, data_cache, data_dir):
         except (KeyError, TypeError, ValueError):
             continue
         sides = costs.step_sides(their, methods, size, spe)
-        for side, ctx in train.side_contexts(their, sides, spe, data).items():
+        for side, ctx in flops.side_contexts(their, sides, spe, data).items():
             contexts.setdefault(side, ctx)
-    contexts = contexts or train.side_contexts(plan, costs.step_sides(plan, methods, size, spe), spe, data)
+    contexts = contexts or flops.side_contexts(plan, costs.step_sides(plan, methods, size, spe), spe, data)
     micro = options.micro_batch_size(args, world_size)
-    cfg.flops = train.flops_per_image(model, methods, autocast, data, micro, contexts)
+    cfg.flops = flops.flops_per_image(model, methods, autocast, data, micro, contexts)
     cfg.contexts, cfg.shape = contexts, (data.in_chans, data.image_size, data.image_size)
     cfg.run = train.Run(args, setup, plan, data, loader, model, model, optimizer, scheduler, scaler, methods, autocast,
                         0, world_size, False, device, None, Trackers([], None, None), None)
@@ -149,10 +149,10 @@ def time_steps(cfg, side, n, device, untimed=1):
 
 
 def time_eval(cfg, device):
-    """Seconds of one evaluation pass (train.Run.evaluate_point: schedule-free's BatchNorm recomputation too)."""
+    """Seconds of one evaluation pass (train.Evaluator.evaluate_point: schedule-free's BatchNorm recomputation too)."""
     sync(device)
     started = time.perf_counter()
-    cfg.run.evaluate_point(cfg.run.loader.steps_per_epoch)
+    cfg.run.evaluator.evaluate_point(cfg.run.loader.steps_per_epoch)
     sync(device)
     return time.perf_counter() - started
 
@@ -182,6 +182,23 @@ def refuse(message):
     sys.exit(2)
 
 
+def device_of(name):
+    """The device --device names (default: the GPU where there is one), made current; refuse()s one that is not a
+    device, not one train.py trains on, or a GPU this machine lacks."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        refuse(f"--device {name}: not a device; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        refuse(f"--device {name}: train.py trains on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            refuse("--device cuda: no CUDA device here; use --device cpu")
+        device = torch.device("cuda", device.index or 0)
+        torch.cuda.set_device(device)
+    return device
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs_dir", help="a folder of runs (a study): every configuration below it is calibrated")
@@ -199,17 +216,7 @@ def main(argv=None):
     out = a.out or os.path.join(a.runs_dir, "calibration.json")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         refuse(f"--out {out}: no such folder")
-    try:
-        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        refuse(f"--device {a.device}: not a device; use cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        refuse(f"--device {a.device}: train.py trains on cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            refuse("--device cuda: no CUDA device here; use --device cpu")
-        device = torch.device("cuda", device.index or 0)
-        torch.cuda.set_device(device)
+    device = device_of(a.device)
     configs = list(scan(a.runs_dir).values())
     if not configs:
         refuse(f"no runs (config.json) below {a.runs_dir}")

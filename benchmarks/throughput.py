@@ -33,7 +33,9 @@ import time
 import torch
 
 import methods as method_registry
+import optim
 import options
+import precision
 import train
 from analysis.stats import median_ci
 from data import FASHION_MNIST_SYSTEM_DIR, STATS, build_data
@@ -45,11 +47,9 @@ def make_step(model, methods, amp, device, optimizer_flags, steps):
     """One training step of train.py (its optimizer from train.py's own flags: --opt, --lr, --weight-decay), with
     the methods' hooks; the budget's progress goes round once every `steps` calls."""
     flags = options.parse_args(optimizer_flags)
-    opt = methods.wrap_optimizer(train.build_optimizer(model, flags, None, None, train.decay_exclusions(flags, model)),
+    opt = methods.wrap_optimizer(optim.build_optimizer(model, flags, None, None, optim.decay_exclusions(flags, model)),
                                  model)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    scaler, autocast = precision.amp_context(amp, device)
     calls = iter(range(10 ** 12))
 
     def step(x, y):
@@ -147,7 +147,7 @@ def main(argv=None):
         train.configure_device(device)
     amp = a.amp
     if amp == "auto":
-        amp = options.auto_precision(device)
+        amp = precision.auto_precision(device)
     if amp == "fp16" and device.type == "cpu":
         p.error("--amp fp16 needs a CUDA device")
     torch.manual_seed(0)

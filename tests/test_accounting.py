@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import options
+import precision
 import schedules
 from conftest import TINY, run_train
 
@@ -41,7 +42,7 @@ def cpu_has_native_bf16():
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "auto"])
 def test_the_recorded_precision_is_the_one_the_model_computes_in(in_process, tmp_path, amp, monkeypatch):
-    monkeypatch.setattr(in_process, "measure_precision", lambda *a: ("bf16", {}))  # what auto measures: below
+    monkeypatch.setattr(precision, "measure_precision", lambda *a: ("bf16", {}))  # what auto measures: below
     monkeypatch.setattr(in_process, "check_model_runs", lambda *a: None)  # its fp32 trial pass trains nothing
     seen = set()
 
@@ -68,14 +69,14 @@ def test_amp_auto_on_a_cpu_takes_the_precision_measured_faster_and_leaves_no_tra
                                                                                  monkeypatch, faster):
     """The measurement runs real steps (the timing stubbed: the calls alternate fp32, bf16); the run records the
     faster and both figures, and trains exactly as a run asked for that precision."""
-    monkeypatch.setattr(in_process, "cpu_has_native_bf16", lambda: True)
-    real, calls = in_process.images_per_second, []
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    real, calls = precision.images_per_second, []
 
     def timed(step, batch, steps):
         real(step, batch, 1)
         calls.append(1)
         return 100.0 if ("none", "bf16")[(len(calls) - 1) % 2] == faster else 50.0
-    monkeypatch.setattr(in_process, "images_per_second", timed)
+    monkeypatch.setattr(precision, "images_per_second", timed)
     args = TINY + ["--eval-every", "1", "--cycles", "1"]
     in_process.main(args + ["--run-dir", str(tmp_path / "auto"), "--amp", "auto"])
     cfg = json.load(open(tmp_path / "auto" / "config.json"))
@@ -95,17 +96,18 @@ def test_amp_auto_takes_bf16_only_where_it_trains_at_least_the_margin_faster(in_
 
     from methods import MethodList
     from models import build_model
-    assert in_process.AMP_MARGIN == 1.1
+    assert precision.AMP_MARGIN == 1.1
     calls = []
 
     def timed(step, batch, steps):
         calls.append(1)
         return (100.0, bf16)[(len(calls) - 1) % 2]  # the rounds alternate fp32, bf16
-    monkeypatch.setattr(in_process, "images_per_second", timed)
+    monkeypatch.setattr(precision, "images_per_second", timed)
     x, y = torch.randn(8, 1, 28, 28), torch.arange(8)
     loader = SimpleNamespace(epoch=lambda epoch, rank: iter([(x, y)]))
-    amp, figures = in_process.measure_precision(build_model("small_resnet", 10, 1), loader, MethodList([]),
-                                                SimpleNamespace(batch_size=8, grad_accum=1, seed=0))
+    amp, figures = precision.measure_precision(build_model("small_resnet", 10, 1), loader, MethodList([]),
+                                               SimpleNamespace(batch_size=8, grad_accum=1, seed=0),
+                                               in_process.train_step)
     assert amp == expected and figures == {"none": 100.0, "bf16": bf16} and len(calls) == 4
 
 
@@ -129,7 +131,7 @@ def driven(train, monkeypatch):
     monkeypatch.setattr(train, "time", clock)
     for owner, name, cost in ((train, "train_step", 1.0), (train, "evaluate", 100.0),
                               (train, "save_checkpoint", 1000.0), (train, "recompute_bn", 10000.0),
-                              (train.Run, "snapshot", 1e5), (train.Run, "restore_snapshot", 1e6),
+                              (train.Checkpoints, "snapshot", 1e5), (train.Checkpoints, "restore_snapshot", 1e6),
                               (train.Run, "warm_up", 1e7)):
         def timed(*args, _real=getattr(owner, name), _cost=cost, **kwargs):
             clock.now += _cost

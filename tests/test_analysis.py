@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from analysis import compare, report, runs
+from analysis.tables import compare_one
 
 COLS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s", "cycle", "cycle_end"]
 
@@ -363,7 +364,7 @@ def test_improvement_figure_data_has_the_sign_of_method_minus_baseline(sweep):
     assert budgets == [2, 4, 8] and diffs == pytest.approx([1, 2, 3])  # mixup 81/87/93 (2 seeds) vs 80/85/90
     assert lo == [None] * 3  # the baseline has one seed
     assert data[("mixup", "cyclic")][1] == pytest.approx([1, 2, 2])
-    gap = report.gap_plot_data([compare.compare_one(cmap, "mixup", "cyclic")])
+    gap = report.gap_plot_data([compare_one(cmap, "mixup", "cyclic")])
     assert gap[("mixup", "cyclic")][1] == pytest.approx([80 - 81, 88 - 87, 91 - 93])
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import costs
-import train
 from analysis import axes
 from analysis.runs import read_run
 from analysis.stats import median_ci
 from conftest import ROOT, TINY
+from flops import count_flops, flops_per_image
 from methods import MethodList, ProgressiveResizing
 from methods.sam import SAM
 from test_accounting import driven, in_process  # noqa: F401 (a fixture)
@@ -42,11 +42,11 @@ def test_flops_per_image_are_the_analytic_forward_and_backward_count():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 10))
     conv, linear = 2 * 4 * 8 * 8 * 1 * 9, 2 * 256 * 10
     ctx = costs.step_context(SimpleNamespace(total_steps=10, budget_progress=lambda p: 0.0), 0, 10)
-    per_image = train.flops_per_image(model, MethodList([]), torch.autocast("cpu", enabled=False), blank_data(), 4,
-                                      {"8x8": ctx})
-    assert per_image == {"8x8": 2 * conv + 3 * linear}
-    sam = train.flops_per_image(model, MethodList([SAM()]), torch.autocast("cpu", enabled=False), blank_data(), 4,
+    per_image = flops_per_image(model, MethodList([]), torch.autocast("cpu", enabled=False), blank_data(), 4,
                                 {"8x8": ctx})
+    assert per_image == {"8x8": 2 * conv + 3 * linear}
+    sam = flops_per_image(model, MethodList([SAM()]), torch.autocast("cpu", enabled=False), blank_data(), 4,
+                          {"8x8": ctx})
     assert sam == {"8x8": 2 * (2 * conv + 3 * linear)}  # SAM's second forward and backward
 
 
@@ -59,8 +59,7 @@ def test_progressive_resizing_counts_each_size_of_its_schedule():
     model = build_model("small_resnet", 10, 3)
     plan = schedules.make_plan("cyclic", 4, 1, 1, 2, 8)
     pr = ProgressiveResizing()
-    flops = train.count_flops(model, MethodList([pr]), torch.autocast("cpu", enabled=False), blank_data(32, 3), plan,
-                              4, 8)
+    flops = count_flops(model, MethodList([pr]), torch.autocast("cpu", enabled=False), blank_data(32, 3), plan, 4, 8)
     expected_sides = {f"{s}x{s}" for s in (pr.size(32, plan.budget_progress(p)) for p in range(plan.total_steps))}
     assert set(flops.per_image) == expected_sides and len(expected_sides) >= 3
     for side in expected_sides:
