@@ -6,6 +6,7 @@ Writes every table of analysis.compare, each figure as PNG and PDF, and DIR/repo
 form several groups (they differ in a result-defining option), each group gets its own figures, named with _gN.
 """
 import argparse
+import math
 import os
 import sys
 from dataclasses import replace
@@ -610,14 +611,24 @@ def axis_time_section(gaps, x, calibration):
             "cyclic run's at the largest matched budget. Ratio: standard / cyclic, its 95 % CI paired by seed (each "
             "seed's standard runs with its own cyclic run" + (", and one calibration round for all: the rounds were "
             "interleaved" if x == "calibrated" else "") + "); the measured time's ratio and CI beside it (the two "
-            "sides resampled independently). Eq. 1: the epoch ratio the paper predicts for those budgets.", "",
+            "sides resampled independently). Eq. 1: the epoch ratio the paper predicts for those budgets. "
+            "'exact': the two curves share one configuration, so the ratio is that of their optimizer steps (or "
+            "FLOPs) in every round and seed, and its interval has no width by construction.", "",
             md_table(["methods", f"standard ({axes.unit(x)})", f"cyclic ({axes.unit(x)})", "ratio [95 % CI, paired]",
                       "seeds", "measured ratio [95 % CI]", "Eq. 1"],
                      [[g["methods"], f"{g[standard]:{spec}}", f"{g[cyclic]:{spec}}",
-                       f"{g[ratio]:.3f} {ci_text(g[f'{ratio}_lo'], g[f'{ratio}_hi'], '.3f')}", fmt(g[f"{ratio}_seeds"]),
+                       axis_ratio_cell(g[ratio], g[f"{ratio}_lo"], g[f"{ratio}_hi"]), fmt(g[f"{ratio}_seeds"]),
                        "" if g["time_ratio"] is None else
                        f"{g['time_ratio']:.2f} {ci_text(g['time_ratio_lo'], g['time_ratio_hi'], '.2f')}",
                        f"{g['eq1_ratio']:.2f}"] for g in timed]), ""]
+
+
+def axis_ratio_cell(ratio, lo, hi):
+    """A cost ratio on the calibrated or FLOPs axis: 'exact' where its interval has no width (one configuration on
+    both sides: every resample prices the same steps at the same step cost)."""
+    if lo is not None and hi is not None and math.isclose(lo, hi, rel_tol=1e-9):
+        return f"{ratio:.3f} (exact)"
+    return f"{ratio:.3f} {ci_text(lo, hi, '.3f')}"
 
 
 def method_cost_section(rows, x, calibration):

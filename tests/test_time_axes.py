@@ -221,6 +221,22 @@ def test_a_calibration_from_another_device_is_used_and_says_so(tmp_path):
     assert "calibrated_ratio_lo" in gaps[0] and "standard_time_s" in gaps[0]
 
 
+def test_calibration_check_sets_each_runs_calibrated_time_beside_its_measured_one(tmp_path):
+    """A step cost of measured / steps predicts the run exactly (ratio 1); twice that, 2; no calibration: one line."""
+    study, config = old_study(tmp_path)
+    measured = float(rows(study / "run")[-1]["train_time_s"])
+    check = [sys.executable, "-m", "benchmarks.calibration_check", str(study)]
+    p = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "calibration.json" in p.stderr.strip().splitlines()[-1], p.stderr
+    for scale in (1, 2):
+        (study / "calibration.json").write_text(json.dumps(calibration_of(config, step_s=scale * measured / 234)))
+        p = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        line = p.stdout.splitlines()[1]  # under the header: the one run
+        assert float(line.split()[-1]) == pytest.approx(scale, abs=1e-3), p.stdout
+        assert f"median {scale:.3f}" in p.stdout and f"{2 - scale} of 1 within 5 %" in p.stdout
+
+
 def test_the_default_axis_writes_no_new_columns(tmp_path):
     study, _ = old_study(tmp_path)
     p = analyse(study, tmp_path / "out")
