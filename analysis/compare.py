@@ -466,10 +466,10 @@ def method_cost_rows(runs, x):
         rows.append(dict(methods=m, per_image=sum(row["axis_cost"] for row in last) / images, runs=len(mine),
                          unit=axes.unit(x)))
     base = next((r for r in rows if r["methods"] == "baseline"), None)
-    for row in rows if base else ():
-        _, lo, hi, coverage = stats.median_ci([a / b for a, b in zip(per_round[row["methods"]],
-                                                                     per_round["baseline"])])
-        row.update(relative=row["per_image"] / base["per_image"], relative_lo=lo, relative_hi=hi, coverage=coverage)
+    for row in rows if base else ():  # the point is the median of the rounds' ratios: the centre of its interval
+        median, lo, hi, coverage = stats.median_ci([a / b for a, b in zip(per_round[row["methods"]],
+                                                                          per_round["baseline"])])
+        row.update(relative=median, relative_lo=lo, relative_hi=hi, coverage=coverage)
     return [{c: r.get(c) for c in METHOD_COST_COLUMNS} for r in rows]
 
 

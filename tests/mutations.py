@@ -339,6 +339,9 @@ MUTATIONS = [
     ("the baseline-calibrated estimator given intervals that take its shift as known", "analysis/review.py",
      'if c.endswith(("_lo", "_hi", "resolved")) or c.startswith("delta_gap"):', "if False:",
      "tests/test_time_axes.py::test_a_study_with_the_baselines_two_curves_reads_on_the_new_axes"),
+    ("a method's relative cost as the ratio of medians, outside its interval", "analysis/compare.py",
+     "row.update(relative=median,", 'row.update(relative=row["per_image"] / base["per_image"],',
+     "tests/test_time_axes.py::test_a_methods_cost_relative_to_the_baseline_is_the_centre_of_its_interval"),
 ]
 
 

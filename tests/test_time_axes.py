@@ -237,6 +237,30 @@ def test_calibration_check_sets_each_runs_calibrated_time_beside_its_measured_on
         assert f"median {scale:.3f}" in p.stdout and f"{2 - scale} of 1 within 5 %" in p.stdout
 
 
+def test_a_methods_cost_relative_to_the_baseline_is_the_centre_of_its_interval(tmp_path):
+    """method_costs.csv: `relative` is the median of the rounds' ratios, inside its interval (a ratio of the two
+    medians may fall outside it: rounds 3 2 3 over 1 2 3 give 1.5 that way, 1 this way)."""
+    study, config = old_study(tmp_path)
+    shutil.copytree(study / "run", study / "ls")
+    ls = dict(config, methods=["label_smoothing"], label_smoothing=0.1)  # (an old run: its option in a key)
+    (study / "ls" / "config.json").write_text(json.dumps(ls))
+
+    def entry(cfg, rounds):
+        return dict(calibration_of(cfg, step_s=float(sorted(rounds)[1]))["configs"][0],
+                    sides={"28x28": dict(step_s=float(sorted(rounds)[1]), rounds=rounds, train_flops_per_image=5e7)})
+    calibration = calibration_of(config, rounds=3)
+    calibration["configs"] = [entry(config, [1.0, 2.0, 3.0]), entry(ls, [3.0, 2.0, 3.0])]  # ratios 3, 1, 1
+    (study / "calibration.json").write_text(json.dumps(calibration))
+    p = analyse(study, tmp_path / "out", "--x", "calibrated")
+    assert p.returncode == 0, p.stderr
+    costs_csv = {r["methods"]: r for r in csv.DictReader(open(tmp_path / "out" / "method_costs.csv"))}
+    assert set(costs_csv) == {"baseline", "label_smoothing"}, costs_csv
+    row = costs_csv["label_smoothing"]
+    assert float(row["relative"]) == pytest.approx(1.0) and float(row["per_image"]) == pytest.approx(
+        3.0 / 256) and float(costs_csv["baseline"]["per_image"]) == pytest.approx(2.0 / 256)
+    assert float(row["relative_lo"]) <= float(row["relative"]) <= float(row["relative_hi"])
+
+
 def test_the_default_axis_writes_no_new_columns(tmp_path):
     study, _ = old_study(tmp_path)
     p = analyse(study, tmp_path / "out")
