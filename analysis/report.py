@@ -694,8 +694,9 @@ def power_section(rows):
     detect = shown[0]["detect_pp"]
     return ["## Seeds to plan", "",
             "From each comparison's spread over seeds (its CI's standard error x sqrt(seeds)): the smallest true "
-            "difference its seeds resolve with a 95 % CI 80 % of the time, (t(0.975, n-1) + t(0.8, n-1)) x sd / "
-            f"sqrt(n), and the seeds a true difference of {detect:g} pp needs (`--detect`; per side where the "
+            "difference its seeds resolve with a 95 % CI 80 % of the time (exact: the noncentral t with n-1 degrees "
+            "of freedom; the textbook (t(0.975) + t(0.8)) x sd / sqrt(n) gives 73-79 % at 2-6 seeds), and the seeds "
+            f"a true difference of {detect:g} pp needs (`--detect`; per side where the "
             "comparison is unpaired). The estimators' improvements: power.csv. To plan a study, run 2 seeds first "
             "(`./launch.sh sweep ... --seeds \"0 1\"`; it has no `--pilot-seeds` mode) and read this table.", "",
             md_table(["comparison", "methods", "curve", "budget", "estimate [95 % CI]", "seeds", "sd per seed",

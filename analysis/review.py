@@ -8,7 +8,7 @@
   behind a test, `robust`: its verdict is the same whichever one seed is left out of the whole group (every
   statistic recomputed without it), unadjusted and under Holm over the same family.
 - Seeds to plan (power.csv): per comparison, from its CI's per-seed spread, the smallest true difference its seeds
-  resolve (95 % CI, 80 % power; the textbook (t(0.975) + t(0.8)) x sd / sqrt(n)) and the seeds --detect pp needs.
+  resolve (95 % CI, 80 % power, exact: the noncentral t, stats.power_of) and the seeds --detect pp needs.
 - The baseline-calibrated estimator (estimators.csv rows, estimator CALIBRATED): each set's cyclic curve shifted, at
   each budget, by the baseline's standard - cyclic difference of the seed-averaged curves, so that the baseline's own
   cyclic bias cancels. Its cost, every set's cyclic run plus the baseline's standard curve, is split evenly over the

@@ -105,21 +105,35 @@ def test_the_calibrated_estimator_is_exact_where_every_set_shares_the_baselines_
     assert "1/3 of the baseline's standard curve" in cal["note"]
 
 
-def test_the_minimum_detectable_effect_and_seeds_needed_follow_the_textbook_formula(tmp_path):
+def test_power_is_the_noncentral_t_the_textbook_value_and_a_monte_carlo():
+    """A paired t test over 5 seeds, a true difference of 1.5 standard deviations, two-sided 5 %: power 0.7107 (the
+    noncentral t; e.g. G*Power); d = 1 over 10 seeds: 0.803 (Cohen's table: 0.80). The textbook shortcut
+    (t(0.975) + t(0.8)) x sd / sqrt(n) claims 80 % where the power is 73-79 %: the exact smallest difference is
+    larger. And a Monte Carlo of the report's own interval (t975 over 4 seeds)."""
+    assert stats.power_of(1.5 * math.sqrt(5), 5) == pytest.approx(0.7107, abs=5e-4)
+    assert stats.power_of(math.sqrt(10), 10) == pytest.approx(0.803, abs=1e-3)
+    assert stats.power_of(0.0, 4) == pytest.approx(0.05, abs=2e-4)  # the t table's 3 decimals
+    for n in (2, 3, 6, 30):
+        assert stats.power_of(stats.min_detectable(1.0, n) * math.sqrt(n), n) == pytest.approx(0.8, abs=1e-9)
+    exact = stats.min_detectable(1.0, 3)
+    assert exact == pytest.approx(3.2643, abs=1e-3) and exact > (4.303 + 1.061) / math.sqrt(3)  # the shortcut's
+    x = np.random.default_rng(1).normal(0.9, 1.0, size=(40000, 4))  # a true difference of 0.9 sd, 4 seeds
+    half = stats.t975(3) * x.std(1, ddof=1) / 2
+    assert np.mean(np.abs(x.mean(1)) > half) == pytest.approx(stats.power_of(0.9 * 2, 4), abs=0.01)
+
+
+def test_the_minimum_detectable_effect_and_seeds_needed_in_power_csv(tmp_path):
     """ema's gap - baseline's: 5 seeds with a standard deviation of 0.2 pp. At 95 % and 80 % power the smallest
-    difference those seeds resolve is (t(0.975, 4) + t(0.8, 4)) x 0.2 / sqrt(5) = (2.776 + 0.941) x 0.0894 (t table);
-    0.3 pp needs 6 seeds ((2.571 + 0.920) x 0.2 / sqrt(6) = 0.285; 5 give 0.332); 0.5 pp needs 4."""
+    difference those seeds resolve is 0.336 pp (the noncentral t; the shortcut's 0.333 has 78 % power); 0.3 pp is
+    1.5 sd, the textbook case: 71 % power with 5 seeds, 83 % with 6, so it needs 6; 0.5 pp needs 4."""
     deltas_study(tmp_path, {"ema": [0.1 + 0.2 * z for z in Z]})
     for detect, need in ((None, 6), ("0.5", 4)):
         out = analyse(tmp_path, *(["--detect", detect] if detect else []))
         row = [r for r in read_rows(out / "power.csv") if r["comparison"] == "gap - baseline's"][0]
         assert (row["methods"], row["curve"], row["n_seeds"]) == ("ema", "cyclic", "5")
         assert float(row["sd_per_seed_pp"]) == pytest.approx(0.2)
-        assert float(row["mde_pp"]) == pytest.approx((2.776 + 0.941) * 0.2 / math.sqrt(5), abs=1e-3)
+        assert float(row["mde_pp"]) == pytest.approx(0.3364, abs=1e-4)
         assert float(row["detect_pp"]) == float(detect or 0.3) and row["seeds_needed"] == str(need)
-    for n, t80 in ((2, 1.376), (3, 1.061), (11, 0.879)):  # the t table's 80 % column
-        assert stats.t_quantile(0.8, n - 1) == pytest.approx(t80, abs=1e-3)
-    assert stats.min_detectable(1.0, 3) == pytest.approx((4.303 + 1.061) / math.sqrt(3), abs=1e-3)
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "abc", "nan"])
