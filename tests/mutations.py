@@ -339,6 +339,9 @@ MUTATIONS = [
     ("the baseline-calibrated estimator given intervals that take its shift as known", "analysis/review.py",
      'if c.endswith(("_lo", "_hi", "resolved")) or c.startswith("delta_gap"):', "if False:",
      "tests/test_time_axes.py::test_a_study_with_the_baselines_two_curves_reads_on_the_new_axes"),
+    ("an improvement's CI centred on the resamples, its p on the estimate", "analysis/compare.py",
+     "lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)", "lo, hi = ci_at(boot, boot.a - boot.b, j)",
+     REVIEW + "test_an_improvements_interval_is_centred_on_its_estimate_as_its_p_value_is"),
 ]
 
 

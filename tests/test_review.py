@@ -105,6 +105,21 @@ def test_the_calibrated_estimator_is_exact_where_every_set_shares_the_baselines_
     assert "1/3 of the baseline's standard curve" in cal["note"]
 
 
+def test_an_improvements_interval_is_centred_on_its_estimate_as_its_p_value_is(tmp_path):
+    """improvement.csv's CI was centred on the bootstrap resamples' mean, its p-value on the estimate: now both on
+    the estimate, so p < 0.05 exactly where the CI excludes 0."""
+    rng = np.random.default_rng(2)
+    for seed in range(3):
+        seeded(tmp_path, [], [a + rng.normal(0, 0.5) for a in BASE], BASE, seed)
+        seeded(tmp_path, ["ema"], [a + 0.4 + rng.normal(0, 0.5) for a in BASE], BASE, seed)
+    rows = [r for r in read_rows(analyse(tmp_path) / "improvement.csv") if r["improvement_p"]]
+    assert len(rows) == 3  # the standard curve's (the cyclic runs are alike: no spread)
+    for r in rows:
+        lo, hi, p = float(r["lo"]), float(r["hi"]), float(r["improvement_p"])
+        assert (lo + hi) / 2 == pytest.approx(float(r["improvement_pp"]), abs=1e-8)  # (10 digits)
+        assert (p < 0.05) == (lo > 0 or hi < 0)
+
+
 def test_power_is_the_noncentral_t_the_textbook_value_and_a_monte_carlo():
     """A paired t test over 5 seeds, a true difference of 1.5 standard deviations, two-sided 5 %: power 0.7107 (the
     noncentral t; e.g. G*Power); d = 1 over 10 seeds: 0.803 (Cohen's table: 0.80). The textbook shortcut
