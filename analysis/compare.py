@@ -106,9 +106,11 @@ def nonnegative(lo):
     return None if lo is None else max(lo, 0.0)
 
 
-def ci_at(boot, diffs, j):
-    """CI of column j of the resampled differences, (None, None) where a side has one seed there."""
-    return stats.interval(diffs[:, j], int(boot.counts[j])) if boot.defined_at[j] else (None, None)
+def ci_at(boot, diffs, j, center=None):
+    """CI of column j of the resampled differences, centred on `center` (default: their mean; improvement.csv's: its
+    point estimate, which its p-value is centred on, so that p < 0.05 where the CI excludes 0); (None, None) where a
+    side has one seed there."""
+    return stats.interval(diffs[:, j], int(boot.counts[j]), center) if boot.defined_at[j] else (None, None)
 
 
 def estimator_of(cmap):
@@ -270,7 +272,7 @@ def improvement_series(cmap, m, schedule, min_epochs=0.0):
     boot = stats.bootstrap(*sides(pairs))
     out = []
     for j, (a, b) in enumerate(pairs):
-        lo, hi = ci_at(boot, boot.a - boot.b, j)
+        lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)
         out.append(dict(methods=m, schedule=schedule, budget=a.epochs, improvement_pp=a.acc_mean - b.acc_mean, lo=lo,
                         hi=hi, n=a.n, n_baseline=b.n, pairing=boot.pairing))
     return out

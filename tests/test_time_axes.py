@@ -280,8 +280,7 @@ def test_median_ci_is_the_order_statistic_interval_with_its_coverage():
 @pytest.mark.parametrize("axis", ["calibrated", "flops"])
 def test_a_study_with_the_baselines_two_curves_reads_on_the_new_axes(tmp_path, axis):
     """The baseline's standard and cyclic curves (two seeds) make the baseline-calibrated estimator, whose rows
-    crashed the new axes (no axis columns); its rows give point estimates only (its CI would take the shift as
-    known)."""
+    crashed the new axes (no axis columns); its only row, the baseline's, is in-sample: point estimates only."""
     study = tmp_path / "study"
     for seed in ("s0", "s1"):
         for run in ("cyclic", "standard-e1", "standard-e2", "standard-e4", "standard-e8"):
