@@ -412,15 +412,21 @@ def fidelity_points(rows, x="time"):
         gap = sum(r["mean_abs_gap_pp"] for r in gapped) / len(gapped)
         n = min(r["n_seeds"] for r in mine)
         cost_ci, gap_ci, run_gap, run_ci = (None, None), (None, None), None, (None, None)
-        if all(r.get(boot) is not None for r in mine):
+        # the calibrated rows' resamples pool only where every set drew the same seeds (the baseline's shift is in
+        # each: draws of other seeds would average its noise away); otherwise no interval
+        drawn = {tuple(map(repr, r["_draws"].seeds)) for r in mine if r.get("_draws") is not None}
+        pools = len(drawn) <= 1 and all(r.get("_draws") is not None for r in mine) if drawn else True
+        if pools and all(r.get(boot) is not None for r in mine):
             lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine), n, cost)
             cost_ci = (nonnegative(lo), hi)
-        if all(r.get("_abs_boot") is not None for r in gapped):
+        if pools and all(r.get("_abs_boot") is not None for r in gapped):
             gap_ci = stats.interval(sum(r["_abs_boot"] for r in gapped) / len(gapped), n, gap)
         if all(r.get("_per_run") for r in gapped):
             run_gap = sum(r["per_run_abs_gap_pp"] for r in gapped) / len(gapped)
             seeds = gapped[0]["_per_run"].keys()
-            if all(r.get("_run_boot") is not None for r in gapped):  # the shift resampled: the same draws per set
+            if not pools:
+                run_ci = (None, None)
+            elif all(r.get("_run_boot") is not None for r in gapped):  # the shift resampled: the same draws per set
                 run_ci = stats.interval(sum(r["_run_boot"] for r in gapped) / len(gapped), n, run_gap)
             elif all(r["_per_run"].keys() == seeds for r in gapped):  # per seed, its runs' |gap| averaged over sets
                 run_ci = stats.mean_ci([sum(r["_per_run"][s] for r in gapped) / len(gapped) for s in seeds])

@@ -123,7 +123,10 @@ def calibrated_rows(full, min_epochs=0.0, x="time"):
                 r[c] = None
         r["_abs_boot"] = r["_cost_boot"] = None
         note = f"cost: its cyclic run + 1/{len(keys)} of the baseline's standard curve"
-        draws = calibrated_draws(full, m, min_epochs)
+        repeated = has_repeated_seeds(full, m)
+        draws = None if repeated else calibrated_draws(full, m, min_epochs)
+        if repeated:
+            note += "; a seed with two runs in one of its curves: no interval (the joint draws take a run per seed)"
         if draws:
             r["_draws"] = draws
             r["n_seeds"] = draws.n  # (the intervals' degrees of freedom + 1: the p-values read them)
@@ -185,6 +188,12 @@ def finite_mean(values, axis):
     finite = np.isfinite(values)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(finite, values, 0.0).sum(axis) / finite.sum(axis)
+
+
+def has_repeated_seeds(full, m):
+    """Whether a point of set m's or the baseline's curves behind the calibrated row holds two runs of one seed."""
+    curves = [(m, CALIBRATED), (m, "standard"), ("baseline", "cyclic"), ("baseline", "standard")]
+    return any(len(p.seeds) != len(set(p.seeds)) for key in curves for p in full.get(key, []))
 
 
 def calibrated_draws(full, m, min_epochs=0.0, n_boot=stats.N_BOOT):
