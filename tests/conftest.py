@@ -228,6 +228,9 @@ SLOW = {
     "test_a_tiny_vit_trains_both_curves_and_a_method_that_does_not_fit_says_so",
     "test_an_injected_slowdown_changes_the_measured_axis_and_neither_calibrated_time_nor_flops",
     "test_a_run_records_its_flops_and_progressive_resizing_rows_follow_its_sizes",
+    "test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing",
+    "test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice",
+    "test_parallel_two_on_cpu_equal_the_sequential_sweep_but_for_the_times",
 }
 
 
