@@ -221,6 +221,21 @@ def test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_non
     assert events("twice") == []
 
 
+def test_a_local_array_runs_its_lines_one_at_a_time_with_slurms_variables(tmp_path, fake):
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 4))
+    p = sh("sbatch", "--array=0-3%1", "slurm/array.sbatch", str(plan), env=env)
+    assert p.stdout.startswith("Submitted batch job ")
+    runs = events()
+    assert [(e["run"], e["env"]["SLURM_ARRAY_TASK_ID"]) for e in runs] == [(f"{out}/r{i}", str(i)) for i in range(4)]
+    ends = events("end")
+    assert all(ends[i]["t"] <= runs[i + 1]["t"] for i in range(3))  # one at a time
+    (out / "r2" / "done").unlink()
+    p = sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)
+    assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  2 {out}/r2"]
+
+
 # ---- real tiny runs: the ways of running a study give the same numbers ---------------------------------------------
 
 REAL = [*SHAPE, "--", *SMALL, "--eval-every", "0.5"]  # 2 runs of 16 steps, 4 rows each (resumable mid-run)
@@ -249,3 +264,44 @@ def test_parallel_two_on_cpu_equal_the_sequential_sweep_but_for_the_times(tmp_pa
         assert configs[RUNS[0]]["cores"] != configs[RUNS[1]]["cores"]
     with open(out / RUNS[0] / "metrics.csv") as f:
         assert TIME_COLUMNS <= set(next(csv.reader(f)))  # (the columns left out of the comparison exist)
+
+
+def test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers(tmp_path, sequential):
+    """sbatch --array=0-1%2 through the shims, every process of both tasks SIGKILLed mid-run (a node lost), the
+    job requeued: both runs resume and end equal to the sequential sweep's; then the report job, and the plan
+    written again with other options: a result-defining one is refused, one that is not is reported finished."""
+    env, out = real_env(tmp_path), tmp_path / "study"
+    plan = out / "plan"
+    launch("sweep", "--out", str(out), "--plan", str(plan), *REAL, env=env)
+    job = subprocess.Popen(["sbatch", "--parsable", "--array=0-1%2", "slurm/array.sbatch", str(plan)], cwd=ROOT,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           start_new_session=True)
+    job_id = job.stdout.readline().strip()
+    metrics, deadline = out / RUNS[0] / "metrics.csv", time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (out / RUNS[0] / "done").exists()
+    again = sh("scontrol", "requeue", job_id, env=env)
+    assert f"resumed at step" in again.stdout and "exit code 0" in again.stderr
+    for run in RUNS:
+        assert metrics_without_time(out / run) == metrics_without_time(sequential / run), run
+    sh("sbatch", "--dependency=afterany:" + job_id, "slurm/report.sbatch", str(plan), env=env)
+    assert "| baseline |" in (out / "report" / "report.md").read_text()
+    before, lines = (out / RUNS[0] / "metrics.csv").read_text(), plan.read_text()
+    rewrite(plan, out, ["--lr", "0.2"])  # as the sweep writes it with '-- --lr 0.2' added
+    p = launch("run-plan", str(plan), "--index", "0", env=env, check=False)
+    assert p.returncode == 2 and "lr: 0.4 -> 0.2" in p.stderr and "refused the options" in p.stderr
+    plan.write_text(lines)
+    rewrite(plan, out, ["--checkpoint-every", "5"])  # not result-defining: train.py says the run is finished
+    assert "is already finished" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
+    plan.write_text(lines)
+    assert "skip (done)" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
+    assert (out / RUNS[0] / "metrics.csv").read_text() == before
+
+
+def rewrite(plan, out, extra):
+    """The plan written again, as a sweep with `extra` train.py flags writes it."""
+    runs = [json.loads(line) for line in open(plan) if not line.startswith("#")]
+    write_plan(plan, out, [(r["run_dir"], " ".join(r["argv"] + extra)) for r in runs])
