@@ -34,7 +34,12 @@ def placement(device_type, threads, gpu_count):
     threads, the CPU cores it may use (its affinity) and the GPUs it saw."""
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(gpu_count)))
     return {"concurrent_runs": int(os.environ.get("TRAIN_CONCURRENT_RUNS") or 1), "threads": threads,
-            "cores": ranges(sorted(os.sched_getaffinity(0))), "gpus": gpus if device_type == "cuda" else None}
+            "cores": ranges(cpus()), "gpus": gpus if device_type == "cuda" else None}
+
+
+def cpus():
+    """The CPU cores this process may use (taskset, cgroups), sorted; all of them where the OS cannot say."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def ranges(numbers):
@@ -160,7 +165,7 @@ def visible_gpus():
 def slots(n, gpus_per_run):
     """The environment and cores (or None) of each of n runs at once: a slice of the GPUs each, a share of the cores
     each (pinned with taskset where present). PlanError where the machine has too few."""
-    gpus, cores = visible_gpus(), sorted(os.sched_getaffinity(0))
+    gpus, cores = visible_gpus(), cpus()
     width = max(gpus_per_run, 1)  # GPUs, or processes on a CPU, of one run
     if gpus and n * width > len(gpus):
         raise PlanError(f"--parallel {n} runs of {width} GPU(s) need {n * width} GPUs; this machine has {len(gpus)} "
