@@ -279,6 +279,14 @@ class Runner:
 
     def go(self, workers):
         """Run the workers [(env, cores)] to the end; the exit status (0, 1 failures, 2 refused, 128 + a signal)."""
+        try:  # claims are flocks: a file system without them (NFS, Lustre mounted without) is one line here
+            with open(self.plan + ".lock", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # another worker is picking: it can lock
+        except OSError as e:
+            raise PlanError(f"run-plan: cannot lock {self.plan}.lock ({e.strerror}): the plan's folder must be on a "
+                            f"file system with flock; write the plan elsewhere (--plan FILE)") from None
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self.stop)
         threads = [threading.Thread(target=self.work, args=w, daemon=True) for w in workers]
