@@ -261,6 +261,10 @@ SLOW = {
     "test_validation_metrics_equal_plain_pytorch_with_methods_on",
     "test_wandb_gets_the_config_and_every_row_offline_unless_configured",
     "test_wsd_resumes_exactly_inside_and_between_branches",
+    "test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing",
+    "test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice",
+    "test_parallel_two_on_cpu_equal_the_sequential_sweep_but_for_the_times",
+    "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers",
 }
 
 
