@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 import costs
 import schedules
-from analysis.runs import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 from data import DataError, build_data
 from methods import ALIAS_KEYS, Context, MethodError, MethodList, weights_kept
 from models import build_model, error_line, fixed_input_size
@@ -36,6 +35,7 @@ from options import (RESULT_KEYS, cpu_has_native_bf16, fail, micro_batch_size, p
 from plan import placement
 from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
                     lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
+from runformat import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 from trackers import Trackers
 
 NO_STEP = 2 ** 62  # "no non-finite step yet"

@@ -237,7 +237,7 @@ MUTATIONS = [
     ("canonical specs write the defaults", "methods/api.py",
      "        return {k: getattr(self, k) for k, d in self.options.items() if getattr(self, k) != d}",
      "        return {k: getattr(self, k) for k in self.options}", M + "test_specs_are_canonical_and_name_the_options"),
-    ("an old run's non-default strength read as the default", "analysis/runs.py",
+    ("an old run's non-default strength read as the default", "runformat.py",
      "        out.append(m if value == default", "        out.append(m if True",
      M + "test_old_runs_are_read_with_the_apis_names"),
     ("a method's check not called", "train.py", "        methods.check(SimpleNamespace(",

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -307,3 +308,14 @@ def test_train_loss_epoch_is_the_last_epochs_mean_loss_whatever_the_evaluation_c
     assert float(one["train_loss"]) == pytest.approx(sum(float(r["train_loss"]) for r in every) / 4, abs=2e-6)
     assert float(one["train_loss_epoch"]) == pytest.approx(float(every[-1]["train_loss_epoch"]), abs=2e-6)
     assert float(one["train_loss_epoch"]) < float(one["train_loss"]) - 1e-3
+
+
+def test_training_imports_nothing_from_analysis():
+    """Layers run one way: train.py and every module it loads sit below analysis (what both need, how old runs
+    read, lives in runformat); and analysis reads runs without torch."""
+    code = ("import sys, train; print(sorted(m for m in sys.modules if m.split('.')[0] == 'analysis'))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    code = "import sys, analysis.compare, analysis.report; print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stdout + p.stderr
