@@ -24,6 +24,8 @@ import sys
 import tempfile
 import threading
 
+from locks import lock_or_holder
+
 
 class PlanError(Exception):
     """Bad input: one line, exit 2, nothing written."""
@@ -117,14 +119,8 @@ def try_lock(path, create):
     if not create and not os.path.exists(path):
         return None, None
     f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        return None, holder
-    return f, None
+    holder = lock_or_holder(f)
+    return (None, holder) if holder is not None else (f, None)
 
 
 def claim(plan, line):
