@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 import schedules  # noqa: E402
-from analysis import axes, stats  # noqa: E402
+from analysis import axes, review, stats  # noqa: E402
 from analysis.compare import (add_common_args, analyse, axis_lines, ci_text, fmt, group_line,  # noqa: E402
                               hardware_lines, improvement_series, left_out_lines, nonnegative, speed_lines,
                               write_tables)
@@ -412,10 +412,9 @@ def fidelity_points(rows, x="time"):
         gap = sum(r["mean_abs_gap_pp"] for r in gapped) / len(gapped)
         n = min(r["n_seeds"] for r in mine)
         cost_ci, gap_ci, run_gap, run_ci = (None, None), (None, None), None, (None, None)
-        # the calibrated rows' resamples pool only where every set drew the same seeds (the baseline's shift is in
-        # each: draws of other seeds would average its noise away); otherwise no interval
-        drawn = {tuple(map(repr, r["_draws"].seeds)) for r in mine if r.get("_draws") is not None}
-        pools = len(drawn) <= 1 and all(r.get("_draws") is not None for r in mine) if drawn else True
+        # the calibrated rows' resamples pool only where every set drew the same seeds; otherwise no interval
+        draws = [r.get("_draws") for r in mine]
+        pools = all(d is None for d in draws) or review.drew_alike(draws)
         if pools and all(r.get(boot) is not None for r in mine):
             lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine), n, cost)
             cost_ci = (nonnegative(lo), hi)

@@ -507,13 +507,20 @@ def resampled_differences(row_a, row_b, shared):
     return out, draws
 
 
+def drew_alike(draws):
+    """Whether every row's joint draws (Draws, or None for a row without) exist and drew the same seeds: only then
+    may their resamples be averaged, draw by draw (each holds the baseline's shift: draws of other seeds averaged
+    would thin its noise)."""
+    return all(d is not None and d.seeds == draws[0].seeds for d in draws)
+
+
 def pooled_draws(boots):
     """The pooled row's resampled difference where its sets' are the calibrated estimator's (else None: a t interval
     serves): per resample the mean over sets per drawn seed, when every set drew from the same seeds (the same
     draws); otherwise no draw is finite (no CI, rather than one that takes the shift as known)."""
     if all(b is None for b in boots):
         return None
-    if any(b is None or b[1].seeds != boots[0][1].seeds for b in boots):
+    if not drew_alike([b and b[1] for b in boots]):
         return np.array([np.nan])
     return boots[0][1].over_draws(np.mean([b[0] for b in boots], 0))  # NaN where a set lacks the seed
 
