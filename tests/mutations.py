@@ -77,7 +77,7 @@ MUTATIONS = [
      "    except ValueError:\n        return round(epochs * steps_per_epoch)\n    return round(",
      "    except ValueError:\n        pass\n    return round(epochs * steps_per_epoch)\n    return round(",
      "tests/test_schedules.py::test_standard_budgets_end_on_the_cyclic_runs_step_for_awkward_step_counts"),
-    ("no lock on the run directory", "rundir.py", "        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+    ("no lock on the run directory", "locks.py", "        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)",
      "        pass",
      "tests/test_reliability.py::test_a_second_process_on_the_same_run_dir_is_refused"),
     ("blur after the conv by default", "methods/blurpool.py", '"blur-first": True, "conv-first": False',
