@@ -5,9 +5,9 @@ import os
 import sys
 from dataclasses import replace
 
-from methods.naming import ADDED_DEFAULTS, api_names
 from options import RESULT_KEYS, fail, result_options
 from rundir import checkpoint_files, holds_run, is_done, load_checkpoint, metrics_rows, recorded_options
+from runformat import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 
 
 def resume_decision(args, setup, master):
@@ -69,6 +69,17 @@ def resume_decision(args, setup, master):
         fail(f"--resume: {run_dir}/metrics.csv has {rows} whole rows but the checkpoint recorded "
              f"{ckpt['metrics_rows']}; restore the file or start again with --overwrite")
     return ckpt, False
+
+
+def api_names(options):
+    """Recorded options with `methods` as the method API names them; each source (config.json, a checkpoint) is read
+    on its own, since one may predate the API and the other not (a resume rewrites config.json first)."""
+    if options is None or "methods" not in options:
+        return options
+    named = {**options, "methods": canonical_methods(options)}
+    if "method_options" in options or is_legacy(options):  # (a checkpoint of 2026-12-01 morning has none)
+        named["method_options"] = method_options(options)
+    return named
 
 
 def fresh_start_allowed(run_dir, recorded, master):

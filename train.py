@@ -38,6 +38,7 @@ from methods import MethodError, weights_kept
 from models import build_model, error_line, fixed_input_size
 from optim import build_optimizer, decay_exclusions, weight_decay_note
 from options import fail, method_config, micro_batch_size, parse_args, resolve, result_options
+from plan import placement
 from resume import check_decay_convention, device_history, kept_precision, resume_decision, resumed_config
 from rng import restore_rng, rng_state
 from rundir import (MetricsLog, RunDirError, check_writable, lock_run_dir, mark_done, remove_run, save_checkpoint,
@@ -99,7 +100,9 @@ def run_main(argv=None):
                    data_storage=getattr(data, "storage", None),
                    amp_measured=amp_measured if ckpt is None else recorded.get("amp_measured"),
                    train_flops_per_image=flops.per_image.get(costs.side_name((data.image_size,) * 2)),
-                   train_flops_per_image_by_side=flops.per_image, device_names=device_history(setup, ckpt))
+                   train_flops_per_image_by_side=flops.per_image, device_names=device_history(setup, ckpt),
+                   **placement(proc.device.type, torch.get_num_threads(),
+                               torch.cuda.device_count() if proc.device.type == "cuda" else 0))
     config = run_config(args, setup, plan, spe, own, proc.device, derived, argv)
     log, tracked = (open_run_files(args, setup, plan, config, state, ckpt, wipe, methods, proc) if proc.master
                     else (None, Trackers([], None, None)))

@@ -14,9 +14,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from analysis import stats
-# re-exported for readers of the run format (docs/run-format.md names analysis.runs.canonical_methods)
-from methods.naming import (ADDED_DEFAULTS, LEGACY_METHOD_OPTIONS, canonical_methods, is_legacy,  # noqa: F401
-                            method_options)
+from runformat import (ADDED_DEFAULTS, LEGACY_METHOD_OPTIONS, canonical_methods, is_legacy,  # noqa: F401 (re-exported)
+                       method_options)
 from schedules import CYCLIC, SCHEDULES
 
 REQUIRED_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s", "cycle",
@@ -48,6 +47,7 @@ RESULT_KEYS = ("dataset", "model", "subset", "augment", "decode", "image_size", 
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
 ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape", "cooldown_version"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only
+
 
 # config.json keys read as numbers (the curve's budgets, the schedule figure's LR): checked when a run is read, so
 # that one damaged run is skipped with one line instead of stopping a report. SCHEDULE_KEYS: what the schedule

@@ -78,7 +78,7 @@ def circles(edges):
 
 def test_the_project_has_no_import_circle():
     edges = graph()
-    assert {"train", "data", "data.shards", "data.folder", "methods.naming"} <= set(edges)  # the walk saw them
+    assert {"train", "data", "data.shards", "data.folder", "runformat"} <= set(edges)  # the walk saw them
     assert "data.shards" in edges["data.folder"] and "rundir" in edges["data.prepare"]  # and read their imports
     assert circles(edges) == []
 
@@ -96,7 +96,7 @@ def test_training_code_never_reaches_the_analysis():
         if m not in seen:
             seen.add(m)
             todo += edges[m]
-    assert {"options", "resume", "precision", "flops", "costs", "methods.naming"} <= seen
+    assert {"options", "resume", "precision", "flops", "costs", "runformat"} <= seen
     assert sorted(m for m in seen if m.split(".")[0] in ("analysis", "benchmarks")) == []
 
 

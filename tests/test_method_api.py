@@ -599,7 +599,7 @@ def test_progressive_resizing_never_trains_above_the_images_size():
 
 
 def test_config_json_and_a_checkpoint_are_named_alike_whichever_predates_the_api():
-    from methods.naming import api_names
+    from resume import api_names
     old = {"methods": ["label_smoothing", "mixup"], "label_smoothing": 0.2, "mixup": 0.2}
     new = {"methods": ["label_smoothing:eps=0.2", "mixup"], "plugins": {},
            "method_options": {"label_smoothing": {"eps": 0.2}, "mixup": {"alpha": 0.2}}}

@@ -1,6 +1,7 @@
-"""How config.json names a run's methods, also for runs made before the method API, and the values of the keys runs
-predate. train.py (a resume compares a checkpoint's options), costs.py and the analysis (analysis.runs re-exports
-these names) read recorded runs through this one module. Pure Python: the analysis imports it without torch."""
+"""What a run directory's config.json means for runs made by older versions (docs/run-format.md): the keys added
+since (and how a run without them ran), and the method names from before the method API. Training (resume checks,
+cost keys) and analysis (grouping) both read old runs through this module; it imports nothing of the project's.
+"""
 
 # keys added after runs were made, as runs without them were run (no GPU run predates tf32)
 ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False, "cooldown_version": None,  # None: wsd's first formula
@@ -42,14 +43,3 @@ def method_options(config):
         key, option, default = LEGACY_METHOD_OPTIONS.get(m, (None, None, None))
         out[m] = {option: config.get(key, default)} if key else {}
     return out
-
-
-def api_names(options):
-    """Recorded options with `methods` as the method API names them; each source (config.json, a checkpoint) is read
-    on its own, since one may predate the API and the other not (a resume rewrites config.json first)."""
-    if options is None or "methods" not in options:
-        return options
-    named = {**options, "methods": canonical_methods(options)}
-    if "method_options" in options or is_legacy(options):  # (a checkpoint of 2026-12-01 morning has none)
-        named["method_options"] = method_options(options)
-    return named
