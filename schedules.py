@@ -283,7 +283,8 @@ def hours(epochs, train_size, images_per_s):
     return epochs * train_size / images_per_s / 3600
 
 
-def main(argv=None):
+def planner_parser():
+    """The planner's flags (python schedules.py --help)."""
     p = argparse.ArgumentParser(description="Plan a tradeoff curve: its budgets, and the cost of the standard sweep "
                                             "and of each one-run estimator; --csv writes a schedule's LR per step.")
     p.add_argument("--schedule", choices=("all",) + SCHEDULES, default="all",
@@ -304,7 +305,11 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1.0, help="peak LR, for --csv")
     p.add_argument("--eta-min", type=float, default=0.0)
     p.add_argument("--csv", help="write step,epoch,lr,segment for every optimizer step of --schedule to this file")
-    a = p.parse_args(argv)
+    return p
+
+
+def check_planner_args(a):
+    """Exit with one line on a flag out of range, a cost without both of its figures, or --csv of every schedule."""
     for flag, bad in (("--cycles", a.cycles < 1), ("--t0", a.t0 <= 0), ("--t-mult", a.t_mult < 1),
                       ("--warmup-epochs", a.warmup_epochs < 0), ("--steps-per-epoch", a.steps_per_epoch < 1),
                       ("--cycle-decay", not 0 < a.cycle_decay <= 1), ("--cooldown-frac", not 0 < a.cooldown_frac < 1),
@@ -319,13 +324,28 @@ def main(argv=None):
         sys.exit("schedules.py: error: --images-per-s and --train-size go together (the cost needs both)")
     if a.csv and a.schedule == "all":
         sys.exit("schedules.py: error: --csv writes one schedule's LR: add --schedule NAME")
+
+
+def main(argv=None):
+    """Print the plan of a curve (budgets, Eq. 1, each schedule's epochs and cost); --csv writes one schedule's LR."""
+    a = planner_parser().parse_args(argv)
+    check_planner_args(a)
     ends = cycle_end_epochs(a.warmup_epochs, a.t0, a.t_mult, a.cycles)
+    constant_ends = cycle_end_epochs(a.warmup_epochs, a.t0, 1, a.cycles)  # as train.py --schedule constant --cycles
     print(f"shape: warmup {a.warmup_epochs:g} + t0 {a.t0:g} x t_mult {a.t_mult}, {a.cycles} cycles")
     print(f"budgets (cycle-end epochs): {', '.join(f'{e:g}' for e in ends)}")
     print(f"standard runs at these budgets: {' + '.join(f'{e:g}' for e in ends)} = {sum(ends):g} epochs")
     print(f"cyclic run: {ends[-1]:g} epochs")
     print(f"speedup ratio, Eq. 1 on these budgets (warmup counted in every run): {eq1_ratio(ends):.4f}")
     print(f"speedup ratio, Eq. 1 in closed form (warmup not counted): {speedup_ratio(a.t_mult, a.cycles):.4f}")
+    print_schedules(a, ends, constant_ends)
+    if a.csv:
+        write_planned_csv(a, ends, constant_ends)
+
+
+def print_schedules(a, ends, constant_ends):
+    """The table of each schedule's epochs against the standard sweep's (and its cost with --images-per-s), then
+    wsd's branch points and the constant schedule's budgets where shown."""
     shown = SCHEDULES if a.schedule == "all" else ("standard", a.schedule)
     cost = a.images_per_s is not None
     print(f"\n{'schedule':<14} {'epochs':>9} {'x standard':>10}" + (
@@ -335,7 +355,6 @@ def main(argv=None):
            "cyclic-decay": f"cycle ends, peaks x {a.cycle_decay:g} per cycle",
            "wsd": f"a cooldown branch per budget ({a.cooldown_frac:g} of it, {a.cooldown_shape})",
            "schedule-free": "evaluating its averaged weights (one run, no schedule)"}
-    constant_ends = cycle_end_epochs(a.warmup_epochs, a.t0, 1, a.cycles)  # as train.py --schedule constant --cycles
     for name in dict.fromkeys(shown):
         e = epochs_trained(name, constant_ends if name == "constant" else ends, a.cooldown_frac)
         line = f"{name:<14} {e:>9.6g} {e / sum(ends):>10.3f}"
@@ -355,19 +374,21 @@ def main(argv=None):
     if cost:
         print(f"cost at {a.images_per_s:g} img/s per GPU, {a.train_size} images per epoch, {a.gpus} GPU(s) (linear "
               f"scaling assumed; evaluation not counted)")
-    if a.csv:
-        if a.schedule == "standard":
-            total = a.epochs or ends[-1]
-        else:
-            total = constant_ends[-1] if a.schedule == "constant" else ends[-1]
-        try:
-            plan = make_plan(a.schedule, total, a.warmup_epochs, a.t0, a.t_mult, a.steps_per_epoch, a.cycle_decay,
-                             a.cooldown_frac, a.cooldown_shape)
-        except ValueError as e:
-            sys.exit(f"schedules.py: error: {e}")
-        write_lr_csv(a.csv, plan, a.steps_per_epoch, a.lr, a.eta_min)
-        print(f"wrote {plan.run_steps} rows to {a.csv}")
 
+
+def write_planned_csv(a, ends, constant_ends):
+    """--csv: the LR of every optimizer step of --schedule (standard: at --epochs, default the largest budget)."""
+    if a.schedule == "standard":
+        total = a.epochs or ends[-1]
+    else:
+        total = constant_ends[-1] if a.schedule == "constant" else ends[-1]
+    try:
+        plan = make_plan(a.schedule, total, a.warmup_epochs, a.t0, a.t_mult, a.steps_per_epoch, a.cycle_decay,
+                         a.cooldown_frac, a.cooldown_shape)
+    except ValueError as e:
+        sys.exit(f"schedules.py: error: {e}")
+    write_lr_csv(a.csv, plan, a.steps_per_epoch, a.lr, a.eta_min)
+    print(f"wrote {plan.run_steps} rows to {a.csv}")
 
 if __name__ == "__main__":
     main()

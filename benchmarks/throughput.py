@@ -123,7 +123,7 @@ def ci_text(s, spec=".0f"):
     return f"{s['median']:{spec}}" + ("" if s["lo"] is None else f" [{s['lo']:{spec}}, {s['hi']:{spec}}]")
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--model", default="small_resnet")
@@ -136,6 +136,11 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for (c)")
     p.add_argument("--json", help="write the figures to this file")
     method_registry.add_flags(p)  # train.py's --method, --plugins and the aliases (--channels-last, ...)
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
     if a.rounds < 1 or a.steps < 1:
         p.error("--rounds and --steps must be >= 1")
@@ -168,11 +173,26 @@ def main(argv=None):
             f"--method={spec}" for spec in methods.specs] + [f"--plugins={f}" for f in a.plugin_files] + (
             ["--data-dir", a.data_dir] if a.data_dir else [])
     # (c) torchvision dataset + per-sample transforms + DataLoader, one iterator over every round
+    with tempfile.TemporaryDirectory() as tmp_c:
+        c_batches, c_steps = conventional_batches(a, device, tmp_c)
+        figures, seen, last, b_cfg = interleaved_rounds(a, model, step, (x, y), args, c_batches, c_steps)
+    # train.py's own count: the FLOPs of its training images, averaged over the run (progressive resizing's sizes)
+    flops = float(last["train_flops"]) / (int(last["step"]) * a.batch_size)
+
+    # what each measurement really ran (seen in its forward passes, not the options asked for), so that a reader
+    # and the tests can check that they are comparable
+    ran = dict(a=dict(seen["a"], model=a.model), b=dict(seen["b"], model=b_cfg["model"]),
+               c=dict(seen["c"], model=a.model))
+    report(a, figures, flops, amp, methods, device, ran)
+
+
+def conventional_batches(a, device, tmp):
+    """(c)'s batches on the device, endless (epochs as long as the rounds need), and its timed steps per round:
+    torchvision's FashionMNIST (its files copied under `tmp`) with per-sample transforms through a DataLoader."""
     import torchvision.transforms as T
     from torchvision.datasets import FashionMNIST
     mean, std = STATS["fashion-mnist"]
-    tmp_c = tempfile.TemporaryDirectory()
-    ds = FashionMNIST(torchvision_root(tmp_c.name, a.data_dir), train=True, transform=T.Compose([
+    ds = FashionMNIST(torchvision_root(tmp, a.data_dir), train=True, transform=T.Compose([
         T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
     loader = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
                                          drop_last=True, persistent_workers=a.workers > 0,
@@ -182,12 +202,16 @@ def main(argv=None):
         while True:  # epochs, as long as the rounds need
             for xb, yb in loader:
                 yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-    c_batches, c_steps = on_device(), min(a.steps, len(loader) - 5)
+    return on_device(), min(a.steps, len(loader) - 5)
 
+
+def interleaved_rounds(a, model, step, batch, args, c_batches, c_steps):
+    """({a, b, c: images/s of each round}, what each ran in the first round, (b)'s last metrics row and its
+    config.json): (a), (b), (c) in turn, --rounds times."""
     figures, seen = {"a": [], "b": [], "c": []}, {}
     for r in range(a.rounds):  # interleaved: a drifting machine slows each round's three alike
         with Watch() as ran_a, weights_kept(model):  # each round from the same weights: not one batch overfitted
-            figures["a"].append(timed(step, iter(lambda: (x, y), None), a.steps))
+            figures["a"].append(timed(step, iter(lambda: batch, None), a.steps))
         with tempfile.TemporaryDirectory() as tmp:
             with contextlib.redirect_stdout(open(os.devnull, "w")), Watch() as ran_b:
                 train.main(args + ["--run-dir", os.path.join(tmp, "run")])
@@ -200,14 +224,11 @@ def main(argv=None):
             figures["c"].append(timed(step, c_batches, c_steps, warm_up=5 if r == 0 else 1))
         for part, watch in (("a", ran_a), ("b", ran_b), ("c", ran_c)):
             seen.setdefault(part, watch.seen)  # the first round's
-    tmp_c.cleanup()
-    # train.py's own count: the FLOPs of its training images, averaged over the run (progressive resizing's sizes)
-    flops = float(last["train_flops"]) / (int(last["step"]) * a.batch_size)
+    return figures, seen, last, b_cfg
 
-    # what each measurement really ran (seen in its forward passes, not the options asked for), so that a reader
-    # and the tests can check that they are comparable
-    ran = dict(a=dict(seen["a"], model=a.model), b=dict(seen["b"], model=b_cfg["model"]),
-               c=dict(seen["c"], model=a.model))
+
+def report(a, figures, flops, amp, methods, device, ran):
+    """Print the figures, their medians over rounds with intervals and b/a, b/c; --json writes them all."""
     rounds = {k: summary(v) for k, v in figures.items()}
     ratios = {k: summary([b / o for b, o in zip(figures["b"], figures[o])]) for k, o in (("b_over_a", "a"),
                                                                                           ("b_over_c", "c"))}
@@ -235,7 +256,6 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
-
 
 if __name__ == "__main__":
     main()
