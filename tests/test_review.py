@@ -3,6 +3,7 @@ out, seeds to plan, the baseline-calibrated estimator, estimator against estimat
 tau's CI, exact fits; and bad input (one seed, identical seeds, no baseline) as empty cells with a reason."""
 import csv
 import math
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -153,7 +154,9 @@ def test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_res
     """3 seeds; the baseline's runs are noisy (0.5 pp), ema's and cutmix's are not, and their cyclic runs miss like
     the baseline's on average (cutmix 0.4 pp more at 8 epochs). The calibrated estimator's gap - baseline's would be
     cyclic's family again, seed for seed (the shift cancels): it is not tested (the review found it counted twice);
-    its mean gap, the same per-seed differences, has an interval close to cyclic's gap - baseline's. The baseline's
+    its mean gap, the same per-seed differences, has an interval close to cyclic's gap - baseline's, and is in no
+    family either (a second review: a Holm family of tests already made), its p and Holm columns empty with the
+    reason in stats_note and report.md, whose family table lists exactly tests.csv's families. The baseline's
     calibrated row is in-sample: in no family or pair. Every seed's per-run |gap| of ema is the same under one
     shift, so a t interval over seeds would have no width; drawn with the baseline's seeds, the pair's has."""
     rng = np.random.default_rng(5)
@@ -164,20 +167,32 @@ def test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_res
         for name, lift, late in (("ema", 1.0, 0.0), ("cutmix", 2.0, 0.4)):
             std = [a + lift + u for a in BASE]
             seeded(tmp_path, [name], std, [a + b - late * (e == 8) for a, b, e in zip(std, BIAS, (2, 4, 8))], seed)
-    out = analyse(tmp_path)
+    out = tmp_path / "rep"
+    report.main([str(tmp_path), "--out", str(out), "--metric", "final"])
     tests = read_rows(out / "tests.csv")
     families = Counter((t["family"], t["curve"]) for t in tests)
-    assert ("gap - baseline's", review.CALIBRATED) not in families and families[("mean gap", review.CALIBRATED)] == 2
-    assert {t["family_tests"] for t in tests if (t["family"], t["curve"]) == ("mean gap", review.CALIBRATED)} == {"2"}
+    assert not [f for f in families if f[1] == review.CALIBRATED]  # neither its mean gap nor its gap - baseline's
+    assert families[("mean gap", "cyclic")] == 3 and families[("gap - baseline's", "cyclic")] == 2
+    assert families[("per-run |gap| difference", f"cyclic - {review.CALIBRATED}")] == 3
     assert len({(t["family"], t["curve"], t["methods"], t["budget"]) for t in tests}) == len(tests)
     assert not [t for t in tests if review.CALIBRATED in t["curve"] and t["methods"] == "baseline"]
+    assert not [r for r in read_rows(out / "power.csv") if r["curve"] == review.CALIBRATED]
+    md = (out / "report.md").read_text()
+    table = md.split("## Families of tests")[1].split("##")[0].splitlines()
+    listed = {tuple(c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:4])  # (\| in a cell)
+              for line in table if line.startswith("| ")}
+    sizes = {f: sum(t["p"] != "" for t in tests if (t["family"], t["curve"]) == f) for f in families}
+    assert listed - {("family", "estimator / curve", "tests")} == {(*f, str(n)) for f, n in sizes.items()}
+    assert "The baseline-calibrated estimator's gaps are in no family" in md
     est = {(r["methods"], r["estimator"]): r for r in read_rows(out / "estimators.csv")}
     for m in ("ema", "cutmix"):
         cal, cyc = est[(m, review.CALIBRATED)], est[(m, "cyclic")]
         assert float(cal["mean_gap_pp"]) == pytest.approx(float(cyc["delta_gap_vs_baseline"]))
         width = float(cyc["delta_gap_vs_baseline_hi"]) - float(cyc["delta_gap_vs_baseline_lo"])
         assert width > 0.1 and float(cal["mean_gap_hi"]) - float(cal["mean_gap_lo"]) == pytest.approx(width, rel=0.05)
-        assert cal["mean_gap_p"] != "" and cal["delta_gap_vs_baseline"] == cal["delta_gap_vs_baseline_p"] == ""
+        assert cal["mean_gap_p"] == cal["mean_gap_resolved_holm"] == cal["mean_gap_robust"] == ""
+        assert cal["resolved"] != "" and review.UNTESTED in cal["stats_note"]
+        assert cal["delta_gap_vs_baseline"] == cal["delta_gap_vs_baseline_p"] == ""
     pairs = [r for r in read_rows(out / "estimator_pairs.csv") if review.CALIBRATED in (r["estimator_a"],
                                                                                        r["estimator_b"])]
     assert [r["methods"] for r in pairs] == ["cutmix", "ema", "all 2 sets"]
