@@ -18,6 +18,7 @@ EMA_TEST = M + "test_ema_averages_weights_and_batchnorm_statistics_with_its_deca
 DROP_PATH = M + "test_drop_path_drops_whole_samples_rescales_the_kept_and_is_off_at_evaluation"
 LOOP = M + "test_the_loop_hands_methods_the_budgets_progress_and_drives_every_parameter_group"
 REVIEW = "tests/test_review.py::"
+CALIBRATED_APART = "test_the_calibrated_interval_draws_other_seeds_apart_and_the_same_seeds_paired"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
      T + "test_a_resumed_process_continues_instead_of_restarting"),
@@ -338,17 +339,34 @@ MUTATIONS = [
      "", M + "test_a_stateful_plug_in_resumes_exactly_the_start_up_pass_counts_nothing"),
     # issue 45, round 2: the calibrated estimator's intervals, families and pairs; improvement's centre
     ("the calibrated shift computed once, outside the resample", "analysis/review.py",
-     "moved = mean(base_std) - mean(base_cyc) - shift", "moved = np.zeros((n_boot, len(shift)))",
+     "moved = base_mean(base_std) - base_mean(base_cyc) - shift", "moved = np.zeros((n_boot, len(shift)))",
      REVIEW + "test_the_calibrated_intervals_resample_the_shift_with_the_baselines_seeds"),
     ("the calibrated estimator's gap - baseline's tested again (cyclic's family twice)", "analysis/review.py",
      'if c.endswith(("_lo", "_hi", "resolved")) or c.startswith("delta_gap"):',
      'if c.endswith(("_lo", "_hi", "resolved")):',
      REVIEW + "test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift"),
     ("the in-sample calibrated baseline row in the families", "analysis/review.py",
-     '        if r.get("_in_sample"):\n            continue\n', "",
+     'if r["estimator"] == CALIBRATED:  # in no family', "if False:  # in no family",
+     REVIEW + "test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift"),
+    ("the calibrated mean gaps a Holm family (cyclic's gaps - baseline's tested again)", "analysis/review.py",
+     'if r["estimator"] == CALIBRATED:  # in no family', 'if r.get("_in_sample"):  # in no family',
      REVIEW + "test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift"),
     ("calibrated pairs with a t interval that takes the shift as known", "analysis/review.py",
      'draws = row_a.get("_draws") or row_b.get("_draws")', "draws = None",
+     REVIEW + "test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift"),
+    # issue 45, round 3: a set and a baseline of other seeds resampled apart
+    ("the calibrated draws from the union of the set's and the baseline's seeds", "analysis/review.py",
+     "seeds = held(p for quad in quads for p in quad[:2])", "seeds = held(p for quad in quads for p in quad)",
+     REVIEW + CALIBRATED_APART),
+    ("the calibrated draws apart where the set and the baseline hold the same seeds", "analysis/review.py",
+     "paired = seeds == base_seeds", "paired = False", REVIEW + CALIBRATED_APART),
+    ("the shift drawn apart without the baseline's own n/(n-1)", "analysis/review.py",
+     "scale = 1.0 if paired or n < 2 else", "scale = 1.0 if True else", REVIEW + CALIBRATED_APART),
+    ("calibrated resamples pooled over sets whose shifts drew other seeds", "analysis/review.py",
+     "(d.seeds, d.base_seeds) == (draws[0].seeds, draws[0].base_seeds)", "d.seeds == draws[0].seeds",
+     REVIEW + "test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_same_seeds"),
+    ("a | in a report.md cell splits it (the per-run |gap| family's row)", "analysis/report.py",
+     'str(c).replace("|", "\\\\|") for c in r', "str(c) for c in r",
      REVIEW + "test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift"),
     ("an improvement's CI centred on the resamples, its p on the estimate", "analysis/compare.py",
      "lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)", "lo, hi = ci_at(boot, boot.a - boot.b, j)",
