@@ -28,8 +28,9 @@
 #       over the environment variables; a flag here overrides it)
 #   --vit (the ViT recipe, recipes/vit-fmnist.yaml; README "A ViT recipe"; EXTRA flags override it)
 #   --out runs/sweep  --no-report  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
-#   --plan FILE (write the study as a plan, run nothing: plan.py)  --parallel N [--gpus-per-run K] (N runs at once
-#       on this machine, each with K GPUs (--gpus K) or its share of the cores)
+#   --plan FILE (write the study as a plan, run nothing: plan.py; 1 GPU per run unless --gpus-per-run K, 0: CPU)
+#   --parallel N [--gpus-per-run K] (N runs at once on this machine, each with K GPUs (--gpus K) or its share of
+#       the cores)
 # A finished run (has 'done') is skipped; an unfinished one is resumed (--resume auto), so a killed
 # sweep continues where it stopped.
 set -euo pipefail
@@ -59,8 +60,9 @@ PY() { "$(py_bin)" "$@"; }
 # ---- sweep ----------------------------------------------------------------------------------
 SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
-GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
+GPUS=${GPUS:-}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
 DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${STANDARD:-1}; BUDGETS=${BUDGETS:-}
+# GPUS empty: the default, 1 GPU per run under --plan (a plan is for a cluster), else 0 (check_plan)
 PLAN=${PLAN:-}; PARALLEL=${PARALLEL:-1}; RECORDS=""
 EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
 PLUGINS=()
@@ -250,6 +252,7 @@ in_foreground() {  # run the command "$@" (not a function: its subshell would ta
 }
 
 check_plan() {  # --plan and --parallel: refused before anything is written
+  [ -n "$GPUS" ] || { GPUS=0; [ -z "$PLAN" ] || GPUS=1; }
   if [[ ! "$PARALLEL" =~ ^[1-9][0-9]*$ ]]; then
     echo "launch.sh: --parallel takes the number of runs at once (1, 2, ...), got '$PARALLEL'" >&2; exit 2
   fi
@@ -296,8 +299,8 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
     [ -s "$OUT/amp" ] && amp=$(cat "$OUT/amp")
     if [ -z "$amp" ] && [ "$DRY" != 1 ]; then
       if [ -n "$PLAN" ] && [ "$GPUS" -gt 0 ] && [ "$(PY plan.py gpus)" = 0 ]; then
-        echo "launch.sh: --plan: --amp auto would be decided here, on a machine without a GPU, for runs on GPUs;" \
-             "give the precision: -- --amp bf16 (or fp16, none)" >&2; exit 2
+        echo "launch.sh: --plan: --amp auto would be decided here, on a machine without a GPU, for runs on GPUs:" \
+             "pass --amp none|bf16|fp16 explicitly (-- --amp bf16), or write the plan on a GPU node" >&2; exit 2
       fi
       amp=$(PY train.py ${common/--amp auto/} --print-amp | tail -n 1) || true
       case "$amp" in none|bf16|fp16) mkdir -p "$OUT"; echo "$amp" > "$OUT/amp";; esac
@@ -492,5 +495,5 @@ case "${1:-}" in
     if PY -c "import pytest" 2>/dev/null; then PY -m pytest -q -m cuda tests || echo "launch.sh: CUDA tests FAILED" >&2
     else echo "launch.sh: pytest is not installed: the CUDA tests are skipped (gpu_check.py runs the checks)" >&2; fi
     PY gpu_check.py "$@";;
-  *) sed -n '2,34p' "$0"; exit 2;;
+  *) sed -n '2,35p' "$0"; exit 2;;
 esac

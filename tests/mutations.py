@@ -17,7 +17,7 @@ PLAIN = EVAL + "test_validation_metrics_equal_plain_pytorch_with_methods_on"
 EMA_TEST = M + "test_ema_averages_weights_and_batchnorm_statistics_with_its_decay_and_evaluates_both"
 DROP_PATH = M + "test_drop_path_drops_whole_samples_rescales_the_kept_and_is_off_at_evaluation"
 LOOP = M + "test_the_loop_hands_methods_the_budgets_progress_and_drives_every_parameter_group"
-REVIEW = "tests/test_review.py::"
+REVIEW, L = "tests/test_review.py::", "tests/test_launch.py::"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
      T + "test_a_resumed_process_continues_instead_of_restarting"),
@@ -356,6 +356,9 @@ MUTATIONS = [
     ("a method's relative cost as the ratio of medians, outside its interval", "analysis/compare.py",
      "row.update(relative=median,", 'row.update(relative=row["per_image"] / base["per_image"],',
      "tests/test_time_axes.py::test_a_methods_cost_relative_to_the_baseline_is_the_centre_of_its_interval"),
+    ("a plan's runs default to CPU lines", "launch.sh", '[ -n "$GPUS" ] || { GPUS=0; [ -z "$PLAN" ] || GPUS=1; }',
+     '[ -n "$GPUS" ] || GPUS=0',
+     L + "test_a_plans_runs_take_one_gpu_each_unless_told_and_amp_auto_is_refused_without_a_gpu"),
 ]
 
 

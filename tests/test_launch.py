@@ -11,10 +11,11 @@ from conftest import ENV, ROOT
 SWEEP = ["--seeds", "0 1", "--methods", "baseline,bp+mx", "--warmup", "1", "--t0", "1", "--cycles", "2"]
 
 
-def launch(*args, out, check=True):
-    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "sweep", "--out", str(out), *args], cwd=ROOT,
-                       env=dict(ENV, VENV=os.environ.get("VIRTUAL_ENV", os.path.join(ROOT, ".venv"))),
-                       capture_output=True, text=True, timeout=900)
+def launch(*args, out, check=True, env=None, command="sweep"):
+    """launch.sh COMMAND (sweep: with --out OUT) ARGS; env: variables over conftest.ENV's."""
+    env = dict(ENV, VENV=os.environ.get("VIRTUAL_ENV", os.path.join(ROOT, ".venv")), **(env or {}))
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), command, *(["--out", str(out)] if out else []), *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if check:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return p
@@ -209,3 +210,32 @@ def test_a_plug_in_named_like_a_paper_short_name_is_refused(tmp_path):
     assert p.stderr.strip().splitlines() == [
         f"launch.sh: --methods: --plugins: method 'mx' in {plugin} is named 'mx', already method mixup's short name "
         "(--method mx and launch.sh's --methods mx mean mixup); rename it"]
+
+
+# ---- plans: defaults, flags, bad input (issue 39's review) ------------------------------------------------------
+
+PLANNED = ["--seeds", "0", "--methods", "baseline", "--cycles", "1", "--no-standard", "--no-report"]
+SMALL = ["--", "--data", "synthetic", "--subset", "64", "--batch-size", "32", "--amp", "none"]
+NO_SETUP = {"SKIP_SETUP": "1"}  # (a real sweep sets up first; these run nothing that needs it)
+
+
+def plan_lines(plan):
+    return [json.loads(line) for line in open(plan) if not line.startswith("#")]
+
+
+def test_a_plans_runs_take_one_gpu_each_unless_told_and_amp_auto_is_refused_without_a_gpu(tmp_path):
+    """A plan is for a cluster: its lines run on 1 GPU each (the sbatch command asks for it) unless --gpus-per-run
+    says otherwise, 0 for CPU lines. Its runs on GPUs, --amp auto cannot be decided on this GPU-less machine: one
+    line, exit 2, no plan and no runs folder (it used to write CPU lines, the precision measured here)."""
+    plan = tmp_path / "a" / "plan"
+    p = launch("--plan", str(plan), *PLANNED, *SMALL, out=plan.parent, env=NO_SETUP)
+    assert {r["gpus"] for r in plan_lines(plan)} == {1} and f"--gpus-per-task=1 slurm/array.sbatch {plan}" in p.stdout
+    for flag in ("--gpus-per-run", "--gpus"):
+        cpu = tmp_path / flag / "plan"
+        p = launch("--plan", str(cpu), flag, "0", *PLANNED, *SMALL, out=cpu.parent, env=NO_SETUP)
+        assert {r["gpus"] for r in plan_lines(cpu)} == {0} and "--gpus-per-task" not in p.stdout
+    auto = tmp_path / "auto"
+    p = launch("--plan", str(auto / "plan"), *PLANNED, *SMALL[:-2], out=auto, env=NO_SETUP, check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "pass --amp none|bf16|fp16 explicitly" in p.stderr and "write the plan on a GPU node" in p.stderr
+    assert not auto.exists()
