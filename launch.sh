@@ -388,8 +388,9 @@ case "${1:-}" in
     if [ -f "$target" ]; then out=$(PY plan.py out "$target") || exit 2
     elif [ -d "$target" ]; then out=$target
     else echo "launch.sh: report takes a study's folder or a plan file, got '$target'" >&2; exit 2; fi
-    report "$out" "$@"
-    if [ -f "$target" ]; then PY plan.py unfinished "$target"; fi;;
+    rc=0; report "$out" "$@" || rc=$?  # a failed report still lists the unfinished lines (then exits non-zero)
+    left=0; if [ -f "$target" ]; then PY plan.py unfinished "$target" || left=$?; fi
+    exit $((rc ? rc : left));;
   repro)
     # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
     # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp bf16 (the study's

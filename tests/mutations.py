@@ -359,6 +359,8 @@ MUTATIONS = [
     ("a plan's runs default to CPU lines", "launch.sh", '[ -n "$GPUS" ] || { GPUS=0; [ -z "$PLAN" ] || GPUS=1; }',
      '[ -n "$GPUS" ] || GPUS=0',
      L + "test_a_plans_runs_take_one_gpu_each_unless_told_and_amp_auto_is_refused_without_a_gpu"),
+    ("a failed report of a plan hides its unfinished lines", "launch.sh", 'rc=0; report "$out" "$@" || rc=$?',
+     'rc=0; report "$out" "$@"', L + "test_report_of_a_plan_lists_the_unfinished_lines_also_when_the_report_fails"),
 ]
 
 

@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -239,3 +240,17 @@ def test_a_plans_runs_take_one_gpu_each_unless_told_and_amp_auto_is_refused_with
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "pass --amp none|bf16|fp16 explicitly" in p.stderr and "write the plan on a GPU node" in p.stderr
     assert not auto.exists()
+
+
+def test_report_of_a_plan_lists_the_unfinished_lines_also_when_the_report_fails(tmp_path):
+    """launch.sh runs under set -e: a failed report (here: no finished run to report) ended it before the lines
+    that did not finish were listed. Both now, and the report's failure is the exit status."""
+    out = tmp_path / "study"
+    records = "".join(f"{out}/r{i}\t--run-dir {out}/r{i} --seed {i}\n" for i in range(2))
+    subprocess.run([sys.executable, "plan.py", "write", str(out / "plan"), str(out), "0", "test"], cwd=ROOT,
+                   input=records, text=True, check=True, capture_output=True)
+    p = launch(str(out / "plan"), out=None, command="report", check=False)
+    assert p.returncode == 1 and "no readable finished runs" in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-3:] == [
+        f"launch.sh: 2 of 2 line(s) of {out}/plan did not finish (run them again: ./launch.sh run-plan {out}/plan "
+        "--index K):", f"  0 {out}/r0", f"  1 {out}/r1"]
