@@ -13,7 +13,7 @@
 #                                     ResNet) x seven method sets x 3 seeds on 10k images (a preset)
 #   ./launch.sh gpu-check [--data-dir DIR]  on a CUDA machine, offline: CUDA tests + gpu_check.py (< 10 min)
 #
-# Sweep options (each also as an environment variable, e.g. SEEDS="0 1"):
+# Sweep options (each also as an environment variable, e.g. SEEDS="0 1", but --plan and --parallel: flags only):
 #   --seeds "0 1"  --warmup 1 --t0 1 --t-mult 2 --cycles 4
 #   --methods baseline,ema,sam:rho=0.1,ls+mx,cutmix:alpha=1.0,mixup_alpha=0.8  (method sets, comma-separated; a
 #       set joins methods by +; bp cl ls mx are the paper's four; any other is train.py's --method spec; a
@@ -62,8 +62,9 @@ SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
 GPUS=${GPUS:-}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
 DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${STANDARD:-1}; BUDGETS=${BUDGETS:-}
-# GPUS empty: the default, 1 GPU per run under --plan (a plan is for a cluster), else 0 (check_plan)
-PLAN=${PLAN:-}; PARALLEL=${PARALLEL:-1}; RECORDS=""
+# --plan and --parallel from flags only: an exported PLAN must not turn a preset (repro, which refuses --plan) into
+# a plan; GPUS empty: the default, 1 GPU per run under --plan (a plan is for a cluster), else 0 (check_plan)
+PLAN=""; PARALLEL=1; PLAN_RC=0; RECORDS=""
 EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
 PLUGINS=()
 

@@ -361,6 +361,9 @@ MUTATIONS = [
      L + "test_a_plans_runs_take_one_gpu_each_unless_told_and_amp_auto_is_refused_without_a_gpu"),
     ("a failed report of a plan hides its unfinished lines", "launch.sh", 'rc=0; report "$out" "$@" || rc=$?',
      'rc=0; report "$out" "$@"', L + "test_report_of_a_plan_lists_the_unfinished_lines_also_when_the_report_fails"),
+    ("PLAN and PARALLEL read from the environment", "launch.sh", 'PLAN=""; PARALLEL=1;',
+     'PLAN=${PLAN:-}; PARALLEL=${PARALLEL:-1};',
+     L + "test_plan_and_parallel_come_from_the_flags_never_the_environment"),
 ]
 
 

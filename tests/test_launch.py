@@ -254,3 +254,16 @@ def test_report_of_a_plan_lists_the_unfinished_lines_also_when_the_report_fails(
     assert p.stderr.splitlines()[-3:] == [
         f"launch.sh: 2 of 2 line(s) of {out}/plan did not finish (run them again: ./launch.sh run-plan {out}/plan "
         "--index K):", f"  0 {out}/r0", f"  1 {out}/r1"]
+
+
+def test_plan_and_parallel_come_from_the_flags_never_the_environment(tmp_path):
+    """PLAN and PARALLEL in the environment (a shell's leftover export) used to act as --plan and --parallel, past
+    the presets that refuse them: now only the flags do. Here: a plain dry run, one process per run (not a plan's
+    GPU default), and no refusal of --plan with --parallel."""
+    for env in ({"PLAN": str(tmp_path / "plan")}, {"PLAN": str(tmp_path / "plan"), "PARALLEL": "2"},
+                {"PARALLEL": "x"}):
+        p = launch("--dry-run", *PLANNED, *SMALL, out=tmp_path / "o", env=env, check=False)
+        assert p.returncode == 0 and p.stderr == "", (env, p.stderr)
+        runs = [line for line in p.stdout.splitlines() if "train.py" in line]
+        assert len(runs) == 1 and "torch.distributed.run" not in runs[0], runs
+    assert not (tmp_path / "plan").exists() and not (tmp_path / "o").exists()
