@@ -364,6 +364,12 @@ MUTATIONS = [
     ("PLAN and PARALLEL read from the environment", "launch.sh", 'PLAN=""; PARALLEL=1;',
      'PLAN=${PLAN:-}; PARALLEL=${PARALLEL:-1};',
      L + "test_plan_and_parallel_come_from_the_flags_never_the_environment"),
+    ("--gpus-per-run unchecked", "launch.sh", 'if [[ ! "$GPUS" =~ ^(0|[1-9][0-9]*)$ ]]; then', "if false; then",
+     L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
+    ("OMP_NUM_THREADS unchecked by launch.sh", "launch.sh", 'if [[ ! "${OMP_NUM_THREADS:-1}" =~ ^[1-9][0-9]*$ ]]',
+     "if false", L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
+    ("OMP_NUM_THREADS unchecked by train.py", "options.py", '(re.fullmatch("[1-9][0-9]*", threads),', "(True,",
+     L + "test_train_refuses_a_bad_omp_num_threads_in_one_line"),
 ]
 
 

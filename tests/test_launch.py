@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ENV, ROOT
+from conftest import ENV, ROOT, TINY
 
 SWEEP = ["--seeds", "0 1", "--methods", "baseline,bp+mx", "--warmup", "1", "--t0", "1", "--cycles", "2"]
 
@@ -267,3 +267,34 @@ def test_plan_and_parallel_come_from_the_flags_never_the_environment(tmp_path):
         runs = [line for line in p.stdout.splitlines() if "train.py" in line]
         assert len(runs) == 1 and "torch.distributed.run" not in runs[0], runs
     assert not (tmp_path / "plan").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,env,told", [
+    (["--gpus-per-run", "x"], {}, "launch.sh: --gpus-per-run (or --gpus) takes the GPUs of each run"),
+    (["--gpus-per-run", "-1"], {}, "launch.sh: --gpus-per-run (or --gpus) takes the GPUs of each run"),
+    (["--gpus", "1.5"], {}, "got '1.5'"),
+    ([], {"OMP_NUM_THREADS": "x"}, "launch.sh: OMP_NUM_THREADS='x' is no number of threads"),
+    (["--parallel", "2"], {"OMP_NUM_THREADS": "0"}, "launch.sh: OMP_NUM_THREADS='0' is no number of threads"),
+], ids=["gpus-per-run x", "gpus-per-run -1", "gpus 1.5", "OMP x plan", "OMP 0 parallel"])
+def test_bad_gpus_and_threads_are_one_line_and_write_nothing(tmp_path, args, env, told):
+    """Each used to reach a shell test or plan.py's int() (a traceback, or a sweep on the CPU)."""
+    out = tmp_path / "study"
+    plan = [] if "--parallel" in args else ["--plan", str(out / "plan")]
+    p = launch(*plan, *args, *PLANNED, *SMALL, out=out, env=dict(NO_SETUP, **env), check=False)
+    assert p.returncode == 2 and told in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("threads", ["x", "0", "-2"])
+def test_train_refuses_a_bad_omp_num_threads_in_one_line(threads, tmp_path, capsys, monkeypatch):
+    """train.py read OMP_NUM_THREADS with int(): 'x' was a ValueError traceback, 0 or less a silent default."""
+    import train
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    monkeypatch.delenv("RANK", raising=False)
+    run = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--run-dir", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == (f"train.py: error: OMP_NUM_THREADS='{threads}' is no number of threads: "
+                                         "set it to 1, 2, ... or unset it")
+    assert not run.exists()
