@@ -370,6 +370,9 @@ MUTATIONS = [
      "if false", L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
     ("OMP_NUM_THREADS unchecked by train.py", "options.py", '(re.fullmatch("[1-9][0-9]*", threads),', "(True,",
      L + "test_train_refuses_a_bad_omp_num_threads_in_one_line"),
+    ("an array task's srun without the job's cores", "slurm/array.sbatch",
+     'srun --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" env', "srun --ntasks=1 env",
+     L + "test_an_array_task_runs_on_every_core_its_job_asked_for"),
 ]
 
 

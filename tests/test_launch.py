@@ -298,3 +298,20 @@ def test_train_refuses_a_bad_omp_num_threads_in_one_line(threads, tmp_path, caps
     assert e.value.code == 2 and err == (f"train.py: error: OMP_NUM_THREADS='{threads}' is no number of threads: "
                                          "set it to 1, 2, ... or unset it")
     assert not run.exists()
+
+
+def test_an_array_task_runs_on_every_core_its_job_asked_for(tmp_path):
+    """srun in a batch script does not take the job's --cpus-per-task (SLURM 22.05 and later): without its own
+    --cpus-per-task an array task, and every node of sweep.sbatch, trained on one core. array.sbatch run with an
+    srun that prints its options; every srun line of slurm/ passes it."""
+    (tmp_path / "srun").write_text("#!/bin/sh\necho \"srun $*\"\n")
+    (tmp_path / "srun").chmod(0o755)
+    env = dict(ENV, PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="3")
+    for cpus, told in (("8", "--cpus-per-task=8"), (None, "--cpus-per-task=1")):
+        env = {k: v for k, v in dict(env, SLURM_CPUS_PER_TASK=cpus).items() if v is not None}
+        p = subprocess.run(["bash", "slurm/array.sbatch", "runs/x/plan"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0 and p.stdout.startswith(f"srun --ntasks=1 {told} "), p.stdout + p.stderr
+    for script in ("array", "sweep"):
+        text = open(os.path.join(ROOT, "slurm", f"{script}.sbatch")).read()
+        assert '--cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"' in text.split("\nsrun ")[1].split("./launch.sh")[0]
