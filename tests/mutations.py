@@ -17,7 +17,7 @@ PLAIN = EVAL + "test_validation_metrics_equal_plain_pytorch_with_methods_on"
 EMA_TEST = M + "test_ema_averages_weights_and_batchnorm_statistics_with_its_decay_and_evaluates_both"
 DROP_PATH = M + "test_drop_path_drops_whole_samples_rescales_the_kept_and_is_off_at_evaluation"
 LOOP = M + "test_the_loop_hands_methods_the_budgets_progress_and_drives_every_parameter_group"
-REVIEW = "tests/test_review.py::"
+REVIEW, L = "tests/test_review.py::", "tests/test_launch.py::"
 CALIBRATED_APART = "test_the_calibrated_interval_draws_other_seeds_apart_and_the_same_seeds_paired"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
@@ -374,6 +374,23 @@ MUTATIONS = [
     ("a method's relative cost as the ratio of medians, outside its interval", "analysis/compare.py",
      "row.update(relative=median,", 'row.update(relative=row["per_image"] / base["per_image"],',
      "tests/test_time_axes.py::test_a_methods_cost_relative_to_the_baseline_is_the_centre_of_its_interval"),
+    ("a plan's runs default to CPU lines", "launch.sh", '[ -n "$GPUS" ] || { GPUS=0; [ -z "$PLAN" ] || GPUS=1; }',
+     '[ -n "$GPUS" ] || GPUS=0',
+     L + "test_a_plans_runs_take_one_gpu_each_unless_told_and_amp_auto_is_refused_without_a_gpu"),
+    ("a failed report of a plan hides its unfinished lines", "launch.sh", 'rc=0; report "$out" "$@" || rc=$?',
+     'rc=0; report "$out" "$@"', L + "test_report_of_a_plan_lists_the_unfinished_lines_also_when_the_report_fails"),
+    ("PLAN and PARALLEL read from the environment", "launch.sh", 'PLAN=""; PARALLEL=1;',
+     'PLAN=${PLAN:-}; PARALLEL=${PARALLEL:-1};',
+     L + "test_plan_and_parallel_come_from_the_flags_never_the_environment"),
+    ("--gpus-per-run unchecked", "launch.sh", 'if [[ ! "$GPUS" =~ ^(0|[1-9][0-9]*)$ ]]; then', "if false; then",
+     L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
+    ("OMP_NUM_THREADS unchecked by launch.sh", "launch.sh", 'if [[ ! "${OMP_NUM_THREADS:-1}" =~ ^[1-9][0-9]*$ ]]',
+     "if false", L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
+    ("OMP_NUM_THREADS unchecked by train.py", "options.py", '(re.fullmatch("[1-9][0-9]*", threads),', "(True,",
+     L + "test_train_refuses_a_bad_omp_num_threads_in_one_line"),
+    ("an array task's srun without the job's cores", "slurm/array.sbatch",
+     'srun --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" env', "srun --ntasks=1 env",
+     L + "test_an_array_task_runs_on_every_core_its_job_asked_for"),
 ]
 
 
