@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import platform
+import re
 import sys
 from dataclasses import asdict, dataclass
 
@@ -414,11 +415,12 @@ def micro_batch_size(cfg, world_size):
 def resolve(args, world_size, device):
     """Validate every flag and derive (Setup, the run's MethodList); fail() on the first bad one."""
     a = args
+    threads = os.environ.get("OMP_NUM_THREADS") or "1"  # configure_device's thread count: a number or nothing
     for name, value in sorted(vars(a).items()):  # before anything is written: inf and nan pass every bound below
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}", options=True)
-    checks = (optimizer_checks(a) + schedule_checks(a, world_size) + data_checks(a, device)
-              + run_checks(a, device))  # all made, then the first failing reported: in this order
+    checks = (environment_checks(threads) + optimizer_checks(a) + schedule_checks(a, world_size)
+              + data_checks(a, device) + run_checks(a, device))  # all made, then the first failing reported: in order
     for ok, message in checks:
         if not ok:
             fail(message, options=True)
@@ -443,6 +445,12 @@ def resolve(args, world_size, device):
 
 
 # ---- the flag checks, by concern: (holds, the one line that names the flag and the fix) each ---------------
+
+def environment_checks(threads):
+    """What the environment sets: OMP_NUM_THREADS, configure_device's thread count (`threads`: its value, or 1)."""
+    return [(re.fullmatch("[1-9][0-9]*", threads),
+             f"OMP_NUM_THREADS='{threads}' is no number of threads: set it to 1, 2, ... or unset it")]
+
 
 def optimizer_checks(a):
     """The names of the dataset, schedule and precision, then the optimizer's flags and the LR."""

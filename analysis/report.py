@@ -472,9 +472,10 @@ def fig_fidelity(rows, out, name, x="time", calibration=None):
 
 
 def md_table(header, rows):
-    """A markdown table from a header and rows of already formatted cells."""
+    """A markdown table from a header and rows of already formatted cells; a | in a cell (tests.csv's family
+    "per-run |gap| difference") escaped, or it would split the cell and shift the row's columns."""
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+                     + ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows])
 
 
 def gap_cell(value, lo, hi, spec="+.2f"):
@@ -678,9 +679,10 @@ def moved_verdicts(t):
     return ", ".join(name for name, kept in (("alone", t["robust"]), ("Holm", t["robust_holm"])) if not kept)
 
 
-def family_section(tests):
+def family_section(tests, calibrated=False):
     """report.md's families of tests (tests.csv): per family its size, what the 95 % CIs resolve alone, what Holm's
-    familywise procedure keeps, and the verdicts that leaving one seed out changes."""
+    familywise procedure keeps, and the verdicts that leaving one seed out changes. calibrated: the group has the
+    calibrated estimator's rows, whose gaps are in no family (say why)."""
     if not tests:
         return []
     rows = []
@@ -700,10 +702,12 @@ def family_section(tests):
             "`resolved`); under Holm: Holm's step-down procedure at a familywise 5 % "
             "(`*_resolved_holm`). Left out: with 4+ seeds behind a test, the whole group is recomputed without "
             "each seed in turn; a verdict that changes for some seed is listed (`*_robust`, `*_robust_holm`). "
-            "Every test: tests.csv." + (" The baseline-calibrated estimator's mean gaps are, seed for seed, the cyclic "
-                                        "estimator's gaps - baseline's (their intervals nearly so): one question, to "
-                                        "be read once; its own gap - baseline's, the same again, is not tested."
-                                        if any(t["curve"] == "baseline-calibrated" for t in tests) else ""), "",
+            "Every test: tests.csv." + (" The baseline-calibrated estimator's gaps are in no family: its mean gap is, "
+                                        "seed for seed, the cyclic row's gap - baseline's, tested there (one "
+                                        "question, one test), and its gap - baseline's is cyclic's again; its "
+                                        "estimators.csv columns mean_gap_p, _resolved_holm, _robust and "
+                                        "_robust_holm are empty for that reason (its per-run |gap| is tested in "
+                                        "the estimator pairs)." if calibrated else ""), "",
             md_table(["family", "estimator / curve", "tests", "resolved alone", "under Holm",
                       "resolved alone, not under Holm", "checked (4+ seeds)", "verdicts one left-out seed changes"],
                      rows), ""]
@@ -765,10 +769,13 @@ def calibrated_section(estimators):
             "(seed-averaged), so that the baseline's own cyclic bias cancels; exact where a set's cyclic bias equals "
             "the baseline's, and no help where a set interacts with the schedule (its mean gap is then the gap - "
             "baseline's). Cost: every set's cyclic run plus the baseline's standard curve (estimators.csv: each set "
-            "its run plus an equal share). Its intervals, p-values and pair tests draw the baseline's seeds with the "
-            "set's (one draw of seeds for the four curves), the shift recomputed in each draw, so the shift's own "
-            "seed noise is in them. Its gap - baseline's is the cyclic estimator's (the shift cancels), so it is "
-            "tested once, there; its mean gap is that same difference of the set's and the baseline's gaps. The "
+            "its run plus an equal share). Its intervals and pair tests resample the baseline's seeds too, the shift "
+            "recomputed in each draw, so the shift's own seed noise is in them: where the set and the baseline hold "
+            "the same seeds, one draw of seeds serves the four curves (paired), and where they hold other seeds the "
+            "set's curves are drawn over the set's seeds and the shift over the baseline's, apart (two independent "
+            "estimates). Its gap - baseline's is the cyclic estimator's (the shift cancels), and its mean gap is "
+            "that same difference of the set's and the baseline's gaps, seed for seed: tested once, on the cyclic "
+            "row, so neither is in a Holm family (its mean_gap_p and Holm columns empty). The "
             "baseline's own calibrated row is in-sample (its shifted curve is its standard curve on average): it "
             "stays in estimators.csv with point estimates, marked in its note, and is left out of every Holm "
             "family, estimator pair and pooled gap.", "",
@@ -818,7 +825,8 @@ def tau_section(ranking):
 def review_sections(pick):
     """The report's sections of analysis.review's statistics, from one group's rows."""
     estimators = pick("estimators.csv")
-    return (family_section(pick("tests.csv")) + power_section(pick("power.csv"))
+    calibrated = any(r["estimator"] == review.CALIBRATED and not r["_in_sample"] for r in estimators)
+    return (family_section(pick("tests.csv"), calibrated) + power_section(pick("power.csv"))
             + pair_section(pick("estimator_pairs.csv")) + calibrated_section(estimators)
             + paired_ratio_section(estimators) + tau_section(pick("ranking.csv")))
 

@@ -3,6 +3,7 @@ out, seeds to plan, the baseline-calibrated estimator, estimator against estimat
 tau's CI, exact fits; and bad input (one seed, identical seeds, no baseline) as empty cells with a reason."""
 import csv
 import math
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -149,11 +150,48 @@ def test_the_calibrated_intervals_resample_the_shift_with_the_baselines_seeds():
     assert old >= 50 and 4 <= new <= 16  # (61 and 14 with this RNG)
 
 
+def shift_study(d, b):
+    """A curve map (with its calibrated curves) where, at every budget, ema's seed s's cyclic run misses its standard
+    one by d[s] and the baseline's standard run beats its cyclic one by b[s] (each seed lifting all its runs): ema's
+    calibrated mean gap is mean(d) + mean(b), over the seeds each holds."""
+    cmap = {}
+    for m, lift, miss in (("baseline", 0.0, {s: -v for s, v in b.items()}), ("ema", 1.0, d)):
+        for schedule, on in (("standard", 0), ("cyclic", 1)):
+            cmap[(m, schedule)] = [curve_point(m, schedule, e, list(miss), [a + lift + s + on * miss[s] for s in miss],
+                                               *[[e] * len(miss)] * 2, *[[None] * len(miss)] * 3)
+                                   for e, a in zip((2, 4, 8), BASE)]
+    return {**cmap, **review.calibrated_curves(cmap)}
+
+
+def test_the_calibrated_interval_draws_other_seeds_apart_and_the_same_seeds_paired():
+    """ema holds seeds 0-2, the baseline seeds 0-4: the calibrated mean gap, mean(d) + mean(b), is a sum of two
+    independent means, its 95 % interval t(2) x sqrt(var(d) / 3 + var(b) / 5) (the fewer seeds' t), 2.26 pp wide.
+    One draw of seeds from the union (ema's mean over the drawn seeds it holds, 0 to 5 of them, paired with the
+    baseline's on seeds 0-2, where d and b happen to cancel) made it 1.58 wide; on random seeds 0.4-1.5x the right
+    width. With seeds 0-4 on both sides the draws stay paired: d + b is nearly the same for every seed, and the
+    interval is the paired t interval of d + b, t(4) x sd(d + b) / sqrt(5), far narrower than apart."""
+    d = {0: 0.3, 1: -0.2, 2: 0.5, 3: 0.1, 4: -0.4}
+    b = {0: -0.25, 1: 0.17, 2: -0.48, 3: -0.1, 4: 0.44}
+    half = lambda values, df: stats.t975(df) * np.std(values, ddof=1) / math.sqrt(len(values))  # noqa: E731
+    three = {s: d[s] for s in range(3)}
+    row = {r["methods"]: r for r in review.calibrated_rows(shift_study(three, b))}["ema"]
+    assert row["mean_gap_pp"] == pytest.approx(np.mean(list(three.values())) + np.mean(list(b.values())))
+    expected = 2 * math.hypot(half(list(three.values()), 2), half(list(b.values()), 2))
+    assert row["n_seeds"] == 3 and "apart" in row["note"]
+    assert row["mean_gap_hi"] - row["mean_gap_lo"] == pytest.approx(expected, rel=0.03)
+    row = {r["methods"]: r for r in review.calibrated_rows(shift_study(d, b))}["ema"]
+    paired = 2 * half([d[s] + b[s] for s in d], 4)
+    assert row["mean_gap_hi"] - row["mean_gap_lo"] == pytest.approx(paired, rel=0.03)
+    assert paired < 0.2 * 2 * math.hypot(half(list(d.values()), 4), half(list(b.values()), 4))
+
+
 def test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift(tmp_path):
     """3 seeds; the baseline's runs are noisy (0.5 pp), ema's and cutmix's are not, and their cyclic runs miss like
     the baseline's on average (cutmix 0.4 pp more at 8 epochs). The calibrated estimator's gap - baseline's would be
     cyclic's family again, seed for seed (the shift cancels): it is not tested (the review found it counted twice);
-    its mean gap, the same per-seed differences, has an interval close to cyclic's gap - baseline's. The baseline's
+    its mean gap, the same per-seed differences, has an interval close to cyclic's gap - baseline's, and is in no
+    family either (a second review: a Holm family of tests already made), its p and Holm columns empty with the
+    reason in stats_note and report.md, whose family table lists exactly tests.csv's families. The baseline's
     calibrated row is in-sample: in no family or pair. Every seed's per-run |gap| of ema is the same under one
     shift, so a t interval over seeds would have no width; drawn with the baseline's seeds, the pair's has."""
     rng = np.random.default_rng(5)
@@ -164,20 +202,32 @@ def test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_res
         for name, lift, late in (("ema", 1.0, 0.0), ("cutmix", 2.0, 0.4)):
             std = [a + lift + u for a in BASE]
             seeded(tmp_path, [name], std, [a + b - late * (e == 8) for a, b, e in zip(std, BIAS, (2, 4, 8))], seed)
-    out = analyse(tmp_path)
+    out = tmp_path / "rep"
+    report.main([str(tmp_path), "--out", str(out), "--metric", "final"])
     tests = read_rows(out / "tests.csv")
     families = Counter((t["family"], t["curve"]) for t in tests)
-    assert ("gap - baseline's", review.CALIBRATED) not in families and families[("mean gap", review.CALIBRATED)] == 2
-    assert {t["family_tests"] for t in tests if (t["family"], t["curve"]) == ("mean gap", review.CALIBRATED)} == {"2"}
+    assert not [f for f in families if f[1] == review.CALIBRATED]  # neither its mean gap nor its gap - baseline's
+    assert families[("mean gap", "cyclic")] == 3 and families[("gap - baseline's", "cyclic")] == 2
+    assert families[("per-run |gap| difference", f"cyclic - {review.CALIBRATED}")] == 3
     assert len({(t["family"], t["curve"], t["methods"], t["budget"]) for t in tests}) == len(tests)
     assert not [t for t in tests if review.CALIBRATED in t["curve"] and t["methods"] == "baseline"]
+    assert not [r for r in read_rows(out / "power.csv") if r["curve"] == review.CALIBRATED]
+    md = (out / "report.md").read_text()
+    table = md.split("## Families of tests")[1].split("##")[0].splitlines()
+    listed = {tuple(c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:4])  # (\| in a cell)
+              for line in table if line.startswith("| ")}
+    sizes = {f: sum(t["p"] != "" for t in tests if (t["family"], t["curve"]) == f) for f in families}
+    assert listed - {("family", "estimator / curve", "tests")} == {(*f, str(n)) for f, n in sizes.items()}
+    assert "The baseline-calibrated estimator's gaps are in no family" in md
     est = {(r["methods"], r["estimator"]): r for r in read_rows(out / "estimators.csv")}
     for m in ("ema", "cutmix"):
         cal, cyc = est[(m, review.CALIBRATED)], est[(m, "cyclic")]
         assert float(cal["mean_gap_pp"]) == pytest.approx(float(cyc["delta_gap_vs_baseline"]))
         width = float(cyc["delta_gap_vs_baseline_hi"]) - float(cyc["delta_gap_vs_baseline_lo"])
         assert width > 0.1 and float(cal["mean_gap_hi"]) - float(cal["mean_gap_lo"]) == pytest.approx(width, rel=0.05)
-        assert cal["mean_gap_p"] != "" and cal["delta_gap_vs_baseline"] == cal["delta_gap_vs_baseline_p"] == ""
+        assert cal["mean_gap_p"] == cal["mean_gap_resolved_holm"] == cal["mean_gap_robust"] == ""
+        assert cal["resolved"] != "" and review.UNTESTED in cal["stats_note"]
+        assert cal["delta_gap_vs_baseline"] == cal["delta_gap_vs_baseline_p"] == ""
     pairs = [r for r in read_rows(out / "estimator_pairs.csv") if review.CALIBRATED in (r["estimator_a"],
                                                                                        r["estimator_b"])]
     assert [r["methods"] for r in pairs] == ["cutmix", "ema", "all 2 sets"]
@@ -371,8 +421,8 @@ def test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_s
     those would thin the baseline's noise, intervals ~27 % too narrow in the review's case); then no interval."""
     rng = np.random.default_rng(0)
 
-    def row(m, seeds):
-        draws = SimpleNamespace(seeds=seeds)
+    def row(m, seeds, base_seeds=None):
+        draws = SimpleNamespace(seeds=seeds, base_seeds=base_seeds or seeds)
         boot = rng.normal(1.0, 0.3, 200)
         return dict(methods=m, estimator=review.CALIBRATED, _draws=draws, _abs_boot=boot, _run_boot=boot,
                     _cost_boot=(rng.normal(10, 1, 200), rng.normal(20, 1, 200)), standard_time_s=20.0,
@@ -382,6 +432,8 @@ def test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_s
     assert None not in same.gap_ci + same.run_ci + same.cost_ci
     other = report.fidelity_points([row("cutmix", [0, 1, 2]), row("ema", [0, 1, 2, 3])])[review.CALIBRATED]
     assert other.gap_ci == other.run_ci == other.cost_ci == (None, None) and other.run_gap == 1.0
+    shifts = report.fidelity_points([row("cutmix", [0, 1, 2]), row("ema", [0, 1, 2], [0, 1, 2, 3])])  # drawn apart
+    assert shifts[review.CALIBRATED].gap_ci == (None, None)
 
 
 def test_a_seed_with_two_runs_gives_the_calibrated_row_no_interval_and_says_why():
