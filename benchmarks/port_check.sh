@@ -8,7 +8,8 @@
 # --label-smoothing --mixup; --label-smoothing 0.2 --mixup 0.4 --amp bf16; --blurpool --blurpool-mode conv-first
 # --schedule standard --epochs 2; and one run each of wsd, schedule-free, SAM, EMA, progressive resizing and the
 # ViT recipe. Every metrics.csv must equal the other tree's in every column but the measured times and speeds
-# (*_s, images_per_s, peak_mem_gb), and every config.json in every key but run_dir, argv and amp_measured. Then
+# (*_s, images_per_s, peak_mem_gb), every config.json in every key but run_dir, argv and amp_measured, and what
+# train.py printed in its words (numbers masked: times vary). Then
 # `python -m analysis.report` and `analysis.compare` analyse the committed studies (results/) from each tree into
 # OUT: every CSV must be the same bytes. Prints one line per difference and a verdict; exit 1 on any difference.
 # Slow (tens of minutes on 2 quiet cores): run it under nice; JOBS=N runs N trainings or analyses at once.
@@ -60,7 +61,9 @@ ANALYSES=("fashion-mnist|analysis.report|results/fashion-mnist"
           "vit-fmnist-complete|analysis.report|results/vit-fmnist --complete-seeds"
           "vit-fmnist-from4|analysis.report|results/vit-fmnist --complete-seeds --min-epochs 4"
           "resnet-epochs|analysis.compare|results/resnet-fmnist --x epochs"
-          "methods-flops|analysis.compare|results/methods-fmnist --x flops")
+          "methods-flops|analysis.compare|results/methods-fmnist --x flops"
+          "methods-calibrated|analysis.report|results/methods-fmnist --x calibrated"
+          "vit-fmnist-calibrated|analysis.compare|results/vit-fmnist --x calibrated --complete-seeds")
 for entry in "${ANALYSES[@]}"; do
   IFS='|' read -r name module args <<<"$entry"
   for side in base new; do
@@ -74,9 +77,9 @@ for entry in "${ANALYSES[@]}"; do
 done
 wait
 
-"$(py "$NEW")" - "$OUT" "${#RUNS[@]}" <<'EOF'
-import csv, json, os, sys
-out, expected = sys.argv[1], int(sys.argv[2])
+"$(py "$NEW")" - "$OUT" "${#RUNS[@]}" "$BASE" "$NEW" <<'EOF'
+import csv, json, os, re, sys
+out, expected, trees = sys.argv[1], int(sys.argv[2]), sys.argv[3:5]
 TIMES = {"images_per_s", "peak_mem_gb"}  # and every *_s column: measured, not computed
 MACHINE = {"run_dir", "argv", "amp_measured"}  # config.json keys that name the folder or a timing
 problems, runs = [], 0
@@ -98,6 +101,11 @@ for name in sorted(os.listdir(os.path.join(out, "base", "runs"))):
         problems.append(f"{name}: config.json differs in {differ}")
     if not (os.path.exists(os.path.join(a, "done")) and os.path.exists(os.path.join(b, "done"))):
         problems.append(f"{name}: not finished in both trees")
+    # what train.py printed, its words: the trees' and OUT's paths made alike, every number masked (times vary)
+    said = [re.sub(r"\d+", "#", open(os.path.join(out, side, f"{name}.log")).read().replace(tree, "TREE")
+                   .replace(f"/{side}/", "/SIDE/")) for side, tree in zip(("base", "new"), trees)]
+    if said[0] != said[1]:
+        problems.append(f"{name}: train.py's output differs")
 if runs != expected:
     problems.append(f"{runs} runs compared, {expected} expected")
 tables = 0
@@ -119,7 +127,7 @@ for name in names:
         if not (os.path.exists(pa) and os.path.exists(pb)) or open(pa, "rb").read() != open(pb, "rb").read():
             problems.append(f"analysis {name}: {f} differs")
 print("\n".join(problems))
-print(f"port check: {runs} runs (metrics.csv outside the time columns, config.json), {len(names)} analyses "
+print(f"port check: {runs} runs (metrics.csv outside the time columns, config.json, output), {len(names)} analyses "
       f"({tables} CSVs, exit codes, output): "
       + ("IDENTICAL" if not problems else f"{len(problems)} DIFFERENCES"))
 sys.exit(1 if problems else 0)
