@@ -59,7 +59,7 @@ EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
 PLUGINS=()
 
 parse_sweep() {
-  PLUGINS=(); CONFIGS=(); RECIPE_AMP=""  # each sweep its own (repro calls sweep several times)
+  PLUGINS=(); CONFIGS=(); RECIPE_AMP=""; RECIPE_COMPILE=""  # each sweep its own (repro calls sweep several times)
   local given=" "
   while [ $# -gt 0 ]; do
     given+="$1 "
@@ -82,8 +82,9 @@ parse_sweep() {
   done
   local i normalised=()
   if [ ${#EXTRA[@]} -gt 0 ]; then
-    for i in "${EXTRA[@]}"; do  # --amp=X as --amp X, which the precision logic below reads
-      if [[ "$i" == --amp=* ]]; then normalised+=(--amp "${i#--amp=}"); else normalised+=("$i"); fi
+    for i in "${EXTRA[@]}"; do  # --amp=X as --amp X (--compile=X too), which the logic below reads
+      if [[ "$i" == --amp=* || "$i" == --compile=* ]]; then normalised+=("${i%%=*}" "${i#*=}")
+      else normalised+=("$i"); fi
     done
     EXTRA=("${normalised[@]}")
   fi
@@ -245,6 +246,9 @@ sweep() {
   if [ -n "$RECIPE_AMP" ] && [[ " ${EXTRA[*]:-} " != *" --amp "* && " ${EXTRA[*]:-} " != *" --amp="* ]]; then
     common+=" --amp $RECIPE_AMP"
   fi
+  if [ -n "$RECIPE_COMPILE" ] && [[ " ${EXTRA[*]:-} " != *" --compile "* ]]; then
+    common+=" --compile $RECIPE_COMPILE"
+  fi
   if [ -n "$BUDGETS" ]; then  # each asked budget must be a cycle end (within 5 %): a typo plans nothing silently
     BUDGETS=$(PY -c 'import sys
 ends = [float(e) for e in sys.argv[2].split()]
@@ -269,6 +273,21 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
     case "$amp" in
       none|bf16|fp16) common="${common/--amp auto/} --amp $amp";;
       *) [ "$DRY" = 1 ] || { echo "launch.sh: could not resolve --amp auto (train.py $common --print-amp)" >&2
+                             exit 2; };;
+    esac
+  fi
+  # --compile auto likewise (at the precision above): measured once per study, kept in OUT/compile, and every run
+  # asked for on or off by name (it also keeps torchrun runs, which refuse auto, measured)
+  if [[ " $common " == *" --compile auto "* ]]; then
+    local compiled=""
+    [ -s "$OUT/compile" ] && compiled=$(cat "$OUT/compile")
+    if [ -z "$compiled" ] && [ "$DRY" != 1 ]; then
+      compiled=$(PY train.py $common --print-compile | tail -n 1) || true
+      case "$compiled" in on|off) mkdir -p "$OUT"; echo "$compiled" > "$OUT/compile";; esac
+    fi
+    case "$compiled" in
+      on|off) common="${common/--compile auto/--compile $compiled}";;
+      *) [ "$DRY" = 1 ] || { echo "launch.sh: could not resolve --compile auto (train.py $common --print-compile)" >&2
                              exit 2; };;
     esac
   fi

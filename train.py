@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import compile_choice
 import costs
 import schedules
 from analysis.runs import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
@@ -73,7 +74,8 @@ def resume_decision(args, setup, master):
         # the hardware: tf32 follows it (CPU or GPU); each rank knows only its own GPU, so rank 0's decides
         hardware = ("device_name", "tf32")
         host = ((("data_dir",) * (args.dataset != "imagenet") + hardware if done else ())
-                + ("amp",) * (args.amp == "auto") + hardware * args.allow_device_change
+                + ("amp",) * (args.amp == "auto") + ("compile",) * (args.compile == "auto")
+                + hardware * args.allow_device_change
                 + hardware * (not master))
         diffs = {k: f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
                  if k in recorded and k not in host and recorded[k] != options[k]}
@@ -281,6 +283,13 @@ def run_main(argv=None):
                                       else " (fixed by the device)"), file=sys.stderr)
         print(amp)
         return
+    if args.print_compile:  # what --compile auto picks here, for a sweep to pass to all its runs: nothing is written
+        model, loader = build_run(args, setup, methods, device, rank, world_size)[1:3]
+        make_plan(args, setup, loader.steps_per_epoch)  # the schedule's checks first: they are quick
+        if measures_precision(args, device, world_size):  # (a sweep resolves --amp auto first)
+            setup = replace(setup, amp=measure_precision(model, loader, methods, args)[0])
+        print(compile_choice.printed(args, setup, model, loader, methods))
+        return
     check_writable(setup.run_dir)  # before anything slow is loaded
     # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
     # run (a folder that does not exist yet holds nothing to read, and is created only once the flags pass).
@@ -315,6 +324,8 @@ def run_main(argv=None):
         if master:
             print(f"--amp auto: {amp} ({', '.join(f'{k} {v:.0f}' for k, v in amp_measured.items())} img/s over a few "
                   f"training steps of this model)")
+    setup, compile_auto, compiled = compile_choice.choose(args, setup, ckpt, recorded, model, loader, methods,
+                                                          sys.stdout if master else None)  # after the precision
     if locking and not HELD_LOCKS:
         HELD_LOCKS.append(lock_run_dir(setup.run_dir))
     if master and not locking:
@@ -338,7 +349,7 @@ def run_main(argv=None):
               f"w x --lr here)")
     optimizer, scheduler, scaler, autocast = build_training(model, args, setup, plan, methods, exclusions, device)
     flops = count_flops(raw_model, methods, autocast, data, plan, micro_batch_size(args, world_size), spe)
-    state = TrainState()
+    state = TrainState(startup_time=compile_auto["compile_s"] if compiled is not None else 0.0)  # auto's compiling
     if ckpt is not None:
         try:
             state = restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank)
@@ -350,8 +361,8 @@ def run_main(argv=None):
         init_distributed(device, rank, world_size)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
                                                           else None)
-    if args.compile:  # the DDP-wrapped model, as PyTorch advises: the compiler then overlaps all-reduce and backward
-        model = torch.compile(model)
+    if setup.compile:  # the DDP-wrapped model, as PyTorch advises: the compiler then overlaps all-reduce and backward
+        model = compiled if compiled is not None else compile_choice.compile_model(model, methods)
 
     config = {**vars(args), **asdict(setup), "steps_per_epoch": spe, "total_steps": plan.total_steps,
               "run_steps": plan.run_steps, "cycle_end_epochs": [s / spe for s in plan.cycle_end_steps()],
@@ -361,6 +372,7 @@ def run_main(argv=None):
               "cuda_version": torch.version.cuda if device.type == "cuda" else None, "decay_excluded": exclusions,
               "methods_without_effect": without_effect, "data_storage": getattr(data, "storage", None),
               "amp_measured": amp_measured if ckpt is None else recorded.get("amp_measured"),
+              "compile_auto": compile_auto, "compile_dynamic": compile_choice.dynamic(setup.compile, methods),
               "train_flops_per_image": flops.per_image.get(costs.side_name((data.image_size,) * 2)),
               "train_flops_per_image_by_side": flops.per_image,
               "device_names": device_history(setup, ckpt),
@@ -535,8 +547,13 @@ class Run:
         run alike, and a resumed process's compilation too. Returns the batches of the rest of the run."""
         stream = run_batches(self.loader, self.plan, state.step)
         path_step, x, y = first = next(stream)
-        trial_pass(self.model, self.raw_model, self.methods, self.autocast, x.chunk(self.args.grad_accum)[0],
-                   y.chunk(self.args.grad_accum)[0], self.context(path_step), self.scaler, self.ddp)
+        xm, ym = x.chunk(self.args.grad_accum)[0], y.chunk(self.args.grad_accum)[0]
+        trial_pass(self.model, self.raw_model, self.methods, self.autocast, xm, ym, self.context(path_step),
+                   self.scaler, self.ddp)
+        if self.setup.compile and self.methods.resizes:  # every image size the run trains at compiled now, in start-up
+            sides = costs.step_sides(self.plan, self.methods, (self.data.image_size,) * 2, self.loader.steps_per_epoch)
+            for ctx in side_contexts(self.plan, sides, self.loader.steps_per_epoch, self.data).values():
+                trial_pass(self.model, self.raw_model, self.methods, self.autocast, xm, ym, ctx, self.scaler, self.ddp)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gb: training's, not the start-up's

@@ -78,6 +78,7 @@ def run_args(config, data_dir=None):
                  "skip_nonfinite"):
         if dest in c:
             setattr(args, dest, c[dest])
+    args.compile = "on" if c["compile"] else "off"  # config.json's is the resolved choice, --compile takes a word
     args.t0, args.t_mult = c.get("family_t0", c.get("t0")), c.get("family_t_mult", c.get("t_mult"))
     if args.schedule == "constant":
         args.t_mult = None

@@ -228,6 +228,7 @@ SLOW = {
     "test_a_tiny_vit_trains_both_curves_and_a_method_that_does_not_fit_says_so",
     "test_an_injected_slowdown_changes_the_measured_axis_and_neither_calibrated_time_nor_flops",
     "test_a_run_records_its_flops_and_progressive_resizing_rows_follow_its_sizes",
+    "test_a_compiled_run_agrees_with_the_eager_run",
 }
 
 
