@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 
 import schedules
-from analysis.runs import ADDED_DEFAULTS, canonical_methods, method_options
+from runformat import ADDED_DEFAULTS, canonical_methods, method_options
 
 # What changes the cost of one optimizer step on a given device, seed, schedule and LR aside: runs equal in all of
 # these share one entry of calibration.json. A method's options are in method_options (every option, defaults

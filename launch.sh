@@ -5,6 +5,9 @@
 #   ./launch.sh demo                  setup + a real cyclic-vs-standard curve on Fashion-MNIST + report
 #   ./launch.sh test [--fast]         setup + the test suite (--fast: without the tests marked slow)
 #   ./launch.sh sweep [options]       cyclic + standard runs for every seed x method set, then the report
+#   ./launch.sh run-plan PLAN --index K | --next   line K of a plan (a SLURM array task), or the next unclaimed ones
+#   ./launch.sh report OUT|PLAN [analysis.report options]   the report of a study's folder (or a plan's, listing the
+#                                     lines that did not finish)
 #   ./launch.sh repro [options]       the study: eight method sets x 3 seeds on Fashion-MNIST + estimators (a preset)
 #   ./launch.sh vit-study [--pilot|--more-seeds|--resnet]  Study 2: the ViT recipe (--resnet: the small
 #                                     ResNet) x seven method sets x 3 seeds on 10k images (a preset)
@@ -25,6 +28,8 @@
 #       over the environment variables; a flag here overrides it)
 #   --vit (the ViT recipe, recipes/vit-fmnist.yaml; README "A ViT recipe"; EXTRA flags override it)
 #   --out runs/sweep  --no-report  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
+#   --plan FILE (write the study as a plan, run nothing: plan.py)  --parallel N [--gpus-per-run K] (N runs at once
+#       on this machine, each with K GPUs (--gpus K) or its share of the cores)
 # A finished run (has 'done') is skipped; an unfinished one is resumed (--resume auto), so a killed
 # sweep continues where it stopped.
 set -euo pipefail
@@ -48,13 +53,15 @@ setup() {
   fi
 }
 
-PY() { if [ -x "$VENV/bin/python" ]; then "$VENV/bin/python" "$@"; else python3 "$@"; fi; }
+py_bin() { if [ -x "$VENV/bin/python" ]; then echo "$VENV/bin/python"; else echo python3; fi; }
+PY() { "$(py_bin)" "$@"; }
 
 # ---- sweep ----------------------------------------------------------------------------------
 SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
 GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
 DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${STANDARD:-1}; BUDGETS=${BUDGETS:-}
+PLAN=${PLAN:-}; PARALLEL=${PARALLEL:-1}; RECORDS=""
 EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
 PLUGINS=()
 
@@ -71,6 +78,7 @@ parse_sweep() {
       --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
       --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;; --no-standard) STANDARD=0; shift;;
       --budgets) BUDGETS=$2; shift 2;;
+      --plan) PLAN=$2; shift 2;; --parallel) PARALLEL=$2; shift 2;; --gpus-per-run) GPUS=$2; shift 2;;
       --config) [ -f "${2:-}" ] || { echo "launch.sh: --config: no file ${2:-}" >&2; exit 2; }
                 CONFIGS+=(--config "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
       --vit) CONFIGS=(--config "$PWD/recipes/vit-fmnist.yaml" "${CONFIGS[@]}"); shift;;
@@ -183,19 +191,13 @@ launcher() {  # run_dir
 wants_dry_run() { [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]]; }  # the options given, or DRY=1
 
 same_argv() {  # run_dir, then train.py's arguments: true when the run recorded exactly these, its recipes unchanged
-  PY -c 'import hashlib, json, sys
-try:
-    c, argv = json.load(open(sys.argv[1] + "/config.json")), sys.argv[2:]
-    recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    sha = [hashlib.sha256(open(r, "rb").read()).hexdigest() for r in recipes]
-    # a plug-in file may have changed under the same argv: train.py compares its hash
-    sys.exit(c.get("argv") != argv or bool(recipes and c.get("recipe_sha256") != sha) or "--plugins" in argv)
-except (OSError, ValueError, AttributeError): sys.exit(1)' "$@"
+  PY plan.py same-argv "$@"
 }
 
 one_run() {  # run_dir, then train.py flags
   local dir=$1; shift
   local argv="--run-dir $dir --resume auto --no-progress $*"
+  if [ -n "$RECORDS" ]; then printf '%s\t%s\n' "$dir" "$argv" >> "$RECORDS"; return 0; fi  # a plan's line
   # a finished run is skipped when it was asked for with these very flags; otherwise train.py compares its
   # result-defining options with the run's: equal, it says so and exits 0; different, it names them (exit 2)
   if [ -e "$dir/done" ] && same_argv "$dir" $argv; then echo "skip (done): $dir"; return 0; fi
@@ -231,14 +233,44 @@ report() {  # the report of the runs under $1, into $1/report, with the options 
 }
 
 report_failures() {
-  [ ${#FAILED[@]} -eq 0 ] && return 0
+  [ ${#FAILED[@]} -eq 0 ] && exit "${PLAN_RC:-0}"
   printf 'launch.sh: %d run(s) failed, see their messages above:\n' "${#FAILED[@]}" >&2
   printf '  %s\n' "${FAILED[@]}" >&2
   exit 1
 }
 
+in_foreground() {  # run the command "$@" (not a function: its subshell would take the signal), passing Ctrl-C and
+  # SIGTERM on to it (bash alone would die and leave it running)
+  local pid rc=0
+  "$@" & pid=$!
+  trap 'kill -TERM $pid 2>/dev/null' INT TERM
+  wait $pid || rc=$?
+  while kill -0 $pid 2>/dev/null; do rc=0; wait $pid || rc=$?; done  # wait returned for the signal: wait on
+  trap - INT TERM
+  return $rc
+}
+
+check_plan() {  # --plan and --parallel: refused before anything is written
+  if [[ ! "$PARALLEL" =~ ^[1-9][0-9]*$ ]]; then
+    echo "launch.sh: --parallel takes the number of runs at once (1, 2, ...), got '$PARALLEL'" >&2; exit 2
+  fi
+  [ -n "$PLAN" ] || [ "$PARALLEL" -gt 1 ] || return 0
+  if [ -n "$PLAN" ] && [ "$PARALLEL" -gt 1 ]; then
+    echo "launch.sh: --plan writes the plan without running it: drop --parallel (then run it with run-plan)," \
+         "or drop --plan" >&2; exit 2
+  fi
+  if [ "$NNODES" -gt 1 ]; then
+    echo "launch.sh: --plan and --parallel run each run on one node; runs across nodes: slurm/sweep.sbatch" >&2; exit 2
+  fi
+  if [ "$PARALLEL" -gt 1 ] && [ "$DRY" != 1 ]; then PY plan.py check-parallel "$PARALLEL" "$GPUS" || exit 2; fi
+}
+
 sweep() {
   parse_sweep "$@"
+  check_plan
+  if { [ -n "$PLAN" ] || [ "$PARALLEL" -gt 1 ]; } && [ "$DRY" != 1 ]; then
+    RECORDS=$(mktemp); trap 'rm -f "$RECORDS"' EXIT
+  fi
   # --t-mult goes to the standard runs too: they end on the step where the cyclic run of this shape ends a cycle
   local common="--data $DATA --model $MODEL --warmup-epochs $WARMUP --t0 $T0 --t-mult $T_MULT"
   common+=" ${DATA_DIR:+--data-dir $DATA_DIR} ${PLUGINS[*]:-} ${CONFIGS[*]:-} ${EXTRA[*]:-}"
@@ -267,6 +299,10 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
     local amp=""
     [ -s "$OUT/amp" ] && amp=$(cat "$OUT/amp")
     if [ -z "$amp" ] && [ "$DRY" != 1 ]; then
+      if [ -n "$PLAN" ] && [ "$GPUS" -gt 0 ] && [ "$(PY plan.py gpus)" = 0 ]; then
+        echo "launch.sh: --plan: --amp auto would be decided here, on a machine without a GPU, for runs on GPUs;" \
+             "give the precision: -- --amp bf16 (or fp16, none)" >&2; exit 2
+      fi
       amp=$(PY train.py ${common/--amp auto/} --print-amp | tail -n 1) || true
       case "$amp" in none|bf16|fp16) mkdir -p "$OUT"; echo "$amp" > "$OUT/amp";; esac
     fi
@@ -328,6 +364,14 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
       fi
     done
   done
+  if [ -n "$RECORDS" ]; then  # the plan, in the order above; --parallel runs it here and now
+    local plan=${PLAN:-$OUT/parallel.plan} rc=0
+    if [ -n "$PLAN" ]; then PY plan.py write "$plan" "$OUT" "$GPUS" "$SWEEP_COMMAND" < "$RECORDS"; return 0; fi
+    PY plan.py write "$plan" "$OUT" "$GPUS" "$SWEEP_COMMAND" < "$RECORDS" > /dev/null
+    in_foreground "$(py_bin)" plan.py parallel "$plan" "$PARALLEL" || rc=$?  # it names its failures
+    [ $rc = 1 ] || [ $rc = 0 ] || exit $rc  # refused (2) or stopped by a signal: no report
+    PLAN_RC=$rc
+  fi
   [ "$REPORT" = 1 ] || return 0
   # several nodes: one report, by the first node (the others would write the same files at once)
   [ "${NODE_RANK:-${SLURM_NODEID:-0}}" = 0 ] || return 0
@@ -349,7 +393,19 @@ case "${1:-}" in
     sweep --out runs/demo --warmup 0.5 --t0 0.5 --cycles 3 -- --subset "${SUBSET:-20000}"
     echo "report: runs/demo/report/report.md (tradeoff figure: runs/demo/report/fig3_tradeoff.png)"
     report_failures;;
-  sweep) shift; wants_dry_run "$@" || [ "${SKIP_SETUP:-0}" = 1 ] || setup; sweep "$@"; report_failures;;
+  sweep)
+    shift; wants_dry_run "$@" || [ "${SKIP_SETUP:-0}" = 1 ] || setup
+    SWEEP_COMMAND="./launch.sh sweep $(printf '%q ' "$@")"  # a plan's first line
+    SWEEP_COMMAND=${SWEEP_COMMAND% }; sweep "$@"; report_failures;;
+  run-plan) shift; in_foreground "$(py_bin)" plan.py run "$@";;
+  report)
+    # a plan: its runs folder's report, then the lines that did not finish (exit 1 if any; slurm/report.sbatch)
+    shift; target=${1:-}; [ $# -gt 0 ] && shift
+    if [ -f "$target" ]; then out=$(PY plan.py out "$target") || exit 2
+    elif [ -d "$target" ]; then out=$target
+    else echo "launch.sh: report takes a study's folder or a plan file, got '$target'" >&2; exit 2; fi
+    report "$out" "$@"
+    if [ -f "$target" ]; then PY plan.py unfinished "$target"; fi;;
   repro)
     # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
     # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp bf16 (the study's
@@ -361,7 +417,13 @@ case "${1:-}" in
     # set gains a seed before any gains its next, then LS's and MX's estimators. Evaluations at the curve
     # points only; a checkpoint every minute, so a paused study loses < 1 minute. Runs go straight into
     # results/fashion-mnist (git keeps config.json, metrics.csv and done).
-    shift; wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || setup
+    shift; wants_dry_run "$@" && DRY=1
+    if [[ " $* " == *" --plan "* || " $* " == *" --parallel "* ]]; then
+      echo "launch.sh: repro is several sweeps in a fixed order; --plan and --parallel are for ./launch.sh sweep" \
+           >&2
+      exit 2
+    fi
+    [ "$DRY" = 1 ] || setup
     shape=(--out results/fashion-mnist --config recipes/fashion-mnist-study.yaml --no-report)
     seeds=${REPRO_SEEDS:-0 1 2}
     for seed in $seeds; do
@@ -449,5 +511,5 @@ case "${1:-}" in
     if PY -c "import pytest" 2>/dev/null; then PY -m pytest -q -m cuda tests || echo "launch.sh: CUDA tests FAILED" >&2
     else echo "launch.sh: pytest is not installed: the CUDA tests are skipped (gpu_check.py runs the checks)" >&2; fi
     PY gpu_check.py "$@";;
-  *) sed -n '2,29p' "$0"; exit 2;;
+  *) sed -n '2,34p' "$0"; exit 2;;
 esac

@@ -6,7 +6,6 @@ fails (a full disk, a read-only folder) raises RunDirError with one line naming 
 removing its temporary file, so the previous version stays intact."""
 import csv
 import errno
-import fcntl
 import json
 import os
 import sys
@@ -14,6 +13,8 @@ import tempfile
 import zipfile
 
 import torch
+
+from locks import lock_or_holder
 
 METRICS_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s",
                    "cycle", "cycle_end", "curve_cost_s", "images_per_s", "eval_time_s",
@@ -59,18 +60,15 @@ def lock_run_dir(run_dir):
     path = os.path.join(run_dir, "lock")
     f = _guard(lambda: open(path, "a+"), path)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise RunDirError(f"--run-dir {run_dir} is in use by another train.py (pid {holder}); wait for it to "
-                          f"finish, stop it, or choose another --run-dir")
+        holder = lock_or_holder(f)
     except OSError as e:  # Lustre or NFS mounted without lock support: ENOSYS, ENOLCK, EOPNOTSUPP
         f.close()
         raise RunDirError(f"--run-dir {run_dir}: its file system cannot lock files ({e.strerror or e}); pass "
                           f"--no-lock to run without the lock, and make sure yourself that no second train.py "
                           f"writes this folder (two would mix their rows and checkpoints)")
+    if holder is not None:
+        raise RunDirError(f"--run-dir {run_dir} is in use by another train.py (pid {holder}); wait for it to "
+                          f"finish, stop it, or choose another --run-dir")
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

@@ -28,14 +28,15 @@ from tqdm import tqdm
 import compile_choice
 import costs
 import schedules
-from analysis.runs import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 from data import DataError, build_data
 from methods import ALIAS_KEYS, Context, MethodError, MethodList, weights_kept
 from models import build_model, error_line, fixed_input_size
 from options import (RESULT_KEYS, cpu_has_native_bf16, fail, micro_batch_size, parse_args, resolve,
                      result_options)
+from plan import placement
 from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
                     lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
+from runformat import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 from trackers import Trackers
 
 NO_STEP = 2 ** 62  # "no non-finite step yet"
@@ -376,6 +377,8 @@ def run_main(argv=None):
               "train_flops_per_image": flops.per_image.get(costs.side_name((data.image_size,) * 2)),
               "train_flops_per_image_by_side": flops.per_image,
               "device_names": device_history(setup, ckpt),
+              **placement(device.type, torch.get_num_threads(), torch.cuda.device_count() if device.type == "cuda"
+                          else 0),
               "argv": sys.argv[1:] if argv is None else list(argv)}
     log = None
     if master:

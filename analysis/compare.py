@@ -106,9 +106,11 @@ def nonnegative(lo):
     return None if lo is None else max(lo, 0.0)
 
 
-def ci_at(boot, diffs, j):
-    """CI of column j of the resampled differences, (None, None) where a side has one seed there."""
-    return stats.interval(diffs[:, j], int(boot.counts[j])) if boot.defined_at[j] else (None, None)
+def ci_at(boot, diffs, j, center=None):
+    """CI of column j of the resampled differences, centred on `center` (default: their mean; improvement.csv's: its
+    point estimate, which its p-value is centred on, so that p < 0.05 where the CI excludes 0); (None, None) where a
+    side has one seed there."""
+    return stats.interval(diffs[:, j], int(boot.counts[j]), center) if boot.defined_at[j] else (None, None)
 
 
 def estimator_of(cmap):
@@ -270,7 +272,7 @@ def improvement_series(cmap, m, schedule, min_epochs=0.0):
     boot = stats.bootstrap(*sides(pairs))
     out = []
     for j, (a, b) in enumerate(pairs):
-        lo, hi = ci_at(boot, boot.a - boot.b, j)
+        lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)
         out.append(dict(methods=m, schedule=schedule, budget=a.epochs, improvement_pp=a.acc_mean - b.acc_mean, lo=lo,
                         hi=hi, n=a.n, n_baseline=b.n, pairing=boot.pairing))
     return out
@@ -466,10 +468,10 @@ def method_cost_rows(runs, x):
         rows.append(dict(methods=m, per_image=sum(row["axis_cost"] for row in last) / images, runs=len(mine),
                          unit=axes.unit(x)))
     base = next((r for r in rows if r["methods"] == "baseline"), None)
-    for row in rows if base else ():
-        _, lo, hi, coverage = stats.median_ci([a / b for a, b in zip(per_round[row["methods"]],
-                                                                     per_round["baseline"])])
-        row.update(relative=row["per_image"] / base["per_image"], relative_lo=lo, relative_hi=hi, coverage=coverage)
+    for row in rows if base else ():  # the point is the median of the rounds' ratios: the centre of its interval
+        median, lo, hi, coverage = stats.median_ci([a / b for a, b in zip(per_round[row["methods"]],
+                                                                          per_round["baseline"])])
+        row.update(relative=median, relative_lo=lo, relative_hi=hi, coverage=coverage)
     return [{c: r.get(c) for c in METHOD_COST_COLUMNS} for r in rows]
 
 

@@ -6,6 +6,7 @@ Writes every table of analysis.compare, each figure as PNG and PDF, and DIR/repo
 form several groups (they differ in a result-defining option), each group gets its own figures, named with _gN.
 """
 import argparse
+import math
 import os
 import sys
 from dataclasses import replace
@@ -19,7 +20,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 import schedules  # noqa: E402
-from analysis import axes, stats  # noqa: E402
+from analysis import axes, review, stats  # noqa: E402
 from analysis.compare import (add_common_args, analyse, axis_lines, ci_text, fmt, group_line,  # noqa: E402
                               hardware_lines, improvement_series, left_out_lines, nonnegative, speed_lines,
                               write_tables)
@@ -394,33 +395,41 @@ def pooled_rows(rows):
 def fidelity_points(rows, x="time"):
     """{estimator: Fidelity} pooled over pooled_rows' method sets: cost = the estimator's curve_cost_s, summed over
     sets, over the standard runs'; gap = mean |gap| of the seed-averaged curves; run_gap = per-run |gap| (each
-    seed's own runs), averaged over sets. CIs are (None, None) unless every set has one (run_gap's: unless every set
-    holds the same seeds, the unit the interval is over)."""
+    seed's own runs), averaged over sets; the gaps leave out an in-sample row (the calibrated estimator's baseline:
+    its cost counts). CIs are (None, None) unless every set has one (run_gap's: unless every set holds the same
+    seeds, the unit the interval is over; the calibrated estimator's from its joint draws, the same for every set)."""
     out = {}
     rows, _ = pooled_rows(rows)
     for est in dict.fromkeys(r["estimator"] for r in rows):
         mine = [r for r in rows if r["estimator"] == est]
+        gapped = [r for r in mine if not r.get("_in_sample")]
         std_col, est_col, _ = cost_columns(x)
         boot = "_axis_boot" if x in axes.NEW_AXES else "_cost_boot"  # (estimator, standard) resampled
         standard = sum(r[std_col] or 0 for r in mine)
-        if not standard:
+        if not standard or not gapped:
             continue
         cost = sum(r[est_col] for r in mine) / standard
-        gap = sum(r["mean_abs_gap_pp"] for r in mine) / len(mine)
+        gap = sum(r["mean_abs_gap_pp"] for r in gapped) / len(gapped)
+        n = min(r["n_seeds"] for r in mine)
         cost_ci, gap_ci, run_gap, run_ci = (None, None), (None, None), None, (None, None)
-        if all(r.get(boot) is not None for r in mine):
-            lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine),
-                                    min(r["n_seeds"] for r in mine), cost)
+        # the calibrated rows' resamples pool only where every set drew the same seeds; otherwise no interval
+        draws = [r.get("_draws") for r in mine]
+        pools = all(d is None for d in draws) or review.drew_alike(draws)
+        if pools and all(r.get(boot) is not None for r in mine):
+            lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine), n, cost)
             cost_ci = (nonnegative(lo), hi)
-        if all(r.get("_abs_boot") is not None for r in mine):
-            gap_ci = stats.interval(sum(r["_abs_boot"] for r in mine) / len(mine), min(r["n_seeds"] for r in mine),
-                                    gap)
-        if all(r.get("_per_run") for r in mine):
-            run_gap = sum(r["per_run_abs_gap_pp"] for r in mine) / len(mine)
-            seeds = mine[0]["_per_run"].keys()
-            if all(r["_per_run"].keys() == seeds for r in mine):  # per seed, its runs' |gap| averaged over sets
-                run_ci = stats.mean_ci([sum(r["_per_run"][s] for r in mine) / len(mine) for s in seeds])
-                run_ci = (nonnegative(run_ci[0]), run_ci[1])
+        if pools and all(r.get("_abs_boot") is not None for r in gapped):
+            gap_ci = stats.interval(sum(r["_abs_boot"] for r in gapped) / len(gapped), n, gap)
+        if all(r.get("_per_run") for r in gapped):
+            run_gap = sum(r["per_run_abs_gap_pp"] for r in gapped) / len(gapped)
+            seeds = gapped[0]["_per_run"].keys()
+            if not pools:
+                run_ci = (None, None)
+            elif all(r.get("_run_boot") is not None for r in gapped):  # the shift resampled: the same draws per set
+                run_ci = stats.interval(sum(r["_run_boot"] for r in gapped) / len(gapped), n, run_gap)
+            elif all(r["_per_run"].keys() == seeds for r in gapped):  # per seed, its runs' |gap| averaged over sets
+                run_ci = stats.mean_ci([sum(r["_per_run"][s] for r in gapped) / len(gapped) for s in seeds])
+            run_ci = (nonnegative(run_ci[0]), run_ci[1])
         out[est] = Fidelity(cost, gap, cost_ci, gap_ci, run_gap, run_ci)
     return out
 
@@ -439,6 +448,7 @@ def fig_fidelity(rows, out, name, x="time", calibration=None):
     tops = []
     for i, (est, f) in enumerate(data.items()):
         colour, marker = plt.get_cmap("tab10")(i), style(est)["marker"]
+        est += " (gaps: not the baseline)" if est == "baseline-calibrated" else ""  # its baseline row is in-sample
         xerr = yerr([f.cost], [f.cost_ci[0]], [f.cost_ci[1]])
         if f.run_gap is not None:
             ax.errorbar([f.cost], [f.run_gap], xerr=xerr, yerr=yerr([f.run_gap], [f.run_ci[0]], [f.run_ci[1]]),
@@ -610,14 +620,24 @@ def axis_time_section(gaps, x, calibration):
             "cyclic run's at the largest matched budget. Ratio: standard / cyclic, its 95 % CI paired by seed (each "
             "seed's standard runs with its own cyclic run" + (", and one calibration round for all: the rounds were "
             "interleaved" if x == "calibrated" else "") + "); the measured time's ratio and CI beside it (the two "
-            "sides resampled independently). Eq. 1: the epoch ratio the paper predicts for those budgets.", "",
+            "sides resampled independently). Eq. 1: the epoch ratio the paper predicts for those budgets. "
+            "'exact': the two curves share one configuration, so the ratio is that of their optimizer steps (or "
+            "FLOPs) in every round and seed, and its interval has no width by construction.", "",
             md_table(["methods", f"standard ({axes.unit(x)})", f"cyclic ({axes.unit(x)})", "ratio [95 % CI, paired]",
                       "seeds", "measured ratio [95 % CI]", "Eq. 1"],
                      [[g["methods"], f"{g[standard]:{spec}}", f"{g[cyclic]:{spec}}",
-                       f"{g[ratio]:.3f} {ci_text(g[f'{ratio}_lo'], g[f'{ratio}_hi'], '.3f')}", fmt(g[f"{ratio}_seeds"]),
+                       axis_ratio_cell(g[ratio], g[f"{ratio}_lo"], g[f"{ratio}_hi"]), fmt(g[f"{ratio}_seeds"]),
                        "" if g["time_ratio"] is None else
                        f"{g['time_ratio']:.2f} {ci_text(g['time_ratio_lo'], g['time_ratio_hi'], '.2f')}",
                        f"{g['eq1_ratio']:.2f}"] for g in timed]), ""]
+
+
+def axis_ratio_cell(ratio, lo, hi):
+    """A cost ratio on the calibrated or FLOPs axis: 'exact' where its interval has no width (one configuration on
+    both sides: every resample prices the same steps at the same step cost)."""
+    if lo is not None and hi is not None and math.isclose(lo, hi, rel_tol=1e-9):
+        return f"{ratio:.3f} (exact)"
+    return f"{ratio:.3f} {ci_text(lo, hi, '.3f')}"
 
 
 def method_cost_section(rows, x, calibration):
@@ -680,7 +700,10 @@ def family_section(tests):
             "`resolved`); under Holm: Holm's step-down procedure at a familywise 5 % "
             "(`*_resolved_holm`). Left out: with 4+ seeds behind a test, the whole group is recomputed without "
             "each seed in turn; a verdict that changes for some seed is listed (`*_robust`, `*_robust_holm`). "
-            "Every test: tests.csv.", "",
+            "Every test: tests.csv." + (" The baseline-calibrated estimator's mean gaps are, seed for seed, the cyclic "
+                                        "estimator's gaps - baseline's (their intervals nearly so): one question, to "
+                                        "be read once; its own gap - baseline's, the same again, is not tested."
+                                        if any(t["curve"] == "baseline-calibrated" for t in tests) else ""), "",
             md_table(["family", "estimator / curve", "tests", "resolved alone", "under Holm",
                       "resolved alone, not under Holm", "checked (4+ seeds)", "verdicts one left-out seed changes"],
                      rows), ""]
@@ -694,8 +717,9 @@ def power_section(rows):
     detect = shown[0]["detect_pp"]
     return ["## Seeds to plan", "",
             "From each comparison's spread over seeds (its CI's standard error x sqrt(seeds)): the smallest true "
-            "difference its seeds resolve with a 95 % CI 80 % of the time, (t(0.975, n-1) + t(0.8, n-1)) x sd / "
-            f"sqrt(n), and the seeds a true difference of {detect:g} pp needs (`--detect`; per side where the "
+            "difference its seeds resolve with a 95 % CI 80 % of the time (exact: the noncentral t with n-1 degrees "
+            "of freedom; the textbook (t(0.975) + t(0.8)) x sd / sqrt(n) gives 73-79 % at 2-6 seeds), and the seeds "
+            f"a true difference of {detect:g} pp needs (`--detect`; per side where the "
             "comparison is unpaired). The estimators' improvements: power.csv. To plan a study, run 2 seeds first "
             "(`./launch.sh sweep ... --seeds \"0 1\"`; it has no `--pilot-seeds` mode) and read this table.", "",
             md_table(["comparison", "methods", "curve", "budget", "estimate [95 % CI]", "seeds", "sd per seed",
@@ -724,34 +748,38 @@ def pair_section(rows):
 
 
 def calibrated_section(estimators):
-    """report.md's pooled fidelity and cost per estimator (what fig8 draws), the baseline-calibrated one included."""
-    data = fidelity_points(estimators)
+    """report.md's baseline-calibrated estimator against the cyclic one, like for like: their gaps pooled over the
+    sets other than the baseline (the calibrated one's baseline row is in-sample), their costs over every set."""
+    both = [dict(r, _in_sample=True) if r["methods"] == "baseline" else r  # cyclic's baseline row: costs only too
+            for r in estimators if r["estimator"] in ("cyclic", "baseline-calibrated")]
+    data = fidelity_points(both)
     if "baseline-calibrated" not in data:
-        return ["## The baseline-calibrated estimator", "",
-                "(none: it needs the baseline's standard and cyclic curves)", ""]
-    pooled, shared = pooled_rows(estimators)
+        why = ("none: it needs the baseline's standard and cyclic curves" if not any(
+            r["estimator"] == "baseline-calibrated" for r in both) else "the baseline's row only, which is in-sample")
+        return ["## The baseline-calibrated estimator", "", f"({why})", ""]
+    pooled, _ = pooled_rows(both)
     n_sets = len({r["methods"] for r in pooled})
+    n_gapped = len({r["methods"] for r in pooled if not r.get("_in_sample")})
     return ["## The baseline-calibrated estimator", "",
             "Each set's cyclic curve shifted, at each budget, by the baseline's standard - cyclic difference "
             "(seed-averaged), so that the baseline's own cyclic bias cancels; exact where a set's cyclic bias equals "
             "the baseline's, and no help where a set interacts with the schedule (its mean gap is then the gap - "
             "baseline's). Cost: every set's cyclic run plus the baseline's standard curve (estimators.csv: each set "
-            "its run plus an equal share). Pooled over the "
-            + (f"{n_sets} sets every estimator has" if shared else f"{n_sets} sets") + " (fig8's numbers):", "",
+            "its run plus an equal share). Its intervals, p-values and pair tests draw the baseline's seeds with the "
+            "set's (one draw of seeds for the four curves), the shift recomputed in each draw, so the shift's own "
+            "seed noise is in them. Its gap - baseline's is the cyclic estimator's (the shift cancels), so it is "
+            "tested once, there; its mean gap is that same difference of the set's and the baseline's gaps. The "
+            "baseline's own calibrated row is in-sample (its shifted curve is its standard curve on average): it "
+            "stays in estimators.csv with point estimates, marked in its note, and is left out of every Holm "
+            "family, estimator pair and pooled gap.", "",
+            f"Against the cyclic estimator, gaps pooled over the {n_gapped} sets other than the baseline, costs "
+            f"over all {n_sets} (all their estimator runs against all their standard runs); fig8 pools every "
+            "estimator over the sets every estimator has (the calibrated one's gaps without the baseline):", "",
             md_table(["estimator", "per-run abs gap [95 % CI]", "mean-curve abs gap [95 % CI]",
-                      "cost / standard curve [95 % CI]"],
-                     [[est, "" if f.run_gap is None else gap_cell(f.run_gap, *point_only(est, f.run_ci), ".2f"),
-                       gap_cell(f.gap, *point_only(est, f.gap_ci), ".2f"),
-                       gap_cell(f.cost, *point_only(est, f.cost_ci), ".2f")]
-                      for est, f in data.items()]),
-            "", "The baseline-calibrated estimator's figures are point estimates: an interval would treat its shift as "
-            "known, while the shift carries the baseline's seed noise (not resampled yet); the baseline's own row is "
-            "in-sample (its shifted curve is its standard curve on average).", ""]
-
-
-def point_only(estimator, ci):
-    """No interval for the baseline-calibrated estimator (see calibrated_section), the CI otherwise."""
-    return (None, None) if estimator == "baseline-calibrated" else ci
+                      "cost / standard curves [95 % CI]"],
+                     [[est, "" if f.run_gap is None else gap_cell(f.run_gap, *f.run_ci, ".2f"),
+                       gap_cell(f.gap, *f.gap_ci, ".2f"), gap_cell(f.cost, *f.cost_ci, ".2f")]
+                      for est, f in data.items()]), ""]
 
 
 def paired_ratio_section(estimators):

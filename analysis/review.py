@@ -8,13 +8,15 @@
   behind a test, `robust`: its verdict is the same whichever one seed is left out of the whole group (every
   statistic recomputed without it), unadjusted and under Holm over the same family.
 - Seeds to plan (power.csv): per comparison, from its CI's per-seed spread, the smallest true difference its seeds
-  resolve (95 % CI, 80 % power; the textbook (t(0.975) + t(0.8)) x sd / sqrt(n)) and the seeds --detect pp needs.
+  resolve (95 % CI, 80 % power, exact: the noncentral t, stats.power_of) and the seeds --detect pp needs.
 - The baseline-calibrated estimator (estimators.csv rows, estimator CALIBRATED): each set's cyclic curve shifted, at
   each budget, by the baseline's standard - cyclic difference of the seed-averaged curves, so that the baseline's own
   cyclic bias cancels. Its cost, every set's cyclic run plus the baseline's standard curve, is split evenly over the
-  N sets of the group: each row costs its cyclic run plus 1/N of the baseline's standard curve.
+  N sets of the group: each row costs its cyclic run plus 1/N of the baseline's standard curve. Its intervals draw
+  the baseline's seeds with the set's, the shift recomputed in each draw (joint_draws). The baseline's own row is
+  in-sample (point estimates; in no family, pair or pooled gap); its gap - baseline's is cyclic's (not tested twice).
 - Estimator against estimator (estimator_pairs.csv): per set, the difference of two estimators' per-run |gap|,
-  paired by seed, and pooled over the sets (per seed, the mean over sets) where every set holds the same seeds.
+  paired by seed, and pooled over the sets (per seed, the mean over sets) over the seeds every set holds.
 - The cost ratio paired by seed; Kendall's tau with a CI over seeds; the power-law fits' degrees of freedom and
   parameter CIs, and an exact curve (3 points for 3 parameters) named as no fit, without a fitted gap.
 A statistic that cannot be computed (one seed, every seed alike, no baseline) is empty, its reason in stats_note
@@ -22,6 +24,7 @@ A statistic that cannot be computed (one seed, every seed alike, no baseline) is
 """
 import itertools
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,12 +46,14 @@ def extend(tables, group, cmap, min_epochs, x, detect=DETECT):
     full = {**cmap, **calibrated_curves(cmap, min_epochs)}
     tables["estimators.csv"][1].extend(compare.tag(group, calibrated_rows(full, min_epochs, x)))
     own = {name: [r for r in rows if r["group"] == group] for name, (_, rows) in tables.items()}
-    own["estimator_pairs.csv"] = compare.tag(group, pair_rows(uncalibrated(own["estimators.csv"])))
+    own["estimator_pairs.csv"] = compare.tag(group, pair_rows(own["estimators.csv"]))
     tables["estimator_pairs.csv"][1].extend(own["estimator_pairs.csv"])
     for name, extra in compare.REVIEW_COLUMNS.items():
         for r in own[name]:
             r.update({c: None for c in extra if c not in r})
     for r in own["estimators.csv"]:
+        if r["time_ratio_paired_lo"] is not None:  # the calibrated estimator's, from its joint draws
+            continue
         (r["time_ratio_paired"], r["time_ratio_paired_lo"], r["time_ratio_paired_hi"],
          r["time_ratio_paired_seeds"], why) = paired_cost_ratio(full, r["methods"], r["estimator"], min_epochs)
         add_note(r, why and r["time_ratio"] is not None and f"paired cost ratio: {why}")
@@ -68,11 +73,16 @@ def add_note(row, text, key="stats_note"):
 
 # ---- the baseline-calibrated estimator ---------------------------------------------------------------------
 
+def baseline_pairs(cmap, min_epochs=0.0):
+    """The baseline's matched (cyclic, standard) points: where they differ is the calibrated estimator's shift."""
+    return match(cmap.get(("baseline", "cyclic"), []), cmap.get(("baseline", "standard"), []), min_epochs)
+
+
 def calibrated_curves(cmap, min_epochs=0.0):
     """{(methods, CALIBRATED): [CurvePoint]}: each set's cyclic points at the budgets where the baseline has both
     curves, every seed's accuracy shifted by the baseline's standard - cyclic mean there, each cost raised by 1/N of
     the baseline's standard curve (N: the sets calibrated). Empty without the baseline's two curves."""
-    base = match(cmap.get(("baseline", "cyclic"), []), cmap.get(("baseline", "standard"), []), min_epochs)
+    base = baseline_pairs(cmap, min_epochs)
     sets = order_methods(m for m, s in cmap if s == "cyclic")
     if not base or not sets:
         return {}
@@ -98,20 +108,139 @@ def calibrated_curves(cmap, min_epochs=0.0):
 
 def calibrated_rows(full, min_epochs=0.0, x="time"):
     """estimators.csv rows of the calibrated curves in `full` (a curve map that holds them), as compare_one writes
-    them, point estimates only: their intervals would treat the shift (the baseline's seed-averaged standard -
-    cyclic difference) as known, and its seed noise is not resampled yet, so no CI, verdict or test is given."""
+    them, but with every interval from joint_draws: the baseline's seeds drawn with the set's, the shift recomputed
+    in each resample (compare_one's take it as known: at 3 seeds those 'resolved' ~40 % of null replications,
+    test_review). The baseline's own row is in-sample (its shift is its own standard - cyclic difference): point
+    estimates only, in no family, pair or pooled gap. No set's gap - baseline's: it is cyclic's, the shift cancels
+    (a second family of the same tests)."""
     keys = [k for k in full if k[1] == CALIBRATED]
     rows = []
     for m in order_methods(m for m, _ in keys):
         r = compare.compare_one(full, m, CALIBRATED, min_epochs, x)
         r["_points"] = []  # its per-budget gaps are the differences against the baseline's: fig9 draws runs' curves
-        for c in r:
+        for c in r:  # compare_one's intervals and its gap - baseline's, replaced below
             if c.endswith(("_lo", "_hi", "resolved")) or c.startswith("delta_gap"):
                 r[c] = None
-        add_note(r, f"cost: its cyclic run + 1/{len(keys)} of the baseline's standard curve; point estimates only "
-                    f"(no CI: the shift's own seed noise is not resampled)", "note")
+        r["_abs_boot"] = r["_cost_boot"] = None
+        note = f"cost: its cyclic run + 1/{len(keys)} of the baseline's standard curve"
+        repeated = has_repeated_seeds(full, m)
+        draws = None if repeated else calibrated_draws(full, m, min_epochs)
+        if repeated:
+            note += "; a seed with two runs in one of its curves: no interval (the joint draws take a run per seed)"
+        if draws:
+            r["_draws"] = draws
+            r["n_seeds"] = draws.n  # (the intervals' degrees of freedom + 1: the p-values read them)
+            fill_intervals(r, draws, in_sample=m == "baseline")
+            note += ("; in-sample (shifted by its own standard - cyclic difference): no interval, in no family, "
+                     "pair or pooled gap" if m == "baseline" else "; CIs draw the baseline's seeds with the set's; "
+                     "gap - baseline's: cyclic's (the shift cancels)")
+        r["_in_sample"] = m == "baseline"
+        add_note(r, note, "note")
         rows.append(r)
     return rows
+
+
+def fill_intervals(row, draws, in_sample=False):
+    """A calibrated row's intervals from its joint draws: the cost ratio's (time_ratio's with the standard curve
+    drawn apart, as every estimator's; time_ratio_paired's with the same draw), and unless in-sample the gaps'."""
+    n, ratio = draws.n, row["time_ratio"]
+    if ratio:
+        row["_cost_boot"] = (draws.cost, draws.standard_apart)
+        lo, row["time_ratio_hi"] = stats.interval(draws.standard_apart / draws.cost, n, ratio)
+        row["time_ratio_lo"] = compare.nonnegative(lo)
+        lo, hi = stats.interval(draws.standard / draws.cost, n, ratio)
+        if lo is not None:
+            row.update(time_ratio_paired=ratio, time_ratio_paired_lo=compare.nonnegative(lo), time_ratio_paired_hi=hi,
+                       time_ratio_paired_seeds=n)
+    if in_sample:
+        return
+    row["mean_gap_lo"], row["mean_gap_hi"] = stats.interval(draws.gaps.mean(1), n, row["mean_gap_pp"])
+    row["resolved"] = stats.resolved(row["mean_gap_lo"], row["mean_gap_hi"])
+    row["_abs_boot"] = np.abs(draws.gaps).mean(1)
+    lo, row["mean_abs_gap_hi"] = stats.interval(row["_abs_boot"], n, row["mean_abs_gap_pp"])
+    row["mean_abs_gap_lo"] = compare.nonnegative(lo)
+    if row["per_run_abs_gap_pp"] is not None:
+        row["_run_boot"] = draws.over_draws(draws.runs)
+        lo, row["per_run_abs_gap_hi"] = stats.interval(row["_run_boot"], n, row["per_run_abs_gap_pp"])
+        row["per_run_abs_gap_lo"] = compare.nonnegative(lo)
+
+
+@dataclass
+class Draws:
+    """One calibrated row's statistics over resamples that draw the seeds of its four curves together (the set's
+    cyclic and standard, the baseline's cyclic and standard: seed s of each, paired), the shift recomputed in each."""
+    seeds: list  # the seeds drawn from: every seed of the four curves
+    idx: np.ndarray  # (resamples, len(seeds)): each resample's draw, indices into seeds
+    n: int  # the fewest seeds behind a budget of any of the four curves
+    gaps: np.ndarray  # (resamples, budgets): calibrated - standard, seed-averaged
+    runs: np.ndarray  # (resamples, len(seeds)): each seed's per-run |gap| under that resample's shift (NaN: none)
+    cost: np.ndarray  # (resamples,): the calibrated cost (its share of the baseline's standard curve resampled too)
+    standard: np.ndarray  # (resamples,): the set's standard curve's time, in the same draws
+    standard_apart: np.ndarray  # (resamples,): the same, in draws of its own (time_ratio's CI draws the sides apart)
+
+    def over_draws(self, per_seed):
+        """(resamples,): each resample's mean of per_seed (resamples, len(seeds)) over its drawn seeds with a value."""
+        return finite_mean(np.take_along_axis(per_seed, self.idx, 1), 1)
+
+
+def finite_mean(values, axis):
+    """The mean over `axis` of the finite values; NaN where there are none."""
+    finite = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite, values, 0.0).sum(axis) / finite.sum(axis)
+
+
+def has_repeated_seeds(full, m):
+    """Whether a point of set m's or the baseline's curves behind the calibrated row holds two runs of one seed."""
+    curves = [(m, CALIBRATED), (m, "standard"), ("baseline", "cyclic"), ("baseline", "standard")]
+    return any(len(p.seeds) != len(set(p.seeds)) for key in curves for p in full.get(key, []))
+
+
+def calibrated_draws(full, m, min_epochs=0.0, n_boot=stats.N_BOOT):
+    """joint_draws of set m's calibrated curve against its standard one at the budgets and seeds compare_one pairs
+    (`full`: a curve map with the calibrated curves); None without a pair."""
+    pairs, _ = compare.on_shared_seeds(match(full[(m, CALIBRATED)], full.get((m, "standard"), []), min_epochs))
+    return joint_draws(full, pairs, min_epochs, n_boot) if pairs else None
+
+
+def joint_draws(cmap, pairs, min_epochs=0.0, n_boot=stats.N_BOOT, seed=stats.BOOT_SEED):
+    """Draws of a calibrated row from its (calibrated, standard) point pairs: one draw of seeds (with replacement,
+    from every seed of the four curves) resamples the set's curves and the baseline's, and the shift at each budget
+    is the drawn baseline's standard - cyclic mean there. (Where the baseline holds seeds the set lacks, a curve's
+    mean is over the drawn seeds it holds: a draw of the set's seeds of varying size, not exactly its own n.)"""
+    base = baseline_pairs(cmap, min_epochs)
+    partner = {id(c): s for c, s in base}
+
+    def base_at(point):  # the baseline's (cyclic, standard) points that shifted this calibrated point
+        c = match([point], [c for c, _ in base])[0][1]
+        return c, partner[id(c)]
+
+    quads = [(cal, std, *base_at(cal)) for cal, std in pairs]
+    held = {s for quad in quads for p in quad for s in p.seeds} | {s for _, p in base for s in p.seeds}
+    seeds = sorted(held, key=repr)
+
+    def grid(points, value="acc"):  # (seeds, points), NaN where a seed has no run
+        out = np.full((len(seeds), len(points)), np.nan)
+        for j, p in enumerate(points):
+            for s, v in p.samples(value):
+                out[seeds.index(s), j] = v
+        return out
+
+    cal, std, base_cyc, base_std = (grid([quad[k] for quad in quads]) for k in range(4))
+    rng = np.random.default_rng(seed)
+    idx, apart = (rng.integers(0, len(seeds), size=(n_boot, len(seeds))) for _ in range(2))
+    mean = lambda values: stats.resampled_means(values, idx)  # noqa: E731
+    shift = np.array([s.acc_mean - c.acc_mean for _, _, c, s in quads])  # the point estimate's, in cal already
+    moved = mean(base_std) - mean(base_cyc) - shift  # (resamples, budgets): each draw's shift less the point's
+    runs = finite_mean(np.abs((cal - std)[None] + moved[:, None]), 2)
+    n_sets = len({m for m, s in cmap if s == "cyclic"})
+    share = sum(s.time_mean for _, s in base) / n_sets  # in the calibrated costs already
+    cost = mean(grid([max(pairs, key=lambda p: p[0].epochs)[0]], "cost"))[:, 0] - share
+    cost += mean(grid([s for _, s in base], "time")).sum(1) / n_sets
+    times = grid([s for _, s in pairs], "time")
+    standard, standard_apart = mean(times).sum(1), stats.resampled_means(times, apart).sum(1)
+    n = int(min(np.isfinite(g).sum(0).min() for g in (cal, std, base_cyc, base_std)))
+    return Draws(seeds, idx, n, mean(cal) - mean(std) + moved, runs, cost, standard, standard_apart)
 
 
 # ---- the cost ratio paired by seed ---------------------------------------------------------------------------
@@ -149,6 +278,8 @@ def test_values(tables, swaps=None):
     tests to evaluate on these rows (another seed set's swaps), default the swaps the ranking rows list."""
     out = {}
     for r in tables["estimators.csv"]:
+        if r.get("_in_sample"):
+            continue
         for family, prefix, value, seeds, _ in GAP_TESTS:
             if r[value] is not None:
                 out[((family, r["estimator"]), r["methods"])] = (r[value], r[f"{prefix}_lo"], r[f"{prefix}_hi"],
@@ -200,7 +331,7 @@ def test_rows(cmap, min_epochs, x):
     """The rows test_values reads, for a curve map, as analyse_runs computes them (the calibrated estimator too)."""
     rows = compare.group_tables(cmap, min_epochs, x)
     rows["estimators.csv"] += calibrated_rows({**cmap, **calibrated_curves(cmap, min_epochs)}, min_epochs, x)
-    rows["estimator_pairs.csv"] = pair_rows(uncalibrated(rows["estimators.csv"]))
+    rows["estimator_pairs.csv"] = pair_rows(rows["estimators.csv"])
     return rows
 
 
@@ -261,7 +392,8 @@ def families(own, cmap, min_epochs, x):
     for r in own["estimators.csv"]:
         few = [fill(r, prefix, ((family, r["estimator"]), r["methods"]), label + " ")
                for family, prefix, _, _, label in GAP_TESTS]
-        if r["methods"] != "baseline" and r["mean_gap_pp"] is not None and r["delta_gap_vs_baseline"] is None:
+        if (r["methods"] != "baseline" and r["estimator"] != CALIBRATED and r["mean_gap_pp"] is not None
+                and r["delta_gap_vs_baseline"] is None):
             add_note(r, "gap - baseline's: no baseline run at this set's budgets and seeds")
         robust_note(r, few)
     for r in own["improvement.csv"]:
@@ -324,47 +456,83 @@ def power_rows(tests, detect):
 
 # ---- estimator against estimator --------------------------------------------------------------------------
 
-def uncalibrated(estimator_rows):
-    """The rows of every estimator but the calibrated one (its per-run gaps take the shift as known: no pair test)."""
-    return [r for r in estimator_rows if r["estimator"] != CALIBRATED]
-
-
 def pair_rows(estimator_rows):
     """estimator_pairs.csv rows: per pair of estimators and set, the mean over shared seeds of (a's per-run |gap| -
-    b's) with its t interval, then the pair pooled over sets (families() adds p, Holm and robust)."""
-    per_run = defaultdict(dict)  # methods -> estimator -> {seed: that run's mean |gap|}
+    b's) with its t interval (with the calibrated estimator, from its joint draws: the shift recomputed in each), then
+    the pair pooled over sets: per seed, the mean over the sets, over the seeds every set holds (families() adds p,
+    Holm and robust). The pairs with the calibrated estimator come last; its in-sample baseline row is in none."""
+    by_set = defaultdict(dict)  # methods -> estimator -> its row
     for r in estimator_rows:
-        if r.get("_per_run"):
-            per_run[r["methods"]][r["estimator"]] = r["_per_run"]
-    estimators = list(dict.fromkeys(e for m in per_run.values() for e in m))
+        if r.get("_per_run") and not r.get("_in_sample"):
+            by_set[r["methods"]][r["estimator"]] = r
+    estimators = list(dict.fromkeys(e for m in by_set.values() for e in m))
     rows = []
-    for a, b in itertools.combinations(estimators, 2):
-        mine, pooled = [], defaultdict(list)  # pooled: seed -> its differences over the sets
-        for m, runs in per_run.items():
+    for a, b in sorted(itertools.combinations(estimators, 2), key=lambda pair: CALIBRATED in pair):
+        mine, diffs_of, boots = [], [], []
+        for m, runs in by_set.items():
             if a not in runs or b not in runs:
                 continue
-            shared = [s for s in runs[a] if s in runs[b]]
-            diffs = [runs[a][s] - runs[b][s] for s in shared]
-            for s, d in zip(shared, diffs):
-                pooled[s].append(d)
-            mine.append(pair_row(a, b, m, diffs, *(float(np.mean([runs[e][s] for s in shared])) if shared else None
-                                                   for e in (a, b))))
+            ra, rb = runs[a]["_per_run"], runs[b]["_per_run"]
+            shared = [s for s in ra if s in rb]
+            diffs_of.append({s: ra[s] - rb[s] for s in shared})
+            boots.append(resampled_differences(runs[a], runs[b], shared))
+            boot = boots[-1] and boots[-1][1].over_draws(boots[-1][0])
+            gaps = (float(np.mean([r[s] for s in shared])) if shared else None for r in (ra, rb))
+            mine.append(pair_row(a, b, m, list(diffs_of[-1].values()), boot, *gaps))
         if len(mine) > 1:
-            same = len({len(v) for v in pooled.values()}) == 1
-            row = pair_row(a, b, f"all {len(mine)} sets", [float(np.mean(v)) for v in pooled.values()] if same else [])
-            if not same:
-                row["note"] = "the sets hold different seeds: no pooled difference"
+            common = [s for s in diffs_of[0] if all(s in d for d in diffs_of)]
+            row = pair_row(a, b, f"all {len(mine)} sets", [float(np.mean([d[s] for d in diffs_of])) for s in common],
+                           pooled_draws(boots))
+            held = set().union(*diffs_of)
+            if not common:
+                row["note"] = "no seed every set holds: no pooled difference"
+            elif len(common) < len(held):
+                add_note(row, f"over the {len(common)} seeds every set holds (of {len(held)})", "note")
             mine.append(row)
         rows += mine
     return rows
 
 
-def pair_row(a, b, methods, diffs, gap_a=None, gap_b=None):
-    """One estimator_pairs.csv row from the per-seed differences."""
+def resampled_differences(row_a, row_b, shared):
+    """Where one of two estimators is the calibrated one: ((resamples, seeds) of a's per-run |gap| - b's per seed in
+    its draws, NaN for seeds not shared; its Draws), else None (a plain t interval over the differences serves)."""
+    draws = row_a.get("_draws") or row_b.get("_draws")
+    if draws is None:
+        return None
+    out = np.full(draws.runs.shape, np.nan)
+    for s in shared:  # (seed, k) ids: the k-th run of a seed (one per seed in a curve)
+        i = draws.seeds.index(s[0])
+        a, b = (draws.runs[:, i] if r.get("_draws") else r["_per_run"][s] for r in (row_a, row_b))
+        out[:, i] = a - b
+    return out, draws
+
+
+def drew_alike(draws):
+    """Whether every row's joint draws (Draws, or None for a row without) exist and drew the same seeds: only then
+    may their resamples be averaged, draw by draw (each holds the baseline's shift: draws of other seeds averaged
+    would thin its noise)."""
+    return all(d is not None and d.seeds == draws[0].seeds for d in draws)
+
+
+def pooled_draws(boots):
+    """The pooled row's resampled difference where its sets' are the calibrated estimator's (else None: a t interval
+    serves): per resample the mean over sets per drawn seed, when every set drew from the same seeds (the same
+    draws); otherwise no draw is finite (no CI, rather than one that takes the shift as known)."""
+    if all(b is None for b in boots):
+        return None
+    if not drew_alike([b and b[1] for b in boots]):
+        return np.array([np.nan])
+    return boots[0][1].over_draws(np.mean([b[0] for b in boots], 0))  # NaN where a set lacks the seed
+
+
+def pair_row(a, b, methods, diffs, boot=None, gap_a=None, gap_b=None):
+    """One estimator_pairs.csv row from the per-seed differences; its interval: a t interval over them, or boot's
+    (the calibrated estimator's resampled differences) centred on their mean."""
     row = dict(estimator_a=a, estimator_b=b, methods=methods, n_seeds=len(diffs), per_run_abs_gap_a=gap_a,
                per_run_abs_gap_b=gap_b, diff_pp=float(np.mean(diffs)) if diffs else None, p=None, resolved_holm=None,
                robust=None, robust_holm=None, note=None if len(diffs) >= 2 else f"{len(diffs)} shared seed: no CI")
-    row["diff_lo"], row["diff_hi"] = stats.mean_ci(diffs)
+    row["diff_lo"], row["diff_hi"] = (stats.mean_ci(diffs) if boot is None
+                                      else stats.interval(boot, len(diffs), row["diff_pp"]))
     row["resolved"] = stats.resolved(row["diff_lo"], row["diff_hi"])
     return row
 
@@ -384,7 +552,8 @@ def tau_ci(row, n_boot=stats.N_BOOT, seed=stats.BOOT_SEED):
     if all(p.acc_std == 0 for p in points):
         return add_note(row, "tau CI: every seed alike")
     seeds = sorted({s for p in points for s in p.seeds}, key=repr)
-    idx = np.random.default_rng(seed).integers(0, len(seeds), size=(n_boot, len(seeds)))
+    rng = np.random.default_rng(seed)
+    idx, apart = (rng.integers(0, len(seeds), size=(n_boot, len(seeds))) for _ in range(2))
 
     def scores(sets):  # (n_boot, sets): each set's mean over its budgets of the resampled seed means
         out = []

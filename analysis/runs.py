@@ -14,6 +14,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from analysis import stats
+from runformat import (ADDED_DEFAULTS, LEGACY_METHOD_OPTIONS, canonical_methods, is_legacy,  # noqa: F401 (re-exported)
+                       method_options)
 from schedules import CYCLIC, SCHEDULES
 
 REQUIRED_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s", "cycle",
@@ -42,19 +44,9 @@ RESULT_KEYS = ("dataset", "model", "subset", "augment", "decode", "image_size", 
                "warmup_epochs", "eta_min", "amp", "momentum", "nesterov", "weight_decay", "world_size", "device",
                "compile", "eval_every", "model_kwargs", "tf32", "device_name", "opt", "opt_betas", "opt_eps",
                "decay_excluded", "clip_grad", "lamb_version")
-# keys added after runs were made, as runs without them were run (no GPU run predates tf32)
-ADDED_DEFAULTS = {"model_kwargs": {}, "tf32": False, "cooldown_version": None,  # None: wsd's first formula
-                  "lamb_version": None,  # None: timm's Lamb as it comes (the trust ratio only where decayed)
-                  "opt": "sgdw", "opt_betas": None, "opt_eps": None, "decay_excluded": False, "clip_grad": 0.0,
-                  "plugins": {}, "augment": "standard", "decode": "cpu",
-                  "image_size": 224}
 SHAPE_KEYS = ("t0", "t_mult")  # the budgets an estimator samples
 ESTIMATOR_KEYS = {"cyclic-decay": ("cycle_decay",), "wsd": ("cooldown_frac", "cooldown_shape", "cooldown_version"),
                   "schedule-free": ("sf_lr", "sf_warmup_epochs")}  # options that matter to one schedule only
-# Before the method API, config.json's methods were bare names and the paper's methods kept their options in keys of
-# their own; canonical_methods reads such a run as the API names it: 'name:option=value' where not the default.
-LEGACY_METHOD_OPTIONS = {"label_smoothing": ("label_smoothing", "eps", 0.1), "mixup": ("mixup", "alpha", 0.2),
-                         "blurpool": ("blurpool_mode", "mode", "blur-first")}
 
 
 # config.json keys read as numbers (the curve's budgets, the schedule figure's LR): checked when a run is read, so
@@ -187,36 +179,6 @@ class CurvePoint:
 def mean_of(values):
     """The mean, or None where some value is missing (no axis annotated)."""
     return None if not values or any(v is None for v in values) else sum(values) / len(values)
-
-
-def is_legacy(config):
-    """A config.json, or a checkpoint's options, written before the method API (which records `plugins`)."""
-    return "plugins" not in config and "method_options" not in config
-
-
-def canonical_methods(config):
-    """config.json's methods as canonical specs (sorted), also for runs made before the method API."""
-    if not is_legacy(config) or not isinstance(config.get("methods", []), list):
-        return config.get("methods", [])  # the API's own names (or no list: a reader refuses it by name)
-    out = []
-    for m in config.get("methods", []):
-        key, option, default = LEGACY_METHOD_OPTIONS.get(m, (None, None, None))
-        value = config.get(key, default) if key else default
-        out.append(m if value == default else f"{m}:{option}={value!r}" if isinstance(value, float)
-                   else f"{m}:{option}={value}")
-    return sorted(out)
-
-
-def method_options(config):
-    """{method: {option: value}} of every method the run used, defaults included; for a run from before the method
-    API, what the API would have recorded for its methods (all four of the paper's had at most one option)."""
-    if not is_legacy(config):
-        return config.get("method_options", {})
-    out = {}
-    for m in config.get("methods", []) if isinstance(config.get("methods"), list) else []:
-        key, option, default = LEGACY_METHOD_OPTIONS.get(m, (None, None, None))
-        out[m] = {option: config.get(key, default)} if key else {}
-    return out
 
 
 def methods_label(methods):

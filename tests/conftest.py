@@ -176,11 +176,11 @@ def tiny_run_args():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped elsewhere; ./launch.sh gpu-check runs them)")
-    config.addinivalue_line("markers", "slow: over ~10 s on 2 cores (several runs, torchrun, sweeps, notebooks); "
+    config.addinivalue_line("markers", "slow: over ~5 s on 2 cores (several runs, torchrun, sweeps, notebooks); "
                                        "./launch.sh test --fast leaves them out")
 
 
-# The tests over ~10 s on 2 cores (pytest --durations): several runs, torchrun, sweeps through launch.sh, the
+# The tests over ~5 s on 2 cores (pytest --durations, parameters summed): several runs, torchrun, sweeps through launch.sh, the
 # gpu-check dry run. `./launch.sh test --fast` leaves them out; CI and `./launch.sh test` run everything.
 SLOW = {
     "test_the_emas_batchnorm_statistics_are_rank_0s_on_every_rank_at_each_evaluation",
@@ -229,6 +229,43 @@ SLOW = {
     "test_an_injected_slowdown_changes_the_measured_axis_and_neither_calibrated_time_nor_flops",
     "test_a_run_records_its_flops_and_progressive_resizing_rows_follow_its_sizes",
     "test_a_compiled_run_agrees_with_the_eager_run",
+    # over ~5 s (all parameters together) under load: moved so that --fast stays under 3 minutes
+    "test_a_bad_recipe_is_refused_in_one_line_before_anything_is_written",
+    "test_a_killed_image_folder_run_resumes_to_the_same_metrics",
+    "test_a_recipe_gives_the_config_json_of_its_flags",
+    "test_a_resumed_process_continues_instead_of_restarting",
+    "test_a_single_runs_report_draws_its_figure",
+    "test_a_sweep_takes_its_shape_from_the_recipe_and_passes_it_to_every_run",
+    "test_a_two_node_sweep_gives_each_run_its_own_rendezvous_and_one_report",
+    "test_bare_method_flags_take_their_documented_values",
+    "test_baseline_and_channels_last_run_different_kernels",
+    "test_batchnorm_recalibration_uses_every_ranks_images",
+    "test_calibrate_refuses_bad_input_in_one_line_and_writes_nothing",
+    "test_checkpoints_between_evaluations_resume_exactly",
+    "test_complete_seeds_compares_an_unfinished_sweep_over_the_seeds_both_curves_have",
+    "test_cyclic_run_follows_the_contract",
+    "test_holm_keeps_the_familywise_level_and_drops_exactly_one_verdict",
+    "test_kendall_taus_ci_draws_the_same_seeds_for_both_curves",
+    "test_methods_come_from_one_place",
+    "test_one_seed_identical_seeds_and_no_baseline_give_empty_statistics_with_a_reason",
+    "test_report_skips_a_run_whose_config_the_figures_cannot_use",
+    "test_resume_auto_starts_fresh_without_checkpoint_and_refuses_changes",
+    "test_resume_refuses_a_checkpoint_that_differs_in_any_result_option",
+    "test_resume_with_dropout_and_drop_path_is_exact",
+    "test_runs_on_two_kinds_of_hardware_are_two_groups_unless_pooled_and_then_it_says_so",
+    "test_schedule_free_and_cyclic_decay_runs",
+    "test_standard_run_and_default_run_dir",
+    "test_standard_takes_t_mult_and_ends_on_the_cyclic_step",
+    "test_train_loss_epoch_is_the_last_epochs_mean_loss_whatever_the_evaluation_cadence",
+    "test_train_py_warns_in_one_line_of_a_before_step_ordered_before_sam",
+    "test_training_time_counts_training_steps_only",
+    "test_validation_metrics_equal_plain_pytorch_with_methods_on",
+    "test_wandb_gets_the_config_and_every_row_offline_unless_configured",
+    "test_wsd_resumes_exactly_inside_and_between_branches",
+    "test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing",
+    "test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice",
+    "test_parallel_two_on_cpu_equal_the_sequential_sweep_but_for_the_times",
+    "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers",
 }
 
 

@@ -34,11 +34,11 @@ def test_gpu_sweeps_launch_torchrun_through_the_venvs_python(tmp_path):
 
 
 def test_a_file_system_without_locks_is_one_line_naming_no_lock(in_process, monkeypatch, tmp_path, capsys):
-    import rundir
+    import locks
 
     def no_flock(*args):
         raise OSError(errno.ENOSYS, "Function not implemented")
-    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+    monkeypatch.setattr(locks.fcntl, "flock", no_flock)
     run = str(tmp_path / "run")
     with pytest.raises(SystemExit) as e:
         in_process.main(TINY + ["--run-dir", run, "--cycles", "1"])

@@ -221,6 +221,46 @@ def test_a_calibration_from_another_device_is_used_and_says_so(tmp_path):
     assert "calibrated_ratio_lo" in gaps[0] and "standard_time_s" in gaps[0]
 
 
+def test_calibration_check_sets_each_runs_calibrated_time_beside_its_measured_one(tmp_path):
+    """A step cost of measured / steps predicts the run exactly (ratio 1); twice that, 2; no calibration: one line."""
+    study, config = old_study(tmp_path)
+    measured = float(rows(study / "run")[-1]["train_time_s"])
+    check = [sys.executable, "-m", "benchmarks.calibration_check", str(study)]
+    p = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "calibration.json" in p.stderr.strip().splitlines()[-1], p.stderr
+    for scale in (1, 2):
+        (study / "calibration.json").write_text(json.dumps(calibration_of(config, step_s=scale * measured / 234)))
+        p = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        line = p.stdout.splitlines()[1]  # under the header: the one run
+        assert float(line.split()[-1]) == pytest.approx(scale, abs=1e-3), p.stdout
+        assert f"median {scale:.3f}" in p.stdout and f"{2 - scale} of 1 within 5 %" in p.stdout
+
+
+def test_a_methods_cost_relative_to_the_baseline_is_the_centre_of_its_interval(tmp_path):
+    """method_costs.csv: `relative` is the median of the rounds' ratios, inside its interval (a ratio of the two
+    medians may fall outside it: rounds 3 2 3 over 1 2 3 give 1.5 that way, 1 this way)."""
+    study, config = old_study(tmp_path)
+    shutil.copytree(study / "run", study / "ls")
+    ls = dict(config, methods=["label_smoothing"], label_smoothing=0.1)  # (an old run: its option in a key)
+    (study / "ls" / "config.json").write_text(json.dumps(ls))
+
+    def entry(cfg, rounds):
+        return dict(calibration_of(cfg, step_s=float(sorted(rounds)[1]))["configs"][0],
+                    sides={"28x28": dict(step_s=float(sorted(rounds)[1]), rounds=rounds, train_flops_per_image=5e7)})
+    calibration = calibration_of(config, rounds=3)
+    calibration["configs"] = [entry(config, [1.0, 2.0, 3.0]), entry(ls, [3.0, 2.0, 3.0])]  # ratios 3, 1, 1
+    (study / "calibration.json").write_text(json.dumps(calibration))
+    p = analyse(study, tmp_path / "out", "--x", "calibrated")
+    assert p.returncode == 0, p.stderr
+    costs_csv = {r["methods"]: r for r in csv.DictReader(open(tmp_path / "out" / "method_costs.csv"))}
+    assert set(costs_csv) == {"baseline", "label_smoothing"}, costs_csv
+    row = costs_csv["label_smoothing"]
+    assert float(row["relative"]) == pytest.approx(1.0) and float(row["per_image"]) == pytest.approx(
+        3.0 / 256) and float(costs_csv["baseline"]["per_image"]) == pytest.approx(2.0 / 256)
+    assert float(row["relative_lo"]) <= float(row["relative"]) <= float(row["relative_hi"])
+
+
 def test_the_default_axis_writes_no_new_columns(tmp_path):
     study, _ = old_study(tmp_path)
     p = analyse(study, tmp_path / "out")
@@ -240,8 +280,7 @@ def test_median_ci_is_the_order_statistic_interval_with_its_coverage():
 @pytest.mark.parametrize("axis", ["calibrated", "flops"])
 def test_a_study_with_the_baselines_two_curves_reads_on_the_new_axes(tmp_path, axis):
     """The baseline's standard and cyclic curves (two seeds) make the baseline-calibrated estimator, whose rows
-    crashed the new axes (no axis columns); its rows give point estimates only (its CI would take the shift as
-    known)."""
+    crashed the new axes (no axis columns); its only row, the baseline's, is in-sample: point estimates only."""
     study = tmp_path / "study"
     for seed in ("s0", "s1"):
         for run in ("cyclic", "standard-e1", "standard-e2", "standard-e4", "standard-e8"):

@@ -3,11 +3,14 @@ import copy
 import csv
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import TINY, run_train
+from conftest import ROOT, TINY, run_train
 
 CONTRACT_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_acc1", "val_acc5", "train_time_s", "cycle",
                     "cycle_end"]
@@ -248,14 +251,24 @@ def test_baseline_and_channels_last_run_different_kernels(tmp_path):
 def test_checkpoints_between_evaluations_resume_exactly(tmp_path):
     """--checkpoint-every writes checkpoints between the evaluations (here after nearly every step) without a
     metrics row; killed after one, the run resumes to the same rows and weights."""
-    from test_resume import ARGS, kill_after, metrics_without_time
+    from test_resume import ARGS, ENV, metrics_without_time, train_cmd
     args = ARGS + ["--eval-every", "0"]
     ref = str(tmp_path / "ref")
     run_train(args + ["--run-dir", ref])
     run = str(tmp_path / "run")
-    kill_after(args + ["--run-dir", run, "--checkpoint-every", "1e-6"], 1, 0.15)
-    step = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["step"]
-    assert step not in (16, 32)  # not an evaluation's checkpoint
+    # killed once a checkpoint after the first evaluation (step 16), before the second (32), is on disk: polled, not timed, so that a
+    # loaded machine cannot kill it before its first checkpoint (the flake this replaced: a fixed 0.15 s delay)
+    p = subprocess.Popen(train_cmd(args + ["--run-dir", run, "--checkpoint-every", "1e-6"]), cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, step = time.time() + 300, 0
+    while not 16 < step < 32 and time.time() < deadline and p.poll() is None:
+        try:
+            step = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["step"]
+        except (OSError, RuntimeError, EOFError):  # not written yet (saves are renamed into place: never half)
+            time.sleep(0.005)
+    p.kill()
+    p.wait()
+    assert 16 < step < 32  # after the first row, not an evaluation's checkpoint
     assert len(read_metrics(run)) == 1
     run_train(args + ["--run-dir", run, "--checkpoint-every", "1e-6", "--resume"])
     assert metrics_without_time(run) == metrics_without_time(ref)
@@ -295,3 +308,14 @@ def test_train_loss_epoch_is_the_last_epochs_mean_loss_whatever_the_evaluation_c
     assert float(one["train_loss"]) == pytest.approx(sum(float(r["train_loss"]) for r in every) / 4, abs=2e-6)
     assert float(one["train_loss_epoch"]) == pytest.approx(float(every[-1]["train_loss_epoch"]), abs=2e-6)
     assert float(one["train_loss_epoch"]) < float(one["train_loss"]) - 1e-3
+
+
+def test_training_imports_nothing_from_analysis():
+    """Layers run one way: train.py and every module it loads sit below analysis (what both need, how old runs
+    read, lives in runformat); and analysis reads runs without torch."""
+    code = ("import sys, train; print(sorted(m for m in sys.modules if m.split('.')[0] == 'analysis'))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    code = "import sys, analysis.compare, analysis.report; print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stdout + p.stderr

@@ -1,0 +1,307 @@
+"""Plans, packed runs and SLURM arrays without a cluster: launch.sh sweep --plan / --parallel, run-plan, and
+slurm/array.sbatch through the shims in tests/shims (sbatch, srun, scontrol run the tasks here). Where only the
+launching is tested, train.py is a fake that records its arguments and environment (a venv whose python runs
+fake_train for a train.py run); the equalities of metrics are real tiny runs."""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ENV, ROOT
+from test_resume import TIME_COLUMNS, metrics_without_time
+
+SHIMS = os.path.join(ROOT, "tests", "shims")
+SMALL = ["--data", "synthetic", "--subset", "256", "--batch-size", "32", "--amp", "none"]
+SHAPE = ["--seeds", "0", "--methods", "baseline", "--warmup", "1", "--t0", "1", "--cycles", "1", "--no-report"]
+
+FAKE_TRAIN = r'''import fcntl, json, os, signal, sys, time
+args = sys.argv[1:]
+run, argv = args[args.index("--run-dir") + 1], args[args.index("train.py") + 1:]
+log = lambda **e: os.write(os.open(os.environ["FAKE_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+                           (json.dumps(dict(e, run=run, pid=os.getpid(), t=time.time())) + "\n").encode())
+os.makedirs(run, exist_ok=True)
+lock = open(os.path.join(run, "lock"), "a+")
+try:  # as train.py: one writer per run folder
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    log(event="twice")
+    sys.exit(2)
+lock.write(f"{os.getpid()}\n")
+lock.flush()
+keys = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TRAIN_CONCURRENT_RUNS", "SLURM_ARRAY_TASK_ID")
+log(event="start", env={k: os.environ.get(k) for k in keys}, cores=sorted(os.sched_getaffinity(0)), args=args)
+time.sleep(float(os.environ.get("FAKE_SECONDS", "0.2")))
+if run.endswith(os.environ.get("FAKE_DIE") or "\0") and not os.path.exists(run + ".died"):
+    open(run + ".died", "w").close()  # killed from outside (the OOM killer, say), once
+    os.kill(os.getpid(), signal.SIGKILL)
+json.dump({"argv": argv}, open(os.path.join(run, "config.json"), "w"))
+open(os.path.join(run, "done"), "w").close()
+log(event="end")
+'''
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """(environment, log reader): launch.sh's VENV runs fake_train for every train.py run, the real python for the
+    rest; no GPU unless a test says so."""
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    python = tmp_path / "venv" / "bin" / "python"
+    python.write_text(f'#!/usr/bin/env bash\ncase " $* " in *" --run-dir "*) exec {sys.executable} '
+                      f'{tmp_path / "fake_train.py"} "$@";; esac\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = dict(ENV, VENV=str(tmp_path / "venv"), FAKE_LOG=str(tmp_path / "log"), SKIP_SETUP="1",
+               SLURM_SHIM_STATE=str(tmp_path / "slurm"), PATH=f"{SHIMS}:{os.environ['PATH']}")
+
+    def events(kind="start"):
+        if not os.path.exists(tmp_path / "log"):
+            return []
+        return [e for e in map(json.loads, open(tmp_path / "log")) if e["event"] == kind]
+    return env, events
+
+
+def sh(*args, env, check=True, timeout=300):
+    p = subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def launch(*args, env, check=True):
+    return sh(os.path.join(ROOT, "launch.sh"), *args, env=env, check=check)
+
+
+def write_plan(path, out, records):
+    """A plan written as a sweep writes it (plan.py write), from (run folder, train.py arguments) pairs."""
+    subprocess.run([sys.executable, "plan.py", "write", str(path), str(out), "0", "test"], cwd=ROOT, text=True,
+                   input="".join(f"{d}\t{argv}\n" for d, argv in records), check=True, capture_output=True)
+
+
+def numbered(out, n):
+    """n fake runs r0, r1, ... in `out`."""
+    return [(f"{out}/r{i}", f"--run-dir {out}/r{i} --resume auto --no-progress --seed {i}") for i in range(n)]
+
+
+def real_env(tmp_path):
+    return dict(ENV, VENV=os.path.join(ROOT, ".venv"), SKIP_SETUP="1", SLURM_SHIM_STATE=str(tmp_path / "slurm"),
+                PATH=f"{SHIMS}:{os.environ['PATH']}")
+
+
+def test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing(tmp_path, fake):
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    shape = ["--seeds", "0 1", "--methods", "baseline,ls", "--cycles", "1", "--", "--data", "synthetic", "--amp",
+             "none"]
+    dry = launch("sweep", "--out", str(out), "--dry-run", *shape, env=env).stdout.splitlines()
+    told = launch("sweep", "--out", str(out), "--plan", str(plan), *shape, env=env).stdout
+    lines = plan.read_text().splitlines()
+    assert lines[0].startswith("# command: ./launch.sh sweep --out") and "--plan" in lines[0]
+    runs = [json.loads(line) for line in lines if not line.startswith("#")]
+    assert [" ".join(["train.py"] + r["argv"]) for r in runs] == [line.split(" ", 1)[1] for line in dry
+                                                                 if "train.py" in line]
+    assert [r["index"] for r in runs] == list(range(8)) and {(r["gpus"], r["nodes"]) for r in runs} == {(0, 1)}
+    assert f"sbatch --array=0-7%M slurm/array.sbatch {plan}" in told
+    assert sorted(os.listdir(out)) == ["plan"] and events() == []  # nothing run, no run folder
+
+
+def test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing(tmp_path, fake):
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 3))
+    text = plan.read_text()
+
+    def refused(told, *args):
+        p = launch(*args, env=env, check=False)
+        assert p.returncode == 2 and told in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    refused("--index 3 is out of range: " + f"{plan} has 3 lines, 0-2", "run-plan", str(plan), "--index", "3")
+    refused("--index x is out of range", "run-plan", str(plan), "--index", "x")
+    refused("run-plan takes PLAN --index K", "run-plan", str(plan))
+    plan.write_text(text.replace('"--seed", "1"', '"--seed", "7"'))  # edited by hand
+    refused("was edited after it was written", "run-plan", str(plan), "--index", "1")
+    refused("was edited after it was written", "run-plan", str(plan), "--next")
+    plan.write_text(text)
+    os.rename(out, tmp_path / "moved")  # the runs folder moved, the plan with it
+    refused(f"the plan's runs folder {out} is missing (moved", "run-plan", str(tmp_path / "moved" / "plan"), "--next")
+    assert events() == [] and not out.exists()
+    cores = len(os.sched_getaffinity(0))
+    sweep = ["sweep", "--out", str(tmp_path / "new"), *SHAPE, "--", *SMALL]
+    refused(f"--parallel {cores + 1} runs of 1 process(es) need {cores + 1} cores; this machine has {cores}",
+            *sweep[:1], "--parallel", str(cores + 1), *sweep[1:])
+    gpus = tmp_path / "bin"
+    gpus.mkdir()
+    (gpus / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    (gpus / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = f"{gpus}:{env['PATH']}"
+    refused("--parallel 2 runs of 2 GPU(s) need 4 GPUs; this machine has 2 (0,1)", *sweep[:1], "--parallel", "2",
+            "--gpus-per-run", "2", *sweep[1:])
+    assert not (tmp_path / "new").exists()
+
+
+def test_two_workers_claim_each_line_once_and_a_dead_workers_line_is_claimed_again(tmp_path, fake):
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 6))
+    first = subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), "--next"], cwd=ROOT,
+                             env=dict(env, FAKE_SECONDS="30"), start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not events() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the worker and its run die together (a node lost)
+    first.wait()
+    assert [e["run"] for e in events()] == [f"{out}/r0"] and not (out / "r0" / "done").exists()
+    workers = [subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), "--next"], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert [w.wait(120) for w in workers] == [0, 0], [w.communicate() for w in workers]
+    started = [e["run"] for e in events()]
+    assert sorted(started) == sorted([f"{out}/r{i}" for i in range(6)] + [f"{out}/r0"])  # r0 again, none twice more
+    assert {e["pid"] for e in events("start")} - {e["pid"] for e in events("end")} == {events()[0]["pid"]}
+    assert events("twice") == [] and all((out / f"r{i}" / "done").exists() for i in range(6))
+    assert len({e["pid"] for e in events()[1:]}) == 6
+
+
+def test_parallel_slices_the_gpus_and_the_cores_and_records_them(tmp_path, fake):
+    env, events = fake
+    gpus = tmp_path / "bin"
+    gpus.mkdir()
+    (gpus / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n2\\n3\\n'\n")  # a node of 4 GPUs
+    (gpus / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(PATH=f"{gpus}:{env['PATH']}", FAKE_SECONDS="0.5")
+    launch("sweep", "--out", str(tmp_path / "study"), "--parallel", "2", "--gpus-per-run", "2", "--seeds", "0 1",
+           "--cycles", "1", "--no-report", "--", "--data", "synthetic", "--amp", "none", env=env)
+    runs = events()
+    assert len(runs) == 4 and {e["env"]["CUDA_VISIBLE_DEVICES"] for e in runs} == {"0,1", "2,3"}
+    assert all(e["args"][e["args"].index("--nproc_per_node") + 1] == "2" for e in runs)  # torchrun, 2 processes
+    assert {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in runs} == {"2"}
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2 and shutil.which("taskset"):  # each run its half of the cores
+        by_slot = {e["env"]["CUDA_VISIBLE_DEVICES"]: e["cores"] for e in runs}
+        assert not set(by_slot["0,1"]) & set(by_slot["2,3"]) and len(by_slot["0,1"]) == len(cores) // 2
+    # a SLURM allocation's GPUs (CUDA_VISIBLE_DEVICES) sliced one per run (no --gpus-per-run: one process each)
+    write_plan(tmp_path / "p2" / "plan", tmp_path / "p2", numbered(tmp_path / "p2", 4))
+    sh(sys.executable, "plan.py", "parallel", str(tmp_path / "p2" / "plan"), "2",
+       env=dict(env, CUDA_VISIBLE_DEVICES="5,7"))
+    second = [e for e in events() if "/p2/" in e["run"]]
+    assert {e["env"]["CUDA_VISIBLE_DEVICES"] for e in second} == {"5", "7"}
+    assert all("torch.distributed.run" not in e["args"] for e in second)
+
+
+def test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice(tmp_path, fake):
+    """SIGTERM to launch.sh (not to its children) ends both runs of a --parallel 2 sweep, which then resume; a run
+    killed from outside is named at the end while the others finish; no run folder ever has two writers."""
+    env, events = fake
+    sweep = [os.path.join(ROOT, "launch.sh"), "sweep", "--out", str(tmp_path / "study"), "--parallel", "2", "--seeds",
+             "0 1", "--cycles", "1", "--no-report", "--", "--data", "synthetic", "--amp", "none"]
+    p = subprocess.Popen(sweep, cwd=ROOT, env=dict(env, FAKE_SECONDS="60"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(events()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=30)
+    assert p.returncode == 143 and "stopped by signal 15" in stderr, stdout[-2000:] + stderr[-2000:]
+    for e in events():  # both children ended with the sweep
+        with pytest.raises(ProcessLookupError):
+            os.kill(e["pid"], 0)
+    assert len(events()) == 2 and events("end") == [] and not list((tmp_path / "study").glob("*/*/*/done"))
+    again = sh(*sweep, env=dict(env, FAKE_DIE="s1/cyclic"), check=False)  # one run dies from outside this time
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-2:] == [
+        "launch.sh: 1 run(s) failed, see their messages above:", f"  {tmp_path}/study/baseline/s1/cyclic (exit -9)"]
+    done = sorted(str(d.parent.relative_to(tmp_path / "study")) for d in (tmp_path / "study").glob("*/*/*/done"))
+    assert done == ["baseline/s0/cyclic", "baseline/s0/standard-e2", "baseline/s1/standard-e2"]
+    sh(*sweep, env=env)  # the third time only the failed run is left
+    assert [e["run"].split("study/")[1] for e in events()][-1] == "baseline/s1/cyclic" and len(events()) == 2 + 4 + 1
+    assert events("twice") == []
+
+
+def test_a_local_array_runs_its_lines_one_at_a_time_with_slurms_variables(tmp_path, fake):
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 4))
+    p = sh("sbatch", "--array=0-3%1", "slurm/array.sbatch", str(plan), env=env)
+    assert p.stdout.startswith("Submitted batch job ")
+    runs = events()
+    assert [(e["run"], e["env"]["SLURM_ARRAY_TASK_ID"]) for e in runs] == [(f"{out}/r{i}", str(i)) for i in range(4)]
+    ends = events("end")
+    assert all(ends[i]["t"] <= runs[i + 1]["t"] for i in range(3))  # one at a time
+    (out / "r2" / "done").unlink()
+    p = sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)
+    assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  2 {out}/r2"]
+
+
+# ---- real tiny runs: the ways of running a study give the same numbers ---------------------------------------------
+
+REAL = [*SHAPE, "--", *SMALL, "--eval-every", "0.5"]  # 2 runs of 16 steps, 4 rows each (resumable mid-run)
+RUNS = ("baseline/s0/cyclic", "baseline/s0/standard-e2")
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    """The plain sweep, one run after the other, one thread each (OMP_NUM_THREADS=1, as conftest.ENV)."""
+    out = tmp_path_factory.mktemp("sequential") / "study"
+    launch("sweep", "--out", str(out), *REAL, env=real_env(tmp_path_factory.mktemp("env")))
+    return out
+
+
+def test_parallel_two_on_cpu_equal_the_sequential_sweep_but_for_the_times(tmp_path, sequential):
+    out = tmp_path / "study"
+    launch("sweep", "--out", str(out), "--parallel", "2", *REAL, env=real_env(tmp_path))
+    configs = {}
+    for run in RUNS:
+        assert metrics_without_time(out / run) == metrics_without_time(sequential / run), run
+        configs[run] = json.load(open(out / run / "config.json"))
+        alone = json.load(open(sequential / run / "config.json"))
+        assert (alone["concurrent_runs"], configs[run]["concurrent_runs"]) == (1, 2)
+        assert alone["threads"] == configs[run]["threads"] == 1 and configs[run]["gpus"] is None
+    if shutil.which("taskset") and len(os.sched_getaffinity(0)) >= 2:  # each run its own cores
+        assert configs[RUNS[0]]["cores"] != configs[RUNS[1]]["cores"]
+    with open(out / RUNS[0] / "metrics.csv") as f:
+        assert TIME_COLUMNS <= set(next(csv.reader(f)))  # (the columns left out of the comparison exist)
+
+
+def test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers(tmp_path, sequential):
+    """sbatch --array=0-1%2 through the shims, every process of both tasks SIGKILLed mid-run (a node lost), the
+    job requeued: both runs resume and end equal to the sequential sweep's; then the report job, and the plan
+    written again with other options: a result-defining one is refused, one that is not is reported finished."""
+    env, out = real_env(tmp_path), tmp_path / "study"
+    plan = out / "plan"
+    launch("sweep", "--out", str(out), "--plan", str(plan), *REAL, env=env)
+    job = subprocess.Popen(["sbatch", "--parsable", "--array=0-1%2", "slurm/array.sbatch", str(plan)], cwd=ROOT,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           start_new_session=True)
+    job_id = job.stdout.readline().strip()
+    metrics, deadline = out / RUNS[0] / "metrics.csv", time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (out / RUNS[0] / "done").exists()
+    again = sh("scontrol", "requeue", job_id, env=env)
+    assert f"resumed at step" in again.stdout and "exit code 0" in again.stderr
+    for run in RUNS:
+        assert metrics_without_time(out / run) == metrics_without_time(sequential / run), run
+    sh("sbatch", "--dependency=afterany:" + job_id, "slurm/report.sbatch", str(plan), env=env)
+    assert "| baseline |" in (out / "report" / "report.md").read_text()
+    before, lines = (out / RUNS[0] / "metrics.csv").read_text(), plan.read_text()
+    rewrite(plan, out, ["--lr", "0.2"])  # as the sweep writes it with '-- --lr 0.2' added
+    p = launch("run-plan", str(plan), "--index", "0", env=env, check=False)
+    assert p.returncode == 2 and "lr: 0.4 -> 0.2" in p.stderr and "refused the options" in p.stderr
+    plan.write_text(lines)
+    rewrite(plan, out, ["--checkpoint-every", "5"])  # not result-defining: train.py says the run is finished
+    assert "is already finished" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
+    plan.write_text(lines)
+    assert "skip (done)" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
+    assert (out / RUNS[0] / "metrics.csv").read_text() == before
+
+
+def rewrite(plan, out, extra):
+    """The plan written again, as a sweep with `extra` train.py flags writes it."""
+    runs = [json.loads(line) for line in open(plan) if not line.startswith("#")]
+    write_plan(plan, out, [(r["run_dir"], " ".join(r["argv"] + extra)) for r in runs])
