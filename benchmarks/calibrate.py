@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import compile_choice
 import costs
 import options
 import train
@@ -118,8 +119,10 @@ def build(cfg, device, data_cache, data_dir):
     micro = options.micro_batch_size(args, world_size)
     cfg.flops = train.flops_per_image(model, methods, autocast, data, micro, contexts)
     cfg.contexts, cfg.shape = contexts, (data.in_chans, data.image_size, data.image_size)
-    cfg.run = train.Run(args, setup, plan, data, loader, model, model, optimizer, scheduler, scaler, methods, autocast,
-                        0, world_size, False, device, None, Trackers([], None, None), None)
+    # a compiled run's steps are timed compiled (each image size compiles in its side's untimed first step)
+    stepped = compile_choice.compile_model(model, methods) if setup.compile else model
+    cfg.run = train.Run(args, setup, plan, data, loader, stepped, model, optimizer, scheduler, scaler, methods,
+                        autocast, 0, world_size, False, device, None, Trackers([], None, None), None)
     cfg.state = train.TrainState()
     cfg.batches = loader.steps(itertools.count())  # path steps 0, 1, 2, ... for as long as the rounds need
     cfg.loss_sum = torch.zeros((), device=device)

@@ -229,6 +229,7 @@ SLOW = {
     "test_an_injected_slowdown_changes_the_measured_axis_and_neither_calibrated_time_nor_flops",
     "test_a_run_records_its_flops_and_progressive_resizing_rows_follow_its_sizes",
     "test_a_compiled_run_agrees_with_the_eager_run",
+    "test_calibrate_times_a_compiled_runs_steps_compiled_and_an_eager_runs_eager",
     # over ~5 s (all parameters together) under load: moved so that --fast stays under 3 minutes
     "test_a_bad_recipe_is_refused_in_one_line_before_anything_is_written",
     "test_a_killed_image_folder_run_resumes_to_the_same_metrics",

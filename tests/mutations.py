@@ -356,6 +356,17 @@ MUTATIONS = [
     ("a method's relative cost as the ratio of medians, outside its interval", "analysis/compare.py",
      "row.update(relative=median,", 'row.update(relative=row["per_image"] / base["per_image"],',
      "tests/test_time_axes.py::test_a_methods_cost_relative_to_the_baseline_is_the_centre_of_its_interval"),
+    # issue 42: --compile auto and what it records
+    ("--compile auto's margin ignored", "compile_choice.py", "chosen=fast / eager >= MARGIN", "chosen=fast > eager",
+     "tests/test_compile.py::test_auto_compiles_only_where_the_compiled_steps_train_at_least_the_margin_faster"),
+    ("a resume under --compile auto measures again", "compile_choice.py", "    if ckpt is not None:\n",
+     "    if False:\n", "tests/test_compile.py::test_a_resume_keeps_the_recorded_choice_and_measures_nothing"),
+    ("auto's compilation left out of start-up", "train.py",
+     'startup_time=compile_auto["compile_s"] if compiled is not None else 0.0', "startup_time=0.0",
+     "tests/test_compile.py::test_auto_records_its_choice_and_the_run_trains_as_it_chose"),
+    ("calibrate times a compiled run eager", "benchmarks/calibrate.py",
+     "compile_choice.compile_model(model, methods) if setup.compile else model", "model",
+     "tests/test_compile.py::test_calibrate_times_a_compiled_runs_steps_compiled_and_an_eager_runs_eager"),
 ]
 
 

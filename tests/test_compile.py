@@ -206,3 +206,18 @@ def test_a_compiled_run_agrees_with_the_eager_run(tmp_path):
     for e, c in zip(eager, compiled):
         for key, tolerance in (("train_loss", 0.005), ("val_loss", 0.005), ("val_acc1", 1.0)):
             assert abs(float(e[key]) - float(c[key])) <= tolerance, (key, e, c)
+
+
+def test_calibrate_times_a_compiled_runs_steps_compiled_and_an_eager_runs_eager(in_process, tmp_path):
+    """benchmarks.calibrate prices a configuration as it trained: a --compile on run's steps go through the compiled
+    model (its untimed first step and every timed one), an eager run's through the plain model; two configurations."""
+    for name, flag in (("eager", "off"), ("compiled", "on")):
+        in_process.main(TINY + ["--run-dir", str(tmp_path / name), "--compile", flag, "--cycles", "1",
+                                "--eval-every", "0"])
+    in_process.compiled_models.clear()
+    from benchmarks import calibrate
+    calibrate.main([str(tmp_path), "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup-steps", "0"])
+    (wrapper,) = in_process.compiled_models
+    assert sum(grad for _, grad in wrapper.shapes) == 1 + 2
+    with open(tmp_path / "calibration.json") as f:
+        assert sorted(c["key"]["compile"] for c in json.load(f)["configs"]) == [False, True]
