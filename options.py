@@ -152,8 +152,9 @@ def build_parser():
     g.add_argument("--compile", nargs="?", const="on", default="off", metavar="off|on|auto",
                    help="torch.compile the model's training passes (bare --compile: on); auto: compile only where a "
                         "few timed steps of this model train >= 1.1x faster (compile_choice.py)")
-    g.add_argument("--print-compile", action="store_true",
-                   help="print what --compile would do here (on or off) and exit (sweeps pass it to all their runs)")
+    g.add_argument("--print-compile", nargs="?", const=1, type=int, metavar="WORLD_SIZE",
+                   help="print what --compile would do here (on or off) and exit (sweeps pass it to all their runs); "
+                        "measured on one rank's share of the batch at WORLD_SIZE ranks (default 1)")
     g.add_argument("--deterministic", action="store_true",
                    help="GPU: no TF32, no cudnn autotuning, deterministic kernels (slower; bitwise-exact resume)")
     g.add_argument("--seed", type=int, default=0)
@@ -465,8 +466,11 @@ def resolve(args, world_size, device):
          "--amp bf16: this GPU has no bf16; use --amp fp16 (or auto)"),
         (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other; pick one"),
         (a.compile in ("off", "on", "auto"), f"--compile: unknown '{a.compile}'; choose off, on or auto"),
-        (not (a.compile == "auto" and world_size > 1), "--compile auto measures in one process (ranks could pick "
-         "differently): under torchrun give --compile on or off (launch.sh sweep measures once and passes it on)"),
+        (a.print_compile is None or a.print_compile >= 1,
+         f"--print-compile takes the runs' world size (1, 2, ...), got {a.print_compile}"),
+        (not (a.compile == "auto" and world_size > 1 and not a.print_compile), "--compile auto measures in one "
+         "process (ranks could pick differently): under torchrun give --compile on or off (launch.sh sweep measures "
+         "once and passes it on)"),
         (a.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{a.resume}'"),
     ]
     for ok, message in checks:

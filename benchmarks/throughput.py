@@ -199,8 +199,12 @@ def main(argv=None):
     if a.compile_sizes:  # train.py's choice for this process: (a) and (c) here, and (b)'s train.main
         compile_choice.DYNAMIC_SIZES = a.compile_sizes == "dynamic"
     variants = {"off": ["eager"], "on": ["compiled"], "both": ["eager", "compiled"]}[a.compile]
+    # the graphs this process may compile: (a) and (c)'s, and (b)'s model in each round, each one per image size at
+    # most (a resizing method's sizes: fewer than the steps of a budget)
+    compile_choice.expect_graphs((a.rounds + 1) * (a.steps if methods.resizes else 1))
     steps = {v: make_step(model, methods, amp, device, optimizer_flags, a.steps, clip_grad=a.clip_grad,
-                          call=compile_choice.compile_model(model, methods) if v == "compiled" else None)
+                          call=compile_choice.compile_model(model, compile_choice.dynamic(True, methods))
+                          if v == "compiled" else None)
              for v in variants}
 
     # (b) train.py's loop, end to end, on as many images as the timed steps need

@@ -191,6 +191,7 @@ SLOW = {
     "test_dry_run_plans_each_run_once",
     "test_the_checks_of_a_model_leave_the_run_as_it_was",
     "test_tiny_real_sweep_end_to_end",
+    "test_ranks_given_different_compile_choices_fail_in_one_line_before_training",
     "test_gpu_check_runs_every_check_in_its_cpu_dry_mode",
     "test_gpu_check_skips_a_check_whose_optional_package_is_missing",
     "test_a_row_after_only_skipped_steps_has_no_train_loss",
