@@ -297,6 +297,83 @@ def test_print_compile_times_one_ranks_micro_batches_at_the_runs_precision_and_s
     assert len(wrapper.batches) == 2 * len(sides)  # each size's compiling step: its two micro-batches
 
 
+@pytest.fixture
+def fake_venv(tmp_path):
+    """(environment, the --print-compile calls) for launch.sh: its VENV's python fakes train.py's runs (test_plans'
+    FAKE_TRAIN) and its --print-compile (answers on; logs TRAIN_CONCURRENT_RUNS, OMP_NUM_THREADS and its arguments),
+    the real python for the rest. No GPU, no OMP_NUM_THREADS of the suite's own."""
+    import sys
+
+    from conftest import ENV
+    from test_plans import FAKE_TRAIN
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    asked = tmp_path / "asked"
+    python = tmp_path / "venv" / "bin" / "python"
+    python.write_text(f'#!/usr/bin/env bash\ncase " $* " in\n'
+                      f'  *" --print-compile "*) echo "$TRAIN_CONCURRENT_RUNS $OMP_NUM_THREADS $*" >> {asked}\n'
+                      '    echo on;;\n'
+                      f'  *" --run-dir "*) exec {sys.executable} {tmp_path / "fake_train.py"} "$@";;\n'
+                      f'  *) exec {sys.executable} "$@";;\nesac\n')
+    python.chmod(0o755)
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    env.update(VENV=str(tmp_path / "venv"), FAKE_LOG=str(tmp_path / "log"), SKIP_SETUP="1")
+    return env, lambda: asked.read_text().splitlines() if asked.exists() else []
+
+
+SWEEP = ["--seeds", "0", "--methods", "baseline", "--cycles", "1", "--no-report", "--no-standard"]
+AUTO = ["--", "--data", "synthetic", "--subset", "256", "--batch-size", "32", "--amp", "none", "--compile", "auto"]
+
+
+def test_a_sweep_measures_compile_as_one_of_its_runs_and_keeps_the_device_it_measured_on(tmp_path, fake_venv):
+    """--parallel 2: --print-compile runs with one slot's environment (2 runs at once, the cores // 2 threads) at the
+    runs' world size; OUT/compile keeps the choice and the device (cpu: its name); every run gets --compile on. A
+    choice stored from another kind of device is refused in one line, not applied, nothing measured."""
+    import options
+    from test_plans import launch as sh
+    env, asked = fake_venv
+    out = tmp_path / "study"
+    sh("sweep", "--out", str(out), "--parallel", "2", *SWEEP, *AUTO, env=env)
+    (call,) = asked()
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert call.startswith(f"2 {threads} train.py ") and call.endswith(" --print-compile 1"), call
+    assert (out / "compile").read_text().splitlines() == ["on", f"cpu: {options.hardware_name(torch.device('cpu'))}"]
+    starts = [json.loads(line) for line in open(tmp_path / "log") if '"start"' in line]
+    assert starts and all(" ".join(e["args"]).count("--compile on") == 1 for e in starts)
+    (out / "compile").write_text("on\ncuda: NVIDIA H100 80GB HBM3\n")
+    p = sh("sweep", "--out", str(out), *SWEEP, *AUTO, env=env, check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and "measured on cuda: NVIDIA H100 80GB HBM3, not the device" in err[0]
+    assert len(asked()) == 1
+
+
+def test_compile_auto_is_refused_where_it_would_be_measured_on_the_wrong_machine(tmp_path, fake_venv):
+    """A plan for GPU runs written on a machine without one, and a multi-node sweep whose every node would measure,
+    are refused in one line with nothing written; a stored choice measured on a CPU is refused for a plan of GPU runs,
+    one measured on a GPU is written into its lines."""
+    from test_plans import launch as sh
+    env, asked = fake_venv
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+
+    def refused(told, *args):
+        p = sh("sweep", "--out", str(out), *args, *SWEEP, *AUTO, env=env, check=False)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and told in err[0], p.stderr
+    refused("--plan: --compile auto would be decided here, on a machine without a GPU, for runs on GPUs; pass -- "
+            "--compile on|off explicitly, or write the plan on a GPU node", "--plan", str(plan), "--gpus", "1")
+    refused("--nnodes 2: --compile auto would be measured on every node, which could choose differently",
+            "--nnodes", "2", "--gpus", "1", "--rdzv-endpoint", "head:29400")
+    assert not out.exists() and asked() == []
+    out.mkdir()
+    (out / "compile").write_text("on\ncpu: Some CPU\n")
+    refused("measured on cpu: Some CPU, not the device the runs train on", "--plan", str(plan), "--gpus", "1")
+    assert not plan.exists()
+    (out / "compile").write_text("off\ncuda: Some GPU\n")
+    sh("sweep", "--out", str(out), "--plan", str(plan), "--gpus", "1", *SWEEP, *AUTO, env=env)
+    lines = [json.loads(line) for line in plan.read_text().splitlines() if not line.startswith("#")]
+    assert lines and all(" ".join(r["argv"]).count("--compile off") == 1 for r in lines) and asked() == []
+
+
 @pytest.mark.parametrize("flags,told", [(["--compile", "maybe"], "--compile: unknown 'maybe'; choose off, on or auto"),
                                         (["--compile", "auto"], "--compile auto measures in one process"),
                                         (["--compile", "auto", "--print-compile", "0"],
