@@ -4,7 +4,7 @@
                                     --clip-grad, --batch-size, --steps, --rounds, --method ..., --json FILE]
 
 Times train.py's training step (benchmarks.throughput's (a): one fixed batch of real images, the methods' hooks)
-with each candidate, interleaved over --rounds rounds (A B C A B C ...: a drifting machine slows all alike), and
+with each candidate, interleaved over --rounds rounds (A B C C B A ...: a drifting machine slows all alike), and
 gives each one's images/s and its ratio to train.py as it is (`default`), taken round by round, as medians with
 distribution-free intervals. Candidates: `foreach` (the optimizer's multi-tensor implementation: on a CPU torch's
 AdamW and timm's SGDW default to a loop over the parameters), `fused` (torch's one-kernel AdamW/Adam/SGD, CPU
@@ -47,8 +47,8 @@ def main(argv=None):
         for group in steps[name].optimizer.param_groups:  # before the first step: it makes the state to suit
             group.update(group_options)
     rates = {name: [] for name in steps}
-    for r in range(a.rounds):
-        for name, step in steps.items():
+    for r in range(a.rounds):  # A B C, then C B A: no candidate always runs after another
+        for name, step in list(steps.items())[::1 if r % 2 == 0 else -1]:
             for m in attention_modules(model):
                 m.fused_attn = tried[name][1]
             with weights_kept(model):  # each from the same weights

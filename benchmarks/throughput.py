@@ -22,12 +22,14 @@ whole budget over the timed steps of (a) and (c), and over the one-epoch run of 
 over a budget.
 
 --compile both measures each of (a) (b) (c) eager and compiled (train.py's compile_choice.compile_model; (b):
-train.py --compile on) in the same rounds, eager (a) (b) (c) then compiled (a) (b) (c), and gives compiled/eager
-round by round; --compile on only the compiled ones. Compilation is never in images/s: it happens in (a)'s untimed
-warm-up steps (all the budget's image sizes where a method resizes) and in (b)'s start-up, and is reported apart
-as start_s: (a)'s first-round warm-up seconds beyond its steady-state step time (the compile time), and (b)'s
-startup_s (in this one process (b)'s models reuse the code compiled for (a) where their graphs are the same). What
-each measurement ran (`ran`) is watched in the eager ones only (a forward hook would change the compiled graph).
+train.py --compile on) in the same rounds, eager (a) (b) (c) then compiled (a) (b) (c) in even rounds and compiled
+first in odd ones (A B, B A: neither always follows the other), and gives compiled/eager round by round; --compile
+on only the compiled ones. (a) and (c) start each round from the same weights: no variant trains the other's.
+Compilation is never in images/s: it happens in (a)'s untimed warm-up steps (all the budget's image sizes where a
+method resizes) and in (b)'s start-up, and is reported apart as start_s: (a)'s first-round warm-up seconds beyond
+its steady-state step time (the compile time), and (b)'s startup_s (in this one process (b)'s models reuse the code
+compiled for (a) where their graphs are the same). What each measurement ran (`ran`) is watched in the eager ones
+only (a forward hook would change the compiled graph).
 """
 import argparse
 import contextlib
@@ -234,7 +236,7 @@ def main(argv=None):
     figures = {v: {"a": [], "b": [], "c": [], "a_start_s": [], "b_start_s": []} for v in variants}
     seen = {}
     for r in range(a.rounds):  # interleaved: a drifting machine slows each round's measurements alike
-        for v in variants:
+        for v in variants[::1 if r % 2 == 0 else -1]:  # A B, B A, ...
             # the first compiled round's warm-up runs the whole budget: every image size compiled before the clock
             warm = a.steps if v == "compiled" and r == 0 and methods.resizes else 5
             with watched(v) as ran_a, weights_kept(model):  # each round from the same weights: no batch overfitted
@@ -251,7 +253,7 @@ def main(argv=None):
                     b_cfg = json.load(f)
             figures[v]["b"].append(float(last["images_per_s"]))
             figures[v]["b_start_s"].append(float(last["startup_s"]))
-            with watched(v) as ran_c:
+            with watched(v) as ran_c, weights_kept(model):
                 figures[v]["c"].append(timed(steps[v], c_batches, c_steps, warm_up=5 if r == 0 else 1)[0])
             for part, watch in (("a", ran_a), ("b", ran_b), ("c", ran_c)):
                 seen.setdefault(v, {}).setdefault(part, watch.seen)  # the first round's

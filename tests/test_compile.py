@@ -465,6 +465,56 @@ def test_a_compiled_run_agrees_with_the_eager_run(tmp_path):
             assert abs(float(e[key]) - float(c[key])) <= tolerance, (key, e, c)
 
 
+def test_the_benchmarks_alternate_which_variant_runs_first_and_start_each_from_the_same_weights(in_process,
+                                                                                                 monkeypatch, tmp_path):
+    """benchmarks.throughput --compile both: round 0 times eager (a) (c) then compiled, round 1 compiled first (A B,
+    B A); each timed measurement, (c) included, starts from the model's initial weights (the timer is stubbed and
+    moves them, as the steps it times would). benchmarks.overheads alternates its candidates alike (A B, B A)."""
+    from benchmarks import overheads, throughput
+    order, made, models = [], [], []
+    real_prepare, real_make = throughput.prepare, throughput.make_step
+
+    def prepare(p, a):
+        out = real_prepare(p, a)
+        models.append((out[3], {k: v.clone() for k, v in out[3].state_dict().items()}))
+        return out
+
+    def make_step(*a, **kw):  # tagged in the order made: throughput eager then compiled, overheads its candidates
+        step = real_make(*a, **kw)
+        step.tag = len(made)
+        made.append(step)
+        return step
+
+    def timed(step, it, n, warm_up=5):
+        model, initial = models[-1]
+        assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items()), step.tag
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        order.append(step.tag)
+        return 100.0, 0.1
+
+    def fake_main(argv):  # (b): the rows train.py would write
+        run = argv[argv.index("--run-dir") + 1]
+        os.makedirs(run)
+        with open(os.path.join(run, "config.json"), "w") as f:
+            json.dump({"model": "small_resnet"}, f)
+        with open(os.path.join(run, "metrics.csv"), "w") as f:
+            f.write("step,images_per_s,startup_s,train_flops\n2,100.0,1.0,1e9\n")
+    for module in (throughput, overheads):
+        for name, value in (("prepare", prepare), ("make_step", make_step), ("timed", timed)):
+            monkeypatch.setattr(module, name, value)
+    monkeypatch.setattr(in_process, "main", fake_main)
+    common = ["--steps", "2", "--batch-size", "32", "--rounds", "2", "--amp", "none"]
+    throughput.main(common + ["--compile", "both", "--json", str(tmp_path / "t.json")])
+    assert order == [0, 0, 1, 1, 1, 1, 0, 0]  # (a) and (c) of eager (0) and compiled (1): A B, then B A
+    order.clear()
+    made.clear()
+    overheads.main(common)
+    tags = list(range(len(made)))
+    assert len(tags) >= 2 and order == tags + tags[::-1]
+
+
 def test_calibrate_times_a_compiled_runs_steps_compiled_and_an_eager_runs_eager(in_process, tmp_path, monkeypatch):
     """benchmarks.calibrate prices a configuration as it trained: a --compile on run's steps go through the compiled
     model (its untimed first step and every timed one), compiled with the run's recorded compile_dynamic (None: a run
