@@ -130,7 +130,7 @@ def test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing(tmp_path, fake)
     shape = ["--seeds", "0 1", "--methods", "baseline,ls", "--cycles", "1", "--", "--data", "synthetic", "--amp",
              "none"]
     dry = launch("sweep", "--out", str(out), "--dry-run", *shape, env=env).stdout.splitlines()
-    told = launch("sweep", "--out", str(out), "--plan", str(plan), *shape, env=env).stdout
+    told = launch("sweep", "--out", str(out), "--plan", str(plan), "--gpus-per-run", "0", *shape, env=env).stdout
     lines = plan.read_text().splitlines()
     assert lines[0].startswith("# command: ./launch.sh sweep --out") and "--plan" in lines[0]
     runs = [json.loads(line) for line in lines if not line.startswith("#")]
@@ -514,7 +514,7 @@ def test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_num
     written again with other options: a result-defining one is refused, one that is not is reported finished."""
     env, out = real_env(tmp_path), tmp_path / "study"
     plan = out / "plan"
-    launch("sweep", "--out", str(out), "--plan", str(plan), *REAL, env=env)
+    launch("sweep", "--out", str(out), "--plan", str(plan), "--gpus-per-run", "0", *REAL, env=env)  # CPU lines
     job = subprocess.Popen(["sbatch", "--parsable", "--array=0-1%2", "slurm/array.sbatch", str(plan)], cwd=ROOT,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                            start_new_session=True)
