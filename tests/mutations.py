@@ -22,6 +22,10 @@ CALIBRATED_STRATA = "test_the_calibrated_interval_draws_the_shared_seeds_togethe
 FAMILY_ONCE = "test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift"
 OWN_TEST = "test_a_calibrated_mean_gap_over_other_seeds_than_the_cyclic_rows_is_a_test_of_its_own"
 POOLED_ALIKE = "test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_same_seeds"
+PLANS = "tests/test_plans.py::"
+HELD = PLANS + "test_a_line_held_elsewhere_is_named_with_its_host_and_job_and_never_looks_done"
+BAD_PLANS = PLANS + "test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing"
+NO_SMI = PLANS + "test_without_nvidia_smi_torch_counts_the_gpus_and_runs_on_gpus_refuse_where_there_are_none"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
      T + "test_a_resumed_process_continues_instead_of_restarting"),
@@ -399,6 +403,41 @@ MUTATIONS = [
     ("a method's relative cost as the ratio of medians, outside its interval", "analysis/compare.py",
      "row.update(relative=median,", 'row.update(relative=row["per_image"] / base["per_image"],',
      "tests/test_time_axes.py::test_a_methods_cost_relative_to_the_baseline_is_the_centre_of_its_interval"),
+    # issue 39's review of plan.py: worker errors, held lines, recipes, signals, GPUs, bad input
+    ("a worker's error ends it with a traceback (exit 0)", "plan.py",
+     '            except Exception as e:\n                self.fail(line, f"{type(e).__name__}: {e}")',
+     "            except Exception:\n                raise",
+     PLANS + "test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run"),
+    ("an array task whose line is held elsewhere exits 0", "plan.py", "        if self.busy and self.own:",
+     "        if False:", HELD),
+    ("--next: the lines left to other workers unsaid", "plan.py", "        if self.busy:  # fine",
+     "        if False:  # fine", HELD),
+    ("a held line named by its pid alone (no host, no SLURM job)", "plan.py",
+     """return f"pid {c['pid']} on {c['host']}\"""", """return f"pid {c['pid']}\" or f\"""", HELD),
+    ("a run folder taken by hand after the claim counted a failure", "plan.py",
+     "holder = run_dir_holder(line)  # a train.py", "holder = None  # a train.py",
+     PLANS + "test_a_run_folder_taken_by_hand_after_the_claim_is_left_to_its_holder_not_failed"),
+    ("a recipe changed since the plan was written runs", "plan.py", "                why = stale(line, self.plan)",
+     "                why = None",
+     PLANS + "test_a_recipe_or_plugin_changed_after_the_plan_was_written_is_refused_by_name"),
+    ("unfinished counts a refused line's old 'done'", "plan.py", "if not finished(line, files_too=False)]",
+     'if not os.path.exists(os.path.join(line["run_dir"], "done"))]',
+     PLANS + "test_unfinished_names_lines_without_done_or_done_with_other_arguments"),
+    ("a Ctrl-C passed on to runs that got it from the terminal", "plan.py", "got_it = from_terminal(signum)",
+     "got_it = False", PLANS + "test_one_ctrl_c_reaches_each_run_once"),
+    ("a second signal at once kills the runs", "plan.py", "elif now - self.signalled_at > 2 and not self.killed:",
+     "elif not self.killed:", PLANS + "test_a_second_signal_kills_only_when_it_comes_more_than_2_s_after_the_first"),
+    ("no GPU count without nvidia-smi (parallel runs all see every GPU)", "plan.py",
+     "    try:  # in a process of its own: no torch here",
+     "    return []\n    try:  # in a process of its own: no torch here", NO_SMI),
+    ("--parallel runs on GPUs started where there is none", "plan.py", "    if gpus_per_run > 0 and not gpus:",
+     "    if False:", NO_SMI),
+    ("--index with a non-ASCII digit is a traceback", "plan.py", "if not whole(k) or", "if not k.isdigit() or",
+     BAD_PLANS),
+    ("a plan that is not UTF-8 is a traceback", "plan.py", "    except UnicodeDecodeError:\n",
+     "    except KeyError:\n", BAD_PLANS),
+    ("an empty plan written", "plan.py", "    if not records:\n", "    if False:\n", BAD_PLANS),
+    ("OMP_NUM_THREADS=x is a traceback", "plan.py", "    if omp and not whole(omp):", "    if False:", BAD_PLANS),
     ("a plan's runs default to CPU lines", "launch.sh", '[ -n "$GPUS" ] || { GPUS=0; [ -z "$PLAN" ] || GPUS=1; }',
      '[ -n "$GPUS" ] || GPUS=0',
      L + "test_a_plans_runs_take_one_gpu_each_unless_told_and_amp_auto_is_refused_without_a_gpu"),
