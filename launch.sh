@@ -13,7 +13,7 @@
 #                                     ResNet) x seven method sets x 3 seeds on 10k images (a preset)
 #   ./launch.sh gpu-check [--data-dir DIR]  on a CUDA machine, offline: CUDA tests + gpu_check.py (< 10 min)
 #
-# Sweep options (each also as an environment variable, e.g. SEEDS="0 1"):
+# Sweep options (each also as an environment variable, e.g. SEEDS="0 1", but --plan and --parallel: flags only):
 #   --seeds "0 1"  --warmup 1 --t0 1 --t-mult 2 --cycles 4
 #   --methods baseline,ema,sam:rho=0.1,ls+mx,cutmix:alpha=1.0,mixup_alpha=0.8  (method sets, comma-separated; a
 #       set joins methods by +; bp cl ls mx are the paper's four; any other is train.py's --method spec; a
@@ -28,8 +28,9 @@
 #       over the environment variables; a flag here overrides it)
 #   --vit (the ViT recipe, recipes/vit-fmnist.yaml; README "A ViT recipe"; EXTRA flags override it)
 #   --out runs/sweep  --no-report  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
-#   --plan FILE (write the study as a plan, run nothing: plan.py)  --parallel N [--gpus-per-run K] (N runs at once
-#       on this machine, each with K GPUs (--gpus K) or its share of the cores)
+#   --plan FILE (write the study as a plan, run nothing: plan.py; 1 GPU per run unless --gpus-per-run K, 0: CPU)
+#   --parallel N [--gpus-per-run K] (N runs at once on this machine, each with K GPUs (--gpus K) or its share of
+#       the cores)
 # A finished run (has 'done') is skipped; an unfinished one is resumed (--resume auto), so a killed
 # sweep continues where it stopped.
 set -euo pipefail
@@ -64,9 +65,11 @@ device_here() { PY -c "$DEVICE_HERE"; }
 # ---- sweep ----------------------------------------------------------------------------------
 SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
 CYCLES=${CYCLES:-4}; DATA=${DATA:-fashion-mnist}; DATA_DIR=${DATA_DIR:-}; MODEL=${MODEL:-small_resnet}
-GPUS=${GPUS:-0}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
+GPUS=${GPUS:-}; NNODES=${NNODES:-1}; RDZV=${RDZV:-}; CONSTANT=${CONSTANT:-0}; OUT=${OUT:-runs/sweep}
 DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${STANDARD:-1}; BUDGETS=${BUDGETS:-}
-PLAN=${PLAN:-}; PARALLEL=${PARALLEL:-1}; RECORDS=""
+# --plan and --parallel from flags only: an exported PLAN must not turn a preset (repro, which refuses --plan) into
+# a plan; GPUS empty: the default, 1 GPU per run under --plan (a plan is for a cluster), else 0 (check_plan)
+PLAN=""; PARALLEL=1; PLAN_RC=0; RECORDS=""
 EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
 PLUGINS=()
 
@@ -255,7 +258,16 @@ in_foreground() {  # run the command "$@" (not a function: its subshell would ta
   return $rc
 }
 
-check_plan() {  # --plan and --parallel: refused before anything is written
+check_plan() {  # --plan, --parallel, --gpus and OMP_NUM_THREADS: refused before anything is written
+  [ -n "$GPUS" ] || { GPUS=0; [ -z "$PLAN" ] || GPUS=1; }
+  if [[ ! "$GPUS" =~ ^(0|[1-9][0-9]*)$ ]]; then
+    echo "launch.sh: --gpus-per-run (or --gpus) takes the GPUs of each run (0 for the CPU, 1, 2, ...), got '$GPUS'" >&2
+    exit 2
+  fi
+  if [[ ! "${OMP_NUM_THREADS:-1}" =~ ^[1-9][0-9]*$ ]]; then  # (train.py and plan.py read it as a number)
+    echo "launch.sh: OMP_NUM_THREADS='$OMP_NUM_THREADS' is no number of threads: set it to 1, 2, ... or unset it" >&2
+    exit 2
+  fi
   if [[ ! "$PARALLEL" =~ ^[1-9][0-9]*$ ]]; then
     echo "launch.sh: --parallel takes the number of runs at once (1, 2, ...), got '$PARALLEL'" >&2; exit 2
   fi
@@ -305,8 +317,8 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
     [ -s "$OUT/amp" ] && amp=$(cat "$OUT/amp")
     if [ -z "$amp" ] && [ "$DRY" != 1 ]; then
       if [ -n "$PLAN" ] && [ "$GPUS" -gt 0 ] && [ "$(PY plan.py gpus)" = 0 ]; then
-        echo "launch.sh: --plan: --amp auto would be decided here, on a machine without a GPU, for runs on GPUs;" \
-             "give the precision: -- --amp bf16 (or fp16, none)" >&2; exit 2
+        echo "launch.sh: --plan: --amp auto would be decided here, on a machine without a GPU, for runs on GPUs:" \
+             "pass --amp none|bf16|fp16 explicitly (-- --amp bf16), or write the plan on a GPU node" >&2; exit 2
       fi
       amp=$(PY train.py ${common/--amp auto/} --print-amp | tail -n 1) || true
       case "$amp" in none|bf16|fp16) mkdir -p "$OUT"; echo "$amp" > "$OUT/amp";; esac
@@ -436,8 +448,9 @@ case "${1:-}" in
     if [ -f "$target" ]; then out=$(PY plan.py out "$target") || exit 2
     elif [ -d "$target" ]; then out=$target
     else echo "launch.sh: report takes a study's folder or a plan file, got '$target'" >&2; exit 2; fi
-    report "$out" "$@"
-    if [ -f "$target" ]; then PY plan.py unfinished "$target"; fi;;
+    rc=0; report "$out" "$@" || rc=$?  # a failed report still lists the unfinished lines (then exits non-zero)
+    left=0; if [ -f "$target" ]; then PY plan.py unfinished "$target" || left=$?; fi
+    exit $((rc ? rc : left));;
   repro)
     # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
     # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp bf16 (the study's
@@ -543,5 +556,5 @@ case "${1:-}" in
     if PY -c "import pytest" 2>/dev/null; then PY -m pytest -q -m cuda tests || echo "launch.sh: CUDA tests FAILED" >&2
     else echo "launch.sh: pytest is not installed: the CUDA tests are skipped (gpu_check.py runs the checks)" >&2; fi
     PY gpu_check.py "$@";;
-  *) sed -n '2,34p' "$0"; exit 2;;
+  *) sed -n '2,35p' "$0"; exit 2;;
 esac

@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import platform
+import re
 import sys
 from dataclasses import asdict, dataclass
 
@@ -399,10 +400,13 @@ def micro_batch_size(cfg, world_size):
 def resolve(args, world_size, device):
     """Validate every flag and derive (Setup, the run's MethodList); fail() on the first bad one."""
     a = args
+    threads = os.environ.get("OMP_NUM_THREADS") or "1"  # configure_device's thread count: a number or nothing
     for name, value in sorted(vars(a).items()):  # before anything is written: inf and nan pass every bound below
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}", options=True)
     checks = [
+        (re.fullmatch("[1-9][0-9]*", threads),
+         f"OMP_NUM_THREADS='{threads}' is no number of threads: set it to 1, 2, ... or unset it"),
         (a.dataset in DATASETS, f"--data: unknown dataset '{a.dataset}'; choose one of {', '.join(DATASETS)}"),
         (a.schedule in schedules.SCHEDULES,
          f"--schedule: unknown '{a.schedule}'; choose one of {', '.join(schedules.SCHEDULES)}"),

@@ -8,21 +8,26 @@
 
 A plan is '#' header lines (the sweep's command, the runs folder, the sha256 of every line after its own), then one
 JSON object per run: index, run_dir, argv (train.py's complete arguments), gpus (torchrun processes; 0: one plain
-process) and nodes. A line is claimed by an flock on FILE.claims/<its run folder's hash>, which the kernel drops when
-its worker dies, so a dead worker's line is claimable again; a line whose run folder's lock is held (a train.py
-running it, started by anyone) is left alone. Every line runs as a sweep runs it: skipped when done with the same
-arguments, else train.py --resume auto (resumes, or names the result-defining options that differ).
+process), nodes and, where argv names recipes or plug-ins, files ({path: sha256}: a line whose file changed since is
+refused). A line is claimed by an flock on FILE.claims/<its run folder's hash> (which records the claimant's pid, host
+and SLURM job), which the kernel drops when its worker dies, so a dead worker's line is claimable again; a line whose
+run folder's lock is held (a train.py running it, started by anyone) is left alone. Every line runs as a sweep runs
+it: skipped when done with the same arguments, else train.py --resume auto (resumes, or names the result-defining
+options that differ).
 No torch here: launch.sh calls this before any setup, and train.py imports placement()."""
 import fcntl
 import hashlib
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from locks import lock_or_holder
 
@@ -59,8 +64,11 @@ def ranges(numbers):
 
 def write(path, out, gpus, command, records):
     """records: (run_dir, argv string) in the sweep's order. Written whole or not at all; creates the runs folder."""
+    if not records:
+        raise PlanError("sweep: its options select no runs; no plan was written")
     lines = [f"# out: {out}\n"] + [json.dumps({"index": i, "run_dir": d, "argv": argv.split(), "gpus": gpus,
-                                               "nodes": 1}) + "\n" for i, (d, argv) in enumerate(records)]
+                                               "nodes": 1, **files(argv.split())}) + "\n"
+                                    for i, (d, argv) in enumerate(records)]
     text = f"# command: {command}\n# sha256: {sha256(lines)}\n" + "".join(lines)
     os.makedirs(out, exist_ok=True)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -74,14 +82,63 @@ def sha256(lines):
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def named_files(argv, flags=("--config", "--plugins")):
+    """The files argv names after these flags (--config F or --config=F), in order."""
+    names = []
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag in flags and (eq or i + 1 < len(argv)):
+            names.append(value if eq else argv[i + 1])
+    return names
+
+
+def files(argv):
+    """{"files": {path: sha256}} of the recipes and plug-ins argv names ({} where none): the plan's checksum covers
+    the arguments, these cover what the files say (edited after the plan was written, the same argv runs other
+    options)."""
+    try:
+        named = {path: file_sha256(path) for path in named_files(argv)}
+    except OSError as e:
+        raise PlanError(f"sweep: cannot read {e.filename} ({e.strerror}), named in the runs' arguments; no plan was "
+                        f"written") from None
+    return {"files": named} if named else {}
+
+
+def stale(line, plan):
+    """Why the line must not run (a recipe or plug-in changed or gone since the plan was written), or None."""
+    for path, sha in line.get("files", {}).items():  # (plans from before the field have none)
+        try:
+            if file_sha256(path) == sha:
+                continue
+            what = "changed"
+        except OSError as e:
+            what = f"cannot be read ({e.strerror})"
+        return (f"run-plan: {path}, named in line {line['index']}'s arguments, {what} since the plan was written: "
+                f"its runs would not be the plan's; put it back or write the plan again (./launch.sh sweep ... "
+                f"--plan {plan})")
+    return None
+
+
+def whole(text):
+    """A count in ASCII digits ('²'.isdigit() is True too, and int() refuses it)."""
+    return text.isascii() and text.isdigit()
+
+
 def read(path):
     """(runs folder, run lines) of a plan that is whole, unedited and whose runs folder is where it says."""
     again = f"write it again with ./launch.sh sweep ... --plan {path}"
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except OSError as e:
         raise PlanError(f"run-plan: cannot read the plan {path} ({e.strerror}); {again}") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"run-plan: {path} is not a plan (not UTF-8 text); {again}") from None
     sha = next((i for i, line in enumerate(lines) if line.startswith("# sha256: ")), None)
     if sha is None or not lines[sha + 1:sha + 2] or not lines[sha + 1].startswith("# out: "):
         raise PlanError(f"run-plan: {path} is not a plan (no '# sha256:' and '# out:' lines); {again}")
@@ -89,6 +146,8 @@ def read(path):
         raise PlanError(f"run-plan: {path} was edited after it was written (its lines do not match its sha256); "
                         f"{again} (its first line is the command)")
     out, runs = lines[sha + 1][len("# out: "):].rstrip("\n"), [json.loads(line) for line in lines[sha + 2:]]
+    if not runs:  # (written before empty plans were refused)
+        raise PlanError(f"run-plan: {path} has no lines (a sweep of no runs); nothing to run")
     if not os.path.isdir(out):
         raise PlanError(f"run-plan: the plan's runs folder {out} is missing (moved or deleted?); nothing was run: "
                         f"write the plan again for where the runs are (./launch.sh sweep ... --out NEW --plan FILE)")
@@ -99,17 +158,31 @@ def same_argv(run_dir, argv):
     """True when the run recorded exactly these arguments and its recipes are unchanged: a sweep skips it as done.
     A plug-in file may have changed under the same argv: train.py compares its hash."""
     try:
+        recipes = named_files(argv, ("--config",))
+        sha = [file_sha256(r) for r in recipes]
+    except OSError:
+        return False
+    c = config(run_dir)
+    return c.get("argv") == argv and not (recipes and c.get("recipe_sha256") != sha) and "--plugins" not in argv
+
+
+def config(run_dir):
+    """The run's config.json ({} where it has none that reads)."""
+    try:
         with open(os.path.join(run_dir, "config.json")) as f:
             c = json.load(f)
-        recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-        sha = [hashlib.sha256(open(r, "rb").read()).hexdigest() for r in recipes]
-        return c.get("argv") == argv and not (recipes and c.get("recipe_sha256") != sha) and "--plugins" not in argv
-    except (OSError, ValueError, AttributeError):
+        return c if isinstance(c, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def finished(line, files_too=True):
+    """The line's run has 'done' and recorded the line's arguments; files_too: and nothing says its recipes or
+    plug-ins changed since (same_argv: the sweep's test for skipping it)."""
+    run_dir, argv = line["run_dir"], line["argv"]
+    if not os.path.exists(os.path.join(run_dir, "done")):
         return False
-
-
-def finished(line):
-    return os.path.exists(os.path.join(line["run_dir"], "done")) and same_argv(line["run_dir"], line["argv"])
+    return same_argv(run_dir, argv) if files_too else config(run_dir).get("argv") == argv
 
 
 # ---- claims ------------------------------------------------------------------------------------
@@ -124,45 +197,83 @@ def try_lock(path, create):
 
 
 def claim(plan, line):
-    """The line's claim (an open file to close when the run ends), or (None, the holder's pid)."""
+    """The line's claim (an open file to close when the run ends), or (None, who holds the line)."""
     folder = plan + ".claims"
     os.makedirs(folder, exist_ok=True)
     name = hashlib.sha256(os.path.abspath(line["run_dir"]).encode()).hexdigest()[:16]
     f, holder = try_lock(os.path.join(folder, name), create=True)
     if f is None:
-        return None, f"pid {holder.split()[0]} (run-plan)"
-    run_lock, holder = try_lock(os.path.join(line["run_dir"], "lock"), create=False)  # train.py's own
-    if run_lock is None and holder is not None:
+        return None, f"{claimant_name(holder)} (run-plan)"
+    holder = run_dir_holder(line)
+    if holder is not None:
         f.close()
-        return None, f"pid {holder} (train.py)"
-    if run_lock is not None:
-        run_lock.close()
+        return None, holder
     f.seek(0)
     f.truncate()
-    f.write(f"{os.getpid()} {line['run_dir']}\n")
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": line["run_dir"],
+                        **{k: os.environ[k] for k in SLURM_IDS if os.environ.get(k)}}) + "\n")
     f.flush()
     return f, None
+
+
+# Flocks do not reach across nodes on many network file systems: a claim records where its worker runs, so that a
+# line held elsewhere names the node and the SLURM job to look at.
+SLURM_IDS = ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID")
+
+
+def claimant_name(text):
+    """'pid 12 on node3 (SLURM_JOB_ID 45, SLURM_ARRAY_TASK_ID 6)' from a claim file ('pid 12': an older claim)."""
+    try:
+        c = json.loads(text)
+        slurm = ", ".join(f"{k} {c[k]}" for k in SLURM_IDS if k in c)
+        return f"pid {c['pid']} on {c['host']}" + (f" ({slurm})" if slurm else "")
+    except (ValueError, TypeError, KeyError):
+        return f"pid {text.split()[0]}"
+
+
+def run_dir_holder(line):
+    """Who holds the line's run folder (train.py's own lock: a run of the line started by anyone), or None."""
+    f, holder = try_lock(os.path.join(line["run_dir"], "lock"), create=False)
+    if f is not None:
+        f.close()
+    return None if holder is None else f"pid {holder} (train.py)"
 
 
 # ---- running -----------------------------------------------------------------------------------
 
 def visible_gpus():
-    """The GPUs this process may use: CUDA_VISIBLE_DEVICES where set (SLURM sets it), else nvidia-smi's list."""
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES where set (SLURM sets it), else nvidia-smi's list, else
+    (no nvidia-smi: a container, say) torch's count in the runs' python; [] where none says any."""
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
     try:
         p = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                            text=True, timeout=60)
+        if p.returncode == 0:
+            return p.stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:  # in a process of its own: no torch here
+        p = subprocess.run([python(), "-c", "import torch; print(torch.cuda.device_count())"], capture_output=True,
+                           text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return p.stdout.split() if p.returncode == 0 else []
+    count = p.stdout.strip()
+    return [str(i) for i in range(int(count))] if p.returncode == 0 and whole(count) else []
 
 
 def slots(n, gpus_per_run):
     """The environment and cores (or None) of each of n runs at once: a slice of the GPUs each, a share of the cores
     each (pinned with taskset where present). PlanError where the machine has too few."""
+    omp = os.environ.get("OMP_NUM_THREADS") or ""
+    if omp and not whole(omp):
+        raise PlanError(f"OMP_NUM_THREADS={omp} is not a number of threads: set a whole number (each run's threads "
+                        f"at most) or unset it")
     gpus, cores = visible_gpus(), cpus()
     width = max(gpus_per_run, 1)  # GPUs, or processes on a CPU, of one run
+    if gpus_per_run > 0 and not gpus:
+        raise PlanError(f"--parallel {n} runs of {gpus_per_run} GPU(s): this machine has no GPU (none in "
+                        f"CUDA_VISIBLE_DEVICES, nvidia-smi or torch): run on a GPU node, or without --gpus-per-run")
     if gpus and n * width > len(gpus):
         raise PlanError(f"--parallel {n} runs of {width} GPU(s) need {n * width} GPUs; this machine has {len(gpus)} "
                         f"({','.join(gpus)}): lower --parallel or --gpus-per-run")
@@ -170,42 +281,49 @@ def slots(n, gpus_per_run):
         raise PlanError(f"--parallel {n} runs of {width} process(es) need {n * width} cores; this machine has "
                         f"{len(cores)}: lower --parallel")
     share = len(cores) // n  # 0 on a GPU node with fewer cores than runs: then nothing is pinned
-    threads = max(1, min(share // width, int(os.environ.get("OMP_NUM_THREADS") or share)))
+    threads = max(1, min(share // width, int(omp or share)))
     pin = share > 0 and shutil.which("taskset") is not None
     return [({"TRAIN_CONCURRENT_RUNS": str(n), "OMP_NUM_THREADS": str(threads),
               **({"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * width:(i + 1) * width])} if gpus else {})},
              ranges(cores[i * share:(i + 1) * share]) if pin else None) for i in range(n)]
 
 
+def python():
+    """The python the runs use: launch.sh's venv's where there is one, else this one."""
+    venv_python = os.path.join(os.environ.get("VENV", ".venv"), "bin", "python")
+    return venv_python if os.access(venv_python, os.X_OK) else sys.executable
+
+
 def command(line):
     """The launcher and train.py's arguments, as launch.sh's sweep starts a run."""
-    venv_python = os.path.join(os.environ.get("VENV", ".venv"), "bin", "python")
-    python = venv_python if os.access(venv_python, os.X_OK) else sys.executable
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(line["gpus"]),
                 "--max-restarts", os.environ.get("MAX_RESTARTS", "0")] if line["gpus"] > 0 else []
-    return [python, *torchrun, "train.py", *line["argv"]]
+    return [python(), *torchrun, "train.py", *line["argv"]]
 
 
 class Runner:
     """Workers over one plan's lines: each claims the next line nobody holds, runs it, and goes on; every line is
-    tried at most once here. A refusal of the options stops new claims (every run would be refused alike); a
-    signal ends every child (train.py's checkpoint and rows stay: the run resumes) and stops."""
+    tried at most once here. A refusal of the options, or a recipe changed since the plan was written, stops new
+    claims (every run would be refused alike); a signal ends every child (train.py's checkpoint and rows stay: the
+    run resumes) and stops. own=True (--index K): the lines are this task's, so one held elsewhere is an error."""
 
-    def __init__(self, plan, out, lines, prefix):
-        self.plan, self.out, self.lines, self.prefix = plan, out, lines, prefix
-        self.tried, self.failed, self.busy, self.refused, self.signal = set(), [], {}, None, None
-        self.children, self.lock = set(), threading.RLock()  # (the signal handler takes it too)
+    def __init__(self, plan, out, lines, prefix, own=False):
+        self.plan, self.out, self.lines, self.prefix, self.own = plan, out, lines, prefix, own
+        self.tried, self.failed, self.busy, self.refused, self.stale = set(), [], {}, None, None
+        self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
+        self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
 
     def next_line(self):
         with open(self.plan + ".lock", "a") as pick:  # one worker picks at a time, on this machine or another
             fcntl.flock(pick, fcntl.LOCK_EX)
             for line in self.lines:
                 with self.lock:
-                    if self.refused or self.signal or line["index"] in self.tried:
+                    if self.refused or self.stale or self.signal or line["index"] in self.tried:
                         continue
                 if finished(line):
                     self.say(line, f"skip (done): {line['run_dir']}")
                     self.tried.add(line["index"])
+                    self.busy.pop(line["index"], None)
                     continue
                 held, holder = claim(self.plan, line)
                 if held is None:
@@ -213,30 +331,62 @@ class Runner:
                     continue
                 self.busy.pop(line["index"], None)
                 self.tried.add(line["index"])
+                why = stale(line, self.plan)
+                if why:
+                    held.close()
+                    with self.lock:
+                        self.stale = why
+                    return None, None
                 return line, held
         return None, None
 
     def work(self, env, cores):
+        """One worker. An error of its own (not its run's: a line that cannot be started, a full /tmp) fails its
+        line, named, and the worker goes on; one while picking a line ends the worker."""
         while True:
-            line, held = self.next_line()
+            try:
+                line, held = self.next_line()
+            except Exception as e:
+                return self.fail(None, f"{type(e).__name__}: {e}")
             if line is None:
                 return
-            with held:
-                self.run(line, env, cores)
+            try:
+                with held:
+                    self.run(line, env, cores)
+            except Exception as e:
+                self.fail(line, f"{type(e).__name__}: {e}")
 
     def run(self, line, env, cores):
         cmd = (["taskset", "-c", cores] if cores else []) + command(line)
         self.say(line, "+ " + " ".join(cmd))
         fd, refusal = tempfile.mkstemp(prefix="refusal-")
         os.close(fd)
-        pipe = subprocess.PIPE if self.prefix else None
-        with self.lock:  # no child starts after a signal: the handler's loop ends the ones registered here
-            if self.signal:
-                os.remove(refusal)
+        try:
+            rc = self.start(line, cmd, {**os.environ, **env, "TRAIN_REFUSAL_FILE": refusal})
+            refused = bool(rc) and os.path.getsize(refusal) > 0
+        finally:
+            os.remove(refusal)
+        with self.lock:
+            if not rc or self.signal:
                 return
-            p = subprocess.Popen(cmd, env={**os.environ, **env, "TRAIN_REFUSAL_FILE": refusal}, stdout=pipe,
-                                 stderr=pipe, text=True)
-            self.children.add(p)
+            if refused:
+                self.refused = self.refused or line["run_dir"]
+                return
+        holder = run_dir_holder(line)  # a train.py started by hand took the folder first: it runs the line
+        if holder is not None:
+            self.busy[line["index"]] = holder
+            self.say(line, f"left to {holder}, which holds {line['run_dir']}", sys.stderr)
+            return
+        self.fail(line, f"exit {rc}")
+
+    def start(self, line, cmd, env):
+        """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""
+        pipe = subprocess.PIPE if self.prefix else None
+        with self.lock:  # no child starts after the handler ran; one started as the signal came is marked for it
+            if self.signal:
+                return None
+            p = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
+            self.children[p] = bool(select.select([self.wakeup], [], [], 0)[0]) if self.wakeup else False
         pumps = [threading.Thread(target=self.pump, args=(line, s, d)) for s, d in
                  ((p.stdout, sys.stdout), (p.stderr, sys.stderr)) if s is not None]
         for t in pumps:
@@ -245,14 +395,14 @@ class Runner:
         for t in pumps:
             t.join()
         with self.lock:
-            self.children.discard(p)
-            refused = rc != 0 and os.path.getsize(refusal) > 0
-            os.remove(refusal)
-            if refused and not self.signal:
-                self.refused = self.refused or line["run_dir"]
-            elif rc != 0 and not self.signal:
-                self.failed.append((line["run_dir"], rc))
-                print(f"launch.sh: FAILED (exit {rc}): {line['run_dir']}", file=sys.stderr, flush=True)
+            del self.children[p]
+        return rc
+
+    def fail(self, line, why):
+        name = line["run_dir"] if line else f"a worker of {self.plan}"
+        with self.lock:
+            self.failed.append((name, why))
+            print(f"launch.sh: FAILED ({why}): {name}", file=sys.stderr, flush=True)
 
     def pump(self, line, source, sink):
         for text in source:
@@ -264,14 +414,22 @@ class Runner:
             print(f"[{name}] {text}" if name else text, file=sink, flush=True)
 
     def stop(self, signum, frame):
-        first = self.signal is None
-        self.signal = self.signal or signum
-        self.kill(signal.SIGTERM if first else signal.SIGKILL)  # a second Ctrl-C does not wait
-
-    def kill(self, sig):
+        """Each child gets one signal per request: a first signal ends them (SIGTERM, but for a Ctrl-C, which the
+        terminal sent to our whole process group, children included), a second more than 2 s later kills them.
+        Signals in between add nothing: launch.sh passes a Ctrl-C on as SIGTERM a moment after it, and train.py
+        takes a second signal as 'die now' (no checkpoint)."""
+        now = time.monotonic()
         with self.lock:
-            for p in self.children:  # torchrun passes it on to its workers
-                p.send_signal(sig)
+            if self.signal is None:
+                self.signal, self.signalled_at = signum, now
+                got_it = from_terminal(signum)
+                for p, late in self.children.items():  # late: started after the signal had reached us
+                    if late or not got_it:
+                        p.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+            elif now - self.signalled_at > 2 and not self.killed:
+                self.killed = True
+                for p in self.children:
+                    p.kill()
 
     def go(self, workers):
         """Run the workers [(env, cores)] to the end; the exit status (0, 1 failures, 2 refused, 128 + a signal)."""
@@ -283,16 +441,19 @@ class Runner:
         except OSError as e:
             raise PlanError(f"run-plan: cannot lock {self.plan}.lock ({e.strerror}): the plan's folder must be on a "
                             f"file system with flock; write the plan elsewhere (--plan FILE)") from None
+        # a signal's C handler writes this pipe at once; ours runs later, in this thread: a child started in between
+        # did not get a terminal's signal
+        self.wakeup, written = os.pipe()
+        os.set_blocking(written, False)
+        signal.set_wakeup_fd(written, warn_on_full_buffer=False)
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self.stop)
         threads = [threading.Thread(target=self.work, args=w, daemon=True) for w in workers]
         for t in threads:
             t.start()
-        while any(t.is_alive() for t in threads):
-            for t in threads:
+        for t in threads:
+            while t.is_alive():
                 t.join(0.2)
-            if self.signal:  # a child started just before the signal is ended on the next pass
-                self.kill(signal.SIGTERM)
         return self.summary()
 
     def summary(self):
@@ -300,20 +461,45 @@ class Runner:
             print(f"launch.sh: stopped by signal {self.signal}: the runs it ended resume where they stopped when the "
                   f"plan is run again", file=sys.stderr)
             return 128 + self.signal
+        if self.stale:
+            print(f"launch.sh: {self.stale}", file=sys.stderr)
+            return 2
         if self.refused:
             print(f"launch.sh: stopped: {self.refused}: train.py refused the options (the reason above)",
                   file=sys.stderr)
             return 2
-        busy = {i: h for i, h in self.busy.items() if i not in self.tried}
-        if busy:
-            print(f"launch.sh: {len(busy)} line(s) held by other workers, not run here: " +
-                  ", ".join(f"{i} ({h})" for i, h in sorted(busy.items())))
         if self.failed:
             print(f"launch.sh: {len(self.failed)} run(s) failed, see their messages above:", file=sys.stderr)
-            for run_dir, rc in self.failed:
-                print(f"  {run_dir} (exit {rc})", file=sys.stderr)
+            for name, why in self.failed:
+                print(f"  {name} ({why})", file=sys.stderr)
+        if self.busy and self.own:  # an array task that ran nothing must not look like one that ran its line
+            (i, holder), = self.busy.items()
+            print(f"launch.sh: run-plan: line {i} ({self.lines[0]['run_dir']}) is held elsewhere, by {holder}: "
+                  f"nothing was run here (if it is not running there, run this line again)", file=sys.stderr)
             return 1
-        return 0
+        if self.busy:  # fine (other workers run them), but the plan is not complete
+            held = ", ".join(f"{i} ({h})" for i, h in sorted(self.busy.items()))
+            print(f"launch.sh: run-plan: {len(self.busy)} line(s) left to other workers, which hold them: {held}; the "
+                  f"plan is complete when they finish (./launch.sh report {self.plan} names what did not)",
+                  file=sys.stderr)
+        return 1 if self.failed else 0
+
+
+def from_terminal(signum):
+    """Whether the signal came from a terminal to our whole process group (children included): a Ctrl-C while our
+    group is its foreground group. A SIGTERM (kill, launch.sh passing a signal on, a scheduler) is taken as ours."""
+    if signum != signal.SIGINT:
+        return False
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY)
+    except OSError:  # no controlling terminal: sent by kill, to us
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def run_plan(args):
@@ -322,34 +508,33 @@ def run_plan(args):
     if len(args) not in (2, 3) or args[1] not in ("--index", "--next") or len(args) != 2 + (args[1] == "--index"):
         raise PlanError(f"{usage}, got '{' '.join(args)}'")
     out, lines = read(args[0])
+    what = args[0]
     if args[1] == "--index":
         k = args[2]
-        if not k.isdigit() or int(k) >= len(lines):
+        if not whole(k) or int(k) >= len(lines):
             raise PlanError(f"run-plan: --index {k} is out of range: {args[0]} has {len(lines)} lines, "
                             f"0-{len(lines) - 1}")
-        lines = [lines[int(k)]]
-        need, have = lines[0]["gpus"], visible_gpus()
-        if need > len(have) and "SLURM_JOB_ID" in os.environ:
-            raise PlanError(f"run-plan: line {k} runs on {need} GPU(s); this task has {len(have)}: submit the array "
-                            f"with --gpus-per-task={need}")
-    runner = Runner(args[0], out, lines, prefix=False)
-    rc = runner.go([({}, None)])
-    if args[1] == "--index" and runner.busy:  # the array task's own line is another worker's: say so
-        print(f"launch.sh: run-plan: line {args[2]} ({lines[0]['run_dir']}) is being run by "
-              f"{runner.busy[lines[0]['index']]}; nothing was done here", file=sys.stderr)
-        return 1
-    return rc
+        lines, what = [lines[int(k)]], f"line {k}"
+    need = max(line["gpus"] for line in lines)
+    have = visible_gpus() if need > 0 else []
+    if need > 0 and not have:
+        raise PlanError(f"run-plan: {what}: runs on {need} GPU(s), and none is visible here (CUDA_VISIBLE_DEVICES, "
+                        f"nvidia-smi, torch): run it on a GPU node")
+    if need > len(have) and args[1] == "--index" and "SLURM_JOB_ID" in os.environ:
+        raise PlanError(f"run-plan: line {k} runs on {need} GPU(s); this task has {len(have)}: submit the array "
+                        f"with --gpus-per-task={need}")
+    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index").go([({}, None)])
 
 
 def parallel(plan, n):
     out, lines = read(plan)
-    return Runner(plan, out, lines, prefix=n > 1).go(slots(n, lines[0]["gpus"] if lines else 0))
+    return Runner(plan, out, lines, prefix=n > 1).go(slots(n, lines[0]["gpus"]))
 
 
 def unfinished(plan):
-    """List the lines without 'done' (after an array: what did not finish); exit 1 if any."""
+    """List the lines not finished (no 'done', or done with other arguments: a line refused); exit 1 if any."""
     out, lines = read(plan)
-    left = [line for line in lines if not os.path.exists(os.path.join(line["run_dir"], "done"))]
+    left = [line for line in lines if not finished(line, files_too=False)]  # (a plug-in's run: see same_argv)
     if left:
         print(f"launch.sh: {len(left)} of {len(lines)} line(s) of {plan} did not finish (run them again: "
               f"./launch.sh run-plan {plan} --index K):", file=sys.stderr)

@@ -944,7 +944,7 @@ def configure_device(device, deterministic=False):
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, cores // local_world)
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, cores // local_world)
         torch.set_num_threads(threads)  # ranks on one machine share its cores; OMP_NUM_THREADS overrides
 
 

@@ -397,7 +397,8 @@ def fidelity_points(rows, x="time"):
     sets, over the standard runs'; gap = mean |gap| of the seed-averaged curves; run_gap = per-run |gap| (each
     seed's own runs), averaged over sets; the gaps leave out an in-sample row (the calibrated estimator's baseline:
     its cost counts). CIs are (None, None) unless every set has one (run_gap's: unless every set holds the same
-    seeds, the unit the interval is over; the calibrated estimator's from its joint draws, the same for every set)."""
+    seeds, the unit the interval is over; the calibrated estimator's from its joint draws, the same for every row
+    pooled: resamples_pool, over the gaps' rows for the gaps, over every row, the in-sample one too, for the cost)."""
     out = {}
     rows, _ = pooled_rows(rows)
     for est in dict.fromkeys(r["estimator"] for r in rows):
@@ -412,10 +413,9 @@ def fidelity_points(rows, x="time"):
         gap = sum(r["mean_abs_gap_pp"] for r in gapped) / len(gapped)
         n = min(r["n_seeds"] for r in mine)
         cost_ci, gap_ci, run_gap, run_ci = (None, None), (None, None), None, (None, None)
-        # the calibrated rows' resamples pool only where every set drew the same seeds; otherwise no interval
-        draws = [r.get("_draws") for r in mine]
-        pools = all(d is None for d in draws) or review.drew_alike(draws)
-        if pools and all(r.get(boot) is not None for r in mine):
+        # the calibrated rows' resamples pool only where every row pooled drew the same seeds; otherwise no interval
+        pools_cost, pools = resamples_pool(mine), resamples_pool(gapped)
+        if pools_cost and all(r.get(boot) is not None for r in mine):
             lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine), n, cost)
             cost_ci = (nonnegative(lo), hi)
         if pools and all(r.get("_abs_boot") is not None for r in gapped):
@@ -432,6 +432,12 @@ def fidelity_points(rows, x="time"):
             run_ci = (nonnegative(run_ci[0]), run_ci[1])
         out[est] = Fidelity(cost, gap, cost_ci, gap_ci, run_gap, run_ci)
     return out
+
+
+def resamples_pool(rows):
+    """Whether these rows' resamples may be averaged, draw by draw: none has joint draws, or all drew alike."""
+    draws = [r.get("_draws") for r in rows]
+    return all(d is None for d in draws) or review.drew_alike(draws)
 
 
 def fig_fidelity(rows, out, name, x="time", calibration=None):
@@ -472,9 +478,10 @@ def fig_fidelity(rows, out, name, x="time", calibration=None):
 
 
 def md_table(header, rows):
-    """A markdown table from a header and rows of already formatted cells."""
+    """A markdown table from a header and rows of already formatted cells; a | in a cell (tests.csv's family
+    "per-run |gap| difference") escaped, or it would split the cell and shift the row's columns."""
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+                     + ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows])
 
 
 def gap_cell(value, lo, hi, spec="+.2f"):
@@ -678,9 +685,10 @@ def moved_verdicts(t):
     return ", ".join(name for name, kept in (("alone", t["robust"]), ("Holm", t["robust_holm"])) if not kept)
 
 
-def family_section(tests):
+def family_section(tests, calibrated=0):
     """report.md's families of tests (tests.csv): per family its size, what the 95 % CIs resolve alone, what Holm's
-    familywise procedure keeps, and the verdicts that leaving one seed out changes."""
+    familywise procedure keeps, and the verdicts that leaving one seed out changes. calibrated: the group's sets
+    with a calibrated row (not in-sample), whose gaps are tested once (say where)."""
     if not tests:
         return []
     rows = []
@@ -700,13 +708,22 @@ def family_section(tests):
             "`resolved`); under Holm: Holm's step-down procedure at a familywise 5 % "
             "(`*_resolved_holm`). Left out: with 4+ seeds behind a test, the whole group is recomputed without "
             "each seed in turn; a verdict that changes for some seed is listed (`*_robust`, `*_robust_holm`). "
-            "Every test: tests.csv." + (" The baseline-calibrated estimator's mean gaps are, seed for seed, the cyclic "
-                                        "estimator's gaps - baseline's (their intervals nearly so): one question, to "
-                                        "be read once; its own gap - baseline's, the same again, is not tested."
-                                        if any(t["curve"] == "baseline-calibrated" for t in tests) else ""), "",
+            "Every test: tests.csv." + (calibrated_families(tests, calibrated) if calibrated else ""), "",
             md_table(["family", "estimator / curve", "tests", "resolved alone", "under Holm",
                       "resolved alone, not under Holm", "checked (4+ seeds)", "verdicts one left-out seed changes"],
                      rows), ""]
+
+
+def calibrated_families(tests, sets):
+    """family_section's sentence on the calibrated estimator's gaps (review.own_test): one question, one test."""
+    own = sum((t["family"], t["curve"]) == ("mean gap", review.CALIBRATED) for t in tests)
+    return (" The baseline-calibrated estimator's gap - baseline's is cyclic's again (the shift cancels): not tested. "
+            "Its mean gap is, where the set and the baseline hold the same seeds (each at every budget), seed for seed "
+            "the cyclic row's gap - baseline's, tested there (one question, one test), so in no family: its "
+            "estimators.csv columns mean_gap_p, _resolved_holm, _robust and _robust_holm are empty and its stats_note "
+            "says why; where they hold other seeds it is a test of its own, in the family mean gap / "
+            f"baseline-calibrated: {own} of its {sets} sets here (its per-run |gap| is tested in the estimator "
+            "pairs).")
 
 
 def power_section(rows):
@@ -765,10 +782,15 @@ def calibrated_section(estimators):
             "(seed-averaged), so that the baseline's own cyclic bias cancels; exact where a set's cyclic bias equals "
             "the baseline's, and no help where a set interacts with the schedule (its mean gap is then the gap - "
             "baseline's). Cost: every set's cyclic run plus the baseline's standard curve (estimators.csv: each set "
-            "its run plus an equal share). Its intervals, p-values and pair tests draw the baseline's seeds with the "
-            "set's (one draw of seeds for the four curves), the shift recomputed in each draw, so the shift's own "
-            "seed noise is in them. Its gap - baseline's is the cyclic estimator's (the shift cancels), so it is "
-            "tested once, there; its mean gap is that same difference of the set's and the baseline's gaps. The "
+            "its run plus an equal share). Its intervals and pair tests resample the baseline's seeds too, the shift "
+            "recomputed in each draw, so the shift's own seed noise is in them: where the set and the baseline hold "
+            "the same seeds, one draw of seeds serves the four curves (paired); where they hold other seeds, in "
+            "strata: the seeds both hold drawn for both (seed s's runs are correlated across sets), each side's own "
+            "drawn for it alone, each stratum's spread at its own seeds, and the t of the fewer side's seeds - 1 "
+            "(the row's n_seeds; its pair tests' too). Its gap - baseline's is the cyclic estimator's (the shift "
+            "cancels): not tested again. Its mean gap is, where the set and the baseline hold the same seeds, that "
+            "same difference seed for seed, tested once, on the cyclic row (its mean_gap_p and Holm columns empty); "
+            "where they hold other seeds, a test of its own, in the family mean gap / baseline-calibrated. The "
             "baseline's own calibrated row is in-sample (its shifted curve is its standard curve on average): it "
             "stays in estimators.csv with point estimates, marked in its note, and is left out of every Holm "
             "family, estimator pair and pooled gap.", "",
@@ -779,7 +801,19 @@ def calibrated_section(estimators):
                       "cost / standard curves [95 % CI]"],
                      [[est, "" if f.run_gap is None else gap_cell(f.run_gap, *f.run_ci, ".2f"),
                        gap_cell(f.gap, *f.gap_ci, ".2f"), gap_cell(f.cost, *f.cost_ci, ".2f")]
-                      for est, f in data.items()]), ""]
+                      for est, f in data.items()]), ""] + unpooled_note(pooled)
+
+
+def unpooled_note(rows):
+    """Why the calibrated estimator's pooled intervals are empty (fidelity_points), where its rows drew other seeds:
+    its sets' for its gaps; those or its in-sample baseline row's for its cost."""
+    mine = [r for r in rows if r["estimator"] == review.CALIBRATED]
+    if resamples_pool(mine):
+        return []
+    which = "cost interval is" if resamples_pool([r for r in mine if not r.get("_in_sample")]) else "intervals are"
+    return [f"(The calibrated estimator's pooled {which} empty: its rows draw other seeds (its sets', or its sets' "
+            "and its in-sample baseline row's, whose cost counts), each with its own draw of the baseline's shift, "
+            "which averaging over the rows would thin.)", ""]
 
 
 def paired_ratio_section(estimators):
@@ -818,7 +852,8 @@ def tau_section(ranking):
 def review_sections(pick):
     """The report's sections of analysis.review's statistics, from one group's rows."""
     estimators = pick("estimators.csv")
-    return (family_section(pick("tests.csv")) + power_section(pick("power.csv"))
+    calibrated = sum(r["estimator"] == review.CALIBRATED and not r["_in_sample"] for r in estimators)
+    return (family_section(pick("tests.csv"), calibrated) + power_section(pick("power.csv"))
             + pair_section(pick("estimator_pairs.csv")) + calibrated_section(estimators)
             + paired_ratio_section(estimators) + tau_section(pick("ranking.csv")))
 

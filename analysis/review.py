@@ -2,19 +2,22 @@
 
 - Families: each test in a table that makes several at once gets a p-value (from the same t and standard error as
   its CI, so p < 0.05 where the CI excludes 0) and Holm's verdict over its family at familywise 95 %. The families of
-  a group: the mean gaps of one estimator (every method set); the differences in gaps against the baseline of one
-  estimator; the improvements over the baseline on one curve (every set and budget); the standard-curve differences
-  behind one estimator's swaps (ranking.csv); the per-run |gap| differences of one estimator pair. With 4+ seeds
-  behind a test, `robust`: its verdict is the same whichever one seed is left out of the whole group (every
-  statistic recomputed without it), unadjusted and under Holm over the same family.
+  a group: the mean gaps of one estimator (every method set; the calibrated one's only where not cyclic's gap -
+  baseline's again, own_test); the differences in gaps
+  against the baseline of one estimator; the improvements over the baseline on one curve (every set and budget); the
+  standard-curve differences behind one estimator's swaps (ranking.csv); the per-run |gap| differences of one
+  estimator pair. With 4+ seeds behind a test, `robust`: its verdict is the same whichever one seed is left out of
+  the whole group (every statistic recomputed without it), unadjusted and under Holm over the same family.
 - Seeds to plan (power.csv): per comparison, from its CI's per-seed spread, the smallest true difference its seeds
   resolve (95 % CI, 80 % power, exact: the noncentral t, stats.power_of) and the seeds --detect pp needs.
 - The baseline-calibrated estimator (estimators.csv rows, estimator CALIBRATED): each set's cyclic curve shifted, at
   each budget, by the baseline's standard - cyclic difference of the seed-averaged curves, so that the baseline's own
   cyclic bias cancels. Its cost, every set's cyclic run plus the baseline's standard curve, is split evenly over the
   N sets of the group: each row costs its cyclic run plus 1/N of the baseline's standard curve. Its intervals draw
-  the baseline's seeds with the set's, the shift recomputed in each draw (joint_draws). The baseline's own row is
-  in-sample (point estimates; in no family, pair or pooled gap); its gap - baseline's is cyclic's (not tested twice).
+  the baseline's seeds with the set's (in strata where the two hold other seeds), the shift recomputed in each draw
+  (joint_draws), t with the fewer side's seeds - 1 degrees of freedom. The baseline's own row is in-sample (point
+  estimates; in no family, pair or pooled gap). Its gap - baseline's is cyclic's: in no family; its mean gap, where
+  the set and the baseline hold the same seeds, is cyclic's gap - baseline's seed for seed: then in no family either.
 - Estimator against estimator (estimator_pairs.csv): per set, the difference of two estimators' per-run |gap|,
   paired by seed, and pooled over the sets (per seed, the mean over sets) over the seeds every set holds.
 - The cost ratio paired by seed; Kendall's tau with a CI over seeds; the power-law fits' degrees of freedom and
@@ -34,6 +37,9 @@ from analysis.runs import curve_point, match, order_methods, restrict
 CALIBRATED = "baseline-calibrated"
 DETECT = 0.3  # pp: the smallest difference of interest the paper reads
 LOO_SEEDS = 4  # a leave-one-seed-out check needs this many seeds behind a test
+# why a calibrated row's mean_gap_p, _resolved_holm, _robust and _robust_holm are empty (stats_note, report.md)
+UNTESTED = ("mean gap: in no Holm family (seed for seed the cyclic row's gap - baseline's, tested there): no p, "
+            "Holm or robust verdict")
 # the two tests of an estimators.csv row: (family, its columns' prefix, the estimate's column, its seeds', label)
 GAP_TESTS = (("mean_gap", "mean_gap", "mean_gap_pp", "n_seeds", "mean gap"),
              ("delta", "delta_gap_vs_baseline", "delta_gap_vs_baseline", "delta_gap_seeds", "gap - baseline's"))
@@ -108,11 +114,12 @@ def calibrated_curves(cmap, min_epochs=0.0):
 
 def calibrated_rows(full, min_epochs=0.0, x="time"):
     """estimators.csv rows of the calibrated curves in `full` (a curve map that holds them), as compare_one writes
-    them, but with every interval from joint_draws: the baseline's seeds drawn with the set's, the shift recomputed
-    in each resample (compare_one's take it as known: at 3 seeds those 'resolved' ~40 % of null replications,
+    them, but with every interval from joint_draws: the baseline's seeds drawn too, the shift recomputed in each
+    resample (compare_one's take it as known: at 3 seeds those 'resolved' ~40 % of null replications,
     test_review). The baseline's own row is in-sample (its shift is its own standard - cyclic difference): point
     estimates only, in no family, pair or pooled gap. No set's gap - baseline's: it is cyclic's, the shift cancels
-    (a second family of the same tests)."""
+    (a second family of the same tests); its mean gap is in no family either where it is, seed for seed, cyclic's gap
+    - baseline's, else in a family of its own (own_test; families() explains its p and Holm columns in stats_note)."""
     keys = [k for k in full if k[1] == CALIBRATED]
     rows = []
     for m in order_methods(m for m, _ in keys):
@@ -132,8 +139,9 @@ def calibrated_rows(full, min_epochs=0.0, x="time"):
             r["n_seeds"] = draws.n  # (the intervals' degrees of freedom + 1: the p-values read them)
             fill_intervals(r, draws, in_sample=m == "baseline")
             note += ("; in-sample (shifted by its own standard - cyclic difference): no interval, in no family, "
-                     "pair or pooled gap" if m == "baseline" else "; CIs draw the baseline's seeds with the set's; "
-                     "gap - baseline's: cyclic's (the shift cancels)")
+                     "pair or pooled gap" if m == "baseline" else "; " + draws.strata_text())
+        if m != "baseline":
+            note += "; gap - baseline's: cyclic's (the shift cancels)"
         r["_in_sample"] = m == "baseline"
         add_note(r, note, "note")
         rows.append(r)
@@ -167,20 +175,75 @@ def fill_intervals(row, draws, in_sample=False):
 
 @dataclass
 class Draws:
-    """One calibrated row's statistics over resamples that draw the seeds of its four curves together (the set's
-    cyclic and standard, the baseline's cyclic and standard: seed s of each, paired), the shift recomputed in each."""
-    seeds: list  # the seeds drawn from: every seed of the four curves
-    idx: np.ndarray  # (resamples, len(seeds)): each resample's draw, indices into seeds
-    n: int  # the fewest seeds behind a budget of any of the four curves
+    """One calibrated row's statistics over resamples of the seeds of its four curves (the set's cyclic and
+    standard, the baseline's cyclic and standard), the shift recomputed in each: seed s of each drawn together where
+    the set and the baseline hold the same seeds, else in strata (joint_draws)."""
+    seeds: list  # the set's seeds, those the baseline holds too first (paired: every seed of the four curves)
+    base_seeds: list  # the baseline's seeds at the budgets matched with the set's, the same ones first
+    paired: bool  # one draw for the four curves (the set and the baseline hold the same seeds), else strata
+    idx: np.ndarray  # (resamples, len(seeds)): each resample's draw of the set's seeds, indices into seeds
+    n: int  # the fewest seeds behind a budget of any of the four curves: every interval's t reads n - 1 df
     gaps: np.ndarray  # (resamples, budgets): calibrated - standard, seed-averaged
     runs: np.ndarray  # (resamples, len(seeds)): each seed's per-run |gap| under that resample's shift (NaN: none)
     cost: np.ndarray  # (resamples,): the calibrated cost (its share of the baseline's standard curve resampled too)
     standard: np.ndarray  # (resamples,): the set's standard curve's time, in the same draws
     standard_apart: np.ndarray  # (resamples,): the same, in draws of its own (time_ratio's CI draws the sides apart)
+    strata: object = None  # the set's Strata where not paired
 
     def over_draws(self, per_seed):
-        """(resamples,): each resample's mean of per_seed (resamples, len(seeds)) over its drawn seeds with a value."""
+        """(resamples,): each resample's mean of per_seed (resamples, len(seeds)) over its drawn seeds with a value
+        (in strata: Strata.means)."""
+        if self.strata is not None:
+            return self.strata.means(per_seed[:, :, None])[:, 0]
         return finite_mean(np.take_along_axis(per_seed, self.idx, 1), 1)
+
+    def strata_text(self):
+        """How the seeds were drawn, for a row's note."""
+        if self.paired:
+            return "CIs draw the baseline's seeds with the set's"  # (the same seeds: paired)
+        k = len(set(self.seeds) & set(self.base_seeds))
+        own = (("set", len(self.seeds) - k), ("baseline", len(self.base_seeds) - k))
+        strata = [f"{k} both hold, drawn for both" if k else "none both hold"] + [
+            f"the {side}'s {c} own" for side, c in own if c]
+        return (f"CIs draw the set's seeds and the baseline's (other seeds) in strata ({', '.join(strata)}), t with "
+                f"{self.n - 1} degrees of freedom (the fewer side's seeds - 1)")
+
+
+@dataclass
+class Strata:
+    """One side's seeds (the set's, or the baseline's) in strata, where the set and the baseline hold other seeds:
+    the seeds both hold, drawn together for both sides (seed s fixes the data order and the initialisation of every
+    set's runs: their gaps are correlated), and the side's own, drawn for it alone. A resampled mean over the side's
+    seeds is its strata's means weighted by their seeds, each stratum's deviation from its own mean rescaled by
+    sqrt(k (n - 1) / ((k - 1) n)) (k: its seeds; Rao and Wu's rescaled bootstrap), so that stats.interval's
+    sqrt(n / (n - 1)) at the row's n makes each stratum's variance its unbiased s^2 / k. A stratum of one seed has
+    no spread of its own: its deviation is that of a seed drawn from the whole side (exchangeable seeds), likewise
+    rescaled at the side's seeds."""
+    parts: list  # (rows, draw): a stratum's rows in the side's values and its (resamples, len(rows)) draw of them
+    lend: np.ndarray  # (resamples, 1): a draw of one of the side's rows, for a stratum of one seed
+    n: int  # the row's seeds: stats.interval's t reads n - 1 degrees of freedom and rescales by sqrt(n / (n - 1))
+
+    def means(self, values):
+        """(resamples, columns): the side's resampled column means of values (rows, columns), or of values that
+        differ per resample (resamples, rows, columns); NaN where it has none."""
+        v = values if values.ndim == 3 else values[None]
+        rescale = lambda k: np.sqrt(k * (self.n - 1) / ((k - 1) * self.n))  # noqa: E731
+        total = weight = 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lent = (finite_mean(pick(v, self.lend), 1) - finite_mean(v, 1)) * rescale(np.isfinite(v).sum(1))
+            for rows, draw in self.parts:
+                own = v[:, rows]
+                centre, k = finite_mean(own, 1), np.isfinite(own).sum(1)
+                drawn = centre + np.where(k > 1, (finite_mean(pick(own, draw), 1) - centre) * rescale(k), lent)
+                total = total + np.where(k > 0, k * drawn, 0.0)
+                weight = weight + k
+            return total / weight
+
+
+def pick(values, draw):
+    """(resamples, drawn, columns): the rows `draw` (resamples, drawn) picks of values (1 or resamples, rows,
+    columns)."""
+    return np.take_along_axis(np.broadcast_to(values, (len(draw),) + values.shape[1:]), draw[:, :, None], 1)
 
 
 def finite_mean(values, axis):
@@ -204,10 +267,15 @@ def calibrated_draws(full, m, min_epochs=0.0, n_boot=stats.N_BOOT):
 
 
 def joint_draws(cmap, pairs, min_epochs=0.0, n_boot=stats.N_BOOT, seed=stats.BOOT_SEED):
-    """Draws of a calibrated row from its (calibrated, standard) point pairs: one draw of seeds (with replacement,
-    from every seed of the four curves) resamples the set's curves and the baseline's, and the shift at each budget
-    is the drawn baseline's standard - cyclic mean there. (Where the baseline holds seeds the set lacks, a curve's
-    mean is over the drawn seeds it holds: a draw of the set's seeds of varying size, not exactly its own n.)"""
+    """Draws of a calibrated row from its (calibrated, standard) point pairs; the shift at each budget is the drawn
+    baseline's standard - cyclic mean there, over the baseline's seeds at the budgets matched with the set's. Where
+    the set's curves and the baseline's hold the same seeds, one draw of seeds (with replacement) resamples all four,
+    paired by seed. Otherwise in strata (Strata): the seeds both hold drawn together for both sides, the set's others
+    for the set and the baseline's others for the shift, so the shift's mean over the baseline's seeds is (k
+    mean_shared + (n_b - k) mean_own) / n_b in each draw. (Drawn apart, the set's seeds 0-2 and the baseline's 0-4
+    as independent, the interval missed their correlation; one draw from the union gave each side a sample of
+    varying size: 0.4-1.5x the right width, test_review.) Every interval reads t with n - 1 degrees of freedom, n
+    the fewest seeds of the four curves: the fewer side's."""
     base = baseline_pairs(cmap, min_epochs)
     partner = {id(c): s for c, s in base}
 
@@ -216,31 +284,50 @@ def joint_draws(cmap, pairs, min_epochs=0.0, n_boot=stats.N_BOOT, seed=stats.BOO
         return c, partner[id(c)]
 
     quads = [(cal, std, *base_at(cal)) for cal, std in pairs]
-    held = {s for quad in quads for p in quad for s in p.seeds} | {s for _, p in base for s in p.seeds}
-    seeds = sorted(held, key=repr)
+    held = lambda points: sorted({s for p in points for s in p.seeds}, key=repr)  # noqa: E731
+    mine, theirs = held(p for quad in quads for p in quad[:2]), held(p for quad in quads for p in quad[2:])
+    shared = [s for s in mine if s in theirs]
+    seeds, base_seeds = shared + [s for s in mine if s not in theirs], shared + [s for s in theirs if s not in mine]
+    paired = seeds == base_seeds
 
-    def grid(points, value="acc"):  # (seeds, points), NaN where a seed has no run
-        out = np.full((len(seeds), len(points)), np.nan)
+    def grid(points, value="acc", rows=seeds):  # (seeds, points), NaN where a seed has no run (or is not in rows)
+        out = np.full((len(rows), len(points)), np.nan)
         for j, p in enumerate(points):
             for s, v in p.samples(value):
-                out[seeds.index(s), j] = v
+                if s in rows:
+                    out[rows.index(s), j] = v
         return out
 
-    cal, std, base_cyc, base_std = (grid([quad[k] for quad in quads]) for k in range(4))
+    cal, std = (grid([quad[k] for quad in quads]) for k in range(2))
+    base_cyc, base_std = (grid([quad[k] for quad in quads], rows=base_seeds) for k in range(2, 4))
+    n = int(min(np.isfinite(g).sum(0).min() for g in (cal, std, base_cyc, base_std)))
     rng = np.random.default_rng(seed)
-    idx, apart = (rng.integers(0, len(seeds), size=(n_boot, len(seeds))) for _ in range(2))
-    mean = lambda values: stats.resampled_means(values, idx)  # noqa: E731
+    draw = lambda k, size=None: rng.integers(0, k, size=(n_boot, size or k))  # noqa: E731
+    both, apart = draw(len(shared)), draw(len(seeds))  # paired: both draws every seed, as one draw did before
+    idx, strata = both, None
+    mean = base_mean = lambda values: stats.resampled_means(values, both)  # noqa: E731
+    if not paired:
+        own, others = draw(len(seeds) - len(shared)), draw(len(base_seeds) - len(shared))
+        idx = np.concatenate([both, len(shared) + own], 1)
+
+        def side(rows, only):
+            parts = [(np.arange(len(shared)), both), (np.arange(len(shared), len(rows)), only)]
+            return Strata([(r, d) for r, d in parts if len(r)], draw(len(rows), 1), n)
+
+        strata, base_strata = side(seeds, own), side(base_seeds, others)
+        mean, base_mean = strata.means, base_strata.means
     shift = np.array([s.acc_mean - c.acc_mean for _, _, c, s in quads])  # the point estimate's, in cal already
-    moved = mean(base_std) - mean(base_cyc) - shift  # (resamples, budgets): each draw's shift less the point's
+    moved = base_mean(base_std) - base_mean(base_cyc) - shift  # (resamples, budgets): each draw's shift - the point's
     runs = finite_mean(np.abs((cal - std)[None] + moved[:, None]), 2)
     n_sets = len({m for m, s in cmap if s == "cyclic"})
     share = sum(s.time_mean for _, s in base) / n_sets  # in the calibrated costs already
     cost = mean(grid([max(pairs, key=lambda p: p[0].epochs)[0]], "cost"))[:, 0] - share
-    cost += mean(grid([s for _, s in base], "time")).sum(1) / n_sets
+    curve = base_mean(grid([s for _, s in base], "time", base_seeds))  # a budget only other seeds hold: its mean
+    cost += np.where(np.isfinite(curve), curve, [s.time_mean for _, s in base]).sum(1) / n_sets
     times = grid([s for _, s in pairs], "time")
     standard, standard_apart = mean(times).sum(1), stats.resampled_means(times, apart).sum(1)
-    n = int(min(np.isfinite(g).sum(0).min() for g in (cal, std, base_cyc, base_std)))
-    return Draws(seeds, idx, n, mean(cal) - mean(std) + moved, runs, cost, standard, standard_apart)
+    return Draws(seeds, base_seeds, paired, idx, n, mean(cal) - mean(std) + moved, runs, cost, standard,
+                 standard_apart, strata)
 
 
 # ---- the cost ratio paired by seed ---------------------------------------------------------------------------
@@ -273,12 +360,33 @@ def paired_cost_ratio(cmap, m, estimator, min_epochs=0.0):
 
 # ---- families: p-values, Holm, leave one seed out ------------------------------------------------------------
 
-def test_values(tables, swaps=None):
+def own_test(row, cyclic):
+    """Why a calibrated row's mean gap is a test of its own (in the family ("mean gap", CALIBRATED)), or None where it
+    is in no family: in-sample, without joint draws (no interval), or, seed for seed, the cyclic row's gap -
+    baseline's (`cyclic`), tested there: the set and the baseline hold the same seeds (paired draws), each at every
+    budget, and the cyclic row's difference is over all of them."""
+    draws = row.get("_draws")
+    if row["_in_sample"] or draws is None:
+        return None
+    delta = cyclic and cyclic["delta_gap_vs_baseline"] is not None and cyclic["delta_gap_seeds"]
+    if not draws.paired:
+        return ("the set and the baseline hold other seeds: it is over each side's own, the cyclic row's gap - "
+                + (f"baseline's over the {delta} seeds all four curves share" if delta else "baseline's has no seed"))
+    if delta != draws.n or draws.n != len(draws.seeds):
+        return "a seed lacks a budget: the cyclic row's gap - baseline's is over other seeds or budgets, or none"
+    return None
+
+
+def test_values(tables, swaps=None, calibrated=None):
     """{(family, key): (estimate, lo, hi, seeds)} of every test in one group's rows ({name: rows}). swaps: the swap
-    tests to evaluate on these rows (another seed set's swaps), default the swaps the ranking rows list."""
+    tests to evaluate on these rows (another seed set's swaps), default the swaps the ranking rows list; calibrated:
+    likewise the calibrated mean-gap tests (the whole group's, where a seed is left out), default own_test's."""
     out = {}
+    cyclic = {r["methods"]: r for r in tables["estimators.csv"] if r["estimator"] == "cyclic"}
     for r in tables["estimators.csv"]:
-        if r.get("_in_sample"):
+        if r["estimator"] == CALIBRATED and not (  # its gap - baseline's is cyclic's (empty): its mean gap only
+                own_test(r, cyclic.get(r["methods"])) if calibrated is None
+                else ((("mean_gap", CALIBRATED), r["methods"]) in calibrated)):
             continue
         for family, prefix, value, seeds, _ in GAP_TESTS:
             if r[value] is not None:
@@ -342,9 +450,11 @@ def robustness(cmap, values, resolved, holm, min_epochs, x):
     if not wanted:
         return {}
     swaps = [k for k in values if k[0][0] == "swap"]
+    calibrated = {k for k in values if k[0] == ("mean_gap", CALIBRATED)}  # the same family, whatever seed is left out
     robust = {k: [True, True] for k in wanted}
     for seed in sorted({s for points in cmap.values() for p in points for s in p.seeds}, key=repr):
-        _, resolved_s, holm_s = verdicts(test_values(test_rows(without_seed(cmap, seed), min_epochs, x), swaps))
+        kept = test_values(test_rows(without_seed(cmap, seed), min_epochs, x), swaps, calibrated)
+        _, resolved_s, holm_s = verdicts(kept)
         for k in wanted:
             robust[k][0] &= bool(resolved_s.get(k)) == bool(resolved[k])
             robust[k][1] &= bool(holm_s.get(k)) == bool(holm[k])
@@ -389,9 +499,14 @@ def families(own, cmap, min_epochs, x):
         row[name("robust")], row[name("robust_holm")] = robust.get(key, (None, None))
         return values[key][3] if key not in robust and p is not None else None
 
+    cyclic = {r["methods"]: r for r in own["estimators.csv"] if r["estimator"] == "cyclic"}
     for r in own["estimators.csv"]:
         few = [fill(r, prefix, ((family, r["estimator"]), r["methods"]), label + " ")
                for family, prefix, _, _, label in GAP_TESTS]
+        if r["estimator"] == CALIBRATED and r.get("_draws") and not r["_in_sample"]:
+            why = own_test(r, cyclic.get(r["methods"]))
+            add_note(r, f"mean gap: a test of its own, in the family mean gap / {CALIBRATED} ({why})" if why
+                     else UNTESTED)
         if (r["methods"] != "baseline" and r["estimator"] != CALIBRATED and r["mean_gap_pp"] is not None
                 and r["delta_gap_vs_baseline"] is None):
             add_note(r, "gap - baseline's: no baseline run at this set's budgets and seeds")
@@ -458,9 +573,10 @@ def power_rows(tests, detect):
 
 def pair_rows(estimator_rows):
     """estimator_pairs.csv rows: per pair of estimators and set, the mean over shared seeds of (a's per-run |gap| -
-    b's) with its t interval (with the calibrated estimator, from its joint draws: the shift recomputed in each), then
-    the pair pooled over sets: per seed, the mean over the sets, over the seeds every set holds (families() adds p,
-    Holm and robust). The pairs with the calibrated estimator come last; its in-sample baseline row is in none."""
+    b's) with its t interval (with the calibrated estimator, from its joint draws: the shift recomputed in each, t
+    with the draws' n - 1 degrees of freedom where the baseline has fewer seeds), then the pair pooled over sets: per
+    seed, the mean over the sets, over the seeds every set holds (families() adds p, Holm and robust). The pairs with
+    the calibrated estimator come last; its in-sample baseline row is in none."""
     by_set = defaultdict(dict)  # methods -> estimator -> its row
     for r in estimator_rows:
         if r.get("_per_run") and not r.get("_in_sample"):
@@ -476,18 +592,22 @@ def pair_rows(estimator_rows):
             shared = [s for s in ra if s in rb]
             diffs_of.append({s: ra[s] - rb[s] for s in shared})
             boots.append(resampled_differences(runs[a], runs[b], shared))
-            boot = boots[-1] and boots[-1][1].over_draws(boots[-1][0])
+            draws = boots[-1] and boots[-1][1]
             gaps = (float(np.mean([r[s] for s in shared])) if shared else None for r in (ra, rb))
-            mine.append(pair_row(a, b, m, list(diffs_of[-1].values()), boot, *gaps))
+            mine.append(pair_row(a, b, m, list(diffs_of[-1].values()), draws and draws.over_draws(boots[-1][0]),
+                                 draws and draws.n, *gaps))
         if len(mine) > 1:
             common = [s for s in diffs_of[0] if all(s in d for d in diffs_of)]
+            drawn = [b and b[1] for b in boots]
             row = pair_row(a, b, f"all {len(mine)} sets", [float(np.mean([d[s] for d in diffs_of])) for s in common],
-                           pooled_draws(boots))
+                           pooled_draws(boots), min((d.n for d in drawn if d), default=None))
             held = set().union(*diffs_of)
             if not common:
                 row["note"] = "no seed every set holds: no pooled difference"
             elif len(common) < len(held):
                 add_note(row, f"over the {len(common)} seeds every set holds (of {len(held)})", "note")
+            if common and any(drawn) and not drew_alike(drawn):
+                add_note(row, unlike_draws([r["methods"] for r in mine], drawn), "note")
             mine.append(row)
         rows += mine
     return rows
@@ -508,10 +628,21 @@ def resampled_differences(row_a, row_b, shared):
 
 
 def drew_alike(draws):
-    """Whether every row's joint draws (Draws, or None for a row without) exist and drew the same seeds: only then
-    may their resamples be averaged, draw by draw (each holds the baseline's shift: draws of other seeds averaged
-    would thin its noise)."""
-    return all(d is not None and d.seeds == draws[0].seeds for d in draws)
+    """Whether every row's joint draws (Draws, or None for a row without) exist and drew the same seeds, the set's
+    and the baseline's (then the same draws: one RNG seed): only then may their resamples be averaged, draw by draw
+    (each holds the baseline's shift: draws of other seeds averaged would thin its noise)."""
+    return all(d is not None and (d.seeds, d.base_seeds) == (draws[0].seeds, draws[0].base_seeds) for d in draws)
+
+
+def unlike_draws(sets, draws):
+    """Why a pooled calibrated row has no interval: its sets (names) drew other seeds (their Draws)."""
+    how = defaultdict(list)
+    for m, d in zip(sets, draws):
+        how["no draws" if d is None else "seeds " + " ".join(map(str, d.seeds))
+            + ("" if d.paired else " (baseline's " + " ".join(map(str, d.base_seeds)) + ")")].append(m)
+    return ("no CI, p or Holm verdict: its sets' calibrated rows draw other seeds (" + "; ".join(
+        f"{', '.join(ms)}: {k}" for k, ms in how.items()) + "), each with its own draw of the baseline's shift, "
+        "which averaging over the sets would thin")
 
 
 def pooled_draws(boots):
@@ -525,14 +656,16 @@ def pooled_draws(boots):
     return boots[0][1].over_draws(np.mean([b[0] for b in boots], 0))  # NaN where a set lacks the seed
 
 
-def pair_row(a, b, methods, diffs, boot=None, gap_a=None, gap_b=None):
+def pair_row(a, b, methods, diffs, boot=None, most=None, gap_a=None, gap_b=None):
     """One estimator_pairs.csv row from the per-seed differences; its interval: a t interval over them, or boot's
-    (the calibrated estimator's resampled differences) centred on their mean."""
-    row = dict(estimator_a=a, estimator_b=b, methods=methods, n_seeds=len(diffs), per_run_abs_gap_a=gap_a,
+    (the calibrated estimator's resampled differences) centred on their mean, over the fewer of the differences'
+    seeds and `most` (its draws' n: the baseline's seeds where fewer), as the calibrated row's own intervals."""
+    n = len(diffs) if most is None else min(len(diffs), most)
+    row = dict(estimator_a=a, estimator_b=b, methods=methods, n_seeds=n, per_run_abs_gap_a=gap_a,
                per_run_abs_gap_b=gap_b, diff_pp=float(np.mean(diffs)) if diffs else None, p=None, resolved_holm=None,
                robust=None, robust_holm=None, note=None if len(diffs) >= 2 else f"{len(diffs)} shared seed: no CI")
     row["diff_lo"], row["diff_hi"] = (stats.mean_ci(diffs) if boot is None
-                                      else stats.interval(boot, len(diffs), row["diff_pp"]))
+                                      else stats.interval(boot, n, row["diff_pp"]))
     row["resolved"] = stats.resolved(row["diff_lo"], row["diff_hi"])
     return row
 

@@ -20,7 +20,7 @@ study=(--methods "${METHODS:-baseline,ls}" --warmup 0.5 --t0 0.5 --cycles 3 --no
        -- --subset "${SUBSET:-20000}" --amp none)
 
 array_way() {  # the plan, then its lines as an array, 2 tasks at once, then the report job after it
-  ./launch.sh sweep --out "$out/array" --plan "$out/array/plan" "${study[@]}"
+  ./launch.sh sweep --out "$out/array" --plan "$out/array/plan" --gpus-per-run 0 "${study[@]}"  # CPU lines
   local n; n=$(grep -vc '^#' "$out/array/plan")
   PATH="$PWD/tests/shims:$PATH" sbatch --array=0-$((n - 1))%2 slurm/array.sbatch "$out/array/plan"
 }

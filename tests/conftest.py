@@ -184,6 +184,7 @@ def pytest_configure(config):
 # gpu-check dry run. `./launch.sh test --fast` leaves them out; CI and `./launch.sh test` run everything.
 SLOW = {
     "test_the_emas_batchnorm_statistics_are_rank_0s_on_every_rank_at_each_evaluation",
+    "test_the_loop_gives_each_rank_its_own_context_and_draws",
     "test_two_gloo_ranks_see_every_image_once_an_epoch_with_their_own_crops",
     "test_a_plug_in_named_like_a_paper_short_name_is_refused",
     "test_an_empty_method_set_is_named",

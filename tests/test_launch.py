@@ -3,18 +3,20 @@ import csv
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
-from conftest import ENV, ROOT
+from conftest import ENV, ROOT, TINY
 
 SWEEP = ["--seeds", "0 1", "--methods", "baseline,bp+mx", "--warmup", "1", "--t0", "1", "--cycles", "2"]
 
 
-def launch(*args, out, check=True):
-    p = subprocess.run([os.path.join(ROOT, "launch.sh"), "sweep", "--out", str(out), *args], cwd=ROOT,
-                       env=dict(ENV, VENV=os.environ.get("VIRTUAL_ENV", os.path.join(ROOT, ".venv"))),
-                       capture_output=True, text=True, timeout=900)
+def launch(*args, out, check=True, env=None, command="sweep"):
+    """launch.sh COMMAND (sweep: with --out OUT) ARGS; env: variables over conftest.ENV's."""
+    env = dict(ENV, VENV=os.environ.get("VIRTUAL_ENV", os.path.join(ROOT, ".venv")), **(env or {}))
+    p = subprocess.run([os.path.join(ROOT, "launch.sh"), command, *(["--out", str(out)] if out else []), *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if check:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return p
@@ -209,3 +211,107 @@ def test_a_plug_in_named_like_a_paper_short_name_is_refused(tmp_path):
     assert p.stderr.strip().splitlines() == [
         f"launch.sh: --methods: --plugins: method 'mx' in {plugin} is named 'mx', already method mixup's short name "
         "(--method mx and launch.sh's --methods mx mean mixup); rename it"]
+
+
+# ---- plans: defaults, flags, bad input (issue 39's review) ------------------------------------------------------
+
+PLANNED = ["--seeds", "0", "--methods", "baseline", "--cycles", "1", "--no-standard", "--no-report"]
+SMALL = ["--", "--data", "synthetic", "--subset", "64", "--batch-size", "32", "--amp", "none"]
+NO_SETUP = {"SKIP_SETUP": "1"}  # (a real sweep sets up first; these run nothing that needs it)
+
+
+def plan_lines(plan):
+    return [json.loads(line) for line in open(plan) if not line.startswith("#")]
+
+
+def test_a_plans_runs_take_one_gpu_each_unless_told_and_amp_auto_is_refused_without_a_gpu(tmp_path):
+    """A plan is for a cluster: its lines run on 1 GPU each (the sbatch command asks for it) unless --gpus-per-run
+    says otherwise, 0 for CPU lines. Its runs on GPUs, --amp auto cannot be decided on this GPU-less machine: one
+    line, exit 2, no plan and no runs folder (it used to write CPU lines, the precision measured here)."""
+    plan = tmp_path / "a" / "plan"
+    p = launch("--plan", str(plan), *PLANNED, *SMALL, out=plan.parent, env=NO_SETUP)
+    assert {r["gpus"] for r in plan_lines(plan)} == {1} and f"--gpus-per-task=1 slurm/array.sbatch {plan}" in p.stdout
+    for flag in ("--gpus-per-run", "--gpus"):
+        cpu = tmp_path / flag / "plan"
+        p = launch("--plan", str(cpu), flag, "0", *PLANNED, *SMALL, out=cpu.parent, env=NO_SETUP)
+        assert {r["gpus"] for r in plan_lines(cpu)} == {0} and "--gpus-per-task" not in p.stdout
+    auto = tmp_path / "auto"
+    p = launch("--plan", str(auto / "plan"), *PLANNED, *SMALL[:-2], out=auto, env=NO_SETUP, check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "pass --amp none|bf16|fp16 explicitly" in p.stderr and "write the plan on a GPU node" in p.stderr
+    assert not auto.exists()
+
+
+def test_report_of_a_plan_lists_the_unfinished_lines_also_when_the_report_fails(tmp_path):
+    """launch.sh runs under set -e: a failed report (here: no finished run to report) ended it before the lines
+    that did not finish were listed. Both now, and the report's failure is the exit status."""
+    out = tmp_path / "study"
+    records = "".join(f"{out}/r{i}\t--run-dir {out}/r{i} --seed {i}\n" for i in range(2))
+    subprocess.run([sys.executable, "plan.py", "write", str(out / "plan"), str(out), "0", "test"], cwd=ROOT,
+                   input=records, text=True, check=True, capture_output=True)
+    p = launch(str(out / "plan"), out=None, command="report", check=False)
+    assert p.returncode == 1 and "no readable finished runs" in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-3:] == [
+        f"launch.sh: 2 of 2 line(s) of {out}/plan did not finish (run them again: ./launch.sh run-plan {out}/plan "
+        "--index K):", f"  0 {out}/r0", f"  1 {out}/r1"]
+
+
+def test_plan_and_parallel_come_from_the_flags_never_the_environment(tmp_path):
+    """PLAN and PARALLEL in the environment (a shell's leftover export) used to act as --plan and --parallel, past
+    the presets that refuse them: now only the flags do. Here: a plain dry run, one process per run (not a plan's
+    GPU default), and no refusal of --plan with --parallel."""
+    for env in ({"PLAN": str(tmp_path / "plan")}, {"PLAN": str(tmp_path / "plan"), "PARALLEL": "2"},
+                {"PARALLEL": "x"}):
+        p = launch("--dry-run", *PLANNED, *SMALL, out=tmp_path / "o", env=env, check=False)
+        assert p.returncode == 0 and p.stderr == "", (env, p.stderr)
+        runs = [line for line in p.stdout.splitlines() if "train.py" in line]
+        assert len(runs) == 1 and "torch.distributed.run" not in runs[0], runs
+    assert not (tmp_path / "plan").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,env,told", [
+    (["--gpus-per-run", "x"], {}, "launch.sh: --gpus-per-run (or --gpus) takes the GPUs of each run"),
+    (["--gpus-per-run", "-1"], {}, "launch.sh: --gpus-per-run (or --gpus) takes the GPUs of each run"),
+    (["--gpus", "1.5"], {}, "got '1.5'"),
+    ([], {"OMP_NUM_THREADS": "x"}, "launch.sh: OMP_NUM_THREADS='x' is no number of threads"),
+    (["--parallel", "2"], {"OMP_NUM_THREADS": "0"}, "launch.sh: OMP_NUM_THREADS='0' is no number of threads"),
+], ids=["gpus-per-run x", "gpus-per-run -1", "gpus 1.5", "OMP x plan", "OMP 0 parallel"])
+def test_bad_gpus_and_threads_are_one_line_and_write_nothing(tmp_path, args, env, told):
+    """Each used to reach a shell test or plan.py's int() (a traceback, or a sweep on the CPU)."""
+    out = tmp_path / "study"
+    plan = [] if "--parallel" in args else ["--plan", str(out / "plan")]
+    p = launch(*plan, *args, *PLANNED, *SMALL, out=out, env=dict(NO_SETUP, **env), check=False)
+    assert p.returncode == 2 and told in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("threads", ["x", "0", "-2"])
+def test_train_refuses_a_bad_omp_num_threads_in_one_line(threads, tmp_path, capsys, monkeypatch):
+    """train.py read OMP_NUM_THREADS with int(): 'x' was a ValueError traceback, 0 or less a silent default."""
+    import train
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    monkeypatch.delenv("RANK", raising=False)
+    run = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--run-dir", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == (f"train.py: error: OMP_NUM_THREADS='{threads}' is no number of threads: "
+                                         "set it to 1, 2, ... or unset it")
+    assert not run.exists()
+
+
+def test_an_array_task_runs_on_every_core_its_job_asked_for(tmp_path):
+    """srun in a batch script does not take the job's --cpus-per-task (SLURM 22.05 and later): without its own
+    --cpus-per-task an array task, and every node of sweep.sbatch, trained on one core. array.sbatch run with an
+    srun that prints its options; every srun line of slurm/ passes it."""
+    (tmp_path / "srun").write_text("#!/bin/sh\necho \"srun $*\"\n")
+    (tmp_path / "srun").chmod(0o755)
+    env = dict(ENV, PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="3")
+    for cpus, told in (("8", "--cpus-per-task=8"), (None, "--cpus-per-task=1")):
+        env = {k: v for k, v in dict(env, SLURM_CPUS_PER_TASK=cpus).items() if v is not None}
+        p = subprocess.run(["bash", "slurm/array.sbatch", "runs/x/plan"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0 and p.stdout.startswith(f"srun --ntasks=1 {told} "), p.stdout + p.stderr
+    for script in ("array", "sweep"):
+        text = open(os.path.join(ROOT, "slurm", f"{script}.sbatch")).read()
+        assert '--cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"' in text.split("\nsrun ")[1].split("./launch.sh")[0]

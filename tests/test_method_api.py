@@ -669,3 +669,35 @@ def test_the_emas_batchnorm_statistics_are_rank_0s_on_every_rank_at_each_evaluat
     for n in (1, 2, 3, 4):
         a, b = (torch.load(tmp_path / f"rank{r}-{n}.pt") for r in (0, 1))
         assert len(a) > 10 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), n
+
+
+RANK_SPY = '''import os, torch
+from methods import Method
+
+class RankSpy(Method):
+    """Records, per rank, what the loop's Context says of the rank and one draw of its key, at each micro-batch."""
+    name = "rank_spy"
+
+    def transform_batch(self, x, y, ctx):
+        with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.txt"), "a") as f:
+            f.write(f"{{ctx.step}} {{ctx.micro}} {{ctx.rank}} {{torch.rand(1, generator=ctx.generator()).item()!r}}\\n")
+        return x, y
+'''
+
+
+def test_the_loop_gives_each_rank_its_own_context_and_draws(tmp_path):
+    """2 gloo ranks through train.py's own loop (not a hand-built Context): each rank's methods are told its rank,
+    and at every step the two ranks draw different numbers from their keys (MixUp's lambda, CutMix's box, a
+    plug-in's mask would otherwise be the same on every rank)."""
+    spy = tmp_path / "spy.py"
+    spy.write_text(RANK_SPY.format(out=str(tmp_path)))
+    run_train(TINY + ["--amp", "none", "--eval-every", "0", "--plugins", str(spy), "--method", "rank_spy",
+                      "--run-dir", str(tmp_path / "run")], torchrun=2)
+    seen = [[line.split() for line in (tmp_path / f"rank{r}.txt").read_text().splitlines()] for r in (0, 1)]
+    # the first line: the start-up pass (allocator/compile warm-up, undone: it leaves no trace), one image size
+    training = [seen[r][1:] for r in (0, 1)]
+    assert len(training[0]) == len(training[1]) >= 16
+    for r in (0, 1):
+        assert {int(rank) for _, _, rank, _ in training[r]} == {r}
+    for (step0, micro0, _, draw0), (step1, micro1, _, draw1) in zip(*training):
+        assert (step0, micro0) == (step1, micro1) and draw0 != draw1

@@ -3,12 +3,17 @@ slurm/array.sbatch through the shims in tests/shims (sbatch, srun, scontrol run 
 launching is tested, train.py is a fake that records its arguments and environment (a venv whose python runs
 fake_train for a train.py run); the equalities of metrics are real tiny runs."""
 import csv
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import termios
+import threading
 import time
 
 import pytest
@@ -20,23 +25,48 @@ SHIMS = os.path.join(ROOT, "tests", "shims")
 SMALL = ["--data", "synthetic", "--subset", "256", "--batch-size", "32", "--amp", "none"]
 SHAPE = ["--seeds", "0", "--methods", "baseline", "--warmup", "1", "--t0", "1", "--cycles", "1", "--no-report"]
 
-FAKE_TRAIN = r'''import fcntl, json, os, signal, sys, time
+FAKE_TRAIN = r'''import fcntl, json, os, signal, subprocess, sys, time
 args = sys.argv[1:]
 run, argv = args[args.index("--run-dir") + 1], args[args.index("train.py") + 1:]
 log = lambda **e: os.write(os.open(os.environ["FAKE_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT),
                            (json.dumps(dict(e, run=run, pid=os.getpid(), t=time.time())) + "\n").encode())
+STOP = {signal.SIGINT, signal.SIGTERM}
+signal.pthread_sigmask(signal.SIG_BLOCK, STOP)  # taken one by one below: two at once are two, not one handler call
+
+
+def wait(seconds):  # as train.py: a signal ends the run after its checkpoint (FAKE_GRACE s), a second one at once
+    got = signal.sigtimedwait(STOP, seconds)
+    if got is not None:
+        log(event="signal", signum=got.si_signo)
+        again = signal.sigtimedwait(STOP, float(os.environ.get("FAKE_GRACE", "0.2")))
+        if again is not None:
+            log(event="signal", signum=again.si_signo)
+            os._exit(1)
+        log(event="stopped")  # its checkpoint written
+        sys.exit(128 + got.si_signo)
+
+
 os.makedirs(run, exist_ok=True)
+if run.endswith(os.environ.get("FAKE_RACE") or "\0") and not os.path.exists(run + ".raced"):
+    open(run + ".raced", "w").close()  # a train.py started by hand takes the folder between the claim and our lock
+    hand = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+                             "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); print(flush=True); "
+                             "time.sleep(300)", os.path.join(run, "lock")], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # (not holding the worker's pipes)
+    hand.stdout.readline()
+    log(event="hand", hand=hand.pid)
 lock = open(os.path.join(run, "lock"), "a+")
 try:  # as train.py: one writer per run folder
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 except BlockingIOError:
     log(event="twice")
+    print(f"train.py: error: --run-dir {run} is in use by another train.py", file=sys.stderr)
     sys.exit(2)
 lock.write(f"{os.getpid()}\n")
 lock.flush()
 keys = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TRAIN_CONCURRENT_RUNS", "SLURM_ARRAY_TASK_ID")
 log(event="start", env={k: os.environ.get(k) for k in keys}, cores=sorted(os.sched_getaffinity(0)), args=args)
-time.sleep(float(os.environ.get("FAKE_SECONDS", "0.2")))
+wait(float(os.environ.get("FAKE_SECONDS", "0.2")))
 if run.endswith(os.environ.get("FAKE_DIE") or "\0") and not os.path.exists(run + ".died"):
     open(run + ".died", "w").close()  # killed from outside (the OOM killer, say), once
     os.kill(os.getpid(), signal.SIGKILL)
@@ -48,13 +78,14 @@ log(event="end")
 
 @pytest.fixture
 def fake(tmp_path):
-    """(environment, log reader): launch.sh's VENV runs fake_train for every train.py run, the real python for the
-    rest; no GPU unless a test says so."""
+    """(environment, log reader): launch.sh's VENV runs fake_train for every train.py run, answers torch's GPU count
+    with $FAKE_TORCH_GPUS (0), and runs the real python for the rest; no GPU unless a test says so."""
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
     python = tmp_path / "venv" / "bin" / "python"
     python.write_text(f'#!/usr/bin/env bash\ncase " $* " in *" --run-dir "*) exec {sys.executable} '
-                      f'{tmp_path / "fake_train.py"} "$@";; esac\nexec {sys.executable} "$@"\n')
+                      f'{tmp_path / "fake_train.py"} "$@";;\n*torch.cuda.device_count*) echo ${{FAKE_TORCH_GPUS:-0}}; '
+                      f'exit;; esac\nexec {sys.executable} "$@"\n')
     python.chmod(0o755)
     env = dict(ENV, VENV=str(tmp_path / "venv"), FAKE_LOG=str(tmp_path / "log"), SKIP_SETUP="1",
                SLURM_SHIM_STATE=str(tmp_path / "slurm"), PATH=f"{SHIMS}:{os.environ['PATH']}")
@@ -77,9 +108,9 @@ def launch(*args, env, check=True):
     return sh(os.path.join(ROOT, "launch.sh"), *args, env=env, check=check)
 
 
-def write_plan(path, out, records):
+def write_plan(path, out, records, gpus=0):
     """A plan written as a sweep writes it (plan.py write), from (run folder, train.py arguments) pairs."""
-    subprocess.run([sys.executable, "plan.py", "write", str(path), str(out), "0", "test"], cwd=ROOT, text=True,
+    subprocess.run([sys.executable, "plan.py", "write", str(path), str(out), str(gpus), "test"], cwd=ROOT, text=True,
                    input="".join(f"{d}\t{argv}\n" for d, argv in records), check=True, capture_output=True)
 
 
@@ -99,7 +130,7 @@ def test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing(tmp_path, fake)
     shape = ["--seeds", "0 1", "--methods", "baseline,ls", "--cycles", "1", "--", "--data", "synthetic", "--amp",
              "none"]
     dry = launch("sweep", "--out", str(out), "--dry-run", *shape, env=env).stdout.splitlines()
-    told = launch("sweep", "--out", str(out), "--plan", str(plan), *shape, env=env).stdout
+    told = launch("sweep", "--out", str(out), "--plan", str(plan), "--gpus-per-run", "0", *shape, env=env).stdout
     lines = plan.read_text().splitlines()
     assert lines[0].startswith("# command: ./launch.sh sweep --out") and "--plan" in lines[0]
     runs = [json.loads(line) for line in lines if not line.startswith("#")]
@@ -122,6 +153,18 @@ def test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing(tmp_pa
     refused("--index 3 is out of range: " + f"{plan} has 3 lines, 0-2", "run-plan", str(plan), "--index", "3")
     refused("--index x is out of range", "run-plan", str(plan), "--index", "x")
     refused("run-plan takes PLAN --index K", "run-plan", str(plan))
+    for k in ("-1", "\u00b2"):  # '²'.isdigit() is True
+        refused(f" is out of range: {plan} has 3 lines, 0-2", "run-plan", str(plan), "--index", k)
+    (tmp_path / "binary").write_bytes(b"# command: x\n\xff\xfe\n")
+    refused(f"{tmp_path / 'binary'} is not a plan (not UTF-8 text)", "run-plan", str(tmp_path / "binary"), "--next")
+    none = tmp_path / "none"
+    empty = subprocess.run([sys.executable, "plan.py", "write", str(none / "plan"), str(none), "0", "test"], cwd=ROOT,
+                           input="", text=True, capture_output=True)
+    assert empty.stderr == "launch.sh: sweep: its options select no runs; no plan was written\n"
+    assert empty.returncode == 2 and not none.exists()
+    omp = sh(sys.executable, "plan.py", "check-parallel", "2", "0", env=dict(env, OMP_NUM_THREADS="x"), check=False)
+    assert omp.returncode == 2 and len(omp.stderr.splitlines()) == 1
+    assert omp.stderr.startswith("launch.sh: OMP_NUM_THREADS=x is not a number of threads"), omp.stderr
     plan.write_text(text.replace('"--seed", "1"', '"--seed", "7"'))  # edited by hand
     refused("was edited after it was written", "run-plan", str(plan), "--index", "1")
     refused("was edited after it was written", "run-plan", str(plan), "--next")
@@ -236,6 +279,205 @@ def test_a_local_array_runs_its_lines_one_at_a_time_with_slurms_variables(tmp_pa
     assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  2 {out}/r2"]
 
 
+def test_unfinished_names_lines_without_done_or_done_with_other_arguments(tmp_path, fake):
+    """After an array, `unfinished` lists what is left to run: a line whose run has no 'done', and one whose 'done'
+    is another line's (its run finished with other arguments: the line was refused, not run)."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 3))
+    launch("run-plan", str(plan), "--next", env=env)
+    (out / "r0" / "done").unlink()
+    (out / "r1" / "config.json").write_text(json.dumps({"argv": ["--run-dir", f"{out}/r1", "--lr", "0.2"]}))
+    p = sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)
+    assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  0 {out}/r0", f"  1 {out}/r1"], p.stderr
+
+
+def test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run(tmp_path, fake):
+    """An error in a worker (here: a line whose arguments hold a NUL byte, which no process starts with) is its
+    line's failure: one line naming the line and the error, no traceback, the other lines run, exit 1."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    runs = numbered(out, 3)
+    runs[1] = (runs[1][0], runs[1][1] + " \0")
+    write_plan(plan, out, runs)
+    p = launch("run-plan", str(plan), "--next", env=env, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"launch.sh: FAILED (ValueError: embedded null byte): {out}/r1" in p.stderr.splitlines()
+    assert sorted(e["run"] for e in events("end")) == [f"{out}/r0", f"{out}/r2"]
+
+
+def test_a_line_held_elsewhere_is_named_with_its_host_and_job_and_never_looks_done(tmp_path, fake):
+    """--next leaves a line another worker holds to it (exit 0: it runs there) and says the plan is not complete;
+    --index K on a held line is an error (an array task that ran nothing must not look successful). Both name the
+    holder's pid, host and SLURM job: flocks may not reach across nodes, so that is where to look."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 3))
+    line = json.loads(plan.read_text().splitlines()[4])  # line 1, after 3 header lines and line 0
+    holder = subprocess.Popen([sys.executable, "-c", "import json, sys, time, plan\nheld, _ = plan.claim(sys.argv[1], "
+                               "json.loads(sys.argv[2]))\nprint(held is not None, flush=True)\ntime.sleep(300)",
+                               str(plan), json.dumps(line)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              env=dict(env, SLURM_JOB_ID="77", SLURM_ARRAY_TASK_ID="3"))
+    try:
+        assert holder.stdout.readline() == "True\n"
+        who = f"pid {holder.pid} on {socket.gethostname()} (SLURM_JOB_ID 77, SLURM_ARRAY_TASK_ID 3) (run-plan)"
+        p = launch("run-plan", str(plan), "--next", env=env)
+        assert sorted(e["run"] for e in events()) == [f"{out}/r0", f"{out}/r2"]
+        assert p.stderr.splitlines()[-1].startswith(
+            f"launch.sh: run-plan: 1 line(s) left to other workers, which hold them: 1 ({who}); the plan is complete "
+            f"when they finish"), p.stderr
+        p = launch("run-plan", str(plan), "--index", "1", env=env, check=False)
+        assert p.returncode == 1 and p.stderr.splitlines() == [
+            f"launch.sh: run-plan: line 1 ({out}/r1) is held elsewhere, by {who}: nothing was run here (if it is not "
+            f"running there, run this line again)"], p.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(events()) == 2
+    launch("run-plan", str(plan), "--index", "1", env=env)  # its holder gone, the line runs here
+    assert (out / "r1" / "done").exists()
+
+
+def test_a_run_folder_taken_by_hand_after_the_claim_is_left_to_its_holder_not_failed(tmp_path, fake):
+    """A train.py started by hand on a line's folder between the claim and the run's own lock (the run is then
+    refused: 'in use') runs that line: --next moves on and names it left to that holder, no failure."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 3))
+    p = launch("run-plan", str(plan), "--next", env=dict(env, FAKE_RACE="r1"), check=False)
+    hand = [e["hand"] for e in events("hand")]
+    try:
+        assert p.returncode == 0 and "FAILED" not in p.stderr and len(events("twice")) == 1, p.stderr
+        assert (f"1 line(s) left to other workers, which hold them: 1 (pid {hand[0]} (train.py))"
+                in p.stderr.splitlines()[-1]), p.stderr
+        assert [(out / f"r{i}" / "done").exists() for i in range(3)] == [True, False, True]
+    finally:
+        for pid in hand:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_recipe_or_plugin_changed_after_the_plan_was_written_is_refused_by_name(tmp_path, fake):
+    """The plan's checksum covers the arguments; the files they name (--config, --plugins) are hashed too, since the
+    same arguments would run other options: a changed or missing one is one line naming it, exit 2, nothing run."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    recipe, plugin = tmp_path / "recipe.yaml", tmp_path / "mine.py"
+    recipe.write_text("lr: 0.1\n")
+    plugin.write_text("# a method\n")
+    write_plan(plan, out, [(d, f"{a} --config {recipe} --plugins={plugin}") for d, a in numbered(out, 2)])
+    recipe.write_text("lr: 0.2\n")
+    for how in (["--index", "1"], ["--next"]):
+        p = launch("run-plan", str(plan), *how, env=env, check=False)
+        first = 1 if how[0] == "--index" else 0
+        assert p.returncode == 2 and p.stderr.splitlines() == [
+            f"launch.sh: run-plan: {recipe}, named in line {first}'s arguments, changed since the plan was written: "
+            f"its runs would not be the plan's; put it back or write the plan again (./launch.sh sweep ... --plan "
+            f"{plan})"], p.stderr
+    recipe.write_text("lr: 0.1\n")
+    plugin.unlink()
+    p = launch("run-plan", str(plan), "--next", env=env, check=False)
+    assert p.returncode == 2 and f"{plugin}, named in line 0's arguments, cannot be read (No such" in p.stderr
+    assert events() == [] and not (out / "r0").exists()
+    plugin.write_text("# a method\n")  # both as they were: the plan runs
+    launch("run-plan", str(plan), "--next", env=env)
+    assert len(events("end")) == 2
+
+
+def test_without_nvidia_smi_torch_counts_the_gpus_and_runs_on_gpus_refuse_where_there_are_none(tmp_path, fake):
+    """No nvidia-smi (a container, say): torch's count in the runs' python slices the GPUs, so parallel runs do not
+    all see every GPU; none there, a plan whose runs want GPUs is refused in one line (exit 2), nothing run."""
+    env, events = fake
+    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if not os.path.exists(f"{d}/nvidia-smi"))
+    out = tmp_path / "study"
+    write_plan(out / "plan", out, numbered(out, 2))
+    sh(sys.executable, "plan.py", "parallel", str(out / "plan"), "2", env=dict(env, FAKE_TORCH_GPUS="2"))
+    assert sorted(e["env"]["CUDA_VISIBLE_DEVICES"] for e in events()) == ["0", "1"]
+    gpu = tmp_path / "gpu"
+    write_plan(gpu / "plan", gpu, numbered(gpu, 2), gpus=1)
+    none = "--parallel 2 runs of 1 GPU(s): this machine has no GPU"
+    for args, told in ((["check-parallel", "2", "1"], none), (["parallel", str(gpu / "plan"), "2"], none),
+                       (["run", str(gpu / "plan"), "--index", "0"], "run-plan: line 0: runs on 1 GPU(s), and none is"),
+                       (["run", str(gpu / "plan"), "--next"], f"run-plan: {gpu}/plan: runs on 1 GPU(s), and none is")):
+        p = sh(sys.executable, "plan.py", *args, env=env, check=False)  # FAKE_TORCH_GPUS unset: torch finds none
+        assert p.returncode == 2 and p.stderr.startswith(f"launch.sh: {told}") and len(p.stderr.splitlines()) == 1
+    assert len(events()) == 2
+
+
+def read_terminal(fd, shown):
+    """Keep what the processes on a pseudo-terminal write (they would block on a full one) until all close it."""
+    try:
+        while True:
+            data = os.read(fd, 4096)
+            if not data:
+                return
+            shown.append(data)
+    except OSError:  # EIO: the last process holding the terminal closed it
+        return
+
+
+def test_one_ctrl_c_reaches_each_run_once(tmp_path, fake):
+    """Ctrl-C in a terminal reaches its whole foreground process group, the run included, and launch.sh passes it
+    on to plan.py as SIGTERM a moment later: plan.py sends the run nothing more, so it gets that one signal and ends
+    itself (train.py takes a second signal as 'die now', without its checkpoint); exit 130, the next line not run."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 2))
+    master, terminal = os.openpty()
+    p = subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), "--next"], cwd=ROOT,
+                         env=dict(env, FAKE_SECONDS="60", FAKE_GRACE="1"), stdin=terminal, stdout=terminal,
+                         stderr=terminal, start_new_session=True,
+                         preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the terminal is the session's
+    os.close(terminal)
+    shown = []
+    reader = threading.Thread(target=read_terminal, args=(master, shown), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while not events() and time.time() < deadline:
+        time.sleep(0.05)
+    os.write(master, b"\x03")
+    rc = p.wait(60)
+    reader.join(10)
+    os.close(master)
+    assert rc == 130, b"".join(shown).decode(errors="replace")[-3000:]
+    assert [(e["run"], e["signum"]) for e in events("signal")] == [(f"{out}/r0", signal.SIGINT)]
+    assert [e["run"] for e in events("stopped")] == [f"{out}/r0"] == [e["run"] for e in events()]  # not killed
+    for e in events():
+        with pytest.raises(ProcessLookupError):
+            os.kill(e["pid"], 0)
+
+
+def test_a_second_signal_kills_only_when_it_comes_more_than_2_s_after_the_first(tmp_path, fake):
+    """SIGTERM to plan.py alone (no terminal: the runs did not get it) reaches each run once; a repeat at once adds
+    nothing (launch.sh passes a Ctrl-C on as SIGTERM); one more than 2 s later kills the runs still ending."""
+    env, events = fake
+    out = tmp_path / "study"
+    write_plan(out / "plan", out, numbered(out, 2))
+    p = subprocess.Popen([sys.executable, "plan.py", "parallel", str(out / "plan"), "2"], cwd=ROOT,
+                         env=dict(env, FAKE_SECONDS="60", FAKE_GRACE="60"), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(events()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    while len(events("signal")) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # (a second signal would be logged by now)
+    runs = sorted(e["run"] for e in events())
+    assert sorted(e["run"] for e in events("signal")) == runs and {e["signum"] for e in events("signal")} == {15}
+    for e in events():
+        os.kill(e["pid"], 0)  # still ending (writing its checkpoint)
+    time.sleep(max(0.0, max(e["t"] for e in events("signal")) + 2.5 - time.time()))  # > 2 s after plan.py's first
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 143 and "stopped by signal 15" in p.stderr.read()
+    assert sorted(e["run"] for e in events("signal")) == runs and events("end") == events("stopped") == []
+    for e in events():
+        with pytest.raises(ProcessLookupError):
+            os.kill(e["pid"], 0)
+
+
 # ---- real tiny runs: the ways of running a study give the same numbers ---------------------------------------------
 
 REAL = [*SHAPE, "--", *SMALL, "--eval-every", "0.5"]  # 2 runs of 16 steps, 4 rows each (resumable mid-run)
@@ -272,7 +514,7 @@ def test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_num
     written again with other options: a result-defining one is refused, one that is not is reported finished."""
     env, out = real_env(tmp_path), tmp_path / "study"
     plan = out / "plan"
-    launch("sweep", "--out", str(out), "--plan", str(plan), *REAL, env=env)
+    launch("sweep", "--out", str(out), "--plan", str(plan), "--gpus-per-run", "0", *REAL, env=env)  # CPU lines
     job = subprocess.Popen(["sbatch", "--parsable", "--array=0-1%2", "slurm/array.sbatch", str(plan)], cwd=ROOT,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                            start_new_session=True)

@@ -3,6 +3,7 @@ out, seeds to plan, the baseline-calibrated estimator, estimator against estimat
 tau's CI, exact fits; and bad input (one seed, identical seeds, no baseline) as empty cells with a reason."""
 import csv
 import math
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -149,11 +150,133 @@ def test_the_calibrated_intervals_resample_the_shift_with_the_baselines_seeds():
     assert old >= 50 and 4 <= new <= 16  # (61 and 14 with this RNG)
 
 
+def shift_map(d, b, name="ema"):
+    """A curve map where, at every budget, set name's seed s's cyclic run misses its standard one by d[s] and the
+    baseline's standard run beats its cyclic one by b[s] (each seed lifting all its runs): the set's calibrated mean
+    gap is mean(d) + mean(b), over the seeds each holds."""
+    cmap = {}
+    for m, lift, miss in (("baseline", 0.0, {s: -v for s, v in b.items()}), (name, 1.0, d)):
+        for schedule, on in (("standard", 0), ("cyclic", 1)):
+            cmap[(m, schedule)] = [curve_point(m, schedule, e, list(miss), [a + lift + s + on * miss[s] for s in miss],
+                                               *[[e] * len(miss)] * 2, *[[None] * len(miss)] * 3)
+                                   for e, a in zip((2, 4, 8), BASE)]
+    return cmap
+
+
+def shift_study(d, b):
+    """shift_map with its calibrated curves."""
+    cmap = shift_map(d, b)
+    return {**cmap, **review.calibrated_curves(cmap)}
+
+
+def half(values, df=None):
+    """The half-width of the 95 % t interval of the mean of values (df: its degrees of freedom, default n - 1)."""
+    return stats.t975(df or len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
+
+
+def width(row, prefix="mean_gap"):
+    return row[f"{prefix}_hi"] - row[f"{prefix}_lo"]
+
+
+B5 = {0: 1.0, 1: -0.8, 2: 0.2, 3: 0.9, 4: -0.7}  # the baseline's per-seed shift (standard - cyclic), 5 seeds
+
+
+def test_the_calibrated_interval_draws_the_shared_seeds_together_and_each_sides_own_apart():
+    """ema holds seeds 0-2, the baseline 0-4 (the committed ViT study's case), and on seeds 0-2 ema's gap d nearly
+    cancels 0.6 x the baseline's shift b (seed s fixes both runs' data order and initialisation: correlated). The
+    calibrated mean gap, mean_S(d) + mean_B(b) = mean_S(d + 0.6 b) + 0.4 mean_{3,4}(b), is a sum over strata drawn
+    apart: seeds 0-2 for both sides, 3-4 for the baseline. Its 95 % interval: t(2) x sqrt(var_S(d + 0.6 b) / 3 +
+    0.16 var_{3,4}(b) / 2) (2 degrees of freedom: the fewer side's seeds - 1), 2.8 pp wide; the two sides drawn apart
+    as independent means (the previous rule), t(2) x sqrt(var(d) / 3 + var(b) / 5), 4.1 pp, missed the correlation.
+    A stratum of one seed (ema on 0-3: the baseline's seed 4 alone) has no spread of its own: its deviation is a
+    seed's of the whole baseline, var_B(b) / 25 of the variance. With seeds 0-4 on both sides the draws are paired
+    as before, bit for bit: the paired t interval of d + b, far narrower."""
+    noise = {0: 0.02, 1: -0.03, 2: 0.01, 3: 0.02, 4: -0.01}
+    var = lambda values: np.var(values, ddof=1)  # noqa: E731
+    d = {s: -0.6 * B5[s] + noise[s] for s in range(3)}
+    row = {r["methods"]: r for r in review.calibrated_rows(shift_study(d, B5))}["ema"]
+    assert row["mean_gap_pp"] == pytest.approx(np.mean(list(d.values())) + np.mean(list(B5.values())))
+    strata = 2 * stats.t975(2) * math.sqrt(var([d[s] + 0.6 * B5[s] for s in d]) / 3 + 0.16 * var([B5[3], B5[4]]) / 2)
+    independent = 2 * math.hypot(half(list(d.values())), half(list(B5.values()), 2))
+    assert row["n_seeds"] == 3 and "in strata (3 both hold, drawn for both, the baseline's 2 own)" in row["note"]
+    assert "t with 2 degrees of freedom" in row["note"]
+    assert width(row) == pytest.approx(strata, rel=0.03) and strata < 0.7 * independent
+    d = {s: -0.8 * B5[s] + noise[s] for s in range(4)}
+    row = {r["methods"]: r for r in review.calibrated_rows(shift_study(d, B5))}["ema"]
+    one = 2 * stats.t975(3) * math.sqrt(var([d[s] + 0.8 * B5[s] for s in d]) / 4 + var(list(B5.values())) / 25)
+    assert width(row) == pytest.approx(one, rel=0.03) and width(row) > 10 * 2 * half([d[s] + 0.8 * B5[s] for s in d])
+    d = {s: -B5[s] + noise[s] for s in range(5)}
+    row = {r["methods"]: r for r in review.calibrated_rows(shift_study(d, B5))}["ema"]
+    paired = 2 * half([d[s] + B5[s] for s in d])
+    assert "CIs draw the baseline's seeds with the set's;" in row["note"] and row["_draws"].paired
+    assert width(row) == pytest.approx(paired, rel=0.03)
+    assert paired < 0.05 * 2 * math.hypot(half(list(d.values())), half(list(B5.values())))
+
+
+def test_the_same_seeds_on_both_sides_draw_as_before_bit_for_bit():
+    """The committed reports of same-seed studies stay byte for byte: a set and a baseline on seeds 0-3 give the
+    intervals the code before the strata gave (its numbers, pinned), the pair's included."""
+    full = null_study(np.random.default_rng(7), seeds=4)
+    rows = review.test_rows({k: v for k, v in full.items() if k[1] != review.CALIBRATED}, 0.0, "time")
+    cal = {r["methods"]: r for r in rows["estimators.csv"] if r["estimator"] == review.CALIBRATED}["ema"]
+    assert cal["_draws"].paired and "CIs draw the baseline's seeds with the set's;" in cal["note"]
+    assert [cal[c] for c in ("mean_gap_lo", "mean_gap_hi", "mean_abs_gap_lo", "mean_abs_gap_hi", "per_run_abs_gap_lo",
+                             "per_run_abs_gap_hi")] == [0.2535681844616544, 0.9497359867453354, 0.1829382021989655,
+                                                        1.0203659690080245, 0.1861845352189771, 1.0171196359880177]
+    pair, = [r for r in rows["estimator_pairs.csv"] if r["estimator_b"] == review.CALIBRATED]
+    assert (pair["n_seeds"], pair["diff_lo"], pair["diff_hi"]) == (4, -0.21862226476283672, 0.5754324820209137)
+
+
+def test_the_calibrated_draws_take_the_baselines_seeds_at_the_budgets_the_set_matches():
+    """The baseline also ran 16 epochs on seeds 0-4; ema (seeds 0-2, like the baseline at 2-8 epochs) has no 16-epoch
+    point. Its calibrated row's draws are over the baseline's seeds at 2-8 epochs, the same as ema's: paired, its
+    gap intervals those of the study without the 16-epoch runs, bit for bit (the baseline's seeds at every budget
+    drew ema apart from it, seeds 3 and 4 all-NaN rows). Its cost adds half the 16-epoch standard runs' time (16 +
+    seed s), resampled over seeds 0-2 (3 and 4 hold no matched budget): the mean of 3 draws from 16, 17, 18, halved
+    (every other run's time is its budget, the same for every seed)."""
+    d, b = {0: 0.3, 1: -0.2, 2: 0.5}, {0: -0.25, 1: 0.17, 2: -0.48}
+    plain = shift_map(d, b)
+    extra = dict(plain)
+    times = [16 + s for s in range(5)]
+    for schedule, miss in (("standard", 0.0), ("cyclic", -0.3)):
+        extra[("baseline", schedule)] = plain[("baseline", schedule)] + [curve_point(
+            "baseline", schedule, 16, range(5), [92 + s + miss for s in range(5)], times, times, *[[None] * 5] * 3)]
+    rows = [{r["methods"]: r for r in review.calibrated_rows({**m, **review.calibrated_curves(m)})}["ema"]
+            for m in (plain, extra)]
+    assert rows[1]["_draws"].paired and "CIs draw the baseline's seeds with the set's;" in rows[1]["note"]
+    assert [rows[1][c] for c in ("mean_gap_lo", "mean_gap_hi", "per_run_abs_gap_lo", "per_run_abs_gap_hi")] == [
+        rows[0][c] for c in ("mean_gap_lo", "mean_gap_hi", "per_run_abs_gap_lo", "per_run_abs_gap_hi")]
+    assert rows[1]["cyclic_time_s"] == pytest.approx(rows[0]["cyclic_time_s"] + 18 / 2) and not np.std(
+        rows[0]["_draws"].cost)
+    assert np.std(rows[1]["_draws"].cost) == pytest.approx(np.std([16, 17, 18]) / math.sqrt(3) / 2, rel=0.03)
+
+
+def test_a_baseline_with_fewer_seeds_than_the_set_gives_its_t_to_the_mean_gap_and_the_pair():
+    """ema holds seeds 0-4, its cyclic runs missing by 1 pp (+-0.01); the baseline seeds 0-1 only, its shift 0.5 and
+    -0.3. The shift's noise is the spread: cyclic - calibrated per-run |gap| is, for every seed, the drawn shift's
+    mean (0.1 at the point), so its interval is t(1) x sd(b) / sqrt(2), 10.2 pp wide (over ema's 5 seeds, t(4) and
+    their n/(n-1): 1.6 pp); the calibrated mean gap's t(1) x sqrt(var(0.4 d + b) / 2 + 0.36 var_{2-4}(d) / 3), both
+    over n_seeds 2 (the fewer side's seeds)."""
+    d = {s: -1.0 + 0.01 * (-1) ** s * s for s in range(5)}
+    b = {0: 0.5, 1: -0.3}
+    rows = review.test_rows(shift_map(d, b), 0.0, "time")
+    row = {r["methods"]: r for r in rows["estimators.csv"] if r["estimator"] == review.CALIBRATED}["ema"]
+    var = lambda values: np.var(values, ddof=1)  # noqa: E731
+    expected = 2 * stats.t975(1) * math.sqrt(var([0.4 * d[s] + b[s] for s in b]) / 2
+                                             + 0.36 * var([d[s] for s in (2, 3, 4)]) / 3)
+    assert row["n_seeds"] == 2 and width(row) == pytest.approx(expected, rel=0.03)
+    pair = {r["methods"]: r for r in rows["estimator_pairs.csv"] if r["estimator_b"] == review.CALIBRATED}["ema"]
+    assert pair["n_seeds"] == 2 and pair["diff_pp"] == pytest.approx(np.mean(list(b.values())))
+    assert width(pair, "diff") == pytest.approx(2 * half(list(b.values())), rel=0.03)  # 10.2, not 1.6
+
+
 def test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift(tmp_path):
     """3 seeds; the baseline's runs are noisy (0.5 pp), ema's and cutmix's are not, and their cyclic runs miss like
     the baseline's on average (cutmix 0.4 pp more at 8 epochs). The calibrated estimator's gap - baseline's would be
     cyclic's family again, seed for seed (the shift cancels): it is not tested (the review found it counted twice);
-    its mean gap, the same per-seed differences, has an interval close to cyclic's gap - baseline's. The baseline's
+    its mean gap, the same per-seed differences, has an interval close to cyclic's gap - baseline's, and is in no
+    family either (a second review: a Holm family of tests already made), its p and Holm columns empty with the
+    reason in stats_note and report.md, whose family table lists exactly tests.csv's families. The baseline's
     calibrated row is in-sample: in no family or pair. Every seed's per-run |gap| of ema is the same under one
     shift, so a t interval over seeds would have no width; drawn with the baseline's seeds, the pair's has."""
     rng = np.random.default_rng(5)
@@ -164,25 +287,73 @@ def test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_res
         for name, lift, late in (("ema", 1.0, 0.0), ("cutmix", 2.0, 0.4)):
             std = [a + lift + u for a in BASE]
             seeded(tmp_path, [name], std, [a + b - late * (e == 8) for a, b, e in zip(std, BIAS, (2, 4, 8))], seed)
-    out = analyse(tmp_path)
+    out = tmp_path / "rep"
+    report.main([str(tmp_path), "--out", str(out), "--metric", "final"])
     tests = read_rows(out / "tests.csv")
     families = Counter((t["family"], t["curve"]) for t in tests)
-    assert ("gap - baseline's", review.CALIBRATED) not in families and families[("mean gap", review.CALIBRATED)] == 2
-    assert {t["family_tests"] for t in tests if (t["family"], t["curve"]) == ("mean gap", review.CALIBRATED)} == {"2"}
+    assert not [f for f in families if f[1] == review.CALIBRATED]  # neither its mean gap nor its gap - baseline's
+    assert families[("mean gap", "cyclic")] == 3 and families[("gap - baseline's", "cyclic")] == 2
+    assert families[("per-run |gap| difference", f"cyclic - {review.CALIBRATED}")] == 3
     assert len({(t["family"], t["curve"], t["methods"], t["budget"]) for t in tests}) == len(tests)
     assert not [t for t in tests if review.CALIBRATED in t["curve"] and t["methods"] == "baseline"]
+    assert not [r for r in read_rows(out / "power.csv") if r["curve"] == review.CALIBRATED]
+    md = (out / "report.md").read_text()
+    table = md.split("## Families of tests")[1].split("##")[0].splitlines()
+    listed = {tuple(c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:4])  # (\| in a cell)
+              for line in table if line.startswith("| ")}
+    sizes = {f: sum(t["p"] != "" for t in tests if (t["family"], t["curve"]) == f) for f in families}
+    assert listed - {("family", "estimator / curve", "tests")} == {(*f, str(n)) for f, n in sizes.items()}
+    assert "Its mean gap is, where the set and the baseline hold the same seeds" in md
+    assert "in the family mean gap / baseline-calibrated: 0 of its 2 sets here" in md
     est = {(r["methods"], r["estimator"]): r for r in read_rows(out / "estimators.csv")}
     for m in ("ema", "cutmix"):
         cal, cyc = est[(m, review.CALIBRATED)], est[(m, "cyclic")]
         assert float(cal["mean_gap_pp"]) == pytest.approx(float(cyc["delta_gap_vs_baseline"]))
         width = float(cyc["delta_gap_vs_baseline_hi"]) - float(cyc["delta_gap_vs_baseline_lo"])
         assert width > 0.1 and float(cal["mean_gap_hi"]) - float(cal["mean_gap_lo"]) == pytest.approx(width, rel=0.05)
-        assert cal["mean_gap_p"] != "" and cal["delta_gap_vs_baseline"] == cal["delta_gap_vs_baseline_p"] == ""
+        assert cal["mean_gap_p"] == cal["mean_gap_resolved_holm"] == cal["mean_gap_robust"] == ""
+        assert cal["resolved"] != "" and review.UNTESTED in cal["stats_note"]
+        assert cal["delta_gap_vs_baseline"] == cal["delta_gap_vs_baseline_p"] == ""
     pairs = [r for r in read_rows(out / "estimator_pairs.csv") if review.CALIBRATED in (r["estimator_a"],
                                                                                        r["estimator_b"])]
     assert [r["methods"] for r in pairs] == ["cutmix", "ema", "all 2 sets"]
     ema = pairs[1]
     assert float(ema["diff_hi"]) - float(ema["diff_lo"]) > 0.1 and ema["p"] != ""
+
+
+def test_a_calibrated_mean_gap_over_other_seeds_than_the_cyclic_rows_is_a_test_of_its_own(tmp_path):
+    """The baseline holds seeds 0-2, cutmix 0-2 and ema 3-5. cutmix's calibrated mean gap is, seed for seed, its
+    cyclic row's gap - baseline's (tested there): in no family. ema's, its gap over seeds 3-5 plus the baseline's
+    shift over 0-2, is no cyclic row's: its cyclic row has no gap - baseline's (no seed all four curves share), so it
+    was tested nowhere while its note said "tested there". It is a test of its own now, in the family mean gap /
+    baseline-calibrated (ema's cyclic runs miss by 1.5 pp more than the baseline's: resolved, under Holm too), and
+    its note says why; the calibrated rows draw in strata (here: none shared)."""
+    rng = np.random.default_rng(11)
+    for seed in range(6):
+        u = rng.normal(0, 1)
+        if seed < 3:
+            seeded(tmp_path, [], [a + u for a in BASE], [a + b + u + rng.normal(0, 0.2) for a, b in zip(BASE, BIAS)],
+                   seed)
+            std = [a + 2 + u for a in BASE]
+            seeded(tmp_path, ["cutmix"], std, [a + b + rng.normal(0, 0.2) for a, b in zip(std, BIAS)], seed)
+        else:
+            std = [a + 1 + u for a in BASE]
+            seeded(tmp_path, ["ema"], std, [a + b - 1.5 + rng.normal(0, 0.2) for a, b in zip(std, BIAS)], seed)
+    out = analyse(tmp_path)
+    est = {(r["methods"], r["estimator"]): r for r in read_rows(out / "estimators.csv")}
+    ema, cutmix = est[("ema", review.CALIBRATED)], est[("cutmix", review.CALIBRATED)]
+    assert est[("ema", "cyclic")]["delta_gap_vs_baseline"] == ""
+    assert float(ema["mean_gap_pp"]) < -1 and ema["resolved"] == ema["mean_gap_resolved_holm"] == "true"
+    assert float(ema["mean_gap_p"]) < 0.05 and review.UNTESTED not in ema["stats_note"]
+    assert ("mean gap: a test of its own, in the family mean gap / baseline-calibrated (the set and the baseline hold "
+            "other seeds: it is over each side's own, the cyclic row's gap - baseline's has no seed)"
+            ) in ema["stats_note"]
+    assert "in strata (none both hold, the set's 3 own, the baseline's 3 own)" in ema["note"]
+    assert cutmix["mean_gap_p"] == "" and review.UNTESTED in cutmix["stats_note"]
+    tests = [t for t in read_rows(out / "tests.csv") if (t["family"], t["curve"]) == ("mean gap", review.CALIBRATED)]
+    assert [(t["methods"], t["family_tests"]) for t in tests] == [("ema", "1")]
+    assert "mean gap / baseline-calibrated: 1 of its 2 sets here" in report.calibrated_families(
+        read_rows(out / "tests.csv"), 2)
 
 
 def test_the_pooled_pair_row_pools_only_the_seeds_every_set_holds():
@@ -368,11 +539,37 @@ def test_one_seed_identical_seeds_and_no_baseline_give_empty_statistics_with_a_r
 def test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_same_seeds():
     """report.md's pooled fidelity of the calibrated estimator averages each set's resamples, which share the
     baseline's shift: only where every set drew the same seeds (ema on a fourth seed draws other ones: averaging
-    those would thin the baseline's noise, intervals ~27 % too narrow in the review's case); then no interval."""
+    those would thin the baseline's noise, intervals ~27 % too narrow in the review's case); then no interval.
+    Real rows, the in-sample baseline row among them: ema and cutmix on seeds 0-2 against a baseline on 0-4 draw
+    in the same strata (the same draws), so their pooled gaps and pair row pool; the pooled cost also holds the
+    in-sample baseline row, paired over 0-4 (other draws): no cost interval, and report.md says why. cutmix on 0-4
+    beside ema on 0-2: the pooled pair row has no interval, p or Holm verdict, and its note says why (it had none
+    and its family shrank silently). All on 0-4: everything pools."""
+    def pooled(seeds):  # {set: its seeds} -> (the calibrated Fidelity, the pooled pair row, report.md's note)
+        cmap = {}
+        for i, (m, held) in enumerate(seeds.items()):
+            cmap.update(shift_map({s: -0.6 * B5[s] + 0.05 * i + 0.01 * s for s in held}, B5, m))
+        rows = review.test_rows(cmap, 0.0, "time")
+        cal = [r for r in rows["estimators.csv"] if r["estimator"] == review.CALIBRATED]
+        assert [r["methods"] for r in cal if r["_in_sample"]] == ["baseline"]
+        pair = [r for r in rows["estimator_pairs.csv"] if r["estimator_b"] == review.CALIBRATED][-1]
+        assert pair["methods"] == f"all {len(seeds)} sets" and pair["diff_pp"] is not None
+        return report.fidelity_points(cal)[review.CALIBRATED], pair, " ".join(report.unpooled_note(cal))
+
+    fidelity, pair, note = pooled({"ema": range(3), "cutmix": range(3)})
+    assert pair["diff_lo"] is not None and pair["note"] is None
+    assert None not in fidelity.gap_ci + fidelity.run_ci and fidelity.cost_ci == (None, None)
+    assert "pooled cost interval is empty" in note
+    fidelity, pair, note = pooled({"ema": range(3), "cutmix": range(5)})
+    assert pair["diff_lo"] is None and "no CI, p or Holm verdict: its sets' calibrated rows draw other seeds" in (
+        pair["note"]) and "cutmix: seeds 0 1 2 3 4; ema: seeds 0 1 2 (baseline's 0 1 2 3 4)" in pair["note"]
+    assert fidelity.gap_ci == fidelity.cost_ci == (None, None) and "pooled intervals are empty" in note
+    fidelity, pair, note = pooled({"ema": range(5), "cutmix": range(5)})
+    assert None not in fidelity.gap_ci + fidelity.run_ci + fidelity.cost_ci + (pair["diff_lo"],) and not note
     rng = np.random.default_rng(0)
 
-    def row(m, seeds):
-        draws = SimpleNamespace(seeds=seeds)
+    def row(m, seeds, base_seeds=None):
+        draws = SimpleNamespace(seeds=seeds, base_seeds=base_seeds or seeds)
         boot = rng.normal(1.0, 0.3, 200)
         return dict(methods=m, estimator=review.CALIBRATED, _draws=draws, _abs_boot=boot, _run_boot=boot,
                     _cost_boot=(rng.normal(10, 1, 200), rng.normal(20, 1, 200)), standard_time_s=20.0,
@@ -382,6 +579,8 @@ def test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_s
     assert None not in same.gap_ci + same.run_ci + same.cost_ci
     other = report.fidelity_points([row("cutmix", [0, 1, 2]), row("ema", [0, 1, 2, 3])])[review.CALIBRATED]
     assert other.gap_ci == other.run_ci == other.cost_ci == (None, None) and other.run_gap == 1.0
+    shifts = report.fidelity_points([row("cutmix", [0, 1, 2]), row("ema", [0, 1, 2], [0, 1, 2, 3])])  # drawn apart
+    assert shifts[review.CALIBRATED].gap_ci == (None, None)
 
 
 def test_a_seed_with_two_runs_gives_the_calibrated_row_no_interval_and_says_why():
