@@ -56,6 +56,11 @@ setup() {
 
 py_bin() { if [ -x "$VENV/bin/python" ]; then echo "$VENV/bin/python"; else echo python3; fi; }
 PY() { "$(py_bin)" "$@"; }
+# the device train.py would train on here, as OUT/compile records it: 'cuda: NVIDIA H100 80GB HBM3', 'cpu: ...'
+DEVICE_HERE='import torch, options
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+print(f"{device.type}: {options.hardware_name(device)}")'
+device_here() { PY -c "$DEVICE_HERE"; }
 
 # ---- sweep ----------------------------------------------------------------------------------
 SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
@@ -69,7 +74,7 @@ EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
 PLUGINS=()
 
 parse_sweep() {
-  PLUGINS=(); CONFIGS=(); RECIPE_AMP=""  # each sweep its own (repro calls sweep several times)
+  PLUGINS=(); CONFIGS=(); RECIPE_AMP=""; RECIPE_COMPILE=""  # each sweep its own (repro calls sweep several times)
   local given=" "
   while [ $# -gt 0 ]; do
     given+="$1 "
@@ -93,8 +98,9 @@ parse_sweep() {
   done
   local i normalised=()
   if [ ${#EXTRA[@]} -gt 0 ]; then
-    for i in "${EXTRA[@]}"; do  # --amp=X as --amp X, which the precision logic below reads
-      if [[ "$i" == --amp=* ]]; then normalised+=(--amp "${i#--amp=}"); else normalised+=("$i"); fi
+    for i in "${EXTRA[@]}"; do  # --amp=X as --amp X (--compile=X too), which the logic below reads
+      if [[ "$i" == --amp=* || "$i" == --compile=* ]]; then normalised+=("${i%%=*}" "${i#*=}")
+      else normalised+=("$i"); fi
     done
     EXTRA=("${normalised[@]}")
   fi
@@ -289,6 +295,9 @@ sweep() {
   if [ -n "$RECIPE_AMP" ] && [[ " ${EXTRA[*]:-} " != *" --amp "* && " ${EXTRA[*]:-} " != *" --amp="* ]]; then
     common+=" --amp $RECIPE_AMP"
   fi
+  if [ -n "$RECIPE_COMPILE" ] && [[ " ${EXTRA[*]:-} " != *" --compile "* ]]; then
+    common+=" --compile $RECIPE_COMPILE"
+  fi
   if [ -n "$BUDGETS" ]; then  # each asked budget must be a cycle end (within 5 %): a typo plans nothing silently
     BUDGETS=$(PY -c 'import sys
 ends = [float(e) for e in sys.argv[2].split()]
@@ -317,6 +326,48 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
     case "$amp" in
       none|bf16|fp16) common="${common/--amp auto/} --amp $amp";;
       *) [ "$DRY" = 1 ] || { echo "launch.sh: could not resolve --amp auto (train.py $common --print-amp)" >&2
+                             exit 2; };;
+    esac
+  fi
+  # --compile auto likewise (at the precision above): measured once per study, as one of its runs trains (rank 0's
+  # share of the batch at the runs' world size; one --parallel slot's cores), kept in OUT/compile with the device it
+  # was measured on, and every run asked for on or off by name (it also keeps torchrun runs, which refuse auto,
+  # measured)
+  if [[ " $common " == *" --compile auto "* ]]; then
+    local compiled="" measured_on="" runs_on
+    [ -s "$OUT/compile" ] && { compiled=$(sed -n 1p "$OUT/compile"); measured_on=$(sed -n 2p "$OUT/compile"); }
+    runs_on=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)
+    if [ "$DRY" != 1 ] && [ -n "$compiled" ] && [ -n "$measured_on" ]; then  # a choice holds on its kind of device
+      if { [ -n "$PLAN" ] && [ "${measured_on%%:*}" != "$runs_on" ]; } \
+         || { [ -z "$PLAN" ] && [ "$measured_on" != "$(device_here)" ]; }; then
+        echo "launch.sh: $OUT/compile holds --compile auto's choice measured on $measured_on, not the device the" \
+             "runs train on; pass -- --compile on|off, or delete $OUT/compile to measure again here" >&2; exit 2
+      fi
+    fi
+    if [ -z "$compiled" ] && [ "$DRY" != 1 ]; then
+      if [ "$NNODES" -gt 1 ]; then
+        echo "launch.sh: --nnodes $NNODES: --compile auto would be measured on every node, which could choose" \
+             "differently; pass -- --compile on|off, or resolve it first on one node: python train.py FLAGS" \
+             "--compile auto --print-compile $(( GPUS * NNODES )) | tail -n 1 > $OUT/compile" >&2; exit 2
+      fi
+      if [ -n "$PLAN" ] && [ "$GPUS" -gt 0 ] && [ "$(PY plan.py gpus)" = 0 ]; then
+        echo "launch.sh: --plan: --compile auto would be decided here, on a machine without a GPU, for runs on" \
+             "GPUs; pass -- --compile on|off explicitly, or write the plan on a GPU node" >&2; exit 2
+      fi
+      local slot=()  # --parallel N: measured with the environment and cores of one of the N runs at once
+      [ "$PARALLEL" -gt 1 ] && read -ra slot < <(PY -c 'import sys, plan
+env, cores = plan.slots(int(sys.argv[1]), int(sys.argv[2]))[0]
+print(*[f"{k}={v}" for k, v in env.items()], *(["taskset", "-c", cores] if cores else []))' "$PARALLEL" "$GPUS")
+      compiled=$(env "${slot[@]}" "$(py_bin)" train.py $common --print-compile "$(( GPUS > 0 ? GPUS * NNODES : 1 ))" \
+                 | tail -n 1) || true
+      case "$compiled" in
+        on|off) mkdir -p "$OUT"; printf '%s\n%s\n' "$compiled" "$(env "${slot[@]}" "$(py_bin)" -c "$DEVICE_HERE")" \
+                  > "$OUT/compile";;
+      esac
+    fi
+    case "$compiled" in
+      on|off) common="${common/--compile auto/--compile $compiled}";;
+      *) [ "$DRY" = 1 ] || { echo "launch.sh: could not resolve --compile auto (train.py $common --print-compile)" >&2
                              exit 2; };;
     esac
   fi

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import compile_choice
 import costs
 import schedules
 from data import DataError, build_data
@@ -74,7 +75,8 @@ def resume_decision(args, setup, master):
         # the hardware: tf32 follows it (CPU or GPU); each rank knows only its own GPU, so rank 0's decides
         hardware = ("device_name", "tf32")
         host = ((("data_dir",) * (args.dataset != "imagenet") + hardware if done else ())
-                + ("amp",) * (args.amp == "auto") + hardware * args.allow_device_change
+                + ("amp",) * (args.amp == "auto") + ("compile",) * (args.compile == "auto")
+                + hardware * args.allow_device_change
                 + hardware * (not master))
         diffs = {k: f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
                  if k in recorded and k not in host and recorded[k] != options[k]}
@@ -196,6 +198,35 @@ def measure_precision(model, loader, methods, args, steps=3):
     return ("bf16" if figures["bf16"] > AMP_MARGIN * figures["none"] else "none"), figures
 
 
+def measure_compile(args, model, optimizer, scaler, methods, autocast, loader, plan, data):
+    """--compile auto's measurement (compile_choice.measure) on this run's own optimizer step: train_step with its
+    optimizer, GradScaler, clipping and methods' hooks, over --grad-accum micro-batches of the first batch of this
+    rank's loader (--print-compile: rank 0 of the runs' world size), at every image size the run trains at, each
+    with the run's steps there; every step undone after (steps_undone)."""
+    x, y = next(loader.epoch(0, 0))
+    spe, size = loader.steps_per_epoch, (data.image_size, data.image_size)
+    sides = costs.step_sides(plan, methods, size, spe)
+    counts = costs.StepCounts(plan, sides, costs.side_name(size)).run(plan.run_steps)
+
+    def step(m, ctx):  # a fresh copy of the batch each step: a method may transform it in place
+        train_step(m, optimizer, scaler, methods, autocast, x.clone(), y.clone(), args.grad_accum, False, ctx,
+                   check_finite=args.skip_nonfinite > 0, clip_grad=args.clip_grad, raw_model=model)
+    return compile_choice.measure(
+        model, step, {side: (ctx, counts.get(side, 0)) for side, ctx in side_contexts(plan, sides, spe, data).items()},
+        len(x), compile_choice.dynamic(True, methods), lambda: steps_undone(model, optimizer, scaler, methods))
+
+
+def same_compile_on_every_rank(compiled, device):
+    """Under DDP: fail in one line where the ranks of this job were asked to compile differently (each node of a
+    multi-node sweep passes its own --compile)."""
+    flags = torch.tensor([int(compiled), -int(compiled)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # (min, -max) over the ranks
+    if flags[0].item() != -flags[1].item():
+        fail("--compile: the ranks of this torchrun job were given different choices (on and off: each node of a "
+             "multi-node sweep resolved --compile auto itself); pass --compile on or off, the same on every node",
+             options=True)
+
+
 AMP_MARGIN = 1.1  # --amp auto takes bf16 on a CPU only when it trains at least this much faster than fp32
 
 
@@ -267,6 +298,8 @@ def run_main(argv=None):
     args = parse_args(argv)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if args.print_compile:  # --print-compile WORLD_SIZE: measured in one process as rank 0 of the runs' ranks
+        world_size = args.print_compile
     local_rank, master = int(os.environ.get("LOCAL_RANK", 0)), rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # before any CUDA question: otherwise every rank makes a context on GPU 0
@@ -281,6 +314,16 @@ def run_main(argv=None):
         print(f"--amp auto: {amp}" + (f" ({', '.join(f'{k} {v:.0f}' for k, v in figures.items())} img/s)" if figures
                                       else " (fixed by the device)"), file=sys.stderr)
         print(amp)
+        return
+    if args.print_compile:  # what --compile auto picks here, for a sweep to pass to all its runs: nothing is written
+        data, model, loader = build_run(args, setup, methods, device, rank, world_size)  # world: the runs' (below)
+        plan = make_plan(args, setup, loader.steps_per_epoch)  # the schedule's checks first: they are quick
+        if measures_precision(args, device, world_size):  # (a sweep resolves --amp auto first)
+            setup = replace(setup, amp=measure_precision(model, loader, methods, args)[0])
+        optimizer, _, scaler, autocast = build_training(model, args, setup, plan, methods,
+                                                        decay_exclusions(args, model), device)
+        print(compile_choice.printed(args, setup, lambda: measure_compile(
+            args, model, optimizer, scaler, methods, autocast, loader, plan, data)))
         return
     check_writable(setup.run_dir)  # before anything slow is loaded
     # One writer per run directory: rank 0 holds its lock from before it reads the folder to the end of the
@@ -316,10 +359,6 @@ def run_main(argv=None):
         if master:
             print(f"--amp auto: {amp} ({', '.join(f'{k} {v:.0f}' for k, v in amp_measured.items())} img/s over a few "
                   f"training steps of this model)")
-    if locking and not HELD_LOCKS:
-        HELD_LOCKS.append(lock_run_dir(setup.run_dir))
-    if master and not locking:
-        os.makedirs(setup.run_dir, exist_ok=True)
     without_effect = methods.without_effect()
     if master:  # as Composer's NoEffectWarning: the set is run, and says what it is
         for m in methods.all:
@@ -338,8 +377,18 @@ def run_main(argv=None):
               f"shrink the weights by {args.weight_decay:.0%} a step (torch's AdamW weight_decay w is --weight-decay "
               f"w x --lr here)")
     optimizer, scheduler, scaler, autocast = build_training(model, args, setup, plan, methods, exclusions, device)
+    setup, compile_auto, compiled = compile_choice.choose(  # after the precision, on the run's own step
+        args, setup, ckpt, recorded, lambda: measure_compile(args, model, optimizer, scaler, methods, autocast, loader,
+                                                             plan, data), sys.stdout if master else None)
+    if locking and not HELD_LOCKS:
+        HELD_LOCKS.append(lock_run_dir(setup.run_dir))
+    if master and not locking:
+        os.makedirs(setup.run_dir, exist_ok=True)
     flops = count_flops(raw_model, methods, autocast, data, plan, micro_batch_size(args, world_size), spe)
-    state = TrainState()
+    # --compile auto's measurement is start-up, whichever way it chose
+    state = TrainState(startup_time=compile_auto["measure_s"] if compile_auto and ckpt is None else 0.0)
+    # a resume compiles as the run recorded (runs from before the key: torch's default, as they were compiled)
+    dynamic = recorded.get("compile_dynamic") if ckpt is not None else compile_choice.dynamic(setup.compile, methods)
     if ckpt is not None:
         try:
             state = restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank)
@@ -349,10 +398,12 @@ def run_main(argv=None):
         torch.manual_seed(args.seed if rank == 0 else hash((args.seed, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
     if ddp:
         init_distributed(device, rank, world_size)
+        same_compile_on_every_rank(setup.compile, device)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
                                                           else None)
-    if args.compile:  # the DDP-wrapped model, as PyTorch advises: the compiler then overlaps all-reduce and backward
-        model = torch.compile(model)
+    if setup.compile:  # the DDP-wrapped model, as PyTorch advises: the compiler then overlaps all-reduce and backward
+        model = compiled if compiled is not None else compile_choice.compile_model(model, dynamic,
+                                                                                   len(flops.per_image))
 
     config = {**vars(args), **asdict(setup), "steps_per_epoch": spe, "total_steps": plan.total_steps,
               "run_steps": plan.run_steps, "cycle_end_epochs": [s / spe for s in plan.cycle_end_steps()],
@@ -362,6 +413,7 @@ def run_main(argv=None):
               "cuda_version": torch.version.cuda if device.type == "cuda" else None, "decay_excluded": exclusions,
               "methods_without_effect": without_effect, "data_storage": getattr(data, "storage", None),
               "amp_measured": amp_measured if ckpt is None else recorded.get("amp_measured"),
+              "compile_auto": compile_auto, "compile_dynamic": dynamic if setup.compile else None,
               "train_flops_per_image": flops.per_image.get(costs.side_name((data.image_size,) * 2)),
               "train_flops_per_image_by_side": flops.per_image,
               "device_names": device_history(setup, ckpt),
@@ -538,8 +590,13 @@ class Run:
         run alike, and a resumed process's compilation too. Returns the batches of the rest of the run."""
         stream = run_batches(self.loader, self.plan, state.step)
         path_step, x, y = first = next(stream)
-        trial_pass(self.model, self.raw_model, self.methods, self.autocast, x.chunk(self.args.grad_accum)[0],
-                   y.chunk(self.args.grad_accum)[0], self.context(path_step), self.scaler, self.ddp)
+        xm, ym = x.chunk(self.args.grad_accum)[0], y.chunk(self.args.grad_accum)[0]
+        trial_pass(self.model, self.raw_model, self.methods, self.autocast, xm, ym, self.context(path_step),
+                   self.scaler, self.ddp)
+        if self.setup.compile and self.methods.resizes:  # every image size the run trains at compiled now, in start-up
+            sides = costs.step_sides(self.plan, self.methods, (self.data.image_size,) * 2, self.loader.steps_per_epoch)
+            for ctx in side_contexts(self.plan, sides, self.loader.steps_per_epoch, self.data).values():
+                trial_pass(self.model, self.raw_model, self.methods, self.autocast, xm, ym, ctx, self.scaler, self.ddp)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gb: training's, not the start-up's
@@ -815,6 +872,20 @@ def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=
         raw_model.zero_grad(set_to_none=True)
     methods.load_state_dict(kept)
     restore_rng(rng)
+
+
+@contextlib.contextmanager
+def steps_undone(raw_model, optimizer, scaler, methods):
+    """Optimizer steps taken inside leave no trace: the weights and buffers (BatchNorm statistics), the optimizer's
+    state, the GradScaler, the methods' state and the RNG as before (load_path), no gradients."""
+    kept = copy.deepcopy(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                              scaler=scaler.state_dict(), methods=methods.state_dict(), rng=rng_state(),
+                              **dict.fromkeys(ROW_FIELDS)))
+    try:
+        yield
+    finally:
+        load_path(kept, raw_model, optimizer, scaler, methods)
+        optimizer.zero_grad(set_to_none=True)
 
 
 def decay_exclusions(args, model):
