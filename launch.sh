@@ -198,7 +198,8 @@ launcher() {  # run_dir
 
 wants_dry_run() { [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]]; }  # the options given, or DRY=1
 
-same_argv() {  # run_dir, then train.py's arguments: true when the run recorded exactly these, its recipes unchanged
+same_argv() {  # run_dir, then train.py's arguments: true when the run was asked for with exactly these, its
+  # recipes and plug-ins unchanged (plan.py same_argv)
   PY plan.py same-argv "$@"
 }
 

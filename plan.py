@@ -154,16 +154,21 @@ def read(path):
     return out, runs
 
 
-def same_argv(run_dir, argv):
-    """True when the run recorded exactly these arguments and its recipes are unchanged: a sweep skips it as done.
-    A plug-in file may have changed under the same argv: train.py compares its hash."""
+def same_argv(run_dir, argv, files=None):
+    """True when the run was asked for with exactly these arguments (config.json's argv, or one train.py took since
+    as asking for this finished run: argv_accepted) and with recipes and plug-ins of these contents: a sweep skips it
+    as done. files: {path: sha256} of the files argv names (a plan line's record); None: the files as they are now."""
     try:
-        recipes = named_files(argv, ("--config",))
-        sha = [file_sha256(r) for r in recipes]
+        files = files if files is not None else {path: file_sha256(path) for path in named_files(argv)}
     except OSError:
         return False
+    recipes = [files.get(path) for path in named_files(argv, ("--config",))]
+    plugins = {f"sha256:{files.get(path)}" for path in named_files(argv, ("--plugins",))}
     c = config(run_dir)
-    return c.get("argv") == argv and not (recipes and c.get("recipe_sha256") != sha) and "--plugins" not in argv
+    asked = [c] + [a for a in c.get("argv_accepted", []) if isinstance(a, dict)]
+    # a plug-in method's hash is recorded by its name (of the selected methods only): each must be a file's here
+    return (any(a.get("argv") == argv and not (recipes and a.get("recipe_sha256") != recipes) for a in asked)
+            and set(c.get("plugins", {}).values()) <= plugins)
 
 
 def config(run_dir):
@@ -176,13 +181,13 @@ def config(run_dir):
         return {}
 
 
-def finished(line, files_too=True):
-    """The line's run has 'done' and recorded the line's arguments; files_too: and nothing says its recipes or
-    plug-ins changed since (same_argv: the sweep's test for skipping it)."""
-    run_dir, argv = line["run_dir"], line["argv"]
-    if not os.path.exists(os.path.join(run_dir, "done")):
+def finished(line, as_planned=False):
+    """The line's run has 'done' and was asked for with the line's arguments and files (same_argv): as they are now
+    (the sweep's test for skipping it), or as_planned, as the plan recorded them (report's: train.py refuses a line
+    whose recipe changed since, so a run of the old one is not the line's)."""
+    if not os.path.exists(os.path.join(line["run_dir"], "done")):
         return False
-    return same_argv(run_dir, argv) if files_too else config(run_dir).get("argv") == argv
+    return same_argv(line["run_dir"], line["argv"], line.get("files") if as_planned else None)
 
 
 # ---- claims ------------------------------------------------------------------------------------
@@ -534,7 +539,7 @@ def parallel(plan, n):
 def unfinished(plan):
     """List the lines not finished (no 'done', or done with other arguments: a line refused); exit 1 if any."""
     out, lines = read(plan)
-    left = [line for line in lines if not finished(line, files_too=False)]  # (a plug-in's run: see same_argv)
+    left = [line for line in lines if not finished(line, as_planned=True)]
     if left:
         print(f"launch.sh: {len(left)} of {len(lines)} line(s) of {plan} did not finish (run them again: "
               f"./launch.sh run-plan {plan} --index K):", file=sys.stderr)

@@ -25,7 +25,7 @@ SHIMS = os.path.join(ROOT, "tests", "shims")
 SMALL = ["--data", "synthetic", "--subset", "256", "--batch-size", "32", "--amp", "none"]
 SHAPE = ["--seeds", "0", "--methods", "baseline", "--warmup", "1", "--t0", "1", "--cycles", "1", "--no-report"]
 
-FAKE_TRAIN = r'''import fcntl, json, os, signal, subprocess, sys, time
+FAKE_TRAIN = r'''import fcntl, hashlib, json, os, signal, subprocess, sys, time
 args = sys.argv[1:]
 run, argv = args[args.index("--run-dir") + 1], args[args.index("train.py") + 1:]
 log = lambda **e: os.write(os.open(os.environ["FAKE_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT),
@@ -70,7 +70,12 @@ wait(float(os.environ.get("FAKE_SECONDS", "0.2")))
 if run.endswith(os.environ.get("FAKE_DIE") or "\0") and not os.path.exists(run + ".died"):
     open(run + ".died", "w").close()  # killed from outside (the OOM killer, say), once
     os.kill(os.getpid(), signal.SIGKILL)
-json.dump({"argv": argv}, open(os.path.join(run, "config.json"), "w"))
+named = lambda flag: [a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+                      if a.split("=")[0] == flag]
+sha = lambda path: hashlib.sha256(open(path, "rb").read()).hexdigest()
+json.dump({"argv": argv, "recipe_sha256": [sha(p) for p in named("--config")],  # as train.py records them
+           "plugins": {os.path.basename(p): "sha256:" + sha(p) for p in named("--plugins")}},
+          open(os.path.join(run, "config.json"), "w"))
 open(os.path.join(run, "done"), "w").close()
 log(event="end")
 '''
@@ -292,6 +297,32 @@ def test_unfinished_names_lines_without_done_or_done_with_other_arguments(tmp_pa
     assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  0 {out}/r0", f"  1 {out}/r1"], p.stderr
 
 
+def test_unfinished_counts_a_run_of_an_older_recipe_or_plugin_as_not_the_lines(tmp_path, fake):
+    """A plan written again after its --config recipe or --plugins file changed: run-plan refuses the old runs
+    (train.py: 'lr: 0.1 -> 0.2'), so `unfinished` lists them too (it compares the files' hashes the runs recorded
+    with the line's), and counts them finished again once the files are as the runs had them."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    recipe, plugin = tmp_path / "recipe.yaml", tmp_path / "mine.py"
+    recipe.write_text("lr: 0.1\n")
+    plugin.write_text("# a method\n")
+    runs = [(d, f"{a} --config {recipe} --plugins={plugin}") for d, a in numbered(out, 2)]
+    write_plan(plan, out, runs)
+    launch("run-plan", str(plan), "--next", env=env)
+    unfinished = lambda: sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)  # noqa: E731
+    assert unfinished().returncode == 0
+    for path, text in ((recipe, "lr: 0.2\n"), (plugin, "# another method\n")):
+        was = path.read_text()
+        path.write_text(text)
+        write_plan(plan, out, runs)  # the plan written again for the changed file
+        p = unfinished()
+        assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  0 {out}/r0", f"  1 {out}/r1"], (path, p.stderr)
+        path.write_text(was)
+        write_plan(plan, out, runs)
+        assert unfinished().returncode == 0
+    assert len(events()) == 2
+
+
 def test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run(tmp_path, fake):
     """An error in a worker (here: a line whose arguments hold a NUL byte, which no process starts with) is its
     line's failure: one line naming the line and the error, no traceback, the other lines run, exit 1."""
@@ -511,7 +542,8 @@ def test_parallel_two_on_cpu_equal_the_sequential_sweep_but_for_the_times(tmp_pa
 def test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers(tmp_path, sequential):
     """sbatch --array=0-1%2 through the shims, every process of both tasks SIGKILLed mid-run (a node lost), the
     job requeued: both runs resume and end equal to the sequential sweep's; then the report job, and the plan
-    written again with other options: a result-defining one is refused, one that is not is reported finished."""
+    written again with other options: a result-defining one is refused; one that is not is reported finished by
+    train.py, which records those arguments, so that the line counts as done for run-plan and `unfinished`."""
     env, out = real_env(tmp_path), tmp_path / "study"
     plan = out / "plan"
     launch("sweep", "--out", str(out), "--plan", str(plan), "--gpus-per-run", "0", *REAL, env=env)  # CPU lines
@@ -538,6 +570,10 @@ def test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_num
     plan.write_text(lines)
     rewrite(plan, out, ["--checkpoint-every", "5"])  # not result-defining: train.py says the run is finished
     assert "is already finished" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
+    # ... and records these arguments as its own (argv_accepted): the line is done, as report and a rerun say
+    assert "skip (done)" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
+    p = sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)
+    assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  1 {out}/{RUNS[1]}"], p.stderr
     plan.write_text(lines)
     assert "skip (done)" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
     assert (out / RUNS[0] / "metrics.csv").read_text() == before
