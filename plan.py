@@ -326,13 +326,15 @@ class Runner:
                     if self.refused or self.stale or self.signal or line["index"] in self.tried:
                         continue
                 if finished(line):
-                    self.say(line, f"skip (done): {line['run_dir']}")
-                    self.tried.add(line["index"])
-                    self.busy.pop(line["index"], None)
+                    self.skip(line)
                     continue
                 held, holder = claim(self.plan, line)
                 if held is None:
                     self.busy[line["index"]] = holder
+                    continue
+                if finished(line):  # its holder finished it between the test above and our claim
+                    held.close()
+                    self.skip(line)
                     continue
                 self.busy.pop(line["index"], None)
                 self.tried.add(line["index"])
@@ -344,6 +346,11 @@ class Runner:
                     return None, None
                 return line, held
         return None, None
+
+    def skip(self, line):
+        self.say(line, f"skip (done): {line['run_dir']}")
+        self.tried.add(line["index"])
+        self.busy.pop(line["index"], None)
 
     def work(self, env, cores):
         """One worker. An error of its own (not its run's: a line that cannot be started, a full /tmp) fails its

@@ -534,6 +534,9 @@ MUTATIONS = [
      "                    record_request(run_dir, argv, args.recipe_sha256)", "                    pass", REQUEUED),
     ("the requests a finished run accepted not read", "plan.py",
      '    asked = [c] + [a for a in c.get("argv_accepted", [])', '    asked = [c] + [a for a in []', REQUEUED),
+    ("a line finished between the test for 'done' and its claim runs again", "plan.py",
+     "                if finished(line):  # its holder finished it", "                if False:  # its holder",
+     PLANS + "test_a_line_finished_between_the_test_for_done_and_its_claim_is_not_run_again"),
 ]
 
 

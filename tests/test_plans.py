@@ -323,6 +323,34 @@ def test_unfinished_counts_a_run_of_an_older_recipe_or_plugin_as_not_the_lines(t
     assert len(events()) == 2
 
 
+def patched_plan(tmp_path, patch):
+    """The command of plan.py with `patch` (Python, on the modules plan, fcntl, json, os) applied first: a race or a
+    file system simulated."""
+    script = tmp_path / "patched_plan.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport fcntl, json, os, plan\n{patch}\n"
+                      f"try:\n    sys.exit(plan.main(sys.argv[1:]))\nexcept plan.PlanError as e:\n"
+                      f"    sys.exit(f'launch.sh: {{e}}')\n")
+    return [sys.executable, str(script)]
+
+
+def test_a_line_finished_between_the_test_for_done_and_its_claim_is_not_run_again(tmp_path, fake):
+    """run-plan tests a line's 'done' before claiming it; its holder may finish it in between (a worker elsewhere
+    ends its run and drops the claim): tested again once the claim is held, it is skipped, not run a second time."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 2))
+    patch = """real = plan.claim
+def claim(path, line):
+    if line["index"] == 0:  # its run ends elsewhere, now
+        os.makedirs(line["run_dir"])
+        json.dump({"argv": line["argv"]}, open(os.path.join(line["run_dir"], "config.json"), "w"))
+        open(os.path.join(line["run_dir"], "done"), "w").close()
+    return real(path, line)
+plan.claim = claim"""
+    p = sh(*patched_plan(tmp_path, patch), "run", str(plan), "--next", env=env)
+    assert [e["run"] for e in events()] == [f"{out}/r1"] and f"skip (done): {out}/r0" in p.stdout.splitlines()
+
+
 def test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run(tmp_path, fake):
     """An error in a worker (here: a line whose arguments hold a NUL byte, which no process starts with) is its
     line's failure: one line naming the line and the error, no traceback, the other lines run, exit 1."""
