@@ -86,7 +86,8 @@ parse_sweep() {
       --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
       --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;; --no-standard) STANDARD=0; shift;;
       --budgets) BUDGETS=$2; shift 2;;
-      --plan) PLAN=$2; shift 2;; --parallel) PARALLEL=$2; shift 2;; --gpus-per-run) GPUS=$2; shift 2;;
+      --plan) [ -n "${2:-}" ] || { echo "launch.sh: --plan takes the file to write the plan to, got ''" >&2; exit 2; }
+              PLAN=$2; shift 2;; --parallel) PARALLEL=$2; shift 2;; --gpus-per-run) GPUS=$2; shift 2;;
       --config) [ -f "${2:-}" ] || { echo "launch.sh: --config: no file ${2:-}" >&2; exit 2; }
                 CONFIGS+=(--config "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
       --vit) CONFIGS=(--config "$PWD/recipes/vit-fmnist.yaml" "${CONFIGS[@]}"); shift;;

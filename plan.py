@@ -66,15 +66,28 @@ def write(path, out, gpus, command, records):
     """records: (run_dir, argv string) in the sweep's order. Written whole or not at all; creates the runs folder."""
     if not records:
         raise PlanError("sweep: its options select no runs; no plan was written")
+    if os.path.isdir(path):
+        raise PlanError(f"sweep: --plan {path} is a folder; give the plan a file name, e.g. --plan "
+                        f"{os.path.join(path, 'plan')}; no plan was written")
+    held = claimed_line(path)
+    if held:  # its lines would change under its workers: their --index K would run other runs
+        raise PlanError(f"sweep: --plan {path} is being run (a line is held by {held}): write it again once its "
+                        f"workers have ended, or write another file (--plan OTHER); no plan was written")
     lines = [f"# out: {out}\n"] + [json.dumps({"index": i, "run_dir": d, "argv": argv.split(), "gpus": gpus,
                                                "nodes": 1, **files(argv.split())}) + "\n"
                                     for i, (d, argv) in enumerate(records)]
     text = f"# command: {command}\n# sha256: {sha256(lines)}\n" + "".join(lines)
-    os.makedirs(out, exist_ok=True)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.makedirs(out, exist_ok=True)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise PlanError(f"sweep: cannot write the plan {path} ({e.strerror}: {e.filename}); no plan was written") \
+            from None
     return len(records)
 
 
@@ -234,6 +247,18 @@ def claimant_name(text):
         return f"pid {c['pid']} on {c['host']}" + (f" ({slurm})" if slurm else "")
     except (ValueError, TypeError, KeyError):
         return f"pid {text.split()[0]}"
+
+
+def claimed_line(plan):
+    """Who holds a line of the plan now ('pid 12 on node3'), or None."""
+    folder = plan + ".claims"
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        f, holder = try_lock(os.path.join(folder, name), create=False)
+        if f is not None:
+            f.close()
+        elif holder is not None:
+            return claimant_name(holder)
+    return None
 
 
 def run_dir_holder(line):
@@ -527,6 +552,9 @@ def run_plan(args):
             raise PlanError(f"run-plan: --index {k} is out of range: {args[0]} has {len(lines)} lines, "
                             f"0-{len(lines) - 1}")
         lines, what = [lines[int(k)]], f"line {k}"
+    why = next(filter(None, (stale(line, args[0]) for line in lines)), None)
+    if why:  # before any claim or lock is made: a refused plan is left as it was
+        raise PlanError(why)
     need = max(line["gpus"] for line in lines)
     have = visible_gpus() if need > 0 else []
     if need > 0 and not have:

@@ -28,6 +28,7 @@ BAD_PLANS = PLANS + "test_bad_plans_and_too_many_runs_at_once_are_one_line_and_r
 NO_SMI = PLANS + "test_without_nvidia_smi_torch_counts_the_gpus_and_runs_on_gpus_refuse_where_there_are_none"
 OLDER_FILES = PLANS + "test_unfinished_counts_a_run_of_an_older_recipe_or_plugin_as_not_the_lines"
 REQUEUED = PLANS + "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers"
+BAD_PATH = PLANS + "test_a_bad_plan_path_or_a_plan_being_run_is_refused_in_one_line_and_nothing_is_left"
 C = "tests/test_compile.py::"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
@@ -537,6 +538,16 @@ MUTATIONS = [
     ("a line finished between the test for 'done' and its claim runs again", "plan.py",
      "                if finished(line):  # its holder finished it", "                if False:  # its holder",
      PLANS + "test_a_line_finished_between_the_test_for_done_and_its_claim_is_not_run_again"),
+    ("--plan '' runs the whole sweep here", "launch.sh", '--plan) [ -n "${2:-}" ] ||', "--plan) true ||", BAD_PATH),
+    ("--plan FOLDER written into (a traceback, FOLDER.tmp left)", "plan.py",
+     "    if os.path.isdir(path):\n        raise PlanError", "    if False:\n        raise PlanError", BAD_PATH),
+    ("a plan that cannot be written is a traceback", "plan.py", "    except OSError as e:\n        if os.path.isfile(",
+     "    except KeyError as e:\n        if os.path.isfile(", BAD_PATH),
+    ("a plan written again under its workers", "plan.py", "    if held:  # its lines would change",
+     "    if False:  # its lines would change", BAD_PATH),
+    ("a plan refused for a changed file leaves its lock and claims", "plan.py",
+     "    if why:  # before any claim or lock is made", "    if False:  # before any claim or lock is made",
+     PLANS + "test_a_recipe_or_plugin_changed_after_the_plan_was_written_is_refused_by_name"),
 ]
 
 

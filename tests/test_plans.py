@@ -192,6 +192,48 @@ def test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing(tmp_pa
     assert not (tmp_path / "new").exists()
 
 
+def test_a_bad_plan_path_or_a_plan_being_run_is_refused_in_one_line_and_nothing_is_left(tmp_path, fake):
+    """--plan '' (it ran the whole sweep here), --plan FOLDER (a traceback, FOLDER.tmp left behind), and a plan
+    written again while a worker holds one of its lines (its workers' --index K would become other runs): one line,
+    exit 2, nothing run, written or left."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    sweep = ["sweep", "--out", str(out), "--gpus-per-run", "0", *SHAPE, "--", "--amp", "none"]
+
+    def refused(told, *args, p=None):
+        p = p or launch(*args, env=env, check=False)
+        assert p.returncode == 2 and p.stderr.startswith(f"launch.sh: {told}") and len(p.stderr.splitlines()) == 1, \
+            p.stderr
+    refused("--plan takes the file to write the plan to, got ''", sweep[0], "--plan", "", *sweep[1:])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    refused(f"sweep: --plan {folder} is a folder; give the plan a file name, e.g. --plan {folder}/plan", sweep[0],
+            "--plan", str(folder), *sweep[1:])
+    (tmp_path / "file").write_text("")
+    refused(f"sweep: cannot write the plan {tmp_path}/file/plan (File exists: {tmp_path}/file)", sweep[0], "--plan",
+            str(tmp_path / "file" / "plan"), *sweep[1:])
+    assert sorted(os.listdir(tmp_path)) == ["fake_train.py", "file", "folder", "venv"] and events() == []
+    write_plan(plan, out, numbered(out, 3))
+    text = plan.read_text()
+    line = json.loads(text.splitlines()[3])
+    holder = subprocess.Popen([sys.executable, "-c", "import json, sys, time, plan\nheld, _ = plan.claim(sys.argv[1], "
+                               "json.loads(sys.argv[2]))\nprint(held is not None, flush=True)\ntime.sleep(300)",
+                               str(plan), json.dumps(line)], cwd=ROOT, text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "True\n"
+        write = subprocess.run([sys.executable, "plan.py", "write", str(plan), str(out), "0", "test"], cwd=ROOT,
+                               input=f"{out}/x\t--seed 9\n", text=True, capture_output=True)
+        refused(f"sweep: --plan {plan} is being run (a line is held by pid {holder.pid} on {socket.gethostname()}): "
+                f"write it again once its workers have ended", p=write)
+        refused(f"sweep: --plan {plan} is being run", sweep[0], "--plan", str(plan), *sweep[1:])
+        assert plan.read_text() == text and not os.path.exists(f"{plan}.tmp")
+    finally:
+        holder.kill()
+        holder.wait()
+    write_plan(plan, out, numbered(out, 2))  # its worker gone, it is written
+    assert plan.read_text() != text and events() == []
+
+
 def test_two_workers_claim_each_line_once_and_a_dead_workers_line_is_claimed_again(tmp_path, fake):
     env, events = fake
     out, plan = tmp_path / "study", tmp_path / "study" / "plan"
@@ -436,7 +478,7 @@ def test_a_recipe_or_plugin_changed_after_the_plan_was_written_is_refused_by_nam
     plugin.unlink()
     p = launch("run-plan", str(plan), "--next", env=env, check=False)
     assert p.returncode == 2 and f"{plugin}, named in line 0's arguments, cannot be read (No such" in p.stderr
-    assert events() == [] and not (out / "r0").exists()
+    assert events() == [] and sorted(os.listdir(out)) == ["plan"]  # no run folder, no plan.lock or plan.claims/
     plugin.write_text("# a method\n")  # both as they were: the plan runs
     launch("run-plan", str(plan), "--next", env=env)
     assert len(events("end")) == 2
