@@ -9,8 +9,10 @@
 A plan is '#' header lines (the sweep's command, the runs folder, the sha256 of every line after its own), then one
 JSON object per run: index, run_dir, argv (train.py's complete arguments), gpus (torchrun processes; 0: one plain
 process), nodes and, where argv names recipes or plug-ins, files ({path: sha256}: a line whose file changed since is
-refused). A line is claimed by an flock on FILE.claims/<its run folder's hash> (which records the claimant's pid, host
-and SLURM job), which the kernel drops when its worker dies, so a dead worker's line is claimable again; a line whose
+refused). A line is claimed by an flock on FILE.claims/<its run folder's hash> (which records the claimant's pid, host,
+SLURM job and a random nonce, read back before and after the run: where flock does not reach across nodes, a second
+claimant's record in its place fails the line), which the kernel drops when its worker dies, so a dead worker's line
+is claimable again; a line whose
 run folder's lock is held (a train.py running it, started by anyone) is left alone. Every line runs as a sweep runs
 it: skipped when done with the same arguments, else train.py --resume auto (resumes, or names the result-defining
 options that differ).
@@ -19,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -228,10 +231,31 @@ def claim(plan, line):
         return None, holder
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": line["run_dir"],
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": line["run_dir"], "nonce": NONCE,
                         **{k: os.environ[k] for k in SLURM_IDS if os.environ.get(k)}}) + "\n")
     f.flush()
     return f, None
+
+
+# Where flock does not reach across nodes, a second node's claim on a line succeeds and overwrites the first's record:
+# each worker reads its record back before and after its run. NONCE: hosts may share a name (containers).
+NONCE = secrets.token_hex(8)
+
+
+def claimed_again(held):
+    """Who replaced our record in the claim file held (a claimant on another node), or None while it is ours."""
+    try:
+        with open(held.name) as f:
+            text = f.read().strip()
+    except OSError:  # removed by hand: no second claimant to name
+        return None
+    try:
+        record = json.loads(text)
+        if record.get("nonce") == NONCE and record.get("pid") == os.getpid():
+            return None
+    except (ValueError, AttributeError):
+        pass
+    return claimant_name(text) if text else "unknown"
 
 
 # Flocks do not reach across nodes on many network file systems: a claim records where its worker runs, so that a
@@ -389,12 +413,14 @@ class Runner:
                 return
             try:
                 with held:
-                    self.run(line, env, cores)
+                    self.run(line, env, cores, held)
             except Exception as e:
                 self.fail(line, f"{type(e).__name__}: {e}")
 
-    def run(self, line, env, cores):
+    def run(self, line, env, cores, held):
         cmd = (["taskset", "-c", cores] if cores else []) + command(line)
+        if self.claimed_twice(line, held):
+            return
         self.say(line, "+ " + " ".join(cmd))
         fd, refusal = tempfile.mkstemp(prefix="refusal-")
         os.close(fd)
@@ -403,6 +429,8 @@ class Runner:
             refused = bool(rc) and os.path.getsize(refusal) > 0
         finally:
             os.remove(refusal)
+        if self.claimed_twice(line, held):
+            return
         with self.lock:
             if not rc or self.signal:
                 return
@@ -415,6 +443,14 @@ class Runner:
             self.say(line, f"left to {holder}, which holds {line['run_dir']}", sys.stderr)
             return
         self.fail(line, f"exit {rc}")
+
+    def claimed_twice(self, line, held):
+        """Fails the line where another claimant's record replaced ours (its run may have run on two nodes at once)."""
+        other = claimed_again(held)
+        if other is not None:
+            self.fail(line, f"flock on {self.plan}.claims is not shared across nodes: line {line['index']} claimed "
+                            f"twice, also by {other}")
+        return other is not None
 
     def start(self, line, cmd, env):
         """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""

@@ -393,6 +393,29 @@ plan.claim = claim"""
     assert [e["run"] for e in events()] == [f"{out}/r1"] and f"skip (done): {out}/r0" in p.stdout.splitlines()
 
 
+def test_a_line_claimed_twice_where_flock_is_not_shared_fails_named(tmp_path, fake):
+    """A file system whose flock does not reach across nodes (simulated: flock does nothing in either worker) lets a
+    second worker claim a line the first runs; its record replaces the first's in the claim file, which the first
+    reads back after its run: it fails the line naming the cause and the other claimant (exit 1)."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 1))
+    worker = patched_plan(tmp_path, "fcntl.flock = lambda *args: None") + ["run", str(plan), "--next"]
+    first = subprocess.Popen(worker, cwd=ROOT, env=dict(env, FAKE_SECONDS="3"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not events() and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.Popen(worker, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second.communicate(timeout=60)  # it claimed line 0 too; its train.py found the run folder in use
+    stderr = first.communicate(timeout=60)[1]
+    assert first.returncode == 1 and stderr.splitlines()[-2:] == [
+        "launch.sh: 1 run(s) failed, see their messages above:",
+        f"  {out}/r0 (flock on {plan}.claims is not shared across nodes: line 0 claimed twice, also by pid "
+        f"{second.pid} on {socket.gethostname()})"], stderr
+    assert second.returncode == 1 and len(events("twice")) == 1
+
+
 def test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run(tmp_path, fake):
     """An error in a worker (here: a line whose arguments hold a NUL byte, which no process starts with) is its
     line's failure: one line naming the line and the error, no traceback, the other lines run, exit 1."""
