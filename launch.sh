@@ -5,7 +5,8 @@
 #   ./launch.sh demo                  setup + a real cyclic-vs-standard curve on Fashion-MNIST + report
 #   ./launch.sh test [--fast]         setup + the test suite (--fast: without the tests marked slow)
 #   ./launch.sh sweep [options]       cyclic + standard runs for every seed x method set, then the report
-#   ./launch.sh run-plan PLAN --index K | --next   line K of a plan (a SLURM array task), or the next unclaimed ones
+#   ./launch.sh run-plan PLAN --index K | --next | --parallel N   line K of a plan (a SLURM array task), the next
+#                                     unclaimed ones (a worker per SLURM job), or all of them N at once here
 #   ./launch.sh report OUT|PLAN [analysis.report options]   the report of a study's folder (or a plan's, listing the
 #                                     lines that did not finish)
 #   ./launch.sh repro [options]       the study: eight method sets x 3 seeds on Fashion-MNIST + estimators (a preset)
@@ -558,5 +559,5 @@ case "${1:-}" in
     if PY -c "import pytest" 2>/dev/null; then PY -m pytest -q -m cuda tests || echo "launch.sh: CUDA tests FAILED" >&2
     else echo "launch.sh: pytest is not installed: the CUDA tests are skipped (gpu_check.py runs the checks)" >&2; fi
     PY gpu_check.py "$@";;
-  *) sed -n '2,35p' "$0"; exit 2;;
+  *) sed -n '2,36p' "$0"; exit 2;;
 esac

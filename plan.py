@@ -2,7 +2,13 @@
 
     ./launch.sh sweep ... --plan FILE        writes FILE (plan.py write), runs nothing
     ./launch.sh run-plan FILE --index K      line K (counted from 0, as SLURM_ARRAY_TASK_ID)
-    ./launch.sh run-plan FILE --next         claims line after line until none is left (several workers at once)
+    ./launch.sh run-plan FILE --next         claims line after line until none is left (several workers at once:
+                                             one per SLURM job or allocation; started by hand on one machine, each
+                                             GPU line takes free GPUs of its own, PLAN.gpus/, or waits for them;
+                                             CPU lines get no share of the cores: use --parallel there). It exits 0
+                                             leaving lines that other workers hold to them: if one of those dies,
+                                             its line waits for a rerun (report PLAN lists it)
+    ./launch.sh run-plan FILE --parallel N   N workers here, each with its own GPUs or cores (as below)
     ./launch.sh sweep ... --parallel N       writes OUT/parallel.plan and runs it with N workers, each with its own
                                              GPUs (CUDA_VISIBLE_DEVICES) or cores (taskset, OMP_NUM_THREADS)
 
@@ -12,11 +18,11 @@ process), nodes and, where argv names recipes or plug-ins, files ({path: sha256}
 refused). A line is claimed by an flock on FILE.claims/<its run folder's hash> (which records the claimant's pid, host,
 SLURM job and a random nonce, read back before and after the run: where flock does not reach across nodes, a second
 claimant's record in its place fails the line), which the kernel drops when its worker dies, so a dead worker's line
-is claimable again; a line whose
-run folder's lock is held (a train.py running it, started by anyone) is left alone. Every line runs as a sweep runs
-it: skipped when done with the same arguments, else train.py --resume auto (resumes, or names the result-defining
-options that differ).
+is claimable again; a line whose run folder's lock is held (a train.py running it, started by anyone) is left alone.
+Every line runs as a sweep runs it: skipped when done with the same arguments, else train.py --resume auto (resumes,
+or names the result-defining options that differ).
 No torch here: launch.sh calls this before any setup, and train.py imports placement()."""
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -361,8 +367,9 @@ class Runner:
     claims (every run would be refused alike); a signal ends every child (train.py's checkpoint and rows stay: the
     run resumes) and stops. own=True (--index K): the lines are this task's, so one held elsewhere is an error."""
 
-    def __init__(self, plan, out, lines, prefix, own=False):
+    def __init__(self, plan, out, lines, prefix, own=False, gpu_slots=None):
         self.plan, self.out, self.lines, self.prefix, self.own = plan, out, lines, prefix, own
+        self.gpu_slots = gpu_slots  # this machine's GPUs, a line's worth each, where no one gave this worker its own
         self.tried, self.failed, self.busy, self.refused, self.stale = set(), [], {}, None, None
         self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
         self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
@@ -406,16 +413,47 @@ class Runner:
         line, named, and the worker goes on; one while picking a line ends the worker."""
         while True:
             try:
-                line, held = self.next_line()
+                gpus, slot = self.gpu_slot()  # before the line: a worker waiting for GPUs holds no line
+                line, held = self.next_line() if gpus is not None else (None, None)
             except Exception as e:
                 return self.fail(None, f"{type(e).__name__}: {e}")
-            if line is None:
-                return
-            try:
-                with held:
-                    self.run(line, env, cores, held)
-            except Exception as e:
-                self.fail(line, f"{type(e).__name__}: {e}")
+            with slot or contextlib.nullcontext():  # the slot's GPUs are this line's until it ends
+                if line is None:
+                    return
+                try:
+                    with held:
+                        self.run(line, {**env, **gpus}, cores, held)
+                except Exception as e:
+                    self.fail(line, f"{type(e).__name__}: {e}")
+
+    def gpu_slot(self):
+        """(environment, open slot file) for one line of a worker whose GPUs no one gave (CUDA_VISIBLE_DEVICES unset:
+        workers started by hand, several on one machine, would all train on GPU 0): the first free slot of
+        self.gpu_slots, flocked on PLAN.gpus/<host>.<k>, its GPUs as CUDA_VISIBLE_DEVICES and the slots held then as
+        TRAIN_CONCURRENT_RUNS. All held (more workers than slots): it waits for one. ({}, None) without slots;
+        (None, None) once a signal came."""
+        if not self.gpu_slots:
+            return {}, None
+        where = os.path.join(self.plan + ".gpus", socket.gethostname())
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        waiting = False
+        while not self.signal:
+            with open(where + ".lock", "a") as pick:  # one worker of this machine looks at a time
+                fcntl.flock(pick, fcntl.LOCK_EX)
+                files = [try_lock(f"{where}.{k}", create=True)[0] for k in range(len(self.gpu_slots))]
+                free = [k for k, f in enumerate(files) if f is not None]
+                for k in free[1:]:  # (taken to count them)
+                    files[k].close()
+            if free:
+                return ({"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_slots[free[0]]),
+                         "TRAIN_CONCURRENT_RUNS": str(len(files) - len(free) + 1)}, files[free[0]])
+            if not waiting:
+                waiting = True
+                with self.lock:
+                    print(f"launch.sh: run-plan: this machine's {len(files)} GPU slot(s) ({where}.*) are all held by "
+                          f"other workers of {self.plan}: waiting for one", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+        return None, None
 
     def run(self, line, env, cores, held):
         cmd = (["taskset", "-c", cores] if cores else []) + command(line)
@@ -576,12 +614,16 @@ def from_terminal(signum):
 
 
 def run_plan(args):
-    """run PLAN --index K | --next: one line (the array task's) or, claimed one after another, all of them."""
-    usage = "run-plan takes PLAN --index K (a line, from 0: SLURM_ARRAY_TASK_ID) or PLAN --next"
-    if len(args) not in (2, 3) or args[1] not in ("--index", "--next") or len(args) != 2 + (args[1] == "--index"):
+    """run PLAN --index K | --next | --parallel N: one line (the array task's) or, claimed one after another, all of
+    them, by this worker or N at once."""
+    usage = "run-plan takes PLAN --index K (a line, from 0: SLURM_ARRAY_TASK_ID), PLAN --next or PLAN --parallel N"
+    if len(args) not in (2, 3) or args[1] not in ("--index", "--next", "--parallel") \
+            or len(args) != 2 + (args[1] != "--next"):
         raise PlanError(f"{usage}, got '{' '.join(args)}'")
     out, lines = read(args[0])
     what = args[0]
+    if args[1] == "--parallel" and not (whole(args[2]) and int(args[2]) > 0):
+        raise PlanError(f"run-plan: --parallel takes the number of runs at once (1, 2, ...), got '{args[2]}'")
     if args[1] == "--index":
         k = args[2]
         if not whole(k) or int(k) >= len(lines):
@@ -599,11 +641,20 @@ def run_plan(args):
     if need > len(have) and args[1] == "--index" and "SLURM_JOB_ID" in os.environ:
         raise PlanError(f"run-plan: line {k} runs on {need} GPU(s); this task has {len(have)}: submit the array "
                         f"with --gpus-per-task={need}")
-    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index").go([({}, None)])
+    if args[1] == "--parallel":
+        return parallel(args[0], int(args[2]), (out, lines))
+    # no GPUs given (not SLURM's, not --parallel's): this machine's, shared with its other workers a slot each
+    gpu_slots = None
+    if need > 0 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        gpu_slots = [have[i:i + need] for i in range(0, len(have) - need + 1, need)]
+        if not gpu_slots:
+            raise PlanError(f"run-plan: {what}: runs on {need} GPU(s); this machine has {len(have)} "
+                            f"({','.join(have)}): run it on a node with {need}")
+    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index", gpu_slots=gpu_slots).go([({}, None)])
 
 
-def parallel(plan, n):
-    out, lines = read(plan)
+def parallel(plan, n, read_plan=None):
+    out, lines = read_plan or read(plan)
     return Runner(plan, out, lines, prefix=n > 1).go(slots(n, lines[0]["gpus"]))
 
 
@@ -626,9 +677,12 @@ def main(argv):
         n = write(args[0], args[1], int(args[2]), args[3], records)
         gpus = f" --gpus-per-task={args[2]}" if int(args[2]) > 0 else ""
         print(f"plan: {args[0]} ({n} runs, lines 0-{n - 1}); nothing was run. Run it:\n"
-              f"  here, line by line:    ./launch.sh run-plan {args[0]} --index K   (or --next in each of N shells)\n"
+              f"  here, N at once:       ./launch.sh run-plan {args[0]} --parallel N   (each run its own GPUs or "
+              f"cores)\n"
+              f"  here, one line:        ./launch.sh run-plan {args[0]} --index K\n"
               f"  as a SLURM job array:  sbatch --array=0-{n - 1}%M{gpus} slurm/array.sbatch {args[0]}   (M at once)\n"
-              f"  then the report:       sbatch --dependency=afterany:JOBID slurm/report.sbatch {args[0]}")
+              f"  then the report:       sbatch --dependency=afterany:JOBID slurm/report.sbatch {args[0]}\n"
+              f"  (or --next, one worker per SLURM job or allocation: it claims line after line)")
         return 0
     if what == "run":
         return run_plan(args)

@@ -143,6 +143,7 @@ def test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing(tmp_path, fake)
                                                                  if "train.py" in line]
     assert [r["index"] for r in runs] == list(range(8)) and {(r["gpus"], r["nodes"]) for r in runs} == {(0, 1)}
     assert f"sbatch --array=0-7%M slurm/array.sbatch {plan}" in told
+    assert f"./launch.sh run-plan {plan} --parallel N" in told and "shells" not in told  # not --next per shell
     assert sorted(os.listdir(out)) == ["plan"] and events() == []  # nothing run, no run folder
 
 
@@ -158,6 +159,8 @@ def test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing(tmp_pa
     refused("--index 3 is out of range: " + f"{plan} has 3 lines, 0-2", "run-plan", str(plan), "--index", "3")
     refused("--index x is out of range", "run-plan", str(plan), "--index", "x")
     refused("run-plan takes PLAN --index K", "run-plan", str(plan))
+    refused("run-plan: --parallel takes the number of runs at once (1, 2, ...), got '0'", "run-plan", str(plan),
+            "--parallel", "0")
     for k in ("-1", "\u00b2"):  # '²'.isdigit() is True
         refused(f" is out of range: {plan} has 3 lines, 0-2", "run-plan", str(plan), "--index", k)
     (tmp_path / "binary").write_bytes(b"# command: x\n\xff\xfe\n")
@@ -281,6 +284,43 @@ def test_parallel_slices_the_gpus_and_the_cores_and_records_them(tmp_path, fake)
     second = [e for e in events() if "/p2/" in e["run"]]
     assert {e["env"]["CUDA_VISIBLE_DEVICES"] for e in second} == {"5", "7"}
     assert all("torch.distributed.run" not in e["args"] for e in second)
+
+
+def test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each(tmp_path, fake):
+    """Three `--next` workers on a machine of 2 GPUs whose environment names none (not a SLURM allocation): each line
+    gets a free GPU of its own (a slot flocked in PLAN.gpus/, the third worker waits for one), and records the runs
+    on the machine then; CUDA_VISIBLE_DEVICES given (SLURM) is left as it is; `run-plan --parallel 2` slices them
+    too; a line wider than the machine is one line, exit 2."""
+    env, events = fake
+    gpus = tmp_path / "bin"
+    gpus.mkdir()
+    (gpus / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    (gpus / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(PATH=f"{gpus}:{env['PATH']}", FAKE_SECONDS="1")
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 5), gpus=1)
+    workers = [subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), "--next"], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    assert [w.wait(120) for w in workers] == [0, 0, 0], [w.communicate() for w in workers]
+    ends = {e["pid"]: e["t"] for e in events("end")}
+    runs = [(e["t"], ends[e["pid"]], e["env"]["CUDA_VISIBLE_DEVICES"]) for e in events()]
+    assert len(runs) == 5 and {gpu for _, _, gpu in runs} <= {"0", "1"}, runs
+    overlapping = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping and all(a[2] != b[2] for a, b in overlapping), runs  # never two runs on one GPU at once
+    assert "2" in {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in events()}
+    write_plan(plan, out, numbered(out, 6), gpus=1)
+    launch("run-plan", str(plan), "--index", "5", env=dict(env, CUDA_VISIBLE_DEVICES="7"))  # SLURM's: as given
+    assert (events()[-1]["env"]["CUDA_VISIBLE_DEVICES"], events()[-1]["env"]["TRAIN_CONCURRENT_RUNS"]) == ("7", None)
+    other = tmp_path / "other"
+    write_plan(other / "plan", other, numbered(other, 2), gpus=1)
+    launch("run-plan", str(other / "plan"), "--parallel", "2", env=env)
+    assert sorted(e["env"]["CUDA_VISIBLE_DEVICES"] for e in events()[-2:]) == ["0", "1"]
+    write_plan(other / "plan", other, numbered(other, 2), gpus=3)
+    p = launch("run-plan", str(other / "plan"), "--next", env=env, check=False)
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        f"launch.sh: run-plan: {other}/plan: runs on 3 GPU(s); this machine has 2 (0,1): run it on a node with 3"]
+    assert len(events()) == 8
 
 
 def test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice(tmp_path, fake):
