@@ -5,7 +5,8 @@
 #   ./launch.sh demo                  setup + a real cyclic-vs-standard curve on Fashion-MNIST + report
 #   ./launch.sh test [--fast]         setup + the test suite (--fast: without the tests marked slow)
 #   ./launch.sh sweep [options]       cyclic + standard runs for every seed x method set, then the report
-#   ./launch.sh run-plan PLAN --index K | --next   line K of a plan (a SLURM array task), or the next unclaimed ones
+#   ./launch.sh run-plan PLAN --index K | --next | --parallel N   line K of a plan (a SLURM array task), the next
+#                                     unclaimed ones (a worker per SLURM job), or all of them N at once here
 #   ./launch.sh report OUT|PLAN [analysis.report options]   the report of a study's folder (or a plan's, listing the
 #                                     lines that did not finish)
 #   ./launch.sh repro [options]       the study: eight method sets x 3 seeds on Fashion-MNIST + estimators (a preset)
@@ -86,7 +87,8 @@ parse_sweep() {
       --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
       --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;; --no-standard) STANDARD=0; shift;;
       --budgets) BUDGETS=$2; shift 2;;
-      --plan) PLAN=$2; shift 2;; --parallel) PARALLEL=$2; shift 2;; --gpus-per-run) GPUS=$2; shift 2;;
+      --plan) [ -n "${2:-}" ] || { echo "launch.sh: --plan takes the file to write the plan to, got ''" >&2; exit 2; }
+              PLAN=$2; shift 2;; --parallel) PARALLEL=$2; shift 2;; --gpus-per-run) GPUS=$2; shift 2;;
       --config) [ -f "${2:-}" ] || { echo "launch.sh: --config: no file ${2:-}" >&2; exit 2; }
                 CONFIGS+=(--config "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
       --vit) CONFIGS=(--config "$PWD/recipes/vit-fmnist.yaml" "${CONFIGS[@]}"); shift;;
@@ -198,7 +200,8 @@ launcher() {  # run_dir
 
 wants_dry_run() { [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]]; }  # the options given, or DRY=1
 
-same_argv() {  # run_dir, then train.py's arguments: true when the run recorded exactly these, its recipes unchanged
+same_argv() {  # run_dir, then train.py's arguments: true when the run was asked for with exactly these, its
+  # recipes and plug-ins unchanged (plan.py same_argv)
   PY plan.py same-argv "$@"
 }
 
@@ -556,5 +559,5 @@ case "${1:-}" in
     if PY -c "import pytest" 2>/dev/null; then PY -m pytest -q -m cuda tests || echo "launch.sh: CUDA tests FAILED" >&2
     else echo "launch.sh: pytest is not installed: the CUDA tests are skipped (gpu_check.py runs the checks)" >&2; fi
     PY gpu_check.py "$@";;
-  *) sed -n '2,35p' "$0"; exit 2;;
+  *) sed -n '2,36p' "$0"; exit 2;;
 esac

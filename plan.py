@@ -2,23 +2,32 @@
 
     ./launch.sh sweep ... --plan FILE        writes FILE (plan.py write), runs nothing
     ./launch.sh run-plan FILE --index K      line K (counted from 0, as SLURM_ARRAY_TASK_ID)
-    ./launch.sh run-plan FILE --next         claims line after line until none is left (several workers at once)
+    ./launch.sh run-plan FILE --next         claims line after line until none is left (several workers at once:
+                                             one per SLURM job or allocation; started by hand on one machine, each
+                                             GPU line takes free GPUs of its own, PLAN.gpus/, or waits for them;
+                                             CPU lines get no share of the cores: use --parallel there). It exits 0
+                                             leaving lines that other workers hold to them: if one of those dies,
+                                             its line waits for a rerun (report PLAN lists it)
+    ./launch.sh run-plan FILE --parallel N   N workers here, each with its own GPUs or cores (as below)
     ./launch.sh sweep ... --parallel N       writes OUT/parallel.plan and runs it with N workers, each with its own
                                              GPUs (CUDA_VISIBLE_DEVICES) or cores (taskset, OMP_NUM_THREADS)
 
 A plan is '#' header lines (the sweep's command, the runs folder, the sha256 of every line after its own), then one
 JSON object per run: index, run_dir, argv (train.py's complete arguments), gpus (torchrun processes; 0: one plain
 process), nodes and, where argv names recipes or plug-ins, files ({path: sha256}: a line whose file changed since is
-refused). A line is claimed by an flock on FILE.claims/<its run folder's hash> (which records the claimant's pid, host
-and SLURM job), which the kernel drops when its worker dies, so a dead worker's line is claimable again; a line whose
-run folder's lock is held (a train.py running it, started by anyone) is left alone. Every line runs as a sweep runs
-it: skipped when done with the same arguments, else train.py --resume auto (resumes, or names the result-defining
-options that differ).
+refused). A line is claimed by an flock on FILE.claims/<its run folder's hash> (which records the claimant's pid, host,
+SLURM job and a random nonce, read back before and after the run: where flock does not reach across nodes, a second
+claimant's record in its place fails the line), which the kernel drops when its worker dies, so a dead worker's line
+is claimable again; a line whose run folder's lock is held (a train.py running it, started by anyone) is left alone.
+Every line runs as a sweep runs it: skipped when done with the same arguments, else train.py --resume auto (resumes,
+or names the result-defining options that differ).
 No torch here: launch.sh calls this before any setup, and train.py imports placement()."""
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -66,15 +75,28 @@ def write(path, out, gpus, command, records):
     """records: (run_dir, argv string) in the sweep's order. Written whole or not at all; creates the runs folder."""
     if not records:
         raise PlanError("sweep: its options select no runs; no plan was written")
+    if os.path.isdir(path):
+        raise PlanError(f"sweep: --plan {path} is a folder; give the plan a file name, e.g. --plan "
+                        f"{os.path.join(path, 'plan')}; no plan was written")
+    held = claimed_line(path)
+    if held:  # its lines would change under its workers: their --index K would run other runs
+        raise PlanError(f"sweep: --plan {path} is being run (a line is held by {held}): write it again once its "
+                        f"workers have ended, or write another file (--plan OTHER); no plan was written")
     lines = [f"# out: {out}\n"] + [json.dumps({"index": i, "run_dir": d, "argv": argv.split(), "gpus": gpus,
                                                "nodes": 1, **files(argv.split())}) + "\n"
                                     for i, (d, argv) in enumerate(records)]
     text = f"# command: {command}\n# sha256: {sha256(lines)}\n" + "".join(lines)
-    os.makedirs(out, exist_ok=True)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.makedirs(out, exist_ok=True)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise PlanError(f"sweep: cannot write the plan {path} ({e.strerror}: {e.filename}); no plan was written") \
+            from None
     return len(records)
 
 
@@ -154,16 +176,21 @@ def read(path):
     return out, runs
 
 
-def same_argv(run_dir, argv):
-    """True when the run recorded exactly these arguments and its recipes are unchanged: a sweep skips it as done.
-    A plug-in file may have changed under the same argv: train.py compares its hash."""
+def same_argv(run_dir, argv, files=None):
+    """True when the run was asked for with exactly these arguments (config.json's argv, or one train.py took since
+    as asking for this finished run: argv_accepted) and with recipes and plug-ins of these contents: a sweep skips it
+    as done. files: {path: sha256} of the files argv names (a plan line's record); None: the files as they are now."""
     try:
-        recipes = named_files(argv, ("--config",))
-        sha = [file_sha256(r) for r in recipes]
+        files = files if files is not None else {path: file_sha256(path) for path in named_files(argv)}
     except OSError:
         return False
+    recipes = [files.get(path) for path in named_files(argv, ("--config",))]
+    plugins = {f"sha256:{files.get(path)}" for path in named_files(argv, ("--plugins",))}
     c = config(run_dir)
-    return c.get("argv") == argv and not (recipes and c.get("recipe_sha256") != sha) and "--plugins" not in argv
+    asked = [c] + [a for a in c.get("argv_accepted", []) if isinstance(a, dict)]
+    # a plug-in method's hash is recorded by its name (of the selected methods only): each must be a file's here
+    return (any(a.get("argv") == argv and not (recipes and a.get("recipe_sha256") != recipes) for a in asked)
+            and set(c.get("plugins", {}).values()) <= plugins)
 
 
 def config(run_dir):
@@ -176,13 +203,13 @@ def config(run_dir):
         return {}
 
 
-def finished(line, files_too=True):
-    """The line's run has 'done' and recorded the line's arguments; files_too: and nothing says its recipes or
-    plug-ins changed since (same_argv: the sweep's test for skipping it)."""
-    run_dir, argv = line["run_dir"], line["argv"]
-    if not os.path.exists(os.path.join(run_dir, "done")):
+def finished(line, as_planned=False):
+    """The line's run has 'done' and was asked for with the line's arguments and files (same_argv): as they are now
+    (the sweep's test for skipping it), or as_planned, as the plan recorded them (report's: train.py refuses a line
+    whose recipe changed since, so a run of the old one is not the line's)."""
+    if not os.path.exists(os.path.join(line["run_dir"], "done")):
         return False
-    return same_argv(run_dir, argv) if files_too else config(run_dir).get("argv") == argv
+    return same_argv(line["run_dir"], line["argv"], line.get("files") if as_planned else None)
 
 
 # ---- claims ------------------------------------------------------------------------------------
@@ -210,10 +237,31 @@ def claim(plan, line):
         return None, holder
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": line["run_dir"],
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": line["run_dir"], "nonce": NONCE,
                         **{k: os.environ[k] for k in SLURM_IDS if os.environ.get(k)}}) + "\n")
     f.flush()
     return f, None
+
+
+# Where flock does not reach across nodes, a second node's claim on a line succeeds and overwrites the first's record:
+# each worker reads its record back before and after its run. NONCE: hosts may share a name (containers).
+NONCE = secrets.token_hex(8)
+
+
+def claimed_again(held):
+    """Who replaced our record in the claim file held (a claimant on another node), or None while it is ours."""
+    try:
+        with open(held.name) as f:
+            text = f.read().strip()
+    except OSError:  # removed by hand: no second claimant to name
+        return None
+    try:
+        record = json.loads(text)
+        if record.get("nonce") == NONCE and record.get("pid") == os.getpid():
+            return None
+    except (ValueError, AttributeError):
+        pass
+    return claimant_name(text) if text else "unknown"
 
 
 # Flocks do not reach across nodes on many network file systems: a claim records where its worker runs, so that a
@@ -229,6 +277,18 @@ def claimant_name(text):
         return f"pid {c['pid']} on {c['host']}" + (f" ({slurm})" if slurm else "")
     except (ValueError, TypeError, KeyError):
         return f"pid {text.split()[0]}"
+
+
+def claimed_line(plan):
+    """Who holds a line of the plan now ('pid 12 on node3'), or None."""
+    folder = plan + ".claims"
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        f, holder = try_lock(os.path.join(folder, name), create=False)
+        if f is not None:
+            f.close()
+        elif holder is not None:
+            return claimant_name(holder)
+    return None
 
 
 def run_dir_holder(line):
@@ -307,8 +367,9 @@ class Runner:
     claims (every run would be refused alike); a signal ends every child (train.py's checkpoint and rows stay: the
     run resumes) and stops. own=True (--index K): the lines are this task's, so one held elsewhere is an error."""
 
-    def __init__(self, plan, out, lines, prefix, own=False):
+    def __init__(self, plan, out, lines, prefix, own=False, gpu_slots=None):
         self.plan, self.out, self.lines, self.prefix, self.own = plan, out, lines, prefix, own
+        self.gpu_slots = gpu_slots  # this machine's GPUs, a line's worth each, where no one gave this worker its own
         self.tried, self.failed, self.busy, self.refused, self.stale = set(), [], {}, None, None
         self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
         self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
@@ -321,13 +382,15 @@ class Runner:
                     if self.refused or self.stale or self.signal or line["index"] in self.tried:
                         continue
                 if finished(line):
-                    self.say(line, f"skip (done): {line['run_dir']}")
-                    self.tried.add(line["index"])
-                    self.busy.pop(line["index"], None)
+                    self.skip(line)
                     continue
                 held, holder = claim(self.plan, line)
                 if held is None:
                     self.busy[line["index"]] = holder
+                    continue
+                if finished(line):  # its holder finished it between the test above and our claim
+                    held.close()
+                    self.skip(line)
                     continue
                 self.busy.pop(line["index"], None)
                 self.tried.add(line["index"])
@@ -340,24 +403,62 @@ class Runner:
                 return line, held
         return None, None
 
+    def skip(self, line):
+        self.say(line, f"skip (done): {line['run_dir']}")
+        self.tried.add(line["index"])
+        self.busy.pop(line["index"], None)
+
     def work(self, env, cores):
         """One worker. An error of its own (not its run's: a line that cannot be started, a full /tmp) fails its
         line, named, and the worker goes on; one while picking a line ends the worker."""
         while True:
             try:
-                line, held = self.next_line()
+                gpus, slot = self.gpu_slot()  # before the line: a worker waiting for GPUs holds no line
+                line, held = self.next_line() if gpus is not None else (None, None)
             except Exception as e:
                 return self.fail(None, f"{type(e).__name__}: {e}")
-            if line is None:
-                return
-            try:
-                with held:
-                    self.run(line, env, cores)
-            except Exception as e:
-                self.fail(line, f"{type(e).__name__}: {e}")
+            with slot or contextlib.nullcontext():  # the slot's GPUs are this line's until it ends
+                if line is None:
+                    return
+                try:
+                    with held:
+                        self.run(line, {**env, **gpus}, cores, held)
+                except Exception as e:
+                    self.fail(line, f"{type(e).__name__}: {e}")
 
-    def run(self, line, env, cores):
+    def gpu_slot(self):
+        """(environment, open slot file) for one line of a worker whose GPUs no one gave (CUDA_VISIBLE_DEVICES unset:
+        workers started by hand, several on one machine, would all train on GPU 0): the first free slot of
+        self.gpu_slots, flocked on PLAN.gpus/<host>.<k>, its GPUs as CUDA_VISIBLE_DEVICES and the slots held then as
+        TRAIN_CONCURRENT_RUNS. All held (more workers than slots): it waits for one. ({}, None) without slots;
+        (None, None) once a signal came."""
+        if not self.gpu_slots:
+            return {}, None
+        where = os.path.join(self.plan + ".gpus", socket.gethostname())
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        waiting = False
+        while not self.signal:
+            with open(where + ".lock", "a") as pick:  # one worker of this machine looks at a time
+                fcntl.flock(pick, fcntl.LOCK_EX)
+                files = [try_lock(f"{where}.{k}", create=True)[0] for k in range(len(self.gpu_slots))]
+                free = [k for k, f in enumerate(files) if f is not None]
+                for k in free[1:]:  # (taken to count them)
+                    files[k].close()
+            if free:
+                return ({"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_slots[free[0]]),
+                         "TRAIN_CONCURRENT_RUNS": str(len(files) - len(free) + 1)}, files[free[0]])
+            if not waiting:
+                waiting = True
+                with self.lock:
+                    print(f"launch.sh: run-plan: this machine's {len(files)} GPU slot(s) ({where}.*) are all held by "
+                          f"other workers of {self.plan}: waiting for one", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+        return None, None
+
+    def run(self, line, env, cores, held):
         cmd = (["taskset", "-c", cores] if cores else []) + command(line)
+        if self.claimed_twice(line, held):
+            return
         self.say(line, "+ " + " ".join(cmd))
         fd, refusal = tempfile.mkstemp(prefix="refusal-")
         os.close(fd)
@@ -366,6 +467,8 @@ class Runner:
             refused = bool(rc) and os.path.getsize(refusal) > 0
         finally:
             os.remove(refusal)
+        if self.claimed_twice(line, held):
+            return
         with self.lock:
             if not rc or self.signal:
                 return
@@ -378,6 +481,14 @@ class Runner:
             self.say(line, f"left to {holder}, which holds {line['run_dir']}", sys.stderr)
             return
         self.fail(line, f"exit {rc}")
+
+    def claimed_twice(self, line, held):
+        """Fails the line where another claimant's record replaced ours (its run may have run on two nodes at once)."""
+        other = claimed_again(held)
+        if other is not None:
+            self.fail(line, f"flock on {self.plan}.claims is not shared across nodes: line {line['index']} claimed "
+                            f"twice, also by {other}")
+        return other is not None
 
     def start(self, line, cmd, env):
         """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""
@@ -503,18 +614,25 @@ def from_terminal(signum):
 
 
 def run_plan(args):
-    """run PLAN --index K | --next: one line (the array task's) or, claimed one after another, all of them."""
-    usage = "run-plan takes PLAN --index K (a line, from 0: SLURM_ARRAY_TASK_ID) or PLAN --next"
-    if len(args) not in (2, 3) or args[1] not in ("--index", "--next") or len(args) != 2 + (args[1] == "--index"):
+    """run PLAN --index K | --next | --parallel N: one line (the array task's) or, claimed one after another, all of
+    them, by this worker or N at once."""
+    usage = "run-plan takes PLAN --index K (a line, from 0: SLURM_ARRAY_TASK_ID), PLAN --next or PLAN --parallel N"
+    if len(args) not in (2, 3) or args[1] not in ("--index", "--next", "--parallel") \
+            or len(args) != 2 + (args[1] != "--next"):
         raise PlanError(f"{usage}, got '{' '.join(args)}'")
     out, lines = read(args[0])
     what = args[0]
+    if args[1] == "--parallel" and not (whole(args[2]) and int(args[2]) > 0):
+        raise PlanError(f"run-plan: --parallel takes the number of runs at once (1, 2, ...), got '{args[2]}'")
     if args[1] == "--index":
         k = args[2]
         if not whole(k) or int(k) >= len(lines):
             raise PlanError(f"run-plan: --index {k} is out of range: {args[0]} has {len(lines)} lines, "
                             f"0-{len(lines) - 1}")
         lines, what = [lines[int(k)]], f"line {k}"
+    why = next(filter(None, (stale(line, args[0]) for line in lines)), None)
+    if why:  # before any claim or lock is made: a refused plan is left as it was
+        raise PlanError(why)
     need = max(line["gpus"] for line in lines)
     have = visible_gpus() if need > 0 else []
     if need > 0 and not have:
@@ -523,18 +641,27 @@ def run_plan(args):
     if need > len(have) and args[1] == "--index" and "SLURM_JOB_ID" in os.environ:
         raise PlanError(f"run-plan: line {k} runs on {need} GPU(s); this task has {len(have)}: submit the array "
                         f"with --gpus-per-task={need}")
-    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index").go([({}, None)])
+    if args[1] == "--parallel":
+        return parallel(args[0], int(args[2]), (out, lines))
+    # no GPUs given (not SLURM's, not --parallel's): this machine's, shared with its other workers a slot each
+    gpu_slots = None
+    if need > 0 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        gpu_slots = [have[i:i + need] for i in range(0, len(have) - need + 1, need)]
+        if not gpu_slots:
+            raise PlanError(f"run-plan: {what}: runs on {need} GPU(s); this machine has {len(have)} "
+                            f"({','.join(have)}): run it on a node with {need}")
+    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index", gpu_slots=gpu_slots).go([({}, None)])
 
 
-def parallel(plan, n):
-    out, lines = read(plan)
+def parallel(plan, n, read_plan=None):
+    out, lines = read_plan or read(plan)
     return Runner(plan, out, lines, prefix=n > 1).go(slots(n, lines[0]["gpus"]))
 
 
 def unfinished(plan):
     """List the lines not finished (no 'done', or done with other arguments: a line refused); exit 1 if any."""
     out, lines = read(plan)
-    left = [line for line in lines if not finished(line, files_too=False)]  # (a plug-in's run: see same_argv)
+    left = [line for line in lines if not finished(line, as_planned=True)]
     if left:
         print(f"launch.sh: {len(left)} of {len(lines)} line(s) of {plan} did not finish (run them again: "
               f"./launch.sh run-plan {plan} --index K):", file=sys.stderr)
@@ -550,9 +677,12 @@ def main(argv):
         n = write(args[0], args[1], int(args[2]), args[3], records)
         gpus = f" --gpus-per-task={args[2]}" if int(args[2]) > 0 else ""
         print(f"plan: {args[0]} ({n} runs, lines 0-{n - 1}); nothing was run. Run it:\n"
-              f"  here, line by line:    ./launch.sh run-plan {args[0]} --index K   (or --next in each of N shells)\n"
+              f"  here, N at once:       ./launch.sh run-plan {args[0]} --parallel N   (each run its own GPUs or "
+              f"cores)\n"
+              f"  here, one line:        ./launch.sh run-plan {args[0]} --index K\n"
               f"  as a SLURM job array:  sbatch --array=0-{n - 1}%M{gpus} slurm/array.sbatch {args[0]}   (M at once)\n"
-              f"  then the report:       sbatch --dependency=afterany:JOBID slurm/report.sbatch {args[0]}")
+              f"  then the report:       sbatch --dependency=afterany:JOBID slurm/report.sbatch {args[0]}\n"
+              f"  (or --next, one worker per SLURM job or allocation: it claims line after line)")
         return 0
     if what == "run":
         return run_plan(args)

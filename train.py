@@ -35,7 +35,8 @@ from options import (RESULT_KEYS, cpu_has_native_bf16, fail, micro_batch_size, p
                      result_options)
 from plan import placement
 from rundir import (MetricsLog, RunDirError, check_writable, checkpoint_files, holds_run, is_done, load_checkpoint,
-                    lock_run_dir, mark_done, metrics_rows, recorded_options, remove_run, save_checkpoint, write_config)
+                    lock_run_dir, mark_done, metrics_rows, record_request, recorded_options, remove_run,
+                    save_checkpoint, write_config)
 from runformat import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 from trackers import Trackers
 
@@ -49,10 +50,16 @@ def device_history(setup, ckpt):
     return sorted({setup.device_name, *filter(None, before)})
 
 
-def resume_decision(args, setup, master):
+def command_line(argv):
+    """train.py's arguments, as config.json records them (argv: main's, or None for the process's own)."""
+    return sys.argv[1:] if argv is None else list(argv)
+
+
+def resume_decision(args, setup, master, argv=None):
     """Read run_dir and decide: (checkpoint to resume or None, whether to wipe the old run first).
-    Exits 0 for a finished run of the same options under --resume, and fail()s on anything that would lose or mix
-    results: other options, a damaged metrics.csv, a folder that is not provably an empty start of this run."""
+    Exits 0 for a finished run of the same options under --resume (recording argv, the command line, as one that
+    asked for it: config.json's argv_accepted), and fail()s on anything that would lose or mix results: other options,
+    a damaged metrics.csv, a folder that is not provably an empty start of this run."""
     run_dir, options = setup.run_dir, result_options(args, setup)
     if not args.resume:
         if holds_run(run_dir) and not args.overwrite:
@@ -93,6 +100,11 @@ def resume_decision(args, setup, master):
             fail(f"--resume: {run_dir} is marked done but records no options (no config.json or checkpoint), so it "
                  f"cannot be checked against this one; choose another --run-dir or --overwrite it")
         if master:
+            if argv is not None:
+                try:
+                    record_request(run_dir, argv, args.recipe_sha256)
+                except RunDirError as e:  # the run stays finished; only launch.sh's record of the request is lost
+                    print(f"warning: {e}", file=sys.stderr)
             print(f"run {run_dir} is already finished (it has 'done'); nothing to do. Pass --overwrite "
                   f"instead of --resume to train it again")
         sys.exit(0)
@@ -331,7 +343,8 @@ def run_main(argv=None):
     locking = master and not args.no_lock
     if locking and os.path.isdir(setup.run_dir):
         HELD_LOCKS.append(lock_run_dir(setup.run_dir))
-    ckpt, wipe = resume_decision(args, setup, master)  # every rank decides alike: they all read the same files
+    # every rank decides alike: they all read the same files
+    ckpt, wipe = resume_decision(args, setup, master, command_line(argv))
     data, model, loader = build_run(args, setup, methods, device, rank, world_size)
     recorded = (recorded_options(setup.run_dir) or {}) if ckpt is not None else {}  # config.json of the resumed run
     stored = recorded.get("data_storage")  # None: not imagenet, or a run from before the key
@@ -419,7 +432,7 @@ def run_main(argv=None):
               "device_names": device_history(setup, ckpt),
               **placement(device.type, torch.get_num_threads(), torch.cuda.device_count() if device.type == "cuda"
                           else 0),
-              "argv": sys.argv[1:] if argv is None else list(argv)}
+              "argv": command_line(argv)}
     log = None
     if master:
         if wipe:

@@ -26,6 +26,9 @@ PLANS = "tests/test_plans.py::"
 HELD = PLANS + "test_a_line_held_elsewhere_is_named_with_its_host_and_job_and_never_looks_done"
 BAD_PLANS = PLANS + "test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing"
 NO_SMI = PLANS + "test_without_nvidia_smi_torch_counts_the_gpus_and_runs_on_gpus_refuse_where_there_are_none"
+OLDER_FILES = PLANS + "test_unfinished_counts_a_run_of_an_older_recipe_or_plugin_as_not_the_lines"
+REQUEUED = PLANS + "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers"
+BAD_PATH = PLANS + "test_a_bad_plan_path_or_a_plan_being_run_is_refused_in_one_line_and_nothing_is_left"
 C = "tests/test_compile.py::"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
@@ -303,7 +306,7 @@ MUTATIONS = [
     ("every rank draws the same randomness", "methods/api.py", "return self.step, self.rank, self.micro",
      "return self.step, self.micro", M + "test_each_rank_draws_its_own_randomness_and_a_rank_the_same_again"),
     ("a sweep skips a finished run whose recipe changed", "plan.py",
-     'not (recipes and c.get("recipe_sha256") != sha)', "not (False)",
+     'not (recipes and a.get("recipe_sha256") != recipes)', "not (False)",
      "tests/test_launch.py::test_a_finished_run_whose_recipe_file_changed_is_not_skipped"),
     # issue 45: each statistic a reviewer asked for, and train_loss_epoch
     ("Holm without its correction", "analysis/stats.py", "rejecting and p <= alpha / (len(order) - k)",
@@ -472,8 +475,8 @@ MUTATIONS = [
      C + "test_the_benchmarks_alternate_which_variant_runs_first_and_start_each_from_the_same_weights"),
     # issue 39's review of plan.py: worker errors, held lines, recipes, signals, GPUs, bad input
     ("a worker's error ends it with a traceback (exit 0)", "plan.py",
-     '            except Exception as e:\n                self.fail(line, f"{type(e).__name__}: {e}")',
-     "            except Exception:\n                raise",
+     '                except Exception as e:\n                    self.fail(line, f"{type(e).__name__}: {e}")',
+     "                except Exception:\n                    raise",
      PLANS + "test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run"),
     ("an array task whose line is held elsewhere exits 0", "plan.py", "        if self.busy and self.own:",
      "        if False:", HELD),
@@ -487,7 +490,7 @@ MUTATIONS = [
     ("a recipe changed since the plan was written runs", "plan.py", "                why = stale(line, self.plan)",
      "                why = None",
      PLANS + "test_a_recipe_or_plugin_changed_after_the_plan_was_written_is_refused_by_name"),
-    ("unfinished counts a refused line's old 'done'", "plan.py", "if not finished(line, files_too=False)]",
+    ("unfinished counts a refused line's old 'done'", "plan.py", "if not finished(line, as_planned=True)]",
      'if not os.path.exists(os.path.join(line["run_dir"], "done"))]',
      PLANS + "test_unfinished_names_lines_without_done_or_done_with_other_arguments"),
     ("a Ctrl-C passed on to runs that got it from the terminal", "plan.py", "got_it = from_terminal(signum)",
@@ -522,6 +525,38 @@ MUTATIONS = [
     ("an array task's srun without the job's cores", "slurm/array.sbatch",
      'srun --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" env', "srun --ntasks=1 env",
      L + "test_an_array_task_runs_on_every_core_its_job_asked_for"),
+    # issue 39's second review of the plan machinery
+    ("unfinished blind to the files (a run of an older recipe counted the line's)", "plan.py",
+     "if not finished(line, as_planned=True)]",
+     'if not (finished(line) or config(line["run_dir"]).get("argv") == line["argv"])]', OLDER_FILES),
+    ("a plug-in's hash not compared with the run's", "plan.py",
+     '            and set(c.get("plugins", {}).values()) <= plugins)', "            )", OLDER_FILES),
+    ("train.py does not record a request it takes as its finished run", "train.py",
+     "                    record_request(run_dir, argv, args.recipe_sha256)", "                    pass", REQUEUED),
+    ("the requests a finished run accepted not read", "plan.py",
+     '    asked = [c] + [a for a in c.get("argv_accepted", [])', '    asked = [c] + [a for a in []', REQUEUED),
+    ("a line finished between the test for 'done' and its claim runs again", "plan.py",
+     "                if finished(line):  # its holder finished it", "                if False:  # its holder",
+     PLANS + "test_a_line_finished_between_the_test_for_done_and_its_claim_is_not_run_again"),
+    ("--plan '' runs the whole sweep here", "launch.sh", '--plan) [ -n "${2:-}" ] ||', "--plan) true ||", BAD_PATH),
+    ("--plan FOLDER written into (a traceback, FOLDER.tmp left)", "plan.py",
+     "    if os.path.isdir(path):\n        raise PlanError", "    if False:\n        raise PlanError", BAD_PATH),
+    ("a plan that cannot be written is a traceback", "plan.py", "    except OSError as e:\n        if os.path.isfile(",
+     "    except KeyError as e:\n        if os.path.isfile(", BAD_PATH),
+    ("a plan written again under its workers", "plan.py", "    if held:  # its lines would change",
+     "    if False:  # its lines would change", BAD_PATH),
+    ("a line claimed twice (flock not shared across nodes) passes unseen", "plan.py",
+     "        other = claimed_again(held)\n", "        other = None\n",
+     PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+    ("--next workers started by hand on one machine all train on GPU 0", "plan.py",
+     '    if need > 0 and "CUDA_VISIBLE_DEVICES" not in os.environ:\n        gpu_slots',
+     "    if False:\n        gpu_slots", PLANS + "test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each"),
+    ("a plan's hint promises --next in each of N shells", "plan.py", "run-plan {args[0]} --parallel N   (each",
+     "run-plan {args[0]} --next in each of N shells   (each",
+     PLANS + "test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing"),
+    ("a plan refused for a changed file leaves its lock and claims", "plan.py",
+     "    if why:  # before any claim or lock is made", "    if False:  # before any claim or lock is made",
+     PLANS + "test_a_recipe_or_plugin_changed_after_the_plan_was_written_is_refused_by_name"),
 ]
 
 

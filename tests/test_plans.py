@@ -25,7 +25,7 @@ SHIMS = os.path.join(ROOT, "tests", "shims")
 SMALL = ["--data", "synthetic", "--subset", "256", "--batch-size", "32", "--amp", "none"]
 SHAPE = ["--seeds", "0", "--methods", "baseline", "--warmup", "1", "--t0", "1", "--cycles", "1", "--no-report"]
 
-FAKE_TRAIN = r'''import fcntl, json, os, signal, subprocess, sys, time
+FAKE_TRAIN = r'''import fcntl, hashlib, json, os, signal, subprocess, sys, time
 args = sys.argv[1:]
 run, argv = args[args.index("--run-dir") + 1], args[args.index("train.py") + 1:]
 log = lambda **e: os.write(os.open(os.environ["FAKE_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT),
@@ -70,7 +70,12 @@ wait(float(os.environ.get("FAKE_SECONDS", "0.2")))
 if run.endswith(os.environ.get("FAKE_DIE") or "\0") and not os.path.exists(run + ".died"):
     open(run + ".died", "w").close()  # killed from outside (the OOM killer, say), once
     os.kill(os.getpid(), signal.SIGKILL)
-json.dump({"argv": argv}, open(os.path.join(run, "config.json"), "w"))
+named = lambda flag: [a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+                      if a.split("=")[0] == flag]
+sha = lambda path: hashlib.sha256(open(path, "rb").read()).hexdigest()
+json.dump({"argv": argv, "recipe_sha256": [sha(p) for p in named("--config")],  # as train.py records them
+           "plugins": {os.path.basename(p): "sha256:" + sha(p) for p in named("--plugins")}},
+          open(os.path.join(run, "config.json"), "w"))
 open(os.path.join(run, "done"), "w").close()
 log(event="end")
 '''
@@ -138,6 +143,7 @@ def test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing(tmp_path, fake)
                                                                  if "train.py" in line]
     assert [r["index"] for r in runs] == list(range(8)) and {(r["gpus"], r["nodes"]) for r in runs} == {(0, 1)}
     assert f"sbatch --array=0-7%M slurm/array.sbatch {plan}" in told
+    assert f"./launch.sh run-plan {plan} --parallel N" in told and "shells" not in told  # not --next per shell
     assert sorted(os.listdir(out)) == ["plan"] and events() == []  # nothing run, no run folder
 
 
@@ -153,6 +159,8 @@ def test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing(tmp_pa
     refused("--index 3 is out of range: " + f"{plan} has 3 lines, 0-2", "run-plan", str(plan), "--index", "3")
     refused("--index x is out of range", "run-plan", str(plan), "--index", "x")
     refused("run-plan takes PLAN --index K", "run-plan", str(plan))
+    refused("run-plan: --parallel takes the number of runs at once (1, 2, ...), got '0'", "run-plan", str(plan),
+            "--parallel", "0")
     for k in ("-1", "\u00b2"):  # '²'.isdigit() is True
         refused(f" is out of range: {plan} has 3 lines, 0-2", "run-plan", str(plan), "--index", k)
     (tmp_path / "binary").write_bytes(b"# command: x\n\xff\xfe\n")
@@ -185,6 +193,48 @@ def test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing(tmp_pa
     refused("--parallel 2 runs of 2 GPU(s) need 4 GPUs; this machine has 2 (0,1)", *sweep[:1], "--parallel", "2",
             "--gpus-per-run", "2", *sweep[1:])
     assert not (tmp_path / "new").exists()
+
+
+def test_a_bad_plan_path_or_a_plan_being_run_is_refused_in_one_line_and_nothing_is_left(tmp_path, fake):
+    """--plan '' (it ran the whole sweep here), --plan FOLDER (a traceback, FOLDER.tmp left behind), and a plan
+    written again while a worker holds one of its lines (its workers' --index K would become other runs): one line,
+    exit 2, nothing run, written or left."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    sweep = ["sweep", "--out", str(out), "--gpus-per-run", "0", *SHAPE, "--", "--amp", "none"]
+
+    def refused(told, *args, p=None):
+        p = p or launch(*args, env=env, check=False)
+        assert p.returncode == 2 and p.stderr.startswith(f"launch.sh: {told}") and len(p.stderr.splitlines()) == 1, \
+            p.stderr
+    refused("--plan takes the file to write the plan to, got ''", sweep[0], "--plan", "", *sweep[1:])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    refused(f"sweep: --plan {folder} is a folder; give the plan a file name, e.g. --plan {folder}/plan", sweep[0],
+            "--plan", str(folder), *sweep[1:])
+    (tmp_path / "file").write_text("")
+    refused(f"sweep: cannot write the plan {tmp_path}/file/plan (File exists: {tmp_path}/file)", sweep[0], "--plan",
+            str(tmp_path / "file" / "plan"), *sweep[1:])
+    assert sorted(os.listdir(tmp_path)) == ["fake_train.py", "file", "folder", "venv"] and events() == []
+    write_plan(plan, out, numbered(out, 3))
+    text = plan.read_text()
+    line = json.loads(text.splitlines()[3])
+    holder = subprocess.Popen([sys.executable, "-c", "import json, sys, time, plan\nheld, _ = plan.claim(sys.argv[1], "
+                               "json.loads(sys.argv[2]))\nprint(held is not None, flush=True)\ntime.sleep(300)",
+                               str(plan), json.dumps(line)], cwd=ROOT, text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "True\n"
+        write = subprocess.run([sys.executable, "plan.py", "write", str(plan), str(out), "0", "test"], cwd=ROOT,
+                               input=f"{out}/x\t--seed 9\n", text=True, capture_output=True)
+        refused(f"sweep: --plan {plan} is being run (a line is held by pid {holder.pid} on {socket.gethostname()}): "
+                f"write it again once its workers have ended", p=write)
+        refused(f"sweep: --plan {plan} is being run", sweep[0], "--plan", str(plan), *sweep[1:])
+        assert plan.read_text() == text and not os.path.exists(f"{plan}.tmp")
+    finally:
+        holder.kill()
+        holder.wait()
+    write_plan(plan, out, numbered(out, 2))  # its worker gone, it is written
+    assert plan.read_text() != text and events() == []
 
 
 def test_two_workers_claim_each_line_once_and_a_dead_workers_line_is_claimed_again(tmp_path, fake):
@@ -234,6 +284,43 @@ def test_parallel_slices_the_gpus_and_the_cores_and_records_them(tmp_path, fake)
     second = [e for e in events() if "/p2/" in e["run"]]
     assert {e["env"]["CUDA_VISIBLE_DEVICES"] for e in second} == {"5", "7"}
     assert all("torch.distributed.run" not in e["args"] for e in second)
+
+
+def test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each(tmp_path, fake):
+    """Three `--next` workers on a machine of 2 GPUs whose environment names none (not a SLURM allocation): each line
+    gets a free GPU of its own (a slot flocked in PLAN.gpus/, the third worker waits for one), and records the runs
+    on the machine then; CUDA_VISIBLE_DEVICES given (SLURM) is left as it is; `run-plan --parallel 2` slices them
+    too; a line wider than the machine is one line, exit 2."""
+    env, events = fake
+    gpus = tmp_path / "bin"
+    gpus.mkdir()
+    (gpus / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    (gpus / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(PATH=f"{gpus}:{env['PATH']}", FAKE_SECONDS="1")
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 5), gpus=1)
+    workers = [subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), "--next"], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    assert [w.wait(120) for w in workers] == [0, 0, 0], [w.communicate() for w in workers]
+    ends = {e["pid"]: e["t"] for e in events("end")}
+    runs = [(e["t"], ends[e["pid"]], e["env"]["CUDA_VISIBLE_DEVICES"]) for e in events()]
+    assert len(runs) == 5 and {gpu for _, _, gpu in runs} <= {"0", "1"}, runs
+    overlapping = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping and all(a[2] != b[2] for a, b in overlapping), runs  # never two runs on one GPU at once
+    assert "2" in {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in events()}
+    write_plan(plan, out, numbered(out, 6), gpus=1)
+    launch("run-plan", str(plan), "--index", "5", env=dict(env, CUDA_VISIBLE_DEVICES="7"))  # SLURM's: as given
+    assert (events()[-1]["env"]["CUDA_VISIBLE_DEVICES"], events()[-1]["env"]["TRAIN_CONCURRENT_RUNS"]) == ("7", None)
+    other = tmp_path / "other"
+    write_plan(other / "plan", other, numbered(other, 2), gpus=1)
+    launch("run-plan", str(other / "plan"), "--parallel", "2", env=env)
+    assert sorted(e["env"]["CUDA_VISIBLE_DEVICES"] for e in events()[-2:]) == ["0", "1"]
+    write_plan(other / "plan", other, numbered(other, 2), gpus=3)
+    p = launch("run-plan", str(other / "plan"), "--next", env=env, check=False)
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        f"launch.sh: run-plan: {other}/plan: runs on 3 GPU(s); this machine has 2 (0,1): run it on a node with 3"]
+    assert len(events()) == 8
 
 
 def test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice(tmp_path, fake):
@@ -290,6 +377,83 @@ def test_unfinished_names_lines_without_done_or_done_with_other_arguments(tmp_pa
     (out / "r1" / "config.json").write_text(json.dumps({"argv": ["--run-dir", f"{out}/r1", "--lr", "0.2"]}))
     p = sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)
     assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  0 {out}/r0", f"  1 {out}/r1"], p.stderr
+
+
+def test_unfinished_counts_a_run_of_an_older_recipe_or_plugin_as_not_the_lines(tmp_path, fake):
+    """A plan written again after its --config recipe or --plugins file changed: run-plan refuses the old runs
+    (train.py: 'lr: 0.1 -> 0.2'), so `unfinished` lists them too (it compares the files' hashes the runs recorded
+    with the line's), and counts them finished again once the files are as the runs had them."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    recipe, plugin = tmp_path / "recipe.yaml", tmp_path / "mine.py"
+    recipe.write_text("lr: 0.1\n")
+    plugin.write_text("# a method\n")
+    runs = [(d, f"{a} --config {recipe} --plugins={plugin}") for d, a in numbered(out, 2)]
+    write_plan(plan, out, runs)
+    launch("run-plan", str(plan), "--next", env=env)
+    unfinished = lambda: sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)  # noqa: E731
+    assert unfinished().returncode == 0
+    for path, text in ((recipe, "lr: 0.2\n"), (plugin, "# another method\n")):
+        was = path.read_text()
+        path.write_text(text)
+        write_plan(plan, out, runs)  # the plan written again for the changed file
+        p = unfinished()
+        assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  0 {out}/r0", f"  1 {out}/r1"], (path, p.stderr)
+        path.write_text(was)
+        write_plan(plan, out, runs)
+        assert unfinished().returncode == 0
+    assert len(events()) == 2
+
+
+def patched_plan(tmp_path, patch):
+    """The command of plan.py with `patch` (Python, on the modules plan, fcntl, json, os) applied first: a race or a
+    file system simulated."""
+    script = tmp_path / "patched_plan.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport fcntl, json, os, plan\n{patch}\n"
+                      f"try:\n    sys.exit(plan.main(sys.argv[1:]))\nexcept plan.PlanError as e:\n"
+                      f"    sys.exit(f'launch.sh: {{e}}')\n")
+    return [sys.executable, str(script)]
+
+
+def test_a_line_finished_between_the_test_for_done_and_its_claim_is_not_run_again(tmp_path, fake):
+    """run-plan tests a line's 'done' before claiming it; its holder may finish it in between (a worker elsewhere
+    ends its run and drops the claim): tested again once the claim is held, it is skipped, not run a second time."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 2))
+    patch = """real = plan.claim
+def claim(path, line):
+    if line["index"] == 0:  # its run ends elsewhere, now
+        os.makedirs(line["run_dir"])
+        json.dump({"argv": line["argv"]}, open(os.path.join(line["run_dir"], "config.json"), "w"))
+        open(os.path.join(line["run_dir"], "done"), "w").close()
+    return real(path, line)
+plan.claim = claim"""
+    p = sh(*patched_plan(tmp_path, patch), "run", str(plan), "--next", env=env)
+    assert [e["run"] for e in events()] == [f"{out}/r1"] and f"skip (done): {out}/r0" in p.stdout.splitlines()
+
+
+def test_a_line_claimed_twice_where_flock_is_not_shared_fails_named(tmp_path, fake):
+    """A file system whose flock does not reach across nodes (simulated: flock does nothing in either worker) lets a
+    second worker claim a line the first runs; its record replaces the first's in the claim file, which the first
+    reads back after its run: it fails the line naming the cause and the other claimant (exit 1)."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 1))
+    worker = patched_plan(tmp_path, "fcntl.flock = lambda *args: None") + ["run", str(plan), "--next"]
+    first = subprocess.Popen(worker, cwd=ROOT, env=dict(env, FAKE_SECONDS="3"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not events() and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.Popen(worker, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second.communicate(timeout=60)  # it claimed line 0 too; its train.py found the run folder in use
+    stderr = first.communicate(timeout=60)[1]
+    assert first.returncode == 1 and stderr.splitlines()[-2:] == [
+        "launch.sh: 1 run(s) failed, see their messages above:",
+        f"  {out}/r0 (flock on {plan}.claims is not shared across nodes: line 0 claimed twice, also by pid "
+        f"{second.pid} on {socket.gethostname()})"], stderr
+    assert second.returncode == 1 and len(events("twice")) == 1
 
 
 def test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run(tmp_path, fake):
@@ -377,7 +541,7 @@ def test_a_recipe_or_plugin_changed_after_the_plan_was_written_is_refused_by_nam
     plugin.unlink()
     p = launch("run-plan", str(plan), "--next", env=env, check=False)
     assert p.returncode == 2 and f"{plugin}, named in line 0's arguments, cannot be read (No such" in p.stderr
-    assert events() == [] and not (out / "r0").exists()
+    assert events() == [] and sorted(os.listdir(out)) == ["plan"]  # no run folder, no plan.lock or plan.claims/
     plugin.write_text("# a method\n")  # both as they were: the plan runs
     launch("run-plan", str(plan), "--next", env=env)
     assert len(events("end")) == 2
@@ -511,7 +675,8 @@ def test_parallel_two_on_cpu_equal_the_sequential_sweep_but_for_the_times(tmp_pa
 def test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers(tmp_path, sequential):
     """sbatch --array=0-1%2 through the shims, every process of both tasks SIGKILLed mid-run (a node lost), the
     job requeued: both runs resume and end equal to the sequential sweep's; then the report job, and the plan
-    written again with other options: a result-defining one is refused, one that is not is reported finished."""
+    written again with other options: a result-defining one is refused; one that is not is reported finished by
+    train.py, which records those arguments, so that the line counts as done for run-plan and `unfinished`."""
     env, out = real_env(tmp_path), tmp_path / "study"
     plan = out / "plan"
     launch("sweep", "--out", str(out), "--plan", str(plan), "--gpus-per-run", "0", *REAL, env=env)  # CPU lines
@@ -538,6 +703,10 @@ def test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_num
     plan.write_text(lines)
     rewrite(plan, out, ["--checkpoint-every", "5"])  # not result-defining: train.py says the run is finished
     assert "is already finished" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
+    # ... and records these arguments as its own (argv_accepted): the line is done, as report and a rerun say
+    assert "skip (done)" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
+    p = sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)
+    assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  1 {out}/{RUNS[1]}"], p.stderr
     plan.write_text(lines)
     assert "skip (done)" in launch("run-plan", str(plan), "--index", "0", env=env).stdout
     assert (out / RUNS[0] / "metrics.csv").read_text() == before
