@@ -523,7 +523,8 @@ MUTATIONS = [
      "if false", L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
     ("OMP_NUM_THREADS unchecked by train.py", "options.py", '(re.fullmatch("[1-9][0-9]*", threads),', "(True,",
      L + "test_train_refuses_a_bad_omp_num_threads_in_one_line"),
-    # issue 39: signals stop train.py at a checkpoint (its DataLoader workers leave them to it)
+    # issue 39: signals stop train.py at a checkpoint (its DataLoader workers leave them to it); plan.py's kill reaches
+    # torchrun's workers
     ("a signal kills train.py at once (no handler)", "train.py", "        STOP.install()  # from here",
      "        pass  # from here", STOPPED),
     ("a stop without its checkpoint (the last row's kept)", "train.py",
@@ -543,6 +544,9 @@ MUTATIONS = [
     ("DataLoader workers killed by SLURM's SIGTERM", "imagefolder.py",
      "            worker_init_fn=signals_left_to_train_py)", "            worker_init_fn=None)",
      "tests/test_imagefolder.py::test_a_sigterm_to_every_process_of_a_folder_run_stops_it_at_a_checkpoint"),
+    ("plan.py's second signal leaves torchrun's workers alive", "plan.py", "                    for pid in tree:",
+     "                    for pid in []:",
+     PLANS + "test_a_second_signal_more_than_2_s_after_the_first_kills_each_runs_whole_tree"),
     ("an array task's srun without the job's cores", "slurm/array.sbatch",
      'srun --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" env', "srun --ntasks=1 env",
      L + "test_an_array_task_runs_on_every_core_its_job_asked_for"),
