@@ -528,7 +528,8 @@ class Runner:
         """Each child gets one signal per request: a first signal ends them (SIGTERM, but for a Ctrl-C, which the
         terminal sent to our whole process group, children included), a second more than 2 s later kills them.
         Signals in between add nothing: launch.sh passes a Ctrl-C on as SIGTERM a moment after it, and train.py
-        takes a second signal as 'die now' (no checkpoint)."""
+        takes a second SIGINT as 'die now' (no checkpoint). The kill reaches each child's whole tree (torchrun's
+        workers, in sessions of their own, would live on holding the GPU and the run's lock)."""
         now = time.monotonic()
         with self.lock:
             if self.signal is None:
@@ -539,8 +540,16 @@ class Runner:
                         p.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
             elif now - self.signalled_at > 2 and not self.killed:
                 self.killed = True
-                for p in self.children:
+                # each child's whole tree, found before any of it dies (an orphan's parent is no longer the child);
+                # none under a child already reaped, whose pid may be another process's by now
+                trees = {p: descendants(p.pid) for p in self.children if p.returncode is None}
+                for p, tree in trees.items():
                     p.kill()
+                    for pid in tree:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
 
     def go(self, workers):
         """Run the workers [(env, cores)] to the end; the exit status (0, 1 failures, 2 refused, 128 + a signal)."""
@@ -594,6 +603,25 @@ class Runner:
                   f"plan is complete when they finish (./launch.sh report {self.plan} names what did not)",
                   file=sys.stderr)
         return 1 if self.failed else 0
+
+
+def descendants(pid):
+    """The processes below pid (children, theirs, ...), from /proc's parent links: torchrun starts its workers in
+    sessions of their own, out of reach of a signal to its process group. [] without /proc."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{int(entry)}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, ppid
+        except (OSError, ValueError, IndexError):  # not a process (/proc/self, /proc/cpuinfo), or one that ended
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 def from_terminal(signum):

@@ -6,7 +6,8 @@
 DDP comes from the torchrun environment (NCCL on CUDA, gloo on CPU); only rank 0 writes files.
 The LR follows schedules.py and is stepped once per optimizer step; validation runs at every
 curve point (cycle ends, budgets), at the end, and every --eval-every epochs; checkpoints are written
-after every evaluation and every --checkpoint-every minutes between them.
+after every evaluation and every --checkpoint-every minutes between them. SIGTERM or SIGINT (scancel, a time limit,
+Ctrl-C) ends the run at the next step boundary the ranks agree on, after a checkpoint there (exit 143 / 130).
 """
 import contextlib
 import copy
@@ -14,7 +15,9 @@ import itertools
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
@@ -301,9 +304,43 @@ def main(argv=None):
     finally:  # the run directory's lock ends with the run, also where train.main is called in a process that goes on
         while HELD_LOCKS:
             HELD_LOCKS.pop().close()
+        STOP.restore()
 
 
 HELD_LOCKS = []  # the lock files run_main holds
+
+
+class StopRequest:
+    """SIGTERM or SIGINT once training has started: noted, and Run.train stops at its next step boundary that the
+    ranks agree on, after a checkpoint there (a signal before that kills at once: start-up writes each file whole).
+    After the first, a SIGINT raises KeyboardInterrupt at once (the user insists) and a SIGTERM is ignored (SLURM
+    signals every process of the job, torchrun its workers, each once)."""
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def install(self):
+        self.signum = 0
+        if threading.current_thread() is threading.main_thread():  # (signal.signal works there only)
+            self.previous = {s: signal.signal(s, self.note) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def note(self, signum, frame):
+        if not self.signum:
+            self.signum = signum
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # not a handler: the interpreter's exit resets those
+
+    def restore(self):
+        """The handlers as before (train.main in a process that goes on), unless stopping: repeats stay ignored to
+        the exit (torchrun sends the ranks still ending a SIGTERM once one has exited)."""
+        if self.signum:
+            return
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+
+STOP = StopRequest()
 
 
 def run_main(argv=None):
@@ -458,13 +495,18 @@ def run_main(argv=None):
     run.tracked.close()
     if hasattr(data, "close"):  # the validation workers
         data.close()
-    if master:
+    if master and run.stopped:
+        print(f"train.py: {signal.Signals(run.stopped).name}: checkpoint at step {state.step} saved; resume with "
+              f"--resume auto", file=sys.stderr)
+    elif master:
         mark_done(setup.run_dir)
         print(f"done: {setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
               f"process")
-    if ddp:
+    if ddp:  # (after a stop too: no rank leaves while rank 0 writes the checkpoint)
         dist.barrier()
         dist.destroy_process_group()
+    if run.stopped:
+        sys.exit(128 + run.stopped)
 
 
 @dataclass
@@ -506,6 +548,7 @@ class Run:
             trunk_evals |= self.curve_points | {plan.total_steps}
         self.trunk_evals = trunk_evals
         self.sf = plan.schedule == "schedule-free"
+        self.stopped = 0  # the signal train() stopped on at a checkpoint (STOP), 0 where it ran to the end
 
     def context(self, path_step):
         """What the methods' hooks are told about this step (methods/api.py: Context)."""
@@ -522,6 +565,7 @@ class Run:
         started = time.perf_counter()
         stream = self.warm_up(state) if state.step < plan.run_steps else None
         state.startup_time += time.perf_counter() - started  # start-up: its own column, off the training clock
+        STOP.install()  # from here a signal stops at a checkpoint: killed before, the process had nothing to save
         clock = Clock(self.device)
         last_save = time.monotonic()
         bar = tqdm(total=plan.run_steps, initial=state.step, disable=not self.master or a.no_progress, unit="step",
@@ -539,8 +583,8 @@ class Run:
                 # -- 3. evaluate and log at the curve points; checkpoint after that or every few minutes
                 done = path_step + 1
                 row_due = done == seg.end if seg.kind == "branch" else done in self.trunk_evals
-                save_due = row_due or self.checkpoint_due(last_save, state.step)
-                if save_due:
+                due, stop = self.save_or_stop(last_save, state.step)
+                if row_due or due or stop:
                     clock.pause(state)
                     state.loss_sum = self.check_finite(first_bad, loss_sum)
                     state.loss_window = loss_window.tolist()
@@ -556,6 +600,11 @@ class Run:
                     self.tracked.flush()
                     last_save = time.monotonic()
                     clock.start()
+                    if stop and state.step < plan.run_steps:  # (at the last step the run is over: done)
+                        bar.close()
+                        STOP.note(stop, None)  # every rank now stops as if signalled (another rank may have been)
+                        self.stopped = stop
+                        return state.step - first_step
                 # -- 4. progress
                 if self.master and not a.no_progress and (state.step % 25 == 0 or row_due):
                     bar.set_postfix(epoch=f"{done / spe:.2f}", lr=f"{lr:.4f}",
@@ -620,17 +669,20 @@ class Run:
         values = state.loss_window or [math.nan] * self.loader.steps_per_epoch
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
-    def checkpoint_due(self, last_save, step):
-        """--checkpoint-every: rank 0's clock decides, every 25 steps under DDP so that ranks agree."""
-        if not self.args.checkpoint_every:
-            return False
+    def save_or_stop(self, last_save, step):
+        """(checkpoint due, signal to stop on or 0) after `step`: --checkpoint-every by rank 0's clock, a signal on any
+        rank (STOP). Without DDP at every step; under DDP every 25 steps, decided together (MAX over the ranks) so
+        that all save and stop at the same step: a signal is acted on within 25 steps (plus an evaluation due in
+        between, and the checkpoint's write)."""
+        every = self.args.checkpoint_every
+        due = bool(every) and time.monotonic() - last_save >= 60 * every
         if not self.ddp:
-            return time.monotonic() - last_save >= 60 * self.args.checkpoint_every
+            return due, STOP.signum
         if step % 25:
-            return False
-        due = torch.tensor(float(time.monotonic() - last_save >= 60 * self.args.checkpoint_every), device=self.device)
-        dist.broadcast(due, 0)
-        return bool(due.item())
+            return False, 0
+        votes = torch.tensor([float(due and self.master), float(STOP.signum)], device=self.device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return bool(votes[0].item()), int(votes[1].item())
 
     def check_finite(self, first_bad, loss_sum):
         """Stop with the earliest non-finite step over all ranks; returns this rank's loss sum as a float."""

@@ -30,6 +30,10 @@ OLDER_FILES = PLANS + "test_unfinished_counts_a_run_of_an_older_recipe_or_plugin
 REQUEUED = PLANS + "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers"
 BAD_PATH = PLANS + "test_a_bad_plan_path_or_a_plan_being_run_is_refused_in_one_line_and_nothing_is_left"
 C = "tests/test_compile.py::"
+REL = "tests/test_reliability.py::"
+STOPPED = REL + "test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly"
+STOPPED_DDP = REL + "test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_exactly"
+SECOND = REL + "test_after_the_first_signal_a_sigterm_is_ignored_and_a_sigint_interrupts_at_once"
 MUTATIONS = [
     ("resume restarts from scratch", "train.py", "    return ckpt, False\n", "    return None, True\n",
      T + "test_a_resumed_process_continues_instead_of_restarting"),
@@ -496,7 +500,7 @@ MUTATIONS = [
     ("a Ctrl-C passed on to runs that got it from the terminal", "plan.py", "got_it = from_terminal(signum)",
      "got_it = False", PLANS + "test_one_ctrl_c_reaches_each_run_once"),
     ("a second signal at once kills the runs", "plan.py", "elif now - self.signalled_at > 2 and not self.killed:",
-     "elif not self.killed:", PLANS + "test_a_second_signal_kills_only_when_it_comes_more_than_2_s_after_the_first"),
+     "elif not self.killed:", PLANS + "test_a_second_signal_more_than_2_s_after_the_first_kills_each_runs_whole_tree"),
     ("no GPU count without nvidia-smi (parallel runs all see every GPU)", "plan.py",
      "    try:  # in a process of its own: no torch here",
      "    return []\n    try:  # in a process of its own: no torch here", NO_SMI),
@@ -522,6 +526,30 @@ MUTATIONS = [
      "if false", L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
     ("OMP_NUM_THREADS unchecked by train.py", "options.py", '(re.fullmatch("[1-9][0-9]*", threads),', "(True,",
      L + "test_train_refuses_a_bad_omp_num_threads_in_one_line"),
+    # issue 39: signals stop train.py at a checkpoint (its DataLoader workers leave them to it); plan.py's kill reaches
+    # torchrun's workers
+    ("a signal kills train.py at once (no handler)", "train.py", "        STOP.install()  # from here",
+     "        pass  # from here", STOPPED),
+    ("a stop without its checkpoint (the last row's kept)", "train.py",
+     "                    self.save(state)\n                    self.tracked.flush()",
+     "                    self.save(state) if not stop else None\n                    self.tracked.flush()", STOPPED),
+    ("a stop exits 1", "train.py", "        sys.exit(128 + run.stopped)", "        sys.exit(1)", STOPPED),
+    ("under DDP rank 0's stop request alone counts", "train.py", "dist.all_reduce(votes, op=dist.ReduceOp.MAX)",
+     "dist.broadcast(votes, 0)", STOPPED_DDP),
+    ("under DDP no stop vote with --checkpoint-every 0", "train.py",
+     "        if step % 25:\n            return False, 0",
+     "        if step % 25 or not every:\n            return False, 0", STOPPED_DDP),
+    ("after the first signal SIGTERM goes to a Python handler (the exit resets those)", "train.py",
+     "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # not a handler",
+     "signal.signal(signal.SIGTERM, self.note)  # not a handler", SECOND),
+    ("a second Ctrl-C waits for the checkpoint", "train.py",
+     "            signal.signal(signal.SIGINT, signal.default_int_handler)\n", "", SECOND),
+    ("DataLoader workers killed by SLURM's SIGTERM", "imagefolder.py",
+     "            worker_init_fn=signals_left_to_train_py)", "            worker_init_fn=None)",
+     "tests/test_imagefolder.py::test_a_sigterm_to_every_process_of_a_folder_run_stops_it_at_a_checkpoint"),
+    ("plan.py's second signal leaves torchrun's workers alive", "plan.py", "                    for pid in tree:",
+     "                    for pid in []:",
+     PLANS + "test_a_second_signal_more_than_2_s_after_the_first_kills_each_runs_whole_tree"),
     ("an array task's srun without the job's cores", "slurm/array.sbatch",
      'srun --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" env', "srun --ntasks=1 env",
      L + "test_an_array_task_runs_on_every_core_its_job_asked_for"),

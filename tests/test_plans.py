@@ -34,7 +34,9 @@ STOP = {signal.SIGINT, signal.SIGTERM}
 signal.pthread_sigmask(signal.SIG_BLOCK, STOP)  # taken one by one below: two at once are two, not one handler call
 
 
-def wait(seconds):  # as train.py: a signal ends the run after its checkpoint (FAKE_GRACE s), a second one at once
+def wait(seconds):  # as train.py: a signal ends the run after a checkpoint at its next step (FAKE_GRACE s here) with
+    # exit 128 + signal; a second SIGINT ends it at once (train.py ignores a repeated SIGTERM: any second signal here
+    # ends the fake, so that a test sees one plan.py should not have sent)
     got = signal.sigtimedwait(STOP, seconds)
     if got is not None:
         log(event="signal", signum=got.si_signo)
@@ -66,6 +68,10 @@ lock.write(f"{os.getpid()}\n")
 lock.flush()
 keys = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TRAIN_CONCURRENT_RUNS", "SLURM_ARRAY_TASK_ID")
 log(event="start", env={k: os.environ.get(k) for k in keys}, cores=sorted(os.sched_getaffinity(0)), args=args)
+if os.environ.get("FAKE_GRANDCHILD"):  # as torchrun's workers: a process in a session of its own
+    kid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log(event="grandchild", grandchild=kid.pid)
 wait(float(os.environ.get("FAKE_SECONDS", "0.2")))
 if run.endswith(os.environ.get("FAKE_DIE") or "\0") and not os.path.exists(run + ".died"):
     open(run + ".died", "w").close()  # killed from outside (the OOM killer, say), once
@@ -611,17 +617,36 @@ def test_one_ctrl_c_reaches_each_run_once(tmp_path, fake):
             os.kill(e["pid"], 0)
 
 
-def test_a_second_signal_kills_only_when_it_comes_more_than_2_s_after_the_first(tmp_path, fake):
+def alive(pid):
+    """Whether pid runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_second_signal_more_than_2_s_after_the_first_kills_each_runs_whole_tree(tmp_path, fake):
     """SIGTERM to plan.py alone (no terminal: the runs did not get it) reaches each run once; a repeat at once adds
-    nothing (launch.sh passes a Ctrl-C on as SIGTERM); one more than 2 s later kills the runs still ending."""
+    nothing (launch.sh passes a Ctrl-C on as SIGTERM); one more than 2 s later kills the runs still ending, and
+    what they started in sessions of their own (torchrun's workers: the GPU and the run's lock)."""
     env, events = fake
     out = tmp_path / "study"
     write_plan(out / "plan", out, numbered(out, 2))
     p = subprocess.Popen([sys.executable, "plan.py", "parallel", str(out / "plan"), "2"], cwd=ROOT,
-                         env=dict(env, FAKE_SECONDS="60", FAKE_GRACE="60"), start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         env=dict(env, FAKE_SECONDS="60", FAKE_GRACE="60", FAKE_GRANDCHILD="1"),
+                         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        second_signal_kills(p, events)
+    finally:
+        for e in events("grandchild"):
+            if alive(e["grandchild"]):
+                os.kill(e["grandchild"], signal.SIGKILL)
+
+
+def second_signal_kills(p, events):
     deadline = time.time() + 120
-    while len(events()) < 2 and time.time() < deadline:
+    while (len(events()) < 2 or len(events("grandchild")) < 2) and time.time() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -640,6 +665,7 @@ def test_a_second_signal_kills_only_when_it_comes_more_than_2_s_after_the_first(
     for e in events():
         with pytest.raises(ProcessLookupError):
             os.kill(e["pid"], 0)
+    assert len(events("grandchild")) == 2 and not any(alive(e["grandchild"]) for e in events("grandchild"))
 
 
 # ---- real tiny runs: the ways of running a study give the same numbers ---------------------------------------------
