@@ -252,9 +252,10 @@ report_failures() {
 
 in_foreground() {  # run the command "$@" (not a function: its subshell would take the signal), passing Ctrl-C and
   # SIGTERM on to it (bash alone would die and leave it running)
-  local pid rc=0
+  local pid="" rc=0 got=""  # the trap first: a signal before it would kill bash and leave the child running
+  trap 'got=1; [ -z "$pid" ] || kill -TERM $pid 2>/dev/null' INT TERM
   "$@" & pid=$!
-  trap 'kill -TERM $pid 2>/dev/null' INT TERM
+  [ -z "$got" ] || kill -TERM $pid 2>/dev/null  # it came before the child's pid was known
   wait $pid || rc=$?
   while kill -0 $pid 2>/dev/null; do rc=0; wait $pid || rc=$?; done  # wait returned for the signal: wait on
   trap - INT TERM
