@@ -218,9 +218,9 @@ class Strata:
     sqrt(k (n - 1) / ((k - 1) n)) (k: its seeds; Rao and Wu's rescaled bootstrap), so that stats.interval's
     sqrt(n / (n - 1)) at the row's n makes each stratum's variance its unbiased s^2 / k. A stratum of one seed has
     no spread of its own: its deviation is that of a seed drawn from the whole side (exchangeable seeds), likewise
-    rescaled at the side's seeds."""
-    parts: list  # (rows, draw): a stratum's rows in the side's values and its (resamples, len(rows)) draw of them
-    lend: np.ndarray  # (resamples, 1): a draw of one of the side's rows, for a stratum of one seed
+    rescaled at the side's seeds; each such stratum draws its own (two sharing one draw would double the variance)."""
+    parts: list  # (rows, draw, lend): a stratum's rows in the side's values, its (resamples, len(rows)) draw of them
+    # and its (resamples, 1) draw of one of the side's rows, lent where the stratum holds one seed
     n: int  # the row's seeds: stats.interval's t reads n - 1 degrees of freedom and rescales by sqrt(n / (n - 1))
 
     def means(self, values):
@@ -230,10 +230,11 @@ class Strata:
         rescale = lambda k: np.sqrt(k * (self.n - 1) / ((k - 1) * self.n))  # noqa: E731
         total = weight = 0.0
         with np.errstate(invalid="ignore", divide="ignore"):
-            lent = (finite_mean(pick(v, self.lend), 1) - finite_mean(v, 1)) * rescale(np.isfinite(v).sum(1))
-            for rows, draw in self.parts:
+            whole, seeds = finite_mean(v, 1), np.isfinite(v).sum(1)
+            for rows, draw, lend in self.parts:
                 own = v[:, rows]
                 centre, k = finite_mean(own, 1), np.isfinite(own).sum(1)
+                lent = (finite_mean(pick(v, lend), 1) - whole) * rescale(seeds)
                 drawn = centre + np.where(k > 1, (finite_mean(pick(own, draw), 1) - centre) * rescale(k), lent)
                 total = total + np.where(k > 0, k * drawn, 0.0)
                 weight = weight + k
@@ -312,7 +313,7 @@ def joint_draws(cmap, pairs, min_epochs=0.0, n_boot=stats.N_BOOT, seed=stats.BOO
 
         def side(rows, only):
             parts = [(np.arange(len(shared)), both), (np.arange(len(shared), len(rows)), only)]
-            return Strata([(r, d) for r, d in parts if len(r)], draw(len(rows), 1), n)
+            return Strata([(r, d, draw(len(rows), 1)) for r, d in parts if len(r)], n)
 
         strata, base_strata = side(seeds, own), side(base_seeds, others)
         mean, base_mean = strata.means, base_strata.means

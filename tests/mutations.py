@@ -22,6 +22,7 @@ CALIBRATED_STRATA = "test_the_calibrated_interval_draws_the_shared_seeds_togethe
 FAMILY_ONCE = "test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift"
 OWN_TEST = "test_a_calibrated_mean_gap_over_other_seeds_than_the_cyclic_rows_is_a_test_of_its_own"
 POOLED_ALIKE = "test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_same_seeds"
+LEND_APART = "test_two_strata_of_one_seed_on_one_side_each_lend_their_own_draw"
 PLANS = "tests/test_plans.py::"
 HELD = PLANS + "test_a_line_held_elsewhere_is_named_with_its_host_and_job_and_never_looks_done"
 BAD_PLANS = PLANS + "test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing"
@@ -365,8 +366,8 @@ MUTATIONS = [
     # issue 45, rounds 3-4: a set and a baseline of other seeds resampled in strata; the calibrated mean gap's family
     ("the seeds a set and the baseline share drawn apart for each side (independent)", "analysis/review.py",
      "strata, base_strata = side(seeds, own), side(base_seeds, others)",
-     "strata, base_strata = side(seeds, own), Strata([(np.arange(len(base_seeds)), draw(len(base_seeds)))], "
-     "draw(len(base_seeds), 1), n)", REVIEW + CALIBRATED_STRATA),
+     "strata, base_strata = side(seeds, own), Strata([(np.arange(len(base_seeds)), draw(len(base_seeds)), "
+     "draw(len(base_seeds), 1))], n)", REVIEW + CALIBRATED_STRATA),
     ("the calibrated strata without each stratum's own n/(n-1)", "analysis/review.py",
      "rescale = lambda k: np.sqrt(k * (self.n - 1) / ((k - 1) * self.n))", "rescale = lambda k: np.sqrt(k / k)",
      REVIEW + CALIBRATED_STRATA),
@@ -398,6 +399,11 @@ MUTATIONS = [
     ("a | in a report.md cell splits it (the per-run |gap| family's row)", "analysis/report.py",
      'str(c).replace("|", "\\\\|") for c in r', "str(c) for c in r",
      REVIEW + FAMILY_ONCE),
+    # issue 45, round 5: the cold review of the strata
+    ("two one-seed strata of a side share one lent draw", "analysis/review.py",
+     "Strata([(r, d, draw(len(rows), 1)) for r, d in parts if len(r)], n)",
+     "Strata([(r, d, lend) for lend in [draw(len(rows), 1)] for r, d in parts if len(r)], n)",
+     REVIEW + LEND_APART),
     ("an improvement's CI centred on the resamples, its p on the estimate", "analysis/compare.py",
      "lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)", "lo, hi = ci_at(boot, boot.a - boot.b, j)",
      REVIEW + "test_an_improvements_interval_is_centred_on_its_estimate_as_its_p_value_is"),

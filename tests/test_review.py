@@ -213,6 +213,17 @@ def test_the_calibrated_interval_draws_the_shared_seeds_together_and_each_sides_
     assert paired < 0.05 * 2 * math.hypot(half(list(d.values())), half(list(B5.values())))
 
 
+def test_two_strata_of_one_seed_on_one_side_each_lend_their_own_draw():
+    """ema holds seeds 0 and 5, the baseline 0-3 with the same shift on every seed (no spread of its own): ema's two
+    strata, seed 0 (both hold) and seed 5 (its own), hold one seed each, each lent a seed's deviation of ema's two.
+    Each its own draw: ema's mean over the strata varies as a mean of 2 seeds, var(d) / 2, the t interval of d; one
+    draw lent to both moved them together, twice the variance (the review's finding)."""
+    d = {0: 0.3, 5: -0.5}
+    row = {r["methods"]: r for r in review.calibrated_rows(shift_study(d, {s: 0.2 for s in range(4)}))}["ema"]
+    assert row["n_seeds"] == 2 and "(1 both hold, drawn for both, the set's 1 own, the baseline's 3 own)" in row["note"]
+    assert width(row) == pytest.approx(2 * half(list(d.values())), rel=0.03)
+
+
 def test_the_same_seeds_on_both_sides_draw_as_before_bit_for_bit():
     """The committed reports of same-seed studies stay byte for byte: a set and a baseline on seeds 0-3 give the
     intervals the code before the strata gave (its numbers, pinned), the pair's included."""
