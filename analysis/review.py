@@ -307,6 +307,7 @@ def joint_draws(cmap, pairs, min_epochs=0.0, n_boot=stats.N_BOOT, seed=stats.BOO
     both, apart = draw(len(shared)), draw(len(seeds))  # paired: both draws every seed, as one draw did before
     idx, strata = both, None
     mean = base_mean = lambda values: stats.resampled_means(values, both)  # noqa: E731
+    apart_mean = lambda values: stats.resampled_means(values, apart)  # noqa: E731
     if not paired:
         own, others = draw(len(seeds) - len(shared)), draw(len(base_seeds) - len(shared))
         idx = np.concatenate([both, len(shared) + own], 1)
@@ -317,6 +318,8 @@ def joint_draws(cmap, pairs, min_epochs=0.0, n_boot=stats.N_BOOT, seed=stats.BOO
 
         strata, base_strata = side(seeds, own), side(base_seeds, others)
         mean, base_mean = strata.means, base_strata.means
+        # the set's seeds drawn apart as one stratum: its spread rescaled at their number, not the row's (fewer) n
+        apart_mean = Strata([(np.arange(len(seeds)), apart, draw(len(seeds), 1))], n).means
     shift = np.array([s.acc_mean - c.acc_mean for _, _, c, s in quads])  # the point estimate's, in cal already
     moved = base_mean(base_std) - base_mean(base_cyc) - shift  # (resamples, budgets): each draw's shift - the point's
     runs = finite_mean(np.abs((cal - std)[None] + moved[:, None]), 2)
@@ -326,7 +329,7 @@ def joint_draws(cmap, pairs, min_epochs=0.0, n_boot=stats.N_BOOT, seed=stats.BOO
     curve = base_mean(grid([s for _, s in base], "time", base_seeds))  # a budget only other seeds hold: its mean
     cost += np.where(np.isfinite(curve), curve, [s.time_mean for _, s in base]).sum(1) / n_sets
     times = grid([s for _, s in pairs], "time")
-    standard, standard_apart = mean(times).sum(1), stats.resampled_means(times, apart).sum(1)
+    standard, standard_apart = mean(times).sum(1), apart_mean(times).sum(1)
     return Draws(seeds, base_seeds, paired, idx, n, mean(cal) - mean(std) + moved, runs, cost, standard,
                  standard_apart, strata)
 

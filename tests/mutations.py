@@ -23,6 +23,7 @@ FAMILY_ONCE = "test_each_family_once_the_in_sample_row_in_none_and_the_calibrate
 OWN_TEST = "test_a_calibrated_mean_gap_over_other_seeds_than_the_cyclic_rows_is_a_test_of_its_own"
 POOLED_ALIKE = "test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_same_seeds"
 LEND_APART = "test_two_strata_of_one_seed_on_one_side_each_lend_their_own_draw"
+APART_RESCALED = "test_the_standard_curve_drawn_apart_is_rescaled_at_the_sets_own_seeds"
 PLANS = "tests/test_plans.py::"
 HELD = PLANS + "test_a_line_held_elsewhere_is_named_with_its_host_and_job_and_never_looks_done"
 BAD_PLANS = PLANS + "test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing"
@@ -404,6 +405,9 @@ MUTATIONS = [
      "Strata([(r, d, draw(len(rows), 1)) for r, d in parts if len(r)], n)",
      "Strata([(r, d, lend) for lend in [draw(len(rows), 1)] for r, d in parts if len(r)], n)",
      REVIEW + LEND_APART),
+    ("the standard curve drawn apart rescaled at the row's n, not the set's seeds", "analysis/review.py",
+     "apart_mean = Strata([(np.arange(len(seeds)), apart, draw(len(seeds), 1))], n).means",
+     "apart_mean = apart_mean", REVIEW + APART_RESCALED),
     ("an improvement's CI centred on the resamples, its p on the estimate", "analysis/compare.py",
      "lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)", "lo, hi = ci_at(boot, boot.a - boot.b, j)",
      REVIEW + "test_an_improvements_interval_is_centred_on_its_estimate_as_its_p_value_is"),

@@ -224,6 +224,20 @@ def test_two_strata_of_one_seed_on_one_side_each_lend_their_own_draw():
     assert width(row) == pytest.approx(2 * half(list(d.values())), rel=0.03)
 
 
+def test_the_standard_curve_drawn_apart_is_rescaled_at_the_sets_own_seeds():
+    """ema holds seeds 0-4, the baseline 0-2 (n_seeds 3); ema's standard runs took 0.7-1.6x as long by seed.
+    time_ratio's interval draws ema's standard curve apart, over its 5 seeds: at the row's t and sqrt(3 / 2), its
+    variance must be the 5 seeds' s^2 / 5. A plain bootstrap over the 5 seeds scaled at 3 gave 1.2x that."""
+    speed = [1.0, 1.6, 0.7, 1.2, 0.9]
+    cmap = shift_map({s: 0.1 * s for s in range(5)}, {s: 0.2 + 0.1 * s for s in range(3)})
+    cmap[("ema", "standard")] = [curve_point("ema", "standard", p.epochs, p.seeds, p.accs, *[[
+        p.epochs * speed[s] for s in p.seeds]] * 2, *[[None] * 5] * 3) for p in cmap[("ema", "standard")]]
+    draws = review.calibrated_draws({**cmap, **review.calibrated_curves(cmap)}, "ema")
+    total = [14 * k for k in speed]  # 2 + 4 + 8 epochs
+    assert draws.n == 3 and not draws.paired
+    assert np.var(draws.standard_apart) * 3 / 2 == pytest.approx(np.var(total, ddof=1) / 5, rel=0.04)
+
+
 def test_the_same_seeds_on_both_sides_draw_as_before_bit_for_bit():
     """The committed reports of same-seed studies stay byte for byte: a set and a baseline on seeds 0-3 give the
     intervals the code before the strata gave (its numbers, pinned), the pair's included."""
