@@ -174,6 +174,19 @@ def half(values, df=None):
     return stats.t975(df or len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
 
 
+def satterthwaite_half(*strata):
+    """(half-width, degrees of freedom) of the 95 % t interval of a sum of independent strata's means, each
+    (variance of its mean, its degrees of freedom), at Welch-Satterthwaite's degrees of freedom, by hand."""
+    total = sum(v for v, _ in strata)
+    df = total ** 2 / sum(v * v / k for v, k in strata)
+    return stats.t975(df) * math.sqrt(total), df
+
+
+def noted_df(note, statistic):
+    """The degrees of freedom a calibrated row's note gives a statistic."""
+    return float(re.search(rf"{re.escape(statistic)} ([0-9.]+)", note).group(1))
+
+
 def width(row, prefix="mean_gap"):
     return row[f"{prefix}_hi"] - row[f"{prefix}_lo"]
 
@@ -185,32 +198,55 @@ def test_the_calibrated_interval_draws_the_shared_seeds_together_and_each_sides_
     """ema holds seeds 0-2, the baseline 0-4 (the committed ViT study's case), and on seeds 0-2 ema's gap d nearly
     cancels 0.6 x the baseline's shift b (seed s fixes both runs' data order and initialisation: correlated). The
     calibrated mean gap, mean_S(d) + mean_B(b) = mean_S(d + 0.6 b) + 0.4 mean_{3,4}(b), is a sum over strata drawn
-    apart: seeds 0-2 for both sides, 3-4 for the baseline. Its 95 % interval: t(2) x sqrt(var_S(d + 0.6 b) / 3 +
-    0.16 var_{3,4}(b) / 2) (2 degrees of freedom: the fewer side's seeds - 1), 2.8 pp wide; the two sides drawn apart
-    as independent means (the previous rule), t(2) x sqrt(var(d) / 3 + var(b) / 5), 4.1 pp, missed the correlation.
-    A stratum of one seed (ema on 0-3: the baseline's seed 4 alone) has no spread of its own: its deviation is a
-    seed's of the whole baseline, var_B(b) / 25 of the variance. With seeds 0-4 on both sides the draws are paired
-    as before, bit for bit: the paired t interval of d + b, far narrower."""
+    apart: seeds 0-2 for both sides, 3-4 for the baseline. Its variance: var_S(d + 0.6 b) / 3 + 0.16 var_{3,4}(b) / 2,
+    estimated with 2 and 1 degrees of freedom; its 95 % interval reads t at Welch-Satterthwaite's degrees of freedom
+    (here ~1: the baseline's own stratum carries nearly all of it; t(2), the fewer side's seeds - 1, was too few).
+    The two sides drawn apart as independent means (the previous rule), var(d) / 3 + var(b) / 5, missed the
+    correlation. A stratum of one seed (ema on 0-3: the baseline's seed 4 alone) has no spread of its own: its
+    deviation is a seed's of the whole baseline, var_B(b) / 25 of the variance, with that spread's 4 degrees of
+    freedom. With seeds 0-4 on both sides the draws are paired as before, bit for bit: the paired t interval of d +
+    b, far narrower."""
     noise = {0: 0.02, 1: -0.03, 2: 0.01, 3: 0.02, 4: -0.01}
     var = lambda values: np.var(values, ddof=1)  # noqa: E731
     d = {s: -0.6 * B5[s] + noise[s] for s in range(3)}
     row = {r["methods"]: r for r in review.calibrated_rows(shift_study(d, B5))}["ema"]
     assert row["mean_gap_pp"] == pytest.approx(np.mean(list(d.values())) + np.mean(list(B5.values())))
-    strata = 2 * stats.t975(2) * math.sqrt(var([d[s] + 0.6 * B5[s] for s in d]) / 3 + 0.16 * var([B5[3], B5[4]]) / 2)
-    independent = 2 * math.hypot(half(list(d.values())), half(list(B5.values()), 2))
+    strata, df = satterthwaite_half((var([d[s] + 0.6 * B5[s] for s in d]) / 3, 2), (0.16 * var([B5[3], B5[4]]) / 2, 1))
+    independent = math.sqrt(var(list(d.values())) / 3 + var(list(B5.values())) / 5)
     assert row["n_seeds"] == 3 and "in strata (3 both hold, drawn for both, the baseline's 2 own)" in row["note"]
-    assert "t with 2 degrees of freedom" in row["note"]
-    assert width(row) == pytest.approx(strata, rel=0.03) and strata < 0.7 * independent
+    assert "t with Satterthwaite's degrees of freedom over the strata (each stratum's seeds - 1): " in row["note"]
+    assert noted_df(row["note"], "mean gap") == pytest.approx(df, abs=0.01) and df < 1.01
+    assert width(row) == pytest.approx(2 * strata, rel=0.03)
+    assert strata / stats.t975(df) < 0.7 * independent  # the standard errors
     d = {s: -0.8 * B5[s] + noise[s] for s in range(4)}
     row = {r["methods"]: r for r in review.calibrated_rows(shift_study(d, B5))}["ema"]
-    one = 2 * stats.t975(3) * math.sqrt(var([d[s] + 0.8 * B5[s] for s in d]) / 4 + var(list(B5.values())) / 25)
-    assert width(row) == pytest.approx(one, rel=0.03) and width(row) > 10 * 2 * half([d[s] + 0.8 * B5[s] for s in d])
+    one, df = satterthwaite_half((var([d[s] + 0.8 * B5[s] for s in d]) / 4, 3), (var(list(B5.values())) / 25, 4))
+    assert noted_df(row["note"], "mean gap") == pytest.approx(df, abs=0.01) and 4 <= df < 4.1
+    assert width(row) == pytest.approx(2 * one, rel=0.03)
+    assert width(row) > 10 * 2 * half([d[s] + 0.8 * B5[s] for s in d])
     d = {s: -B5[s] + noise[s] for s in range(5)}
     row = {r["methods"]: r for r in review.calibrated_rows(shift_study(d, B5))}["ema"]
     paired = 2 * half([d[s] + B5[s] for s in d])
     assert "CIs draw the baseline's seeds with the set's;" in row["note"] and row["_draws"].paired
     assert width(row) == pytest.approx(paired, rel=0.03)
     assert paired < 0.05 * 2 * math.hypot(half(list(d.values())), half(list(B5.values())))
+
+
+def test_the_calibrated_interval_covers_where_the_baselines_own_seeds_carry_its_variance():
+    """Null coverage at the review's layout: ema on seeds 0-2, the baseline on 0-4, ema's cyclic miss d = -0.6 x the
+    baseline's shift b, seed by seed (seed s drives both). The calibrated mean gap, mean_S(d) + mean_B(b) = 0.4
+    mean_{3,4}(b), is all the baseline's own two seeds: 1 degree of freedom. At t(2), the fewer side's seeds - 1,
+    its interval covered the truth in ~86 % of replications (85.5 % analytic: P(|t(1)| < 4.303)); at
+    Satterthwaite's degrees of freedom over the strata (here 1), ~95 % (300 replications: 94 %; 86 % before)."""
+    rng, covered = np.random.default_rng(0), 0
+    for _ in range(300):
+        b = dict(enumerate(rng.normal(size=5)))
+        d = {s: -0.6 * b[s] for s in range(3)}
+        row = dict(time_ratio=None, mean_gap_pp=np.mean(list(d.values())) + np.mean(list(b.values())),
+                   mean_abs_gap_pp=0.0, per_run_abs_gap_pp=None)
+        review.fill_intervals(row, review.calibrated_draws(shift_study(d, b), "ema", n_boot=200))
+        covered += row["mean_gap_lo"] <= 0 <= row["mean_gap_hi"]
+    assert covered >= 0.9 * 300
 
 
 def test_two_strata_of_one_seed_on_one_side_each_lend_their_own_draw():
@@ -370,6 +406,10 @@ def test_a_calibrated_mean_gap_over_other_seeds_than_the_cyclic_rows_is_a_test_o
     assert est[("ema", "cyclic")]["delta_gap_vs_baseline"] == ""
     assert float(ema["mean_gap_pp"]) < -1 and ema["resolved"] == ema["mean_gap_resolved_holm"] == "true"
     assert float(ema["mean_gap_p"]) < 0.05 and review.UNTESTED not in ema["stats_note"]
+    df = noted_df(ema["note"], "mean gap")  # Satterthwaite's over the two sides' own 3 seeds: between 2 and 4
+    se = (float(ema["mean_gap_hi"]) - float(ema["mean_gap_lo"])) / 2 / stats.t975(df)
+    assert 2.5 < df < 4 and float(ema["mean_gap_p"]) == pytest.approx(
+        1 - stats.t_within(float(ema["mean_gap_pp"]) / se, df), rel=0.02)  # its p reads the interval's df
     assert ("mean gap: a test of its own, in the family mean gap / baseline-calibrated (the set and the baseline hold "
             "other seeds: it is over each side's own, the cyclic row's gap - baseline's has no seed)"
             ) in ema["stats_note"]
@@ -570,7 +610,8 @@ def test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_s
     in-sample baseline row, paired over 0-4 (other draws): no cost interval, and report.md says why. cutmix on 0-4
     beside ema on 0-2: the pooled pair row has no interval, p or Holm verdict, and its note says why (it had none
     and its family shrank silently). All on 0-4: everything pools."""
-    def pooled(seeds):  # {set: its seeds} -> (the calibrated Fidelity, the pooled pair row, report.md's note)
+    def pooled(seeds):  # {set: its seeds} -> (the calibrated Fidelity, the pooled pair row, report.md's note, rows,
+        # the calibrated pair rows)
         cmap = {}
         for i, (m, held) in enumerate(seeds.items()):
             cmap.update(shift_map({s: -0.6 * B5[s] + 0.05 * i + 0.01 * s for s in held}, B5, m))
@@ -579,22 +620,27 @@ def test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_s
         assert [r["methods"] for r in cal if r["_in_sample"]] == ["baseline"]
         pair = [r for r in rows["estimator_pairs.csv"] if r["estimator_b"] == review.CALIBRATED][-1]
         assert pair["methods"] == f"all {len(seeds)} sets" and pair["diff_pp"] is not None
-        return report.fidelity_points(cal)[review.CALIBRATED], pair, " ".join(report.unpooled_note(cal))
+        pairs = [r for r in rows["estimator_pairs.csv"] if r["estimator_b"] == review.CALIBRATED]
+        return report.fidelity_points(cal)[review.CALIBRATED], pair, " ".join(report.unpooled_note(cal)), cal, pairs
 
-    fidelity, pair, note = pooled({"ema": range(3), "cutmix": range(3)})
-    assert pair["diff_lo"] is not None and pair["note"] is None
+    fidelity, pair, note, cal, pairs = pooled({"ema": range(3), "cutmix": range(3)})
+    assert [r["note"].split(" (")[0] for r in pairs] == [  # each with Satterthwaite's degrees of freedom
+        f"t with {r['_df']:.2f} degrees of freedom" for r in pairs] and pairs[0]["_df"] != 2
+    boot = sum(r["_abs_boot"] for r in cal if not r["_in_sample"]) / 2  # the pooled gap's resamples, over 3 seeds
+    t = (fidelity.gap_ci[1] - fidelity.gap_ci[0]) / 2 / (np.std(boot) * math.sqrt(3 / 2))
+    assert t == pytest.approx(stats.t975(1), rel=0.02)  # Satterthwaite's ~1 (the baseline's own 2 seeds), not t(2)
     assert None not in fidelity.gap_ci + fidelity.run_ci and fidelity.cost_ci == (None, None)
     assert "pooled cost interval is empty" in note
-    fidelity, pair, note = pooled({"ema": range(3), "cutmix": range(5)})
+    fidelity, pair, note, *_ = pooled({"ema": range(3), "cutmix": range(5)})
     assert pair["diff_lo"] is None and "no CI, p or Holm verdict: its sets' calibrated rows draw other seeds" in (
         pair["note"]) and "cutmix: seeds 0 1 2 3 4; ema: seeds 0 1 2 (baseline's 0 1 2 3 4)" in pair["note"]
     assert fidelity.gap_ci == fidelity.cost_ci == (None, None) and "pooled intervals are empty" in note
-    fidelity, pair, note = pooled({"ema": range(5), "cutmix": range(5)})
+    fidelity, pair, note, *_ = pooled({"ema": range(5), "cutmix": range(5)})
     assert None not in fidelity.gap_ci + fidelity.run_ci + fidelity.cost_ci + (pair["diff_lo"],) and not note
     rng = np.random.default_rng(0)
 
     def row(m, seeds, base_seeds=None):
-        draws = SimpleNamespace(seeds=seeds, base_seeds=base_seeds or seeds)
+        draws = SimpleNamespace(seeds=seeds, base_seeds=base_seeds or seeds, parts=())
         boot = rng.normal(1.0, 0.3, 200)
         return dict(methods=m, estimator=review.CALIBRATED, _draws=draws, _abs_boot=boot, _run_boot=boot,
                     _cost_boot=(rng.normal(10, 1, 200), rng.normal(20, 1, 200)), standard_time_s=20.0,
