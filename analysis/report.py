@@ -723,12 +723,13 @@ def calibrated_families(tests, sets):
     """family_section's sentence on the calibrated estimator's gaps (review.own_test): one question, one test."""
     own = sum((t["family"], t["curve"]) == ("mean gap", review.CALIBRATED) for t in tests)
     return (" The baseline-calibrated estimator's gap - baseline's is cyclic's again (the shift cancels): not tested. "
-            "Its mean gap is, where the set and the baseline hold the same seeds (each at every budget), seed for seed "
-            "the cyclic row's gap - baseline's, tested there (one question, one test), so in no family: its "
-            "estimators.csv columns mean_gap_p, _resolved_holm, _robust and _robust_holm are empty and its stats_note "
-            "says why; where they hold other seeds it is a test of its own, in the family mean gap / "
-            f"baseline-calibrated: {own} of its {sets} sets here (its per-run |gap| is tested in the estimator "
-            "pairs).")
+            "Its mean gap asks the same question as the cyclic row's gap - baseline's (the set's cyclic miss beyond "
+            "the baseline's): one test per set and question, so wherever the cyclic row's has seeds (the seeds all "
+            "four curves share, paired) it is tested there and the calibrated mean gap is in no family, even where it "
+            "also draws other seeds: its estimators.csv columns mean_gap_p, _resolved_holm, _robust and _robust_holm "
+            "are empty and its stats_note names the seeds; only where the set and the baseline share no seed is it a "
+            f"test of its own, in the family mean gap / baseline-calibrated: {own} of its {sets} sets here (its "
+            "per-run |gap| is tested in the estimator pairs).")
 
 
 def power_section(rows):
@@ -794,9 +795,9 @@ def calibrated_section(estimators):
             "drawn for it alone, each stratum's spread at its own seeds, and t at Satterthwaite's degrees of freedom "
             "over the strata (each stratum's seeds - 1; the row's note gives them, its pair tests' theirs; paired, "
             "n_seeds - 1). Its gap - baseline's is the cyclic estimator's (the shift "
-            "cancels): not tested again. Its mean gap is, where the set and the baseline hold the same seeds, that "
-            "same difference seed for seed, tested once, on the cyclic row (its mean_gap_p and Holm columns empty); "
-            "where they hold other seeds, a test of its own, in the family mean gap / baseline-calibrated. The "
+            "cancels): not tested again. Its mean gap asks what the cyclic row's gap - baseline's asks: tested once, "
+            "on the cyclic row, wherever that has seeds (its mean_gap_p and Holm columns empty); only where the set "
+            "and the baseline share no seed a test of its own, in the family mean gap / baseline-calibrated. The "
             "baseline's own calibrated row is in-sample (its shifted curve is its standard curve on average): it "
             "stays in estimators.csv with point estimates, marked in its note, and is left out of every Holm "
             "family, estimator pair and pooled gap.", "",

@@ -23,6 +23,8 @@ FAMILY_ONCE = "test_each_family_once_the_in_sample_row_in_none_and_the_calibrate
 OWN_TEST = "test_a_calibrated_mean_gap_over_other_seeds_than_the_cyclic_rows_is_a_test_of_its_own"
 POOLED_ALIKE = "test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_same_seeds"
 LEND_APART = "test_two_strata_of_one_seed_on_one_side_each_lend_their_own_draw"
+THREE_OF_FIVE = "test_a_calibrated_mean_gap_over_3_of_the_baselines_5_seeds_is_tested_once_on_the_cyclic_row"
+LACKS_BUDGET = "test_a_paired_calibrated_mean_gap_with_a_seed_missing_a_budget_is_tested_on_the_cyclic_row"
 COVERS = "test_the_calibrated_interval_covers_where_the_baselines_own_seeds_carry_its_variance"
 APART_RESCALED = "test_the_standard_curve_drawn_apart_is_rescaled_at_the_sets_own_seeds"
 PLANS = "tests/test_plans.py::"
@@ -360,9 +362,10 @@ MUTATIONS = [
      'if c.endswith(("_lo", "_hi", "resolved")):',
      REVIEW + FAMILY_ONCE),
     ("the in-sample calibrated baseline row in the families", "analysis/review.py",
-     'if row["_in_sample"] or draws is None:', "if draws is None:", REVIEW + FAMILY_ONCE),
+     'if row["_in_sample"] or row.get("_draws") is None', 'if row.get("_draws") is None', REVIEW + FAMILY_ONCE),
     ("the calibrated mean gaps a Holm family (cyclic's gaps - baseline's tested again)", "analysis/review.py",
-     '    return None\n\n\ndef test_values', '    return "tested again"\n\n\ndef test_values', REVIEW + FAMILY_ONCE),
+     "        return None\n    shared = delta_seeds(cyclic)", '        return "tested again"\n    shared = delta_seeds(cyclic)',
+     REVIEW + FAMILY_ONCE),
     ("calibrated pairs with a t interval that takes the shift as known", "analysis/review.py",
      'draws = row_a.get("_draws") or row_b.get("_draws")', "draws = None",
      REVIEW + FAMILY_ONCE),
@@ -389,8 +392,6 @@ MUTATIONS = [
     ("the calibrated mean gap in no family whatever its seeds", "analysis/review.py",
      'own_test(r, cyclic.get(r["methods"])) if calibrated is None', "None if calibrated is None",
      REVIEW + OWN_TEST),
-    ("a calibrated mean gap over other seeds said to be cyclic's gap - baseline's", "analysis/review.py",
-     "if not draws.paired:", "if False:", REVIEW + OWN_TEST),
     ("calibrated resamples pooled over sets whose shifts drew other seeds", "analysis/review.py",
      "(d.seeds, d.base_seeds) == (draws[0].seeds, draws[0].base_seeds)", "d.seeds == draws[0].seeds",
      REVIEW + POOLED_ALIKE),
@@ -432,6 +433,13 @@ MUTATIONS = [
     ("report.md's pooled calibrated gap at n - 1", "analysis/report.py",
      "df = review.pooled_df(gapped_draws, lambda ds: sum(map(review.ABS_GAP, ds)) / len(ds))", "df = None",
      REVIEW + POOLED_ALIKE),
+    ("a calibrated mean gap in strata tested again beside the cyclic row's gap - baseline's", "analysis/review.py",
+     'or row.get("_draws") is None or delta_seeds(cyclic, tested=True):',
+     'or row.get("_draws") is None or row["_draws"].paired and delta_seeds(cyclic, tested=True):',
+     REVIEW + THREE_OF_FIVE),
+    ("a paired calibrated mean gap with a seed lacking a budget tested again", "analysis/review.py",
+     'or row.get("_draws") is None or delta_seeds(cyclic, tested=True):',
+     'or row.get("_draws") is None or delta_seeds(cyclic, tested=True) == row["_draws"].n:', REVIEW + LACKS_BUDGET),
     ("an improvement's CI centred on the resamples, its p on the estimate", "analysis/compare.py",
      "lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)", "lo, hi = ci_at(boot, boot.a - boot.b, j)",
      REVIEW + "test_an_improvements_interval_is_centred_on_its_estimate_as_its_p_value_is"),
