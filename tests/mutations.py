@@ -23,6 +23,7 @@ FAMILY_ONCE = "test_each_family_once_the_in_sample_row_in_none_and_the_calibrate
 OWN_TEST = "test_a_calibrated_mean_gap_over_other_seeds_than_the_cyclic_rows_is_a_test_of_its_own"
 POOLED_ALIKE = "test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_same_seeds"
 LEND_APART = "test_two_strata_of_one_seed_on_one_side_each_lend_their_own_draw"
+LOO_FAMILY = "test_leaving_a_seed_out_keeps_the_whole_groups_calibrated_family"
 THREE_OF_FIVE = "test_a_calibrated_mean_gap_over_3_of_the_baselines_5_seeds_is_tested_once_on_the_cyclic_row"
 LACKS_BUDGET = "test_a_paired_calibrated_mean_gap_with_a_seed_missing_a_budget_is_tested_on_the_cyclic_row"
 COVERS = "test_the_calibrated_interval_covers_where_the_baselines_own_seeds_carry_its_variance"
@@ -440,6 +441,12 @@ MUTATIONS = [
     ("a paired calibrated mean gap with a seed lacking a budget tested again", "analysis/review.py",
      'or row.get("_draws") is None or delta_seeds(cyclic, tested=True):',
      'or row.get("_draws") is None or delta_seeds(cyclic, tested=True) == row["_draws"].n:', REVIEW + LACKS_BUDGET),
+    ("leave-one-seed-out without the whole group's calibrated family", "analysis/review.py",
+     "kept = test_values(test_rows(without_seed(cmap, seed), min_epochs, x), swaps, calibrated)",
+     "kept = test_values(test_rows(without_seed(cmap, seed), min_epochs, x), swaps)", REVIEW + LOO_FAMILY),
+    ("a calibrated mean gap over one shared seed (no cyclic interval) tested nowhere", "analysis/review.py",
+     'or row.get("_draws") is None or delta_seeds(cyclic, tested=True):',
+     'or row.get("_draws") is None or delta_seeds(cyclic):', REVIEW + LOO_FAMILY),
     ("an improvement's CI centred on the resamples, its p on the estimate", "analysis/compare.py",
      "lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)", "lo, hi = ci_at(boot, boot.a - boot.b, j)",
      REVIEW + "test_an_improvements_interval_is_centred_on_its_estimate_as_its_p_value_is"),

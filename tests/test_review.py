@@ -475,6 +475,28 @@ def test_a_paired_calibrated_mean_gap_with_a_seed_missing_a_budget_is_tested_on_
     assert not [t for t in tests if t["curve"] == review.CALIBRATED and t["methods"] == "cutmix"]
 
 
+def test_leaving_a_seed_out_keeps_the_whole_groups_calibrated_family():
+    """ema on seeds 5-9, the baseline on 0-4: no seed shared, so ema's calibrated mean gap is a test of its own (p
+    0.009, 5 seeds: its verdict's robustness is checked). cutmix on 3-7 shares 3 and 4: its cyclic row's gap -
+    baseline's tests the question, its calibrated mean gap is in no family. With seed 4 left out cutmix shares one
+    seed (no interval there): its calibrated mean gap (p 0.7) would join ema's family, and Holm's 0.05 / 2 fail ema's
+    0.03, so ema would read 'not robust under Holm' for its family's size alone. The check keeps the whole group's
+    family: ema's verdicts, alone and under Holm, stay whichever seed is left out."""
+    b = {s: 0.3 * v for s, v in B5.items()}
+    rng = np.random.default_rng(0)
+    noise_a, noise_b = rng.normal(0, 0.25, 5), rng.normal(0, 0.6, 5)
+    cmap = {**shift_map({s: -0.55 + noise_a[s - 5] for s in range(5, 10)}, b, "ema"),
+            **shift_map({s: noise_b[s - 3] for s in range(3, 8)}, b, "cutmix")}
+    values = review.test_values(review.test_rows(cmap, 0.0, "time"))
+    ema, cutmix = ((("mean_gap", review.CALIBRATED), m) for m in ("ema", "cutmix"))
+    assert [k for k in values if k[0] == ema[0]] == [ema] and values[ema][3] == 5
+    _, resolved, holm = review.verdicts(values)
+    assert resolved[ema] and holm[ema]
+    left = review.test_values(review.test_rows(review.without_seed(cmap, 4), 0.0, "time"))  # own_test's family there
+    assert cutmix in left and not review.verdicts(left)[2][ema]
+    assert review.robustness(cmap, values, resolved, holm, 0.0, "time")[ema] == (True, True)
+
+
 def test_the_pooled_pair_row_pools_only_the_seeds_every_set_holds():
     """Set a holds seeds 0-2, set b seeds 1-3: pooled over seeds 1 and 2, each the mean of its two sets' differences
     (not seed 0 of a beside seed 3 of b); sets with no seed in common: no pooled row's number."""
