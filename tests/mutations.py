@@ -447,6 +447,8 @@ MUTATIONS = [
     ("a calibrated mean gap over one shared seed (no cyclic interval) tested nowhere", "analysis/review.py",
      'or row.get("_draws") is None or delta_seeds(cyclic, tested=True):',
      'or row.get("_draws") is None or delta_seeds(cyclic):', REVIEW + LOO_FAMILY),
+    ("power.csv plans seeds for a calibrated mean gap (as if its error shrank as 1 / sqrt(n))", "analysis/review.py",
+     't["curve"] == CALIBRATED):\n            continue', 'False):\n            continue', REVIEW + OWN_TEST),
     ("an improvement's CI centred on the resamples, its p on the estimate", "analysis/compare.py",
      "lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)", "lo, hi = ci_at(boot, boot.a - boot.b, j)",
      REVIEW + "test_an_improvements_interval_is_centred_on_its_estimate_as_its_p_value_is"),
