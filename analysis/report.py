@@ -724,12 +724,12 @@ def calibrated_families(tests, sets):
     own = sum((t["family"], t["curve"]) == ("mean gap", review.CALIBRATED) for t in tests)
     return (" The baseline-calibrated estimator's gap - baseline's is cyclic's again (the shift cancels): not tested. "
             "Its mean gap asks the same question as the cyclic row's gap - baseline's (the set's cyclic miss beyond "
-            "the baseline's): one test per set and question, so wherever the cyclic row's has seeds (the seeds all "
-            "four curves share, paired) it is tested there and the calibrated mean gap is in no family, even where it "
-            "also draws other seeds: its estimators.csv columns mean_gap_p, _resolved_holm, _robust and _robust_holm "
-            "are empty and its stats_note names the seeds; only where the set and the baseline share no seed is it a "
-            f"test of its own, in the family mean gap / baseline-calibrated: {own} of its {sets} sets here (its "
-            "per-run |gap| is tested in the estimator pairs).")
+            "the baseline's): one test per set and question, so wherever the cyclic row's has an interval (2+ seeds "
+            "all four curves share, paired) it is tested there and the calibrated mean gap is in no family, even "
+            "where it also draws other seeds: its estimators.csv columns mean_gap_p, _resolved_holm, _robust and "
+            "_robust_holm are empty and its stats_note names the seeds; only where the set and the baseline share no "
+            f"seed (or one) is it a test of its own, in the family mean gap / baseline-calibrated: {own} of its {sets} "
+            "sets here (its per-run |gap| is tested in the estimator pairs).")
 
 
 def power_section(rows):
@@ -796,8 +796,9 @@ def calibrated_section(estimators):
             "over the strata (each stratum's seeds - 1; the row's note gives them, its pair tests' theirs; paired, "
             "n_seeds - 1). Its gap - baseline's is the cyclic estimator's (the shift "
             "cancels): not tested again. Its mean gap asks what the cyclic row's gap - baseline's asks: tested once, "
-            "on the cyclic row, wherever that has seeds (its mean_gap_p and Holm columns empty); only where the set "
-            "and the baseline share no seed a test of its own, in the family mean gap / baseline-calibrated. The "
+            "on the cyclic row, wherever that has an interval (its mean_gap_p and Holm columns empty); only where the "
+            "set and the baseline share at most one seed a test of its own, in the family mean gap / "
+            "baseline-calibrated. The "
             "baseline's own calibrated row is in-sample (its shifted curve is its standard curve on average): it "
             "stays in estimators.csv with point estimates, marked in its note, and is left out of every Holm "
             "family, estimator pair and pooled gap.", "",

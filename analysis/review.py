@@ -19,8 +19,8 @@
   (each stratum's seeds - 1: the baseline's own 2 of 5 under a set of 3 have 1, not 2; the row's note gives them).
   The baseline's own row is in-sample (point estimates; in no family, pair or pooled gap). Its gap - baseline's is
   cyclic's: in no family; its mean gap asks what the cyclic row's gap - baseline's asks (the set's cyclic miss
-  beyond the baseline's): one test per set and question, so in no family either wherever that has seeds, a test of
-  its own only where the set and the baseline share none.
+  beyond the baseline's): one test per set and question, so in no family either wherever that has an interval, a
+  test of its own only where the set and the baseline share at most one seed.
 - Estimator against estimator (estimator_pairs.csv): per set, the difference of two estimators' per-run |gap|,
   paired by seed, and pooled over the sets (per seed, the mean over sets) over the seeds every set holds.
 - The cost ratio paired by seed; Kendall's tau with a CI over seeds; the power-law fits' degrees of freedom and
@@ -126,7 +126,8 @@ def calibrated_rows(full, min_epochs=0.0, x="time"):
     test_review). The baseline's own row is in-sample (its shift is its own standard - cyclic difference): point
     estimates only, in no family, pair or pooled gap. No set's gap - baseline's: it is cyclic's, the shift cancels
     (a second family of the same tests); its mean gap is in no family either where the cyclic row's gap - baseline's
-    has seeds, else in a family of its own (own_test; families() explains its p and Holm columns in stats_note)."""
+    has an interval, else in a family of its own (own_test; families() explains its p and Holm columns in
+    stats_note)."""
     keys = [k for k in full if k[1] == CALIBRATED]
     rows = []
     for m in order_methods(m for m, _ in keys):
@@ -426,11 +427,11 @@ def paired_cost_ratio(cmap, m, estimator, min_epochs=0.0):
 def own_test(row, cyclic):
     """Why a calibrated row's mean gap is a test of its own (in the family ("mean gap", CALIBRATED)), or None where it
     is in no family: in-sample, without joint draws (no interval), or where the cyclic row's gap - baseline's
-    (`cyclic`) has seeds. Both estimate the set's cyclic miss beyond the baseline's: one test per set and question,
-    the cyclic row's (paired by seed over the seeds all four curves share: the sharper one), even where the calibrated
-    row also draws other seeds (the review: stochastic_depth's resolved there under Holm, not in a second family).
-    Only where that has no interval (the set and the baseline share no seed, or one) is the calibrated mean gap the
-    one test of it."""
+    (`cyclic`) has an interval. Both estimate the set's cyclic miss beyond the baseline's: one test per set and
+    question, the cyclic row's (paired by seed over the seeds all four curves share: the sharper one), even where the
+    calibrated row also draws other seeds (the review: stochastic_depth's resolved there under Holm, not in a second
+    family). Only where that has no interval (the set and the baseline share no seed, or one) is the calibrated mean
+    gap the one test of it."""
     if row["_in_sample"] or row.get("_draws") is None or delta_seeds(cyclic, tested=True):
         return None
     shared = delta_seeds(cyclic)
