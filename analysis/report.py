@@ -415,18 +415,23 @@ def fidelity_points(rows, x="time"):
         cost_ci, gap_ci, run_gap, run_ci = (None, None), (None, None), None, (None, None)
         # the calibrated rows' resamples pool only where every row pooled drew the same seeds; otherwise no interval
         pools_cost, pools = resamples_pool(mine), resamples_pool(gapped)
+        draws, gapped_draws = [r.get("_draws") for r in mine], [r.get("_draws") for r in gapped]
         if pools_cost and all(r.get(boot) is not None for r in mine):
-            lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine), n, cost)
+            df = boot == "_cost_boot" and review.pooled_df(draws, lambda ds: sum(d.cost for d in ds) / sum(
+                d.standard_apart for d in ds)) or None  # (the calibrated rows' _cost_boot, drawn in strata)
+            lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine), n, cost, df)
             cost_ci = (nonnegative(lo), hi)
         if pools and all(r.get("_abs_boot") is not None for r in gapped):
-            gap_ci = stats.interval(sum(r["_abs_boot"] for r in gapped) / len(gapped), n, gap)
+            df = review.pooled_df(gapped_draws, lambda ds: sum(map(review.ABS_GAP, ds)) / len(ds))
+            gap_ci = stats.interval(sum(r["_abs_boot"] for r in gapped) / len(gapped), n, gap, df)
         if all(r.get("_per_run") for r in gapped):
             run_gap = sum(r["per_run_abs_gap_pp"] for r in gapped) / len(gapped)
             seeds = gapped[0]["_per_run"].keys()
             if not pools:
                 run_ci = (None, None)
             elif all(r.get("_run_boot") is not None for r in gapped):  # the shift resampled: the same draws per set
-                run_ci = stats.interval(sum(r["_run_boot"] for r in gapped) / len(gapped), n, run_gap)
+                df = review.pooled_df(gapped_draws, lambda ds: sum(map(review.RUN_GAP, ds)) / len(ds))
+                run_ci = stats.interval(sum(r["_run_boot"] for r in gapped) / len(gapped), n, run_gap, df)
             elif all(r["_per_run"].keys() == seeds for r in gapped):  # per seed, its runs' |gap| averaged over sets
                 run_ci = stats.mean_ci([sum(r["_per_run"][s] for r in gapped) / len(gapped) for s in seeds])
             run_ci = (nonnegative(run_ci[0]), run_ci[1])
@@ -718,12 +723,13 @@ def calibrated_families(tests, sets):
     """family_section's sentence on the calibrated estimator's gaps (review.own_test): one question, one test."""
     own = sum((t["family"], t["curve"]) == ("mean gap", review.CALIBRATED) for t in tests)
     return (" The baseline-calibrated estimator's gap - baseline's is cyclic's again (the shift cancels): not tested. "
-            "Its mean gap is, where the set and the baseline hold the same seeds (each at every budget), seed for seed "
-            "the cyclic row's gap - baseline's, tested there (one question, one test), so in no family: its "
-            "estimators.csv columns mean_gap_p, _resolved_holm, _robust and _robust_holm are empty and its stats_note "
-            "says why; where they hold other seeds it is a test of its own, in the family mean gap / "
-            f"baseline-calibrated: {own} of its {sets} sets here (its per-run |gap| is tested in the estimator "
-            "pairs).")
+            "Its mean gap asks the same question as the cyclic row's gap - baseline's (the set's cyclic miss beyond "
+            "the baseline's): one test per set and question, so wherever the cyclic row's has an interval (2+ seeds "
+            "all four curves share, paired) it is tested there and the calibrated mean gap is in no family, even "
+            "where it also draws other seeds: its estimators.csv columns mean_gap_p, _resolved_holm, _robust and "
+            "_robust_holm are empty and its stats_note names the seeds; only where the set and the baseline share no "
+            f"seed (or one) is it a test of its own, in the family mean gap / baseline-calibrated: {own} of its {sets} "
+            "sets here (its per-run |gap| is tested in the estimator pairs).")
 
 
 def power_section(rows):
@@ -786,11 +792,13 @@ def calibrated_section(estimators):
             "recomputed in each draw, so the shift's own seed noise is in them: where the set and the baseline hold "
             "the same seeds, one draw of seeds serves the four curves (paired); where they hold other seeds, in "
             "strata: the seeds both hold drawn for both (seed s's runs are correlated across sets), each side's own "
-            "drawn for it alone, each stratum's spread at its own seeds, and the t of the fewer side's seeds - 1 "
-            "(the row's n_seeds; its pair tests' too). Its gap - baseline's is the cyclic estimator's (the shift "
-            "cancels): not tested again. Its mean gap is, where the set and the baseline hold the same seeds, that "
-            "same difference seed for seed, tested once, on the cyclic row (its mean_gap_p and Holm columns empty); "
-            "where they hold other seeds, a test of its own, in the family mean gap / baseline-calibrated. The "
+            "drawn for it alone, each stratum's spread at its own seeds, and t at Satterthwaite's degrees of freedom "
+            "over the strata (each stratum's seeds - 1; the row's note gives them, its pair tests' theirs; paired, "
+            "n_seeds - 1). Its gap - baseline's is the cyclic estimator's (the shift "
+            "cancels): not tested again. Its mean gap asks what the cyclic row's gap - baseline's asks: tested once, "
+            "on the cyclic row, wherever that has an interval (its mean_gap_p and Holm columns empty); only where the "
+            "set and the baseline share at most one seed a test of its own, in the family mean gap / "
+            "baseline-calibrated. The "
             "baseline's own calibrated row is in-sample (its shifted curve is its standard curve on average): it "
             "stays in estimators.csv with point estimates, marked in its note, and is left out of every Holm "
             "family, estimator pair and pooled gap.", "",

@@ -22,6 +22,12 @@ CALIBRATED_STRATA = "test_the_calibrated_interval_draws_the_shared_seeds_togethe
 FAMILY_ONCE = "test_each_family_once_the_in_sample_row_in_none_and_the_calibrated_pairs_resample_the_shift"
 OWN_TEST = "test_a_calibrated_mean_gap_over_other_seeds_than_the_cyclic_rows_is_a_test_of_its_own"
 POOLED_ALIKE = "test_the_calibrated_estimators_pooled_intervals_need_every_set_to_draw_the_same_seeds"
+LEND_APART = "test_two_strata_of_one_seed_on_one_side_each_lend_their_own_draw"
+LOO_FAMILY = "test_leaving_a_seed_out_keeps_the_whole_groups_calibrated_family"
+THREE_OF_FIVE = "test_a_calibrated_mean_gap_over_3_of_the_baselines_5_seeds_is_tested_once_on_the_cyclic_row"
+LACKS_BUDGET = "test_a_paired_calibrated_mean_gap_with_a_seed_missing_a_budget_is_tested_on_the_cyclic_row"
+COVERS = "test_the_calibrated_interval_covers_where_the_baselines_own_seeds_carry_its_variance"
+APART_RESCALED = "test_the_standard_curve_drawn_apart_is_rescaled_at_the_sets_own_seeds"
 PLANS = "tests/test_plans.py::"
 HELD = PLANS + "test_a_line_held_elsewhere_is_named_with_its_host_and_job_and_never_looks_done"
 BAD_PLANS = PLANS + "test_bad_plans_and_too_many_runs_at_once_are_one_line_and_run_nothing"
@@ -83,7 +89,8 @@ MUTATIONS = [
     ("wsd checkpoint inside a branch without the trunk", "train.py", "trunk=trunk, config=",
      "trunk=None, config=", "tests/test_estimators.py::test_wsd_resumes_exactly_inside_and_between_branches"),
     ("percentile bootstrap CI (52-74 % coverage at 2-3 seeds)", "analysis/stats.py",
-     "    half = t975(n - 1) * float(r.std()) * math.sqrt(n / (n - 1))\n    return c - half, c + half",
+     "    half = t975(n - 1 if df is None else df) * float(r.std()) * math.sqrt(n / (n - 1))\n"
+     "    return c - half, c + half",
      "    return tuple(float(q) for q in np.percentile(r, [2.5, 97.5]))",
      "tests/test_stats.py::test_the_95_percent_interval_covers_95_percent_with_few_seeds"),
     ("a copied run counted as another seed", "analysis/runs.py", "            if p.seed in seeds:",
@@ -315,8 +322,8 @@ MUTATIONS = [
     # issue 45: each statistic a reviewer asked for, and train_loss_epoch
     ("Holm without its correction", "analysis/stats.py", "rejecting and p <= alpha / (len(order) - k)",
      "p <= alpha", REVIEW + "test_holm_keeps_the_familywise_level_and_drops_exactly_one_verdict"),
-    ("a one-sided p-value", "analysis/stats.py", "return 1.0 - t_within(center / se, table_df(n - 1)), None",
-     "return (1.0 - t_within(center / se, table_df(n - 1))) / 2, None",
+    ("a one-sided p-value", "analysis/stats.py", "return 1.0 - t_within(center / se, table_df(df)), None",
+     "return (1.0 - t_within(center / se, table_df(df))) / 2, None",
      REVIEW + "test_holm_keeps_the_familywise_level_and_drops_exactly_one_verdict"),
     ("leave-one-seed-out leaves no seed out", "analysis/review.py",
      "kept = [restrict(p, set(p.seeds) - {seed}) for p in points if set(p.seeds) - {seed}]", "kept = list(points)",
@@ -363,17 +370,18 @@ MUTATIONS = [
      'if c.endswith(("_lo", "_hi", "resolved")):',
      REVIEW + FAMILY_ONCE),
     ("the in-sample calibrated baseline row in the families", "analysis/review.py",
-     'if row["_in_sample"] or draws is None:', "if draws is None:", REVIEW + FAMILY_ONCE),
+     'if row["_in_sample"] or row.get("_draws") is None', 'if row.get("_draws") is None', REVIEW + FAMILY_ONCE),
     ("the calibrated mean gaps a Holm family (cyclic's gaps - baseline's tested again)", "analysis/review.py",
-     '    return None\n\n\ndef test_values', '    return "tested again"\n\n\ndef test_values', REVIEW + FAMILY_ONCE),
+     "        return None\n    shared = delta_seeds(cyclic)", '        return "tested again"\n    shared = delta_seeds(cyclic)',
+     REVIEW + FAMILY_ONCE),
     ("calibrated pairs with a t interval that takes the shift as known", "analysis/review.py",
      'draws = row_a.get("_draws") or row_b.get("_draws")', "draws = None",
      REVIEW + FAMILY_ONCE),
     # issue 45, rounds 3-4: a set and a baseline of other seeds resampled in strata; the calibrated mean gap's family
     ("the seeds a set and the baseline share drawn apart for each side (independent)", "analysis/review.py",
-     "strata, base_strata = side(seeds, own), side(base_seeds, others)",
-     "strata, base_strata = side(seeds, own), Strata([(np.arange(len(base_seeds)), draw(len(base_seeds)))], "
-     "draw(len(base_seeds), 1), n)", REVIEW + CALIBRATED_STRATA),
+     'strata, base_strata = side(seeds, own, "set"), side(base_seeds, others, "baseline")',
+     'strata, base_strata = side(seeds, own, "set"), Strata([(np.arange(len(base_seeds)), draw(len(base_seeds)), '
+     'draw(len(base_seeds), 1), "baseline")], n)', REVIEW + CALIBRATED_STRATA),
     ("the calibrated strata without each stratum's own n/(n-1)", "analysis/review.py",
      "rescale = lambda k: np.sqrt(k * (self.n - 1) / ((k - 1) * self.n))", "rescale = lambda k: np.sqrt(k / k)",
      REVIEW + CALIBRATED_STRATA),
@@ -392,8 +400,6 @@ MUTATIONS = [
     ("the calibrated mean gap in no family whatever its seeds", "analysis/review.py",
      'own_test(r, cyclic.get(r["methods"])) if calibrated is None', "None if calibrated is None",
      REVIEW + OWN_TEST),
-    ("a calibrated mean gap over other seeds said to be cyclic's gap - baseline's", "analysis/review.py",
-     "if not draws.paired:", "if False:", REVIEW + OWN_TEST),
     ("calibrated resamples pooled over sets whose shifts drew other seeds", "analysis/review.py",
      "(d.seeds, d.base_seeds) == (draws[0].seeds, draws[0].base_seeds)", "d.seeds == draws[0].seeds",
      REVIEW + POOLED_ALIKE),
@@ -405,6 +411,51 @@ MUTATIONS = [
     ("a | in a report.md cell splits it (the per-run |gap| family's row)", "analysis/report.py",
      'str(c).replace("|", "\\\\|") for c in r', "str(c) for c in r",
      REVIEW + FAMILY_ONCE),
+    # issue 45, round 5: the cold review of the strata
+    ("two one-seed strata of a side share one lent draw", "analysis/review.py",
+     "parts.append((r, d, draw(len(rows), 1), source))",
+     "parts.append((r, d, parts[0][2] if parts else draw(len(rows), 1), source))",
+     REVIEW + LEND_APART),
+    ("the standard curve drawn apart rescaled at the row's n, not the set's seeds", "analysis/review.py",
+     'apart_strata = Strata([(np.arange(len(seeds)), apart, draw(len(seeds), 1), "apart")], n)',
+     'apart_strata = Strata([(np.arange(len(seeds)), apart, draw(len(seeds), 1), "apart")], len(seeds))',
+     REVIEW + APART_RESCALED),
+    ("the calibrated t at n - 1 in strata (no Satterthwaite)", "analysis/review.py",
+     "return stats.satterthwaite(var, [df for _, df in self.parts]) if self.parts else None", "return None",
+     REVIEW + COVERS + " " + REVIEW + CALIBRATED_STRATA),
+    ("a source's part of the variance with every stratum drawn", "analysis/review.py",
+     "if self.only in (None, source):", "if True:", REVIEW + CALIBRATED_STRATA),
+    ("a fractional degrees of freedom read at the t table's row below", "analysis/stats.py",
+     "    if df != int(df) and 1 <= df < 10:\n        return fractional_t(df)",
+     "    if False:\n        return fractional_t(df)",
+     "tests/test_stats.py::test_a_fractional_degrees_of_freedom_reads_the_t_quantile_itself"),
+    ("Satterthwaite without each component's degrees of freedom", "analysis/stats.py",
+     "spread = sum(v * v / d for v, d in zip(variances, dfs))", "spread = sum(v * v for v in variances)",
+     "tests/test_stats.py::test_satterthwaites_degrees_of_freedom_of_a_sum_of_strata"),
+    ("a calibrated p-value at n - 1, not its interval's degrees of freedom", "analysis/stats.py",
+     "    df = n - 1 if df is None else df\n", "    df = n - 1\n", REVIEW + OWN_TEST),
+    ("a calibrated pair row in strata at n - 1", "analysis/review.py",
+     "*gaps, draws and draws.df(statistic)))", "*gaps))", REVIEW + POOLED_ALIKE),
+    ("the pooled calibrated pair row at n - 1", "analysis/review.py",
+     "return pooled(draws), pooled_df(draws, pooled)", "return pooled(draws), None", REVIEW + POOLED_ALIKE),
+    ("report.md's pooled calibrated gap at n - 1", "analysis/report.py",
+     "df = review.pooled_df(gapped_draws, lambda ds: sum(map(review.ABS_GAP, ds)) / len(ds))", "df = None",
+     REVIEW + POOLED_ALIKE),
+    ("a calibrated mean gap in strata tested again beside the cyclic row's gap - baseline's", "analysis/review.py",
+     'or row.get("_draws") is None or delta_seeds(cyclic, tested=True):',
+     'or row.get("_draws") is None or row["_draws"].paired and delta_seeds(cyclic, tested=True):',
+     REVIEW + THREE_OF_FIVE),
+    ("a paired calibrated mean gap with a seed lacking a budget tested again", "analysis/review.py",
+     'or row.get("_draws") is None or delta_seeds(cyclic, tested=True):',
+     'or row.get("_draws") is None or delta_seeds(cyclic, tested=True) == row["_draws"].n:', REVIEW + LACKS_BUDGET),
+    ("leave-one-seed-out without the whole group's calibrated family", "analysis/review.py",
+     "kept = test_values(test_rows(without_seed(cmap, seed), min_epochs, x), swaps, calibrated)",
+     "kept = test_values(test_rows(without_seed(cmap, seed), min_epochs, x), swaps)", REVIEW + LOO_FAMILY),
+    ("a calibrated mean gap over one shared seed (no cyclic interval) tested nowhere", "analysis/review.py",
+     'or row.get("_draws") is None or delta_seeds(cyclic, tested=True):',
+     'or row.get("_draws") is None or delta_seeds(cyclic):', REVIEW + LOO_FAMILY),
+    ("power.csv plans seeds for a calibrated mean gap (as if its error shrank as 1 / sqrt(n))", "analysis/review.py",
+     't["curve"] == CALIBRATED):\n            continue', 'False):\n            continue', REVIEW + OWN_TEST),
     ("an improvement's CI centred on the resamples, its p on the estimate", "analysis/compare.py",
      "lo, hi = ci_at(boot, boot.a - boot.b, j, a.acc_mean - b.acc_mean)", "lo, hi = ci_at(boot, boot.a - boot.b, j)",
      REVIEW + "test_an_improvements_interval_is_centred_on_its_estimate_as_its_p_value_is"),
