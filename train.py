@@ -387,8 +387,10 @@ def run_main(argv=None):
     flops = count_flops(raw_model, methods, autocast, data, plan, micro_batch_size(args, world_size), spe)
     # --compile auto's measurement is start-up, whichever way it chose
     state = TrainState(startup_time=compile_auto["measure_s"] if compile_auto and ckpt is None else 0.0)
-    # a resume compiles as the run recorded (runs from before the key: torch's default, as they were compiled)
-    dynamic = recorded.get("compile_dynamic") if ckpt is not None else compile_choice.dynamic(setup.compile, methods)
+    # a resume compiles as the run recorded: its checkpoint says (config.json for a checkpoint that predates the key,
+    # as resume_decision reads options; runs from before the key: torch's default, as they were compiled)
+    dynamic = ({**recorded, **ckpt["config"]}.get("compile_dynamic") if ckpt is not None
+               else compile_choice.dynamic(setup.compile, methods))
     if ckpt is not None:
         try:
             state = restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank)
@@ -440,7 +442,8 @@ def run_main(argv=None):
                     print(f"{m.spec}: {key}: {', '.join(map(str, value))}")
 
     run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods, autocast,
-              rank, world_size, ddp, device, log, tracked if master else Trackers([], None, None), flops)
+              rank, world_size, ddp, device, log, tracked if master else Trackers([], None, None), flops,
+              config["compile_dynamic"])
     steps_here = run.train(state)
     run.tracked.close()
     if hasattr(data, "close"):  # the validation workers
@@ -477,9 +480,9 @@ class Run:
     """The training loop and what it needs; one object so the loop reads without a dozen arguments."""
 
     def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods,
-                 autocast, rank, world_size, ddp, device, log, tracked, flops):
+                 autocast, rank, world_size, ddp, device, log, tracked, flops, compile_dynamic=None):
         self.args, self.setup, self.plan, self.data, self.loader = args, setup, plan, data, loader
-        self.flops = flops
+        self.flops, self.compile_dynamic = flops, compile_dynamic  # (config.json's, kept in the checkpoint too)
         self.model, self.raw_model, self.optimizer, self.scheduler, self.scaler = (model, raw_model, optimizer,
                                                                                    scheduler, scaler)
         self.methods, self.autocast, self.log, self.tracked = methods, autocast, log, tracked
@@ -725,7 +728,8 @@ class Run:
         save_checkpoint(self.setup.run_dir, dict(
             path, scheduler=self.scheduler.state_dict() if self.scheduler is not None else None, step=state.step,
             curve_cost_s=state.cost_time, startup_s=state.startup_time, metrics_rows=state.metrics_rows,
-            skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=result_options(self.args, self.setup)))
+            skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=dict(result_options(self.args, self.setup),
+                                                                               compile_dynamic=self.compile_dynamic)))
 
 
 # TrainState fields a path carries

@@ -422,29 +422,44 @@ def test_every_image_size_is_compiled_in_the_start_up(in_process, tmp_path):
 
 
 def test_a_resume_compiles_as_the_run_recorded_not_as_todays_default(in_process, tmp_path, monkeypatch):
-    """compile_dynamic is the run's: a run recorded with dynamic shapes resumes with them after the default changed
-    (compile_choice.DYNAMIC_SIZES), and a run from before the key resumes with torch's default (None), as it was
+    """compile_dynamic is the run's, as its checkpoint records it: a run recorded with dynamic shapes resumes with
+    them after the default changed (compile_choice.DYNAMIC_SIZES), also where its config.json says otherwise (the
+    checkpoint decides, as for every option it records); a checkpoint from before the checkpoint kept the key reads
+    config.json's; a run from before the key (neither has it) resumes with torch's default (None), as it was
     compiled."""
     import compile_choice
     args = TINY + ["--compile", "on", "--method", "progressive_resizing", "--cycles", "1", "--eval-every", "1"]
     ref = str(tmp_path / "ref")
+    monkeypatch.setattr(compile_choice, "DYNAMIC_SIZES", True)
     in_process.main(args + ["--run-dir", ref])
     assert config(ref)["compile_dynamic"] is True
     monkeypatch.setattr(compile_choice, "DYNAMIC_SIZES", False)
-    for recorded, name in ((True, "run"), (None, "old")):
+    for recorded, name, edit in ((True, "run", ()), (True, "stray", ("config.json",)), (True, "older", ("ckpt",)),
+                                 (None, "old", ("config.json", "ckpt"))):
         run = str(tmp_path / name)
         shutil.copytree(ref, run)
         os.remove(os.path.join(run, "done"))
         os.remove(os.path.join(run, "checkpoints", "last.pt"))  # back to the first row's checkpoint
-        if recorded is None:  # a run from before the key
+        prev = os.path.join(run, "checkpoints", "prev.pt")
+        ckpt = torch.load(prev, weights_only=True)
+        assert ckpt["config"]["compile_dynamic"] is True
+        if "ckpt" in edit:  # a checkpoint written before it kept the key
+            del ckpt["config"]["compile_dynamic"]
+            torch.save(ckpt, prev)
+        if "config.json" in edit:
             cfg = config(run)
-            del cfg["compile_dynamic"]
+            if "ckpt" in edit:
+                del cfg["compile_dynamic"]
+            else:  # a config.json that says otherwise than the checkpoint
+                cfg["compile_dynamic"] = False
             with open(os.path.join(run, "config.json"), "w") as f:
                 json.dump(cfg, f)
         in_process.compiled_models.clear()
         in_process.main(args + ["--run-dir", run, "--resume"])
         (wrapper,) = in_process.compiled_models
-        assert wrapper.kwargs == {"dynamic": recorded} and config(run)["compile_dynamic"] is recorded
+        assert wrapper.kwargs == {"dynamic": recorded} and config(run)["compile_dynamic"] is recorded, name
+        assert torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["config"][
+            "compile_dynamic"] is recorded
 
 
 def test_a_compiled_run_agrees_with_the_eager_run(tmp_path):
