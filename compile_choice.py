@@ -19,8 +19,13 @@ import torch
 MARGIN = 1.1  # compile only where the compiled steps train at least this much faster: near a tie, eager
 # A fresh run's graphs for several image sizes (progressive resizing): one with dynamic shapes (True) or one static
 # graph per size (False). Recorded as compile_dynamic: a resume and benchmarks.calibrate compile as the run recorded.
-DYNAMIC_SIZES = True
-MEASURE_STEPS, MEASURE_ROUNDS = 5, 2
+# Per size: on torch 2.14 dynamic shapes give no fewer graphs. Inductor's backward compile pins the image size
+# (guard Eq(s**2, 256) at 16 px), so every other size compiles a graph of its own all the same, each slower to
+# compile than a static one (small_resnet, 16 then 20 px: two graphs either way).
+DYNAMIC_SIZES = False
+# each variant's timing in each round: at least MEASURE_STEPS steps and MEASURE_S seconds (5 steps alone measured
+# one configuration 116 vs 254 img/s, then 1081 vs 621: a choice that flipped between seeds of one study)
+MEASURE_STEPS, MEASURE_S, MEASURE_ROUNDS = 5, 1.5, 2
 SPARE_GRAPHS = 8  # torch's own recompile_limit: room for guards beyond the graphs a process expects
 
 

@@ -593,13 +593,13 @@ class Run:
         run alike, and a resumed process's compilation too. Returns the batches of the rest of the run."""
         stream = run_batches(self.loader, self.plan, state.step)
         path_step, x, y = first = next(stream)
-        xm, ym = x.chunk(self.args.grad_accum)[0], y.chunk(self.args.grad_accum)[0]
-        trial_pass(self.model, self.raw_model, self.methods, self.autocast, xm, ym, self.context(path_step),
-                   self.scaler, self.ddp)
+        trial_pass(self.model, self.raw_model, self.methods, self.autocast, x, y, self.context(path_step),
+                   self.scaler, self.ddp, self.args.grad_accum)
         if self.setup.compile and self.methods.resizes:  # every image size the run trains at compiled now, in start-up
             sides = costs.step_sides(self.plan, self.methods, (self.data.image_size,) * 2, self.loader.steps_per_epoch)
             for ctx in side_contexts(self.plan, sides, self.loader.steps_per_epoch, self.data).values():
-                trial_pass(self.model, self.raw_model, self.methods, self.autocast, xm, ym, ctx, self.scaler, self.ddp)
+                trial_pass(self.model, self.raw_model, self.methods, self.autocast, x, y, ctx, self.scaler, self.ddp,
+                           self.args.grad_accum)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gb: training's, not the start-up's
@@ -861,15 +861,18 @@ def flops_per_image(model, methods, autocast, data, micro, contexts):
     return out
 
 
-def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=False):
+def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=False, grad_accum=1):
     """One training forward and backward pass of `model` (raw_model: under its DDP and compile wrappers) on the
-    micro-batch (x, y) through the methods' transform_batch and loss, undone: weights, BatchNorm statistics,
-    gradients, RNG and the methods' own state (state_dict: a plug-in counting its calls counts this one not) as
-    before."""
+    first of the `grad_accum` micro-batches of (x, y) through the methods' transform_batch and loss, undone:
+    weights, BatchNorm statistics, gradients, RNG and the methods' own state (state_dict: a plug-in counting its
+    calls counts this one not) as before. The micro-batch is a chunk of a copy of the batch, as train_step's are
+    chunks of it: a compiled model given a whole tensor here would fail a guard of the graph compiled on a view
+    (dynamic shapes) and compile that size again."""
     rng, kept = rng_state(), copy.deepcopy(methods.state_dict())
     with weights_kept(raw_model):
         model.train()
-        xm, ym = methods.transform_batch(x.clone(), y.clone(), ctx)  # a batch transform may change it in place
+        # a copy: a batch transform may change it in place
+        xm, ym = methods.transform_batch(x.clone().chunk(grad_accum)[0], y.clone().chunk(grad_accum)[0], ctx)
         with (model.no_sync() if ddp else contextlib.nullcontext()), autocast:
             loss = methods.loss(model(xm), ym, ctx)
         (scaler.scale(loss) if scaler is not None else loss).backward()

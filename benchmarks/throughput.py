@@ -194,8 +194,9 @@ def main(argv=None):
     p.add_argument("--compile", default="off", choices=("off", "on", "both"),
                    help="eager, compiled, or both in the same rounds (compiled/eager paired by round)")
     p.add_argument("--compile-sizes", choices=("dynamic", "per-size"), default=None,
-                   help="where a method resizes: one dynamic-shape graph or one per size (default: train.py's, "
-                        "compile_choice.DYNAMIC_SIZES)")
+                   help="where a method resizes: dynamic shapes or a static graph per size (default: train.py's, "
+                        "compile_choice.DYNAMIC_SIZES: per size; on torch 2.14 dynamic also compiles a graph per "
+                        "size, its backward pins the size)")
     a = p.parse_args(argv)
     methods, device, amp, model, optimizer_flags, x, y = prepare(p, a)  # (a)'s batch
     if a.compile_sizes:  # train.py's choice for this process: (a) and (c) here, and (b)'s train.main

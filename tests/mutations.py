@@ -459,6 +459,12 @@ MUTATIONS = [
      "steps = {side: max(n, 1) for side, (_, n) in sides.items()}", "steps = {side: 1 for side in sides}",
      C + "test_auto_weighs_each_image_size_by_the_runs_steps_there_and_times_its_compilation"),
     # issue 42, round 3: the second cold review's findings
+    ("dynamic shapes the default again (no fewer graphs on torch 2.14)", "compile_choice.py", "DYNAMIC_SIZES = False",
+     "DYNAMIC_SIZES = True", C + "test_every_image_size_is_compiled_in_the_start_up"),
+    ("the start-up compiles on a copy of a micro-batch, not train_step's view", "train.py",
+     "transform_batch(x.clone().chunk(grad_accum)[0], y.clone().chunk(grad_accum)[0], ctx)",
+     "transform_batch(x.chunk(grad_accum)[0].clone(), y.chunk(grad_accum)[0].clone(), ctx)",
+     C + "test_every_image_size_is_compiled_in_the_start_up"),
     ("a resume reads compile_dynamic from config.json over the checkpoint", "train.py",
      '{**recorded, **ckpt["config"]}.get("compile_dynamic")', '{**ckpt["config"], **recorded}.get("compile_dynamic")',
      C + "test_a_resume_compiles_as_the_run_recorded_not_as_todays_default"),

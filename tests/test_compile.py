@@ -46,10 +46,12 @@ def in_process(monkeypatch):
 class Counted(torch.nn.Module):
     def __init__(self, model, kwargs):
         super().__init__()
-        self.model, self.kwargs, self.shapes, self.batches = model, kwargs, [], []
+        self.model, self.kwargs, self.shapes, self.batches, self.inputs = model, kwargs, [], [], []
 
     def forward(self, x):
         self.shapes.append((tuple(x.shape[-2:]), torch.is_grad_enabled()))
+        # what a graph's guards check of its input: shape, and whether it is a view (of a base of which shape)
+        self.inputs.append((tuple(x.shape), x._base is not None and tuple(x._base.shape)))
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         self.batches.append((tuple(x.shape), dtype))  # the batch the step gave the model, its autocast precision
         return self.model(x)
@@ -410,15 +412,21 @@ def test_ranks_given_different_compile_choices_fail_in_one_line_before_training(
 
 def test_every_image_size_is_compiled_in_the_start_up(in_process, tmp_path):
     """Progressive resizing under --compile: the start-up's passes meet every size the run trains at before the
-    first timed step (so no compilation lands on train_time_s), with dynamic shapes as recorded."""
+    first timed step (so no compilation lands on train_time_s), each as a graph of its own (dynamic shapes give no
+    fewer graphs on this torch: compile_choice.DYNAMIC_SIZES), recorded so; and on the input train_step gives the
+    model, a chunk (a view) of the batch of --grad-accum 2 micro-batches, not a copy of one (a graph compiled on a
+    view fails its guard on a whole tensor: that size would compile twice)."""
+    import compile_choice
+    assert compile_choice.DYNAMIC_SIZES is False
     run = str(tmp_path / "run")
     in_process.main(TINY + ["--run-dir", run, "--compile", "on", "--method", "progressive_resizing", "--cycles", "1",
-                            "--eval-every", "0"])
+                            "--eval-every", "0", "--grad-accum", "2"])
     (wrapper,) = in_process.compiled_models
-    training = [shape for shape, grad in wrapper.shapes if grad]
-    steps = training[-16:]  # the run's 16 steps, after the start-up's passes
-    assert len(set(steps)) > 1 and set(steps) <= set(training[:-16])
-    assert wrapper.kwargs == {"dynamic": True} and config(run)["compile_dynamic"] is True
+    training = [(shape, given) for (shape, grad), given in zip(wrapper.shapes, wrapper.inputs) if grad]
+    steps = training[-2 * 16:]  # the run's 16 steps of 2 micro-batches, after the start-up's passes
+    assert len({shape for shape, _ in steps}) > 1
+    assert {given for _, given in steps} <= {given for _, given in training[:-2 * 16]}, training
+    assert wrapper.kwargs == {"dynamic": False} and config(run)["compile_dynamic"] is False
 
 
 def test_a_resume_compiles_as_the_run_recorded_not_as_todays_default(in_process, tmp_path, monkeypatch):
