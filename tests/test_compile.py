@@ -540,32 +540,40 @@ def test_the_benchmarks_alternate_which_variant_runs_first_and_start_each_from_t
 
 def test_calibrate_times_a_compiled_runs_steps_compiled_and_an_eager_runs_eager(in_process, tmp_path, monkeypatch):
     """benchmarks.calibrate prices a configuration as it trained: a --compile on run's steps go through the compiled
-    model (its untimed first step and every timed one), compiled with the run's recorded compile_dynamic (None: a run
-    from before the key, compiled with torch's default), an eager run's through the plain model. Three
-    configurations, two compiled, in one process: torch's recompile limit is raised for all their graphs and a
+    model (its untimed first step and every timed one), at one image size as one static graph (as the run, or a run
+    from before compile_dynamic, compiled it in its own process), at several sizes with the run's recorded
+    compile_dynamic (dynamic shapes, the default until now), an eager run's through the plain model. Four
+    configurations, three compiled, in one process: torch's recompile limit is raised for all their graphs and a
     fallback to eager past it made an error (by default torch would time them eager without a word)."""
     import compile_choice
-    for name, flag in (("eager", "off"), ("compiled", "on")):
-        in_process.main(TINY + ["--run-dir", str(tmp_path / name), "--compile", flag, "--cycles", "1",
+    resized = ["on", "--method", "progressive_resizing"]
+    for name, flags in (("eager", ["off"]), ("compiled", ["on"]), ("resized", resized)):
+        in_process.main(TINY + ["--run-dir", str(tmp_path / name), "--compile", *flags, "--cycles", "1",
                                 "--eval-every", "0"])
     shutil.copytree(tmp_path / "compiled", tmp_path / "old")
     cfg = config(tmp_path / "old")
     del cfg["compile_dynamic"]  # a run from before the key (and, to be a configuration of its own, clipped)
     with open(tmp_path / "old" / "config.json", "w") as f:
         json.dump(dict(cfg, clip_grad=1.0), f)
+    cfg = config(tmp_path / "resized")  # progressive resizing compiled with dynamic shapes (the default until now)
+    with open(tmp_path / "resized" / "config.json", "w") as f:
+        json.dump(dict(cfg, compile_dynamic=True), f)
     in_process.compiled_models.clear()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's defaults, whatever ran before
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
     from benchmarks import calibrate
     calibrate.main([str(tmp_path), "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup-steps", "0"])
-    assert sorted(str(m.kwargs["dynamic"]) for m in in_process.compiled_models) == ["False", "None"]
-    assert all(sum(grad for _, grad in m.shapes) == 1 + 2 for m in in_process.compiled_models)
+    # one image size: one static graph each, as each run's own process compiled it; several: as the run recorded
+    assert sorted(m.kwargs["dynamic"] for m in in_process.compiled_models) == [False, False, True]
+    for m in in_process.compiled_models:  # at each size its first step and 2 timed ones
+        assert sum(grad for _, grad in m.shapes) == (1 + 2) * len({s for s, _ in m.shapes}) > 0
     assert torch._dynamo.config.fail_on_recompile_limit_hit is True
-    assert torch._dynamo.config.recompile_limit >= 2 + compile_choice.SPARE_GRAPHS
+    graphs = sum(len({s for s, _ in m.shapes}) for m in in_process.compiled_models)  # every configuration's sizes
+    assert graphs > 3 and torch._dynamo.config.recompile_limit >= graphs + compile_choice.SPARE_GRAPHS
     with open(tmp_path / "calibration.json") as f:
         keys = [c["key"] for c in json.load(f)["configs"]]
-    assert sorted((k["compile"], str(k["compile_dynamic"])) for k in keys) == [(False, "None"), (True, "False"),
-                                                                               (True, "None")]
+    assert sorted((k["compile"], str(k["compile_dynamic"]), k["clip_grad"]) for k in keys) == [
+        (False, "None", 0.0), (True, "None", 0.0), (True, "None", 1.0), (True, "True", 0.0)]
 
 
 def test_the_benchmarks_watch_only_the_first_training_pass_and_time_their_steps_without_hooks():
@@ -592,3 +600,25 @@ def test_the_benchmarks_watch_only_the_first_training_pass_and_time_their_steps_
         assert (watch.seen["batch_size"], watch.seen["shape"]) == (4, [3, 16, 16])
     assert watch.seen.get("amp") is None  # (no convolution there)
     assert not module._global_forward_hooks and not module._global_forward_pre_hooks
+
+
+def test_a_compiled_run_at_one_image_size_shares_its_cost_key_with_runs_from_before_compile_dynamic(tmp_path):
+    """costs.cost_key: compile_dynamic splits only runs compiled at several image sizes. A compiled run at one size
+    records false (a static graph), one from before the key none: one static graph either way, one calibration
+    entry (also one a calibration.json keyed false before this rule reads as); eager runs none; progressive
+    resizing's recorded value kept (a graph per size, or dynamic shapes)."""
+    import costs
+    from analysis import axes
+    base = dict(schedule="cyclic", compile=True, train_flops_per_image_by_side={"28x28": 1e6})
+    key = costs.key_text(costs.cost_key(base))
+    assert costs.key_text(costs.cost_key(dict(base, compile_dynamic=False))) == key
+    assert costs.cost_key(dict(base, compile=False))["compile_dynamic"] is None
+    sides = {"14x14": 1e5, "28x28": 1e6}
+    for dynamic in (False, True):
+        resized = dict(base, compile_dynamic=dynamic, train_flops_per_image_by_side=sides)
+        assert costs.cost_key(resized)["compile_dynamic"] is dynamic
+    side = dict(step_s=0.5, rounds=[0.5], train_flops_per_image=1e6)
+    written = dict(costs.cost_key(base), compile_dynamic=False)  # calibrate's key for such a run until now
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(dict(format=axes.FORMAT, rounds=1, configs=[dict(key=written, sides={"28x28": side})])))
+    assert list(axes.read_calibration(str(path)).entries) == [key]
