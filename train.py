@@ -315,7 +315,7 @@ def run_main(argv=None):
                                       else " (fixed by the device)"), file=sys.stderr)
         print(amp)
         return
-    if args.print_compile:  # what --compile auto picks here, for a sweep to pass to all its runs: nothing is written
+    if args.print_compile:  # what --compile auto picks here, for a sweep to give a method set's runs: nothing written
         data, model, loader = build_run(args, setup, methods, device, rank, world_size)  # world: the runs' (below)
         plan = make_plan(args, setup, loader.steps_per_epoch)  # the schedule's checks first: they are quick
         if measures_precision(args, device, world_size):  # (a sweep resolves --amp auto first)

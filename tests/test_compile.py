@@ -302,7 +302,8 @@ def test_print_compile_times_one_ranks_micro_batches_at_the_runs_precision_and_s
 @pytest.fixture
 def fake_venv(tmp_path):
     """(environment, the --print-compile calls) for launch.sh: its VENV's python fakes train.py's runs (test_plans'
-    FAKE_TRAIN) and its --print-compile (answers on; logs TRAIN_CONCURRENT_RUNS, OMP_NUM_THREADS and its arguments),
+    FAKE_TRAIN) and its --print-compile (answers off for a set with --blurpool, else on; logs TRAIN_CONCURRENT_RUNS,
+    OMP_NUM_THREADS and its arguments),
     the real python for the rest. No GPU, no OMP_NUM_THREADS of the suite's own."""
     import sys
 
@@ -314,7 +315,7 @@ def fake_venv(tmp_path):
     python = tmp_path / "venv" / "bin" / "python"
     python.write_text(f'#!/usr/bin/env bash\ncase " $* " in\n'
                       f'  *" --print-compile "*) echo "$TRAIN_CONCURRENT_RUNS $OMP_NUM_THREADS $*" >> {asked}\n'
-                      '    echo on;;\n'
+                      '    case " $* " in *" --blurpool "*) echo off;; *) echo on;; esac;;\n'
                       f'  *" --run-dir "*) exec {sys.executable} {tmp_path / "fake_train.py"} "$@";;\n'
                       f'  *) exec {sys.executable} "$@";;\nesac\n')
     python.chmod(0o755)
@@ -329,8 +330,9 @@ AUTO = ["--", "--data", "synthetic", "--subset", "256", "--batch-size", "32", "-
 
 def test_a_sweep_measures_compile_as_one_of_its_runs_and_keeps_the_device_it_measured_on(tmp_path, fake_venv):
     """--parallel 2: --print-compile runs with one slot's environment (2 runs at once, the cores // 2 threads) at the
-    runs' world size; OUT/compile keeps the choice and the device (cpu: its name); every run gets --compile on. A
-    choice stored from another kind of device is refused in one line, not applied, nothing measured."""
+    runs' world size, as the set's first run trains; OUT/SET/compile keeps the choice and the device (cpu: its name);
+    every run gets --compile on. A choice stored from another kind of device (the set's, or a study-wide OUT/compile)
+    is refused in one line, not applied, nothing measured."""
     import options
     from test_plans import launch as sh
     env, asked = fake_venv
@@ -338,15 +340,47 @@ def test_a_sweep_measures_compile_as_one_of_its_runs_and_keeps_the_device_it_mea
     sh("sweep", "--out", str(out), "--parallel", "2", *SWEEP, *AUTO, env=env)
     (call,) = asked()
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    assert call.startswith(f"2 {threads} train.py ") and call.endswith(" --print-compile 1"), call
-    assert (out / "compile").read_text().splitlines() == ["on", f"cpu: {options.hardware_name(torch.device('cpu'))}"]
+    assert call.startswith(f"2 {threads} train.py --schedule cyclic --cycles 1 --seed 0 ") and call.endswith(
+        " --print-compile 1"), call
+    stored = out / "baseline" / "compile"
+    assert stored.read_text().splitlines() == ["on", f"cpu: {options.hardware_name(torch.device('cpu'))}"]
     starts = [json.loads(line) for line in open(tmp_path / "log") if '"start"' in line]
     assert starts and all(" ".join(e["args"]).count("--compile on") == 1 for e in starts)
-    (out / "compile").write_text("on\ncuda: NVIDIA H100 80GB HBM3\n")
-    p = sh("sweep", "--out", str(out), *SWEEP, *AUTO, env=env, check=False)
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(err) == 1 and "measured on cuda: NVIDIA H100 80GB HBM3, not the device" in err[0]
+    for path in (stored, out / "compile"):  # the set's, then a study-wide one over it
+        path.write_text("on\ncuda: NVIDIA H100 80GB HBM3\n")
+        p = sh("sweep", "--out", str(out), *SWEEP, *AUTO, env=env, check=False)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and f"{path} holds --compile auto's choice measured on cuda: " \
+            "NVIDIA H100 80GB HBM3, not the device" in err[0], p.stderr
     assert len(asked()) == 1
+
+
+def test_a_sweep_chooses_compile_per_method_set_as_its_first_run_trains_and_its_runs_share_it(tmp_path, fake_venv):
+    """Two method sets, two seeds, cyclic and standard runs: --print-compile once per set, with the set's methods
+    and its first run's schedule (the cyclic run of the first seed), each choice kept in OUT/SET/compile and given
+    to every run of its set, cyclic and standard alike (the schedule comparison stays clean); a second sweep into
+    the folder measures nothing."""
+    from test_plans import launch as sh
+    env, asked = fake_venv
+    out = tmp_path / "study"
+    sweep = ["sweep", "--out", str(out), "--seeds", "0 1", "--methods", "baseline,bp", "--cycles", "1",
+             "--no-report", *AUTO]
+    sh(*sweep, env=env)
+    calls = asked()
+    assert len(calls) == 2 and all(" --schedule cyclic --cycles 1 --seed 0 " in c for c in calls), calls
+    assert [" --blurpool " in c for c in calls] == [False, True]
+    assert [(out / s / "compile").read_text().split()[0] for s in ("baseline", "bp")] == ["on", "off"]
+    runs = {}
+    for line in open(tmp_path / "log"):
+        if '"start"' in line:
+            e = json.loads(line)
+            runs[os.path.relpath(e["run"], out)] = " ".join(e["args"])
+    assert len(runs) == 2 * 2 * 2, runs  # 2 sets x 2 seeds x (cyclic + standard)
+    for run, args in runs.items():
+        want = "off" if run.startswith("bp/") else "on"
+        assert args.count(f"--compile {want}") == 1 and "--compile auto" not in args, (run, args)
+    sh(*sweep, env=env)
+    assert len(asked()) == 2
 
 
 def test_compile_auto_is_refused_where_it_would_be_measured_on_the_wrong_machine(tmp_path, fake_venv):
