@@ -699,3 +699,59 @@ def test_a_compiled_run_at_one_image_size_shares_its_cost_key_with_runs_from_bef
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(dict(format=axes.FORMAT, rounds=1, configs=[dict(key=written, sides={"28x28": side})])))
     assert list(axes.read_calibration(str(path)).entries) == [key]
+
+
+GLOBAL_RNG = '''
+import random
+
+import numpy as np
+import torch
+from methods import Method
+
+
+class GlobalJitter(Method):
+    """Scales each micro-batch by draws of Python's, NumPy's and torch's global generators, as a user's augmentation
+    may: the run's result and its RNG states depend on every draw before."""
+    name = "global_jitter"
+
+    def transform_batch(self, x, y, ctx):
+        return x * (1 + 0.01 * (random.random() + float(np.random.rand()) + torch.rand(()).item())), y
+'''
+
+
+@pytest.mark.parametrize("chosen", [False, True])
+def test_auto_trains_exactly_as_the_choice_given_by_name(in_process, tmp_path, tmp_path_factory, monkeypatch,
+                                                         chosen):
+    """At run level: --compile auto that chose off trains exactly as --compile off, and auto that chose on exactly as
+    --compile on (the fake compile: the same arithmetic). The measurement really steps the run (each timing runs two
+    steps of a plug-in drawing from Python's, NumPy's and torch's global RNG, SGD momentum, EMA); afterwards the same
+    metrics.csv rows but their times, the same last.pt but times: weights, optimizer, scaler, methods' state and every
+    rank's RNG states (a leak that the fresh run's torch.manual_seed would mask in torch's RNG shows in the others)."""
+    import compile_choice
+    plugin = tmp_path_factory.getbasetemp() / "global_jitter.py"  # one file per process: a method is registered once
+    plugin.write_text(GLOBAL_RNG)
+    calls = []
+
+    def timed(step, batch, steps, device):  # rounds A B, B A: eager 100 img/s, compiled 200 (chosen) or 100
+        step()
+        step()
+        n = len(calls)
+        calls.append(n)
+        compiled = n % 2 == (0 if n // 2 % 2 else 1)
+        return 200.0 if compiled and chosen else 100.0
+    monkeypatch.setattr(compile_choice, "images_per_second", timed)
+    args = TINY + ["--cycles", "1", "--eval-every", "1", "--momentum", "0.9", "--plugins", str(plugin),
+                   "--method", "global_jitter", "--method", "ema"]
+    runs = {name: tmp_path / name for name in ("auto", "named")}
+    in_process.main(args + ["--run-dir", str(runs["auto"]), "--compile", "auto"])
+    in_process.main(args + ["--run-dir", str(runs["named"]), "--compile", "on" if chosen else "off"])
+    assert calls and config(runs["auto"])["compile"] is chosen is config(runs["named"])["compile"]
+    timing = ("_s", "images_per_s", "peak_mem_gb")
+    untimed = [[{k: v for k, v in r.items() if not k.endswith(timing)} for r in rows(run)] for run in runs.values()]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 2
+    ckpts = [torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in runs.values()]
+    times = {"train_time_s", "curve_cost_s", "startup_s", "row_time"}
+    assert ckpts[0].keys() == ckpts[1].keys() and "ranks" in ckpts[0]
+    for key in set(ckpts[0]) - times:
+        assert same(ckpts[0][key], ckpts[1][key]), key
+    assert ckpts[0]["ranks"][0]["rng"]["python"] and same(ckpts[0]["ranks"], ckpts[1]["ranks"])
