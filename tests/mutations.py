@@ -503,6 +503,8 @@ MUTATIONS = [
      "        load_path(kept, raw_model, optimizer, scaler, methods)\n",
      "        load_path(dict(kept, rng=rng_state()), raw_model, optimizer, scaler, methods)\n",
      C + "test_auto_trains_exactly_as_the_choice_given_by_name"),
+    ("--print-compile's help copied from --print-amp", "options.py", "launch.sh sweep asks it once per \"\n",
+     "sweeps pass it to all their runs \"\n", C + "test_print_compile_help_says_what_a_sweep_does_with_it"),
     ("--compile auto times eager first in every round", "compile_choice.py",
      'for name in ("eager", "compiled")[::1 if r % 2 == 0 else -1]:', 'for name in ("eager", "compiled"):',
      C + "test_auto_weighs_each_image_size_by_the_runs_steps_there_and_times_its_compilation"),

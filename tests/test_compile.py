@@ -755,3 +755,11 @@ def test_auto_trains_exactly_as_the_choice_given_by_name(in_process, tmp_path, t
     for key in set(ckpts[0]) - times:
         assert same(ckpts[0][key], ckpts[1][key]), key
     assert ckpts[0]["ranks"][0]["rng"]["python"] and same(ckpts[0]["ranks"], ckpts[1]["ranks"])
+
+
+def test_print_compile_help_says_what_a_sweep_does_with_it():
+    """--print-compile's help: launch.sh asks it once per method set and passes the answer to that set's runs (not
+    'to all their runs', --print-amp's wording)."""
+    import options
+    (action,) = [a for a in options.build_parser()._actions if "--print-compile" in a.option_strings]
+    assert "once per method set" in action.help and "all their runs" not in action.help
