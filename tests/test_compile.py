@@ -3,7 +3,10 @@ image size weighted by its steps), on the run's own step and undone, what a run 
 it (and its compile_dynamic) without measuring, --print-compile for sweeps at the runs' world size, launch.sh's
 refusals where it would measure on the wrong machine, ranks that disagree, bad input in one line, every image size
 compiled in start-up, the benchmarks' alternating order, calibrate's recompile limit; and one real compilation of a
-tiny model, whose run agrees with the eager run's."""
+tiny model, whose run agrees with the eager run's. Round 3: a sweep's choice per method set as its first run trains,
+the measurement's minimum wall time, seeds differing only in compile named, the start-up compiling on train_step's
+views, compile_dynamic from the checkpoint and out of one-size cost keys, hook-free benchmark steps, and auto that
+trains exactly as the choice given by name."""
 import csv
 import json
 import os
