@@ -1,15 +1,16 @@
 """--compile off|on|auto for train.py: what auto measures and picks, how the model is compiled, what is recorded.
 
-auto works as --amp auto does on a CPU: once per run, on the run's model, precision and first batch, it times a few
+auto works as --amp auto does on a CPU: once per run, on the run's model, precision and first batch, it times some
 of the run's own optimizer steps (train.py's train_step: its optimizer, GradScaler, clipping and methods' hooks, its
---grad-accum micro-batches of one rank's share of the batch) eager and compiled, interleaved, the better of two rounds
-each (this VM's speed drifts; odd rounds compiled first), and compiles only where the compiled steps train at least
-MARGIN x faster in steady state. A run that trains at several image sizes (progressive resizing) is timed at every
-size it trains at, each size weighted by the run's steps there. The measurement is start-up, all of it: its seconds
-(measure_s) go to startup_s, never to train_time_s, whichever way it chose; the compilation in it is timed apart
-(compile_s). Both figures, the choice and those seconds are recorded in config.json's compile_auto. A resume keeps
-the choice the run recorded and measures nothing. Under torchrun auto is refused (ranks could pick differently);
-launch.sh sweep asks train.py --print-compile WORLD_SIZE once per study and passes on or off."""
+--grad-accum micro-batches of one rank's share of the batch) eager and compiled, interleaved, each for at least
+MEASURE_S seconds, the better of two rounds each (this VM's speed drifts; odd rounds compiled first), and compiles
+only where the compiled steps train at least MARGIN x faster in steady state. A run that trains at several image
+sizes (progressive resizing) is timed at every size it trains at, each size weighted by the run's steps there. The
+measurement is start-up, all of it: its seconds (measure_s) go to startup_s, never to train_time_s, whichever way it
+chose; the compilation in it is timed apart (compile_s). Both figures, the choice and those seconds are recorded in
+config.json's compile_auto. A resume keeps the choice the run recorded and measures nothing. Under torchrun auto is
+refused (ranks could pick differently); launch.sh sweep asks train.py --print-compile WORLD_SIZE once per method set
+(as the set's first run trains) and passes on or off to the set's runs."""
 import sys
 import time
 from dataclasses import replace
@@ -19,8 +20,13 @@ import torch
 MARGIN = 1.1  # compile only where the compiled steps train at least this much faster: near a tie, eager
 # A fresh run's graphs for several image sizes (progressive resizing): one with dynamic shapes (True) or one static
 # graph per size (False). Recorded as compile_dynamic: a resume and benchmarks.calibrate compile as the run recorded.
-DYNAMIC_SIZES = True
-MEASURE_STEPS, MEASURE_ROUNDS = 5, 2
+# Per size: on torch 2.14 dynamic shapes give no fewer graphs. Inductor's backward compile pins the image size
+# (guard Eq(s**2, 256) at 16 px), so every other size compiles a graph of its own all the same, each slower to
+# compile than a static one (small_resnet, 16 then 20 px: two graphs either way).
+DYNAMIC_SIZES = False
+# each variant's timing in each round: at least MEASURE_STEPS steps and MEASURE_S seconds (5 steps alone measured
+# one configuration 116 vs 254 img/s, then 1081 vs 621: a choice that flipped between seeds of one study)
+MEASURE_STEPS, MEASURE_S, MEASURE_ROUNDS = 5, 1.5, 2
 SPARE_GRAPHS = 8  # torch's own recompile_limit: room for guards beyond the graphs a process expects
 
 
@@ -53,14 +59,17 @@ def sync(device):
 
 
 def images_per_second(step, batch, steps, device):
-    """Images per second of `step` over `steps` calls, after one untimed call (a GPU waited for)."""
+    """Images per second of `step` over at least `steps` calls and MEASURE_S seconds, after one untimed call (a GPU
+    waited for). The clock is read between calls without waiting for the GPU (which a sync per step would slow):
+    it runs a queue ahead at most, and the last sync closes the count."""
     step()
     sync(device)
-    started = time.perf_counter()
-    for _ in range(steps):
+    started, calls = time.perf_counter(), 0
+    while calls < steps or time.perf_counter() - started < MEASURE_S:
         step()
+        calls += 1
     sync(device)
-    return steps * batch / (time.perf_counter() - started)
+    return calls * batch / (time.perf_counter() - started)
 
 
 def measure(model, step, sides, batch, dynamic, kept):

@@ -25,10 +25,15 @@ COST_DEFAULTS = {"compile": False, "deterministic": False, "skip_nonfinite": 0, 
 
 
 def cost_key(config):
-    """The COST_KEYS of a run's config.json as a dict (missing keys: the value runs had before the key)."""
+    """The COST_KEYS of a run's config.json as a dict (missing keys: the value runs had before the key).
+    compile_dynamic only splits runs compiled at several image sizes: eager, or at one size (one static graph
+    whichever way: a fresh run records false, a run from before the key none), it is None."""
     c = {**ADDED_DEFAULTS, **COST_DEFAULTS, **config}
+    sides = c.get("train_flops_per_image_by_side")  # (runs from before it: as recorded)
     derived = {"methods": canonical_methods(config), "method_options": method_options(config),
-               "schedule_free": c["schedule"] == "schedule-free", "check_finite": bool(c["skip_nonfinite"])}
+               "schedule_free": c["schedule"] == "schedule-free", "check_finite": bool(c["skip_nonfinite"]),
+               "compile_dynamic": None if not c["compile"] or (sides is not None and len(sides) == 1)
+               else c["compile_dynamic"]}
     return {k: derived[k] if k in derived else c.get(k) for k in COST_KEYS}
 
 

@@ -57,7 +57,7 @@ setup() {
 
 py_bin() { if [ -x "$VENV/bin/python" ]; then echo "$VENV/bin/python"; else echo python3; fi; }
 PY() { "$(py_bin)" "$@"; }
-# the device train.py would train on here, as OUT/compile records it: 'cuda: NVIDIA H100 80GB HBM3', 'cpu: ...'
+# the device train.py would train on here, as OUT/SET/compile records it: 'cuda: NVIDIA H100 80GB HBM3', 'cpu: ...'
 DEVICE_HERE='import torch, options
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print(f"{device.type}: {options.hardware_name(device)}")'
@@ -286,6 +286,74 @@ check_plan() {  # --plan, --parallel, --gpus and OMP_NUM_THREADS: refused before
   if [ "$PARALLEL" -gt 1 ] && [ "$DRY" != 1 ]; then PY plan.py check-parallel "$PARALLEL" "$GPUS" || exit 2; fi
 }
 
+set_runs() {  # seed, set, its train.py flags (methods, then the sweep's): RUNS, the set's runs of that seed in the
+  # sweep's order, each 'run folder<TAB>train.py flags'
+  local seed=$1 set=$2 flags=$3 sched e
+  RUNS=()
+  for sched in ${SCHEDULES//,/ }; do
+    [ "$sched" = none ] && continue
+    case "$sched" in
+      cyclic|cyclic-decay|wsd|schedule-free) ;;
+      *) echo "launch.sh: unknown schedule '$sched' in --schedules (cyclic, cyclic-decay, wsd, schedule-free)" >&2
+         exit 2;;
+    esac
+    RUNS+=("$OUT/$set/s$seed/$sched"$'\t'"--schedule $sched --cycles $CYCLES --seed $seed $flags")
+  done
+  for e in $ends; do
+    [ "$STANDARD" = 1 ] || break
+    [ -z "$BUDGETS" ] || [[ " $BUDGETS " == *" $e "* ]] || continue
+    RUNS+=("$OUT/$set/s$seed/standard-e$e"$'\t'"--schedule standard --epochs $e --seed $seed $flags")
+  done
+  if [ "$CONSTANT" = 1 ]; then
+    local cycles=$(( (1 << CYCLES) - 1 )) flat=${flags/--t-mult $T_MULT/}  # (one period: no t_mult)
+    RUNS+=("$OUT/$set/s$seed/constant"$'\t'"--schedule constant --cycles $cycles --seed $seed $flat")
+  fi
+}
+
+compile_choice() {  # set, then the train.py flags of its first run: COMPILED, the set's --compile (on or off; empty
+  # in a dry run that has none stored). OUT/compile, where there is one (a study's one choice: written by hand, or
+  # by a sweep before choices were per set), holds for every set.
+  local set=$1 file="$OUT/$1/compile" measured_on="" runs_on compiled=""; shift
+  [ -s "$OUT/compile" ] && file="$OUT/compile"
+  [ -s "$file" ] && { compiled=$(sed -n 1p "$file"); measured_on=$(sed -n 2p "$file"); }
+  runs_on=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)
+  if [ "$DRY" != 1 ] && [ -n "$compiled" ] && [ -n "$measured_on" ]; then  # a choice holds on its kind of device
+    if { [ -n "$PLAN" ] && [ "${measured_on%%:*}" != "$runs_on" ]; } \
+       || { [ -z "$PLAN" ] && [ "$measured_on" != "$(device_here)" ]; }; then
+      echo "launch.sh: $file holds --compile auto's choice measured on $measured_on, not the device the runs" \
+           "train on; pass -- --compile on|off, or delete $file to measure again here" >&2; exit 2
+    fi
+  fi
+  if [ -z "$compiled" ] && [ "$DRY" != 1 ]; then
+    if [ "$NNODES" -gt 1 ]; then
+      echo "launch.sh: --nnodes $NNODES: --compile auto would be measured on every node, which could choose" \
+           "differently; pass -- --compile on|off, or resolve each method set's on one node first: mkdir -p" \
+           "$OUT/$set && python train.py $* --print-compile $(( GPUS * NNODES )) | tail -n 1 > $OUT/$set/compile" >&2
+      exit 2
+    fi
+    if [ -n "$PLAN" ] && [ "$GPUS" -gt 0 ] && [ "$(PY plan.py gpus)" = 0 ]; then
+      echo "launch.sh: --plan: --compile auto would be decided here, on a machine without a GPU, for runs on" \
+           "GPUs; pass -- --compile on|off explicitly, or write the plan on a GPU node" >&2; exit 2
+    fi
+    local slot=()  # --parallel N: measured with the environment and cores of one of the N runs at once
+    [ "$PARALLEL" -gt 1 ] && read -ra slot < <(PY -c 'import sys, plan
+env, cores = plan.slots(int(sys.argv[1]), int(sys.argv[2]))[0]
+print(*[f"{k}={v}" for k, v in env.items()], *(["taskset", "-c", cores] if cores else []))' "$PARALLEL" "$GPUS")
+    compiled=$(env "${slot[@]}" "$(py_bin)" train.py "$@" --print-compile "$(( GPUS > 0 ? GPUS * NNODES : 1 ))" \
+               | tail -n 1) || true
+    case "$compiled" in
+      on|off) mkdir -p "$(dirname "$file")"
+              printf '%s\n%s\n' "$compiled" "$(env "${slot[@]}" "$(py_bin)" -c "$DEVICE_HERE")" > "$file";;
+    esac
+  fi
+  case "$compiled" in
+    on|off) COMPILED=$compiled;;
+    *) [ "$DRY" = 1 ] || { echo "launch.sh: could not resolve --compile auto for method set $set (train.py $*" \
+                                "--print-compile)" >&2; exit 2; }
+       COMPILED="";;
+  esac
+}
+
 sweep() {
   parse_sweep "$@"
   check_plan
@@ -333,48 +401,6 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
                              exit 2; };;
     esac
   fi
-  # --compile auto likewise (at the precision above): measured once per study, as one of its runs trains (rank 0's
-  # share of the batch at the runs' world size; one --parallel slot's cores), kept in OUT/compile with the device it
-  # was measured on, and every run asked for on or off by name (it also keeps torchrun runs, which refuse auto,
-  # measured)
-  if [[ " $common " == *" --compile auto "* ]]; then
-    local compiled="" measured_on="" runs_on
-    [ -s "$OUT/compile" ] && { compiled=$(sed -n 1p "$OUT/compile"); measured_on=$(sed -n 2p "$OUT/compile"); }
-    runs_on=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)
-    if [ "$DRY" != 1 ] && [ -n "$compiled" ] && [ -n "$measured_on" ]; then  # a choice holds on its kind of device
-      if { [ -n "$PLAN" ] && [ "${measured_on%%:*}" != "$runs_on" ]; } \
-         || { [ -z "$PLAN" ] && [ "$measured_on" != "$(device_here)" ]; }; then
-        echo "launch.sh: $OUT/compile holds --compile auto's choice measured on $measured_on, not the device the" \
-             "runs train on; pass -- --compile on|off, or delete $OUT/compile to measure again here" >&2; exit 2
-      fi
-    fi
-    if [ -z "$compiled" ] && [ "$DRY" != 1 ]; then
-      if [ "$NNODES" -gt 1 ]; then
-        echo "launch.sh: --nnodes $NNODES: --compile auto would be measured on every node, which could choose" \
-             "differently; pass -- --compile on|off, or resolve it first on one node: python train.py FLAGS" \
-             "--compile auto --print-compile $(( GPUS * NNODES )) | tail -n 1 > $OUT/compile" >&2; exit 2
-      fi
-      if [ -n "$PLAN" ] && [ "$GPUS" -gt 0 ] && [ "$(PY plan.py gpus)" = 0 ]; then
-        echo "launch.sh: --plan: --compile auto would be decided here, on a machine without a GPU, for runs on" \
-             "GPUs; pass -- --compile on|off explicitly, or write the plan on a GPU node" >&2; exit 2
-      fi
-      local slot=()  # --parallel N: measured with the environment and cores of one of the N runs at once
-      [ "$PARALLEL" -gt 1 ] && read -ra slot < <(PY -c 'import sys, plan
-env, cores = plan.slots(int(sys.argv[1]), int(sys.argv[2]))[0]
-print(*[f"{k}={v}" for k, v in env.items()], *(["taskset", "-c", cores] if cores else []))' "$PARALLEL" "$GPUS")
-      compiled=$(env "${slot[@]}" "$(py_bin)" train.py $common --print-compile "$(( GPUS > 0 ? GPUS * NNODES : 1 ))" \
-                 | tail -n 1) || true
-      case "$compiled" in
-        on|off) mkdir -p "$OUT"; printf '%s\n%s\n' "$compiled" "$(env "${slot[@]}" "$(py_bin)" -c "$DEVICE_HERE")" \
-                  > "$OUT/compile";;
-      esac
-    fi
-    case "$compiled" in
-      on|off) common="${common/--compile auto/--compile $compiled}";;
-      *) [ "$DRY" = 1 ] || { echo "launch.sh: could not resolve --compile auto (train.py $common --print-compile)" >&2
-                             exit 2; };;
-    esac
-  fi
   local ends
   ends=$(PY -c "import schedules as s
 print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES)))")
@@ -389,27 +415,26 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
     check_methods "${CONFIGS[*]:-} ${EXTRA[*]:-}" "${PLUGINS[*]:-}" "${checks[@]}"
     CHECKED+="<$key>"
   fi
+  # --compile auto likewise (at the precision above), but once per method set: measured as the set's first run
+  # trains (its methods and schedule; rank 0's share of the batch at the runs' world size; one --parallel slot's
+  # cores), kept in OUT/SET/compile with the device it was measured on, and each of the set's runs, cyclic and
+  # standard alike, asked for on or off by name (it also keeps torchrun runs, which refuse auto, measured)
+  local -A set_common=()
+  local seeds=()
+  read -ra seeds <<<"$SEEDS"
+  if [[ " $common " == *" --compile auto "* ]]; then
+    for set in "${sets[@]}"; do
+      set_runs "${seeds[0]:-0}" "$set" "$(method_flags "$set") $common"
+      [ ${#RUNS[@]} -gt 0 ] || continue
+      compile_choice "$set" ${RUNS[0]#*$'\t'}
+      [ -z "$COMPILED" ] || set_common[$set]=${common/--compile auto/--compile $COMPILED}
+    done
+  fi
+  local run
   for seed in $SEEDS; do
     for set in "${sets[@]}"; do
-      local mf; mf=$(method_flags "$set")
-      for sched in ${SCHEDULES//,/ }; do
-        [ "$sched" = none ] && continue
-        case "$sched" in
-          cyclic|cyclic-decay|wsd|schedule-free) ;;
-          *) echo "launch.sh: unknown schedule '$sched' in --schedules (cyclic, cyclic-decay, wsd, schedule-free)" >&2
-             exit 2;;
-        esac
-        one_run "$OUT/$set/s$seed/$sched" --schedule "$sched" --cycles "$CYCLES" --seed "$seed" $mf $common
-      done
-      for e in $ends; do
-        [ "$STANDARD" = 1 ] || break
-        [ -z "$BUDGETS" ] || [[ " $BUDGETS " == *" $e "* ]] || continue
-        one_run "$OUT/$set/s$seed/standard-e$e" --schedule standard --epochs "$e" --seed "$seed" $mf $common
-      done
-      if [ "$CONSTANT" = 1 ]; then
-        one_run "$OUT/$set/s$seed/constant" --schedule constant --cycles "$(( (1 << CYCLES) - 1 ))" --seed "$seed" \
-          $mf ${common/--t-mult $T_MULT/}
-      fi
+      set_runs "$seed" "$set" "$(method_flags "$set") ${set_common[$set]:-$common}"
+      for run in "${RUNS[@]}"; do one_run "${run%%$'\t'*}" ${run#*$'\t'}; done
     done
   done
   if [ -n "$RECORDS" ]; then  # the plan, in the order above; --parallel runs it here and now

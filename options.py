@@ -154,7 +154,8 @@ def build_parser():
                    help="torch.compile the model's training passes (bare --compile: on); auto: compile only where a "
                         "few timed steps of this model train >= 1.1x faster (compile_choice.py)")
     g.add_argument("--print-compile", nargs="?", const=1, type=int, metavar="WORLD_SIZE",
-                   help="print what --compile would do here (on or off) and exit (sweeps pass it to all their runs); "
+                   help="print what --compile would do here (on or off) and exit: launch.sh sweep asks it once per "
+                        "method set, as that set's first run trains, and passes the answer to the set's runs; "
                         "measured on one rank's share of the batch at WORLD_SIZE ranks (default 1)")
     g.add_argument("--deterministic", action="store_true",
                    help="GPU: no TF32, no cudnn autotuning, deterministic kernels (slower; bitwise-exact resume)")

@@ -364,7 +364,7 @@ def run_main(argv=None):
                                       else " (fixed by the device)"), file=sys.stderr)
         print(amp)
         return
-    if args.print_compile:  # what --compile auto picks here, for a sweep to pass to all its runs: nothing is written
+    if args.print_compile:  # what --compile auto picks here, for a sweep to give a method set's runs: nothing written
         data, model, loader = build_run(args, setup, methods, device, rank, world_size)  # world: the runs' (below)
         plan = make_plan(args, setup, loader.steps_per_epoch)  # the schedule's checks first: they are quick
         if measures_precision(args, device, world_size):  # (a sweep resolves --amp auto first)
@@ -437,8 +437,10 @@ def run_main(argv=None):
     flops = count_flops(raw_model, methods, autocast, data, plan, micro_batch_size(args, world_size), spe)
     # --compile auto's measurement is start-up, whichever way it chose
     state = TrainState(startup_time=compile_auto["measure_s"] if compile_auto and ckpt is None else 0.0)
-    # a resume compiles as the run recorded (runs from before the key: torch's default, as they were compiled)
-    dynamic = recorded.get("compile_dynamic") if ckpt is not None else compile_choice.dynamic(setup.compile, methods)
+    # a resume compiles as the run recorded: its checkpoint says (config.json for a checkpoint that predates the key,
+    # as resume_decision reads options; runs from before the key: torch's default, as they were compiled)
+    dynamic = ({**recorded, **ckpt["config"]}.get("compile_dynamic") if ckpt is not None
+               else compile_choice.dynamic(setup.compile, methods))
     if ckpt is not None:
         try:
             state = restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank)
@@ -490,7 +492,8 @@ def run_main(argv=None):
                     print(f"{m.spec}: {key}: {', '.join(map(str, value))}")
 
     run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods, autocast,
-              rank, world_size, ddp, device, log, tracked if master else Trackers([], None, None), flops)
+              rank, world_size, ddp, device, log, tracked if master else Trackers([], None, None), flops,
+              config["compile_dynamic"])
     steps_here = run.train(state)
     run.tracked.close()
     if hasattr(data, "close"):  # the validation workers
@@ -532,9 +535,9 @@ class Run:
     """The training loop and what it needs; one object so the loop reads without a dozen arguments."""
 
     def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods,
-                 autocast, rank, world_size, ddp, device, log, tracked, flops):
+                 autocast, rank, world_size, ddp, device, log, tracked, flops, compile_dynamic=None):
         self.args, self.setup, self.plan, self.data, self.loader = args, setup, plan, data, loader
-        self.flops = flops
+        self.flops, self.compile_dynamic = flops, compile_dynamic  # (config.json's, kept in the checkpoint too)
         self.model, self.raw_model, self.optimizer, self.scheduler, self.scaler = (model, raw_model, optimizer,
                                                                                    scheduler, scaler)
         self.methods, self.autocast, self.log, self.tracked = methods, autocast, log, tracked
@@ -652,13 +655,13 @@ class Run:
         run alike, and a resumed process's compilation too. Returns the batches of the rest of the run."""
         stream = run_batches(self.loader, self.plan, state.step)
         path_step, x, y = first = next(stream)
-        xm, ym = x.chunk(self.args.grad_accum)[0], y.chunk(self.args.grad_accum)[0]
-        trial_pass(self.model, self.raw_model, self.methods, self.autocast, xm, ym, self.context(path_step),
-                   self.scaler, self.ddp)
+        trial_pass(self.model, self.raw_model, self.methods, self.autocast, x, y, self.context(path_step),
+                   self.scaler, self.ddp, self.args.grad_accum)
         if self.setup.compile and self.methods.resizes:  # every image size the run trains at compiled now, in start-up
             sides = costs.step_sides(self.plan, self.methods, (self.data.image_size,) * 2, self.loader.steps_per_epoch)
             for ctx in side_contexts(self.plan, sides, self.loader.steps_per_epoch, self.data).values():
-                trial_pass(self.model, self.raw_model, self.methods, self.autocast, xm, ym, ctx, self.scaler, self.ddp)
+                trial_pass(self.model, self.raw_model, self.methods, self.autocast, x, y, ctx, self.scaler, self.ddp,
+                           self.args.grad_accum)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gb: training's, not the start-up's
@@ -790,7 +793,8 @@ class Run:
         save_checkpoint(self.setup.run_dir, dict(
             path, scheduler=self.scheduler.state_dict() if self.scheduler is not None else None, step=state.step,
             curve_cost_s=state.cost_time, startup_s=state.startup_time, metrics_rows=state.metrics_rows,
-            skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=result_options(self.args, self.setup)))
+            skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=dict(result_options(self.args, self.setup),
+                                                                               compile_dynamic=self.compile_dynamic)))
 
 
 # TrainState fields a path carries
@@ -922,15 +926,18 @@ def flops_per_image(model, methods, autocast, data, micro, contexts):
     return out
 
 
-def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=False):
+def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=False, grad_accum=1):
     """One training forward and backward pass of `model` (raw_model: under its DDP and compile wrappers) on the
-    micro-batch (x, y) through the methods' transform_batch and loss, undone: weights, BatchNorm statistics,
-    gradients, RNG and the methods' own state (state_dict: a plug-in counting its calls counts this one not) as
-    before."""
+    first of the `grad_accum` micro-batches of (x, y) through the methods' transform_batch and loss, undone:
+    weights, BatchNorm statistics, gradients, RNG and the methods' own state (state_dict: a plug-in counting its
+    calls counts this one not) as before. The micro-batch is a chunk of a copy of the batch, as train_step's are
+    chunks of it: a compiled model given a whole tensor here would fail a guard of the graph compiled on a view
+    (dynamic shapes) and compile that size again."""
     rng, kept = rng_state(), copy.deepcopy(methods.state_dict())
     with weights_kept(raw_model):
         model.train()
-        xm, ym = methods.transform_batch(x.clone(), y.clone(), ctx)  # a batch transform may change it in place
+        # a copy: a batch transform may change it in place
+        xm, ym = methods.transform_batch(x.clone().chunk(grad_accum)[0], y.clone().chunk(grad_accum)[0], ctx)
         with (model.no_sync() if ddp else contextlib.nullcontext()), autocast:
             loss = methods.loss(model(xm), ym, ctx)
         (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -21,9 +21,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 import schedules  # noqa: E402
 from analysis import axes, review, stats  # noqa: E402
-from analysis.compare import (add_common_args, analyse, axis_lines, ci_text, fmt, group_line,  # noqa: E402
-                              hardware_lines, improvement_series, left_out_lines, nonnegative, speed_lines,
-                              write_tables)
+from analysis.compare import (add_common_args, analyse, axis_lines, ci_text, compile_lines, fmt,  # noqa: E402
+                              group_line, hardware_lines, improvement_series, left_out_lines, nonnegative,
+                              speed_lines, write_tables)
 from analysis.runs import MATCH_TOLERANCE, SCHEDULE_KEYS, RunError, order_methods, read_run  # noqa: E402
 
 STYLE = {"standard": dict(ls="-", marker="o"), "cyclic": dict(ls="--", marker="s"),
@@ -935,7 +935,7 @@ def main(argv=None):
         md += [f"- {line}." for line in axis_lines(analysis)] + [""]
     if group_line(analysis):
         md += [group_line(analysis) + ".", ""]
-    for line in hardware_lines(analysis) + speed_lines(analysis):
+    for line in hardware_lines(analysis) + compile_lines(analysis) + speed_lines(analysis):
         print(f"warning: {line}")
         md += [f"- Note: {line}.", ""]
     if analysis.left_out:

@@ -121,9 +121,10 @@ def build(cfg, device, data_cache, data_dir, graphs=0):
     cfg.flops = train.flops_per_image(model, methods, autocast, data, micro, contexts)
     cfg.contexts, cfg.shape = contexts, (data.in_chans, data.image_size, data.image_size)
     # a compiled run's steps are timed compiled as it was compiled (each image size compiles in its side's untimed
-    # first step)
-    stepped = (compile_choice.compile_model(model, cfg.key["compile_dynamic"], graphs + len(contexts))
-               if setup.compile else model)
+    # first step); at one image size (compile_dynamic None in the key) one static graph, as its own process compiled
+    # it (torch's default would make a size dynamic here, met again in another configuration of this process)
+    dynamic = False if cfg.key["compile_dynamic"] is None and len(contexts) == 1 else cfg.key["compile_dynamic"]
+    stepped = compile_choice.compile_model(model, dynamic, graphs + len(contexts)) if setup.compile else model
     cfg.run = train.Run(args, setup, plan, data, loader, stepped, model, optimizer, scheduler, scaler, methods,
                         autocast, 0, world_size, False, device, None, Trackers([], None, None), None)
     cfg.state = train.TrainState()

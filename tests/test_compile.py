@@ -3,7 +3,10 @@ image size weighted by its steps), on the run's own step and undone, what a run 
 it (and its compile_dynamic) without measuring, --print-compile for sweeps at the runs' world size, launch.sh's
 refusals where it would measure on the wrong machine, ranks that disagree, bad input in one line, every image size
 compiled in start-up, the benchmarks' alternating order, calibrate's recompile limit; and one real compilation of a
-tiny model, whose run agrees with the eager run's."""
+tiny model, whose run agrees with the eager run's. Round 3: a sweep's choice per method set as its first run trains,
+the measurement's minimum wall time, seeds differing only in compile named, the start-up compiling on train_step's
+views, compile_dynamic from the checkpoint and out of one-size cost keys, hook-free benchmark steps, and auto that
+trains exactly as the choice given by name."""
 import csv
 import json
 import os
@@ -46,10 +49,12 @@ def in_process(monkeypatch):
 class Counted(torch.nn.Module):
     def __init__(self, model, kwargs):
         super().__init__()
-        self.model, self.kwargs, self.shapes, self.batches = model, kwargs, [], []
+        self.model, self.kwargs, self.shapes, self.batches, self.inputs = model, kwargs, [], [], []
 
     def forward(self, x):
         self.shapes.append((tuple(x.shape[-2:]), torch.is_grad_enabled()))
+        # what a graph's guards check of its input: shape, and whether it is a view (of a base of which shape)
+        self.inputs.append((tuple(x.shape), x._base is not None and tuple(x._base.shape)))
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         self.batches.append((tuple(x.shape), dtype))  # the batch the step gave the model, its autocast precision
         return self.model(x)
@@ -300,7 +305,8 @@ def test_print_compile_times_one_ranks_micro_batches_at_the_runs_precision_and_s
 @pytest.fixture
 def fake_venv(tmp_path):
     """(environment, the --print-compile calls) for launch.sh: its VENV's python fakes train.py's runs (test_plans'
-    FAKE_TRAIN) and its --print-compile (answers on; logs TRAIN_CONCURRENT_RUNS, OMP_NUM_THREADS and its arguments),
+    FAKE_TRAIN) and its --print-compile (answers off for a set with --blurpool, else on; logs TRAIN_CONCURRENT_RUNS,
+    OMP_NUM_THREADS and its arguments),
     the real python for the rest. No GPU, no OMP_NUM_THREADS of the suite's own."""
     import sys
 
@@ -312,7 +318,7 @@ def fake_venv(tmp_path):
     python = tmp_path / "venv" / "bin" / "python"
     python.write_text(f'#!/usr/bin/env bash\ncase " $* " in\n'
                       f'  *" --print-compile "*) echo "$TRAIN_CONCURRENT_RUNS $OMP_NUM_THREADS $*" >> {asked}\n'
-                      '    echo on;;\n'
+                      '    case " $* " in *" --blurpool "*) echo off;; *) echo on;; esac;;\n'
                       f'  *" --run-dir "*) exec {sys.executable} {tmp_path / "fake_train.py"} "$@";;\n'
                       f'  *) exec {sys.executable} "$@";;\nesac\n')
     python.chmod(0o755)
@@ -327,8 +333,9 @@ AUTO = ["--", "--data", "synthetic", "--subset", "256", "--batch-size", "32", "-
 
 def test_a_sweep_measures_compile_as_one_of_its_runs_and_keeps_the_device_it_measured_on(tmp_path, fake_venv):
     """--parallel 2: --print-compile runs with one slot's environment (2 runs at once, the cores // 2 threads) at the
-    runs' world size; OUT/compile keeps the choice and the device (cpu: its name); every run gets --compile on. A
-    choice stored from another kind of device is refused in one line, not applied, nothing measured."""
+    runs' world size, as the set's first run trains; OUT/SET/compile keeps the choice and the device (cpu: its name);
+    every run gets --compile on. A choice stored from another kind of device (the set's, or a study-wide OUT/compile)
+    is refused in one line, not applied, nothing measured."""
     import options
     from test_plans import launch as sh
     env, asked = fake_venv
@@ -336,15 +343,47 @@ def test_a_sweep_measures_compile_as_one_of_its_runs_and_keeps_the_device_it_mea
     sh("sweep", "--out", str(out), "--parallel", "2", *SWEEP, *AUTO, env=env)
     (call,) = asked()
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    assert call.startswith(f"2 {threads} train.py ") and call.endswith(" --print-compile 1"), call
-    assert (out / "compile").read_text().splitlines() == ["on", f"cpu: {options.hardware_name(torch.device('cpu'))}"]
+    assert call.startswith(f"2 {threads} train.py --schedule cyclic --cycles 1 --seed 0 ") and call.endswith(
+        " --print-compile 1"), call
+    stored = out / "baseline" / "compile"
+    assert stored.read_text().splitlines() == ["on", f"cpu: {options.hardware_name(torch.device('cpu'))}"]
     starts = [json.loads(line) for line in open(tmp_path / "log") if '"start"' in line]
     assert starts and all(" ".join(e["args"]).count("--compile on") == 1 for e in starts)
-    (out / "compile").write_text("on\ncuda: NVIDIA H100 80GB HBM3\n")
-    p = sh("sweep", "--out", str(out), *SWEEP, *AUTO, env=env, check=False)
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(err) == 1 and "measured on cuda: NVIDIA H100 80GB HBM3, not the device" in err[0]
+    for path in (stored, out / "compile"):  # the set's, then a study-wide one over it
+        path.write_text("on\ncuda: NVIDIA H100 80GB HBM3\n")
+        p = sh("sweep", "--out", str(out), *SWEEP, *AUTO, env=env, check=False)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and f"{path} holds --compile auto's choice measured on cuda: " \
+            "NVIDIA H100 80GB HBM3, not the device" in err[0], p.stderr
     assert len(asked()) == 1
+
+
+def test_a_sweep_chooses_compile_per_method_set_as_its_first_run_trains_and_its_runs_share_it(tmp_path, fake_venv):
+    """Two method sets, two seeds, cyclic and standard runs: --print-compile once per set, with the set's methods
+    and its first run's schedule (the cyclic run of the first seed), each choice kept in OUT/SET/compile and given
+    to every run of its set, cyclic and standard alike (the schedule comparison stays clean); a second sweep into
+    the folder measures nothing."""
+    from test_plans import launch as sh
+    env, asked = fake_venv
+    out = tmp_path / "study"
+    sweep = ["sweep", "--out", str(out), "--seeds", "0 1", "--methods", "baseline,bp", "--cycles", "1",
+             "--no-report", *AUTO]
+    sh(*sweep, env=env)
+    calls = asked()
+    assert len(calls) == 2 and all(" --schedule cyclic --cycles 1 --seed 0 " in c for c in calls), calls
+    assert [" --blurpool " in c for c in calls] == [False, True]
+    assert [(out / s / "compile").read_text().split()[0] for s in ("baseline", "bp")] == ["on", "off"]
+    runs = {}
+    for line in open(tmp_path / "log"):
+        if '"start"' in line:
+            e = json.loads(line)
+            runs[os.path.relpath(e["run"], out)] = " ".join(e["args"])
+    assert len(runs) == 2 * 2 * 2, runs  # 2 sets x 2 seeds x (cyclic + standard)
+    for run, args in runs.items():
+        want = "off" if run.startswith("bp/") else "on"
+        assert args.count(f"--compile {want}") == 1 and "--compile auto" not in args, (run, args)
+    sh(*sweep, env=env)
+    assert len(asked()) == 2
 
 
 def test_compile_auto_is_refused_where_it_would_be_measured_on_the_wrong_machine(tmp_path, fake_venv):
@@ -410,41 +449,62 @@ def test_ranks_given_different_compile_choices_fail_in_one_line_before_training(
 
 def test_every_image_size_is_compiled_in_the_start_up(in_process, tmp_path):
     """Progressive resizing under --compile: the start-up's passes meet every size the run trains at before the
-    first timed step (so no compilation lands on train_time_s), with dynamic shapes as recorded."""
+    first timed step (so no compilation lands on train_time_s), each as a graph of its own (dynamic shapes give no
+    fewer graphs on this torch: compile_choice.DYNAMIC_SIZES), recorded so; and on the input train_step gives the
+    model, a chunk (a view) of the batch of --grad-accum 2 micro-batches, not a copy of one (a graph compiled on a
+    view fails its guard on a whole tensor: that size would compile twice)."""
+    import compile_choice
+    assert compile_choice.DYNAMIC_SIZES is False
     run = str(tmp_path / "run")
     in_process.main(TINY + ["--run-dir", run, "--compile", "on", "--method", "progressive_resizing", "--cycles", "1",
-                            "--eval-every", "0"])
+                            "--eval-every", "0", "--grad-accum", "2"])
     (wrapper,) = in_process.compiled_models
-    training = [shape for shape, grad in wrapper.shapes if grad]
-    steps = training[-16:]  # the run's 16 steps, after the start-up's passes
-    assert len(set(steps)) > 1 and set(steps) <= set(training[:-16])
-    assert wrapper.kwargs == {"dynamic": True} and config(run)["compile_dynamic"] is True
+    training = [(shape, given) for (shape, grad), given in zip(wrapper.shapes, wrapper.inputs) if grad]
+    steps = training[-2 * 16:]  # the run's 16 steps of 2 micro-batches, after the start-up's passes
+    assert len({shape for shape, _ in steps}) > 1
+    assert {given for _, given in steps} <= {given for _, given in training[:-2 * 16]}, training
+    assert wrapper.kwargs == {"dynamic": False} and config(run)["compile_dynamic"] is False
 
 
 def test_a_resume_compiles_as_the_run_recorded_not_as_todays_default(in_process, tmp_path, monkeypatch):
-    """compile_dynamic is the run's: a run recorded with dynamic shapes resumes with them after the default changed
-    (compile_choice.DYNAMIC_SIZES), and a run from before the key resumes with torch's default (None), as it was
+    """compile_dynamic is the run's, as its checkpoint records it: a run recorded with dynamic shapes resumes with
+    them after the default changed (compile_choice.DYNAMIC_SIZES), also where its config.json says otherwise (the
+    checkpoint decides, as for every option it records); a checkpoint from before the checkpoint kept the key reads
+    config.json's; a run from before the key (neither has it) resumes with torch's default (None), as it was
     compiled."""
     import compile_choice
     args = TINY + ["--compile", "on", "--method", "progressive_resizing", "--cycles", "1", "--eval-every", "1"]
     ref = str(tmp_path / "ref")
+    monkeypatch.setattr(compile_choice, "DYNAMIC_SIZES", True)
     in_process.main(args + ["--run-dir", ref])
     assert config(ref)["compile_dynamic"] is True
     monkeypatch.setattr(compile_choice, "DYNAMIC_SIZES", False)
-    for recorded, name in ((True, "run"), (None, "old")):
+    for recorded, name, edit in ((True, "run", ()), (True, "stray", ("config.json",)), (True, "older", ("ckpt",)),
+                                 (None, "old", ("config.json", "ckpt"))):
         run = str(tmp_path / name)
         shutil.copytree(ref, run)
         os.remove(os.path.join(run, "done"))
         os.remove(os.path.join(run, "checkpoints", "last.pt"))  # back to the first row's checkpoint
-        if recorded is None:  # a run from before the key
+        prev = os.path.join(run, "checkpoints", "prev.pt")
+        ckpt = torch.load(prev, weights_only=True)
+        assert ckpt["config"]["compile_dynamic"] is True
+        if "ckpt" in edit:  # a checkpoint written before it kept the key
+            del ckpt["config"]["compile_dynamic"]
+            torch.save(ckpt, prev)
+        if "config.json" in edit:
             cfg = config(run)
-            del cfg["compile_dynamic"]
+            if "ckpt" in edit:
+                del cfg["compile_dynamic"]
+            else:  # a config.json that says otherwise than the checkpoint
+                cfg["compile_dynamic"] = False
             with open(os.path.join(run, "config.json"), "w") as f:
                 json.dump(cfg, f)
         in_process.compiled_models.clear()
         in_process.main(args + ["--run-dir", run, "--resume"])
         (wrapper,) = in_process.compiled_models
-        assert wrapper.kwargs == {"dynamic": recorded} and config(run)["compile_dynamic"] is recorded
+        assert wrapper.kwargs == {"dynamic": recorded} and config(run)["compile_dynamic"] is recorded, name
+        assert torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["config"][
+            "compile_dynamic"] is recorded
 
 
 def test_a_compiled_run_agrees_with_the_eager_run(tmp_path):
@@ -517,29 +577,192 @@ def test_the_benchmarks_alternate_which_variant_runs_first_and_start_each_from_t
 
 def test_calibrate_times_a_compiled_runs_steps_compiled_and_an_eager_runs_eager(in_process, tmp_path, monkeypatch):
     """benchmarks.calibrate prices a configuration as it trained: a --compile on run's steps go through the compiled
-    model (its untimed first step and every timed one), compiled with the run's recorded compile_dynamic (None: a run
-    from before the key, compiled with torch's default), an eager run's through the plain model. Three
-    configurations, two compiled, in one process: torch's recompile limit is raised for all their graphs and a
+    model (its untimed first step and every timed one), at one image size as one static graph (as the run, or a run
+    from before compile_dynamic, compiled it in its own process), at several sizes with the run's recorded
+    compile_dynamic (dynamic shapes, the default until now), an eager run's through the plain model. Four
+    configurations, three compiled, in one process: torch's recompile limit is raised for all their graphs and a
     fallback to eager past it made an error (by default torch would time them eager without a word)."""
     import compile_choice
-    for name, flag in (("eager", "off"), ("compiled", "on")):
-        in_process.main(TINY + ["--run-dir", str(tmp_path / name), "--compile", flag, "--cycles", "1",
+    resized = ["on", "--method", "progressive_resizing"]
+    for name, flags in (("eager", ["off"]), ("compiled", ["on"]), ("resized", resized)):
+        in_process.main(TINY + ["--run-dir", str(tmp_path / name), "--compile", *flags, "--cycles", "1",
                                 "--eval-every", "0"])
     shutil.copytree(tmp_path / "compiled", tmp_path / "old")
     cfg = config(tmp_path / "old")
     del cfg["compile_dynamic"]  # a run from before the key (and, to be a configuration of its own, clipped)
     with open(tmp_path / "old" / "config.json", "w") as f:
         json.dump(dict(cfg, clip_grad=1.0), f)
+    cfg = config(tmp_path / "resized")  # progressive resizing compiled with dynamic shapes (the default until now)
+    with open(tmp_path / "resized" / "config.json", "w") as f:
+        json.dump(dict(cfg, compile_dynamic=True), f)
     in_process.compiled_models.clear()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's defaults, whatever ran before
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
     from benchmarks import calibrate
     calibrate.main([str(tmp_path), "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup-steps", "0"])
-    assert sorted(str(m.kwargs["dynamic"]) for m in in_process.compiled_models) == ["False", "None"]
-    assert all(sum(grad for _, grad in m.shapes) == 1 + 2 for m in in_process.compiled_models)
+    # one image size: one static graph each, as each run's own process compiled it; several: as the run recorded
+    assert sorted(m.kwargs["dynamic"] for m in in_process.compiled_models) == [False, False, True]
+    for m in in_process.compiled_models:  # at each size its first step and 2 timed ones
+        assert sum(grad for _, grad in m.shapes) == (1 + 2) * len({s for s, _ in m.shapes}) > 0
     assert torch._dynamo.config.fail_on_recompile_limit_hit is True
-    assert torch._dynamo.config.recompile_limit >= 2 + compile_choice.SPARE_GRAPHS
+    graphs = sum(len({s for s, _ in m.shapes}) for m in in_process.compiled_models)  # every configuration's sizes
+    assert graphs > 3 and torch._dynamo.config.recompile_limit >= graphs + compile_choice.SPARE_GRAPHS
     with open(tmp_path / "calibration.json") as f:
         keys = [c["key"] for c in json.load(f)["configs"]]
-    assert sorted((k["compile"], str(k["compile_dynamic"])) for k in keys) == [(False, "None"), (True, "False"),
-                                                                               (True, "None")]
+    assert sorted((k["compile"], str(k["compile_dynamic"]), k["clip_grad"]) for k in keys) == [
+        (False, "None", 0.0), (True, "None", 0.0), (True, "None", 1.0), (True, "True", 0.0)]
+
+
+def test_the_benchmarks_watch_only_the_first_training_pass_and_time_their_steps_without_hooks():
+    """benchmarks.throughput's Watch reads what a measurement ran from its first training forward pass (an untimed
+    warm-up step, or train.py's start-up), then takes its global hooks away: a hook on every module slows each
+    eager step (tens of microseconds in the small ResNet), which compiled steps never paid, and would bias
+    compiled/eager up. Passes without grad (train.py's check of the model) are not watched; a model without a
+    multi-channel convolution is let go after its first pass all the same."""
+    from benchmarks.throughput import Watch
+    from models import build_model
+    from torch.nn.modules import module
+    x = torch.randn(4, 3, 16, 16)
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 10))
+    for model in (build_model("small_resnet", 10, 3), plain):
+        model.train()
+        with Watch() as watch:
+            with torch.no_grad():
+                model(x)
+            hooked = []
+            for _ in range(3):
+                hooked.append(len(module._global_forward_hooks) + len(module._global_forward_pre_hooks))
+                model(x).sum().backward()
+        assert hooked == [2, 0, 0], hooked
+        assert (watch.seen["batch_size"], watch.seen["shape"]) == (4, [3, 16, 16])
+    assert watch.seen.get("amp") is None  # (no convolution there)
+    assert not module._global_forward_hooks and not module._global_forward_pre_hooks
+
+
+def test_each_variant_is_timed_for_a_minimum_wall_time_not_a_few_steps(monkeypatch):
+    """compile_choice.images_per_second counts steps over at least MEASURE_S (1.5) seconds and MEASURE_STEPS steps,
+    after its untimed one: 5 steps alone measured one configuration eager 116 vs compiled 254 img/s, then 1081 vs
+    621 (seeds of one study chose differently). At 0.125 s a step: 12 timed steps; at 0.5 s: 5 (the steps bound)."""
+    from types import SimpleNamespace
+
+    import compile_choice
+    assert (compile_choice.MEASURE_S, compile_choice.MEASURE_STEPS) == (1.5, 5)
+    clock = SimpleNamespace(t=0.0)
+    monkeypatch.setattr(compile_choice, "time", SimpleNamespace(perf_counter=lambda: clock.t))
+    for seconds, timed_steps in ((0.125, 12), (0.5, 5)):
+        calls = []
+
+        def step():
+            calls.append(1)
+            clock.t += seconds
+        rate = compile_choice.images_per_second(step, 8, compile_choice.MEASURE_STEPS, torch.device("cpu"))
+        assert len(calls) == 1 + timed_steps and rate == pytest.approx(8 / seconds)
+
+
+def test_seeds_that_differ_only_in_compile_are_kept_apart_with_a_line_naming_them(tmp_path, capsys):
+    """Standalone --compile auto runs of one study can choose differently per seed; compile is result-defining
+    (docs/run-format.md: compiled and eager runs agree to float tolerance only), so those seeds stay groups apart, and
+    compare and report say so in one line naming the runs and the fix. Seeds that differ in another option too
+    (another model) are another matter: no line."""
+    from analysis import compare, report
+    from test_analysis import seeded
+    seeded(tmp_path / "a", [], [80, 85, 90], [79, 86, 89], 0, compile=True)
+    seeded(tmp_path / "b", [], [82, 87, 92], [81, 88, 91], 1, compile=False)
+    seeded(tmp_path / "c", [], [82, 87, 92], [81, 88, 91], 2, compile=True, model="vit_tiny")
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "differ only in compile" in line]
+    assert len(lines) == 2, lines  # the cyclic curve's and the standard curve's
+    cyclic = next(line for line in lines if "baseline cyclic:" in line)
+    assert cyclic.startswith("warning: ") and "groups apart, not averaged" in cyclic
+    assert "--compile on or off, or run them with launch.sh sweep" in cyclic
+    assert f"compiled: {tmp_path / 'a' / 'cyc_base_s0'}; eager: {tmp_path / 'b' / 'cyc_base_s1'})" in cyclic
+    assert str(tmp_path / "c") not in cyclic
+    report.main([str(tmp_path), "--out", str(out), "--metric", "final"])
+    assert (out / "report.md").read_text().count("differ only in compile") == 2
+
+
+def test_a_compiled_run_at_one_image_size_shares_its_cost_key_with_runs_from_before_compile_dynamic(tmp_path):
+    """costs.cost_key: compile_dynamic splits only runs compiled at several image sizes. A compiled run at one size
+    records false (a static graph), one from before the key none: one static graph either way, one calibration
+    entry (also one a calibration.json keyed false before this rule reads as); eager runs none; progressive
+    resizing's recorded value kept (a graph per size, or dynamic shapes)."""
+    import costs
+    from analysis import axes
+    base = dict(schedule="cyclic", compile=True, train_flops_per_image_by_side={"28x28": 1e6})
+    key = costs.key_text(costs.cost_key(base))
+    assert costs.key_text(costs.cost_key(dict(base, compile_dynamic=False))) == key
+    assert costs.cost_key(dict(base, compile=False))["compile_dynamic"] is None
+    sides = {"14x14": 1e5, "28x28": 1e6}
+    for dynamic in (False, True):
+        resized = dict(base, compile_dynamic=dynamic, train_flops_per_image_by_side=sides)
+        assert costs.cost_key(resized)["compile_dynamic"] is dynamic
+    side = dict(step_s=0.5, rounds=[0.5], train_flops_per_image=1e6)
+    written = dict(costs.cost_key(base), compile_dynamic=False)  # calibrate's key for such a run until now
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(dict(format=axes.FORMAT, rounds=1, configs=[dict(key=written, sides={"28x28": side})])))
+    assert list(axes.read_calibration(str(path)).entries) == [key]
+
+
+GLOBAL_RNG = '''
+import random
+
+import numpy as np
+import torch
+from methods import Method
+
+
+class GlobalJitter(Method):
+    """Scales each micro-batch by draws of Python's, NumPy's and torch's global generators, as a user's augmentation
+    may: the run's result and its RNG states depend on every draw before."""
+    name = "global_jitter"
+
+    def transform_batch(self, x, y, ctx):
+        return x * (1 + 0.01 * (random.random() + float(np.random.rand()) + torch.rand(()).item())), y
+'''
+
+
+@pytest.mark.parametrize("chosen", [False, True])
+def test_auto_trains_exactly_as_the_choice_given_by_name(in_process, tmp_path, tmp_path_factory, monkeypatch,
+                                                         chosen):
+    """At run level: --compile auto that chose off trains exactly as --compile off, and auto that chose on exactly as
+    --compile on (the fake compile: the same arithmetic). The measurement really steps the run (each timing runs two
+    steps of a plug-in drawing from Python's, NumPy's and torch's global RNG, SGD momentum, EMA); afterwards the same
+    metrics.csv rows but their times, the same last.pt but times: weights, optimizer, scaler, methods' state and every
+    rank's RNG states (a leak that the fresh run's torch.manual_seed would mask in torch's RNG shows in the others)."""
+    import compile_choice
+    plugin = tmp_path_factory.getbasetemp() / "global_jitter.py"  # one file per process: a method is registered once
+    plugin.write_text(GLOBAL_RNG)
+    calls = []
+
+    def timed(step, batch, steps, device):  # rounds A B, B A: eager 100 img/s, compiled 200 (chosen) or 100
+        step()
+        step()
+        n = len(calls)
+        calls.append(n)
+        compiled = n % 2 == (0 if n // 2 % 2 else 1)
+        return 200.0 if compiled and chosen else 100.0
+    monkeypatch.setattr(compile_choice, "images_per_second", timed)
+    args = TINY + ["--cycles", "1", "--eval-every", "1", "--momentum", "0.9", "--plugins", str(plugin),
+                   "--method", "global_jitter", "--method", "ema"]
+    runs = {name: tmp_path / name for name in ("auto", "named")}
+    in_process.main(args + ["--run-dir", str(runs["auto"]), "--compile", "auto"])
+    in_process.main(args + ["--run-dir", str(runs["named"]), "--compile", "on" if chosen else "off"])
+    assert calls and config(runs["auto"])["compile"] is chosen is config(runs["named"])["compile"]
+    timing = ("_s", "images_per_s", "peak_mem_gb")
+    untimed = [[{k: v for k, v in r.items() if not k.endswith(timing)} for r in rows(run)] for run in runs.values()]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 2
+    ckpts = [torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in runs.values()]
+    times = {"train_time_s", "curve_cost_s", "startup_s", "row_time"}
+    assert ckpts[0].keys() == ckpts[1].keys() and "ranks" in ckpts[0]
+    for key in set(ckpts[0]) - times:
+        assert same(ckpts[0][key], ckpts[1][key]), key
+    assert ckpts[0]["ranks"][0]["rng"]["python"] and same(ckpts[0]["ranks"], ckpts[1]["ranks"])
+
+
+def test_print_compile_help_says_what_a_sweep_does_with_it():
+    """--print-compile's help: launch.sh asks it once per method set and passes the answer to that set's runs (not
+    'to all their runs', --print-amp's wording)."""
+    import options
+    (action,) = [a for a in options.build_parser()._actions if "--print-compile" in a.option_strings]
+    assert "once per method set" in action.help and "all their runs" not in action.help
