@@ -13,7 +13,6 @@ every image once per epoch across ranks. The training loop asks for the batches 
 (FolderLoader.steps): one DataLoader and one set of workers per run, no refill at each epoch or wsd segment.
 """
 import os
-import signal
 import sys
 
 import numpy as np
@@ -100,15 +99,6 @@ def transforms(image_size, train):
     return v2.Compose([v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
 
 
-def signals_left_to_train_py(worker_id):
-    """A DataLoader worker ignores SIGTERM and SIGINT: SLURM signals every process of the job, torchrun a worker's
-    whole process group and a terminal its foreground group, and a worker killed by one fails train.py at its next
-    batch (torch lets a SIGTERM from anyone but the worker's parent through), while train.py stops at a checkpoint
-    and then ends its workers itself (one left over ends when it sees train.py gone)."""
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
-
-
 class FolderData:
     """An ImageFolder tree (train/, val/): uint8 batches from DataLoader workers, normalised on the device."""
 
@@ -137,8 +127,7 @@ class FolderData:
         return torch.utils.data.DataLoader(
             samples, batch_sampler=batches, num_workers=self.workers, pin_memory=self.device.type == "cuda",
             persistent_workers=persistent and self.workers > 0, prefetch_factor=4 if self.workers else None,
-            collate_fn=collate_encoded if gpu else None, generator=torch.Generator().manual_seed(0),  # keyed draws
-            worker_init_fn=signals_left_to_train_py)
+            collate_fn=collate_encoded if gpu else None, generator=torch.Generator().manual_seed(0))  # keyed draws
 
     def batches_on_device(self, loader):
         """(x, y) on the device, x normalised float NCHW: decoded there first under --decode cuda."""

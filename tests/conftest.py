@@ -271,7 +271,6 @@ SLOW = {
     "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers",
     "test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly",
     "test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_exactly",
-    "test_a_sigterm_to_every_process_of_a_folder_run_stops_it_at_a_checkpoint",
 }
 
 

@@ -624,8 +624,7 @@ MUTATIONS = [
      "if false", L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
     ("OMP_NUM_THREADS unchecked by train.py", "options.py", '(re.fullmatch("[1-9][0-9]*", threads),', "(True,",
      L + "test_train_refuses_a_bad_omp_num_threads_in_one_line"),
-    # issue 39: signals stop train.py at a checkpoint (its DataLoader workers leave them to it); plan.py's kill reaches
-    # torchrun's workers
+    # issue 39: signals stop train.py at a checkpoint; plan.py's kill reaches torchrun's workers
     ("a signal kills train.py at once (no handler)", "train.py", "        STOP.install()  # from here",
      "        pass  # from here", STOPPED),
     ("a stop without its checkpoint (the last row's kept)", "train.py",
@@ -642,9 +641,6 @@ MUTATIONS = [
      "signal.signal(signal.SIGTERM, self.note)  # not a handler", SECOND),
     ("a second Ctrl-C waits for the checkpoint", "train.py",
      "            signal.signal(signal.SIGINT, signal.default_int_handler)\n", "", SECOND),
-    ("DataLoader workers killed by SLURM's SIGTERM", "imagefolder.py",
-     "            worker_init_fn=signals_left_to_train_py)", "            worker_init_fn=None)",
-     "tests/test_imagefolder.py::test_a_sigterm_to_every_process_of_a_folder_run_stops_it_at_a_checkpoint"),
     ("plan.py's second signal leaves torchrun's workers alive", "plan.py", "                    for pid in tree:",
      "                    for pid in []:",
      PLANS + "test_a_second_signal_more_than_2_s_after_the_first_kills_each_runs_whole_tree"),
