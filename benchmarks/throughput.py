@@ -101,8 +101,6 @@ class Watch(contextlib.AbstractContextManager):
                 self.seen.update(amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(output.dtype, "none"),
                                  channels_last=x.is_contiguous(memory_format=torch.channels_last)
                                  and not x.is_contiguous())
-            if module is self.outer:  # the model's first training pass is over: nothing more to see
-                self.__exit__()
         self.handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
                         torch.nn.modules.module.register_module_forward_hook(hook)]
         return self

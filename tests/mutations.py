@@ -517,10 +517,6 @@ MUTATIONS = [
      "steps = {side: max(n, 1) for side, (_, n) in sides.items()}", "steps = {side: 1 for side in sides}",
      C + "test_auto_weighs_each_image_size_by_the_runs_steps_there_and_times_its_compilation"),
     # issue 42, round 3: the second cold review's findings
-    ("the benchmarks' watch hooks every timed step", "benchmarks/throughput.py",
-     "            if module is self.outer:  # the model's first training pass is over: nothing more to see\n"
-     "                self.__exit__()\n", "",
-     C + "test_the_benchmarks_watch_only_the_first_training_pass_and_time_their_steps_without_hooks"),
     ("dynamic shapes the default again (no fewer graphs on torch 2.14)", "compile_choice.py", "DYNAMIC_SIZES = False",
      "DYNAMIC_SIZES = True", C + "test_every_image_size_is_compiled_in_the_start_up"),
     ("the start-up compiles on a copy of a micro-batch, not train_step's view", "train.py",

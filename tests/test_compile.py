@@ -613,32 +613,6 @@ def test_calibrate_times_a_compiled_runs_steps_compiled_and_an_eager_runs_eager(
         (False, "None", 0.0), (True, "None", 0.0), (True, "None", 1.0), (True, "True", 0.0)]
 
 
-def test_the_benchmarks_watch_only_the_first_training_pass_and_time_their_steps_without_hooks():
-    """benchmarks.throughput's Watch reads what a measurement ran from its first training forward pass (an untimed
-    warm-up step, or train.py's start-up), then takes its global hooks away: a hook on every module slows each
-    eager step (tens of microseconds in the small ResNet), which compiled steps never paid, and would bias
-    compiled/eager up. Passes without grad (train.py's check of the model) are not watched; a model without a
-    multi-channel convolution is let go after its first pass all the same."""
-    from benchmarks.throughput import Watch
-    from models import build_model
-    from torch.nn.modules import module
-    x = torch.randn(4, 3, 16, 16)
-    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 10))
-    for model in (build_model("small_resnet", 10, 3), plain):
-        model.train()
-        with Watch() as watch:
-            with torch.no_grad():
-                model(x)
-            hooked = []
-            for _ in range(3):
-                hooked.append(len(module._global_forward_hooks) + len(module._global_forward_pre_hooks))
-                model(x).sum().backward()
-        assert hooked == [2, 0, 0], hooked
-        assert (watch.seen["batch_size"], watch.seen["shape"]) == (4, [3, 16, 16])
-    assert watch.seen.get("amp") is None  # (no convolution there)
-    assert not module._global_forward_hooks and not module._global_forward_pre_hooks
-
-
 def test_each_variant_is_timed_for_a_minimum_wall_time_not_a_few_steps(monkeypatch):
     """compile_choice.images_per_second counts steps over at least MEASURE_S (1.5) seconds and MEASURE_STEPS steps,
     after its untimed one: 5 steps alone measured one configuration eager 116 vs compiled 254 img/s, then 1081 vs
