@@ -29,8 +29,7 @@ Compilation is never in images/s: it happens in (a)'s untimed warm-up steps (all
 method resizes) and in (b)'s start-up, and is reported apart as start_s: (a)'s first-round warm-up seconds beyond
 its steady-state step time (the compile time), and (b)'s startup_s (in this one process (b)'s models reuse the code
 compiled for (a) where their graphs are the same). What each measurement ran (`ran`) is watched in the eager ones
-only (a forward hook would change the compiled graph), in their first training pass, an untimed one: no variant's
-timed steps run with a hook.
+only (a forward hook would change the compiled graph).
 """
 import argparse
 import contextlib
@@ -78,36 +77,29 @@ def make_step(model, methods, amp, device, optimizer_flags, steps, call=None, cl
 
 
 class Watch(contextlib.AbstractContextManager):
-    """What a measurement really ran, read from its first training forward pass (an untimed one: a warm-up step,
-    train.py's start-up): the batch size and image shape the model is given, the dtype its convolutions compute in,
-    and the memory format of the input of the first convolution with several input channels (a one-channel image
-    looks contiguous in both formats). Its global hooks remove themselves at the end of that pass: a hook on every
-    module costs each step tens of microseconds (more in a ViT), which the timed steps must not pay."""
+    """What a measurement really ran, read from its training forward passes: the batch size and image shape the
+    model is given, the dtype its convolutions compute in, and the memory format of the input of the first
+    convolution with several input channels (a one-channel image looks contiguous in both formats). Its global hook
+    stays through the timed steps (tens of microseconds a step; compiled variants run without it)."""
 
     def __enter__(self):
-        self.seen, self.outer = {}, None
-
-        def pre(module, inputs):  # pre-hooks run outermost first: the first training module is the model
-            if self.outer is None and module.training and torch.is_grad_enabled():
-                self.outer = module
+        self.seen = {}
 
         def hook(module, inputs, output):
             if not module.training or not torch.is_grad_enabled():  # train.py's start-up check of the model: no grad
                 return
             x = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
-            if x is not None and x.dim() == 4 and "batch_size" not in self.seen:
+            if x is not None and x.dim() == 4 and "batch_size" not in self.seen:  # the outermost module: the model
                 self.seen.update(batch_size=x.shape[0], shape=list(x.shape[1:]), device=x.device.type)
             if isinstance(module, torch.nn.Conv2d) and module.in_channels > 1 and "amp" not in self.seen:
                 self.seen.update(amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(output.dtype, "none"),
                                  channels_last=x.is_contiguous(memory_format=torch.channels_last)
                                  and not x.is_contiguous())
-        self.handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
-                        torch.nn.modules.module.register_module_forward_hook(hook)]
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
         return self
 
     def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
+        self.handle.remove()
 
 
 def timed(step, it, n, warm_up=5):
