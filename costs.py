@@ -14,18 +14,26 @@ from runformat import ADDED_DEFAULTS, canonical_methods, method_options
 
 # What changes the cost of one optimizer step on a given device, seed, schedule and LR aside: runs equal in all of
 # these share one entry of calibration.json. A method's options are in method_options (every option, defaults
-# included); schedule_free: its optimizer is another (SGDScheduleFree); check_finite: --skip-nonfinite's sync per step.
+# included); schedule_free: its optimizer is another (SGDScheduleFree); check_finite: --skip-nonfinite's sync per step;
+# compile_dynamic: how a compiled model takes its image sizes (compile_choice.compile_model).
 COST_KEYS = ("dataset", "augment", "decode", "image_size", "model", "model_kwargs", "methods", "method_options",
              "plugins", "batch_size", "grad_accum", "world_size", "amp", "opt", "schedule_free", "decay_excluded",
-             "clip_grad", "compile", "deterministic", "check_finite")
-COST_DEFAULTS = {"compile": False, "deterministic": False, "skip_nonfinite": 0}  # runs from before the options
+             "clip_grad", "compile", "deterministic", "check_finite", "compile_dynamic")
+# runs (and calibration.json keys) from before the options; compile_dynamic None: torch.compile's default, as runs
+# compiled before the key were
+COST_DEFAULTS = {"compile": False, "deterministic": False, "skip_nonfinite": 0, "compile_dynamic": None}
 
 
 def cost_key(config):
-    """The COST_KEYS of a run's config.json as a dict (missing keys: the value runs had before the key)."""
+    """The COST_KEYS of a run's config.json as a dict (missing keys: the value runs had before the key).
+    compile_dynamic only splits runs compiled at several image sizes: eager, or at one size (one static graph
+    whichever way: a fresh run records false, a run from before the key none), it is None."""
     c = {**ADDED_DEFAULTS, **COST_DEFAULTS, **config}
+    sides = c.get("train_flops_per_image_by_side")  # (runs from before it: as recorded)
     derived = {"methods": canonical_methods(config), "method_options": method_options(config),
-               "schedule_free": c["schedule"] == "schedule-free", "check_finite": bool(c["skip_nonfinite"])}
+               "schedule_free": c["schedule"] == "schedule-free", "check_finite": bool(c["skip_nonfinite"]),
+               "compile_dynamic": None if not c["compile"] or (sides is not None and len(sides) == 1)
+               else c["compile_dynamic"]}
     return {k: derived[k] if k in derived else c.get(k) for k in COST_KEYS}
 
 
@@ -46,8 +54,9 @@ def methods_of(config):
 
 
 def key_text(key):
-    """A cost key as canonical JSON text: what two keys are compared by."""
-    return json.dumps(key, sort_keys=True)
+    """A cost key as canonical JSON text: what two keys are compared by (a key written before compile_dynamic was
+    one reads as its default)."""
+    return json.dumps({"compile_dynamic": COST_DEFAULTS["compile_dynamic"], **key}, sort_keys=True)
 
 
 def plan_of(config):

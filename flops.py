@@ -31,6 +31,11 @@ def count_flops(model, methods, autocast, data, plan, micro, spe):
     return Flops(per_image, costs.StepCounts(plan, sides, next(iter(per_image))))
 
 
+def run_side_contexts(plan, methods, data, spe):
+    """side_contexts of every image size the run trains at (the methods' train_image_size over the plan)."""
+    return side_contexts(plan, costs.step_sides(plan, methods, (data.image_size, data.image_size), spe), spe, data)
+
+
 def side_contexts(plan, sides, spe, data):
     """{size name: the Context of the first path step that trains at that size} (sides: costs.step_sides)."""
     first = {costs.side_name((data.image_size, data.image_size)): 0} if sides is None else {}
@@ -54,15 +59,18 @@ def flops_per_image(model, methods, autocast, data, micro, contexts):
     return out
 
 
-def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=False):
+def trial_pass(model, raw_model, methods, autocast, x, y, ctx, scaler=None, ddp=False, grad_accum=1):
     """One training forward and backward pass of `model` (raw_model: under its DDP and compile wrappers) on the
-    micro-batch (x, y) through the methods' transform_batch and loss, undone: weights, BatchNorm statistics,
-    gradients, RNG and the methods' own state (state_dict: a plug-in counting its calls counts this one not) as
-    before."""
+    first of the `grad_accum` micro-batches of (x, y) through the methods' transform_batch and loss, undone:
+    weights, BatchNorm statistics, gradients, RNG and the methods' own state (state_dict: a plug-in counting its
+    calls counts this one not) as before. The micro-batch is a chunk of a copy of the batch, as train_step's are
+    chunks of it: a compiled model given a whole tensor here would fail a guard of the graph compiled on a view
+    (dynamic shapes) and compile that size again."""
     rng, kept = rng_state(), copy.deepcopy(methods.state_dict())
     with weights_kept(raw_model):
         model.train()
-        xm, ym = methods.transform_batch(x.clone(), y.clone(), ctx)  # a batch transform may change it in place
+        # a copy: a batch transform may change it in place
+        xm, ym = methods.transform_batch(x.clone().chunk(grad_accum)[0], y.clone().chunk(grad_accum)[0], ctx)
         with (model.no_sync() if ddp else contextlib.nullcontext()), autocast:
             loss = methods.loss(model(xm), ym, ctx)
         (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -5,7 +5,8 @@
 #   ./launch.sh demo                  setup + a real cyclic-vs-standard curve on Fashion-MNIST + report
 #   ./launch.sh test [--fast]         setup + the test suite (--fast: without the tests marked slow)
 #   ./launch.sh sweep [options]       cyclic + standard runs for every seed x method set, then the report
-#   ./launch.sh run-plan PLAN --index K | --next   line K of a plan (a SLURM array task), or the next unclaimed ones
+#   ./launch.sh run-plan PLAN --index K | --next | --parallel N   line K of a plan (a SLURM array task), the next
+#                                     unclaimed ones (a worker per SLURM job), or all of them N at once here
 #   ./launch.sh report OUT|PLAN [analysis.report options]   the report of a study's folder (or a plan's, listing the
 #                                     lines that did not finish)
 #   ./launch.sh repro [options]       the study: eight method sets x 3 seeds on Fashion-MNIST + estimators (a preset)
@@ -56,6 +57,11 @@ setup() {
 
 py_bin() { if [ -x "$VENV/bin/python" ]; then echo "$VENV/bin/python"; else echo python3; fi; }
 PY() { "$(py_bin)" "$@"; }
+# the device train.py would train on here, as OUT/SET/compile records it: 'cuda: NVIDIA H100 80GB HBM3', 'cpu: ...'
+DEVICE_HERE='import torch, options
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+print(f"{device.type}: {options.hardware_name(device)}")'
+device_here() { PY -c "$DEVICE_HERE"; }
 
 # ---- sweep ----------------------------------------------------------------------------------
 SEEDS=${SEEDS:-0}; METHODS=${METHODS:-baseline}; WARMUP=${WARMUP:-1}; T0=${T0:-1}; T_MULT=${T_MULT:-2}
@@ -69,7 +75,7 @@ EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
 PLUGINS=()
 
 parse_sweep() {
-  PLUGINS=(); CONFIGS=(); RECIPE_AMP=""  # each sweep its own (repro calls sweep several times)
+  PLUGINS=(); CONFIGS=(); RECIPE_AMP=""; RECIPE_COMPILE=""  # each sweep its own (repro calls sweep several times)
   local given=" "
   while [ $# -gt 0 ]; do
     given+="$1 "
@@ -81,7 +87,8 @@ parse_sweep() {
       --constant) CONSTANT=1; shift;; --out) OUT=$2; shift 2;; --dry-run) DRY=1; shift;;
       --schedules) SCHEDULES=$2; shift 2;; --no-report) REPORT=0; shift;; --no-standard) STANDARD=0; shift;;
       --budgets) BUDGETS=$2; shift 2;;
-      --plan) PLAN=$2; shift 2;; --parallel) PARALLEL=$2; shift 2;; --gpus-per-run) GPUS=$2; shift 2;;
+      --plan) [ -n "${2:-}" ] || { echo "launch.sh: --plan takes the file to write the plan to, got ''" >&2; exit 2; }
+              PLAN=$2; shift 2;; --parallel) PARALLEL=$2; shift 2;; --gpus-per-run) GPUS=$2; shift 2;;
       --config) [ -f "${2:-}" ] || { echo "launch.sh: --config: no file ${2:-}" >&2; exit 2; }
                 CONFIGS+=(--config "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
       --vit) CONFIGS=(--config "$PWD/recipes/vit-fmnist.yaml" "${CONFIGS[@]}"); shift;;
@@ -93,8 +100,9 @@ parse_sweep() {
   done
   local i normalised=()
   if [ ${#EXTRA[@]} -gt 0 ]; then
-    for i in "${EXTRA[@]}"; do  # --amp=X as --amp X, which the precision logic below reads
-      if [[ "$i" == --amp=* ]]; then normalised+=(--amp "${i#--amp=}"); else normalised+=("$i"); fi
+    for i in "${EXTRA[@]}"; do  # --amp=X as --amp X (--compile=X too), which the logic below reads
+      if [[ "$i" == --amp=* || "$i" == --compile=* ]]; then normalised+=("${i%%=*}" "${i#*=}")
+      else normalised+=("$i"); fi
     done
     EXTRA=("${normalised[@]}")
   fi
@@ -192,7 +200,8 @@ launcher() {  # run_dir
 
 wants_dry_run() { [ "$DRY" = 1 ] || [[ " $* " == *" --dry-run "* ]]; }  # the options given, or DRY=1
 
-same_argv() {  # run_dir, then train.py's arguments: true when the run recorded exactly these, its recipes unchanged
+same_argv() {  # run_dir, then train.py's arguments: true when the run was asked for with exactly these, its
+  # recipes and plug-ins unchanged (plan.py same_argv)
   PY plan.py same-argv "$@"
 }
 
@@ -243,9 +252,10 @@ report_failures() {
 
 in_foreground() {  # run the command "$@" (not a function: its subshell would take the signal), passing Ctrl-C and
   # SIGTERM on to it (bash alone would die and leave it running)
-  local pid rc=0
+  local pid="" rc=0 got=""  # the trap first: a signal before it would kill bash and leave the child running
+  trap 'got=1; [ -z "$pid" ] || kill -TERM $pid 2>/dev/null' INT TERM
   "$@" & pid=$!
-  trap 'kill -TERM $pid 2>/dev/null' INT TERM
+  [ -z "$got" ] || kill -TERM $pid 2>/dev/null  # it came before the child's pid was known
   wait $pid || rc=$?
   while kill -0 $pid 2>/dev/null; do rc=0; wait $pid || rc=$?; done  # wait returned for the signal: wait on
   trap - INT TERM
@@ -276,6 +286,74 @@ check_plan() {  # --plan, --parallel, --gpus and OMP_NUM_THREADS: refused before
   if [ "$PARALLEL" -gt 1 ] && [ "$DRY" != 1 ]; then PY plan.py check-parallel "$PARALLEL" "$GPUS" || exit 2; fi
 }
 
+set_runs() {  # seed, set, its train.py flags (methods, then the sweep's): RUNS, the set's runs of that seed in the
+  # sweep's order, each 'run folder<TAB>train.py flags'
+  local seed=$1 set=$2 flags=$3 sched e
+  RUNS=()
+  for sched in ${SCHEDULES//,/ }; do
+    [ "$sched" = none ] && continue
+    case "$sched" in
+      cyclic|cyclic-decay|wsd|schedule-free) ;;
+      *) echo "launch.sh: unknown schedule '$sched' in --schedules (cyclic, cyclic-decay, wsd, schedule-free)" >&2
+         exit 2;;
+    esac
+    RUNS+=("$OUT/$set/s$seed/$sched"$'\t'"--schedule $sched --cycles $CYCLES --seed $seed $flags")
+  done
+  for e in $ends; do
+    [ "$STANDARD" = 1 ] || break
+    [ -z "$BUDGETS" ] || [[ " $BUDGETS " == *" $e "* ]] || continue
+    RUNS+=("$OUT/$set/s$seed/standard-e$e"$'\t'"--schedule standard --epochs $e --seed $seed $flags")
+  done
+  if [ "$CONSTANT" = 1 ]; then
+    local cycles=$(( (1 << CYCLES) - 1 )) flat=${flags/--t-mult $T_MULT/}  # (one period: no t_mult)
+    RUNS+=("$OUT/$set/s$seed/constant"$'\t'"--schedule constant --cycles $cycles --seed $seed $flat")
+  fi
+}
+
+compile_choice() {  # set, then the train.py flags of its first run: COMPILED, the set's --compile (on or off; empty
+  # in a dry run that has none stored). OUT/compile, where there is one (a study's one choice: written by hand, or
+  # by a sweep before choices were per set), holds for every set.
+  local set=$1 file="$OUT/$1/compile" measured_on="" runs_on compiled=""; shift
+  [ -s "$OUT/compile" ] && file="$OUT/compile"
+  [ -s "$file" ] && { compiled=$(sed -n 1p "$file"); measured_on=$(sed -n 2p "$file"); }
+  runs_on=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)
+  if [ "$DRY" != 1 ] && [ -n "$compiled" ] && [ -n "$measured_on" ]; then  # a choice holds on its kind of device
+    if { [ -n "$PLAN" ] && [ "${measured_on%%:*}" != "$runs_on" ]; } \
+       || { [ -z "$PLAN" ] && [ "$measured_on" != "$(device_here)" ]; }; then
+      echo "launch.sh: $file holds --compile auto's choice measured on $measured_on, not the device the runs" \
+           "train on; pass -- --compile on|off, or delete $file to measure again here" >&2; exit 2
+    fi
+  fi
+  if [ -z "$compiled" ] && [ "$DRY" != 1 ]; then
+    if [ "$NNODES" -gt 1 ]; then
+      echo "launch.sh: --nnodes $NNODES: --compile auto would be measured on every node, which could choose" \
+           "differently; pass -- --compile on|off, or resolve each method set's on one node first: mkdir -p" \
+           "$OUT/$set && python train.py $* --print-compile $(( GPUS * NNODES )) | tail -n 1 > $OUT/$set/compile" >&2
+      exit 2
+    fi
+    if [ -n "$PLAN" ] && [ "$GPUS" -gt 0 ] && [ "$(PY plan.py gpus)" = 0 ]; then
+      echo "launch.sh: --plan: --compile auto would be decided here, on a machine without a GPU, for runs on" \
+           "GPUs; pass -- --compile on|off explicitly, or write the plan on a GPU node" >&2; exit 2
+    fi
+    local slot=()  # --parallel N: measured with the environment and cores of one of the N runs at once
+    [ "$PARALLEL" -gt 1 ] && read -ra slot < <(PY -c 'import sys, plan
+env, cores = plan.slots(int(sys.argv[1]), int(sys.argv[2]))[0]
+print(*[f"{k}={v}" for k, v in env.items()], *(["taskset", "-c", cores] if cores else []))' "$PARALLEL" "$GPUS")
+    compiled=$(env "${slot[@]}" "$(py_bin)" train.py "$@" --print-compile "$(( GPUS > 0 ? GPUS * NNODES : 1 ))" \
+               | tail -n 1) || true
+    case "$compiled" in
+      on|off) mkdir -p "$(dirname "$file")"
+              printf '%s\n%s\n' "$compiled" "$(env "${slot[@]}" "$(py_bin)" -c "$DEVICE_HERE")" > "$file";;
+    esac
+  fi
+  case "$compiled" in
+    on|off) COMPILED=$compiled;;
+    *) [ "$DRY" = 1 ] || { echo "launch.sh: could not resolve --compile auto for method set $set (train.py $*" \
+                                "--print-compile)" >&2; exit 2; }
+       COMPILED="";;
+  esac
+}
+
 sweep() {
   parse_sweep "$@"
   check_plan
@@ -288,6 +366,9 @@ sweep() {
   # a recipe's precision (the ViT's: fp32) holds unless the extra flags ask for one (auto included)
   if [ -n "$RECIPE_AMP" ] && [[ " ${EXTRA[*]:-} " != *" --amp "* && " ${EXTRA[*]:-} " != *" --amp="* ]]; then
     common+=" --amp $RECIPE_AMP"
+  fi
+  if [ -n "$RECIPE_COMPILE" ] && [[ " ${EXTRA[*]:-} " != *" --compile "* ]]; then
+    common+=" --compile $RECIPE_COMPILE"
   fi
   if [ -n "$BUDGETS" ]; then  # each asked budget must be a cycle end (within 5 %): a typo plans nothing silently
     BUDGETS=$(PY -c 'import sys
@@ -334,27 +415,26 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
     check_methods "${CONFIGS[*]:-} ${EXTRA[*]:-}" "${PLUGINS[*]:-}" "${checks[@]}"
     CHECKED+="<$key>"
   fi
+  # --compile auto likewise (at the precision above), but once per method set: measured as the set's first run
+  # trains (its methods and schedule; rank 0's share of the batch at the runs' world size; one --parallel slot's
+  # cores), kept in OUT/SET/compile with the device it was measured on, and each of the set's runs, cyclic and
+  # standard alike, asked for on or off by name (it also keeps torchrun runs, which refuse auto, measured)
+  local -A set_common=()
+  local seeds=()
+  read -ra seeds <<<"$SEEDS"
+  if [[ " $common " == *" --compile auto "* ]]; then
+    for set in "${sets[@]}"; do
+      set_runs "${seeds[0]:-0}" "$set" "$(method_flags "$set") $common"
+      [ ${#RUNS[@]} -gt 0 ] || continue
+      compile_choice "$set" ${RUNS[0]#*$'\t'}
+      [ -z "$COMPILED" ] || set_common[$set]=${common/--compile auto/--compile $COMPILED}
+    done
+  fi
+  local run
   for seed in $SEEDS; do
     for set in "${sets[@]}"; do
-      local mf; mf=$(method_flags "$set")
-      for sched in ${SCHEDULES//,/ }; do
-        [ "$sched" = none ] && continue
-        case "$sched" in
-          cyclic|cyclic-decay|wsd|schedule-free) ;;
-          *) echo "launch.sh: unknown schedule '$sched' in --schedules (cyclic, cyclic-decay, wsd, schedule-free)" >&2
-             exit 2;;
-        esac
-        one_run "$OUT/$set/s$seed/$sched" --schedule "$sched" --cycles "$CYCLES" --seed "$seed" $mf $common
-      done
-      for e in $ends; do
-        [ "$STANDARD" = 1 ] || break
-        [ -z "$BUDGETS" ] || [[ " $BUDGETS " == *" $e "* ]] || continue
-        one_run "$OUT/$set/s$seed/standard-e$e" --schedule standard --epochs "$e" --seed "$seed" $mf $common
-      done
-      if [ "$CONSTANT" = 1 ]; then
-        one_run "$OUT/$set/s$seed/constant" --schedule constant --cycles "$(( (1 << CYCLES) - 1 ))" --seed "$seed" \
-          $mf ${common/--t-mult $T_MULT/}
-      fi
+      set_runs "$seed" "$set" "$(method_flags "$set") ${set_common[$set]:-$common}"
+      for run in "${RUNS[@]}"; do one_run "${run%%$'\t'*}" ${run#*$'\t'}; done
     done
   done
   if [ -n "$RECORDS" ]; then  # the plan, in the order above; --parallel runs it here and now
@@ -505,5 +585,5 @@ case "${1:-}" in
     if PY -c "import pytest" 2>/dev/null; then PY -m pytest -q -m cuda tests || echo "launch.sh: CUDA tests FAILED" >&2
     else echo "launch.sh: pytest is not installed: the CUDA tests are skipped (gpu_check.py runs the checks)" >&2; fi
     PY gpu_check.py "$@";;
-  *) sed -n '2,35p' "$0"; exit 2;;
+  *) sed -n '2,36p' "$0"; exit 2;;
 esac

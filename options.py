@@ -82,7 +82,8 @@ def file_sha256(path):
 
 RESTATED = {"epochs": "cycles", "cycles": "epochs"}  # one thing said two ways: the one given replaces the other
 # per-run controls, not part of a recipe (in a sweep they would act on every run alike)
-RUN_CONTROLS = ("config", "help", "run_dir", "resume", "overwrite", "print_amp", "allow_device_change", "no_lock")
+RUN_CONTROLS = ("config", "help", "run_dir", "resume", "overwrite", "print_amp", "allow_device_change", "no_lock",
+                "print_compile")
 
 
 def method_dests():
@@ -165,7 +166,13 @@ def add_optimisation_flags(p):
                    "of fp32 and bf16 for this model, timed over a few steps; on a GPU bf16 where native, else fp16")
     g.add_argument("--print-amp", action="store_true",
                    help="print the precision --amp would use here and exit (sweeps pass it to all their runs)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", nargs="?", const="on", default="off", metavar="off|on|auto",
+                   help="torch.compile the model's training passes (bare --compile: on); auto: compile only where a "
+                        "few timed steps of this model train >= 1.1x faster (compile_choice.py)")
+    g.add_argument("--print-compile", nargs="?", const=1, type=int, metavar="WORLD_SIZE",
+                   help="print what --compile would do here (on or off) and exit: launch.sh sweep asks it once per "
+                        "method set, as that set's first run trains, and passes the answer to the set's runs; "
+                        "measured on one rank's share of the batch at WORLD_SIZE ranks (default 1)")
     g.add_argument("--deterministic", action="store_true",
                    help="GPU: no TF32, no cudnn autotuning, deterministic kernels (slower; bitwise-exact resume)")
     g.add_argument("--seed", type=int, default=0)
@@ -301,11 +308,13 @@ def expanded_size(node, sizes):
 
 
 # what launch.sh's sweep takes from recipes (--config) as its own options' defaults: the cyclic shape that fixes its
-# standard runs' budgets, the model and data of its run folders, and a precision it must not decide itself.
+# standard runs' budgets, the model and data of its run folders, and a precision (and --compile) it must not decide
+# itself.
 # dest -> (the sweep's flag, its variable)
 SWEEP_KEYS = {"warmup_epochs": ("--warmup", "WARMUP"), "t0": ("--t0", "T0"), "t_mult": ("--t-mult", "T_MULT"),
               "cycles": ("--cycles", "CYCLES"), "model": ("--model", "MODEL"), "dataset": ("--data", "DATA"),
-              "data_dir": ("--data-dir", "DATA_DIR"), "amp": ("--amp", "RECIPE_AMP")}
+              "data_dir": ("--data-dir", "DATA_DIR"), "amp": ("--amp", "RECIPE_AMP"),
+              "compile": ("--compile", "RECIPE_COMPILE")}
 
 
 def sweep_defaults(paths):
@@ -389,6 +398,7 @@ class Setup:
     device_name: str  # the GPU's or the CPU's model: what the time axis was measured on
     cooldown_version: int  # wsd: schedules.COOLDOWN_VERSION; None for the other schedules
     lamb_version: int  # --opt lamb: LAMB_VERSION; None for the other optimizers
+    compile: bool  # --compile resolved: on, or what auto measured (train.py, compile_choice.choose)
 
 
 def fail(message, code=2, every_rank=False, options=False):
@@ -419,8 +429,9 @@ def resolve(args, world_size, device):
     for name, value in sorted(vars(a).items()):  # before anything is written: inf and nan pass every bound below
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}", options=True)
+    # all made, then the first failing reported: in order
     checks = (environment_checks(threads) + optimizer_checks(a) + schedule_checks(a, world_size)
-              + data_checks(a, device) + run_checks(a, device))  # all made, then the first failing reported: in order
+              + data_checks(a, device) + run_checks(a, device, world_size))
     for ok, message in checks:
         if not ok:
             fail(message, options=True)
@@ -440,7 +451,7 @@ def resolve(args, world_size, device):
                   else a.sf_warmup_epochs, model_kwargs=model_kwargs,
                   tf32=device.type == "cuda" and not a.deterministic, device_name=hardware_name(device),
                   cooldown_version=schedules.COOLDOWN_VERSION if a.schedule == "wsd" else None,
-                  lamb_version=LAMB_VERSION if a.opt == "lamb" else None)
+                  lamb_version=LAMB_VERSION if a.opt == "lamb" else None, compile=a.compile == "on")
     return setup, methods
 
 
@@ -524,8 +535,8 @@ def data_checks(a, device):
     ]
 
 
-def run_checks(a, device):
-    """The run's cadences, its precision on this device, and --resume against --overwrite."""
+def run_checks(a, device, world_size):
+    """The run's cadences, its precision on this device, --resume against --overwrite, and --compile."""
     return [
         (a.eval_every is None or a.eval_every >= 0, f"--eval-every must be >= 0, got {a.eval_every}"),
         (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 minutes, got {a.checkpoint_every}"),
@@ -535,6 +546,12 @@ def run_checks(a, device):
         (not (a.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()),
          "--amp bf16: this GPU has no bf16; use --amp fp16 (or auto)"),
         (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other; pick one"),
+        (a.compile in ("off", "on", "auto"), f"--compile: unknown '{a.compile}'; choose off, on or auto"),
+        (a.print_compile is None or a.print_compile >= 1,
+         f"--print-compile takes the runs' world size (1, 2, ...), got {a.print_compile}"),
+        (not (a.compile == "auto" and world_size > 1 and not a.print_compile), "--compile auto measures in one "
+         "process (ranks could pick differently): under torchrun give --compile on or off (launch.sh sweep measures "
+         "once and passes it on)"),
         (a.resume in (None, "must", "auto"), f"--resume takes no value or 'auto', got '{a.resume}'"),
     ]
 

@@ -2,27 +2,41 @@
 
     ./launch.sh sweep ... --plan FILE        writes FILE (plan.py write), runs nothing
     ./launch.sh run-plan FILE --index K      line K (counted from 0, as SLURM_ARRAY_TASK_ID)
-    ./launch.sh run-plan FILE --next         claims line after line until none is left (several workers at once)
+    ./launch.sh run-plan FILE --next         claims line after line until none is left (several workers at once:
+                                             one per SLURM job or allocation; started by hand on one machine, each
+                                             GPU line takes free GPUs of its own, PLAN.gpus/, or waits for them;
+                                             CPU lines get no share of the cores: use --parallel there). It exits 0
+                                             leaving lines that other workers hold to them: if one of those dies,
+                                             its line waits for a rerun (report PLAN lists it)
+    ./launch.sh run-plan FILE --parallel N   N workers here, each with its own GPUs or cores (as below)
     ./launch.sh sweep ... --parallel N       writes OUT/parallel.plan and runs it with N workers, each with its own
                                              GPUs (CUDA_VISIBLE_DEVICES) or cores (taskset, OMP_NUM_THREADS)
 
 A plan is '#' header lines (the sweep's command, the runs folder, the sha256 of every line after its own), then one
 JSON object per run: index, run_dir, argv (train.py's complete arguments), gpus (torchrun processes; 0: one plain
-process) and nodes. A line is claimed by an flock on FILE.claims/<its run folder's hash>, which the kernel drops when
-its worker dies, so a dead worker's line is claimable again; a line whose run folder's lock is held (a train.py
-running it, started by anyone) is left alone. Every line runs as a sweep runs it: skipped when done with the same
-arguments, else train.py --resume auto (resumes, or names the result-defining options that differ).
+process), nodes and, where argv names recipes or plug-ins, files ({path: sha256}: a line whose file changed since is
+refused). A line is claimed by an flock on FILE.claims/<its run folder's hash> (which records the claimant's pid, host,
+SLURM job and a random nonce, read back before and after the run: where flock does not reach across nodes, a second
+claimant's record in its place fails the line), which the kernel drops when its worker dies, so a dead worker's line
+is claimable again; a line whose run folder's lock is held (a train.py running it, started by anyone) is left alone.
+Every line runs as a sweep runs it: skipped when done with the same arguments, else train.py --resume auto (resumes,
+or names the result-defining options that differ).
 No torch here: launch.sh calls this before any setup, and train.py imports placement()."""
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import secrets
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from locks import lock_or_holder
 
@@ -59,14 +73,30 @@ def ranges(numbers):
 
 def write(path, out, gpus, command, records):
     """records: (run_dir, argv string) in the sweep's order. Written whole or not at all; creates the runs folder."""
+    if not records:
+        raise PlanError("sweep: its options select no runs; no plan was written")
+    if os.path.isdir(path):
+        raise PlanError(f"sweep: --plan {path} is a folder; give the plan a file name, e.g. --plan "
+                        f"{os.path.join(path, 'plan')}; no plan was written")
+    held = claimed_line(path)
+    if held:  # its lines would change under its workers: their --index K would run other runs
+        raise PlanError(f"sweep: --plan {path} is being run (a line is held by {held}): write it again once its "
+                        f"workers have ended, or write another file (--plan OTHER); no plan was written")
     lines = [f"# out: {out}\n"] + [json.dumps({"index": i, "run_dir": d, "argv": argv.split(), "gpus": gpus,
-                                               "nodes": 1}) + "\n" for i, (d, argv) in enumerate(records)]
+                                               "nodes": 1, **files(argv.split())}) + "\n"
+                                    for i, (d, argv) in enumerate(records)]
     text = f"# command: {command}\n# sha256: {sha256(lines)}\n" + "".join(lines)
-    os.makedirs(out, exist_ok=True)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.makedirs(out, exist_ok=True)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise PlanError(f"sweep: cannot write the plan {path} ({e.strerror}: {e.filename}); no plan was written") \
+            from None
     return len(records)
 
 
@@ -74,14 +104,63 @@ def sha256(lines):
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def named_files(argv, flags=("--config", "--plugins")):
+    """The files argv names after these flags (--config F or --config=F), in order."""
+    names = []
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag in flags and (eq or i + 1 < len(argv)):
+            names.append(value if eq else argv[i + 1])
+    return names
+
+
+def files(argv):
+    """{"files": {path: sha256}} of the recipes and plug-ins argv names ({} where none): the plan's checksum covers
+    the arguments, these cover what the files say (edited after the plan was written, the same argv runs other
+    options)."""
+    try:
+        named = {path: file_sha256(path) for path in named_files(argv)}
+    except OSError as e:
+        raise PlanError(f"sweep: cannot read {e.filename} ({e.strerror}), named in the runs' arguments; no plan was "
+                        f"written") from None
+    return {"files": named} if named else {}
+
+
+def stale(line, plan):
+    """Why the line must not run (a recipe or plug-in changed or gone since the plan was written), or None."""
+    for path, sha in line.get("files", {}).items():  # (plans from before the field have none)
+        try:
+            if file_sha256(path) == sha:
+                continue
+            what = "changed"
+        except OSError as e:
+            what = f"cannot be read ({e.strerror})"
+        return (f"run-plan: {path}, named in line {line['index']}'s arguments, {what} since the plan was written: "
+                f"its runs would not be the plan's; put it back or write the plan again (./launch.sh sweep ... "
+                f"--plan {plan})")
+    return None
+
+
+def whole(text):
+    """A count in ASCII digits ('²'.isdigit() is True too, and int() refuses it)."""
+    return text.isascii() and text.isdigit()
+
+
 def read(path):
     """(runs folder, run lines) of a plan that is whole, unedited and whose runs folder is where it says."""
     again = f"write it again with ./launch.sh sweep ... --plan {path}"
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except OSError as e:
         raise PlanError(f"run-plan: cannot read the plan {path} ({e.strerror}); {again}") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"run-plan: {path} is not a plan (not UTF-8 text); {again}") from None
     sha = next((i for i, line in enumerate(lines) if line.startswith("# sha256: ")), None)
     if sha is None or not lines[sha + 1:sha + 2] or not lines[sha + 1].startswith("# out: "):
         raise PlanError(f"run-plan: {path} is not a plan (no '# sha256:' and '# out:' lines); {again}")
@@ -89,27 +168,48 @@ def read(path):
         raise PlanError(f"run-plan: {path} was edited after it was written (its lines do not match its sha256); "
                         f"{again} (its first line is the command)")
     out, runs = lines[sha + 1][len("# out: "):].rstrip("\n"), [json.loads(line) for line in lines[sha + 2:]]
+    if not runs:  # (written before empty plans were refused)
+        raise PlanError(f"run-plan: {path} has no lines (a sweep of no runs); nothing to run")
     if not os.path.isdir(out):
         raise PlanError(f"run-plan: the plan's runs folder {out} is missing (moved or deleted?); nothing was run: "
                         f"write the plan again for where the runs are (./launch.sh sweep ... --out NEW --plan FILE)")
     return out, runs
 
 
-def same_argv(run_dir, argv):
-    """True when the run recorded exactly these arguments and its recipes are unchanged: a sweep skips it as done.
-    A plug-in file may have changed under the same argv: train.py compares its hash."""
+def same_argv(run_dir, argv, files=None):
+    """True when the run was asked for with exactly these arguments (config.json's argv, or one train.py took since
+    as asking for this finished run: argv_accepted) and with recipes and plug-ins of these contents: a sweep skips it
+    as done. files: {path: sha256} of the files argv names (a plan line's record); None: the files as they are now."""
+    try:
+        files = files if files is not None else {path: file_sha256(path) for path in named_files(argv)}
+    except OSError:
+        return False
+    recipes = [files.get(path) for path in named_files(argv, ("--config",))]
+    plugins = {f"sha256:{files.get(path)}" for path in named_files(argv, ("--plugins",))}
+    c = config(run_dir)
+    asked = [c] + [a for a in c.get("argv_accepted", []) if isinstance(a, dict)]
+    # a plug-in method's hash is recorded by its name (of the selected methods only): each must be a file's here
+    return (any(a.get("argv") == argv and not (recipes and a.get("recipe_sha256") != recipes) for a in asked)
+            and set(c.get("plugins", {}).values()) <= plugins)
+
+
+def config(run_dir):
+    """The run's config.json ({} where it has none that reads)."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             c = json.load(f)
-        recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-        sha = [hashlib.sha256(open(r, "rb").read()).hexdigest() for r in recipes]
-        return c.get("argv") == argv and not (recipes and c.get("recipe_sha256") != sha) and "--plugins" not in argv
-    except (OSError, ValueError, AttributeError):
+        return c if isinstance(c, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def finished(line, as_planned=False):
+    """The line's run has 'done' and was asked for with the line's arguments and files (same_argv): as they are now
+    (the sweep's test for skipping it), or as_planned, as the plan recorded them (report's: train.py refuses a line
+    whose recipe changed since, so a run of the old one is not the line's)."""
+    if not os.path.exists(os.path.join(line["run_dir"], "done")):
         return False
-
-
-def finished(line):
-    return os.path.exists(os.path.join(line["run_dir"], "done")) and same_argv(line["run_dir"], line["argv"])
+    return same_argv(line["run_dir"], line["argv"], line.get("files") if as_planned else None)
 
 
 # ---- claims ------------------------------------------------------------------------------------
@@ -124,45 +224,116 @@ def try_lock(path, create):
 
 
 def claim(plan, line):
-    """The line's claim (an open file to close when the run ends), or (None, the holder's pid)."""
+    """The line's claim (an open file to close when the run ends), or (None, who holds the line)."""
     folder = plan + ".claims"
     os.makedirs(folder, exist_ok=True)
     name = hashlib.sha256(os.path.abspath(line["run_dir"]).encode()).hexdigest()[:16]
     f, holder = try_lock(os.path.join(folder, name), create=True)
     if f is None:
-        return None, f"pid {holder.split()[0]} (run-plan)"
-    run_lock, holder = try_lock(os.path.join(line["run_dir"], "lock"), create=False)  # train.py's own
-    if run_lock is None and holder is not None:
+        return None, f"{claimant_name(holder)} (run-plan)"
+    holder = run_dir_holder(line)
+    if holder is not None:
         f.close()
-        return None, f"pid {holder} (train.py)"
-    if run_lock is not None:
-        run_lock.close()
+        return None, holder
     f.seek(0)
     f.truncate()
-    f.write(f"{os.getpid()} {line['run_dir']}\n")
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": line["run_dir"], "nonce": NONCE,
+                        **{k: os.environ[k] for k in SLURM_IDS if os.environ.get(k)}}) + "\n")
     f.flush()
     return f, None
+
+
+# Where flock does not reach across nodes, a second node's claim on a line succeeds and overwrites the first's record:
+# each worker reads its record back before and after its run. NONCE: hosts may share a name (containers).
+NONCE = secrets.token_hex(8)
+
+
+def claimed_again(held):
+    """Who replaced our record in the claim file held (a claimant on another node), or None while it is ours."""
+    try:
+        with open(held.name) as f:
+            text = f.read().strip()
+    except OSError:  # removed by hand: no second claimant to name
+        return None
+    try:
+        record = json.loads(text)
+        if record.get("nonce") == NONCE and record.get("pid") == os.getpid():
+            return None
+    except (ValueError, AttributeError):
+        pass
+    return claimant_name(text) if text else "unknown"
+
+
+# Flocks do not reach across nodes on many network file systems: a claim records where its worker runs, so that a
+# line held elsewhere names the node and the SLURM job to look at.
+SLURM_IDS = ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID")
+
+
+def claimant_name(text):
+    """'pid 12 on node3 (SLURM_JOB_ID 45, SLURM_ARRAY_TASK_ID 6)' from a claim file ('pid 12': an older claim)."""
+    try:
+        c = json.loads(text)
+        slurm = ", ".join(f"{k} {c[k]}" for k in SLURM_IDS if k in c)
+        return f"pid {c['pid']} on {c['host']}" + (f" ({slurm})" if slurm else "")
+    except (ValueError, TypeError, KeyError):
+        return f"pid {text.split()[0]}"
+
+
+def claimed_line(plan):
+    """Who holds a line of the plan now ('pid 12 on node3'), or None."""
+    folder = plan + ".claims"
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        f, holder = try_lock(os.path.join(folder, name), create=False)
+        if f is not None:
+            f.close()
+        elif holder is not None:
+            return claimant_name(holder)
+    return None
+
+
+def run_dir_holder(line):
+    """Who holds the line's run folder (train.py's own lock: a run of the line started by anyone), or None."""
+    f, holder = try_lock(os.path.join(line["run_dir"], "lock"), create=False)
+    if f is not None:
+        f.close()
+    return None if holder is None else f"pid {holder} (train.py)"
 
 
 # ---- running -----------------------------------------------------------------------------------
 
 def visible_gpus():
-    """The GPUs this process may use: CUDA_VISIBLE_DEVICES where set (SLURM sets it), else nvidia-smi's list."""
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES where set (SLURM sets it), else nvidia-smi's list, else
+    (no nvidia-smi: a container, say) torch's count in the runs' python; [] where none says any."""
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
     try:
         p = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                            text=True, timeout=60)
+        if p.returncode == 0:
+            return p.stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:  # in a process of its own: no torch here
+        p = subprocess.run([python(), "-c", "import torch; print(torch.cuda.device_count())"], capture_output=True,
+                           text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return p.stdout.split() if p.returncode == 0 else []
+    count = p.stdout.strip()
+    return [str(i) for i in range(int(count))] if p.returncode == 0 and whole(count) else []
 
 
 def slots(n, gpus_per_run):
     """The environment and cores (or None) of each of n runs at once: a slice of the GPUs each, a share of the cores
     each (pinned with taskset where present). PlanError where the machine has too few."""
+    omp = os.environ.get("OMP_NUM_THREADS") or ""
+    if omp and not whole(omp):
+        raise PlanError(f"OMP_NUM_THREADS={omp} is not a number of threads: set a whole number (each run's threads "
+                        f"at most) or unset it")
     gpus, cores = visible_gpus(), cpus()
     width = max(gpus_per_run, 1)  # GPUs, or processes on a CPU, of one run
+    if gpus_per_run > 0 and not gpus:
+        raise PlanError(f"--parallel {n} runs of {gpus_per_run} GPU(s): this machine has no GPU (none in "
+                        f"CUDA_VISIBLE_DEVICES, nvidia-smi or torch): run on a GPU node, or without --gpus-per-run")
     if gpus and n * width > len(gpus):
         raise PlanError(f"--parallel {n} runs of {width} GPU(s) need {n * width} GPUs; this machine has {len(gpus)} "
                         f"({','.join(gpus)}): lower --parallel or --gpus-per-run")
@@ -170,73 +341,163 @@ def slots(n, gpus_per_run):
         raise PlanError(f"--parallel {n} runs of {width} process(es) need {n * width} cores; this machine has "
                         f"{len(cores)}: lower --parallel")
     share = len(cores) // n  # 0 on a GPU node with fewer cores than runs: then nothing is pinned
-    threads = max(1, min(share // width, int(os.environ.get("OMP_NUM_THREADS") or share)))
+    threads = max(1, min(share // width, int(omp or share)))
     pin = share > 0 and shutil.which("taskset") is not None
     return [({"TRAIN_CONCURRENT_RUNS": str(n), "OMP_NUM_THREADS": str(threads),
               **({"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * width:(i + 1) * width])} if gpus else {})},
              ranges(cores[i * share:(i + 1) * share]) if pin else None) for i in range(n)]
 
 
+def python():
+    """The python the runs use: launch.sh's venv's where there is one, else this one."""
+    venv_python = os.path.join(os.environ.get("VENV", ".venv"), "bin", "python")
+    return venv_python if os.access(venv_python, os.X_OK) else sys.executable
+
+
 def command(line):
     """The launcher and train.py's arguments, as launch.sh's sweep starts a run."""
-    venv_python = os.path.join(os.environ.get("VENV", ".venv"), "bin", "python")
-    python = venv_python if os.access(venv_python, os.X_OK) else sys.executable
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(line["gpus"]),
                 "--max-restarts", os.environ.get("MAX_RESTARTS", "0")] if line["gpus"] > 0 else []
-    return [python, *torchrun, "train.py", *line["argv"]]
+    return [python(), *torchrun, "train.py", *line["argv"]]
 
 
 class Runner:
     """Workers over one plan's lines: each claims the next line nobody holds, runs it, and goes on; every line is
-    tried at most once here. A refusal of the options stops new claims (every run would be refused alike); a
-    signal ends every child (train.py's checkpoint and rows stay: the run resumes) and stops."""
+    tried at most once here. A refusal of the options, or a recipe changed since the plan was written, stops new
+    claims (every run would be refused alike); a signal ends every child (train.py's checkpoint and rows stay: the
+    run resumes) and stops. own=True (--index K): the lines are this task's, so one held elsewhere is an error."""
 
-    def __init__(self, plan, out, lines, prefix):
-        self.plan, self.out, self.lines, self.prefix = plan, out, lines, prefix
-        self.tried, self.failed, self.busy, self.refused, self.signal = set(), [], {}, None, None
-        self.children, self.lock = set(), threading.RLock()  # (the signal handler takes it too)
+    def __init__(self, plan, out, lines, prefix, own=False, gpu_slots=None):
+        self.plan, self.out, self.lines, self.prefix, self.own = plan, out, lines, prefix, own
+        self.gpu_slots = gpu_slots  # this machine's GPUs, a line's worth each, where no one gave this worker its own
+        self.tried, self.failed, self.busy, self.refused, self.stale = set(), [], {}, None, None
+        self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
+        self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
 
     def next_line(self):
         with open(self.plan + ".lock", "a") as pick:  # one worker picks at a time, on this machine or another
             fcntl.flock(pick, fcntl.LOCK_EX)
             for line in self.lines:
                 with self.lock:
-                    if self.refused or self.signal or line["index"] in self.tried:
+                    if self.refused or self.stale or self.signal or line["index"] in self.tried:
                         continue
                 if finished(line):
-                    self.say(line, f"skip (done): {line['run_dir']}")
-                    self.tried.add(line["index"])
+                    self.skip(line)
                     continue
                 held, holder = claim(self.plan, line)
                 if held is None:
                     self.busy[line["index"]] = holder
                     continue
+                if finished(line):  # its holder finished it between the test above and our claim
+                    held.close()
+                    self.skip(line)
+                    continue
                 self.busy.pop(line["index"], None)
                 self.tried.add(line["index"])
+                why = stale(line, self.plan)
+                if why:
+                    held.close()
+                    with self.lock:
+                        self.stale = why
+                    return None, None
                 return line, held
         return None, None
 
-    def work(self, env, cores):
-        while True:
-            line, held = self.next_line()
-            if line is None:
-                return
-            with held:
-                self.run(line, env, cores)
+    def skip(self, line):
+        self.say(line, f"skip (done): {line['run_dir']}")
+        self.tried.add(line["index"])
+        self.busy.pop(line["index"], None)
 
-    def run(self, line, env, cores):
+    def work(self, env, cores):
+        """One worker. An error of its own (not its run's: a line that cannot be started, a full /tmp) fails its
+        line, named, and the worker goes on; one while picking a line ends the worker."""
+        while True:
+            try:
+                gpus, slot = self.gpu_slot()  # before the line: a worker waiting for GPUs holds no line
+                line, held = self.next_line() if gpus is not None else (None, None)
+            except Exception as e:
+                return self.fail(None, f"{type(e).__name__}: {e}")
+            with slot or contextlib.nullcontext():  # the slot's GPUs are this line's until it ends
+                if line is None:
+                    return
+                try:
+                    with held:
+                        self.run(line, {**env, **gpus}, cores, held)
+                except Exception as e:
+                    self.fail(line, f"{type(e).__name__}: {e}")
+
+    def gpu_slot(self):
+        """(environment, open slot file) for one line of a worker whose GPUs no one gave (CUDA_VISIBLE_DEVICES unset:
+        workers started by hand, several on one machine, would all train on GPU 0): the first free slot of
+        self.gpu_slots, flocked on PLAN.gpus/<host>.<k>, its GPUs as CUDA_VISIBLE_DEVICES and the slots held then as
+        TRAIN_CONCURRENT_RUNS. All held (more workers than slots): it waits for one. ({}, None) without slots;
+        (None, None) once a signal came."""
+        if not self.gpu_slots:
+            return {}, None
+        where = os.path.join(self.plan + ".gpus", socket.gethostname())
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        waiting = False
+        while not self.signal:
+            with open(where + ".lock", "a") as pick:  # one worker of this machine looks at a time
+                fcntl.flock(pick, fcntl.LOCK_EX)
+                files = [try_lock(f"{where}.{k}", create=True)[0] for k in range(len(self.gpu_slots))]
+                free = [k for k, f in enumerate(files) if f is not None]
+                for k in free[1:]:  # (taken to count them)
+                    files[k].close()
+            if free:
+                return ({"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_slots[free[0]]),
+                         "TRAIN_CONCURRENT_RUNS": str(len(files) - len(free) + 1)}, files[free[0]])
+            if not waiting:
+                waiting = True
+                with self.lock:
+                    print(f"launch.sh: run-plan: this machine's {len(files)} GPU slot(s) ({where}.*) are all held by "
+                          f"other workers of {self.plan}: waiting for one", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+        return None, None
+
+    def run(self, line, env, cores, held):
         cmd = (["taskset", "-c", cores] if cores else []) + command(line)
+        if self.claimed_twice(line, held):
+            return
         self.say(line, "+ " + " ".join(cmd))
         fd, refusal = tempfile.mkstemp(prefix="refusal-")
         os.close(fd)
-        pipe = subprocess.PIPE if self.prefix else None
-        with self.lock:  # no child starts after a signal: the handler's loop ends the ones registered here
-            if self.signal:
-                os.remove(refusal)
+        try:
+            rc = self.start(line, cmd, {**os.environ, **env, "TRAIN_REFUSAL_FILE": refusal})
+            refused = bool(rc) and os.path.getsize(refusal) > 0
+        finally:
+            os.remove(refusal)
+        if self.claimed_twice(line, held):
+            return
+        with self.lock:
+            if not rc or self.signal:
                 return
-            p = subprocess.Popen(cmd, env={**os.environ, **env, "TRAIN_REFUSAL_FILE": refusal}, stdout=pipe,
-                                 stderr=pipe, text=True)
-            self.children.add(p)
+            if refused:
+                self.refused = self.refused or line["run_dir"]
+                return
+        holder = run_dir_holder(line)  # a train.py started by hand took the folder first: it runs the line
+        if holder is not None:
+            self.busy[line["index"]] = holder
+            self.say(line, f"left to {holder}, which holds {line['run_dir']}", sys.stderr)
+            return
+        self.fail(line, f"exit {rc}")
+
+    def claimed_twice(self, line, held):
+        """Fails the line where another claimant's record replaced ours (its run may have run on two nodes at once)."""
+        other = claimed_again(held)
+        if other is not None:
+            self.fail(line, f"flock on {self.plan}.claims is not shared across nodes: line {line['index']} claimed "
+                            f"twice, also by {other}")
+        return other is not None
+
+    def start(self, line, cmd, env):
+        """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""
+        pipe = subprocess.PIPE if self.prefix else None
+        with self.lock:  # no child starts after the handler ran; one started as the signal came is marked for it
+            if self.signal:
+                return None
+            p = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
+            self.children[p] = bool(select.select([self.wakeup], [], [], 0)[0]) if self.wakeup else False
         pumps = [threading.Thread(target=self.pump, args=(line, s, d)) for s, d in
                  ((p.stdout, sys.stdout), (p.stderr, sys.stderr)) if s is not None]
         for t in pumps:
@@ -245,14 +506,14 @@ class Runner:
         for t in pumps:
             t.join()
         with self.lock:
-            self.children.discard(p)
-            refused = rc != 0 and os.path.getsize(refusal) > 0
-            os.remove(refusal)
-            if refused and not self.signal:
-                self.refused = self.refused or line["run_dir"]
-            elif rc != 0 and not self.signal:
-                self.failed.append((line["run_dir"], rc))
-                print(f"launch.sh: FAILED (exit {rc}): {line['run_dir']}", file=sys.stderr, flush=True)
+            del self.children[p]
+        return rc
+
+    def fail(self, line, why):
+        name = line["run_dir"] if line else f"a worker of {self.plan}"
+        with self.lock:
+            self.failed.append((name, why))
+            print(f"launch.sh: FAILED ({why}): {name}", file=sys.stderr, flush=True)
 
     def pump(self, line, source, sink):
         for text in source:
@@ -264,14 +525,31 @@ class Runner:
             print(f"[{name}] {text}" if name else text, file=sink, flush=True)
 
     def stop(self, signum, frame):
-        first = self.signal is None
-        self.signal = self.signal or signum
-        self.kill(signal.SIGTERM if first else signal.SIGKILL)  # a second Ctrl-C does not wait
-
-    def kill(self, sig):
+        """Each child gets one signal per request: a first signal ends them (SIGTERM, but for a Ctrl-C, which the
+        terminal sent to our whole process group, children included), a second more than 2 s later kills them.
+        Signals in between add nothing: launch.sh passes a Ctrl-C on as SIGTERM a moment after it, and train.py
+        takes a second SIGINT as 'die now' (no checkpoint). The kill reaches each child's whole tree (torchrun's
+        workers, in sessions of their own, would live on holding the GPU and the run's lock)."""
+        now = time.monotonic()
         with self.lock:
-            for p in self.children:  # torchrun passes it on to its workers
-                p.send_signal(sig)
+            if self.signal is None:
+                self.signal, self.signalled_at = signum, now
+                got_it = from_terminal(signum)
+                for p, late in self.children.items():  # late: started after the signal had reached us
+                    if late or not got_it:
+                        p.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+            elif now - self.signalled_at > 2 and not self.killed:
+                self.killed = True
+                # each child's whole tree, found before any of it dies (an orphan's parent is no longer the child);
+                # none under a child already reaped, whose pid may be another process's by now
+                trees = {p: descendants(p.pid) for p in self.children if p.returncode is None}
+                for p, tree in trees.items():
+                    p.kill()
+                    for pid in tree:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
 
     def go(self, workers):
         """Run the workers [(env, cores)] to the end; the exit status (0, 1 failures, 2 refused, 128 + a signal)."""
@@ -283,16 +561,19 @@ class Runner:
         except OSError as e:
             raise PlanError(f"run-plan: cannot lock {self.plan}.lock ({e.strerror}): the plan's folder must be on a "
                             f"file system with flock; write the plan elsewhere (--plan FILE)") from None
+        # a signal's C handler writes this pipe at once; ours runs later, in this thread: a child started in between
+        # did not get a terminal's signal
+        self.wakeup, written = os.pipe()
+        os.set_blocking(written, False)
+        signal.set_wakeup_fd(written, warn_on_full_buffer=False)
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self.stop)
         threads = [threading.Thread(target=self.work, args=w, daemon=True) for w in workers]
         for t in threads:
             t.start()
-        while any(t.is_alive() for t in threads):
-            for t in threads:
+        for t in threads:
+            while t.is_alive():
                 t.join(0.2)
-            if self.signal:  # a child started just before the signal is ended on the next pass
-                self.kill(signal.SIGTERM)
         return self.summary()
 
     def summary(self):
@@ -300,56 +581,115 @@ class Runner:
             print(f"launch.sh: stopped by signal {self.signal}: the runs it ended resume where they stopped when the "
                   f"plan is run again", file=sys.stderr)
             return 128 + self.signal
+        if self.stale:
+            print(f"launch.sh: {self.stale}", file=sys.stderr)
+            return 2
         if self.refused:
             print(f"launch.sh: stopped: {self.refused}: train.py refused the options (the reason above)",
                   file=sys.stderr)
             return 2
-        busy = {i: h for i, h in self.busy.items() if i not in self.tried}
-        if busy:
-            print(f"launch.sh: {len(busy)} line(s) held by other workers, not run here: " +
-                  ", ".join(f"{i} ({h})" for i, h in sorted(busy.items())))
         if self.failed:
             print(f"launch.sh: {len(self.failed)} run(s) failed, see their messages above:", file=sys.stderr)
-            for run_dir, rc in self.failed:
-                print(f"  {run_dir} (exit {rc})", file=sys.stderr)
+            for name, why in self.failed:
+                print(f"  {name} ({why})", file=sys.stderr)
+        if self.busy and self.own:  # an array task that ran nothing must not look like one that ran its line
+            (i, holder), = self.busy.items()
+            print(f"launch.sh: run-plan: line {i} ({self.lines[0]['run_dir']}) is held elsewhere, by {holder}: "
+                  f"nothing was run here (if it is not running there, run this line again)", file=sys.stderr)
             return 1
-        return 0
+        if self.busy:  # fine (other workers run them), but the plan is not complete
+            held = ", ".join(f"{i} ({h})" for i, h in sorted(self.busy.items()))
+            print(f"launch.sh: run-plan: {len(self.busy)} line(s) left to other workers, which hold them: {held}; the "
+                  f"plan is complete when they finish (./launch.sh report {self.plan} names what did not)",
+                  file=sys.stderr)
+        return 1 if self.failed else 0
+
+
+def descendants(pid):
+    """The processes below pid (children, theirs, ...), from /proc's parent links: torchrun starts its workers in
+    sessions of their own, out of reach of a signal to its process group. [] without /proc."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{int(entry)}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, ppid
+        except (OSError, ValueError, IndexError):  # not a process (/proc/self, /proc/cpuinfo), or one that ended
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def from_terminal(signum):
+    """Whether the signal came from a terminal to our whole process group (children included): a Ctrl-C while our
+    group is its foreground group. A SIGTERM (kill, launch.sh passing a signal on, a scheduler) is taken as ours."""
+    if signum != signal.SIGINT:
+        return False
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY)
+    except OSError:  # no controlling terminal: sent by kill, to us
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def run_plan(args):
-    """run PLAN --index K | --next: one line (the array task's) or, claimed one after another, all of them."""
-    usage = "run-plan takes PLAN --index K (a line, from 0: SLURM_ARRAY_TASK_ID) or PLAN --next"
-    if len(args) not in (2, 3) or args[1] not in ("--index", "--next") or len(args) != 2 + (args[1] == "--index"):
+    """run PLAN --index K | --next | --parallel N: one line (the array task's) or, claimed one after another, all of
+    them, by this worker or N at once."""
+    usage = "run-plan takes PLAN --index K (a line, from 0: SLURM_ARRAY_TASK_ID), PLAN --next or PLAN --parallel N"
+    if len(args) not in (2, 3) or args[1] not in ("--index", "--next", "--parallel") \
+            or len(args) != 2 + (args[1] != "--next"):
         raise PlanError(f"{usage}, got '{' '.join(args)}'")
     out, lines = read(args[0])
+    what = args[0]
+    if args[1] == "--parallel" and not (whole(args[2]) and int(args[2]) > 0):
+        raise PlanError(f"run-plan: --parallel takes the number of runs at once (1, 2, ...), got '{args[2]}'")
     if args[1] == "--index":
         k = args[2]
-        if not k.isdigit() or int(k) >= len(lines):
+        if not whole(k) or int(k) >= len(lines):
             raise PlanError(f"run-plan: --index {k} is out of range: {args[0]} has {len(lines)} lines, "
                             f"0-{len(lines) - 1}")
-        lines = [lines[int(k)]]
-        need, have = lines[0]["gpus"], visible_gpus()
-        if need > len(have) and "SLURM_JOB_ID" in os.environ:
-            raise PlanError(f"run-plan: line {k} runs on {need} GPU(s); this task has {len(have)}: submit the array "
-                            f"with --gpus-per-task={need}")
-    runner = Runner(args[0], out, lines, prefix=False)
-    rc = runner.go([({}, None)])
-    if args[1] == "--index" and runner.busy:  # the array task's own line is another worker's: say so
-        print(f"launch.sh: run-plan: line {args[2]} ({lines[0]['run_dir']}) is being run by "
-              f"{runner.busy[lines[0]['index']]}; nothing was done here", file=sys.stderr)
-        return 1
-    return rc
+        lines, what = [lines[int(k)]], f"line {k}"
+    why = next(filter(None, (stale(line, args[0]) for line in lines)), None)
+    if why:  # before any claim or lock is made: a refused plan is left as it was
+        raise PlanError(why)
+    need = max(line["gpus"] for line in lines)
+    have = visible_gpus() if need > 0 else []
+    if need > 0 and not have:
+        raise PlanError(f"run-plan: {what}: runs on {need} GPU(s), and none is visible here (CUDA_VISIBLE_DEVICES, "
+                        f"nvidia-smi, torch): run it on a GPU node")
+    if need > len(have) and args[1] == "--index" and "SLURM_JOB_ID" in os.environ:
+        raise PlanError(f"run-plan: line {k} runs on {need} GPU(s); this task has {len(have)}: submit the array "
+                        f"with --gpus-per-task={need}")
+    if args[1] == "--parallel":
+        return parallel(args[0], int(args[2]), (out, lines))
+    # no GPUs given (not SLURM's, not --parallel's): this machine's, shared with its other workers a slot each
+    gpu_slots = None
+    if need > 0 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        gpu_slots = [have[i:i + need] for i in range(0, len(have) - need + 1, need)]
+        if not gpu_slots:
+            raise PlanError(f"run-plan: {what}: runs on {need} GPU(s); this machine has {len(have)} "
+                            f"({','.join(have)}): run it on a node with {need}")
+    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index", gpu_slots=gpu_slots).go([({}, None)])
 
 
-def parallel(plan, n):
-    out, lines = read(plan)
-    return Runner(plan, out, lines, prefix=n > 1).go(slots(n, lines[0]["gpus"] if lines else 0))
+def parallel(plan, n, read_plan=None):
+    out, lines = read_plan or read(plan)
+    return Runner(plan, out, lines, prefix=n > 1).go(slots(n, lines[0]["gpus"]))
 
 
 def unfinished(plan):
-    """List the lines without 'done' (after an array: what did not finish); exit 1 if any."""
+    """List the lines not finished (no 'done', or done with other arguments: a line refused); exit 1 if any."""
     out, lines = read(plan)
-    left = [line for line in lines if not os.path.exists(os.path.join(line["run_dir"], "done"))]
+    left = [line for line in lines if not finished(line, as_planned=True)]
     if left:
         print(f"launch.sh: {len(left)} of {len(lines)} line(s) of {plan} did not finish (run them again: "
               f"./launch.sh run-plan {plan} --index K):", file=sys.stderr)
@@ -365,9 +705,12 @@ def main(argv):
         n = write(args[0], args[1], int(args[2]), args[3], records)
         gpus = f" --gpus-per-task={args[2]}" if int(args[2]) > 0 else ""
         print(f"plan: {args[0]} ({n} runs, lines 0-{n - 1}); nothing was run. Run it:\n"
-              f"  here, line by line:    ./launch.sh run-plan {args[0]} --index K   (or --next in each of N shells)\n"
+              f"  here, N at once:       ./launch.sh run-plan {args[0]} --parallel N   (each run its own GPUs or "
+              f"cores)\n"
+              f"  here, one line:        ./launch.sh run-plan {args[0]} --index K\n"
               f"  as a SLURM job array:  sbatch --array=0-{n - 1}%M{gpus} slurm/array.sbatch {args[0]}   (M at once)\n"
-              f"  then the report:       sbatch --dependency=afterany:JOBID slurm/report.sbatch {args[0]}")
+              f"  then the report:       sbatch --dependency=afterany:JOBID slurm/report.sbatch {args[0]}\n"
+              f"  (or --next, one worker per SLURM job or allocation: it claims line after line)")
         return 0
     if what == "run":
         return run_plan(args)

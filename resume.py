@@ -6,14 +6,16 @@ import sys
 from dataclasses import replace
 
 from options import RESULT_KEYS, fail, result_options
-from rundir import checkpoint_files, holds_run, is_done, load_checkpoint, metrics_rows, recorded_options
+from rundir import (RunDirError, checkpoint_files, holds_run, is_done, load_checkpoint, metrics_rows, record_request,
+                    recorded_options)
 from runformat import ADDED_DEFAULTS, canonical_methods, is_legacy, method_options
 
 
-def resume_decision(args, setup, master):
+def resume_decision(args, setup, master, argv=None):
     """Read run_dir and decide: (checkpoint to resume or None, whether to wipe the old run first).
-    Exits 0 for a finished run of the same options under --resume, and fail()s on anything that would lose or mix
-    results: other options, a damaged metrics.csv, a folder that is not provably an empty start of this run."""
+    Exits 0 for a finished run of the same options under --resume (recording argv, the command line, as one that
+    asked for it: config.json's argv_accepted), and fail()s on anything that would lose or mix results: other options,
+    a damaged metrics.csv, a folder that is not provably an empty start of this run."""
     run_dir, options = setup.run_dir, result_options(args, setup)
     if not args.resume:
         if holds_run(run_dir) and not args.overwrite:
@@ -36,7 +38,8 @@ def resume_decision(args, setup, master):
         # the hardware: tf32 follows it (CPU or GPU); each rank knows only its own GPU, so rank 0's decides
         hardware = ("device_name", "tf32")
         host = ((("data_dir",) * (args.dataset != "imagenet") + hardware if done else ())
-                + ("amp",) * (args.amp == "auto") + hardware * args.allow_device_change
+                + ("amp",) * (args.amp == "auto") + ("compile",) * (args.compile == "auto")
+                + hardware * args.allow_device_change
                 + hardware * (not master))
         diffs = {k: f"{k}: {recorded[k]!r} -> {options[k]!r}" for k in RESULT_KEYS  # keys it predates: not compared
                  if k in recorded and k not in host and recorded[k] != options[k]}
@@ -49,13 +52,7 @@ def resume_decision(args, setup, master):
                  f"{'; '.join(diffs.values())}; ask for the run's options, or use another --run-dir (a sweep: another "
                  f"--out)", options=True)
     if done:  # never redo a finished run (sweeps rely on this); --overwrite replaces it
-        if recorded is None:
-            fail(f"--resume: {run_dir} is marked done but records no options (no config.json or checkpoint), so it "
-                 f"cannot be checked against this one; choose another --run-dir or --overwrite it")
-        if master:
-            print(f"run {run_dir} is already finished (it has 'done'); nothing to do. Pass --overwrite "
-                  f"instead of --resume to train it again")
-        sys.exit(0)
+        already_finished(args, run_dir, recorded, master, argv)
     if ckpt is None:
         if args.resume == "must":
             fail(f"--resume: no readable checkpoint in {run_dir}/checkpoints; start it without --resume "
@@ -69,6 +66,23 @@ def resume_decision(args, setup, master):
         fail(f"--resume: {run_dir}/metrics.csv has {rows} whole rows but the checkpoint recorded "
              f"{ckpt['metrics_rows']}; restore the file or start again with --overwrite")
     return ckpt, False
+
+
+def already_finished(args, run_dir, recorded, master, argv):
+    """--resume of a finished run of the same options: exit 0, rank 0 recording argv as a command line that asked
+    for it (config.json's argv_accepted); fail() where the finished run records no options to check."""
+    if recorded is None:
+        fail(f"--resume: {run_dir} is marked done but records no options (no config.json or checkpoint), so it "
+             f"cannot be checked against this one; choose another --run-dir or --overwrite it")
+    if master:
+        if argv is not None:
+            try:
+                record_request(run_dir, argv, args.recipe_sha256)
+            except RunDirError as e:  # the run stays finished; only launch.sh's record of the request is lost
+                print(f"warning: {e}", file=sys.stderr)
+        print(f"run {run_dir} is already finished (it has 'done'); nothing to do. Pass --overwrite "
+              f"instead of --resume to train it again")
+    sys.exit(0)
 
 
 def api_names(options):

@@ -276,6 +276,18 @@ def checkpoint_files(run_dir):
     return sorted(f for f in os.listdir(d) if not f.endswith(".tmp")) if os.path.isdir(d) else []
 
 
+def record_request(run_dir, argv, recipe_sha256):
+    """A finished run asked for again by arguments that differ from its own only in options that do not define the
+    result (--checkpoint-every, --data-dir, ...): config.json's argv_accepted gains them (with their recipes'
+    hashes), once, so that launch.sh and a plan's report count the run as theirs. Nothing where config.json does not
+    read."""
+    config = recorded_options(run_dir)
+    request = {"argv": argv, "recipe_sha256": recipe_sha256}
+    if config is None or request in [{k: config.get(k) for k in request}] + config.get("argv_accepted", []):
+        return
+    write_config(run_dir, {**config, "argv_accepted": config.get("argv_accepted", []) + [request]})
+
+
 def recorded_options(run_dir):
     """config.json's options as a dict, or None when it is missing or not a JSON object."""
     try:

@@ -6,11 +6,12 @@
 DDP comes from the torchrun environment (NCCL on CUDA, gloo on CPU); only rank 0 writes files.
 The LR follows schedules.py and is stepped once per optimizer step; validation runs at every
 curve point (cycle ends, budgets), at the end, and every --eval-every epochs; checkpoints are written
-after every evaluation and every --checkpoint-every minutes between them.
+after every evaluation and every --checkpoint-every minutes between them. SIGTERM or SIGINT (scancel, a time limit,
+Ctrl-C) ends the run at the next step boundary the ranks agree on, after a checkpoint there (exit 143 / 130: stop.py).
 
 This file is the run's story (run_main: parse -> set up -> build -> train -> finish) and the loop (Run); the
-options are options.py's, the optimizer optim.py's, the precision precision.py's, the resume decision resume.py's,
-the FLOPs flops.py's (README "Layout").
+options are options.py's, the optimizer optim.py's, the precision precision.py's, --compile compile_choice.py's,
+the resume decision resume.py's, the FLOPs flops.py's, the stop on a signal stop.py's (README "Layout").
 """
 import contextlib
 import copy
@@ -18,6 +19,7 @@ import itertools
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -29,11 +31,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import compile_choice
 import costs
 import precision
 import schedules
 from data import DataError, build_data
-from flops import count_flops, trial_pass
+from flops import count_flops, run_side_contexts, trial_pass
 from methods import MethodError, weights_kept
 from models import build_model, error_line, fixed_input_size
 from optim import build_optimizer, decay_exclusions, weight_decay_note
@@ -43,6 +46,7 @@ from resume import check_decay_convention, device_history, kept_precision, resum
 from rng import restore_rng, rng_state
 from rundir import (MetricsLog, RunDirError, check_writable, lock_run_dir, mark_done, remove_run, save_checkpoint,
                     write_config)
+from stop import STOP
 from trackers import Trackers
 
 NO_STEP = 2 ** 62  # "no non-finite step yet"
@@ -62,6 +66,7 @@ def main(argv=None):
     finally:  # the run directory's lock ends with the run, also where train.main is called in a process that goes on
         while HELD_LOCKS:
             HELD_LOCKS.pop().close()
+        STOP.restore()
 
 
 HELD_LOCKS = []  # the lock files run_main holds
@@ -72,12 +77,14 @@ def run_main(argv=None):
     model, schedule, precision and optimizer, record the run's files, train, finish."""
     # -- parse
     args = parse_args(argv)
-    proc = this_process()
+    proc = this_process(args.print_compile)
     setup, methods = resolve(args, proc.world_size, proc.device)
     if args.print_amp:  # what --amp auto picks here, for a sweep to pass to all its runs: nothing is written
         return print_amp(args, setup, methods, proc)
+    if args.print_compile:  # what --compile auto picks here, for a sweep to give a method set's runs: nothing written
+        return print_compile(args, setup, methods, proc)
     # -- set up: the run directory, and what it holds decided (every rank decides alike: they read the same files)
-    ckpt, wipe = open_run_dir(args, setup, proc.master)
+    ckpt, wipe = open_run_dir(args, setup, proc.master, argv)
     # -- build: checks that need the data or the model come first, the precision's measurement after them all
     data, model, loader = build_run(args, setup, methods, proc.device, proc.rank, proc.world_size)
     recorded = resumed_config(args, setup, ckpt, data)  # config.json of the resumed run
@@ -85,20 +92,28 @@ def run_main(argv=None):
     spe = loader.steps_per_epoch
     plan = make_plan(args, setup, spe)
     setup, amp_measured = choose_precision(args, setup, ckpt, model, loader, methods, proc)
-    claim_run_dir(args, setup, proc.master)
     without_effect = warn_of_methods(methods, args, proc.master)
     raw_model, exclusions = model, decay_exclusions(args, model)
     check_decay_convention(args, setup, ckpt, exclusions)
     if proc.master and weight_decay_note(args):
         print(weight_decay_note(args))
     optimizer, scheduler, scaler, autocast = build_training(model, args, setup, plan, methods, exclusions, proc.device)
+    setup, compile_auto, compiled = compile_choice.choose(  # after the precision, on the run's own step
+        args, setup, ckpt, recorded, lambda: compile_choice.measure_run(
+            args, model, optimizer, scaler, methods, autocast, loader, plan, data, train_step, steps_undone),
+        sys.stdout if proc.master else None)
+    claim_run_dir(args, setup, proc.master)
     flops = count_flops(raw_model, methods, autocast, data, plan, micro_batch_size(args, proc.world_size), spe)
     state = start_state(ckpt, args, raw_model, optimizer, scheduler, scaler, methods, proc.rank)
-    model = distribute(model, args, proc)
+    if compile_auto and ckpt is None:  # --compile auto's measurement is start-up, whichever way it chose
+        state.startup_time = compile_auto["measure_s"]
+    dynamic = compile_dynamic(setup, ckpt, recorded, methods)
+    model = distribute(model, setup, proc, compiled, dynamic, len(flops.per_image))
     # -- record: config.json, metrics.csv, the trackers (rank 0)
     derived = dict(decay_excluded=exclusions, methods_without_effect=without_effect,
                    data_storage=getattr(data, "storage", None),
                    amp_measured=amp_measured if ckpt is None else recorded.get("amp_measured"),
+                   compile_auto=compile_auto, compile_dynamic=dynamic if setup.compile else None,
                    train_flops_per_image=flops.per_image.get(costs.side_name((data.image_size,) * 2)),
                    train_flops_per_image_by_side=flops.per_image, device_names=device_history(setup, ckpt),
                    **placement(proc.device.type, torch.get_num_threads(),
@@ -108,19 +123,30 @@ def run_main(argv=None):
                     else (None, Trackers([], None, None)))
     # -- train
     run = Run(args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods, autocast,
-              proc.rank, proc.world_size, proc.ddp, proc.device, log, tracked, flops)
+              proc.rank, proc.world_size, proc.ddp, proc.device, log, tracked, flops, config["compile_dynamic"])
     steps_here = run.train(state)
-    # -- finish
+    finish(run, state, steps_here, data, proc)
+
+
+def finish(run, state, steps_here, data, proc):
+    """The run's end: the trackers and validation workers closed; rank 0 marks the run done, or after a stop
+    (a signal: stop.py) says where it stopped; under DDP every rank waits for that (no rank leaves while rank 0
+    writes the checkpoint); a stopped process exits 128 + the signal."""
     run.tracked.close()
     if hasattr(data, "close"):  # the validation workers
         data.close()
-    if proc.master:
-        mark_done(setup.run_dir)
-        print(f"done: {setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
+    if proc.master and run.stopped:
+        print(f"train.py: {signal.Signals(run.stopped).name}: checkpoint at step {state.step} saved; resume with "
+              f"--resume auto", file=sys.stderr)
+    elif proc.master:
+        mark_done(run.setup.run_dir)
+        print(f"done: {run.setup.run_dir}, {state.cost_time:.1f}s of training, {steps_here} optimizer steps in this "
               f"process")
     if proc.ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if run.stopped:
+        sys.exit(128 + run.stopped)
 
 
 @dataclass(frozen=True)
@@ -137,10 +163,12 @@ class Process:
         return self.rank == 0
 
 
-def this_process():
-    """The Process, its GPU made current (before any CUDA question: otherwise every rank makes a context on GPU 0)."""
+def this_process(print_compile=None):
+    """The Process, its GPU made current (before any CUDA question: otherwise every rank makes a context on GPU 0).
+    --print-compile WORLD_SIZE: measured in one process as rank 0 of the runs' ranks."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    world_size = print_compile or world_size
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -161,7 +189,21 @@ def print_amp(args, setup, methods, proc):
     print(amp)
 
 
-def open_run_dir(args, setup, master):
+def print_compile(args, setup, methods, proc):
+    """--print-compile: what --compile auto picks here (on or off, on stdout; the figures on stderr), measured on
+    the run's own step at the runs' world size, after the schedule's checks (they are quick) and --amp auto's
+    measurement (a sweep resolves --amp auto first); nothing is written."""
+    data, model, loader = build_run(args, setup, methods, proc.device, proc.rank, proc.world_size)
+    plan = make_plan(args, setup, loader.steps_per_epoch)
+    if precision.measures_precision(args, proc.device, proc.world_size):
+        setup = replace(setup, amp=precision.measure_precision(model, loader, methods, args, train_step)[0])
+    optimizer, _, scaler, autocast = build_training(model, args, setup, plan, methods, decay_exclusions(args, model),
+                                                    proc.device)
+    print(compile_choice.printed(args, setup, lambda: compile_choice.measure_run(
+        args, model, optimizer, scaler, methods, autocast, loader, plan, data, train_step, steps_undone)))
+
+
+def open_run_dir(args, setup, master, argv=None):
     """(checkpoint to resume or None, whether to wipe the old run first): --run-dir checked before anything slow is
     loaded, then decided (resume.resume_decision). One writer per run directory: rank 0 holds its lock from before it
     reads the folder to the end of the run (a folder that does not exist yet holds nothing to read, and is created
@@ -169,7 +211,12 @@ def open_run_dir(args, setup, master):
     check_writable(setup.run_dir)
     if master and not args.no_lock and os.path.isdir(setup.run_dir):
         HELD_LOCKS.append(lock_run_dir(setup.run_dir))
-    return resume_decision(args, setup, master)
+    return resume_decision(args, setup, master, command_line(argv))
+
+
+def command_line(argv):
+    """train.py's arguments, as config.json records them (argv: main's, or None for the process's own)."""
+    return sys.argv[1:] if argv is None else list(argv)
 
 
 def claim_run_dir(args, setup, master):
@@ -224,15 +271,26 @@ def start_state(ckpt, args, raw_model, optimizer, scheduler, scaler, methods, ra
         fail(str(e))
 
 
-def distribute(model, args, proc):
-    """The model to train: under DDP (the process group joined now), then compiled around DDP, as PyTorch advises:
-    the compiler then overlaps all-reduce and backward."""
+def compile_dynamic(setup, ckpt, recorded, methods):
+    """config.json's compile_dynamic: a resume compiles as the run recorded (its checkpoint says; config.json for a
+    checkpoint that predates the key, as resume_decision reads options; runs from before the key: torch's default,
+    as they were compiled); a fresh run as compile_choice.dynamic says."""
+    if ckpt is not None:
+        return {**recorded, **ckpt["config"]}.get("compile_dynamic")
+    return compile_choice.dynamic(setup.compile, methods)
+
+
+def distribute(model, setup, proc, compiled, dynamic, graphs):
+    """The model to train: under DDP (the process group joined now, every rank checked to compile alike), then
+    compiled around DDP, as PyTorch advises: the compiler then overlaps all-reduce and backward (`compiled`: --compile
+    auto's measurement's model, where it chose to compile; else compiled here for `graphs` image sizes)."""
     if proc.ddp:
         init_distributed(proc.device, proc.rank, proc.world_size)
+        compile_choice.same_on_every_rank(setup.compile, proc.device)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[proc.local_rank]
                                                           if proc.device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
+    if setup.compile:
+        model = compiled if compiled is not None else compile_choice.compile_model(model, dynamic, graphs)
     return model
 
 
@@ -245,7 +303,7 @@ def run_config(args, setup, plan, spe, own, device, derived, argv):
                 args.warmup_epochs, setup.family_t0, setup.family_t_mult, setup.cycles)),
             **own, "device": device.type, "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda if device.type == "cuda" else None, **derived,
-            "argv": sys.argv[1:] if argv is None else list(argv)}
+            "argv": command_line(argv)}
 
 
 def open_run_files(args, setup, plan, config, state, ckpt, wipe, methods, proc):
@@ -408,22 +466,23 @@ class Run:
     services: the evaluations and rows (Evaluator), the path's checkpoints and wsd snapshots (Checkpoints)."""
 
     def __init__(self, args, setup, plan, data, loader, model, raw_model, optimizer, scheduler, scaler, methods,
-                 autocast, rank, world_size, ddp, device, log, tracked, flops):
+                 autocast, rank, world_size, ddp, device, log, tracked, flops, compile_dynamic=None):
         self.args, self.setup, self.plan, self.data, self.loader = args, setup, plan, data, loader
+        self.compile_dynamic = compile_dynamic  # config.json's, kept in the checkpoint too
         self.model, self.raw_model, self.optimizer, self.scheduler, self.scaler = (model, raw_model, optimizer,
                                                                                    scheduler, scaler)
         self.methods, self.autocast, self.tracked = methods, autocast, tracked
         self.rank, self.world_size, self.ddp, self.device, self.master = rank, world_size, ddp, device, rank == 0
         self.sf = plan.schedule == "schedule-free"
+        self.stopped = 0  # the signal train() stopped on at a checkpoint (STOP), 0 where it ran to the end
         self.evaluator = Evaluator(self, log, flops)
         self.checkpoints = Checkpoints(self)
         spe = loader.steps_per_epoch
         every = round(setup.eval_every * spe) if setup.eval_every else 0
         # evaluations on the trunk (every run but wsd: the whole run); a wsd branch is evaluated at its end
-        trunk_evals = set(range(every, plan.total_steps, every)) if every else set()
+        self.trunk_evals = set(range(every, plan.total_steps, every)) if every else set()
         if plan.schedule != "wsd":
-            trunk_evals |= self.evaluator.curve_points | {plan.total_steps}
-        self.trunk_evals = trunk_evals
+            self.trunk_evals |= self.evaluator.curve_points | {plan.total_steps}
 
     def context(self, path_step):
         """What the methods' hooks are told about this step (methods/api.py: Context)."""
@@ -440,6 +499,7 @@ class Run:
         started = time.perf_counter()
         stream = self.warm_up(state) if state.step < plan.run_steps else None
         state.startup_time += time.perf_counter() - started  # start-up: its own column, off the training clock
+        STOP.install()  # from here a signal stops at a checkpoint: killed before, the process had nothing to save
         clock = Clock(self.device)
         last_save = time.monotonic()
         bar = tqdm(total=plan.run_steps, initial=state.step, disable=not self.master or a.no_progress, unit="step",
@@ -457,8 +517,8 @@ class Run:
                 # -- 3. evaluate and log at the curve points; checkpoint after that or every few minutes
                 done = path_step + 1
                 row_due = done == seg.end if seg.kind == "branch" else done in self.trunk_evals
-                save_due = row_due or checkpoint_due(a, last_save, state.step, self.ddp, self.device)
-                if save_due:
+                due, stop = save_or_stop(a, last_save, state.step, self.ddp, self.device, self.master)
+                if row_due or due or stop:
                     clock.pause(state)
                     state.loss_sum = self.check_finite(first_bad, loss_sum)
                     state.loss_window = loss_window.tolist()
@@ -474,6 +534,11 @@ class Run:
                     self.tracked.flush()
                     last_save = time.monotonic()
                     clock.start()
+                    if stop and state.step < plan.run_steps:  # (at the last step the run is over: done)
+                        bar.close()
+                        STOP.note(stop, None)  # every rank now stops as if signalled (another rank may have been)
+                        self.stopped = stop
+                        return state.step - first_step
                 # -- 4. progress
                 if self.master and not a.no_progress and (state.step % 25 == 0 or row_due):
                     bar.set_postfix(epoch=f"{done / spe:.2f}", lr=f"{lr:.4f}",
@@ -521,8 +586,12 @@ class Run:
         run alike, and a resumed process's compilation too. Returns the batches of the rest of the run."""
         stream = run_batches(self.loader, self.plan, state.step)
         path_step, x, y = first = next(stream)
-        trial_pass(self.model, self.raw_model, self.methods, self.autocast, x.chunk(self.args.grad_accum)[0],
-                   y.chunk(self.args.grad_accum)[0], self.context(path_step), self.scaler, self.ddp)
+        contexts = [self.context(path_step)]
+        if self.setup.compile and self.methods.resizes:  # every image size the run trains at compiled now, in start-up
+            contexts += run_side_contexts(self.plan, self.methods, self.data, self.loader.steps_per_epoch).values()
+        for ctx in contexts:
+            trial_pass(self.model, self.raw_model, self.methods, self.autocast, x, y, ctx, self.scaler, self.ddp,
+                       self.args.grad_accum)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gb: training's, not the start-up's
@@ -543,17 +612,20 @@ class Run:
         return loss_sum.item()
 
 
-def checkpoint_due(args, last_save, step, ddp, device):
-    """--checkpoint-every: rank 0's clock decides, every 25 steps under DDP so that ranks agree."""
-    if not args.checkpoint_every:
-        return False
+def save_or_stop(args, last_save, step, ddp, device, master):
+    """(checkpoint due, signal to stop on or 0) after `step`: --checkpoint-every by rank 0's clock, a signal on any
+    rank (STOP). Without DDP at every step; under DDP every 25 steps, decided together (MAX over the ranks) so that
+    all save and stop at the same step: a signal is acted on within 25 steps (plus an evaluation due in between, and
+    the checkpoint's write)."""
+    every = args.checkpoint_every
+    due = bool(every) and time.monotonic() - last_save >= 60 * every
     if not ddp:
-        return time.monotonic() - last_save >= 60 * args.checkpoint_every
+        return due, STOP.signum
     if step % 25:
-        return False
-    due = torch.tensor(float(time.monotonic() - last_save >= 60 * args.checkpoint_every), device=device)
-    dist.broadcast(due, 0)
-    return bool(due.item())
+        return False, 0
+    votes = torch.tensor([float(due and master), float(STOP.signum)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes[0].item()), int(votes[1].item())
 
 
 class Clock:
@@ -793,6 +865,7 @@ class Checkpoints:
         self.raw_model, self.optimizer, self.scheduler, self.scaler, self.methods = (
             run.raw_model, run.optimizer, run.scheduler, run.scaler, run.methods)
         self.args, self.setup, self.ddp, self.master = run.args, run.setup, run.ddp, run.master
+        self.compile_dynamic = run.compile_dynamic
 
     def path_state(self, state):
         """The current model's path: model (BN buffers too), optimizer, scaler, the methods' state (an EMA), RNG
@@ -829,7 +902,8 @@ class Checkpoints:
         save_checkpoint(self.setup.run_dir, dict(
             path, scheduler=self.scheduler.state_dict() if self.scheduler is not None else None, step=state.step,
             curve_cost_s=state.cost_time, startup_s=state.startup_time, metrics_rows=state.metrics_rows,
-            skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=result_options(self.args, self.setup)))
+            skipped_steps=state.skipped, ranks=ranks, trunk=trunk, config=dict(result_options(self.args, self.setup),
+                                                                               compile_dynamic=self.compile_dynamic)))
 
 
 # TrainState fields a path carries
@@ -846,6 +920,20 @@ def load_path(path, raw_model, optimizer, scaler, methods):
     methods.load_state_dict(path.get("methods"))  # checkpoints before the method API: methods without state
     restore_rng(path["rng"])
     return {k: path[k] for k in ROW_FIELDS}
+
+
+@contextlib.contextmanager
+def steps_undone(raw_model, optimizer, scaler, methods):
+    """Optimizer steps taken inside leave no trace: the weights and buffers (BatchNorm statistics), the optimizer's
+    state, the GradScaler, the methods' state and the RNG as before (load_path), no gradients."""
+    kept = copy.deepcopy(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                              scaler=scaler.state_dict(), methods=methods.state_dict(), rng=rng_state(),
+                              **dict.fromkeys(ROW_FIELDS)))
+    try:
+        yield
+    finally:
+        load_path(kept, raw_model, optimizer, scaler, methods)
+        optimizer.zero_grad(set_to_none=True)
 
 
 def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, rank):

@@ -102,7 +102,9 @@ def read_calibration(path):
                     or not all(is_positive(v) for v in values)):
                 raise damaged(f"configs[{i}] size {side}: step_s, train_flops_per_image and {rounds} rounds must be "
                               f"positive numbers")
-        entries[costs.key_text(entry["key"])] = entry
+        # one image size: compile_dynamic splits nothing (costs.cost_key), also in a file written before that
+        key = dict(entry["key"], compile_dynamic=None) if len(sides) == 1 else entry["key"]
+        entries[costs.key_text(key)] = entry
     return Calibration(path, str(data.get("device_name")), str(data.get("torch_version")), str(data.get("date")),
                        rounds, entries)
 

@@ -15,6 +15,7 @@ import csv
 import math
 import os
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,6 +218,20 @@ def hardware_lines(analysis):
     return lines
 
 
+def compile_lines(analysis):
+    """A line per method set and curve whose runs differ in compile and in no other result-defining option (seeds
+    each given --compile auto, which chose differently: a standalone run measures for itself): its compiled and its
+    eager seeds are groups apart, not averaged together (their results agree to float tolerance only)."""
+    split = defaultdict(lambda: defaultdict(list))
+    for r in analysis.runs:
+        family = tuple(kv for kv in r.family if kv[0] != "compile")
+        split[(family, r.shape, r.methods, r.curve)][bool(r.option("compile"))].append(r.path)
+    return [f"{m} {curve}: runs differ only in compile (compiled: {', '.join(ways[True])}; eager: "
+            f"{', '.join(ways[False])}), so their seeds are groups apart, not averaged; give every seed --compile on "
+            f"or off, or run them with launch.sh sweep (one choice per method set)"
+            for (_, _, m, curve), ways in split.items() if len(ways) > 1]
+
+
 SHARED_SPEED = 0.8  # of a run's own median images/s: well below a quiet machine's drift (0.91-1.05 on our VM)
 
 
@@ -260,7 +275,7 @@ def main(argv=None):
         print(line)
     if group_line(analysis):
         print(group_line(analysis))
-    for line in hardware_lines(analysis) + speed_lines(analysis):
+    for line in hardware_lines(analysis) + compile_lines(analysis) + speed_lines(analysis):
         print(f"warning: {line}")
     for group in analysis.curves:
         print(f"\n[{group}]" if group else "")

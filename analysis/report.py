@@ -21,8 +21,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 import schedules  # noqa: E402
 from analysis import axes, review, stats  # noqa: E402
-from analysis.compare import (add_common_args, analyse, axis_lines, ci_text, fmt, group_line,  # noqa: E402
-                              hardware_lines, left_out_lines, speed_lines, write_tables)
+from analysis.compare import (add_common_args, analyse, axis_lines, ci_text, compile_lines, fmt,  # noqa: E402
+                              group_line, hardware_lines, left_out_lines, speed_lines, write_tables)
 from analysis.runs import MATCH_TOLERANCE, SCHEDULE_KEYS, RunError, order_methods, read_run  # noqa: E402
 from analysis.tables import improvement_series, nonnegative  # noqa: E402
 
@@ -397,7 +397,8 @@ def fidelity_points(rows, x="time"):
     sets, over the standard runs'; gap = mean |gap| of the seed-averaged curves; run_gap = per-run |gap| (each
     seed's own runs), averaged over sets; the gaps leave out an in-sample row (the calibrated estimator's baseline:
     its cost counts). CIs are (None, None) unless every set has one (run_gap's: unless every set holds the same
-    seeds, the unit the interval is over; the calibrated estimator's from its joint draws, the same for every set)."""
+    seeds, the unit the interval is over; the calibrated estimator's from its joint draws, the same for every row
+    pooled: resamples_pool, over the gaps' rows for the gaps, over every row, the in-sample one too, for the cost)."""
     out = {}
     rows, _ = pooled_rows(rows)
     for est in dict.fromkeys(r["estimator"] for r in rows):
@@ -412,26 +413,36 @@ def fidelity_points(rows, x="time"):
         gap = sum(r["mean_abs_gap_pp"] for r in gapped) / len(gapped)
         n = min(r["n_seeds"] for r in mine)
         cost_ci, gap_ci, run_gap, run_ci = (None, None), (None, None), None, (None, None)
-        # the calibrated rows' resamples pool only where every set drew the same seeds; otherwise no interval
-        draws = [r.get("_draws") for r in mine]
-        pools = all(d is None for d in draws) or review.drew_alike(draws)
-        if pools and all(r.get(boot) is not None for r in mine):
-            lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine), n, cost)
+        # the calibrated rows' resamples pool only where every row pooled drew the same seeds; otherwise no interval
+        pools_cost, pools = resamples_pool(mine), resamples_pool(gapped)
+        draws, gapped_draws = [r.get("_draws") for r in mine], [r.get("_draws") for r in gapped]
+        if pools_cost and all(r.get(boot) is not None for r in mine):
+            df = boot == "_cost_boot" and review.pooled_df(draws, lambda ds: sum(d.cost for d in ds) / sum(
+                d.standard_apart for d in ds)) or None  # (the calibrated rows' _cost_boot, drawn in strata)
+            lo, hi = stats.interval(sum(r[boot][0] for r in mine) / sum(r[boot][1] for r in mine), n, cost, df)
             cost_ci = (nonnegative(lo), hi)
         if pools and all(r.get("_abs_boot") is not None for r in gapped):
-            gap_ci = stats.interval(sum(r["_abs_boot"] for r in gapped) / len(gapped), n, gap)
+            df = review.pooled_df(gapped_draws, lambda ds: sum(map(review.ABS_GAP, ds)) / len(ds))
+            gap_ci = stats.interval(sum(r["_abs_boot"] for r in gapped) / len(gapped), n, gap, df)
         if all(r.get("_per_run") for r in gapped):
             run_gap = sum(r["per_run_abs_gap_pp"] for r in gapped) / len(gapped)
             seeds = gapped[0]["_per_run"].keys()
             if not pools:
                 run_ci = (None, None)
             elif all(r.get("_run_boot") is not None for r in gapped):  # the shift resampled: the same draws per set
-                run_ci = stats.interval(sum(r["_run_boot"] for r in gapped) / len(gapped), n, run_gap)
+                df = review.pooled_df(gapped_draws, lambda ds: sum(map(review.RUN_GAP, ds)) / len(ds))
+                run_ci = stats.interval(sum(r["_run_boot"] for r in gapped) / len(gapped), n, run_gap, df)
             elif all(r["_per_run"].keys() == seeds for r in gapped):  # per seed, its runs' |gap| averaged over sets
                 run_ci = stats.mean_ci([sum(r["_per_run"][s] for r in gapped) / len(gapped) for s in seeds])
             run_ci = (nonnegative(run_ci[0]), run_ci[1])
         out[est] = Fidelity(cost, gap, cost_ci, gap_ci, run_gap, run_ci)
     return out
+
+
+def resamples_pool(rows):
+    """Whether these rows' resamples may be averaged, draw by draw: none has joint draws, or all drew alike."""
+    draws = [r.get("_draws") for r in rows]
+    return all(d is None for d in draws) or review.drew_alike(draws)
 
 
 def fig_fidelity(rows, out, name, x="time", calibration=None):
@@ -679,10 +690,10 @@ def moved_verdicts(t):
     return ", ".join(name for name, kept in (("alone", t["robust"]), ("Holm", t["robust_holm"])) if not kept)
 
 
-def family_section(tests, calibrated=False):
+def family_section(tests, calibrated=0):
     """report.md's families of tests (tests.csv): per family its size, what the 95 % CIs resolve alone, what Holm's
-    familywise procedure keeps, and the verdicts that leaving one seed out changes. calibrated: the group has the
-    calibrated estimator's rows, whose gaps are in no family (say why)."""
+    familywise procedure keeps, and the verdicts that leaving one seed out changes. calibrated: the group's sets
+    with a calibrated row (not in-sample), whose gaps are tested once (say where)."""
     if not tests:
         return []
     rows = []
@@ -702,15 +713,23 @@ def family_section(tests, calibrated=False):
             "`resolved`); under Holm: Holm's step-down procedure at a familywise 5 % "
             "(`*_resolved_holm`). Left out: with 4+ seeds behind a test, the whole group is recomputed without "
             "each seed in turn; a verdict that changes for some seed is listed (`*_robust`, `*_robust_holm`). "
-            "Every test: tests.csv." + (" The baseline-calibrated estimator's gaps are in no family: its mean gap is, "
-                                        "seed for seed, the cyclic row's gap - baseline's, tested there (one "
-                                        "question, one test), and its gap - baseline's is cyclic's again; its "
-                                        "estimators.csv columns mean_gap_p, _resolved_holm, _robust and "
-                                        "_robust_holm are empty for that reason (its per-run |gap| is tested in "
-                                        "the estimator pairs)." if calibrated else ""), "",
+            "Every test: tests.csv." + (calibrated_families(tests, calibrated) if calibrated else ""), "",
             md_table(["family", "estimator / curve", "tests", "resolved alone", "under Holm",
                       "resolved alone, not under Holm", "checked (4+ seeds)", "verdicts one left-out seed changes"],
                      rows), ""]
+
+
+def calibrated_families(tests, sets):
+    """family_section's sentence on the calibrated estimator's gaps (review.own_test): one question, one test."""
+    own = sum((t["family"], t["curve"]) == ("mean gap", review.CALIBRATED) for t in tests)
+    return (" The baseline-calibrated estimator's gap - baseline's is cyclic's again (the shift cancels): not tested. "
+            "Its mean gap asks the same question as the cyclic row's gap - baseline's (the set's cyclic miss beyond "
+            "the baseline's): one test per set and question, so wherever the cyclic row's has an interval (2+ seeds "
+            "all four curves share, paired) it is tested there and the calibrated mean gap is in no family, even "
+            "where it also draws other seeds: its estimators.csv columns mean_gap_p, _resolved_holm, _robust and "
+            "_robust_holm are empty and its stats_note names the seeds; only where the set and the baseline share no "
+            f"seed (or one) is it a test of its own, in the family mean gap / baseline-calibrated: {own} of its {sets} "
+            "sets here (its per-run |gap| is tested in the estimator pairs).")
 
 
 def power_section(rows):
@@ -771,11 +790,15 @@ def calibrated_section(estimators):
             "baseline's). Cost: every set's cyclic run plus the baseline's standard curve (estimators.csv: each set "
             "its run plus an equal share). Its intervals and pair tests resample the baseline's seeds too, the shift "
             "recomputed in each draw, so the shift's own seed noise is in them: where the set and the baseline hold "
-            "the same seeds, one draw of seeds serves the four curves (paired), and where they hold other seeds the "
-            "set's curves are drawn over the set's seeds and the shift over the baseline's, apart (two independent "
-            "estimates). Its gap - baseline's is the cyclic estimator's (the shift cancels), and its mean gap is "
-            "that same difference of the set's and the baseline's gaps, seed for seed: tested once, on the cyclic "
-            "row, so neither is in a Holm family (its mean_gap_p and Holm columns empty). The "
+            "the same seeds, one draw of seeds serves the four curves (paired); where they hold other seeds, in "
+            "strata: the seeds both hold drawn for both (seed s's runs are correlated across sets), each side's own "
+            "drawn for it alone, each stratum's spread at its own seeds, and t at Satterthwaite's degrees of freedom "
+            "over the strata (each stratum's seeds - 1; the row's note gives them, its pair tests' theirs; paired, "
+            "n_seeds - 1). Its gap - baseline's is the cyclic estimator's (the shift "
+            "cancels): not tested again. Its mean gap asks what the cyclic row's gap - baseline's asks: tested once, "
+            "on the cyclic row, wherever that has an interval (its mean_gap_p and Holm columns empty); only where the "
+            "set and the baseline share at most one seed a test of its own, in the family mean gap / "
+            "baseline-calibrated. The "
             "baseline's own calibrated row is in-sample (its shifted curve is its standard curve on average): it "
             "stays in estimators.csv with point estimates, marked in its note, and is left out of every Holm "
             "family, estimator pair and pooled gap.", "",
@@ -786,7 +809,19 @@ def calibrated_section(estimators):
                       "cost / standard curves [95 % CI]"],
                      [[est, "" if f.run_gap is None else gap_cell(f.run_gap, *f.run_ci, ".2f"),
                        gap_cell(f.gap, *f.gap_ci, ".2f"), gap_cell(f.cost, *f.cost_ci, ".2f")]
-                      for est, f in data.items()]), ""]
+                      for est, f in data.items()]), ""] + unpooled_note(pooled)
+
+
+def unpooled_note(rows):
+    """Why the calibrated estimator's pooled intervals are empty (fidelity_points), where its rows drew other seeds:
+    its sets' for its gaps; those or its in-sample baseline row's for its cost."""
+    mine = [r for r in rows if r["estimator"] == review.CALIBRATED]
+    if resamples_pool(mine):
+        return []
+    which = "cost interval is" if resamples_pool([r for r in mine if not r.get("_in_sample")]) else "intervals are"
+    return [f"(The calibrated estimator's pooled {which} empty: its rows draw other seeds (its sets', or its sets' "
+            "and its in-sample baseline row's, whose cost counts), each with its own draw of the baseline's shift, "
+            "which averaging over the rows would thin.)", ""]
 
 
 def paired_ratio_section(estimators):
@@ -825,7 +860,7 @@ def tau_section(ranking):
 def review_sections(pick):
     """The report's sections of analysis.review's statistics, from one group's rows."""
     estimators = pick("estimators.csv")
-    calibrated = any(r["estimator"] == review.CALIBRATED and not r["_in_sample"] for r in estimators)
+    calibrated = sum(r["estimator"] == review.CALIBRATED and not r["_in_sample"] for r in estimators)
     return (family_section(pick("tests.csv"), calibrated) + power_section(pick("power.csv"))
             + pair_section(pick("estimator_pairs.csv")) + calibrated_section(estimators)
             + paired_ratio_section(estimators) + tau_section(pick("ranking.csv")))
@@ -900,7 +935,7 @@ def main(argv=None):
         md += [f"- {line}." for line in axis_lines(analysis)] + [""]
     if group_line(analysis):
         md += [group_line(analysis) + ".", ""]
-    for line in hardware_lines(analysis) + speed_lines(analysis):
+    for line in hardware_lines(analysis) + compile_lines(analysis) + speed_lines(analysis):
         print(f"warning: {line}")
         md += [f"- Note: {line}.", ""]
     if analysis.left_out:

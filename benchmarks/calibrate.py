@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import compile_choice
 import costs
 import flops
 import options
@@ -78,6 +79,7 @@ def run_args(config, data_dir=None):
                  "skip_nonfinite"):
         if dest in c:
             setattr(args, dest, c[dest])
+    args.compile = "on" if c["compile"] else "off"  # config.json's is the resolved choice, --compile takes a word
     args.t0, args.t_mult = c.get("family_t0", c.get("t0")), c.get("family_t_mult", c.get("t_mult"))
     if args.schedule == "constant":
         args.t_mult = None
@@ -90,9 +92,10 @@ def run_args(config, data_dir=None):
     return args
 
 
-def build(cfg, device, data_cache, data_dir):
+def build(cfg, device, data_cache, data_dir, graphs=0):
     """Build cfg's model, optimizer and loader as train.py does, from the options of its first run, and the Context
-    of one step at each image size any of its runs trains at."""
+    of one step at each image size any of its runs trains at. graphs: the compiled graphs the configurations built
+    before it expect (torch must not run this one eager past its recompile limit)."""
     config = cfg.runs[0][1]
     args = run_args(config, data_dir)
     world_size = cfg.key["world_size"]
@@ -117,8 +120,13 @@ def build(cfg, device, data_cache, data_dir):
     micro = options.micro_batch_size(args, world_size)
     cfg.flops = flops.flops_per_image(model, methods, autocast, data, micro, contexts)
     cfg.contexts, cfg.shape = contexts, (data.in_chans, data.image_size, data.image_size)
-    cfg.run = train.Run(args, setup, plan, data, loader, model, model, optimizer, scheduler, scaler, methods, autocast,
-                        0, world_size, False, device, None, Trackers([], None, None), None)
+    # a compiled run's steps are timed compiled as it was compiled (each image size compiles in its side's untimed
+    # first step); at one image size (compile_dynamic None in the key) one static graph, as its own process compiled
+    # it (torch's default would make a size dynamic here, met again in another configuration of this process)
+    dynamic = False if cfg.key["compile_dynamic"] is None and len(contexts) == 1 else cfg.key["compile_dynamic"]
+    stepped = compile_choice.compile_model(model, dynamic, graphs + len(contexts)) if setup.compile else model
+    cfg.run = train.Run(args, setup, plan, data, loader, stepped, model, optimizer, scheduler, scaler, methods,
+                        autocast, 0, world_size, False, device, None, Trackers([], None, None), None)
     cfg.state = train.TrainState()
     cfg.batches = loader.steps(itertools.count())  # path steps 0, 1, 2, ... for as long as the rounds need
     cfg.loss_sum = torch.zeros((), device=device)
@@ -220,13 +228,14 @@ def main(argv=None):
     configs = list(scan(a.runs_dir).values())
     if not configs:
         refuse(f"no runs (config.json) below {a.runs_dir}")
-    started, data_cache = time.perf_counter(), {}
+    started, data_cache, graphs = time.perf_counter(), {}, 0
     print(f"{len(configs)} configurations of {sum(len(c.runs) for c in configs)} runs; building them on "
           f"{options.hardware_name(device)}")
     for i, cfg in enumerate(configs, 1):
         t = time.perf_counter()
         print(f"  {i}/{len(configs)} {cfg.label}: {len(cfg.runs)} runs, e.g. {cfg.runs[0][0]}", flush=True)
-        build(cfg, device, data_cache, a.data_dir)
+        build(cfg, device, data_cache, a.data_dir, graphs)
+        graphs += len(cfg.contexts) if cfg.key["compile"] else 0  # one model class's code: graphs of them all
         for side in cfg.contexts if a.warmup_steps else ():  # untimed: allocator growth, autotuning, first draws
             time_steps(cfg, side, a.warmup_steps, device, untimed=0)
         print(f"     built in {time.perf_counter() - t:.1f} s", flush=True)

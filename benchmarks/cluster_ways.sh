@@ -77,7 +77,7 @@ cat > "$out/summary.md" <<EOF
 | \`--parallel 2\` | ${took[parallel]} |
 | 2-wide local array (tests/shims) | ${took[array]} |
 
-metrics.csv: $same. Calibrated curves: $curves. $(nproc) cores, OMP_NUM_THREADS=1, $(date -u +%F).
+metrics.csv: $same. Calibrated curves: $curves. $(OMP_NUM_THREADS= nproc) cores, OMP_NUM_THREADS=1 per run, $(date -u +%F).
 EOF
 echo "summary: $out/summary.md"
 [[ "$same" != *DIFFERENT* && "$curves" != *DIFFERENT* ]]

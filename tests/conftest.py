@@ -192,6 +192,7 @@ SLOW = {
     "test_dry_run_plans_each_run_once",
     "test_the_checks_of_a_model_leave_the_run_as_it_was",
     "test_tiny_real_sweep_end_to_end",
+    "test_ranks_given_different_compile_choices_fail_in_one_line_before_training",
     "test_gpu_check_runs_every_check_in_its_cpu_dry_mode",
     "test_gpu_check_skips_a_check_whose_optional_package_is_missing",
     "test_a_row_after_only_skipped_steps_has_no_train_loss",
@@ -229,6 +230,8 @@ SLOW = {
     "test_a_tiny_vit_trains_both_curves_and_a_method_that_does_not_fit_says_so",
     "test_an_injected_slowdown_changes_the_measured_axis_and_neither_calibrated_time_nor_flops",
     "test_a_run_records_its_flops_and_progressive_resizing_rows_follow_its_sizes",
+    "test_a_compiled_run_agrees_with_the_eager_run",
+    "test_calibrate_times_a_compiled_runs_steps_compiled_and_an_eager_runs_eager",
     # over ~5 s (all parameters together) under load: moved so that --fast stays under 3 minutes
     "test_a_bad_recipe_is_refused_in_one_line_before_anything_is_written",
     "test_a_killed_image_folder_run_resumes_to_the_same_metrics",
@@ -266,6 +269,8 @@ SLOW = {
     "test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice",
     "test_parallel_two_on_cpu_equal_the_sequential_sweep_but_for_the_times",
     "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers",
+    "test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly",
+    "test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_exactly",
 }
 
 

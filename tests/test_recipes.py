@@ -60,7 +60,7 @@ def test_yaml_values_are_read_as_the_flags_read_them(tmp_path):
     # a switch takes YAML's words; a flag with an optional value takes true for its own value (--label-smoothing)
     a = options.parse_args(["--config", write(tmp_path / "s.yaml", "compile: yes\nlabel-smoothing: true\n"
                                                                    "mixup: false\n")])
-    assert (a.compile, a.label_smoothing, a.mixup) == (True, 0.1, 0.0)
+    assert (a.compile, a.label_smoothing, a.mixup) == ("on", 0.1, 0.0)
 
 
 def test_methods_come_from_one_place(tmp_path):

@@ -2,6 +2,7 @@
 import csv
 import errno
 import os
+import signal
 import subprocess
 import time
 
@@ -304,3 +305,90 @@ def test_amp_auto_measures_only_after_the_schedule_checks(tmp_path, capsys, monk
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and "--t0 0.05 epochs is under one optimizer step" in err, err
         assert not (tmp_path / "r").exists()
+
+
+# ---- signals: SIGTERM or SIGINT stops the run at a checkpoint ----------------------------------------------------
+
+# 32 steps an epoch, 128 in all, a row every 32: a signal sent once the first row is written lands mid-training
+SIGNALLED = TINY + ["--batch-size", "8", "--eval-every", "1", "--checkpoint-every", "0", "--mixup", "0.2"]
+
+
+def signalled(args, signum, torchrun=0, rank=0):
+    """Start train.py (or torchrun), and once its first row is written send `signum` to it (under torchrun to the
+    worker of `rank` alone); returns (exit status, stderr)."""
+    from test_resume import wait_for_rows
+    p = subprocess.Popen(train_cmd(args, torchrun), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    wait_for_rows(p, args, 1, 0.0)
+    os.kill(worker(p.pid, rank) if torchrun else p.pid, signum)
+    _, err = p.communicate(timeout=600)
+    return p.returncode, err
+
+
+def worker(agent, rank):
+    """The pid of torchrun's worker of `rank` (the one whose environment says RANK=rank)."""
+    for pid in subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True).stdout.split():
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"torchrun {agent} has no worker of rank {rank}")
+
+
+def same_run(run, reference):
+    from test_resume import final_weights, metrics_without_time
+    assert metrics_without_time(run) == metrics_without_time(reference)
+    ref_w, w = final_weights(reference), final_weights(run)
+    assert all(torch.equal(ref_w[k], w[k]) for k in ref_w)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    run_train(SIGNALLED + ["--run-dir", run], fresh=True)  # a new interpreter: the resumed runs are forked
+    return run
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly(
+        uninterrupted, tmp_path, signum):
+    run = str(tmp_path / "run")
+    rc, err = signalled(SIGNALLED + ["--run-dir", run], signum)
+    step = ckpt_step(run)
+    assert rc == 128 + signum, err[-2000:]
+    assert f"train.py: {signum.name}: checkpoint at step {step} saved; resume with --resume auto" in err
+    assert 32 < step < 128 and len(rows(run)) == 1 and not os.path.exists(os.path.join(run, "done"))
+    run_train(SIGNALLED + ["--run-dir", run, "--resume", "auto"])
+    same_run(run, uninterrupted)
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_exactly(tmp_path):
+    """SLURM signals every process and torchrun every worker, but one rank may get it first: the ranks' votes
+    (every 25 steps, --checkpoint-every off too) stop both at one step, after rank 0's checkpoint there."""
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    run_train(SIGNALLED + ["--run-dir", ref], torchrun=2)
+    rc, err = signalled(SIGNALLED + ["--run-dir", run], signal.SIGTERM, torchrun=2, rank=1)
+    step = ckpt_step(run)
+    assert step in (50, 75, 100) and f"train.py: SIGTERM: checkpoint at step {step} saved" in err, err[-3000:]
+    assert rc == 1 and err.count("exitcode  : 143") == 2, err[-3000:]  # torchrun's report: both stopped, none killed
+    run_train(SIGNALLED + ["--run-dir", run, "--resume", "auto"], torchrun=2)
+    same_run(run, ref)
+
+
+def test_after_the_first_signal_a_sigterm_is_ignored_and_a_sigint_interrupts_at_once():
+    """SLURM and torchrun each send one SIGTERM (repeats change nothing); a second Ctrl-C is the user insisting."""
+    from train import STOP
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+    STOP.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert STOP.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # not a handler: the interpreter's exit resets those
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert STOP.signum == signal.SIGTERM
+    finally:
+        STOP.signum = 0
+        STOP.restore()
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == before

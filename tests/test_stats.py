@@ -114,3 +114,26 @@ def test_the_95_percent_interval_covers_95_percent_with_few_seeds(n):
                            [(s, 80 + seed_effect[s]) for s in range(n)])
         hits_gap += lo <= 0.5 <= hi
     assert 0.91 <= hits_mean / trials <= 0.99 and 0.91 <= hits_gap / trials <= 0.99, (hits_mean, hits_gap)
+
+
+def test_a_fractional_degrees_of_freedom_reads_the_t_quantile_itself():
+    """Satterthwaite's degrees of freedom are fractional: under 10 t975 gives the quantile itself (scipy.stats.t.ppf:
+    8.3879 at 1.22, 3.5445 at 2.53, 2.2303 at 9.93), not the table's row below (12.706 at 1.22); between two whole
+    degrees it lies between their table values, and a whole df reads the table as before. The p-value at the same
+    df puts 0.05 exactly at the interval's edge; at whole df the fractional integral equals the closed form."""
+    for df, q in ((1.22, 8.387863), (2.53, 3.544510), (9.93, 2.230270)):
+        assert stats.t975(df) == pytest.approx(q, abs=1e-5)
+        assert stats.t975(math.ceil(df)) < stats.t975(df) < stats.t975(math.floor(df))
+        assert stats.p_value(1.0, 0.0, 2.0, 3, df)[0] == pytest.approx(1 - stats.t_within(stats.t975(df), df))
+        assert stats.p_value(stats.t975(df), 0.0, 2 * stats.t975(df), 3, df)[0] == pytest.approx(0.05, abs=1e-9)
+    assert (stats.t975(2), stats.t975(11), stats.t975(12.5)) == (4.303, 2.228, 2.179)
+    for df in range(1, 11):
+        assert stats.fractional_within(2.0, df) == pytest.approx(stats.t_within(2.0, df), abs=1e-10)
+
+
+def test_satterthwaites_degrees_of_freedom_of_a_sum_of_strata():
+    """Welch's textbook case: variances of the means 4/10 and 9/20 over 9 and 19 degrees of freedom give
+    0.85^2 / (0.16 / 9 + 0.2025 / 19) = 25.5; one component alone gives its own; a zero one is not counted."""
+    assert stats.satterthwaite([0.4, 0.45], [9, 19]) == pytest.approx(0.85 ** 2 / (0.16 / 9 + 0.2025 / 19))
+    assert stats.satterthwaite([0.0, 0.3], [2, 1]) == 1 and stats.satterthwaite([0.0, 0.0], [2, 1]) is None
+    assert 1 <= stats.satterthwaite([1e-6, 1.0], [2, 1]) < 1.001
