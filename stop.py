@@ -11,6 +11,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum, self.previous = 0, {}
+        self.until_exit = False  # train.py run as a script: the process ends with the run (restore keeps a stop's)
 
     def install(self):
         self.signum = 0
@@ -24,13 +25,14 @@ class StopRequest:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # not a handler: the interpreter's exit resets those
 
     def restore(self):
-        """The handlers as before (train.main in a process that goes on), unless stopping: repeats stay ignored to
-        the exit (torchrun sends the ranks still ending a SIGTERM once one has exited)."""
-        if self.signum:
+        """The handlers as before, the request forgotten: train.main in a process that goes on (a test, a benchmark)
+        gets its own handling of SIGTERM back, after a stop too. Not where train.py stopped as a script (until_exit):
+        there repeats stay ignored to the exit (torchrun sends the ranks still ending a SIGTERM once one has exited)."""
+        if self.signum and self.until_exit:
             return
         for s, handler in self.previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        self.previous = {}
+        self.signum, self.previous = 0, {}
 
 
 STOP = StopRequest()

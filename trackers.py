@@ -87,10 +87,12 @@ class Trackers:
         values = {f"metrics/{k}": numeric(v) for k, v in row.items()}
         self.flush(({k: v for k, v in values.items() if v is not None}, step))
 
-    def close(self):
+    def close(self, exit_code=0):
+        """Flush and close every writer; exit_code: the process's (128 + the signal of a stop: W&B marks the run
+        preempted, resumable, not finished)."""
         self.flush()
         for w in self.writers:
-            w.close()
+            w.close(exit_code)
         self.writers = []
 
 
@@ -119,7 +121,7 @@ class TensorBoardWriter:
     def flush(self):
         self.writer.flush()
 
-    def close(self):
+    def close(self, exit_code=0):
         self.writer.close()
 
 
@@ -133,5 +135,7 @@ class WandbWriter:
     def flush(self):
         pass  # W&B writes on its own
 
-    def close(self):
-        self.run.finish()
+    def close(self, exit_code=0):
+        if exit_code and hasattr(self.run, "mark_preempting"):
+            self.run.mark_preempting()  # stopped at a checkpoint: W&B shows it preempted, and a resume continues it
+        self.run.finish(exit_code=exit_code)

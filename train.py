@@ -132,7 +132,7 @@ def finish(run, state, steps_here, data, proc):
     """The run's end: the trackers and validation workers closed; rank 0 marks the run done, or after a stop
     (a signal: stop.py) says where it stopped; under DDP every rank waits for that (no rank leaves while rank 0
     writes the checkpoint); a stopped process exits 128 + the signal."""
-    run.tracked.close()
+    run.tracked.close(exit_code=128 + run.stopped if run.stopped else 0)  # W&B: a stopped run is preempted
     if hasattr(data, "close"):  # the validation workers
         data.close()
     if proc.master and run.stopped:
@@ -949,4 +949,5 @@ def restore_checkpoint(ckpt, raw_model, optimizer, scheduler, scaler, methods, r
 
 
 if __name__ == "__main__":
+    STOP.until_exit = True  # the process ends with the run: a stop's repeated SIGTERMs stay ignored to the exit
     main()

@@ -638,6 +638,13 @@ MUTATIONS = [
     ("after the first signal SIGTERM goes to a Python handler (the exit resets those)", "stop.py",
      "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # not a handler",
      "signal.signal(signal.SIGTERM, self.note)  # not a handler", SECOND),
+    ("a stopped run's W&B run closed as finished (exit 0)", "train.py",
+     "run.tracked.close(exit_code=128 + run.stopped if run.stopped else 0)", "run.tracked.close()",
+     "tests/test_trackers.py::test_a_run_stopped_by_a_signal_tells_wandb_it_was_preempted_and_a_finished_one_that_it_"
+     "ended_well"),
+    ("a stop in-process leaves the caller's SIGTERM ignored", "stop.py", "if self.signum and self.until_exit:",
+     "if self.signum:", REL + "test_after_a_stop_in_process_the_callers_handlers_come_back_and_as_a_script_sigterm_"
+     "stays_ignored"),
     ("a second Ctrl-C waits for the checkpoint", "stop.py",
      "            signal.signal(signal.SIGINT, signal.default_int_handler)\n", "", SECOND),
     ("plan.py's second signal leaves torchrun's workers alive", "plan.py", "                    for pid in tree:",

@@ -252,9 +252,10 @@ def test_a_model_that_cannot_train_on_the_data_is_one_line_and_writes_nothing(ar
     """These were tracebacks (drop_rate=abc and the ViT on 32-pixel images mid-run, leaving config.json, lock and
     metrics.csv; with --amp auto inside the precision measurement): the model's options are checked against the
     data with one forward pass before the run folder exists."""
+    import precision
     import train
     monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)  # --amp auto measures, wherever this runs
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # --amp auto measures, wherever this runs
     run = tmp_path / "r"
     with pytest.raises(SystemExit) as e:
         train.main(TINY + ["--amp", "none"] + argv + ["--run-dir", str(run)])
@@ -295,10 +296,11 @@ def test_the_checks_of_a_model_leave_the_run_as_it_was(tmp_path, monkeypatch):
 
 def test_amp_auto_measures_only_after_the_schedule_checks(tmp_path, capsys, monkeypatch):
     """--amp auto timed the model for seconds before a bad schedule option was refused."""
+    import precision
     import train
     monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(train, "measures_precision", lambda *a: True)
-    monkeypatch.setattr(train, "measure_precision", lambda *a: pytest.fail("measured before the schedule's checks"))
+    monkeypatch.setattr(precision, "measures_precision", lambda *a: True)
+    monkeypatch.setattr(precision, "measure_precision", lambda *a: pytest.fail("measured before the schedule's checks"))
     for extra in ([], ["--print-amp"]):
         with pytest.raises(SystemExit) as e:
             train.main(TINY + ["--amp", "auto", "--t0", "0.05", "--run-dir", str(tmp_path / "r")] + extra)
@@ -313,11 +315,11 @@ def test_amp_auto_measures_only_after_the_schedule_checks(tmp_path, capsys, monk
 SIGNALLED = TINY + ["--batch-size", "8", "--eval-every", "1", "--checkpoint-every", "0", "--mixup", "0.2"]
 
 
-def signalled(args, signum, torchrun=0, rank=0):
+def signalled(args, signum, torchrun=0, rank=0, env=None):
     """Start train.py (or torchrun), and once its first row is written send `signum` to it (under torchrun to the
-    worker of `rank` alone); returns (exit status, stderr)."""
+    worker of `rank` alone); returns (exit status, stderr). env: added to the tests' environment."""
     from test_resume import wait_for_rows
-    p = subprocess.Popen(train_cmd(args, torchrun), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(train_cmd(args, torchrun), cwd=ROOT, env=dict(ENV, **(env or {})), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     wait_for_rows(p, args, 1, 0.0)
     os.kill(worker(p.pid, rank) if torchrun else p.pid, signum)
@@ -390,5 +392,26 @@ def test_after_the_first_signal_a_sigterm_is_ignored_and_a_sigint_interrupts_at_
         assert STOP.signum == signal.SIGTERM
     finally:
         STOP.signum = 0
+        STOP.restore()
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == before
+
+
+@pytest.mark.parametrize("as_script", [False, True])
+def test_after_a_stop_in_process_the_callers_handlers_come_back_and_as_a_script_sigterm_stays_ignored(as_script):
+    """train.main called by a process that goes on (a test, a benchmark) stopped by a signal: it left SIGTERM
+    ignored in its caller for good. Now only train.py run as a script (the process ends with the run) keeps it
+    ignored, against torchrun's repeated SIGTERM."""
+    from stop import STOP
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+    STOP.install()
+    STOP.until_exit = as_script
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        STOP.restore()
+        after = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+        assert after == ([signal.SIG_IGN, signal.default_int_handler] if as_script else before)
+        assert STOP.signum == (signal.SIGTERM if as_script else 0)  # forgotten: the next train.main starts afresh
+    finally:
+        STOP.until_exit, STOP.signum = False, 0
         STOP.restore()
     assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == before

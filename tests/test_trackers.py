@@ -3,6 +3,7 @@ costs; a single run's report."""
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -79,7 +80,10 @@ calls = []
 class Run:
     def log(self, values, step):
         calls.append(["log", values, step])
-    def finish(self):
+    def mark_preempting(self):
+        calls.append(["preempting"])
+    def finish(self, exit_code=None):
+        calls.append(["finish", exit_code])
         with open(os.environ["FAKE_WANDB_OUT"], "w") as f:
             json.dump(calls, f)
 def init(**kw):
@@ -103,6 +107,23 @@ def test_wandb_gets_the_config_and_every_row_offline_unless_configured(tmp_path)
     assert init[1]["id"] == open(os.path.join(run, "wandb", "run-id")).read().strip()
     rows = [c for c in calls if c[0] == "log" and "metrics/val_acc1" in c[1]]
     assert [c[1]["metrics/val_acc1"] for c in rows] == [float(r["val_acc1"]) for r in metrics(run)]
+
+
+def test_a_run_stopped_by_a_signal_tells_wandb_it_was_preempted_and_a_finished_one_that_it_ended_well(tmp_path):
+    """A stop at a checkpoint (SIGTERM: scancel, a time limit) closed the W&B run with exit code 0, shown as
+    finished; it is resumable, so W&B is told it was preempted, with the process's exit status."""
+    from test_reliability import SIGNALLED, signalled
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "wandb.py").write_text(FAKE_WANDB)
+    run, out = str(tmp_path / "run"), str(tmp_path / "calls.json")
+    env = {"PYTHONPATH": str(tmp_path / "fake"), "FAKE_WANDB_OUT": out}
+    rc, err = signalled(SIGNALLED + ["--log", "wandb", "--run-dir", run], signal.SIGTERM, env=env)
+    assert rc == 143, err[-2000:]
+    assert json.load(open(out))[-2:] == [["preempting"], ["finish", 143]]
+    p = subprocess.run([sys.executable, "train.py", *SIGNALLED, "--log", "wandb", "--run-dir", run, "--resume"],
+                       cwd=ROOT, env=dict(ENV, **env), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.load(open(out))[-1] == ["finish", 0] and ["preempting"] not in json.load(open(out))
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "neptune"])
