@@ -82,7 +82,7 @@ def file_sha256(path):
 
 RESTATED = {"epochs": "cycles", "cycles": "epochs"}  # one thing said two ways: the one given replaces the other
 # per-run controls, not part of a recipe (in a sweep they would act on every run alike)
-RUN_CONTROLS = ("config", "help", "run_dir", "resume", "overwrite", "print_amp", "allow_device_change", "no_lock",
+RUN_CONTROLS = ("config", "help", "help_all", "check", "run_dir", "resume", "overwrite", "print_amp", "allow_device_change", "no_lock",
                 "print_compile")
 
 
@@ -92,8 +92,15 @@ def method_dests():
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,  # launch.sh matches flags
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # by their whole names
+    p = argparse.ArgumentParser(description="Train one network and write one run directory (the run format: "
+                                "docs/run-format.md).", allow_abbrev=False,  # launch.sh matches flags
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # by their whole names
+                                add_help=False)
+    p.add_argument("-h", "--help", action=ShortHelp, help="the option groups, and where each is documented")
+    p.add_argument("--help-all", action="help", help="every option, with its default")
+    p.add_argument("--check", action="store_true",
+                   help="check the options, recipes, plug-ins, model and (where it is here) the data as a run would, "
+                        "print one line and exit: nothing is written or trained")
     p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                    help="a recipe: any of these options as 'name: value' lines (recipes/); repeatable, a later file "
                         "over an earlier one; flags given override them")
@@ -201,6 +208,26 @@ def add_run_flags(p):
                    help="skip up to N optimizer steps whose loss is NaN/inf instead of stopping (checks every step)")
 
 
+class ShortHelp(argparse.Action):
+    """--help: the usage, each option group in a line (its first flags), and where the manual is; --help-all has
+    every option."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        lines = [parser.description, "", "usage: python train.py [options]   (torchrun --nproc_per_node=N train.py ... "
+                 "for DDP)", ""]
+        for group in parser._action_groups[2:]:  # after argparse's own positional and optional groups
+            flags = [a.option_strings[-1] for a in group._group_actions if a.help != argparse.SUPPRESS]
+            lines.append(f"  {group.title}: {' '.join(flags[:8])}{' ...' if len(flags) > 8 else ''}")
+        lines += ["", "also: --config FILE.yaml (a recipe), --check (check a command and exit), --help-all (every "
+                  "option with its default)", "manual: docs/training.md (flags by group, recipes, trackers, "
+                  "precision), docs/methods.md (the methods and their options)"]
+        print("\n".join(lines))
+        parser.exit()
+
+
 def flags_given(parser, argv):
     """The dests that argv sets: parsed again with every default suppressed, so only given flags appear."""
     saved = {a.dest: a.default for a in parser._actions}
@@ -227,7 +254,7 @@ def read_recipe(parser, path):
     actions = {}
     for a in parser._actions:
         for flag in a.option_strings:
-            if flag.startswith("--") and flag != "--help":
+            if flag.startswith("--") and flag not in ("--help", "--help-all"):
                 actions[flag[2:]] = a
                 actions[flag[2:].replace("-", "_")] = a
     out = {}

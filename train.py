@@ -35,7 +35,7 @@ import compile_choice
 import costs
 import precision
 import schedules
-from data import DataError, build_data
+from data import DataError, StandIn, build_data, data_here
 from flops import count_flops, run_side_contexts, trial_pass
 from methods import MethodError, weights_kept
 from models import build_model, error_line, fixed_input_size
@@ -79,6 +79,8 @@ def run_main(argv=None):
     args = parse_args(argv)
     proc = this_process(args.print_compile)
     setup, methods = resolve(args, proc.world_size, proc.device)
+    if args.check:  # is this command right (docs, a sweep's lines)? Checked as a run would be, nothing written
+        return check_only(args, setup, methods, proc)
     if args.print_amp:  # what --amp auto picks here, for a sweep to pass to all its runs: nothing is written
         return print_amp(args, setup, methods, proc)
     if args.print_compile:  # what --compile auto picks here, for a sweep to give a method set's runs: nothing written
@@ -174,6 +176,25 @@ def this_process(print_compile=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return Process(ddp, rank, world_size, local_rank, device)
+
+
+def check_only(args, setup, methods, proc):
+    """--check: the options, recipes and plug-ins have passed resolve(); now the data is read where it is here (a
+    --data-dir that is a folder here; Fashion-MNIST's default folder), else stood in for by its shape and size
+    (data.StandIn), the model built on it with the methods and run once on blank images (build_run), and the schedule
+    planned at the run's steps per epoch (make_plan), as a run does before its first write. One line on stdout;
+    nothing written, trained or measured; a problem is the run's own one-line error, exit 2."""
+    here = data_here(args.dataset, args.data_dir)
+    args.workers = 0  # no DataLoader workers for a check
+    stand_in = None if here else StandIn(args.dataset, proc.device, args.subset, args.image_size)
+    loader = build_run(args, setup, methods, proc.device, proc.rank, proc.world_size, stand_in)[2]
+    plan = make_plan(args, setup, loader.steps_per_epoch)
+    print(f"train.py --check: OK: --data {args.dataset} " + (f"read from {args.data_dir}" if here and args.data_dir
+                                                             else "read" if here else f"(not here: {args.data_dir}; "
+                                                             "checked by its shape and size)")
+          + f", --model {args.model}, {args.schedule} {setup.epochs:g} epochs = {plan.run_steps} steps at "
+          f"{loader.steps_per_epoch} per epoch, x{proc.world_size} ranks, methods {', '.join(setup.methods) or 'none'}"
+          f", amp {setup.amp}")
 
 
 def print_amp(args, setup, methods, proc):

@@ -9,6 +9,7 @@ number of ranks or workers, and a method flag never changes which images a step 
 Batches are NCHW-contiguous (the channels-last method converts them itself).
 """
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -16,8 +17,8 @@ from data.common import DATASETS, STATS, DataError
 from data.folder import FolderData, on_device
 from data.resident import FASHION_MNIST_SYSTEM_DIR, ResidentData, load_cifar, load_fashion_mnist, make_synthetic
 
-__all__ = ["DATASETS", "FASHION_MNIST_SYSTEM_DIR", "STATS", "DataError", "ResidentData", "build_data", "make_synthetic",
-           "on_device"]
+__all__ = ["DATASETS", "FASHION_MNIST_SYSTEM_DIR", "STATS", "DataError", "ResidentData", "StandIn", "build_data",
+           "data_here", "make_synthetic", "on_device"]
 
 
 def build_data(name, data_dir, device, subset=0, download=False, workers=8, augment=True, decode="cpu",
@@ -52,3 +53,30 @@ def build_data(name, data_dir, device, subset=0, download=False, workers=8, augm
     if not augment:
         pad, flip = 0, False
     return ResidentData(xtr, ytr, xva, yva, mean, std, device, pad, flip, num_classes)
+
+
+# each dataset's training images and (classes, channels, side; None: --image-size): what a stand-in knows of it
+SHAPES = {"fashion-mnist": (60000, 10, 1, 28), "cifar10": (50000, 10, 3, 32), "cifar100": (50000, 100, 3, 32),
+          "imagenet": (1281167, 1000, 3, None)}
+
+
+def data_here(name, data_dir):
+    """Whether build_data would read the data here (or fail in its own words: CIFAR and ImageNet need --data-dir):
+    False only for a --data-dir that is not a folder here, and Fashion-MNIST's default folder where it is missing."""
+    if name not in SHAPES:
+        return True
+    if data_dir:
+        return os.path.isdir(data_dir)
+    return name != "fashion-mnist" or os.path.isdir(FASHION_MNIST_SYSTEM_DIR)
+
+
+class StandIn:
+    """A dataset that is not here (train.py --check): its shape and its training set's size, no images; enough to
+    build the model and run it on blank images, and to plan the schedule at the run's steps per epoch."""
+
+    def __init__(self, name, device, subset=0, image_size=224):
+        n, self.num_classes, self.in_chans, side = SHAPES[name]
+        self.n_train, self.image_size, self.device = min(subset or n, n), side or image_size, device
+
+    def train_loader(self, batch_size, rank, world_size, seed):
+        return SimpleNamespace(steps_per_epoch=self.n_train // batch_size)
