@@ -27,7 +27,7 @@
 #   --budgets "2 32" (standard runs at these cycle ends only, e.g. a pilot's smallest and largest)
 #   --config FILE.yaml (repeatable: a recipe for every run; its shape, model, data and amp are this sweep's defaults,
 #       over the environment variables; a flag here overrides it)
-#   --vit (the ViT recipe, recipes/vit-fmnist.yaml; README "A ViT recipe"; EXTRA flags override it)
+#   --vit (the ViT recipe, recipes/vit-fmnist.yaml; results/vit-recipe/README.md; EXTRA flags override it)
 #   --out runs/sweep  --no-report  --dry-run (print the commands only)  -- EXTRA train.py FLAGS
 #   --plan FILE (write the study as a plan, run nothing: plan.py; 1 GPU per run unless --gpus-per-run K, 0: CPU)
 #   --parallel N [--gpus-per-run K] (N runs at once on this machine, each with K GPUs (--gpus K) or its share of
@@ -481,8 +481,8 @@ case "${1:-}" in
     left=0; if [ -f "$target" ]; then PY plan.py unfinished "$target" || left=$?; fi
     exit $((rc ? rc : left));;
   repro)
-    # The study (README, "Results"): the full Fashion-MNIST training set (60k) and test set (10k), the small
-    # ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp bf16 (the study's
+    # The study (results/fashion-mnist/README.md): the full Fashion-MNIST training set (60k) and test set (10k),
+    # the small ResNet, the default optimiser (SGDW lr 0.4, batch 256, momentum 0.9, wd 5e-4), --amp bf16 (the study's
     # precision, kept in results/fashion-mnist/amp for every sweep into it). Warmup = t0 = 0.5 epochs, t_mult 2,
     # 4 cycles: budgets 1, 2, 4, 8 epochs. All of it in recipes/fashion-mnist-study.yaml.
     # The paper's eight method sets x seeds 0 1 2 (REPRO_SEEDS); baseline, LS and MX also with the one-run
@@ -515,7 +515,7 @@ case "${1:-}" in
     report "$OUT"  # results/fashion-mnist unless --out says otherwise
     report_failures;;
   vit-study)
-    # Study 2 (README, "Study 2"): a ViT where methods matter. recipes/vit-fmnist.yaml (the ViT recipe) with
+    # Study 2 (results/vit-fmnist/README.md): a ViT where methods matter. recipes/vit-fmnist.yaml (the ViT recipe) with
     # recipes/vit-fmnist-study.yaml (10k images, no augmentation, batch 128, budgets 2-32 epochs). Method sets:
     # baseline, LS, MixUp, LS+MX, stochastic depth, EMA, CutMix; seeds 0 1 2 (STUDY_SEEDS); standard runs at every
     # budget and the cyclic, cyclic-decay and wsd estimators, seed by seed. --pilot: the pilot (baseline, LS, MX;
@@ -530,7 +530,7 @@ case "${1:-}" in
     for arg in "$@"; do
       case "$arg" in --pilot) pilot=1;; --resnet) model=resnet;; --more-seeds) more=1;; --dry-run) DRY=1;;
         *) echo "launch.sh: vit-study takes --pilot, --more-seeds, --resnet and --dry-run only (its design is fixed;" \
-                "see README)" >&2
+                "see results/vit-fmnist/README.md)" >&2
            exit 2;;
       esac
     done

@@ -11,7 +11,7 @@ Ctrl-C) ends the run at the next step boundary the ranks agree on, after a check
 
 This file is the run's story (run_main: parse -> set up -> build -> train -> finish) and the loop (Run); the
 options are options.py's, the optimizer optim.py's, the precision precision.py's, --compile compile_choice.py's,
-the resume decision resume.py's, the FLOPs flops.py's, the stop on a signal stop.py's (README "Layout").
+the resume decision resume.py's, the FLOPs flops.py's, the stop on a signal stop.py's (docs/layout.md).
 """
 import contextlib
 import copy

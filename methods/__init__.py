@@ -1,6 +1,6 @@
 """Training methods: the plug-in API (methods/api.py), the registry (methods/registry.py), and the built-ins, one
 file each. Methods change the model, the batch, the loss, the update or the weights evaluated; never the schedule
-or the data order. README 'Methods' lists the built-ins with their options and hooks."""
+or the data order. docs/methods.md lists the built-ins with their options and hooks."""
 from methods.api import Context, Method, MethodError, MethodList, weights_kept
 from methods.blurpool import BlurPool
 from methods.channels_last import ChannelsLast

@@ -127,7 +127,7 @@ def build(text):
 
 def add_flags(parser):
     """--method and --plugins, and each built-in's own alias flags (--blurpool, --label-smoothing, ...)."""
-    g = parser.add_argument_group("methods (README: 'Methods'; a method of your own: --plugins FILE.py)")
+    g = parser.add_argument_group("methods (docs/methods.md; a method of your own: --plugins FILE.py)")
     g.add_argument("--method", action="append", default=[], metavar="NAME[:K=V,...]",
                    help=f"a training method, repeatable; built in: {', '.join(sorted(REGISTRY))}")
     g.add_argument("--plugins", dest="plugin_files", action="append", default=[], metavar="FILE.py",

@@ -1,4 +1,4 @@
-"""The house's layout (README "Layout"), read from the source alone: no import circle among the project's modules
+"""The house's layout (docs/layout.md), read from the source alone: no import circle among the project's modules
 (imports inside functions count: a lazy import is still a dependency), training code never reaches the analysis,
 and each function fits a screen (tests/test_mutation_list.py checks the mutation audit's entries still apply)."""
 import ast

@@ -114,7 +114,7 @@ def test_the_shipped_recipes_resolve(name):
     a = options.parse_args(["--config", os.path.join(ROOT, "recipes", f"{name}.yaml")])
     setup, methods = options.resolve(a, 1, torch.device("cpu"))
     assert a.recipe and all(getattr(a, k) == v for k, v in a.recipe.items())
-    if name == "resnet50-imagenet":  # the paper's Appendix, as the README states it
+    if name == "resnet50-imagenet":  # the paper's Appendix, as README.md and docs/training.md state it
         assert (a.lr, a.momentum, a.weight_decay, a.batch_size, a.grad_accum) == (2.048, 0.875, 5e-4, 2048, 4)
         assert setup.epochs == 512 and setup.cycles == 6 and a.warmup_epochs == 8
 
