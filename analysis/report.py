@@ -8,6 +8,7 @@ form several groups (they differ in a result-defining option), each group gets i
 import argparse
 import math
 import os
+import shlex
 import sys
 from dataclasses import replace
 from typing import NamedTuple
@@ -42,10 +43,14 @@ def colours(methods_sets):
     return {m: cmap(i % 10) for i, m in enumerate(methods_sets)}
 
 
+FIGURES = {"write": True}  # --no-figures: report.md and the tables only (the docs test regenerates committed reports)
+
+
 def save(fig, out, name):
-    """Write fig as DIR/name.png and .pdf; returns the PNG's file name."""
-    for ext in ("png", "pdf"):
-        fig.savefig(os.path.join(out, f"{name}.{ext}"), dpi=130, bbox_inches="tight")
+    """Write fig as DIR/name.png and .pdf (unless --no-figures); returns the PNG's file name."""
+    if FIGURES["write"]:
+        for ext in ("png", "pdf"):
+            fig.savefig(os.path.join(out, f"{name}.{ext}"), dpi=130, bbox_inches="tight")
     plt.close(fig)
     return f"{name}.png"
 
@@ -915,14 +920,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Draw the paper's figures and write report.md for a folder of runs.")
     add_common_args(p)
     p.add_argument("--out", help="folder for the figures, CSVs and report.md (one run: default RUN_DIR/report)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write report.md and the tables but not the figures' files (report.md's text is the same)")
     args = p.parse_args(argv)
+    FIGURES["write"] = not args.no_figures
     if len(args.runs) == 1 and os.path.exists(os.path.join(args.runs[0], "config.json")):
         return single_run_report(args.runs[0], args.out or os.path.join(args.runs[0], "report"))
     if not args.out:
         p.error("--out is required for a folder of runs (one run directory: its report goes to RUN_DIR/report)")
     analysis = analyse(args)
     write_tables(args.out, analysis)
-    md = ["# Tradeoff-curve report", "",
+    md = ["# Tradeoff-curve report", "", f"Made by `{made_by(argv)}`.", "",
           f"{len(analysis.runs)} runs from {', '.join(args.runs)}; accuracy metric `{args.metric}`; gap = cyclic - "
           f"standard, percentage points, over budgets matched within {MATCH_TOLERANCE:.0%}.", "",
           f"Uncertainty: 95 % CI by {stats.CI_METHOD}. A resample draws seeds with replacement and keeps each seed's "
@@ -949,7 +957,15 @@ def main(argv=None):
         n_figures += n
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write("\n".join(md))
-    print(f"wrote {os.path.join(args.out, 'report.md')} with {n_figures} figures")
+    print(f"wrote {os.path.join(args.out, 'report.md')} with {n_figures} figures"
+          + (" (their files not written: --no-figures)" if args.no_figures else ""))
+
+
+def made_by(argv):
+    """The command that wrote this report (report.md's header), --no-figures left out: it changes no text. The docs
+    test runs it again and compares."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-figures"]
+    return shlex.join(["python", "-m", "analysis.report", *args])
 
 
 def single_run_report(path, out):

@@ -271,6 +271,8 @@ SLOW = {
     "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers",
     "test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly",
     "test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_exactly",
+    "test_every_documented_command_of_ours_passes_its_check",
+    "test_a_committed_report_is_what_its_recorded_command_writes_today",
 }
 
 

@@ -685,6 +685,14 @@ MUTATIONS = [
     ("a plan refused for a changed file leaves its lock and claims", "plan.py",
      "    if why:  # before any claim or lock is made", "    if False:  # before any claim or lock is made",
      PLANS + "test_a_recipe_or_plugin_changed_after_the_plan_was_written_is_refused_by_name"),
+    # issue 40: docs that cannot rot
+    ("a documented train.py flag renamed (--clip-grad: the ViT recipe's pages and recipe)", "options.py",
+     'g.add_argument("--clip-grad"', 'g.add_argument("--grad-clip"',
+     "tests/test_docs.py::test_every_documented_command_of_ours_passes_its_check"),
+    ("a committed report's recorded command not its own", "analysis/report.py",
+     'return shlex.join(["python", "-m", "analysis.report", *args])',
+     'return shlex.join(["python", "-m", "analysis.report", *args, "--metric", "final"])',
+     "tests/test_docs.py::test_a_committed_report_is_what_its_recorded_command_writes_today"),
 ]
 
 

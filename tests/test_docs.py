@@ -1,0 +1,331 @@
+"""Docs that cannot rot (issue 40): every documented command of ours is checked, every relative link and image of the
+docs exists, and each committed report is what the command it records writes today.
+
+Read from README.md, docs/*.md and results/*/README.md, in fenced shell blocks: a command that calls train.py
+(`python train.py`, torchrun), launch.sh, schedules.py, shards.py, gpu_check.py or `python -m` one of our modules.
+- train.py: `train.py ... --check` in this process (options, recipes, plug-ins, the model with its methods on the
+  data where it is here, the schedule); under torchrun at its world size.
+- launch.sh: run with DRY=1 (it prints the runs' commands and writes nothing), and its first train.py command then
+  passes --check; setup, test, demo and gpu-check are exempt (CI and the suite run them).
+- the scripts and modules: every flag the command gives is one their --help lists.
+A synopsis (`[--flag]`, `RUNS...`, `<job id>`, an unknown $VAR) is checked for its flags alone. Markers in the
+Markdown, each on its own line before a block:
+  <!-- docs-check: placeholders /data/imagenet runs/imagenet/plan -->  paths that need not exist here (this block)
+  <!-- docs-check: file my_aug.py -->  the next block is that file (written to a temporary folder for the checks)
+A --data-dir, --config or --plugins path that is neither here nor a placeholder fails the check.
+"""
+import contextlib
+import glob
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from conftest import ENV, ROOT
+
+DOCS = ["README.md"] + sorted(glob.glob("docs/*.md", root_dir=ROOT)) + sorted(glob.glob("results/*/README.md",
+                                                                                           root_dir=ROOT))
+SCRIPTS = ("train.py", "launch.sh", "schedules.py", "shards.py", "gpu_check.py")
+MODULES = ("analysis.", "benchmarks.", "data.")
+EXEMPT = {"setup", "test", "demo", "gpu-check"}
+MARKER = re.compile(r"^<!-- docs-check: (placeholders|file) (.+?) -->$")
+PATH_FLAGS = ("--data-dir", "--config", "--plugins")
+
+
+@dataclass
+class Command:
+    doc: str
+    line: int
+    words: list  # the command's words, from its program on (python, torchrun and env assignments left out)
+    synopsis: bool
+    placeholders: set = field(default_factory=set)
+
+    @property
+    def program(self):
+        return self.words[0]
+
+    def __str__(self):
+        return f"{self.doc}:{self.line}: {shlex.join(self.words)}"
+
+
+def blocks(doc):
+    """(language, first line number, lines, placeholders) of each fenced block of `doc`, and {file name: text} of
+    the blocks marked as files."""
+    lines, out, files = open(os.path.join(ROOT, doc)).read().split("\n"), [], {}
+    marks, i = {}, 0
+    while i < len(lines):
+        m = MARKER.match(lines[i].strip())
+        if m:
+            marks.setdefault(m.group(1), []).extend(m.group(2).split())
+        elif lines[i].startswith("```"):
+            lang, start = lines[i][3:].strip(), i + 1
+            end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
+            if "file" in marks:
+                files[marks["file"][0]] = "\n".join(lines[start:end]) + "\n"
+            out.append((lang, start + 1, lines[start:end], set(marks.get("placeholders", []))))
+            marks, i = {}, end
+        i += 1
+    return out, files
+
+
+LAUNCHER = re.compile(r"^(\S*python3?|torchrun|-m|torch\.distributed\.run|nohup|nice|time|env|-n|\d+|\w+=\S*|--\S+)$")
+
+
+def ours(words):
+    """The words from our program on (`python -m analysis.report` as analysis.report), or None: a command whose
+    words before it launch it (python, torchrun and its flags, nice, VAR=value)."""
+    for k, w in enumerate(words):
+        if os.path.basename(w) in SCRIPTS:
+            return [os.path.basename(w)] + words[k + 1:]
+        if w == "-m" and k + 1 < len(words) and words[k + 1].startswith(MODULES):
+            return words[k + 1:]
+        if not LAUNCHER.match(w):
+            return None
+    return None
+
+
+def logical_lines(first, lines):
+    """(line number, text) of a block's commands: backslash continuations joined, comments dropped."""
+    out, start, buf = [], None, ""
+    for n, line in enumerate(lines, first):
+        line = "" if line.lstrip().startswith("#") else line.split(" #")[0]
+        start = n if start is None else start
+        if line.rstrip().endswith("\\") or (buf + line).count('"') % 2:  # continued, or inside a quoted string
+            buf += (line.rstrip()[:-1] if line.rstrip().endswith("\\") else line) + " "
+            continue
+        out.append((start, buf + line))
+        start, buf = None, ""
+    return out
+
+
+def commands(doc):
+    """Every command of ours in `doc`'s shell blocks: `a; b`, `a && b` and `for x in A B; do ... $x ...` split,
+    a block's `NAME=value` lines substituted into the commands after them."""
+    found, (parsed, _) = [], blocks(doc)
+    for lang, first, lines, placeholders in parsed:
+        if lang not in ("bash", "sh", "shell", ""):
+            continue
+        vars_ = {}
+        for n, line in logical_lines(first, lines):
+            for part in re.split(r";|&&", line):
+                words = part.split()
+                while words[:1] in (["do"], ["then"]):
+                    words, part = words[1:], part.replace(words[0], "", 1)
+                if words[:1] == ["for"] and "in" in words:  # for x in A B C: x is A
+                    vars_[words[1]] = words[words.index("in") + 1]
+                    continue
+                try:
+                    split = shlex.split(part)
+                except ValueError:  # unbalanced quotes: not a command
+                    continue
+                if re.match(r"^\w+=", part.strip()) and len(split) == 1:  # NAME=value, NAME="a b"
+                    name, value = split[0].split("=", 1)
+                    vars_[name] = value
+                    continue
+                unknown = False
+
+                def expand(m):
+                    nonlocal unknown
+                    name = m.group(1) or m.group(2)
+                    unknown |= name not in vars_
+                    return vars_.get(name, m.group(0))
+                try:
+                    words = ours(shlex.split(re.sub(r"\$\{(\w+)\}|\$(\w+)", expand, part)))
+                except ValueError:  # unbalanced quotes: not a command
+                    continue
+                if words:
+                    synopsis = unknown or any("..." in w or w.startswith(("[", "<")) or w.endswith(("]", ">"))
+                                              or re.fullmatch(r"[A-Z][A-Z_]+", w) for w in words[1:])
+                    found.append(Command(doc, n, words, synopsis, placeholders))
+    return found
+
+
+ALL = [c for doc in DOCS for c in commands(doc)]
+
+
+def flags(words):
+    """The --flags a command gives (their names, values left out)."""
+    return sorted({w.split("=")[0] for w in words if w.startswith("--") and len(w) > 2})
+
+
+@pytest.fixture(scope="module")
+def helps():
+    """{program: its --help text} (launch.sh: its option parsing, from the script itself)."""
+    cache = {"launch.sh": open(os.path.join(ROOT, "launch.sh")).read()}
+
+    def get(program):
+        if program not in cache:
+            cmd = [sys.executable, program] if program.endswith(".py") else [sys.executable, "-m", program]
+            p = subprocess.run(cmd + ["--help"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+            assert p.returncode == 0, f"{program} --help: {p.stderr[-2000:]}"
+            cache[program] = p.stdout
+        return cache[program]
+    return get
+
+
+@pytest.fixture(scope="module")
+def doc_files(tmp_path_factory):
+    """The files the docs write (marked blocks), in a temporary folder: {name: path}."""
+    folder, out = tmp_path_factory.mktemp("doc-files"), {}
+    for doc in DOCS:
+        for name, text in blocks(doc)[1].items():
+            (folder / name).write_text(text)
+            out[name] = str(folder / name)
+    return out
+
+
+def checked_paths(command, doc_files):
+    """The command's words with the docs' files in place; fails on a path flag's value that is neither here nor a
+    placeholder."""
+    words = [doc_files.get(w, w) for w in command.words]
+    for flag, value in zip(words, words[1:]):
+        if flag in PATH_FLAGS and not os.path.exists(os.path.join(ROOT, value)):
+            assert any(value.startswith(p) for p in command.placeholders), \
+                f"{command}: {flag} {value} is not here; fix the path, or mark it <!-- docs-check: placeholders ... -->"
+    return words
+
+
+def check_train(words, world_size=1):
+    """train.py's words + --check, in this process at `world_size` ranks: (exit status, what it printed)."""
+    import train
+    env = {"RANK": "0", "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"} if world_size > 1 else {}
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    os.environ.update(env)
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                train.main(words + ["--check"])
+                code = 0
+            except SystemExit as e:
+                code = e.code or 0
+    finally:
+        os.chdir(cwd)
+        for k in env:
+            os.environ.pop(k)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    return code, out.getvalue() + err.getvalue()
+
+
+def torchrun_world(words):
+    """The world size of a torchrun command line (--nproc_per_node x --nnodes), 1 for a plain one."""
+    size = {"nproc_per_node": 1, "nnodes": 1}
+    for k, w in enumerate(words):
+        for name in size:
+            if w.startswith(f"--{name}="):
+                size[name] = int(w.split("=")[1])
+            elif w == f"--{name}" and k + 1 < len(words):
+                size[name] = int(words[k + 1].split(":")[-1])
+    return size["nproc_per_node"] * size["nnodes"]
+
+
+@pytest.mark.parametrize("command", ALL, ids=[f"{c.doc}:{c.line}" for c in ALL])
+def test_every_documented_command_of_ours_passes_its_check(command, helps, doc_files):
+    program = command.program
+    if program == "launch.sh" and command.words[1:2] and command.words[1] in EXEMPT:
+        return  # CI and the suite run these
+    own, extra = split_dashes(command.words[1:]) if program == "launch.sh" else (command.words[1:], [])
+    known = options_flags() if program == "train.py" else helps(program)
+    unknown = [f for f in flags(own) if f not in known] + [f for f in flags(extra) if f not in options_flags()]
+    assert not unknown, f"{command}: {', '.join(unknown)} not among the options it gives them to"
+    if command.synopsis:
+        return
+    if program not in ("train.py", "launch.sh"):  # the repository's paths it reads (results/, recipes/) are here
+        missing = [w for prev, w in zip(command.words, command.words[1:]) if w.startswith(("results/", "recipes/"))
+                   and prev not in ("--out", "--json") and not glob.glob(os.path.join(ROOT, w))]
+        assert not missing, f"{command}: {', '.join(missing)} not in the repository"
+        return
+    words = checked_paths(command, doc_files)
+    if program == "train.py":
+        code, said = check_train(words[1:], torchrun_world(command_line_before(command)))
+        assert code == 0 and "train.py --check: OK" in said, f"{command}: {said[-1500:]}"
+        return
+    p = subprocess.run(["./launch.sh", *words[1:]], cwd=ROOT, env=dict(ENV, DRY="1", SKIP_SETUP="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{command}: launch.sh under DRY=1 failed: {p.stderr[-2000:]}"
+    first = next((shlex.split(line) for line in p.stdout.splitlines() if " train.py " in line), None)
+    if first:  # the runs' own options, as the sweep would give them
+        code, said = check_train(ours(first)[1:], torchrun_world(first))
+        assert code == 0, f"{command}: its first run: {shlex.join(first)}: {said[-1500:]}"
+
+
+def options_flags():
+    import options
+    return {s for a in options.build_parser()._actions for s in a.option_strings}
+
+
+def split_dashes(words):
+    """launch.sh's own words and those after `--` (train.py's, for every run)."""
+    return (words[:words.index("--")], words[words.index("--") + 1:]) if "--" in words else (words, [])
+
+
+def command_line_before(command):
+    """The documented line's whole text (torchrun's own flags come before train.py)."""
+    return open(os.path.join(ROOT, command.doc)).read().split("\n")[command.line - 1].split()
+
+
+def test_the_docs_show_commands_of_every_kind():
+    """The extraction itself: the docs' commands of each program are found (a parser that finds none checks none)."""
+    programs = {c.program for c in ALL}
+    assert {"train.py", "launch.sh", "schedules.py", "shards.py", "analysis.report", "analysis.compare"} <= programs
+    assert sum(not c.synopsis for c in ALL if c.program == "train.py") >= 5
+    assert any(c.synopsis for c in ALL)
+
+
+# ---- links and images ------------------------------------------------------------------------------------------
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def slug(heading):
+    """GitHub's anchor of a heading: lower case, punctuation but - and _ dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path):
+    text = re.sub(r"```.*?```", "", open(path).read(), flags=re.S)
+    return {slug(m) for m in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS + ["tests/README.md"])
+def test_every_relative_link_and_image_exists(doc):
+    text = re.sub(r"```.*?```", "", open(os.path.join(ROOT, doc)).read(), flags=re.S)
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), path)) if path else os.path.join(ROOT, doc)
+        if not os.path.exists(full):
+            broken.append(f"{target} (no such file)")
+        elif anchor and full.endswith(".md") and anchor not in anchors(full):
+            broken.append(f"{target} (no heading of that anchor)")
+    assert not broken, f"{doc}: " + "; ".join(broken)
+
+
+# ---- committed reports: the command each records writes its text today -------------------------------------------
+
+REPORTS = sorted(glob.glob("results/**/report.md", root_dir=ROOT, recursive=True))
+
+
+@pytest.mark.parametrize("report", REPORTS)
+def test_a_committed_report_is_what_its_recorded_command_writes_today(report, tmp_path):
+    text = open(os.path.join(ROOT, report)).read()
+    made = re.search(r"^Made by `(python -m analysis\.report .+)`\.$", text, flags=re.M)
+    assert made, f"{report}: its header records no command (regenerate it: python -m analysis.report ...)"
+    words = shlex.split(made.group(1))[3:]
+    out = words[words.index("--out") + 1]
+    assert os.path.normpath(out) == os.path.dirname(report), f"{report}: its command writes to {out}"
+    words[words.index("--out") + 1] = str(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "analysis.report", *words, "--no-figures"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    today = open(tmp_path / "report.md").read().replace(str(tmp_path), out)
+    assert today == text, f"{report} differs from what `{made.group(1)}` writes today: regenerate it"
