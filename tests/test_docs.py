@@ -12,6 +12,7 @@ A synopsis (`[--flag]`, `RUNS...`, `<job id>`, an unknown $VAR) is checked for i
 Markdown, each on its own line before a block:
   <!-- docs-check: placeholders /data/imagenet runs/imagenet/plan -->  paths that need not exist here (this block)
   <!-- docs-check: file my_aug.py -->  the next block is that file (written to a temporary folder for the checks)
+  <!-- docs-check: run -->  the next block is Python that runs from the repository's root (a notebook's snippet)
 A --data-dir, --config or --plugins path that is neither here nor a placeholder fails the check.
 """
 import contextlib
@@ -33,7 +34,7 @@ DOCS = ["README.md"] + sorted(glob.glob("docs/*.md", root_dir=ROOT)) + sorted(gl
 SCRIPTS = ("train.py", "launch.sh", "schedules.py", "shards.py", "gpu_check.py")
 MODULES = ("analysis.", "benchmarks.", "data.")
 EXEMPT = {"setup", "test", "demo", "gpu-check"}
-MARKER = re.compile(r"^<!-- docs-check: (placeholders|file) (.+?) -->$")
+MARKER = re.compile(r"^<!-- docs-check: (placeholders|file|run) ?(.*?) -->$")
 PATH_FLAGS = ("--data-dir", "--config", "--plugins")
 
 
@@ -55,7 +56,7 @@ class Command:
 
 def blocks(doc):
     """(language, first line number, lines, placeholders) of each fenced block of `doc`, and {file name: text} of
-    the blocks marked as files."""
+    the blocks marked as files (a block marked to run: under the name '<line>.run.py')."""
     lines, out, files = open(os.path.join(ROOT, doc)).read().split("\n"), [], {}
     marks, i = {}, 0
     while i < len(lines):
@@ -65,8 +66,8 @@ def blocks(doc):
         elif lines[i].startswith("```"):
             lang, start = lines[i][3:].strip(), i + 1
             end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
-            if "file" in marks:
-                files[marks["file"][0]] = "\n".join(lines[start:end]) + "\n"
+            if "file" in marks or "run" in marks:
+                files[marks["file"][0] if "file" in marks else f"{start + 1}.run.py"] = "\n".join(lines[start:end]) + "\n"
             out.append((lang, start + 1, lines[start:end], set(marks.get("placeholders", []))))
             marks, i = {}, end
         i += 1
@@ -277,6 +278,20 @@ def test_the_docs_show_commands_of_every_kind():
     assert {"train.py", "launch.sh", "schedules.py", "shards.py", "analysis.report", "analysis.compare"} <= programs
     assert sum(not c.synopsis for c in ALL if c.program == "train.py") >= 5
     assert any(c.synopsis for c in ALL)
+
+
+RUNNABLE = [(doc, name) for doc in DOCS for name in blocks(doc)[1] if name.endswith(".run.py")]
+
+
+@pytest.mark.parametrize("doc,name", RUNNABLE, ids=[f"{d}:{n.split('.')[0]}" for d, n in RUNNABLE])
+def test_a_documented_python_snippet_runs(doc, name):
+    p = subprocess.run([sys.executable, "-c", blocks(doc)[1][name]], cwd=ROOT, env=dict(ENV, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{doc}, the block at line {name.split('.')[0]}: {p.stderr[-2000:]}"
+
+
+def test_the_docs_show_runnable_snippets():
+    assert len(RUNNABLE) >= 3  # README's two notebook snippets and docs/analysis.md's
 
 
 # ---- links and images ------------------------------------------------------------------------------------------
