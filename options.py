@@ -82,8 +82,8 @@ def file_sha256(path):
 
 RESTATED = {"epochs": "cycles", "cycles": "epochs"}  # one thing said two ways: the one given replaces the other
 # per-run controls, not part of a recipe (in a sweep they would act on every run alike)
-RUN_CONTROLS = ("config", "help", "help_all", "check", "run_dir", "resume", "overwrite", "print_amp", "allow_device_change", "no_lock",
-                "print_compile")
+RUN_CONTROLS = ("config", "help", "help_all", "check", "run_dir", "resume", "overwrite", "print_amp",
+                "allow_device_change", "no_lock", "print_compile")
 
 
 def method_dests():

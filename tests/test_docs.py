@@ -67,7 +67,8 @@ def blocks(doc):
             lang, start = lines[i][3:].strip(), i + 1
             end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
             if "file" in marks or "run" in marks:
-                files[marks["file"][0] if "file" in marks else f"{start + 1}.run.py"] = "\n".join(lines[start:end]) + "\n"
+                name = marks["file"][0] if "file" in marks else f"{start + 1}.run.py"
+                files[name] = "\n".join(lines[start:end]) + "\n"
             out.append((lang, start + 1, lines[start:end], set(marks.get("placeholders", []))))
             marks, i = {}, end
         i += 1
