@@ -1,8 +1,8 @@
 """--amp: the precision a run computes in. `auto` is fixed by the device (bf16 where native, else fp16 on a GPU,
 fp32 on a CPU), except on a CPU with native bf16, where it is measured on the run's own model: bf16's speed there
-depends on the model. `measure` times interleaved candidates of one training step and is meant for any such
-measured choice (a later --compile auto measures the same way); train.py and benchmarks.throughput take their
-precision from here."""
+depends on the model. `measure` times interleaved candidates of one training step (--compile auto has its own
+timer, compile_choice.images_per_second: a minimum wall time per round, the GPU synced); train.py and
+benchmarks.throughput take their precision from here."""
 import platform
 import time
 

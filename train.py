@@ -97,8 +97,9 @@ def run_main(argv=None):
     without_effect = warn_of_methods(methods, args, proc.master)
     raw_model, exclusions = model, decay_exclusions(args, model)
     check_decay_convention(args, setup, ckpt, exclusions)
-    if proc.master and weight_decay_note(args):
-        print(weight_decay_note(args))
+    note = weight_decay_note(args)
+    if proc.master and note:
+        print(note)
     optimizer, scheduler, scaler, autocast = build_training(model, args, setup, plan, methods, exclusions, proc.device)
     setup, compile_auto, compiled = compile_choice.choose(  # after the precision, on the run's own step
         args, setup, ckpt, recorded, lambda: compile_choice.measure_run(

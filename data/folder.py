@@ -12,7 +12,10 @@ takes its own slots of the global batch (data.common.rank_slots), so ranks see d
 every image once per epoch across ranks. The training loop asks for the batches of a whole run at once
 (FolderLoader.steps): one DataLoader and one set of workers per run, no refill at each epoch or wsd segment.
 """
+import atexit
+import multiprocessing
 import os
+import signal
 import sys
 
 import torch
@@ -22,6 +25,30 @@ from data.common import STATS, DataError, epoch_generator, normalize, rank_slots
 from data.images import jpeg_header, raise_named, read_image
 
 DECODERS = ("cpu", "cuda")
+
+
+def signals_left_to_train_py(worker_id):
+    """A DataLoader worker ignores SIGTERM and SIGINT: SLURM signals every process of the job, torchrun a worker's
+    whole process group and a terminal its foreground group, and a worker killed by one failed train.py's next batch
+    in the middle of its stop checkpoint (torch lets a SIGTERM from anyone but the worker's parent through). train.py
+    stops at a checkpoint; its workers end as the DataLoader shuts them down, or at its exit (workers_killed_at_exit)."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def workers_killed_at_exit():
+    """At the main process's exit, SIGKILL the daemonic children still alive, DataLoader workers (a run that fails
+    mid-batch leaves them busy): multiprocessing's own exit handler ends them with SIGTERM, which they ignore, and
+    then joins them, forever. atexit calls the handlers last-registered first, so this one, registered after
+    multiprocessing's (at its import), runs before it."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for each worker killed here
+    for p in multiprocessing.active_children():
+        if p.daemon:  # as DataLoader workers are (multiprocessing would end them too, with a SIGTERM)
+            p.kill()
+            p.join(5)
+
+
+KILL_AT_EXIT = []  # registered once, with the first workers
 
 
 def open_splits(root, train_transform, val_transform, option="--data-dir"):
@@ -96,10 +123,13 @@ class FolderData:
         """A DataLoader of `samples` over `batches` (an iterable of index lists), uint8 batches out (--decode cuda:
         the batch's files as one flat byte tensor, collate_encoded)."""
         gpu = self.decode == "cuda"
+        if self.workers and not KILL_AT_EXIT:
+            KILL_AT_EXIT.append(atexit.register(workers_killed_at_exit))
         return torch.utils.data.DataLoader(
             samples, batch_sampler=batches, num_workers=self.workers, pin_memory=self.device.type == "cuda",
             persistent_workers=persistent and self.workers > 0, prefetch_factor=4 if self.workers else None,
-            collate_fn=collate_encoded if gpu else None, generator=torch.Generator().manual_seed(0))  # keyed draws
+            collate_fn=collate_encoded if gpu else None, generator=torch.Generator().manual_seed(0),  # keyed draws
+            worker_init_fn=signals_left_to_train_py)
 
     def batches_on_device(self, loader):
         """(x, y) on the device, x normalised float NCHW: decoded there first under --decode cuda."""

@@ -272,6 +272,7 @@ SLOW = {
     "test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly",
     "test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_exactly",
     "test_every_documented_command_of_ours_passes_its_check",
+    "test_a_sigterm_to_every_process_of_a_folder_run_stops_it_at_a_checkpoint",
     "test_a_committed_report_is_what_its_recorded_command_writes_today",
 }
 

@@ -693,6 +693,13 @@ MUTATIONS = [
      'return shlex.join(["python", "-m", "analysis.report", *args])',
      'return shlex.join(["python", "-m", "analysis.report", *args, "--metric", "final"])',
      "tests/test_docs.py::test_a_committed_report_is_what_its_recorded_command_writes_today"),
+    # issue 39: DataLoader workers leave signals to train.py, and never outlive it
+    ("DataLoader workers killed by SLURM's SIGTERM", "data/folder.py",
+     "            worker_init_fn=signals_left_to_train_py)", "            worker_init_fn=None)",
+     "tests/test_imagefolder.py::test_a_sigterm_to_every_process_of_a_folder_run_stops_it_at_a_checkpoint"),
+    ("workers that ignore SIGTERM left to multiprocessing's exit (it joins them forever)", "data/folder.py",
+     "            p.kill()\n", "            pass\n",
+     "tests/test_data.py::test_a_damaged_image_stops_the_run_with_one_line_naming_it"),
 ]
 
 

@@ -166,3 +166,24 @@ def test_two_gloo_ranks_see_every_image_once_an_epoch_with_their_own_crops(tmp_p
         assert sorted(per_rank[0] + per_rank[1]) == sorted(10 * i + k for i in range(12) for k in (0, 5))
     draws = {r: [v[1] for (rr, _, _), v in seen.items() if rr == r] for r in (0, 1)}
     assert len(set(draws[0]) | set(draws[1])) > 0.9 * (len(draws[0]) + len(draws[1]))  # crops differ, across ranks too
+
+
+def test_a_sigterm_to_every_process_of_a_folder_run_stops_it_at_a_checkpoint(tmp_path):
+    """SLURM signals every process of a job (and torchrun a worker's whole process group): the DataLoader workers
+    leave the signal to train.py, which stops at its next step after a checkpoint (a worker killed by it failed the
+    next batch: no checkpoint, exit 2), and the run resumes to its end."""
+    import signal
+    import subprocess
+    from conftest import ENV, train_cmd
+    from test_resume import wait_for_rows
+    root = tree(tmp_path / "tree", per_class=8)  # 24 images, batch 2: 12 steps an epoch, 48 steps, rows every 12
+    run = str(tmp_path / "run")
+    args = FOLDER + ["--data-dir", root, "--batch-size", "2", "--eval-every", "1", "--run-dir", run]
+    p = subprocess.Popen(train_cmd(args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    wait_for_rows(p, args, 1, 0.0)
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143 and "train.py: SIGTERM: checkpoint at step" in err, err[-2000:]
+    run_train(args + ["--resume", "auto"])
+    assert len(metrics_without_time(run)) == 4 and os.path.exists(os.path.join(run, "done"))
