@@ -31,7 +31,8 @@ def signals_left_to_train_py(worker_id):
     """A DataLoader worker ignores SIGTERM and SIGINT: SLURM signals every process of the job, torchrun a worker's
     whole process group and a terminal its foreground group, and a worker killed by one failed train.py's next batch
     in the middle of its stop checkpoint (torch lets a SIGTERM from anyone but the worker's parent through). train.py
-    stops at a checkpoint; its workers end as the DataLoader shuts them down, or at its exit (workers_killed_at_exit)."""
+    stops at a checkpoint; its workers end as the DataLoader shuts them down, or at its exit
+    (workers_killed_at_exit)."""
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
 
