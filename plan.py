@@ -280,14 +280,20 @@ def claimant_name(text):
 
 
 def claimed_line(plan):
-    """Who holds a line of the plan now ('pid 12 on node3'), or None."""
+    """Who holds a line of the plan now ('pid 12 on node3'), or None. Tested under the plan's pick lock, where
+    workers claim: a free claim flocked here for a moment would be taken by a claiming worker for a held line."""
     folder = plan + ".claims"
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        f, holder = try_lock(os.path.join(folder, name), create=False)
-        if f is not None:
-            f.close()
-        elif holder is not None:
-            return claimant_name(holder)
+    if not os.path.isdir(folder):
+        return None
+    with contextlib.ExitStack() as stack:
+        if os.path.exists(plan + ".lock"):  # (made before the first claim; opened read-only: nothing is written)
+            fcntl.flock(stack.enter_context(open(plan + ".lock")), fcntl.LOCK_EX)
+        for name in sorted(os.listdir(folder)):
+            f, holder = try_lock(os.path.join(folder, name), create=False)
+            if f is not None:
+                f.close()
+            elif holder is not None:
+                return claimant_name(holder)
     return None
 
 

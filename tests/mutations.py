@@ -675,6 +675,11 @@ MUTATIONS = [
     ("a plan refused for a changed file leaves its lock and claims", "plan.py",
      "    if why:  # before any claim or lock is made", "    if False:  # before any claim or lock is made",
      PLANS + "test_a_recipe_or_plugin_changed_after_the_plan_was_written_is_refused_by_name"),
+    # issue 39's third review: GPUs across plans, stops, double claims, small gaps
+    ("a plan's write tests its claims outside the pick lock (a claiming worker takes a free line for held)",
+     "plan.py", 'fcntl.flock(stack.enter_context(open(plan + ".lock")), fcntl.LOCK_EX)',
+     'stack.enter_context(open(plan + ".lock"))',
+     PLANS + "test_writing_a_plan_again_never_makes_a_worker_take_a_free_line_for_held"),
 ]
 
 

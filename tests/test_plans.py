@@ -439,6 +439,34 @@ plan.claim = claim"""
     assert [e["run"] for e in events()] == [f"{out}/r1"] and f"skip (done): {out}/r0" in p.stdout.splitlines()
 
 
+def test_writing_a_plan_again_never_makes_a_worker_take_a_free_line_for_held(tmp_path, fake):
+    """The write's test for held lines flocks each free claim file for a moment; a worker claiming that line then
+    found it locked and left it to the claim's last holder (a dead worker: --index K exited 1, 'held elsewhere').
+    The test holds the plan's pick lock, where workers claim: the worker waits for it, then runs its line."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 1))
+    p = sh(sys.executable, "plan.py", "run", str(plan), "--index", "0", env=dict(env, FAKE_DIE="r0"), check=False)
+    assert p.returncode == 1 and os.listdir(f"{plan}.claims")  # line 0's claim file, free, the line unfinished
+    patch = """import time
+real = plan.try_lock
+def try_lock(path, create):
+    f, holder = real(path, create)
+    if f is not None and not create:  # the write's test, on a free claim: slowed down
+        print("holding", flush=True)
+        time.sleep(3)
+    return f, holder
+plan.try_lock = try_lock"""
+    write = subprocess.Popen([*patched_plan(tmp_path, patch), "write", str(plan), str(out), "0", "test"], cwd=ROOT,
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    write.stdin.write("".join(f"{d}\t{argv}\n" for d, argv in numbered(out, 1)))
+    write.stdin.close()
+    assert write.stdout.readline() == "holding\n"
+    worker = sh(sys.executable, "plan.py", "run", str(plan), "--index", "0", env=env, check=False)
+    assert write.wait(30) == 0
+    assert worker.returncode == 0 and (out / "r0" / "done").exists(), worker.stderr
+
+
 def test_a_line_claimed_twice_where_flock_is_not_shared_fails_named(tmp_path, fake):
     """A file system whose flock does not reach across nodes (simulated: flock does nothing in either worker) lets a
     second worker claim a line the first runs; its record replaces the first's in the claim file, which the first
