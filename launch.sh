@@ -262,11 +262,14 @@ in_foreground() {  # run the command "$@" (not a function: its subshell would ta
   return $rc
 }
 
-check_plan() {  # --plan, --parallel, --gpus and OMP_NUM_THREADS: refused before anything is written
+check_plan() {  # --plan, --parallel, --gpus, --nnodes and OMP_NUM_THREADS: refused before anything is written
   [ -n "$GPUS" ] || { GPUS=0; [ -z "$PLAN" ] || GPUS=1; }
   if [[ ! "$GPUS" =~ ^(0|[1-9][0-9]*)$ ]]; then
     echo "launch.sh: --gpus-per-run (or --gpus) takes the GPUs of each run (0 for the CPU, 1, 2, ...), got '$GPUS'" >&2
     exit 2
+  fi
+  if [[ ! "$NNODES" =~ ^[1-9][0-9]*$ ]]; then  # (the tests below would fail on it and go on as one node)
+    echo "launch.sh: --nnodes (or NNODES) takes the number of nodes (1, 2, ...), got '$NNODES'" >&2; exit 2
   fi
   if [[ ! "${OMP_NUM_THREADS:-1}" =~ ^[1-9][0-9]*$ ]]; then  # (train.py and plan.py read it as a number)
     echo "launch.sh: OMP_NUM_THREADS='$OMP_NUM_THREADS' is no number of threads: set it to 1, 2, ... or unset it" >&2

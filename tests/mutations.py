@@ -680,6 +680,9 @@ MUTATIONS = [
      "plan.py", 'fcntl.flock(stack.enter_context(open(plan + ".lock")), fcntl.LOCK_EX)',
      'stack.enter_context(open(plan + ".lock"))',
      PLANS + "test_writing_a_plan_again_never_makes_a_worker_take_a_free_line_for_held"),
+    ("--nnodes x unchecked (a shell error, then a sweep as if on one node)", "launch.sh",
+     'if [[ ! "$NNODES" =~ ^[1-9][0-9]*$ ]]; then', "if false; then",
+     L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
 ]
 
 

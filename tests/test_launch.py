@@ -275,9 +275,12 @@ def test_plan_and_parallel_come_from_the_flags_never_the_environment(tmp_path):
     (["--gpus", "1.5"], {}, "got '1.5'"),
     ([], {"OMP_NUM_THREADS": "x"}, "launch.sh: OMP_NUM_THREADS='x' is no number of threads"),
     (["--parallel", "2"], {"OMP_NUM_THREADS": "0"}, "launch.sh: OMP_NUM_THREADS='0' is no number of threads"),
-], ids=["gpus-per-run x", "gpus-per-run -1", "gpus 1.5", "OMP x plan", "OMP 0 parallel"])
+    (["--nnodes", "x"], {}, "launch.sh: --nnodes (or NNODES) takes the number of nodes (1, 2, ...), got 'x'"),
+    (["--parallel", "2"], {"NNODES": "2.5"}, "launch.sh: --nnodes (or NNODES) takes the number of nodes"),
+], ids=["gpus-per-run x", "gpus-per-run -1", "gpus 1.5", "OMP x plan", "OMP 0 parallel", "nnodes x", "NNODES 2.5"])
 def test_bad_gpus_and_threads_are_one_line_and_write_nothing(tmp_path, args, env, told):
-    """Each used to reach a shell test or plan.py's int() (a traceback, or a sweep on the CPU)."""
+    """Each used to reach a shell test or plan.py's int() (a traceback, or a sweep on the CPU; --nnodes x: a shell
+    error, then the sweep as if on one node)."""
     out = tmp_path / "study"
     plan = [] if "--parallel" in args else ["--plan", str(out / "plan")]
     p = launch(*plan, *args, *PLANNED, *SMALL, out=out, env=dict(NO_SETUP, **env), check=False)
