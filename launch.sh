@@ -454,6 +454,17 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
   report "$OUT"
 }
 
+fixed_design() {  # preset name: its design is its own; CONSTANT, STANDARD and BUDGETS exported in this shell (a
+  # leftover of an earlier sweep) would add constant runs or drop standard ones unseen: ignored, and said
+  local seen=()
+  [ "$CONSTANT" = 0 ] || seen+=("CONSTANT=$CONSTANT")
+  [ "$STANDARD" = 1 ] || seen+=("STANDARD=$STANDARD")
+  [ -z "$BUDGETS" ] || seen+=("BUDGETS='$BUDGETS'")
+  CONSTANT=0; STANDARD=1; BUDGETS=""
+  [ ${#seen[@]} -eq 0 ] || echo "launch.sh: $1: ${seen[*]} from the environment ignored: a preset runs its own" \
+                                "design (unset them)" >&2
+}
+
 case "${1:-}" in
   setup) setup;;
   test)
@@ -464,7 +475,7 @@ case "${1:-}" in
     shift; if [ "${1:-}" = --fast ]; then shift; set -- -m "not slow" "$@"; fi
     PY -m pytest -q --durations=15 tests "$@";;
   demo)
-    setup
+    fixed_design demo; setup
     # 20k of the 60k training images keep the whole demo at a few minutes on a 2-core CPU.
     sweep --out runs/demo --warmup 0.5 --t0 0.5 --cycles 3 -- --subset "${SUBSET:-20000}"
     echo "report: runs/demo/report/report.md (tradeoff figure: runs/demo/report/fig3_tradeoff.png)"
@@ -500,7 +511,7 @@ case "${1:-}" in
            >&2
       exit 2
     fi
-    [ "$DRY" = 1 ] || setup
+    fixed_design repro; [ "$DRY" = 1 ] || setup
     shape=(--out results/fashion-mnist --config recipes/fashion-mnist-study.yaml --no-report)
     seeds=${REPRO_SEEDS:-0 1 2}
     for seed in $seeds; do
@@ -540,7 +551,7 @@ case "${1:-}" in
     if [ "$more" = 1 ] && { [ "$pilot" = 1 ] || [ "$model" = resnet ]; }; then
       echo "launch.sh: vit-study --more-seeds adds seeds to the ViT study only: drop --pilot / --resnet" >&2; exit 2
     fi
-    set --
+    set --; fixed_design vit-study
     wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || [ "${SKIP_SETUP:-0}" = 1 ] || setup
     if [ "$model" = resnet ]; then
       out=results/resnet-fmnist

@@ -683,6 +683,9 @@ MUTATIONS = [
     ("--nnodes x unchecked (a shell error, then a sweep as if on one node)", "launch.sh",
      'if [[ ! "$NNODES" =~ ^[1-9][0-9]*$ ]]; then', "if false; then",
      L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
+    ("a preset takes CONSTANT, STANDARD and BUDGETS from the environment", "launch.sh",
+     '  CONSTANT=0; STANDARD=1; BUDGETS=""\n', "",
+     L + "test_a_preset_ignores_the_sweep_design_variables_of_the_environment_and_says_so"),
 ]
 
 

@@ -160,6 +160,18 @@ def test_the_vit_study_pilot_plans_its_standard_runs_at_three_budgets_only():
                and "--amp none" in line for line in p.stdout.splitlines() if "train.py" in line)
 
 
+def test_a_preset_ignores_the_sweep_design_variables_of_the_environment_and_says_so():
+    """CONSTANT, STANDARD and BUDGETS exported in the shell (a leftover of an earlier sweep) added constant runs to a
+    preset or dropped its standard runs, unsaid: a preset runs its own design and names what it ignored."""
+    run = lambda env: subprocess.run([os.path.join(ROOT, "launch.sh"), "vit-study", "--pilot", "--dry-run"],  # noqa
+                                     cwd=ROOT, env=dict(ENV, **env), capture_output=True, text=True, timeout=120)
+    plain, leftover = run({}), run({"CONSTANT": "1", "STANDARD": "0", "BUDGETS": "2"})
+    assert plain.returncode == leftover.returncode == 0 and leftover.stdout == plain.stdout, leftover.stdout
+    assert leftover.stderr.splitlines() == [
+        "launch.sh: vit-study: CONSTANT=1 STANDARD=0 BUDGETS='2' from the environment ignored: a preset runs its own "
+        "design (unset them)"], leftover.stderr
+
+
 def test_the_resnet_counterpart_runs_the_same_design_with_the_small_resnet():
     """vit-study --resnet: the study's regime and sets with the small ResNet's recipe (bf16, lr 0.2 for batch 128),
     into results/resnet-fmnist: 7 sets x 3 seeds x (5 standard budgets + cyclic and cyclic-decay)."""
