@@ -203,11 +203,21 @@ def config(run_dir):
         return {}
 
 
+# A run folder that two workers may have written at once (its line claimed twice, seen after its run): its 'done' is
+# not to be trusted, so the line counts as not finished, and report, the analysis and a rerun name the file until
+# someone checks the run (then deletes the folder to run it again, or this file to keep it).
+CLAIMED_TWICE = "claimed-twice"
+
+
+def suspect(run_dir):
+    return os.path.exists(os.path.join(run_dir, CLAIMED_TWICE))
+
+
 def finished(line, as_planned=False):
-    """The line's run has 'done' and was asked for with the line's arguments and files (same_argv): as they are now
-    (the sweep's test for skipping it), or as_planned, as the plan recorded them (report's: train.py refuses a line
-    whose recipe changed since, so a run of the old one is not the line's)."""
-    if not os.path.exists(os.path.join(line["run_dir"], "done")):
+    """The line's run has 'done' (and is not suspect) and was asked for with the line's arguments and files
+    (same_argv): as they are now (the sweep's test for skipping it), or as_planned, as the plan recorded them
+    (report's: train.py refuses a line whose recipe changed since, so a run of the old one is not the line's)."""
+    if not os.path.exists(os.path.join(line["run_dir"], "done")) or suspect(line["run_dir"]):
         return False
     return same_argv(line["run_dir"], line["argv"], line.get("files") if as_planned else None)
 
@@ -463,6 +473,10 @@ class Runner:
 
     def run(self, line, env, cores, held):
         cmd = (["taskset", "-c", cores] if cores else []) + command(line)
+        if suspect(line["run_dir"]):
+            marker = os.path.join(line["run_dir"], CLAIMED_TWICE)
+            return self.fail(line, f"suspect: {marker} says two workers may have written it at once: check the run, "
+                                   f"then delete its folder to run the line again, or the file to keep the run")
         if self.claimed_twice(line, held):
             return
         self.say(line, "+ " + " ".join(cmd))
@@ -473,7 +487,7 @@ class Runner:
             refused = bool(rc) and os.path.getsize(refusal) > 0
         finally:
             os.remove(refusal)
-        if self.claimed_twice(line, held):
+        if self.claimed_twice(line, held, ran=True):
             return
         with self.lock:
             if not rc or self.signal:
@@ -488,13 +502,21 @@ class Runner:
             return
         self.fail(line, f"exit {rc}")
 
-    def claimed_twice(self, line, held):
-        """Fails the line where another claimant's record replaced ours (its run may have run on two nodes at once)."""
+    def claimed_twice(self, line, held, ran=False):
+        """Fails the line where another claimant's record replaced ours (its run may have run on two nodes at once);
+        ran: after our run, whose folder both may have written, which is then marked suspect."""
         other = claimed_again(held)
-        if other is not None:
-            self.fail(line, f"flock on {self.plan}.claims is not shared across nodes: line {line['index']} claimed "
-                            f"twice, also by {other}")
-        return other is not None
+        if other is None:
+            return False
+        why = (f"flock on {self.plan}.claims is not shared across nodes: line {line['index']} claimed twice, also by "
+               f"{other}")
+        if ran and os.path.isdir(line["run_dir"]):
+            marker = os.path.join(line["run_dir"], CLAIMED_TWICE)
+            with open(marker, "w") as f:
+                f.write(why + "\n")
+            why += f"; marked suspect: {marker}"
+        self.fail(line, why)
+        return True
 
     def start(self, line, cmd, env):
         """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""
@@ -700,7 +722,10 @@ def unfinished(plan):
         print(f"launch.sh: {len(left)} of {len(lines)} line(s) of {plan} did not finish (run them again: "
               f"./launch.sh run-plan {plan} --index K):", file=sys.stderr)
         for line in left:
-            print(f"  {line['index']} {line['run_dir']}", file=sys.stderr)
+            marker = os.path.join(line["run_dir"], CLAIMED_TWICE)
+            note = f" (suspect: claimed twice, two workers may have written it; see {marker})" if suspect(
+                line["run_dir"]) else ""
+            print(f"  {line['index']} {line['run_dir']}{note}", file=sys.stderr)
     return 1 if left else 0
 
 

@@ -686,6 +686,14 @@ MUTATIONS = [
     ("a preset takes CONSTANT, STANDARD and BUDGETS from the environment", "launch.sh",
      '  CONSTANT=0; STANDARD=1; BUDGETS=""\n', "",
      L + "test_a_preset_ignores_the_sweep_design_variables_of_the_environment_and_says_so"),
+    ("a run folder found claimed twice after its run left unmarked", "plan.py",
+     '        if ran and os.path.isdir(line["run_dir"]):', "        if False:", PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+    ("a run marked claimed twice counts as finished", "plan.py",
+     '"done")) or suspect(line["run_dir"]):', '"done")):', PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+    ("a rerun runs a line marked claimed twice", "plan.py",
+     '        if suspect(line["run_dir"]):\n            marker', "        if False:\n            marker", PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+    ("the analysis reads a run marked claimed twice", "analysis/runs.py",
+     'if os.path.exists(os.path.join(d, "claimed-twice")):', "if False:", PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
 ]
 
 

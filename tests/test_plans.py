@@ -470,7 +470,9 @@ plan.try_lock = try_lock"""
 def test_a_line_claimed_twice_where_flock_is_not_shared_fails_named(tmp_path, fake):
     """A file system whose flock does not reach across nodes (simulated: flock does nothing in either worker) lets a
     second worker claim a line the first runs; its record replaces the first's in the claim file, which the first
-    reads back after its run: it fails the line naming the cause and the other claimant (exit 1)."""
+    reads back after its run: it fails the line naming the cause and the other claimant (exit 1), and marks the run
+    folder suspect (claimed-twice: both may have written it): its 'done' no longer counts, for `unfinished`, the
+    analysis or a rerun (which names the marker and runs nothing) until someone checks the run."""
     env, events = fake
     out, plan = tmp_path / "study", tmp_path / "study" / "plan"
     write_plan(plan, out, numbered(out, 1))
@@ -486,8 +488,21 @@ def test_a_line_claimed_twice_where_flock_is_not_shared_fails_named(tmp_path, fa
     assert first.returncode == 1 and stderr.splitlines()[-2:] == [
         "launch.sh: 1 run(s) failed, see their messages above:",
         f"  {out}/r0 (flock on {plan}.claims is not shared across nodes: line 0 claimed twice, also by pid "
-        f"{second.pid} on {socket.gethostname()})"], stderr
+        f"{second.pid} on {socket.gethostname()}; marked suspect: {out}/r0/claimed-twice)"], stderr
     assert second.returncode == 1 and len(events("twice")) == 1
+    assert (out / "r0" / "claimed-twice").exists() and (out / "r0" / "done").exists()  # (written by the first)
+    p = sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)
+    assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  0 {out}/r0 (suspect: claimed twice, two workers "
+                                                               f"may have written it; see {out}/r0/claimed-twice)"]
+    again = launch("run-plan", str(plan), "--next", env=env, check=False)
+    assert again.returncode == 1 and len(events()) == 1 and again.stderr.splitlines()[-1] == (
+        f"  {out}/r0 (suspect: {out}/r0/claimed-twice says two workers may have written it at once: check the run, "
+        f"then delete its folder to run the line again, or the file to keep the run)"), again.stderr
+    from test_analysis import write_run  # a readable run so marked: the analysis leaves it out, named
+    from analysis.runs import load_runs
+    run = write_run(tmp_path, "marked", "standard", [], [(1, 50.0, 1.0, 0, 1)])
+    (run / "claimed-twice").write_text("line 0 claimed twice\n")
+    assert load_runs([str(run)]) == []
 
 
 def test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run(tmp_path, fake):
