@@ -71,7 +71,7 @@ DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${S
 # --plan and --parallel from flags only: an exported PLAN must not turn a preset (repro, which refuses --plan) into
 # a plan; GPUS empty: the default, 1 GPU per run under --plan (a plan is for a cluster), else 0 (check_plan)
 PLAN=""; PARALLEL=1; PLAN_RC=0; RECORDS=""
-EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
+EXTRA=(); FAILED=(); STOPPED=""; CHECKED=""; RECIPE_READ=""
 PLUGINS=()
 
 parse_sweep() {
@@ -224,6 +224,12 @@ one_run() {  # run_dir, then train.py flags
     rm -f "$refusal"; echo "launch.sh: stopped: $dir: train.py refused the options (the reason above)" >&2; exit 2
   fi
   rm -f "$refusal"
+  if [ $rc = 130 ] || [ $rc = 143 ]; then  # stopped at a checkpoint on a signal the sweep did not get (sent to the
+    # run alone, or a Ctrl-C that bash waits out when the run handles it): the sweep stops too, resumable
+    echo "launch.sh: stopped ($([ $rc = 130 ] && echo SIGINT || echo SIGTERM), exit $rc; checkpointed, resumable):" \
+         "$dir" >&2
+    STOPPED=$rc; report_failures
+  fi
   [ $rc = 0 ] || { echo "launch.sh: FAILED (exit $rc): $dir" >&2; FAILED+=("$dir"); }
   # several nodes: every node waits until the run's 'done' is visible on the shared folder before deciding what
   # to run (or skip) next, so that no node moves on a run ahead of the others
@@ -244,9 +250,16 @@ report() {  # the report of the runs under $1, into $1/report, with the options 
 }
 
 report_failures() {
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    printf 'launch.sh: %d run(s) failed, see their messages above:\n' "${#FAILED[@]}" >&2
+    printf '  %s\n' "${FAILED[@]}" >&2
+  fi
+  if [ -n "$STOPPED" ]; then
+    echo "launch.sh: stopped by a signal sent to the run alone: no run was started after it; run the same command" \
+         "again to resume it" >&2
+    exit $([ ${#FAILED[@]} -gt 0 ] && echo 1 || echo "$STOPPED")
+  fi
   [ ${#FAILED[@]} -eq 0 ] && exit "${PLAN_RC:-0}"
-  printf 'launch.sh: %d run(s) failed, see their messages above:\n' "${#FAILED[@]}" >&2
-  printf '  %s\n' "${FAILED[@]}" >&2
   exit 1
 }
 

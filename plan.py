@@ -387,6 +387,7 @@ class Runner:
         self.plan, self.out, self.lines, self.prefix, self.own = plan, out, lines, prefix, own
         self.gpu_slots = gpu_slots  # this machine's GPUs, a line's worth each, where no one gave this worker its own
         self.tried, self.failed, self.busy, self.refused, self.stale = set(), [], {}, None, None
+        self.stopped = None  # (run folder, exit status) of a run stopped by a signal sent to it alone
         self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
         self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
 
@@ -395,7 +396,7 @@ class Runner:
             fcntl.flock(pick, fcntl.LOCK_EX)
             for line in self.lines:
                 with self.lock:
-                    if self.refused or self.stale or self.signal or line["index"] in self.tried:
+                    if self.refused or self.stale or self.signal or self.stopped or line["index"] in self.tried:
                         continue
                 if finished(line):
                     self.skip(line)
@@ -494,6 +495,12 @@ class Runner:
                 return
             if refused:
                 self.refused = self.refused or line["run_dir"]
+                return
+            if rc in STOPPED:  # its checkpoint saved on a signal we did not get: its job is ending, or someone
+                # stops it; no new line starts (torchrun's lines exit 1 whatever their workers' status: failures)
+                self.stopped = self.stopped or (line["run_dir"], rc)
+                print(f"launch.sh: stopped ({STOPPED[rc]}, exit {rc}; checkpointed, resumable): {line['run_dir']}",
+                      file=sys.stderr, flush=True)
                 return
         holder = run_dir_holder(line)  # a train.py started by hand took the folder first: it runs the line
         if holder is not None:
@@ -620,6 +627,10 @@ class Runner:
             print(f"launch.sh: {len(self.failed)} run(s) failed, see their messages above:", file=sys.stderr)
             for name, why in self.failed:
                 print(f"  {name} ({why})", file=sys.stderr)
+        if self.stopped:  # (a sweep's exit status: not 0, not 1, so launch.sh writes no report)
+            print("launch.sh: stopped by a signal sent to the run alone: no run was started after it; run the same "
+                  "command again to resume it", file=sys.stderr)
+            return 1 if self.failed else self.stopped[1]
         if self.busy and self.own:  # an array task that ran nothing must not look like one that ran its line
             (i, holder), = self.busy.items()
             print(f"launch.sh: run-plan: line {i} ({self.lines[0]['run_dir']}) is held elsewhere, by {holder}: "
@@ -631,6 +642,10 @@ class Runner:
                   f"plan is complete when they finish (./launch.sh report {self.plan} names what did not)",
                   file=sys.stderr)
         return 1 if self.failed else 0
+
+
+# train.py's exit statuses where a signal stopped it at a checkpoint (128 + the signal): resumable, not failed
+STOPPED = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM"}
 
 
 def descendants(pid):

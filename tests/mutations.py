@@ -35,6 +35,8 @@ NO_SMI = PLANS + "test_without_nvidia_smi_torch_counts_the_gpus_and_runs_on_gpus
 OLDER_FILES = PLANS + "test_unfinished_counts_a_run_of_an_older_recipe_or_plugin_as_not_the_lines"
 REQUEUED = PLANS + "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers"
 BAD_PATH = PLANS + "test_a_bad_plan_path_or_a_plan_being_run_is_refused_in_one_line_and_nothing_is_left"
+TWICE = PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"
+ALONE = PLANS + "test_a_run_stopped_by_a_signal_sent_to_it_alone_is_named_resumable_and_nothing_new_starts"
 C = "tests/test_compile.py::"
 REL = "tests/test_reliability.py::"
 STOPPED = REL + "test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly"
@@ -665,7 +667,7 @@ MUTATIONS = [
      "    if False:  # its lines would change", BAD_PATH),
     ("a line claimed twice (flock not shared across nodes) passes unseen", "plan.py",
      "        other = claimed_again(held)\n", "        other = None\n",
-     PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+     TWICE),
     ("--next workers started by hand on one machine all train on GPU 0", "plan.py",
      '    if need > 0 and "CUDA_VISIBLE_DEVICES" not in os.environ:\n        gpu_slots',
      "    if False:\n        gpu_slots", PLANS + "test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each"),
@@ -687,13 +689,17 @@ MUTATIONS = [
      '  CONSTANT=0; STANDARD=1; BUDGETS=""\n', "",
      L + "test_a_preset_ignores_the_sweep_design_variables_of_the_environment_and_says_so"),
     ("a run folder found claimed twice after its run left unmarked", "plan.py",
-     '        if ran and os.path.isdir(line["run_dir"]):', "        if False:", PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+     '        if ran and os.path.isdir(line["run_dir"]):', "        if False:", TWICE),
     ("a run marked claimed twice counts as finished", "plan.py",
-     '"done")) or suspect(line["run_dir"]):', '"done")):', PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+     '"done")) or suspect(line["run_dir"]):', '"done")):', TWICE),
     ("a rerun runs a line marked claimed twice", "plan.py",
-     '        if suspect(line["run_dir"]):\n            marker', "        if False:\n            marker", PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+     '        if suspect(line["run_dir"]):\n            marker', "        if False:\n            marker", TWICE),
     ("the analysis reads a run marked claimed twice", "analysis/runs.py",
-     'if os.path.exists(os.path.join(d, "claimed-twice")):', "if False:", PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+     'if os.path.exists(os.path.join(d, "claimed-twice")):', "if False:", TWICE),
+    ("run-plan counts a run stopped by a signal sent to it alone a failure", "plan.py",
+     "            if rc in STOPPED:  # its checkpoint", "            if False:  # its checkpoint", ALONE),
+    ("a sweep counts a run stopped by a signal sent to it alone a failure and goes on", "launch.sh",
+     '  if [ $rc = 130 ] || [ $rc = 143 ]; then  # stopped', "  if false; then  # stopped", ALONE),
 ]
 
 

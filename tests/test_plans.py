@@ -357,6 +357,33 @@ def test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_non
     assert events("twice") == []
 
 
+def test_a_run_stopped_by_a_signal_sent_to_it_alone_is_named_resumable_and_nothing_new_starts(tmp_path, fake):
+    """train.py's stop (a checkpoint, exit 128 + the signal) on a signal its launcher did not get (sent to the run
+    alone; a Ctrl-C that bash waits out) read as a failure, and the sweep or worker went on to start the next run:
+    now it is named stopped and resumable, nothing new starts, and the exit status is 128 + the signal."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 3))
+    sweep = ["sweep", "--out", str(tmp_path / "seq"), "--seeds", "0", "--cycles", "1", "--no-report", "--", "--data",
+             "synthetic", "--amp", "none"]
+    for how, signum, first in ((["run-plan", str(plan), "--next"], signal.SIGTERM, f"{out}/r0"),
+                               (sweep, signal.SIGINT, f"{tmp_path}/seq/baseline/s0/cyclic")):
+        p = subprocess.Popen([os.path.join(ROOT, "launch.sh"), *how], cwd=ROOT, env=dict(env, FAKE_SECONDS="60"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not [e for e in events() if e["run"] == first] and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(events()[-1]["pid"], signum)
+        stderr = p.communicate(timeout=60)[1]
+        name = signal.Signals(signum).name
+        assert p.returncode == 128 + signum and "FAILED" not in stderr, stderr
+        assert stderr.splitlines()[-2:] == [
+            f"launch.sh: stopped ({name}, exit {128 + signum}; checkpointed, resumable): {first}",
+            f"launch.sh: stopped by a signal sent to the run alone: no run was started after it; run the same command "
+            f"again to resume it"], stderr
+        assert events()[-1]["run"] == first and events("end") == []
+
+
 def test_a_local_array_runs_its_lines_one_at_a_time_with_slurms_variables(tmp_path, fake):
     env, events = fake
     out, plan = tmp_path / "study", tmp_path / "study" / "plan"
