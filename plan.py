@@ -372,9 +372,23 @@ def python():
 
 def command(line):
     """The launcher and train.py's arguments, as launch.sh's sweep starts a run."""
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(line["gpus"]),
-                "--max-restarts", os.environ.get("MAX_RESTARTS", "0")] if line["gpus"] > 0 else []
-    return [python(), *torchrun, "train.py", *line["argv"]]
+    if line["gpus"] == 0:
+        return [python(), "train.py", *line["argv"]]
+    return ["env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown_timeout()}", python(), "-m", "torch.distributed.run",
+            "--standalone", "--nproc_per_node", str(line["gpus"]), "--max-restarts",
+            os.environ.get("MAX_RESTARTS", "0"), "train.py", *line["argv"]]
+
+
+def shutdown_timeout():
+    """torchrun's grace between its SIGTERM to its workers and their SIGKILL (torch's default: 30 s): 120 s for
+    train.py's stop checkpoint (the next vote, every 25 steps, an evaluation falling due in between, the save),
+    inside SLURM's 300 s early warning (slurm/*.sbatch); TORCH_ELASTIC_SHUTDOWN_TIMEOUT where set. An environment
+    variable, not --shutdown-timeout: torchrun before that flag fails on it, and ignores the variable."""
+    seconds = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or "120"
+    if not whole(seconds):
+        raise PlanError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={seconds} is not a number of seconds (torchrun's grace for "
+                        f"its workers' stop): set a whole number or unset it (120)")
+    return seconds
 
 
 class Runner:
@@ -499,8 +513,8 @@ class Runner:
             if rc in STOPPED:  # its checkpoint saved on a signal we did not get: its job is ending, or someone
                 # stops it; no new line starts (torchrun's lines exit 1 whatever their workers' status: failures)
                 self.stopped = self.stopped or (line["run_dir"], rc)
-                print(f"launch.sh: stopped ({STOPPED[rc]}, exit {rc}; checkpointed, resumable): {line['run_dir']}",
-                      file=sys.stderr, flush=True)
+                print(f"launch.sh: stopped ({STOPPED[rc]}, exit {rc}; resumable from its last checkpoint): "
+                      f"{line['run_dir']}", file=sys.stderr, flush=True)
                 return
         holder = run_dir_holder(line)  # a train.py started by hand took the folder first: it runs the line
         if holder is not None:
@@ -628,8 +642,8 @@ class Runner:
             for name, why in self.failed:
                 print(f"  {name} ({why})", file=sys.stderr)
         if self.stopped:  # (a sweep's exit status: not 0, not 1, so launch.sh writes no report)
-            print("launch.sh: stopped by a signal sent to the run alone: no run was started after it; run the same "
-                  "command again to resume it", file=sys.stderr)
+            print("launch.sh: stopped by a signal: no run was started after it; run the same command again to resume "
+                  "it", file=sys.stderr)
             return 1 if self.failed else self.stopped[1]
         if self.busy and self.own:  # an array task that ran nothing must not look like one that ran its line
             (i, holder), = self.busy.items()
@@ -774,6 +788,9 @@ def main(argv):
         return unfinished(args[0])
     if what == "gpus":
         print(len(visible_gpus()))
+        return 0
+    if what == "shutdown-timeout":
+        print(shutdown_timeout())
         return 0
     raise PlanError(f"plan.py: unknown command '{what}'")
 

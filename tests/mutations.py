@@ -37,6 +37,7 @@ REQUEUED = PLANS + "test_a_local_array_two_at_once_killed_and_requeued_resumes_t
 BAD_PATH = PLANS + "test_a_bad_plan_path_or_a_plan_being_run_is_refused_in_one_line_and_nothing_is_left"
 TWICE = PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"
 ALONE = PLANS + "test_a_run_stopped_by_a_signal_sent_to_it_alone_is_named_resumable_and_nothing_new_starts"
+PASSED_ON = PLANS + "test_a_signalled_sweep_passes_it_on_waits_for_its_run_to_checkpoint_and_stops"
 C = "tests/test_compile.py::"
 REL = "tests/test_reliability.py::"
 STOPPED = REL + "test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly"
@@ -699,7 +700,14 @@ MUTATIONS = [
     ("run-plan counts a run stopped by a signal sent to it alone a failure", "plan.py",
      "            if rc in STOPPED:  # its checkpoint", "            if False:  # its checkpoint", ALONE),
     ("a sweep counts a run stopped by a signal sent to it alone a failure and goes on", "launch.sh",
-     '  if [ $rc = 130 ] || [ $rc = 143 ]; then  # stopped', "  if false; then  # stopped", ALONE),
+     "  [ -n \"$sig\" ] || case $rc in 130) sig=INT;; 143) sig=TERM;; esac", "  true", ALONE),
+    ("torchrun's workers keep its 30 s grace under run-plan", "plan.py",
+     'return ["env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown_timeout()}", python(), "-m"',
+     'return [python(), "-m"', PLANS + "test_parallel_slices_the_gpus_and_the_cores_and_records_them"),
+    ("torchrun's workers keep its 30 s grace under a sweep", "launch.sh",
+     'echo "env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT $VENV', 'echo "$VENV', PASSED_ON),
+    ("a signalled sweep dies at once, its run going on", "launch.sh",
+     "TRAIN_REFUSAL_FILE=$refusal in_foreground $cmd", "TRAIN_REFUSAL_FILE=$refusal $cmd", PASSED_ON),
 ]
 
 

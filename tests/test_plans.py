@@ -66,7 +66,8 @@ except BlockingIOError:
     sys.exit(2)
 lock.write(f"{os.getpid()}\n")
 lock.flush()
-keys = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TRAIN_CONCURRENT_RUNS", "SLURM_ARRAY_TASK_ID")
+keys = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TRAIN_CONCURRENT_RUNS", "SLURM_ARRAY_TASK_ID",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 log(event="start", env={k: os.environ.get(k) for k in keys}, cores=sorted(os.sched_getaffinity(0)), args=args)
 if os.environ.get("FAKE_GRANDCHILD"):  # as torchrun's workers: a process in a session of its own
     kid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True,
@@ -278,6 +279,7 @@ def test_parallel_slices_the_gpus_and_the_cores_and_records_them(tmp_path, fake)
     runs = events()
     assert len(runs) == 4 and {e["env"]["CUDA_VISIBLE_DEVICES"] for e in runs} == {"0,1", "2,3"}
     assert all(e["args"][e["args"].index("--nproc_per_node") + 1] == "2" for e in runs)  # torchrun, 2 processes
+    assert {e["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] for e in runs} == {"120"}  # its workers' grace to checkpoint
     assert {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in runs} == {"2"}
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) >= 2 and shutil.which("taskset"):  # each run its half of the cores
@@ -378,10 +380,38 @@ def test_a_run_stopped_by_a_signal_sent_to_it_alone_is_named_resumable_and_nothi
         name = signal.Signals(signum).name
         assert p.returncode == 128 + signum and "FAILED" not in stderr, stderr
         assert stderr.splitlines()[-2:] == [
-            f"launch.sh: stopped ({name}, exit {128 + signum}; checkpointed, resumable): {first}",
-            f"launch.sh: stopped by a signal sent to the run alone: no run was started after it; run the same command "
-            f"again to resume it"], stderr
+            f"launch.sh: stopped ({name}, exit {128 + signum}; resumable from its last checkpoint): {first}",
+            "launch.sh: stopped by a signal: no run was started after it; run the same command again to resume it"], \
+            stderr
         assert events()[-1]["run"] == first and events("end") == []
+
+
+def test_a_signalled_sweep_passes_it_on_waits_for_its_run_to_checkpoint_and_stops(tmp_path, fake):
+    """A SIGTERM to a plain sweep (SLURM's early warning, --signal=TERM@300, reaches every process of the step) used
+    to kill launch.sh at once: its run went on orphaned (and SLURM kills what a step leaves when its task ends). Now
+    launch.sh passes it on, waits for the run's checkpoint, starts nothing more and exits 143; torchrun lines get
+    120 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, in the printed command) before torchrun SIGKILLs its workers."""
+    env, events = fake
+    sweep = [os.path.join(ROOT, "launch.sh"), "sweep", "--out", str(tmp_path / "study"), "--seeds", "0", "--cycles",
+             "1", "--no-report", "--", "--data", "synthetic", "--amp", "none"]
+    p = subprocess.Popen(sweep, cwd=ROOT, env=dict(env, FAKE_SECONDS="60", FAKE_GRACE="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not events() and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    stderr = p.communicate(timeout=60)[1]
+    first = f"{tmp_path}/study/baseline/s0/cyclic"
+    assert p.returncode == 143 and [e["run"] for e in events("stopped")] == [first], stderr  # before launch.sh ended
+    assert stderr.splitlines()[-2:] == [
+        f"launch.sh: stopped (SIGTERM, exit 143; resumable from its last checkpoint): {first}",
+        "launch.sh: stopped by a signal: no run was started after it; run the same command again to resume it"]
+    assert len(events()) == 1 and not alive(events()[0]["pid"])
+    dry = sh(*sweep[:2], "--dry-run", "--gpus", "2", *sweep[2:], env=env).stdout
+    assert " train.py " in dry and all(line.startswith("env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 ") for line in
+                                       dry.splitlines() if " train.py " in line), dry
+    for script in ("array", "sweep"):  # SLURM's early warning to the steps (not B:, the batch shell alone)
+        assert "\n#SBATCH --signal=TERM@300\n" in open(os.path.join(ROOT, "slurm", f"{script}.sbatch")).read()
 
 
 def test_a_local_array_runs_its_lines_one_at_a_time_with_slurms_variables(tmp_path, fake):
