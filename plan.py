@@ -4,13 +4,15 @@
     ./launch.sh run-plan FILE --index K      line K (counted from 0, as SLURM_ARRAY_TASK_ID)
     ./launch.sh run-plan FILE --next         claims line after line until none is left (several workers at once:
                                              one per SLURM job or allocation; started by hand on one machine, each
-                                             GPU line takes free GPUs of its own, PLAN.gpus/, or waits for them;
-                                             CPU lines get no share of the cores: use --parallel there). It exits 0
+                                             GPU line takes free GPUs of its own, locked machine-wide against every
+                                             plan's runs (gpu_locks()), or waits for them; CPU lines get no share
+                                             of the cores: use --parallel there). It exits 0
                                              leaving lines that other workers hold to them: if one of those dies,
                                              its line waits for a rerun (report PLAN lists it)
     ./launch.sh run-plan FILE --parallel N   N workers here, each with its own GPUs or cores (as below)
     ./launch.sh sweep ... --parallel N       writes OUT/parallel.plan and runs it with N workers, each with its own
-                                             GPUs (CUDA_VISIBLE_DEVICES) or cores (taskset, OMP_NUM_THREADS)
+                                             GPUs (CUDA_VISIBLE_DEVICES: free ones, locked as --next's, unless a
+                                             SLURM job's) or cores (taskset, OMP_NUM_THREADS)
 
 A plan is '#' header lines (the sweep's command, the runs folder, the sha256 of every line after its own), then one
 JSON object per run: index, run_dir, argv (train.py's complete arguments), gpus (torchrun processes; 0: one plain
@@ -338,14 +340,44 @@ def visible_gpus():
     return [str(i) for i in range(int(count))] if p.returncode == 0 and whole(count) else []
 
 
-def slots(n, gpus_per_run):
-    """The environment and cores (or None) of each of n runs at once: a slice of the GPUs each, a share of the cores
-    each (pinned with taskset where present). PlanError where the machine has too few."""
+def gpu_locks():
+    """This machine's GPU locks: a file per GPU, flocked by the run on it, whichever plan or worker started it
+    (a machine-wide pick lock beside them). CYCLIC_GPU_LOCKS, else /tmp/cyclic-tradeoff-gpus-UID: /tmp, not
+    $TMPDIR, since every worker of the machine must find the one folder and TMPDIR differs between shells and jobs;
+    per user, since another user's files there would not open for writing (their runs are the scheduler's to
+    keep apart)."""
+    return os.environ.get("CYCLIC_GPU_LOCKS") or f"/tmp/cyclic-tradeoff-gpus-{os.getuid()}"
+
+
+def gpu_file(gpu):
+    """A GPU's lock file name: its id (an index, or a UUID) with what a file name cannot hold replaced."""
+    return "gpu-" + "".join(c if c.isalnum() or c in "-." else "_" for c in gpu)
+
+
+def scheduled_gpus():
+    """Whether a scheduler gave this process its GPUs (a SLURM job's CUDA_VISIBLE_DEVICES): they are its own, and
+    numbered within the job (another job's GPU 0 may be another GPU), so they are taken as given, unlocked."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and "CUDA_VISIBLE_DEVICES" in os.environ
+
+
+def json_or_none(text):
+    """The object a lock file's holder wrote, or None (nothing, or not a JSON object)."""
+    try:
+        record = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def slots(n, gpus_per_run, gpus=None):
+    """The environment and cores (or None) of each of n runs at once: a slice of the GPUs (visible_gpus() unless
+    given) each, a share of the cores each (pinned with taskset where present). PlanError where the machine has too
+    few."""
     omp = os.environ.get("OMP_NUM_THREADS") or ""
     if omp and not whole(omp):
         raise PlanError(f"OMP_NUM_THREADS={omp} is not a number of threads: set a whole number (each run's threads "
                         f"at most) or unset it")
-    gpus, cores = visible_gpus(), cpus()
+    gpus, cores = visible_gpus() if gpus is None else gpus, cpus()
     width = max(gpus_per_run, 1)  # GPUs, or processes on a CPU, of one run
     if gpus_per_run > 0 and not gpus:
         raise PlanError(f"--parallel {n} runs of {gpus_per_run} GPU(s): this machine has no GPU (none in "
@@ -397,9 +429,9 @@ class Runner:
     claims (every run would be refused alike); a signal ends every child (train.py's checkpoint and rows stay: the
     run resumes) and stops. own=True (--index K): the lines are this task's, so one held elsewhere is an error."""
 
-    def __init__(self, plan, out, lines, prefix, own=False, gpu_slots=None):
+    def __init__(self, plan, out, lines, prefix, own=False, gpus=None):
         self.plan, self.out, self.lines, self.prefix, self.own = plan, out, lines, prefix, own
-        self.gpu_slots = gpu_slots  # this machine's GPUs, a line's worth each, where no one gave this worker its own
+        self.gpus = gpus  # (ids, per line, runs at once at least): the GPUs its workers pick from, or None
         self.tried, self.failed, self.busy, self.refused, self.stale = set(), [], {}, None, None
         self.stopped = None  # (run folder, exit status) of a run stopped by a signal sent to it alone
         self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
@@ -458,31 +490,44 @@ class Runner:
                     self.fail(line, f"{type(e).__name__}: {e}")
 
     def gpu_slot(self):
-        """(environment, open slot file) for one line of a worker whose GPUs no one gave (CUDA_VISIBLE_DEVICES unset:
-        workers started by hand, several on one machine, would all train on GPU 0): the first free slot of
-        self.gpu_slots, flocked on PLAN.gpus/<host>.<k>, its GPUs as CUDA_VISIBLE_DEVICES and the slots held then as
-        TRAIN_CONCURRENT_RUNS. All held (more workers than slots): it waits for one. ({}, None) without slots;
-        (None, None) once a signal came."""
-        if not self.gpu_slots:
+        """(environment, ExitStack holding their locks) for one line of a worker that picks its GPUs (none given by
+        a scheduler): the first free ones of self.gpus, each locked machine-wide (gpu_locks()) for the line, as
+        CUDA_VISIBLE_DEVICES, and the runs on this machine's GPUs then, itself included, as TRAIN_CONCURRENT_RUNS.
+        Too few free (other workers of this plan or another, --parallel or by hand): it waits, said once. ({}, None)
+        without GPUs to pick; (None, None) once a signal came, or every line was tried here (nothing to wait for)."""
+        if not self.gpus:
             return {}, None
-        where = os.path.join(self.plan + ".gpus", socket.gethostname())
-        os.makedirs(os.path.dirname(where), exist_ok=True)
-        waiting = False
-        while not self.signal:
-            with open(where + ".lock", "a") as pick:  # one worker of this machine looks at a time
+        ids, width, at_least = self.gpus
+        folder, waiting = gpu_locks(), False
+        os.makedirs(folder, exist_ok=True)
+        while not self.signal and not all(line["index"] in self.tried for line in self.lines):
+            with open(os.path.join(folder, "pick"), "a") as pick:  # one taker of the machine looks at a time
                 fcntl.flock(pick, fcntl.LOCK_EX)
-                files = [try_lock(f"{where}.{k}", create=True)[0] for k in range(len(self.gpu_slots))]
-                free = [k for k, f in enumerate(files) if f is not None]
-                for k in free[1:]:  # (taken to count them)
-                    files[k].close()
-            if free:
-                return ({"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_slots[free[0]]),
-                         "TRAIN_CONCURRENT_RUNS": str(len(files) - len(free) + 1)}, files[free[0]])
+                files = {g: try_lock(os.path.join(folder, gpu_file(g)), create=True) for g in ids}
+                free = [g for g, (f, _) in files.items() if f is not None]
+                take = free[:width] if len(free) >= width else []
+                for g in free:
+                    if g not in take:  # (locked to see whether it was free)
+                        files[g][0].close()
+                held = [json_or_none(holder) or {} for f, holder in files.values() if f is None]
+                taken = contextlib.ExitStack()
+                for g in take:
+                    f = taken.enter_context(files[g][0])
+                    f.seek(0)
+                    f.truncate()
+                    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "plan": self.plan,
+                                        "taker": f"{os.getpid()}.{threading.get_ident()}"}) + "\n")
+                    f.flush()
+            if take:
+                runs = len({h.get("taker") for h in held}) + 1
+                return ({"CUDA_VISIBLE_DEVICES": ",".join(take), "TRAIN_CONCURRENT_RUNS": str(max(runs, at_least))},
+                        taken)
             if not waiting:
                 waiting = True
+                names = sorted({f"pid {h.get('pid')} on {h.get('host')} ({h.get('plan')})" for h in held})
                 with self.lock:
-                    print(f"launch.sh: run-plan: this machine's {len(files)} GPU slot(s) ({where}.*) are all held by "
-                          f"other workers of {self.plan}: waiting for one", file=sys.stderr, flush=True)
+                    print(f"launch.sh: run-plan: waiting for {width} free GPU(s) of {','.join(ids)}, held by "
+                          f"{', '.join(names)}", file=sys.stderr, flush=True)
             time.sleep(0.5)
         return None, None
 
@@ -728,19 +773,23 @@ def run_plan(args):
                         f"with --gpus-per-task={need}")
     if args[1] == "--parallel":
         return parallel(args[0], int(args[2]), (out, lines))
-    # no GPUs given (not SLURM's, not --parallel's): this machine's, shared with its other workers a slot each
-    gpu_slots = None
-    if need > 0 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        gpu_slots = [have[i:i + need] for i in range(0, len(have) - need + 1, need)]
-        if not gpu_slots:
+    gpus = None  # GPUs not a scheduler's: this worker picks them, each locked for its line against every other run
+    if need > 0 and not scheduled_gpus():
+        if need > len(have):
             raise PlanError(f"run-plan: {what}: runs on {need} GPU(s); this machine has {len(have)} "
                             f"({','.join(have)}): run it on a node with {need}")
-    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index", gpu_slots=gpu_slots).go([({}, None)])
+        gpus = (have, need, 1)
+    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index", gpus=gpus).go([({}, None)])
 
 
 def parallel(plan, n, read_plan=None):
+    """n workers here, each with its share of the cores; GPUs (a plain process takes one) picked per line from
+    the machine's, locked, unless a scheduler gave them (then sliced as slots() says)."""
     out, lines = read_plan or read(plan)
-    return Runner(plan, out, lines, prefix=n > 1).go(slots(n, lines[0]["gpus"]))
+    ids = visible_gpus()
+    workers = slots(n, lines[0]["gpus"], ids)
+    gpus = (ids, max(lines[0]["gpus"], 1), n) if ids and not scheduled_gpus() else None
+    return Runner(plan, out, lines, prefix=n > 1, gpus=gpus).go(workers)
 
 
 def unfinished(plan):

@@ -38,6 +38,8 @@ BAD_PATH = PLANS + "test_a_bad_plan_path_or_a_plan_being_run_is_refused_in_one_l
 TWICE = PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"
 ALONE = PLANS + "test_a_run_stopped_by_a_signal_sent_to_it_alone_is_named_resumable_and_nothing_new_starts"
 PASSED_ON = PLANS + "test_a_signalled_sweep_passes_it_on_waits_for_its_run_to_checkpoint_and_stops"
+BY_HAND = PLANS + "test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each"
+ONE_PER_GPU = PLANS + "test_no_two_runs_of_any_plans_share_a_gpu_of_the_machine"
 C = "tests/test_compile.py::"
 REL = "tests/test_reliability.py::"
 STOPPED = REL + "test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly"
@@ -670,8 +672,8 @@ MUTATIONS = [
      "        other = claimed_again(held)\n", "        other = None\n",
      TWICE),
     ("--next workers started by hand on one machine all train on GPU 0", "plan.py",
-     '    if need > 0 and "CUDA_VISIBLE_DEVICES" not in os.environ:\n        gpu_slots',
-     "    if False:\n        gpu_slots", PLANS + "test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each"),
+     "    if need > 0 and not scheduled_gpus():\n        if need > len(have)",
+     "    if False:\n        if need > len(have)", BY_HAND),
     ("a plan's hint promises --next in each of N shells", "plan.py", "run-plan {args[0]} --parallel N   (each",
      "run-plan {args[0]} --next in each of N shells   (each",
      PLANS + "test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing"),
@@ -708,6 +710,14 @@ MUTATIONS = [
      'echo "env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT $VENV', 'echo "$VENV', PASSED_ON),
     ("a signalled sweep dies at once, its run going on", "launch.sh",
      "TRAIN_REFUSAL_FILE=$refusal in_foreground $cmd", "TRAIN_REFUSAL_FILE=$refusal $cmd", PASSED_ON),
+    ("--parallel takes no GPU lock (shares GPUs with other plans' workers)", "plan.py",
+     "    gpus = (ids, max(lines[0][\"gpus\"], 1), n) if ids and not scheduled_gpus() else None", "    gpus = None",
+     ONE_PER_GPU),
+    ("GPU locks per plan again (two plans share a GPU)", "plan.py", "        folder, waiting = gpu_locks(), False",
+     '        folder, waiting = self.plan + ".gpus", False', ONE_PER_GPU),
+    ("a SLURM job's GPUs locked (its GPU 0 is another job's GPU 0)", "plan.py",
+     '    return bool(os.environ.get("SLURM_JOB_ID")) and "CUDA_VISIBLE_DEVICES" in os.environ', "    return False",
+     BY_HAND),
 ]
 
 

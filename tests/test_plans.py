@@ -100,7 +100,8 @@ def fake(tmp_path):
                       f'exit;; esac\nexec {sys.executable} "$@"\n')
     python.chmod(0o755)
     env = dict(ENV, VENV=str(tmp_path / "venv"), FAKE_LOG=str(tmp_path / "log"), SKIP_SETUP="1",
-               SLURM_SHIM_STATE=str(tmp_path / "slurm"), PATH=f"{SHIMS}:{os.environ['PATH']}")
+               SLURM_SHIM_STATE=str(tmp_path / "slurm"), PATH=f"{SHIMS}:{os.environ['PATH']}",
+               CYCLIC_GPU_LOCKS=str(tmp_path / "gpu-locks"))  # (this machine's GPU locks: the test's own)
 
     def events(kind="start"):
         if not os.path.exists(tmp_path / "log"):
@@ -133,7 +134,7 @@ def numbered(out, n):
 
 def real_env(tmp_path):
     return dict(ENV, VENV=os.path.join(ROOT, ".venv"), SKIP_SETUP="1", SLURM_SHIM_STATE=str(tmp_path / "slurm"),
-                PATH=f"{SHIMS}:{os.environ['PATH']}")
+                PATH=f"{SHIMS}:{os.environ['PATH']}", CYCLIC_GPU_LOCKS=str(tmp_path / "gpu-locks"))
 
 
 def test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing(tmp_path, fake):
@@ -283,12 +284,12 @@ def test_parallel_slices_the_gpus_and_the_cores_and_records_them(tmp_path, fake)
     assert {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in runs} == {"2"}
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) >= 2 and shutil.which("taskset"):  # each run its half of the cores
-        by_slot = {e["env"]["CUDA_VISIBLE_DEVICES"]: e["cores"] for e in runs}
-        assert not set(by_slot["0,1"]) & set(by_slot["2,3"]) and len(by_slot["0,1"]) == len(cores) // 2
+        assert all(not set(a["cores"]) & set(b["cores"]) for a, b in overlapping(runs, events("end")))
+        assert {len(e["cores"]) for e in runs} == {len(cores) // 2}
     # a SLURM allocation's GPUs (CUDA_VISIBLE_DEVICES) sliced one per run (no --gpus-per-run: one process each)
     write_plan(tmp_path / "p2" / "plan", tmp_path / "p2", numbered(tmp_path / "p2", 4))
     sh(sys.executable, "plan.py", "parallel", str(tmp_path / "p2" / "plan"), "2",
-       env=dict(env, CUDA_VISIBLE_DEVICES="5,7"))
+       env=dict(env, CUDA_VISIBLE_DEVICES="5,7", SLURM_JOB_ID="9"))
     second = [e for e in events() if "/p2/" in e["run"]]
     assert {e["env"]["CUDA_VISIBLE_DEVICES"] for e in second} == {"5", "7"}
     assert all("torch.distributed.run" not in e["args"] for e in second)
@@ -296,9 +297,9 @@ def test_parallel_slices_the_gpus_and_the_cores_and_records_them(tmp_path, fake)
 
 def test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each(tmp_path, fake):
     """Three `--next` workers on a machine of 2 GPUs whose environment names none (not a SLURM allocation): each line
-    gets a free GPU of its own (a slot flocked in PLAN.gpus/, the third worker waits for one), and records the runs
-    on the machine then; CUDA_VISIBLE_DEVICES given (SLURM) is left as it is; `run-plan --parallel 2` slices them
-    too; a line wider than the machine is one line, exit 2."""
+    gets a free GPU of its own (locked machine-wide, the third worker waits for one), and records the runs on the
+    machine then; a SLURM job's CUDA_VISIBLE_DEVICES is left as it is; `run-plan --parallel 2` takes them too; a
+    line wider than the machine is one line, exit 2."""
     env, events = fake
     gpus = tmp_path / "bin"
     gpus.mkdir()
@@ -311,14 +312,12 @@ def test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each(tmp_path, f
     workers = [subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), "--next"], cwd=ROOT,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     assert [w.wait(120) for w in workers] == [0, 0, 0], [w.communicate() for w in workers]
-    ends = {e["pid"]: e["t"] for e in events("end")}
-    runs = [(e["t"], ends[e["pid"]], e["env"]["CUDA_VISIBLE_DEVICES"]) for e in events()]
-    assert len(runs) == 5 and {gpu for _, _, gpu in runs} <= {"0", "1"}, runs
-    overlapping = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:] if a[0] < b[1] and b[0] < a[1]]
-    assert overlapping and all(a[2] != b[2] for a, b in overlapping), runs  # never two runs on one GPU at once
+    assert len(events()) == 5 and {e["env"]["CUDA_VISIBLE_DEVICES"] for e in events()} <= {"0", "1"}, events()
+    pairs = overlapping(events(), events("end"))  # never two runs on one GPU at once
+    assert pairs and all(a["env"]["CUDA_VISIBLE_DEVICES"] != b["env"]["CUDA_VISIBLE_DEVICES"] for a, b in pairs)
     assert "2" in {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in events()}
     write_plan(plan, out, numbered(out, 6), gpus=1)
-    launch("run-plan", str(plan), "--index", "5", env=dict(env, CUDA_VISIBLE_DEVICES="7"))  # SLURM's: as given
+    launch("run-plan", str(plan), "--index", "5", env=dict(env, CUDA_VISIBLE_DEVICES="7", SLURM_JOB_ID="8"))  # SLURM's
     assert (events()[-1]["env"]["CUDA_VISIBLE_DEVICES"], events()[-1]["env"]["TRAIN_CONCURRENT_RUNS"]) == ("7", None)
     other = tmp_path / "other"
     write_plan(other / "plan", other, numbered(other, 2), gpus=1)
@@ -329,6 +328,40 @@ def test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each(tmp_path, f
     assert p.returncode == 2 and p.stderr.splitlines() == [
         f"launch.sh: run-plan: {other}/plan: runs on 3 GPU(s); this machine has 2 (0,1): run it on a node with 3"]
     assert len(events()) == 8
+
+
+def overlapping(starts, ends):
+    """The pairs of runs (their start events) that ran at the same time."""
+    end = {e["pid"]: e["t"] for e in ends}
+    return [(a, b) for i, a in enumerate(starts) for b in starts[i + 1:]
+            if a["t"] < end[b["pid"]] and b["t"] < end[a["pid"]]]
+
+
+def test_no_two_runs_of_any_plans_share_a_gpu_of_the_machine(tmp_path, fake):
+    """GPU slots were a plan's own (PLAN.gpus/) and `--parallel` took none: a `--next` worker of one plan and a
+    `--parallel 2` of another on a machine of 2 GPUs trained two runs on GPU 0. Every worker that picks its GPUs now
+    locks each machine-wide (CYCLIC_GPU_LOCKS, else /tmp/cyclic-tradeoff-gpus-UID), waiting, said once, while too
+    few are free; a SLURM job's GPUs (SLURM_JOB_ID with CUDA_VISIBLE_DEVICES) are its own and taken as given."""
+    env, events = fake
+    gpus = tmp_path / "bin"
+    gpus.mkdir()
+    (gpus / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    (gpus / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(PATH=f"{gpus}:{env['PATH']}", FAKE_SECONDS="3")
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_plan(a / "plan", a, numbered(a, 2), gpus=1)
+    write_plan(b / "plan", b, numbered(b, 3), gpus=1)
+    workers = [subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), *how], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for plan, how in ((a / "plan", ["--next"]), (b / "plan", ["--parallel", "2"]))]
+    assert [w.wait(120) for w in workers] == [0, 0], [w.communicate() for w in workers]
+    told = "".join(w.stderr.read() for w in workers)
+    assert len(events()) == 5 and {e["env"]["CUDA_VISIBLE_DEVICES"] for e in events()} == {"0", "1"}, told
+    pairs = overlapping(events(), events("end"))
+    assert pairs and all(x["env"]["CUDA_VISIBLE_DEVICES"] != y["env"]["CUDA_VISIBLE_DEVICES"] for x, y in pairs)
+    assert "launch.sh: run-plan: waiting for 1 free GPU(s) of 0,1, held by pid " in told, told
+    assert {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in events() if "/b/" in e["run"]} == {"2"}
 
 
 def test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice(tmp_path, fake):
