@@ -728,6 +728,8 @@ MUTATIONS = [
     ("a SLURM job's GPUs locked (its GPU 0 is another job's GPU 0)", "plan.py",
      '    return bool(os.environ.get("SLURM_JOB_ID")) and "CUDA_VISIBLE_DEVICES" in os.environ', "    return False",
      BY_HAND),
+    ("torchrun restarts ranks that stopped on a signal it did not get (--max-restarts)", "train.py",
+     "            os.kill(os.getppid(), signal.SIGTERM)\n", "            pass\n", STOPPED_DDP),
 ]
 
 
