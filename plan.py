@@ -423,19 +423,140 @@ def shutdown_timeout():
     return seconds
 
 
-class Runner:
+def take_gpus(gpus, plan, lock, give_up):
+    """(environment, ExitStack holding their locks) for one line of a worker that picks its GPUs (none given by
+    a scheduler): the first free ones of gpus (ids, per line, runs at once at least), each locked machine-wide
+    (gpu_locks()) for the line, as
+    CUDA_VISIBLE_DEVICES, and the runs on this machine's GPUs then, itself included, as TRAIN_CONCURRENT_RUNS.
+    Too few free (other workers of this plan or another, --parallel or by hand): it waits, said once. ({}, None)
+    without GPUs to pick; (None, None) once give_up() (a signal came, or every line was tried: nothing to wait for).
+    lock: the runner's, held to print."""
+    if not gpus:
+        return {}, None
+    ids, width, at_least = gpus
+    folder, waiting = gpu_locks(), False
+    os.makedirs(folder, exist_ok=True)
+    while not give_up():
+        with open(os.path.join(folder, "pick"), "a") as pick:  # one taker of the machine looks at a time
+            fcntl.flock(pick, fcntl.LOCK_EX)
+            files = {g: try_lock(os.path.join(folder, gpu_file(g)), create=True) for g in ids}
+            free = [g for g, (f, _) in files.items() if f is not None]
+            take = free[:width] if len(free) >= width else []
+            for g in free:
+                if g not in take:  # (locked to see whether it was free)
+                    files[g][0].close()
+            held = [json_or_none(holder) or {} for f, holder in files.values() if f is None]
+            taken = contextlib.ExitStack()
+            for g in take:
+                f = taken.enter_context(files[g][0])
+                f.seek(0)
+                f.truncate()
+                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "plan": plan,
+                                    "taker": f"{os.getpid()}.{threading.get_ident()}"}) + "\n")
+                f.flush()
+        if take:
+            runs = len({h.get("taker") for h in held}) + 1
+            return ({"CUDA_VISIBLE_DEVICES": ",".join(take), "TRAIN_CONCURRENT_RUNS": str(max(runs, at_least))},
+                    taken)
+        if not waiting:
+            waiting = True
+            names = sorted({f"pid {h.get('pid')} on {h.get('host')} ({h.get('plan')})" for h in held})
+            with lock:
+                print(f"launch.sh: run-plan: waiting for {width} free GPU(s) of {','.join(ids)}, held by "
+                      f"{', '.join(names)}", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+    return None, None
+
+
+def check_flock(plan):
+    """Claims are flocks: a file system without them (NFS, Lustre mounted without) is one line (PlanError)."""
+    try:
+        with open(plan + ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass  # another worker is picking: it can lock
+    except OSError as e:
+        raise PlanError(f"run-plan: cannot lock {plan}.lock ({e.strerror}): the plan's folder must be on a file "
+                        f"system with flock; write the plan elsewhere (--plan FILE)") from None
+
+
+class ChildProcesses:
+    """A Runner's child processes and the signals that end them: each child started unless a signal came first,
+    its output passed on (prefixed with its run's folder where several run at once), and a signal's handling."""
+
+    def __init__(self, out, prefix):
+        self.out, self.prefix = out, prefix
+        self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
+        self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
+
+    def start(self, line, cmd, env):
+        """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""
+        pipe = subprocess.PIPE if self.prefix else None
+        with self.lock:  # no child starts after the handler ran; one started as the signal came is marked for it
+            if self.signal:
+                return None
+            p = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
+            self.children[p] = bool(select.select([self.wakeup], [], [], 0)[0]) if self.wakeup else False
+        pumps = [threading.Thread(target=self.pump, args=(line, s, d)) for s, d in
+                 ((p.stdout, sys.stdout), (p.stderr, sys.stderr)) if s is not None]
+        for t in pumps:
+            t.start()
+        rc = p.wait()
+        for t in pumps:
+            t.join()
+        with self.lock:
+            del self.children[p]
+        return rc
+
+    def pump(self, line, source, sink):
+        for text in source:
+            self.say(line, text.rstrip("\n"), sink)
+
+    def say(self, line, text, sink=sys.stdout):
+        name = os.path.relpath(line["run_dir"], self.out) if self.prefix else ""
+        with self.lock:
+            print(f"[{name}] {text}" if name else text, file=sink, flush=True)
+
+    def stop(self, signum, frame):
+        """Each child gets one signal per request: a first signal ends them (SIGTERM, but for a Ctrl-C, which the
+        terminal sent to our whole process group, children included), a second more than 2 s later kills them.
+        Signals in between add nothing: launch.sh passes a Ctrl-C on as SIGTERM a moment after it, and train.py
+        takes a second SIGINT as 'die now' (no checkpoint). The kill reaches each child's whole tree (torchrun's
+        workers, in sessions of their own, would live on holding the GPU and the run's lock)."""
+        now = time.monotonic()
+        with self.lock:
+            if self.signal is None:
+                self.signal, self.signalled_at = signum, now
+                got_it = from_terminal(signum)
+                for p, late in self.children.items():  # late: started after the signal had reached us
+                    if late or not got_it:
+                        p.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+            elif now - self.signalled_at > 2 and not self.killed:
+                self.killed = True
+                # each child's whole tree, found before any of it dies (an orphan's parent is no longer the child);
+                # none under a child already reaped, whose pid may be another process's by now
+                trees = {p: descendants(p.pid) for p in self.children if p.returncode is None}
+                for p, tree in trees.items():
+                    p.kill()
+                    for pid in tree:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+
+
+class Runner(ChildProcesses):
     """Workers over one plan's lines: each claims the next line nobody holds, runs it, and goes on; every line is
     tried at most once here. A refusal of the options, or a recipe changed since the plan was written, stops new
     claims (every run would be refused alike); a signal ends every child (train.py's checkpoint and rows stay: the
     run resumes) and stops. own=True (--index K): the lines are this task's, so one held elsewhere is an error."""
 
     def __init__(self, plan, out, lines, prefix, own=False, gpus=None):
-        self.plan, self.out, self.lines, self.prefix, self.own = plan, out, lines, prefix, own
+        super().__init__(out, prefix)
+        self.plan, self.lines, self.own = plan, lines, own
         self.gpus = gpus  # (ids, per line, runs at once at least): the GPUs its workers pick from, or None
         self.tried, self.failed, self.busy, self.refused, self.stale = set(), [], {}, None, None
         self.stopped = None  # (run folder, exit status) of a run stopped by a signal sent to it alone
-        self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
-        self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
 
     def next_line(self):
         with open(self.plan + ".lock", "a") as pick:  # one worker picks at a time, on this machine or another
@@ -490,46 +611,9 @@ class Runner:
                     self.fail(line, f"{type(e).__name__}: {e}")
 
     def gpu_slot(self):
-        """(environment, ExitStack holding their locks) for one line of a worker that picks its GPUs (none given by
-        a scheduler): the first free ones of self.gpus, each locked machine-wide (gpu_locks()) for the line, as
-        CUDA_VISIBLE_DEVICES, and the runs on this machine's GPUs then, itself included, as TRAIN_CONCURRENT_RUNS.
-        Too few free (other workers of this plan or another, --parallel or by hand): it waits, said once. ({}, None)
-        without GPUs to pick; (None, None) once a signal came, or every line was tried here (nothing to wait for)."""
-        if not self.gpus:
-            return {}, None
-        ids, width, at_least = self.gpus
-        folder, waiting = gpu_locks(), False
-        os.makedirs(folder, exist_ok=True)
-        while not self.signal and not all(line["index"] in self.tried for line in self.lines):
-            with open(os.path.join(folder, "pick"), "a") as pick:  # one taker of the machine looks at a time
-                fcntl.flock(pick, fcntl.LOCK_EX)
-                files = {g: try_lock(os.path.join(folder, gpu_file(g)), create=True) for g in ids}
-                free = [g for g, (f, _) in files.items() if f is not None]
-                take = free[:width] if len(free) >= width else []
-                for g in free:
-                    if g not in take:  # (locked to see whether it was free)
-                        files[g][0].close()
-                held = [json_or_none(holder) or {} for f, holder in files.values() if f is None]
-                taken = contextlib.ExitStack()
-                for g in take:
-                    f = taken.enter_context(files[g][0])
-                    f.seek(0)
-                    f.truncate()
-                    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "plan": self.plan,
-                                        "taker": f"{os.getpid()}.{threading.get_ident()}"}) + "\n")
-                    f.flush()
-            if take:
-                runs = len({h.get("taker") for h in held}) + 1
-                return ({"CUDA_VISIBLE_DEVICES": ",".join(take), "TRAIN_CONCURRENT_RUNS": str(max(runs, at_least))},
-                        taken)
-            if not waiting:
-                waiting = True
-                names = sorted({f"pid {h.get('pid')} on {h.get('host')} ({h.get('plan')})" for h in held})
-                with self.lock:
-                    print(f"launch.sh: run-plan: waiting for {width} free GPU(s) of {','.join(ids)}, held by "
-                          f"{', '.join(names)}", file=sys.stderr, flush=True)
-            time.sleep(0.5)
-        return None, None
+        """take_gpus for this worker: (None, None) once a signal came, or every line was tried here."""
+        return take_gpus(self.gpus, self.plan, self.lock, lambda: self.signal or all(
+            line["index"] in self.tried for line in self.lines))
 
     def run(self, line, env, cores, held):
         cmd = (["taskset", "-c", cores] if cores else []) + command(line)
@@ -584,77 +668,15 @@ class Runner:
         self.fail(line, why)
         return True
 
-    def start(self, line, cmd, env):
-        """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""
-        pipe = subprocess.PIPE if self.prefix else None
-        with self.lock:  # no child starts after the handler ran; one started as the signal came is marked for it
-            if self.signal:
-                return None
-            p = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
-            self.children[p] = bool(select.select([self.wakeup], [], [], 0)[0]) if self.wakeup else False
-        pumps = [threading.Thread(target=self.pump, args=(line, s, d)) for s, d in
-                 ((p.stdout, sys.stdout), (p.stderr, sys.stderr)) if s is not None]
-        for t in pumps:
-            t.start()
-        rc = p.wait()
-        for t in pumps:
-            t.join()
-        with self.lock:
-            del self.children[p]
-        return rc
-
     def fail(self, line, why):
         name = line["run_dir"] if line else f"a worker of {self.plan}"
         with self.lock:
             self.failed.append((name, why))
             print(f"launch.sh: FAILED ({why}): {name}", file=sys.stderr, flush=True)
 
-    def pump(self, line, source, sink):
-        for text in source:
-            self.say(line, text.rstrip("\n"), sink)
-
-    def say(self, line, text, sink=sys.stdout):
-        name = os.path.relpath(line["run_dir"], self.out) if self.prefix else ""
-        with self.lock:
-            print(f"[{name}] {text}" if name else text, file=sink, flush=True)
-
-    def stop(self, signum, frame):
-        """Each child gets one signal per request: a first signal ends them (SIGTERM, but for a Ctrl-C, which the
-        terminal sent to our whole process group, children included), a second more than 2 s later kills them.
-        Signals in between add nothing: launch.sh passes a Ctrl-C on as SIGTERM a moment after it, and train.py
-        takes a second SIGINT as 'die now' (no checkpoint). The kill reaches each child's whole tree (torchrun's
-        workers, in sessions of their own, would live on holding the GPU and the run's lock)."""
-        now = time.monotonic()
-        with self.lock:
-            if self.signal is None:
-                self.signal, self.signalled_at = signum, now
-                got_it = from_terminal(signum)
-                for p, late in self.children.items():  # late: started after the signal had reached us
-                    if late or not got_it:
-                        p.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
-            elif now - self.signalled_at > 2 and not self.killed:
-                self.killed = True
-                # each child's whole tree, found before any of it dies (an orphan's parent is no longer the child);
-                # none under a child already reaped, whose pid may be another process's by now
-                trees = {p: descendants(p.pid) for p in self.children if p.returncode is None}
-                for p, tree in trees.items():
-                    p.kill()
-                    for pid in tree:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-
     def go(self, workers):
         """Run the workers [(env, cores)] to the end; the exit status (0, 1 failures, 2 refused, 128 + a signal)."""
-        try:  # claims are flocks: a file system without them (NFS, Lustre mounted without) is one line here
-            with open(self.plan + ".lock", "a") as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass  # another worker is picking: it can lock
-        except OSError as e:
-            raise PlanError(f"run-plan: cannot lock {self.plan}.lock ({e.strerror}): the plan's folder must be on a "
-                            f"file system with flock; write the plan elsewhere (--plan FILE)") from None
+        check_flock(self.plan)
         # a signal's C handler writes this pipe at once; ours runs later, in this thread: a child started in between
         # did not get a terminal's signal
         self.wakeup, written = os.pipe()
@@ -668,39 +690,44 @@ class Runner:
         for t in threads:
             while t.is_alive():
                 t.join(0.2)
-        return self.summary()
+        return run_summary(self)
 
-    def summary(self):
-        if self.signal:
-            print(f"launch.sh: stopped by signal {self.signal}: the runs it ended resume where they stopped when the "
-                  f"plan is run again", file=sys.stderr)
-            return 128 + self.signal
-        if self.stale:
-            print(f"launch.sh: {self.stale}", file=sys.stderr)
-            return 2
-        if self.refused:
-            print(f"launch.sh: stopped: {self.refused}: train.py refused the options (the reason above)",
-                  file=sys.stderr)
-            return 2
-        if self.failed:
-            print(f"launch.sh: {len(self.failed)} run(s) failed, see their messages above:", file=sys.stderr)
-            for name, why in self.failed:
-                print(f"  {name} ({why})", file=sys.stderr)
-        if self.stopped:  # (a sweep's exit status: not 0, not 1, so launch.sh writes no report)
-            print("launch.sh: stopped by a signal: no run was started after it; run the same command again to resume "
-                  "it", file=sys.stderr)
-            return 1 if self.failed else self.stopped[1]
-        if self.busy and self.own:  # an array task that ran nothing must not look like one that ran its line
-            (i, holder), = self.busy.items()
-            print(f"launch.sh: run-plan: line {i} ({self.lines[0]['run_dir']}) is held elsewhere, by {holder}: "
-                  f"nothing was run here (if it is not running there, run this line again)", file=sys.stderr)
-            return 1
-        if self.busy:  # fine (other workers run them), but the plan is not complete
-            held = ", ".join(f"{i} ({h})" for i, h in sorted(self.busy.items()))
-            print(f"launch.sh: run-plan: {len(self.busy)} line(s) left to other workers, which hold them: {held}; the "
-                  f"plan is complete when they finish (./launch.sh report {self.plan} names what did not)",
-                  file=sys.stderr)
-        return 1 if self.failed else 0
+
+def run_summary(r):
+    """The end of a Runner's work (Runner.go): its summary on stderr, and the exit status: 128 + a signal, 2 a
+    stale plan or refused options, the stopped run's status, 1 failures or a task's line held elsewhere, else 0."""
+    if r.signal:
+        print(f"launch.sh: stopped by signal {r.signal}: the runs it ended resume where they stopped when the "
+              f"plan is run again", file=sys.stderr)
+        return 128 + r.signal
+    if r.stale:
+        print(f"launch.sh: {r.stale}", file=sys.stderr)
+        return 2
+    if r.refused:
+        print(f"launch.sh: stopped: {r.refused}: train.py refused the options (the reason above)",
+              file=sys.stderr)
+        return 2
+    if r.failed:
+        print(f"launch.sh: {len(r.failed)} run(s) failed, see their messages above:", file=sys.stderr)
+        for name, why in r.failed:
+            print(f"  {name} ({why})", file=sys.stderr)
+    if r.stopped:  # (a sweep's exit status: not 0, not 1, so launch.sh writes no report)
+        print("launch.sh: stopped by a signal: no run was started after it; run the same command again to resume "
+              "it", file=sys.stderr)
+        return 1 if r.failed else r.stopped[1]
+    if r.busy and r.own:  # an array task that ran nothing must not look like one that ran its line
+        (i, holder), = r.busy.items()
+        print(f"launch.sh: run-plan: line {i} ({r.lines[0]['run_dir']}) is held elsewhere, by {holder}: "
+              f"nothing was run here (if it is not running there, run this line again)", file=sys.stderr)
+        return 1
+    if r.busy:  # fine (other workers run them), but the plan is not complete
+        held = ", ".join(f"{i} ({h})" for i, h in sorted(r.busy.items()))
+        print(f"launch.sh: run-plan: {len(r.busy)} line(s) left to other workers, which hold them: {held}; the "
+              f"plan is complete when they finish (./launch.sh report {r.plan} names what did not)",
+              file=sys.stderr)
+    return 1 if r.failed else 0
+
+
 
 
 # train.py's exit statuses where a signal stopped it at a checkpoint (128 + the signal): resumable, not failed
