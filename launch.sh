@@ -71,7 +71,7 @@ DRY=${DRY:-0}; SCHEDULES=${SCHEDULES:-cyclic}; REPORT=${REPORT:-1}; STANDARD=${S
 # --plan and --parallel from flags only: an exported PLAN must not turn a preset (repro, which refuses --plan) into
 # a plan; GPUS empty: the default, 1 GPU per run under --plan (a plan is for a cluster), else 0 (check_plan)
 PLAN=""; PARALLEL=1; PLAN_RC=0; RECORDS=""
-EXTRA=(); FAILED=(); CHECKED=""; RECIPE_READ=""
+EXTRA=(); FAILED=(); STOPPED=""; SIGNALLED=""; CHECKED=""; RECIPE_READ=""
 PLUGINS=()
 
 parse_sweep() {
@@ -191,8 +191,11 @@ launcher() {  # run_dir
     # behind can never join another run's job and average its gradients with a run of another schedule
     [ "$NNODES" -gt 1 ] && rdzv=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV"
                                  --rdzv-id "${RDZV_ID:-sweep}-$(printf %s "$1" | cksum | cut -d' ' -f1)")
-    # python -m torch.distributed.run: a venv that reuses the system's torch has no torchrun script of its own
-    echo "$VENV/bin/python -m torch.distributed.run ${rdzv[*]} --nproc_per_node $GPUS --max-restarts ${MAX_RESTARTS:-0}"
+    # python -m torch.distributed.run: a venv that reuses the system's torch has no torchrun script of its own. Its
+    # workers' grace between its SIGTERM and SIGKILL (30 s by default) as an environment variable: torch 2.14 reads
+    # it, torch before --shutdown-timeout existed ignores it (the flag would fail there)
+    echo "env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT $VENV/bin/python -m torch.distributed.run" \
+         "${rdzv[*]} --nproc_per_node $GPUS --max-restarts ${MAX_RESTARTS:-0}"
   else
     echo "$VENV/bin/python"
   fi
@@ -216,7 +219,9 @@ one_run() {  # run_dir, then train.py flags
   if [ "$DRY" = 1 ]; then echo "$cmd"; return 0; fi
   echo "+ $cmd"
   local rc=0 refusal; refusal=$(mktemp)
-  TRAIN_REFUSAL_FILE=$refusal $cmd || rc=$?
+  # a signal to the sweep (SLURM's reaches every process of the step) is passed on and the run waited for: it
+  # stops at a checkpoint (SLURM would kill what a step leaves behind once its task, this shell, has ended)
+  TRAIN_REFUSAL_FILE=$refusal in_foreground $cmd || rc=$?
   # train.py writes the file when it refuses the options themselves (a bad value, a run of other options): every
   # run would be refused alike, so the sweep stops (torchrun exits 1 whatever the worker's code: hence a file).
   # Any other failure (a NaN, one damaged folder) is reported at the end, and the sweep goes on.
@@ -224,6 +229,12 @@ one_run() {  # run_dir, then train.py flags
     rm -f "$refusal"; echo "launch.sh: stopped: $dir: train.py refused the options (the reason above)" >&2; exit 2
   fi
   rm -f "$refusal"
+  local sig=$SIGNALLED  # the sweep's own signal, else the run's stop at a checkpoint on one sent to it alone
+  [ -n "$sig" ] || case $rc in 130) sig=INT;; 143) sig=TERM;; esac
+  if [ -n "$sig" ]; then  # the sweep stops too: the job is ending, or someone stops it
+    echo "launch.sh: stopped (SIG$sig, exit $rc; resumable from its last checkpoint): $dir" >&2
+    STOPPED=$([ $sig = INT ] && echo 130 || echo 143); report_failures
+  fi
   [ $rc = 0 ] || { echo "launch.sh: FAILED (exit $rc): $dir" >&2; FAILED+=("$dir"); }
   # several nodes: every node waits until the run's 'done' is visible on the shared folder before deciding what
   # to run (or skip) next, so that no node moves on a run ahead of the others
@@ -244,29 +255,42 @@ report() {  # the report of the runs under $1, into $1/report, with the options 
 }
 
 report_failures() {
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    printf 'launch.sh: %d run(s) failed, see their messages above:\n' "${#FAILED[@]}" >&2
+    printf '  %s\n' "${FAILED[@]}" >&2
+  fi
+  if [ -n "$STOPPED" ]; then
+    echo "launch.sh: stopped by a signal: no run was started after it; run the same command again to resume it" >&2
+    exit $([ ${#FAILED[@]} -gt 0 ] && echo 1 || echo "$STOPPED")
+  fi
   [ ${#FAILED[@]} -eq 0 ] && exit "${PLAN_RC:-0}"
-  printf 'launch.sh: %d run(s) failed, see their messages above:\n' "${#FAILED[@]}" >&2
-  printf '  %s\n' "${FAILED[@]}" >&2
   exit 1
 }
 
 in_foreground() {  # run the command "$@" (not a function: its subshell would take the signal), passing Ctrl-C and
-  # SIGTERM on to it (bash alone would die and leave it running)
+  # SIGTERM on to it (bash alone would die and leave it running); SIGNALLED: the signal's name (INT, TERM) if one came
   local pid="" rc=0 got=""  # the trap first: a signal before it would kill bash and leave the child running
-  trap 'got=1; [ -z "$pid" ] || kill -TERM $pid 2>/dev/null' INT TERM
+  trap 'got=INT; [ -z "$pid" ] || kill -TERM $pid 2>/dev/null' INT
+  trap 'got=TERM; [ -z "$pid" ] || kill -TERM $pid 2>/dev/null' TERM
   "$@" & pid=$!
   [ -z "$got" ] || kill -TERM $pid 2>/dev/null  # it came before the child's pid was known
   wait $pid || rc=$?
   while kill -0 $pid 2>/dev/null; do rc=0; wait $pid || rc=$?; done  # wait returned for the signal: wait on
   trap - INT TERM
+  SIGNALLED=$got
   return $rc
 }
 
-check_plan() {  # --plan, --parallel, --gpus and OMP_NUM_THREADS: refused before anything is written
+check_plan() {  # --plan, --parallel, --gpus, --nnodes, OMP_NUM_THREADS, TORCH_ELASTIC_SHUTDOWN_TIMEOUT: refused
+  # before anything is written
   [ -n "$GPUS" ] || { GPUS=0; [ -z "$PLAN" ] || GPUS=1; }
   if [[ ! "$GPUS" =~ ^(0|[1-9][0-9]*)$ ]]; then
     echo "launch.sh: --gpus-per-run (or --gpus) takes the GPUs of each run (0 for the CPU, 1, 2, ...), got '$GPUS'" >&2
     exit 2
+  fi
+  SHUTDOWN_TIMEOUT=$(PY plan.py shutdown-timeout) || exit 2  # torchrun's grace for its workers' stop checkpoint
+  if [[ ! "$NNODES" =~ ^[1-9][0-9]*$ ]]; then  # (the tests below would fail on it and go on as one node)
+    echo "launch.sh: --nnodes (or NNODES) takes the number of nodes (1, 2, ...), got '$NNODES'" >&2; exit 2
   fi
   if [[ ! "${OMP_NUM_THREADS:-1}" =~ ^[1-9][0-9]*$ ]]; then  # (train.py and plan.py read it as a number)
     echo "launch.sh: OMP_NUM_THREADS='$OMP_NUM_THREADS' is no number of threads: set it to 1, 2, ... or unset it" >&2
@@ -451,6 +475,17 @@ print(*(f'{e:.12g}' for e in s.cycle_end_epochs($WARMUP, $T0, $T_MULT, $CYCLES))
   report "$OUT"
 }
 
+fixed_design() {  # preset name: its design is its own; CONSTANT, STANDARD and BUDGETS exported in this shell (a
+  # leftover of an earlier sweep) would add constant runs or drop standard ones unseen: ignored, and said
+  local seen=()
+  [ "$CONSTANT" = 0 ] || seen+=("CONSTANT=$CONSTANT")
+  [ "$STANDARD" = 1 ] || seen+=("STANDARD=$STANDARD")
+  [ -z "$BUDGETS" ] || seen+=("BUDGETS='$BUDGETS'")
+  CONSTANT=0; STANDARD=1; BUDGETS=""
+  [ ${#seen[@]} -eq 0 ] || echo "launch.sh: $1: ${seen[*]} from the environment ignored: a preset runs its own" \
+                                "design (unset them)" >&2
+}
+
 case "${1:-}" in
   setup) setup;;
   test)
@@ -461,7 +496,7 @@ case "${1:-}" in
     shift; if [ "${1:-}" = --fast ]; then shift; set -- -m "not slow" "$@"; fi
     PY -m pytest -q --durations=15 tests "$@";;
   demo)
-    setup
+    fixed_design demo; setup
     # 20k of the 60k training images keep the whole demo at a few minutes on a 2-core CPU.
     sweep --out runs/demo --warmup 0.5 --t0 0.5 --cycles 3 -- --subset "${SUBSET:-20000}"
     echo "report: runs/demo/report/report.md (tradeoff figure: runs/demo/report/fig3_tradeoff.png)"
@@ -497,7 +532,7 @@ case "${1:-}" in
            >&2
       exit 2
     fi
-    [ "$DRY" = 1 ] || setup
+    fixed_design repro; [ "$DRY" = 1 ] || setup
     shape=(--out results/fashion-mnist --config recipes/fashion-mnist-study.yaml --no-report)
     seeds=${REPRO_SEEDS:-0 1 2}
     for seed in $seeds; do
@@ -537,7 +572,7 @@ case "${1:-}" in
     if [ "$more" = 1 ] && { [ "$pilot" = 1 ] || [ "$model" = resnet ]; }; then
       echo "launch.sh: vit-study --more-seeds adds seeds to the ViT study only: drop --pilot / --resnet" >&2; exit 2
     fi
-    set --
+    set --; fixed_design vit-study
     wants_dry_run "$@" && DRY=1; [ "$DRY" = 1 ] || [ "${SKIP_SETUP:-0}" = 1 ] || setup
     if [ "$model" = resnet ]; then
       out=results/resnet-fmnist

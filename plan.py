@@ -4,13 +4,15 @@
     ./launch.sh run-plan FILE --index K      line K (counted from 0, as SLURM_ARRAY_TASK_ID)
     ./launch.sh run-plan FILE --next         claims line after line until none is left (several workers at once:
                                              one per SLURM job or allocation; started by hand on one machine, each
-                                             GPU line takes free GPUs of its own, PLAN.gpus/, or waits for them;
-                                             CPU lines get no share of the cores: use --parallel there). It exits 0
+                                             GPU line takes free GPUs of its own, locked machine-wide against every
+                                             plan's runs (gpu_locks()), or waits for them; CPU lines get no share
+                                             of the cores: use --parallel there). It exits 0
                                              leaving lines that other workers hold to them: if one of those dies,
                                              its line waits for a rerun (report PLAN lists it)
     ./launch.sh run-plan FILE --parallel N   N workers here, each with its own GPUs or cores (as below)
     ./launch.sh sweep ... --parallel N       writes OUT/parallel.plan and runs it with N workers, each with its own
-                                             GPUs (CUDA_VISIBLE_DEVICES) or cores (taskset, OMP_NUM_THREADS)
+                                             GPUs (CUDA_VISIBLE_DEVICES: free ones, locked as --next's, unless a
+                                             SLURM job's) or cores (taskset, OMP_NUM_THREADS)
 
 A plan is '#' header lines (the sweep's command, the runs folder, the sha256 of every line after its own), then one
 JSON object per run: index, run_dir, argv (train.py's complete arguments), gpus (torchrun processes; 0: one plain
@@ -203,11 +205,21 @@ def config(run_dir):
         return {}
 
 
+# A run folder that two workers may have written at once (its line claimed twice, seen after its run): its 'done' is
+# not to be trusted, so the line counts as not finished, and report, the analysis and a rerun name the file until
+# someone checks the run (then deletes the folder to run it again, or this file to keep it).
+CLAIMED_TWICE = "claimed-twice"
+
+
+def suspect(run_dir):
+    return os.path.exists(os.path.join(run_dir, CLAIMED_TWICE))
+
+
 def finished(line, as_planned=False):
-    """The line's run has 'done' and was asked for with the line's arguments and files (same_argv): as they are now
-    (the sweep's test for skipping it), or as_planned, as the plan recorded them (report's: train.py refuses a line
-    whose recipe changed since, so a run of the old one is not the line's)."""
-    if not os.path.exists(os.path.join(line["run_dir"], "done")):
+    """The line's run has 'done' (and is not suspect) and was asked for with the line's arguments and files
+    (same_argv): as they are now (the sweep's test for skipping it), or as_planned, as the plan recorded them
+    (report's: train.py refuses a line whose recipe changed since, so a run of the old one is not the line's)."""
+    if not os.path.exists(os.path.join(line["run_dir"], "done")) or suspect(line["run_dir"]):
         return False
     return same_argv(line["run_dir"], line["argv"], line.get("files") if as_planned else None)
 
@@ -280,14 +292,20 @@ def claimant_name(text):
 
 
 def claimed_line(plan):
-    """Who holds a line of the plan now ('pid 12 on node3'), or None."""
+    """Who holds a line of the plan now ('pid 12 on node3'), or None. Tested under the plan's pick lock, where
+    workers claim: a free claim flocked here for a moment would be taken by a claiming worker for a held line."""
     folder = plan + ".claims"
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        f, holder = try_lock(os.path.join(folder, name), create=False)
-        if f is not None:
-            f.close()
-        elif holder is not None:
-            return claimant_name(holder)
+    if not os.path.isdir(folder):
+        return None
+    with contextlib.ExitStack() as stack:
+        if os.path.exists(plan + ".lock"):  # (made before the first claim; opened read-only: nothing is written)
+            fcntl.flock(stack.enter_context(open(plan + ".lock")), fcntl.LOCK_EX)
+        for name in sorted(os.listdir(folder)):
+            f, holder = try_lock(os.path.join(folder, name), create=False)
+            if f is not None:
+                f.close()
+            elif holder is not None:
+                return claimant_name(holder)
     return None
 
 
@@ -322,14 +340,44 @@ def visible_gpus():
     return [str(i) for i in range(int(count))] if p.returncode == 0 and whole(count) else []
 
 
-def slots(n, gpus_per_run):
-    """The environment and cores (or None) of each of n runs at once: a slice of the GPUs each, a share of the cores
-    each (pinned with taskset where present). PlanError where the machine has too few."""
+def gpu_locks():
+    """This machine's GPU locks: a file per GPU, flocked by the run on it, whichever plan or worker started it
+    (a machine-wide pick lock beside them). CYCLIC_GPU_LOCKS, else /tmp/cyclic-tradeoff-gpus-UID: /tmp, not
+    $TMPDIR, since every worker of the machine must find the one folder and TMPDIR differs between shells and jobs;
+    per user, since another user's files there would not open for writing (their runs are the scheduler's to
+    keep apart)."""
+    return os.environ.get("CYCLIC_GPU_LOCKS") or f"/tmp/cyclic-tradeoff-gpus-{os.getuid()}"
+
+
+def gpu_file(gpu):
+    """A GPU's lock file name: its id (an index, or a UUID) with what a file name cannot hold replaced."""
+    return "gpu-" + "".join(c if c.isalnum() or c in "-." else "_" for c in gpu)
+
+
+def scheduled_gpus():
+    """Whether a scheduler gave this process its GPUs (a SLURM job's CUDA_VISIBLE_DEVICES): they are its own, and
+    numbered within the job (another job's GPU 0 may be another GPU), so they are taken as given, unlocked."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and "CUDA_VISIBLE_DEVICES" in os.environ
+
+
+def json_or_none(text):
+    """The object a lock file's holder wrote, or None (nothing, or not a JSON object)."""
+    try:
+        record = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def slots(n, gpus_per_run, gpus=None):
+    """The environment and cores (or None) of each of n runs at once: a slice of the GPUs (visible_gpus() unless
+    given) each, a share of the cores each (pinned with taskset where present). PlanError where the machine has too
+    few."""
     omp = os.environ.get("OMP_NUM_THREADS") or ""
     if omp and not whole(omp):
         raise PlanError(f"OMP_NUM_THREADS={omp} is not a number of threads: set a whole number (each run's threads "
                         f"at most) or unset it")
-    gpus, cores = visible_gpus(), cpus()
+    gpus, cores = visible_gpus() if gpus is None else gpus, cpus()
     width = max(gpus_per_run, 1)  # GPUs, or processes on a CPU, of one run
     if gpus_per_run > 0 and not gpus:
         raise PlanError(f"--parallel {n} runs of {gpus_per_run} GPU(s): this machine has no GPU (none in "
@@ -356,30 +404,166 @@ def python():
 
 def command(line):
     """The launcher and train.py's arguments, as launch.sh's sweep starts a run."""
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(line["gpus"]),
-                "--max-restarts", os.environ.get("MAX_RESTARTS", "0")] if line["gpus"] > 0 else []
-    return [python(), *torchrun, "train.py", *line["argv"]]
+    if line["gpus"] == 0:
+        return [python(), "train.py", *line["argv"]]
+    return ["env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown_timeout()}", python(), "-m", "torch.distributed.run",
+            "--standalone", "--nproc_per_node", str(line["gpus"]), "--max-restarts",
+            os.environ.get("MAX_RESTARTS", "0"), "train.py", *line["argv"]]
 
 
-class Runner:
+def shutdown_timeout():
+    """torchrun's grace between its SIGTERM to its workers and their SIGKILL (torch's default: 30 s): 120 s for
+    train.py's stop checkpoint (the next vote, every 25 steps, an evaluation falling due in between, the save),
+    inside SLURM's 300 s early warning (slurm/*.sbatch); TORCH_ELASTIC_SHUTDOWN_TIMEOUT where set. An environment
+    variable, not --shutdown-timeout: torchrun before that flag fails on it, and ignores the variable."""
+    seconds = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or "120"
+    if not whole(seconds):
+        raise PlanError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={seconds} is not a number of seconds (torchrun's grace for "
+                        f"its workers' stop): set a whole number or unset it (120)")
+    return seconds
+
+
+def take_gpus(gpus, plan, lock, give_up):
+    """(environment, ExitStack holding their locks) for one line of a worker that picks its GPUs (none given by
+    a scheduler): the first free ones of gpus (ids, per line, runs at once at least), each locked machine-wide
+    (gpu_locks()) for the line, as
+    CUDA_VISIBLE_DEVICES, and the runs on this machine's GPUs then, itself included, as TRAIN_CONCURRENT_RUNS.
+    Too few free (other workers of this plan or another, --parallel or by hand): it waits, said once. ({}, None)
+    without GPUs to pick; (None, None) once give_up() (a signal came, or every line was tried: nothing to wait for).
+    lock: the runner's, held to print."""
+    if not gpus:
+        return {}, None
+    ids, width, at_least = gpus
+    folder, waiting = gpu_locks(), False
+    os.makedirs(folder, exist_ok=True)
+    while not give_up():
+        with open(os.path.join(folder, "pick"), "a") as pick:  # one taker of the machine looks at a time
+            fcntl.flock(pick, fcntl.LOCK_EX)
+            files = {g: try_lock(os.path.join(folder, gpu_file(g)), create=True) for g in ids}
+            free = [g for g, (f, _) in files.items() if f is not None]
+            take = free[:width] if len(free) >= width else []
+            for g in free:
+                if g not in take:  # (locked to see whether it was free)
+                    files[g][0].close()
+            held = [json_or_none(holder) or {} for f, holder in files.values() if f is None]
+            taken = contextlib.ExitStack()
+            for g in take:
+                f = taken.enter_context(files[g][0])
+                f.seek(0)
+                f.truncate()
+                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "plan": plan,
+                                    "taker": f"{os.getpid()}.{threading.get_ident()}"}) + "\n")
+                f.flush()
+        if take:
+            runs = len({h.get("taker") for h in held}) + 1
+            return ({"CUDA_VISIBLE_DEVICES": ",".join(take), "TRAIN_CONCURRENT_RUNS": str(max(runs, at_least))},
+                    taken)
+        if not waiting:
+            waiting = True
+            names = sorted({f"pid {h.get('pid')} on {h.get('host')} ({h.get('plan')})" for h in held})
+            with lock:
+                print(f"launch.sh: run-plan: waiting for {width} free GPU(s) of {','.join(ids)}, held by "
+                      f"{', '.join(names)}", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+    return None, None
+
+
+def check_flock(plan):
+    """Claims are flocks: a file system without them (NFS, Lustre mounted without) is one line (PlanError)."""
+    try:
+        with open(plan + ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass  # another worker is picking: it can lock
+    except OSError as e:
+        raise PlanError(f"run-plan: cannot lock {plan}.lock ({e.strerror}): the plan's folder must be on a file "
+                        f"system with flock; write the plan elsewhere (--plan FILE)") from None
+
+
+class ChildProcesses:
+    """A Runner's child processes and the signals that end them: each child started unless a signal came first,
+    its output passed on (prefixed with its run's folder where several run at once), and a signal's handling."""
+
+    def __init__(self, out, prefix):
+        self.out, self.prefix = out, prefix
+        self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
+        self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
+
+    def start(self, line, cmd, env):
+        """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""
+        pipe = subprocess.PIPE if self.prefix else None
+        with self.lock:  # no child starts after the handler ran; one started as the signal came is marked for it
+            if self.signal:
+                return None
+            p = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
+            self.children[p] = bool(select.select([self.wakeup], [], [], 0)[0]) if self.wakeup else False
+        pumps = [threading.Thread(target=self.pump, args=(line, s, d)) for s, d in
+                 ((p.stdout, sys.stdout), (p.stderr, sys.stderr)) if s is not None]
+        for t in pumps:
+            t.start()
+        rc = p.wait()
+        for t in pumps:
+            t.join()
+        with self.lock:
+            del self.children[p]
+        return rc
+
+    def pump(self, line, source, sink):
+        for text in source:
+            self.say(line, text.rstrip("\n"), sink)
+
+    def say(self, line, text, sink=sys.stdout):
+        name = os.path.relpath(line["run_dir"], self.out) if self.prefix else ""
+        with self.lock:
+            print(f"[{name}] {text}" if name else text, file=sink, flush=True)
+
+    def stop(self, signum, frame):
+        """Each child gets one signal per request: a first signal ends them (SIGTERM, but for a Ctrl-C, which the
+        terminal sent to our whole process group, children included), a second more than 2 s later kills them.
+        Signals in between add nothing: launch.sh passes a Ctrl-C on as SIGTERM a moment after it, and train.py
+        takes a second SIGINT as 'die now' (no checkpoint). The kill reaches each child's whole tree (torchrun's
+        workers, in sessions of their own, would live on holding the GPU and the run's lock)."""
+        now = time.monotonic()
+        with self.lock:
+            if self.signal is None:
+                self.signal, self.signalled_at = signum, now
+                got_it = from_terminal(signum)
+                for p, late in self.children.items():  # late: started after the signal had reached us
+                    if late or not got_it:
+                        p.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+            elif now - self.signalled_at > 2 and not self.killed:
+                self.killed = True
+                # each child's whole tree, found before any of it dies (an orphan's parent is no longer the child);
+                # none under a child already reaped, whose pid may be another process's by now
+                trees = {p: descendants(p.pid) for p in self.children if p.returncode is None}
+                for p, tree in trees.items():
+                    p.kill()
+                    for pid in tree:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+
+
+class Runner(ChildProcesses):
     """Workers over one plan's lines: each claims the next line nobody holds, runs it, and goes on; every line is
     tried at most once here. A refusal of the options, or a recipe changed since the plan was written, stops new
     claims (every run would be refused alike); a signal ends every child (train.py's checkpoint and rows stay: the
     run resumes) and stops. own=True (--index K): the lines are this task's, so one held elsewhere is an error."""
 
-    def __init__(self, plan, out, lines, prefix, own=False, gpu_slots=None):
-        self.plan, self.out, self.lines, self.prefix, self.own = plan, out, lines, prefix, own
-        self.gpu_slots = gpu_slots  # this machine's GPUs, a line's worth each, where no one gave this worker its own
+    def __init__(self, plan, out, lines, prefix, own=False, gpus=None):
+        super().__init__(out, prefix)
+        self.plan, self.lines, self.own = plan, lines, own
+        self.gpus = gpus  # (ids, per line, runs at once at least): the GPUs its workers pick from, or None
         self.tried, self.failed, self.busy, self.refused, self.stale = set(), [], {}, None, None
-        self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
-        self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
+        self.stopped = None  # (run folder, exit status) of a run stopped by a signal sent to it alone
 
     def next_line(self):
         with open(self.plan + ".lock", "a") as pick:  # one worker picks at a time, on this machine or another
             fcntl.flock(pick, fcntl.LOCK_EX)
             for line in self.lines:
                 with self.lock:
-                    if self.refused or self.stale or self.signal or line["index"] in self.tried:
+                    if self.refused or self.stale or self.signal or self.stopped or line["index"] in self.tried:
                         continue
                 if finished(line):
                     self.skip(line)
@@ -427,36 +611,16 @@ class Runner:
                     self.fail(line, f"{type(e).__name__}: {e}")
 
     def gpu_slot(self):
-        """(environment, open slot file) for one line of a worker whose GPUs no one gave (CUDA_VISIBLE_DEVICES unset:
-        workers started by hand, several on one machine, would all train on GPU 0): the first free slot of
-        self.gpu_slots, flocked on PLAN.gpus/<host>.<k>, its GPUs as CUDA_VISIBLE_DEVICES and the slots held then as
-        TRAIN_CONCURRENT_RUNS. All held (more workers than slots): it waits for one. ({}, None) without slots;
-        (None, None) once a signal came."""
-        if not self.gpu_slots:
-            return {}, None
-        where = os.path.join(self.plan + ".gpus", socket.gethostname())
-        os.makedirs(os.path.dirname(where), exist_ok=True)
-        waiting = False
-        while not self.signal:
-            with open(where + ".lock", "a") as pick:  # one worker of this machine looks at a time
-                fcntl.flock(pick, fcntl.LOCK_EX)
-                files = [try_lock(f"{where}.{k}", create=True)[0] for k in range(len(self.gpu_slots))]
-                free = [k for k, f in enumerate(files) if f is not None]
-                for k in free[1:]:  # (taken to count them)
-                    files[k].close()
-            if free:
-                return ({"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_slots[free[0]]),
-                         "TRAIN_CONCURRENT_RUNS": str(len(files) - len(free) + 1)}, files[free[0]])
-            if not waiting:
-                waiting = True
-                with self.lock:
-                    print(f"launch.sh: run-plan: this machine's {len(files)} GPU slot(s) ({where}.*) are all held by "
-                          f"other workers of {self.plan}: waiting for one", file=sys.stderr, flush=True)
-            time.sleep(0.5)
-        return None, None
+        """take_gpus for this worker: (None, None) once a signal came, or every line was tried here."""
+        return take_gpus(self.gpus, self.plan, self.lock, lambda: self.signal or all(
+            line["index"] in self.tried for line in self.lines))
 
     def run(self, line, env, cores, held):
         cmd = (["taskset", "-c", cores] if cores else []) + command(line)
+        if suspect(line["run_dir"]):
+            marker = os.path.join(line["run_dir"], CLAIMED_TWICE)
+            return self.fail(line, f"suspect: {marker} says two workers may have written it at once: check the run, "
+                                   f"then delete its folder to run the line again, or the file to keep the run")
         if self.claimed_twice(line, held):
             return
         self.say(line, "+ " + " ".join(cmd))
@@ -467,13 +631,19 @@ class Runner:
             refused = bool(rc) and os.path.getsize(refusal) > 0
         finally:
             os.remove(refusal)
-        if self.claimed_twice(line, held):
+        if self.claimed_twice(line, held, ran=True):
             return
         with self.lock:
             if not rc or self.signal:
                 return
             if refused:
                 self.refused = self.refused or line["run_dir"]
+                return
+            if rc in STOPPED:  # its checkpoint saved on a signal we did not get: its job is ending, or someone
+                # stops it; no new line starts (torchrun's lines exit 1 whatever their workers' status: failures)
+                self.stopped = self.stopped or (line["run_dir"], rc)
+                print(f"launch.sh: stopped ({STOPPED[rc]}, exit {rc}; resumable from its last checkpoint): "
+                      f"{line['run_dir']}", file=sys.stderr, flush=True)
                 return
         holder = run_dir_holder(line)  # a train.py started by hand took the folder first: it runs the line
         if holder is not None:
@@ -482,32 +652,21 @@ class Runner:
             return
         self.fail(line, f"exit {rc}")
 
-    def claimed_twice(self, line, held):
-        """Fails the line where another claimant's record replaced ours (its run may have run on two nodes at once)."""
+    def claimed_twice(self, line, held, ran=False):
+        """Fails the line where another claimant's record replaced ours (its run may have run on two nodes at once);
+        ran: after our run, whose folder both may have written, which is then marked suspect."""
         other = claimed_again(held)
-        if other is not None:
-            self.fail(line, f"flock on {self.plan}.claims is not shared across nodes: line {line['index']} claimed "
-                            f"twice, also by {other}")
-        return other is not None
-
-    def start(self, line, cmd, env):
-        """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""
-        pipe = subprocess.PIPE if self.prefix else None
-        with self.lock:  # no child starts after the handler ran; one started as the signal came is marked for it
-            if self.signal:
-                return None
-            p = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
-            self.children[p] = bool(select.select([self.wakeup], [], [], 0)[0]) if self.wakeup else False
-        pumps = [threading.Thread(target=self.pump, args=(line, s, d)) for s, d in
-                 ((p.stdout, sys.stdout), (p.stderr, sys.stderr)) if s is not None]
-        for t in pumps:
-            t.start()
-        rc = p.wait()
-        for t in pumps:
-            t.join()
-        with self.lock:
-            del self.children[p]
-        return rc
+        if other is None:
+            return False
+        why = (f"flock on {self.plan}.claims is not shared across nodes: line {line['index']} claimed twice, also by "
+               f"{other}")
+        if ran and os.path.isdir(line["run_dir"]):
+            marker = os.path.join(line["run_dir"], CLAIMED_TWICE)
+            with open(marker, "w") as f:
+                f.write(why + "\n")
+            why += f"; marked suspect: {marker}"
+        self.fail(line, why)
+        return True
 
     def fail(self, line, why):
         name = line["run_dir"] if line else f"a worker of {self.plan}"
@@ -515,52 +674,9 @@ class Runner:
             self.failed.append((name, why))
             print(f"launch.sh: FAILED ({why}): {name}", file=sys.stderr, flush=True)
 
-    def pump(self, line, source, sink):
-        for text in source:
-            self.say(line, text.rstrip("\n"), sink)
-
-    def say(self, line, text, sink=sys.stdout):
-        name = os.path.relpath(line["run_dir"], self.out) if self.prefix else ""
-        with self.lock:
-            print(f"[{name}] {text}" if name else text, file=sink, flush=True)
-
-    def stop(self, signum, frame):
-        """Each child gets one signal per request: a first signal ends them (SIGTERM, but for a Ctrl-C, which the
-        terminal sent to our whole process group, children included), a second more than 2 s later kills them.
-        Signals in between add nothing: launch.sh passes a Ctrl-C on as SIGTERM a moment after it, and train.py
-        takes a second SIGINT as 'die now' (no checkpoint). The kill reaches each child's whole tree (torchrun's
-        workers, in sessions of their own, would live on holding the GPU and the run's lock)."""
-        now = time.monotonic()
-        with self.lock:
-            if self.signal is None:
-                self.signal, self.signalled_at = signum, now
-                got_it = from_terminal(signum)
-                for p, late in self.children.items():  # late: started after the signal had reached us
-                    if late or not got_it:
-                        p.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
-            elif now - self.signalled_at > 2 and not self.killed:
-                self.killed = True
-                # each child's whole tree, found before any of it dies (an orphan's parent is no longer the child);
-                # none under a child already reaped, whose pid may be another process's by now
-                trees = {p: descendants(p.pid) for p in self.children if p.returncode is None}
-                for p, tree in trees.items():
-                    p.kill()
-                    for pid in tree:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-
     def go(self, workers):
         """Run the workers [(env, cores)] to the end; the exit status (0, 1 failures, 2 refused, 128 + a signal)."""
-        try:  # claims are flocks: a file system without them (NFS, Lustre mounted without) is one line here
-            with open(self.plan + ".lock", "a") as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass  # another worker is picking: it can lock
-        except OSError as e:
-            raise PlanError(f"run-plan: cannot lock {self.plan}.lock ({e.strerror}): the plan's folder must be on a "
-                            f"file system with flock; write the plan elsewhere (--plan FILE)") from None
+        check_flock(self.plan)
         # a signal's C handler writes this pipe at once; ours runs later, in this thread: a child started in between
         # did not get a terminal's signal
         self.wakeup, written = os.pipe()
@@ -574,35 +690,48 @@ class Runner:
         for t in threads:
             while t.is_alive():
                 t.join(0.2)
-        return self.summary()
+        return run_summary(self)
 
-    def summary(self):
-        if self.signal:
-            print(f"launch.sh: stopped by signal {self.signal}: the runs it ended resume where they stopped when the "
-                  f"plan is run again", file=sys.stderr)
-            return 128 + self.signal
-        if self.stale:
-            print(f"launch.sh: {self.stale}", file=sys.stderr)
-            return 2
-        if self.refused:
-            print(f"launch.sh: stopped: {self.refused}: train.py refused the options (the reason above)",
-                  file=sys.stderr)
-            return 2
-        if self.failed:
-            print(f"launch.sh: {len(self.failed)} run(s) failed, see their messages above:", file=sys.stderr)
-            for name, why in self.failed:
-                print(f"  {name} ({why})", file=sys.stderr)
-        if self.busy and self.own:  # an array task that ran nothing must not look like one that ran its line
-            (i, holder), = self.busy.items()
-            print(f"launch.sh: run-plan: line {i} ({self.lines[0]['run_dir']}) is held elsewhere, by {holder}: "
-                  f"nothing was run here (if it is not running there, run this line again)", file=sys.stderr)
-            return 1
-        if self.busy:  # fine (other workers run them), but the plan is not complete
-            held = ", ".join(f"{i} ({h})" for i, h in sorted(self.busy.items()))
-            print(f"launch.sh: run-plan: {len(self.busy)} line(s) left to other workers, which hold them: {held}; the "
-                  f"plan is complete when they finish (./launch.sh report {self.plan} names what did not)",
-                  file=sys.stderr)
-        return 1 if self.failed else 0
+
+def run_summary(r):
+    """The end of a Runner's work (Runner.go): its summary on stderr, and the exit status: 128 + a signal, 2 a
+    stale plan or refused options, the stopped run's status, 1 failures or a task's line held elsewhere, else 0."""
+    if r.signal:
+        print(f"launch.sh: stopped by signal {r.signal}: the runs it ended resume where they stopped when the "
+              f"plan is run again", file=sys.stderr)
+        return 128 + r.signal
+    if r.stale:
+        print(f"launch.sh: {r.stale}", file=sys.stderr)
+        return 2
+    if r.refused:
+        print(f"launch.sh: stopped: {r.refused}: train.py refused the options (the reason above)",
+              file=sys.stderr)
+        return 2
+    if r.failed:
+        print(f"launch.sh: {len(r.failed)} run(s) failed, see their messages above:", file=sys.stderr)
+        for name, why in r.failed:
+            print(f"  {name} ({why})", file=sys.stderr)
+    if r.stopped:  # (a sweep's exit status: not 0, not 1, so launch.sh writes no report)
+        print("launch.sh: stopped by a signal: no run was started after it; run the same command again to resume "
+              "it", file=sys.stderr)
+        return 1 if r.failed else r.stopped[1]
+    if r.busy and r.own:  # an array task that ran nothing must not look like one that ran its line
+        (i, holder), = r.busy.items()
+        print(f"launch.sh: run-plan: line {i} ({r.lines[0]['run_dir']}) is held elsewhere, by {holder}: "
+              f"nothing was run here (if it is not running there, run this line again)", file=sys.stderr)
+        return 1
+    if r.busy:  # fine (other workers run them), but the plan is not complete
+        held = ", ".join(f"{i} ({h})" for i, h in sorted(r.busy.items()))
+        print(f"launch.sh: run-plan: {len(r.busy)} line(s) left to other workers, which hold them: {held}; the "
+              f"plan is complete when they finish (./launch.sh report {r.plan} names what did not)",
+              file=sys.stderr)
+    return 1 if r.failed else 0
+
+
+
+
+# train.py's exit statuses where a signal stopped it at a checkpoint (128 + the signal): resumable, not failed
+STOPPED = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM"}
 
 
 def descendants(pid):
@@ -671,19 +800,23 @@ def run_plan(args):
                         f"with --gpus-per-task={need}")
     if args[1] == "--parallel":
         return parallel(args[0], int(args[2]), (out, lines))
-    # no GPUs given (not SLURM's, not --parallel's): this machine's, shared with its other workers a slot each
-    gpu_slots = None
-    if need > 0 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        gpu_slots = [have[i:i + need] for i in range(0, len(have) - need + 1, need)]
-        if not gpu_slots:
+    gpus = None  # GPUs not a scheduler's: this worker picks them, each locked for its line against every other run
+    if need > 0 and not scheduled_gpus():
+        if need > len(have):
             raise PlanError(f"run-plan: {what}: runs on {need} GPU(s); this machine has {len(have)} "
                             f"({','.join(have)}): run it on a node with {need}")
-    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index", gpu_slots=gpu_slots).go([({}, None)])
+        gpus = (have, need, 1)
+    return Runner(args[0], out, lines, prefix=False, own=args[1] == "--index", gpus=gpus).go([({}, None)])
 
 
 def parallel(plan, n, read_plan=None):
+    """n workers here, each with its share of the cores; GPUs (a plain process takes one) picked per line from
+    the machine's, locked, unless a scheduler gave them (then sliced as slots() says)."""
     out, lines = read_plan or read(plan)
-    return Runner(plan, out, lines, prefix=n > 1).go(slots(n, lines[0]["gpus"]))
+    ids = visible_gpus()
+    workers = slots(n, lines[0]["gpus"], ids)
+    gpus = (ids, max(lines[0]["gpus"], 1), n) if ids and not scheduled_gpus() else None
+    return Runner(plan, out, lines, prefix=n > 1, gpus=gpus).go(workers)
 
 
 def unfinished(plan):
@@ -694,7 +827,10 @@ def unfinished(plan):
         print(f"launch.sh: {len(left)} of {len(lines)} line(s) of {plan} did not finish (run them again: "
               f"./launch.sh run-plan {plan} --index K):", file=sys.stderr)
         for line in left:
-            print(f"  {line['index']} {line['run_dir']}", file=sys.stderr)
+            marker = os.path.join(line["run_dir"], CLAIMED_TWICE)
+            note = f" (suspect: claimed twice, two workers may have written it; see {marker})" if suspect(
+                line["run_dir"]) else ""
+            print(f"  {line['index']} {line['run_dir']}{note}", file=sys.stderr)
     return 1 if left else 0
 
 
@@ -728,6 +864,9 @@ def main(argv):
         return unfinished(args[0])
     if what == "gpus":
         print(len(visible_gpus()))
+        return 0
+    if what == "shutdown-timeout":
+        print(shutdown_timeout())
         return 0
     raise PlanError(f"plan.py: unknown command '{what}'")
 

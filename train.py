@@ -149,6 +149,10 @@ def finish(run, state, steps_here, data, proc):
         dist.barrier()
         dist.destroy_process_group()
     if run.stopped:
+        if os.environ.get("TORCHELASTIC_RUN_ID") and proc.local_rank == 0:
+            # torchrun restarts (--max-restarts) workers that stopped on a signal it did not get itself: each node's
+            # agent is told to stop too, and ends its workers (they ignore a repeated SIGTERM) without a restart
+            os.kill(os.getppid(), signal.SIGTERM)
         sys.exit(128 + run.stopped)
 
 

@@ -316,6 +316,10 @@ def load_runs(paths, include_partial=False, pool=()):
         if not include_partial and not os.path.exists(os.path.join(d, "done")):
             warn(f"skipped unfinished run {d} (no 'done'; --include-partial to use it)")
             continue
+        if os.path.exists(os.path.join(d, "claimed-twice")):  # (plan.py: its plan line ran twice, maybe at once)
+            warn(f"skipped suspect run {d} (claimed-twice: two workers may have written it at once; check it, then "
+                 f"delete the folder to run it again, or the file to keep it)")
+            continue
         try:
             run = read_run(d)
         except RunError as e:

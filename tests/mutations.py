@@ -35,6 +35,11 @@ NO_SMI = PLANS + "test_without_nvidia_smi_torch_counts_the_gpus_and_runs_on_gpus
 OLDER_FILES = PLANS + "test_unfinished_counts_a_run_of_an_older_recipe_or_plugin_as_not_the_lines"
 REQUEUED = PLANS + "test_a_local_array_two_at_once_killed_and_requeued_resumes_to_the_sweeps_numbers"
 BAD_PATH = PLANS + "test_a_bad_plan_path_or_a_plan_being_run_is_refused_in_one_line_and_nothing_is_left"
+TWICE = PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"
+ALONE = PLANS + "test_a_run_stopped_by_a_signal_sent_to_it_alone_is_named_resumable_and_nothing_new_starts"
+PASSED_ON = PLANS + "test_a_signalled_sweep_passes_it_on_waits_for_its_run_to_checkpoint_and_stops"
+BY_HAND = PLANS + "test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each"
+ONE_PER_GPU = PLANS + "test_no_two_runs_of_any_plans_share_a_gpu_of_the_machine"
 C = "tests/test_compile.py::"
 REL = "tests/test_reliability.py::"
 STOPPED = REL + "test_a_signal_mid_training_checkpoints_the_next_step_exits_128_plus_it_and_resumes_exactly"
@@ -578,10 +583,10 @@ MUTATIONS = [
      '                except Exception as e:\n                    self.fail(line, f"{type(e).__name__}: {e}")',
      "                except Exception:\n                    raise",
      PLANS + "test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run"),
-    ("an array task whose line is held elsewhere exits 0", "plan.py", "        if self.busy and self.own:",
-     "        if False:", HELD),
-    ("--next: the lines left to other workers unsaid", "plan.py", "        if self.busy:  # fine",
-     "        if False:  # fine", HELD),
+    ("an array task whose line is held elsewhere exits 0", "plan.py", "    if r.busy and r.own:",
+     "    if False:", HELD),
+    ("--next: the lines left to other workers unsaid", "plan.py", "    if r.busy:  # fine",
+     "    if False:  # fine", HELD),
     ("a held line named by its pid alone (no host, no SLURM job)", "plan.py",
      """return f"pid {c['pid']} on {c['host']}\"""", """return f"pid {c['pid']}\" or f\"""", HELD),
     ("a run folder taken by hand after the claim counted a failure", "plan.py",
@@ -675,10 +680,10 @@ MUTATIONS = [
      "    if False:  # its lines would change", BAD_PATH),
     ("a line claimed twice (flock not shared across nodes) passes unseen", "plan.py",
      "        other = claimed_again(held)\n", "        other = None\n",
-     PLANS + "test_a_line_claimed_twice_where_flock_is_not_shared_fails_named"),
+     TWICE),
     ("--next workers started by hand on one machine all train on GPU 0", "plan.py",
-     '    if need > 0 and "CUDA_VISIBLE_DEVICES" not in os.environ:\n        gpu_slots',
-     "    if False:\n        gpu_slots", PLANS + "test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each"),
+     "    if need > 0 and not scheduled_gpus():\n        if need > len(have)",
+     "    if False:\n        if need > len(have)", BY_HAND),
     ("a plan's hint promises --next in each of N shells", "plan.py", "run-plan {args[0]} --parallel N   (each",
      "run-plan {args[0]} --next in each of N shells   (each",
      PLANS + "test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing"),
@@ -700,6 +705,46 @@ MUTATIONS = [
     ("workers that ignore SIGTERM left to multiprocessing's exit (it joins them forever)", "data/folder.py",
      "            p.kill()\n", "            pass\n",
      "tests/test_data.py::test_a_damaged_image_stops_the_run_with_one_line_naming_it"),
+    # issue 39's third review: GPUs across plans, stops, double claims, small gaps
+    ("a plan's write tests its claims outside the pick lock (a claiming worker takes a free line for held)",
+     "plan.py", 'fcntl.flock(stack.enter_context(open(plan + ".lock")), fcntl.LOCK_EX)',
+     'stack.enter_context(open(plan + ".lock"))',
+     PLANS + "test_writing_a_plan_again_never_makes_a_worker_take_a_free_line_for_held"),
+    ("--nnodes x unchecked (a shell error, then a sweep as if on one node)", "launch.sh",
+     'if [[ ! "$NNODES" =~ ^[1-9][0-9]*$ ]]; then', "if false; then",
+     L + "test_bad_gpus_and_threads_are_one_line_and_write_nothing"),
+    ("a preset takes CONSTANT, STANDARD and BUDGETS from the environment", "launch.sh",
+     '  CONSTANT=0; STANDARD=1; BUDGETS=""\n', "",
+     L + "test_a_preset_ignores_the_sweep_design_variables_of_the_environment_and_says_so"),
+    ("a run folder found claimed twice after its run left unmarked", "plan.py",
+     '        if ran and os.path.isdir(line["run_dir"]):', "        if False:", TWICE),
+    ("a run marked claimed twice counts as finished", "plan.py",
+     '"done")) or suspect(line["run_dir"]):', '"done")):', TWICE),
+    ("a rerun runs a line marked claimed twice", "plan.py",
+     '        if suspect(line["run_dir"]):\n            marker', "        if False:\n            marker", TWICE),
+    ("the analysis reads a run marked claimed twice", "analysis/runs.py",
+     'if os.path.exists(os.path.join(d, "claimed-twice")):', "if False:", TWICE),
+    ("run-plan counts a run stopped by a signal sent to it alone a failure", "plan.py",
+     "            if rc in STOPPED:  # its checkpoint", "            if False:  # its checkpoint", ALONE),
+    ("a sweep counts a run stopped by a signal sent to it alone a failure and goes on", "launch.sh",
+     "  [ -n \"$sig\" ] || case $rc in 130) sig=INT;; 143) sig=TERM;; esac", "  true", ALONE),
+    ("torchrun's workers keep its 30 s grace under run-plan", "plan.py",
+     'return ["env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown_timeout()}", python(), "-m"',
+     'return [python(), "-m"', PLANS + "test_parallel_slices_the_gpus_and_the_cores_and_records_them"),
+    ("torchrun's workers keep its 30 s grace under a sweep", "launch.sh",
+     'echo "env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT $VENV', 'echo "$VENV', PASSED_ON),
+    ("a signalled sweep dies at once, its run going on", "launch.sh",
+     "TRAIN_REFUSAL_FILE=$refusal in_foreground $cmd", "TRAIN_REFUSAL_FILE=$refusal $cmd", PASSED_ON),
+    ("--parallel takes no GPU lock (shares GPUs with other plans' workers)", "plan.py",
+     "    gpus = (ids, max(lines[0][\"gpus\"], 1), n) if ids and not scheduled_gpus() else None", "    gpus = None",
+     ONE_PER_GPU),
+    ("GPU locks per plan again (two plans share a GPU)", "plan.py", "    folder, waiting = gpu_locks(), False",
+     '    folder, waiting = plan + ".gpus", False', ONE_PER_GPU),
+    ("a SLURM job's GPUs locked (its GPU 0 is another job's GPU 0)", "plan.py",
+     '    return bool(os.environ.get("SLURM_JOB_ID")) and "CUDA_VISIBLE_DEVICES" in os.environ', "    return False",
+     BY_HAND),
+    ("torchrun restarts ranks that stopped on a signal it did not get (--max-restarts)", "train.py",
+     "            os.kill(os.getppid(), signal.SIGTERM)\n", "            pass\n", STOPPED_DDP),
 ]
 
 

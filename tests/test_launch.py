@@ -160,6 +160,18 @@ def test_the_vit_study_pilot_plans_its_standard_runs_at_three_budgets_only():
                and "--amp none" in line for line in p.stdout.splitlines() if "train.py" in line)
 
 
+def test_a_preset_ignores_the_sweep_design_variables_of_the_environment_and_says_so():
+    """CONSTANT, STANDARD and BUDGETS exported in the shell (a leftover of an earlier sweep) added constant runs to a
+    preset or dropped its standard runs, unsaid: a preset runs its own design and names what it ignored."""
+    run = lambda env: subprocess.run([os.path.join(ROOT, "launch.sh"), "vit-study", "--pilot", "--dry-run"],  # noqa
+                                     cwd=ROOT, env=dict(ENV, **env), capture_output=True, text=True, timeout=120)
+    plain, leftover = run({}), run({"CONSTANT": "1", "STANDARD": "0", "BUDGETS": "2"})
+    assert plain.returncode == leftover.returncode == 0 and leftover.stdout == plain.stdout, leftover.stdout
+    assert leftover.stderr.splitlines() == [
+        "launch.sh: vit-study: CONSTANT=1 STANDARD=0 BUDGETS='2' from the environment ignored: a preset runs its own "
+        "design (unset them)"], leftover.stderr
+
+
 def test_the_resnet_counterpart_runs_the_same_design_with_the_small_resnet():
     """vit-study --resnet: the study's regime and sets with the small ResNet's recipe (bf16, lr 0.2 for batch 128),
     into results/resnet-fmnist: 7 sets x 3 seeds x (5 standard budgets + cyclic and cyclic-decay)."""
@@ -275,9 +287,12 @@ def test_plan_and_parallel_come_from_the_flags_never_the_environment(tmp_path):
     (["--gpus", "1.5"], {}, "got '1.5'"),
     ([], {"OMP_NUM_THREADS": "x"}, "launch.sh: OMP_NUM_THREADS='x' is no number of threads"),
     (["--parallel", "2"], {"OMP_NUM_THREADS": "0"}, "launch.sh: OMP_NUM_THREADS='0' is no number of threads"),
-], ids=["gpus-per-run x", "gpus-per-run -1", "gpus 1.5", "OMP x plan", "OMP 0 parallel"])
+    (["--nnodes", "x"], {}, "launch.sh: --nnodes (or NNODES) takes the number of nodes (1, 2, ...), got 'x'"),
+    (["--parallel", "2"], {"NNODES": "2.5"}, "launch.sh: --nnodes (or NNODES) takes the number of nodes"),
+], ids=["gpus-per-run x", "gpus-per-run -1", "gpus 1.5", "OMP x plan", "OMP 0 parallel", "nnodes x", "NNODES 2.5"])
 def test_bad_gpus_and_threads_are_one_line_and_write_nothing(tmp_path, args, env, told):
-    """Each used to reach a shell test or plan.py's int() (a traceback, or a sweep on the CPU)."""
+    """Each used to reach a shell test or plan.py's int() (a traceback, or a sweep on the CPU; --nnodes x: a shell
+    error, then the sweep as if on one node)."""
     out = tmp_path / "study"
     plan = [] if "--parallel" in args else ["--plan", str(out / "plan")]
     p = launch(*plan, *args, *PLANNED, *SMALL, out=out, env=dict(NO_SETUP, **env), check=False)

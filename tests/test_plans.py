@@ -66,7 +66,8 @@ except BlockingIOError:
     sys.exit(2)
 lock.write(f"{os.getpid()}\n")
 lock.flush()
-keys = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TRAIN_CONCURRENT_RUNS", "SLURM_ARRAY_TASK_ID")
+keys = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TRAIN_CONCURRENT_RUNS", "SLURM_ARRAY_TASK_ID",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 log(event="start", env={k: os.environ.get(k) for k in keys}, cores=sorted(os.sched_getaffinity(0)), args=args)
 if os.environ.get("FAKE_GRANDCHILD"):  # as torchrun's workers: a process in a session of its own
     kid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True,
@@ -99,7 +100,8 @@ def fake(tmp_path):
                       f'exit;; esac\nexec {sys.executable} "$@"\n')
     python.chmod(0o755)
     env = dict(ENV, VENV=str(tmp_path / "venv"), FAKE_LOG=str(tmp_path / "log"), SKIP_SETUP="1",
-               SLURM_SHIM_STATE=str(tmp_path / "slurm"), PATH=f"{SHIMS}:{os.environ['PATH']}")
+               SLURM_SHIM_STATE=str(tmp_path / "slurm"), PATH=f"{SHIMS}:{os.environ['PATH']}",
+               CYCLIC_GPU_LOCKS=str(tmp_path / "gpu-locks"))  # (this machine's GPU locks: the test's own)
 
     def events(kind="start"):
         if not os.path.exists(tmp_path / "log"):
@@ -132,7 +134,7 @@ def numbered(out, n):
 
 def real_env(tmp_path):
     return dict(ENV, VENV=os.path.join(ROOT, ".venv"), SKIP_SETUP="1", SLURM_SHIM_STATE=str(tmp_path / "slurm"),
-                PATH=f"{SHIMS}:{os.environ['PATH']}")
+                PATH=f"{SHIMS}:{os.environ['PATH']}", CYCLIC_GPU_LOCKS=str(tmp_path / "gpu-locks"))
 
 
 def test_a_plan_is_the_sweeps_runs_in_its_order_and_runs_nothing(tmp_path, fake):
@@ -278,15 +280,16 @@ def test_parallel_slices_the_gpus_and_the_cores_and_records_them(tmp_path, fake)
     runs = events()
     assert len(runs) == 4 and {e["env"]["CUDA_VISIBLE_DEVICES"] for e in runs} == {"0,1", "2,3"}
     assert all(e["args"][e["args"].index("--nproc_per_node") + 1] == "2" for e in runs)  # torchrun, 2 processes
+    assert {e["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] for e in runs} == {"120"}  # its workers' grace to checkpoint
     assert {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in runs} == {"2"}
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) >= 2 and shutil.which("taskset"):  # each run its half of the cores
-        by_slot = {e["env"]["CUDA_VISIBLE_DEVICES"]: e["cores"] for e in runs}
-        assert not set(by_slot["0,1"]) & set(by_slot["2,3"]) and len(by_slot["0,1"]) == len(cores) // 2
+        assert all(not set(a["cores"]) & set(b["cores"]) for a, b in overlapping(runs, events("end")))
+        assert {len(e["cores"]) for e in runs} == {len(cores) // 2}
     # a SLURM allocation's GPUs (CUDA_VISIBLE_DEVICES) sliced one per run (no --gpus-per-run: one process each)
     write_plan(tmp_path / "p2" / "plan", tmp_path / "p2", numbered(tmp_path / "p2", 4))
     sh(sys.executable, "plan.py", "parallel", str(tmp_path / "p2" / "plan"), "2",
-       env=dict(env, CUDA_VISIBLE_DEVICES="5,7"))
+       env=dict(env, CUDA_VISIBLE_DEVICES="5,7", SLURM_JOB_ID="9"))
     second = [e for e in events() if "/p2/" in e["run"]]
     assert {e["env"]["CUDA_VISIBLE_DEVICES"] for e in second} == {"5", "7"}
     assert all("torch.distributed.run" not in e["args"] for e in second)
@@ -294,9 +297,9 @@ def test_parallel_slices_the_gpus_and_the_cores_and_records_them(tmp_path, fake)
 
 def test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each(tmp_path, fake):
     """Three `--next` workers on a machine of 2 GPUs whose environment names none (not a SLURM allocation): each line
-    gets a free GPU of its own (a slot flocked in PLAN.gpus/, the third worker waits for one), and records the runs
-    on the machine then; CUDA_VISIBLE_DEVICES given (SLURM) is left as it is; `run-plan --parallel 2` slices them
-    too; a line wider than the machine is one line, exit 2."""
+    gets a free GPU of its own (locked machine-wide, the third worker waits for one), and records the runs on the
+    machine then; a SLURM job's CUDA_VISIBLE_DEVICES is left as it is; `run-plan --parallel 2` takes them too; a
+    line wider than the machine is one line, exit 2."""
     env, events = fake
     gpus = tmp_path / "bin"
     gpus.mkdir()
@@ -309,14 +312,12 @@ def test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each(tmp_path, f
     workers = [subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), "--next"], cwd=ROOT,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     assert [w.wait(120) for w in workers] == [0, 0, 0], [w.communicate() for w in workers]
-    ends = {e["pid"]: e["t"] for e in events("end")}
-    runs = [(e["t"], ends[e["pid"]], e["env"]["CUDA_VISIBLE_DEVICES"]) for e in events()]
-    assert len(runs) == 5 and {gpu for _, _, gpu in runs} <= {"0", "1"}, runs
-    overlapping = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:] if a[0] < b[1] and b[0] < a[1]]
-    assert overlapping and all(a[2] != b[2] for a, b in overlapping), runs  # never two runs on one GPU at once
+    assert len(events()) == 5 and {e["env"]["CUDA_VISIBLE_DEVICES"] for e in events()} <= {"0", "1"}, events()
+    pairs = overlapping(events(), events("end"))  # never two runs on one GPU at once
+    assert pairs and all(a["env"]["CUDA_VISIBLE_DEVICES"] != b["env"]["CUDA_VISIBLE_DEVICES"] for a, b in pairs)
     assert "2" in {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in events()}
     write_plan(plan, out, numbered(out, 6), gpus=1)
-    launch("run-plan", str(plan), "--index", "5", env=dict(env, CUDA_VISIBLE_DEVICES="7"))  # SLURM's: as given
+    launch("run-plan", str(plan), "--index", "5", env=dict(env, CUDA_VISIBLE_DEVICES="7", SLURM_JOB_ID="8"))  # SLURM's
     assert (events()[-1]["env"]["CUDA_VISIBLE_DEVICES"], events()[-1]["env"]["TRAIN_CONCURRENT_RUNS"]) == ("7", None)
     other = tmp_path / "other"
     write_plan(other / "plan", other, numbered(other, 2), gpus=1)
@@ -327,6 +328,40 @@ def test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each(tmp_path, f
     assert p.returncode == 2 and p.stderr.splitlines() == [
         f"launch.sh: run-plan: {other}/plan: runs on 3 GPU(s); this machine has 2 (0,1): run it on a node with 3"]
     assert len(events()) == 8
+
+
+def overlapping(starts, ends):
+    """The pairs of runs (their start events) that ran at the same time."""
+    end = {e["pid"]: e["t"] for e in ends}
+    return [(a, b) for i, a in enumerate(starts) for b in starts[i + 1:]
+            if a["t"] < end[b["pid"]] and b["t"] < end[a["pid"]]]
+
+
+def test_no_two_runs_of_any_plans_share_a_gpu_of_the_machine(tmp_path, fake):
+    """GPU slots were a plan's own (PLAN.gpus/) and `--parallel` took none: a `--next` worker of one plan and a
+    `--parallel 2` of another on a machine of 2 GPUs trained two runs on GPU 0. Every worker that picks its GPUs now
+    locks each machine-wide (CYCLIC_GPU_LOCKS, else /tmp/cyclic-tradeoff-gpus-UID), waiting, said once, while too
+    few are free; a SLURM job's GPUs (SLURM_JOB_ID with CUDA_VISIBLE_DEVICES) are its own and taken as given."""
+    env, events = fake
+    gpus = tmp_path / "bin"
+    gpus.mkdir()
+    (gpus / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    (gpus / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(PATH=f"{gpus}:{env['PATH']}", FAKE_SECONDS="3")
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_plan(a / "plan", a, numbered(a, 2), gpus=1)
+    write_plan(b / "plan", b, numbered(b, 3), gpus=1)
+    workers = [subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), *how], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for plan, how in ((a / "plan", ["--next"]), (b / "plan", ["--parallel", "2"]))]
+    assert [w.wait(120) for w in workers] == [0, 0], [w.communicate() for w in workers]
+    told = "".join(w.stderr.read() for w in workers)
+    assert len(events()) == 5 and {e["env"]["CUDA_VISIBLE_DEVICES"] for e in events()} == {"0", "1"}, told
+    pairs = overlapping(events(), events("end"))
+    assert pairs and all(x["env"]["CUDA_VISIBLE_DEVICES"] != y["env"]["CUDA_VISIBLE_DEVICES"] for x, y in pairs)
+    assert "launch.sh: run-plan: waiting for 1 free GPU(s) of 0,1, held by pid " in told, told
+    assert {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in events() if "/b/" in e["run"]} == {"2"}
 
 
 def test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice(tmp_path, fake):
@@ -355,6 +390,61 @@ def test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_non
     sh(*sweep, env=env)  # the third time only the failed run is left
     assert [e["run"].split("study/")[1] for e in events()][-1] == "baseline/s1/cyclic" and len(events()) == 2 + 4 + 1
     assert events("twice") == []
+
+
+def test_a_run_stopped_by_a_signal_sent_to_it_alone_is_named_resumable_and_nothing_new_starts(tmp_path, fake):
+    """train.py's stop (a checkpoint, exit 128 + the signal) on a signal its launcher did not get (sent to the run
+    alone; a Ctrl-C that bash waits out) read as a failure, and the sweep or worker went on to start the next run:
+    now it is named stopped and resumable, nothing new starts, and the exit status is 128 + the signal."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 3))
+    sweep = ["sweep", "--out", str(tmp_path / "seq"), "--seeds", "0", "--cycles", "1", "--no-report", "--", "--data",
+             "synthetic", "--amp", "none"]
+    for how, signum, first in ((["run-plan", str(plan), "--next"], signal.SIGTERM, f"{out}/r0"),
+                               (sweep, signal.SIGINT, f"{tmp_path}/seq/baseline/s0/cyclic")):
+        p = subprocess.Popen([os.path.join(ROOT, "launch.sh"), *how], cwd=ROOT, env=dict(env, FAKE_SECONDS="60"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not [e for e in events() if e["run"] == first] and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(events()[-1]["pid"], signum)
+        stderr = p.communicate(timeout=60)[1]
+        name = signal.Signals(signum).name
+        assert p.returncode == 128 + signum and "FAILED" not in stderr, stderr
+        assert stderr.splitlines()[-2:] == [
+            f"launch.sh: stopped ({name}, exit {128 + signum}; resumable from its last checkpoint): {first}",
+            "launch.sh: stopped by a signal: no run was started after it; run the same command again to resume it"], \
+            stderr
+        assert events()[-1]["run"] == first and events("end") == []
+
+
+def test_a_signalled_sweep_passes_it_on_waits_for_its_run_to_checkpoint_and_stops(tmp_path, fake):
+    """A SIGTERM to a plain sweep (SLURM's early warning, --signal=TERM@300, reaches every process of the step) used
+    to kill launch.sh at once: its run went on orphaned (and SLURM kills what a step leaves when its task ends). Now
+    launch.sh passes it on, waits for the run's checkpoint, starts nothing more and exits 143; torchrun lines get
+    120 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, in the printed command) before torchrun SIGKILLs its workers."""
+    env, events = fake
+    sweep = [os.path.join(ROOT, "launch.sh"), "sweep", "--out", str(tmp_path / "study"), "--seeds", "0", "--cycles",
+             "1", "--no-report", "--", "--data", "synthetic", "--amp", "none"]
+    p = subprocess.Popen(sweep, cwd=ROOT, env=dict(env, FAKE_SECONDS="60", FAKE_GRACE="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not events() and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    stderr = p.communicate(timeout=60)[1]
+    first = f"{tmp_path}/study/baseline/s0/cyclic"
+    assert p.returncode == 143 and [e["run"] for e in events("stopped")] == [first], stderr  # before launch.sh ended
+    assert stderr.splitlines()[-2:] == [
+        f"launch.sh: stopped (SIGTERM, exit 143; resumable from its last checkpoint): {first}",
+        "launch.sh: stopped by a signal: no run was started after it; run the same command again to resume it"]
+    assert len(events()) == 1 and not alive(events()[0]["pid"])
+    dry = sh(*sweep[:2], "--dry-run", "--gpus", "2", *sweep[2:], env=env).stdout
+    assert " train.py " in dry and all(line.startswith("env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 ") for line in
+                                       dry.splitlines() if " train.py " in line), dry
+    for script in ("array", "sweep"):  # SLURM's early warning to the steps (not B:, the batch shell alone)
+        assert "\n#SBATCH --signal=TERM@300\n" in open(os.path.join(ROOT, "slurm", f"{script}.sbatch")).read()
 
 
 def test_a_local_array_runs_its_lines_one_at_a_time_with_slurms_variables(tmp_path, fake):
@@ -439,10 +529,40 @@ plan.claim = claim"""
     assert [e["run"] for e in events()] == [f"{out}/r1"] and f"skip (done): {out}/r0" in p.stdout.splitlines()
 
 
+def test_writing_a_plan_again_never_makes_a_worker_take_a_free_line_for_held(tmp_path, fake):
+    """The write's test for held lines flocks each free claim file for a moment; a worker claiming that line then
+    found it locked and left it to the claim's last holder (a dead worker: --index K exited 1, 'held elsewhere').
+    The test holds the plan's pick lock, where workers claim: the worker waits for it, then runs its line."""
+    env, events = fake
+    out, plan = tmp_path / "study", tmp_path / "study" / "plan"
+    write_plan(plan, out, numbered(out, 1))
+    p = sh(sys.executable, "plan.py", "run", str(plan), "--index", "0", env=dict(env, FAKE_DIE="r0"), check=False)
+    assert p.returncode == 1 and os.listdir(f"{plan}.claims")  # line 0's claim file, free, the line unfinished
+    patch = """import time
+real = plan.try_lock
+def try_lock(path, create):
+    f, holder = real(path, create)
+    if f is not None and not create:  # the write's test, on a free claim: slowed down
+        print("holding", flush=True)
+        time.sleep(3)
+    return f, holder
+plan.try_lock = try_lock"""
+    write = subprocess.Popen([*patched_plan(tmp_path, patch), "write", str(plan), str(out), "0", "test"], cwd=ROOT,
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    write.stdin.write("".join(f"{d}\t{argv}\n" for d, argv in numbered(out, 1)))
+    write.stdin.close()
+    assert write.stdout.readline() == "holding\n"
+    worker = sh(sys.executable, "plan.py", "run", str(plan), "--index", "0", env=env, check=False)
+    assert write.wait(30) == 0
+    assert worker.returncode == 0 and (out / "r0" / "done").exists(), worker.stderr
+
+
 def test_a_line_claimed_twice_where_flock_is_not_shared_fails_named(tmp_path, fake):
     """A file system whose flock does not reach across nodes (simulated: flock does nothing in either worker) lets a
     second worker claim a line the first runs; its record replaces the first's in the claim file, which the first
-    reads back after its run: it fails the line naming the cause and the other claimant (exit 1)."""
+    reads back after its run: it fails the line naming the cause and the other claimant (exit 1), and marks the run
+    folder suspect (claimed-twice: both may have written it): its 'done' no longer counts, for `unfinished`, the
+    analysis or a rerun (which names the marker and runs nothing) until someone checks the run."""
     env, events = fake
     out, plan = tmp_path / "study", tmp_path / "study" / "plan"
     write_plan(plan, out, numbered(out, 1))
@@ -458,8 +578,21 @@ def test_a_line_claimed_twice_where_flock_is_not_shared_fails_named(tmp_path, fa
     assert first.returncode == 1 and stderr.splitlines()[-2:] == [
         "launch.sh: 1 run(s) failed, see their messages above:",
         f"  {out}/r0 (flock on {plan}.claims is not shared across nodes: line 0 claimed twice, also by pid "
-        f"{second.pid} on {socket.gethostname()})"], stderr
+        f"{second.pid} on {socket.gethostname()}; marked suspect: {out}/r0/claimed-twice)"], stderr
     assert second.returncode == 1 and len(events("twice")) == 1
+    assert (out / "r0" / "claimed-twice").exists() and (out / "r0" / "done").exists()  # (written by the first)
+    p = sh(sys.executable, "plan.py", "unfinished", str(plan), env=env, check=False)
+    assert p.returncode == 1 and p.stderr.splitlines()[1:] == [f"  0 {out}/r0 (suspect: claimed twice, two workers "
+                                                               f"may have written it; see {out}/r0/claimed-twice)"]
+    again = launch("run-plan", str(plan), "--next", env=env, check=False)
+    assert again.returncode == 1 and len(events()) == 1 and again.stderr.splitlines()[-1] == (
+        f"  {out}/r0 (suspect: {out}/r0/claimed-twice says two workers may have written it at once: check the run, "
+        f"then delete its folder to run the line again, or the file to keep the run)"), again.stderr
+    from test_analysis import write_run  # a readable run so marked: the analysis leaves it out, named
+    from analysis.runs import load_runs
+    run = write_run(tmp_path, "marked", "standard", [], [(1, 50.0, 1.0, 0, 1)])
+    (run / "claimed-twice").write_text("line 0 claimed twice\n")
+    assert load_runs([str(run)]) == []
 
 
 def test_a_line_that_cannot_be_started_fails_named_and_the_others_still_run(tmp_path, fake):
