@@ -295,18 +295,24 @@ def test_parallel_slices_the_gpus_and_the_cores_and_records_them(tmp_path, fake)
     assert all("torch.distributed.run" not in e["args"] for e in second)
 
 
+def two_gpu_machine(env, tmp_path, seconds):
+    """The fake's environment on a machine whose nvidia-smi lists GPUs 0 and 1 and names none in the environment
+    (not a SLURM allocation), each fake run lasting `seconds`."""
+    gpus = tmp_path / "bin"
+    gpus.mkdir()
+    (gpus / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    (gpus / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return dict(env, PATH=f"{gpus}:{env['PATH']}", FAKE_SECONDS=str(seconds))
+
+
 def test_workers_started_by_hand_on_one_machine_take_a_gpu_slot_each(tmp_path, fake):
     """Three `--next` workers on a machine of 2 GPUs whose environment names none (not a SLURM allocation): each line
     gets a free GPU of its own (locked machine-wide, the third worker waits for one), and records the runs on the
     machine then; a SLURM job's CUDA_VISIBLE_DEVICES is left as it is; `run-plan --parallel 2` takes them too; a
     line wider than the machine is one line, exit 2."""
     env, events = fake
-    gpus = tmp_path / "bin"
-    gpus.mkdir()
-    (gpus / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
-    (gpus / "nvidia-smi").chmod(0o755)
-    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
-    env.update(PATH=f"{gpus}:{env['PATH']}", FAKE_SECONDS="1")
+    env = two_gpu_machine(env, tmp_path, seconds=1)
     out, plan = tmp_path / "study", tmp_path / "study" / "plan"
     write_plan(plan, out, numbered(out, 5), gpus=1)
     workers = [subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(plan), "--next"], cwd=ROOT,
@@ -343,12 +349,7 @@ def test_no_two_runs_of_any_plans_share_a_gpu_of_the_machine(tmp_path, fake):
     locks each machine-wide (CYCLIC_GPU_LOCKS, else /tmp/cyclic-tradeoff-gpus-UID), waiting, said once, while too
     few are free; a SLURM job's GPUs (SLURM_JOB_ID with CUDA_VISIBLE_DEVICES) are its own and taken as given."""
     env, events = fake
-    gpus = tmp_path / "bin"
-    gpus.mkdir()
-    (gpus / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
-    (gpus / "nvidia-smi").chmod(0o755)
-    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
-    env.update(PATH=f"{gpus}:{env['PATH']}", FAKE_SECONDS="3")
+    env = two_gpu_machine(env, tmp_path, seconds=3)
     a, b = tmp_path / "a", tmp_path / "b"
     write_plan(a / "plan", a, numbered(a, 2), gpus=1)
     write_plan(b / "plan", b, numbered(b, 3), gpus=1)
