@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import sys
+import textwrap
 from dataclasses import asdict, dataclass
 
 import torch
@@ -94,13 +95,15 @@ def method_dests():
 def build_parser():
     p = argparse.ArgumentParser(description="Train one network and write one run directory (the run format: "
                                 "docs/run-format.md).", allow_abbrev=False,  # launch.sh matches flags
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # by their whole names
+                                formatter_class=DefaultsHelp,  # by their whole names
                                 add_help=False)
     p.add_argument("-h", "--help", action=ShortHelp, help="the option groups, and where each is documented")
     p.add_argument("--help-all", action="help", help="every option, with its default")
-    p.add_argument("--check", action="store_true",
-                   help="check the options, recipes, plug-ins, model and (where it is here) the data as a run would, "
-                        "print one line and exit: nothing is written or trained")
+    p.add_argument("--check", nargs="?", const="all", default=None, choices=("all", "shape"),
+                   help="check a command as a run would before training (options, recipes, plug-ins, --run-dir and "
+                        "--resume, the model with its methods on the data, the schedule), print one line and exit: "
+                        "nothing is written or trained; 'shape': data that is not here is checked by its dataset's "
+                        "shape and size (else it fails)")
     p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                    help="a recipe: any of these options as 'name: value' lines (recipes/); repeatable, a later file "
                         "over an earlier one; flags given override them")
@@ -137,10 +140,10 @@ def add_schedule_flags(p):
     g.add_argument("--schedule", default="cyclic", help=" | ".join(schedules.SCHEDULES))
     g.add_argument("--epochs", type=float, default=None, help="total epochs (all but standard: must end a cycle)")
     g.add_argument("--cycles", type=int, default=None, help="number of cycles (budgets), instead of --epochs (3)")
-    g.add_argument("--warmup-epochs", type=float, default=0.5)
+    g.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup from 0 to --lr, in epochs")
     g.add_argument("--t0", type=float, default=0.5, help="first cycle's period")
     g.add_argument("--t-mult", type=int, default=None, help="period multiplier (default 2; constant: 1)")
-    g.add_argument("--eta-min", type=float, default=0.0)
+    g.add_argument("--eta-min", type=float, default=0.0, help="the LR at the end of each cosine period")
     g.add_argument("--cycle-decay", type=float, default=0.7, metavar="GAMMA",
                    help="cyclic-decay: peak of cycle i is lr * GAMMA^i")
     g.add_argument("--cooldown-frac", type=float, default=0.2, metavar="F",
@@ -166,8 +169,8 @@ def add_optimisation_flags(p):
                    help="clip the global gradient norm to NORM (after fp16 unscaling, on the all-reduced gradient); "
                         "0: off")
     g.add_argument("--lr", type=float, default=0.4, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum (sgdw)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum (sgdw)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled: per-step decay is wd * lr / peak lr")
     g.add_argument("--amp", default="auto", help="auto | none | bf16 | fp16; auto: on a CPU with native bf16 the faster "
                    "of fp32 and bf16 for this model, timed over a few steps; on a GPU bf16 where native, else fp16")
@@ -182,7 +185,7 @@ def add_optimisation_flags(p):
                         "measured on one rank's share of the batch at WORLD_SIZE ranks (default 1)")
     g.add_argument("--deterministic", action="store_true",
                    help="GPU: no TF32, no cudnn autotuning, deterministic kernels (slower; bitwise-exact resume)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="the run's seed: weights, data order, augmentation, methods")
 
 
 def add_run_flags(p):
@@ -208,6 +211,15 @@ def add_run_flags(p):
                    help="skip up to N optimizer steps whose loss is NaN/inf instead of stopping (checks every step)")
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help-all: each option's default where it has one to show (not None, off, empty, or said in its help)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, "", []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ShortHelp(argparse.Action):
     """--help: the usage, each option group in a line (its first flags), and where the manual is; --help-all has
     every option."""
@@ -219,11 +231,13 @@ class ShortHelp(argparse.Action):
         lines = [parser.description, "", "usage: python train.py [options]   (torchrun --nproc_per_node=N train.py ... "
                  "for DDP)", ""]
         for group in parser._action_groups[2:]:  # after argparse's own positional and optional groups
-            flags = [a.option_strings[-1] for a in group._group_actions if a.help != argparse.SUPPRESS]
-            lines.append(f"  {group.title}: {' '.join(flags[:8])}{' ...' if len(flags) > 8 else ''}")
-        lines += ["", "also: --config FILE.yaml (a recipe), --check (check a command and exit), --help-all (every "
-                  "option with its default)", "manual: docs/training.md (flags by group, recipes, trackers, "
-                  "precision), docs/methods.md (the methods and their options)"]
+            flags = [a.option_strings[0] for a in group._group_actions if a.help != argparse.SUPPRESS]
+            lines += [f"{group.title}:"] + textwrap.wrap(" ".join(flags), 100, initial_indent="  ",
+                                                         subsequent_indent="  ", break_on_hyphens=False)
+        lines += ["", "  python train.py --schedule standard --epochs 4 --method label_smoothing   # one standard run",
+                  "  python train.py --config recipes/vit-fmnist.yaml --check                  # check a command",
+                  "", "--help-all: every option with its default and what it does", "the manual: docs/training.md "
+                  "(flags by group, recipes, trackers, precision), docs/methods.md (the methods)"]
         print("\n".join(lines))
         parser.exit()
 

@@ -52,6 +52,22 @@ def check_writable(run_dir):
                           f"or fix its permissions") from None
 
 
+def check_unlocked(run_dir):
+    """RunDirError where another train.py holds run_dir's lock (train.py --check: the lock is tried, not kept, and
+    nothing is created)."""
+    path = os.path.join(run_dir, "lock")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            holder = lock_or_holder(f)
+    except OSError:  # a file system without locks: the run itself says so (--no-lock)
+        return
+    if holder is not None:
+        raise RunDirError(f"--run-dir {run_dir} is in use by another train.py (pid {holder}); wait for it to "
+                          f"finish, stop it, or choose another --run-dir")
+
+
 def lock_run_dir(run_dir):
     """Create run_dir and hold an exclusive lock on run_dir/lock for the life of this process: one writer
     per run directory. Returns the open lock file (keep it referenced). The kernel drops the lock when the

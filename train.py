@@ -44,8 +44,8 @@ from options import fail, method_config, micro_batch_size, parse_args, resolve, 
 from plan import placement
 from resume import check_decay_convention, device_history, kept_precision, resume_decision, resumed_config
 from rng import restore_rng, rng_state
-from rundir import (MetricsLog, RunDirError, check_writable, lock_run_dir, mark_done, remove_run, save_checkpoint,
-                    write_config)
+from rundir import (MetricsLog, RunDirError, check_unlocked, check_writable, lock_run_dir, mark_done, remove_run,
+                    save_checkpoint, write_config)
 from stop import STOP
 from trackers import Trackers
 
@@ -184,22 +184,46 @@ def this_process(print_compile=None):
 
 
 def check_only(args, setup, methods, proc):
-    """--check: the options, recipes and plug-ins have passed resolve(); now the data is read where it is here (a
-    --data-dir that is a folder here; Fashion-MNIST's default folder), else stood in for by its shape and size
-    (data.StandIn), the model built on it with the methods and run once on blank images (build_run), and the schedule
-    planned at the run's steps per epoch (make_plan), as a run does before its first write. One line on stdout;
-    nothing written, trained or measured; a problem is the run's own one-line error, exit 2."""
-    here = data_here(args.dataset, args.data_dir)
-    args.workers = 0  # no DataLoader workers for a check
+    """--check: the options, recipes and plug-ins have passed resolve(); now --run-dir and --resume are decided as a
+    run would (read only: nothing moved or recorded; the lock tried, not kept), the data read where it is here (a
+    --data-dir that is a folder here; Fashion-MNIST's default folder), else, under --check shape, stood in for by its
+    shape and size (data.StandIn), the model built on it with the methods and run once on blank images (build_run),
+    and the schedule planned at the run's steps per epoch (make_plan), as a run does before training. One line on
+    stdout; nothing written, trained, downloaded or measured; a problem is the run's own one-line error, exit 2."""
+    check_writable(setup.run_dir)
+    check_unlocked(setup.run_dir)
+    try:
+        ckpt, wipe = resume_decision(args, setup, False)  # as a rank other than 0: it prints, moves and records nothing
+        start = "resumes its checkpoint" if ckpt else "replaces the run there" if wipe else "starts"
+    except SystemExit as e:  # a finished run under --resume: a run would exit 0 at once
+        if e.code:
+            raise
+        start = "is finished: a run exits at once"
+    here = data_here(args.dataset, args.data_dir) and not (args.download and not data_found(args))
+    if not here and args.check != "shape":
+        fail(f"--data-dir {args.data_dir or '(default)'}: the data is not here to check; run --check where it is, "
+             f"or give --check shape to check the command by its dataset's shape and size", options=True)
+    args.workers, args.download = 0, False  # no DataLoader workers, no download for a check
     stand_in = None if here else StandIn(args.dataset, proc.device, args.subset, args.image_size)
     loader = build_run(args, setup, methods, proc.device, proc.rank, proc.world_size, stand_in)[2]
     plan = make_plan(args, setup, loader.steps_per_epoch)
-    print(f"train.py --check: OK: --data {args.dataset} " + (f"read from {args.data_dir}" if here and args.data_dir
-                                                             else "read" if here else f"(not here: {args.data_dir}; "
-                                                             "checked by its shape and size)")
-          + f", --model {args.model}, {args.schedule} {setup.epochs:g} epochs = {plan.run_steps} steps at "
-          f"{loader.steps_per_epoch} per epoch, x{proc.world_size} ranks, methods {', '.join(setup.methods) or 'none'}"
-          f", amp {setup.amp}")
+    amp = "auto (measured as the run starts)" if precision.measures_precision(args, proc.device, proc.world_size) \
+        else setup.amp
+    print(f"train.py --check: OK: --run-dir {setup.run_dir} {start}; --data {args.dataset} "
+          + (f"read from {args.data_dir}" if here and args.data_dir else "read" if here
+             else f"not here ({args.data_dir or 'its default'}): checked by its shape and size")
+          + f"; --model {args.model}; {args.schedule} {setup.epochs:g} epochs = {plan.run_steps} steps at "
+          f"{loader.steps_per_epoch} per epoch, x{proc.world_size} ranks; methods {', '.join(setup.methods) or 'none'}"
+          f"; amp {amp}")
+
+
+def data_found(args):
+    """Whether a --download dataset is already in --data-dir (a check downloads nothing; a run would)."""
+    try:
+        build_data(args.dataset, args.data_dir, torch.device("cpu"), subset=1)
+        return True
+    except DataError:
+        return False
 
 
 def print_amp(args, setup, methods, proc):

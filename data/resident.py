@@ -79,6 +79,9 @@ def load_cifar(name, data_dir, download):
         tr, va = (cls(data_dir, train=t, download=download) for t in (True, False))
     except RuntimeError as e:
         raise DataError(f"--data-dir: {name} not found in {data_dir} ({e}); add --download where there is internet")
+    except OSError as e:  # --download without a network (URLError), or a folder it cannot write
+        raise DataError(f"--download: {name} could not be downloaded into {data_dir} ({e}); download it where there "
+                        f"is internet and pass that folder as --data-dir") from None
     arrays = []
     for ds, split in ((tr, "train"), (va, "test")):
         where = f"{os.path.join(data_dir, ds.base_folder)} ({split} batches)"

@@ -745,6 +745,12 @@ MUTATIONS = [
      BY_HAND),
     ("torchrun restarts ranks that stopped on a signal it did not get (--max-restarts)", "train.py",
      "            os.kill(os.getppid(), signal.SIGTERM)\n", "            pass\n", STOPPED_DDP),
+    ("a documented launch.sh flag renamed (--constant: docs/sweeps.md's synopsis)", "launch.sh",
+     "--constant) CONSTANT=1", "--constant-runs) CONSTANT=1",
+     "tests/test_docs.py::test_every_documented_command_of_ours_passes_its_check"),
+    ("a documented module flag renamed (analysis.compare's --x)", "analysis/compare.py",
+     'p.add_argument("--x", choices=axes.AXES', 'p.add_argument("--axis", choices=axes.AXES',
+     "tests/test_docs.py::test_every_documented_command_of_ours_passes_its_check"),
 ]
 
 
