@@ -34,6 +34,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -226,11 +227,13 @@ def finished(line, as_planned=False):
 
 # ---- claims ------------------------------------------------------------------------------------
 
-def try_lock(path, create):
-    """(open file holding an exclusive flock on path, None) or (None, what the holder wrote in it)."""
+def try_lock(path, create, private=False):
+    """(open file holding an exclusive flock on path, None) or (None, what the holder wrote in it). private: a file
+    of this user's alone (0600), never followed through a symlink."""
     if not create and not os.path.exists(path):
         return None, None
-    f = open(path, "a+")
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600), "a+") if private \
+        else open(path, "a+")
     holder = lock_or_holder(f)
     return (None, holder) if holder is not None else (f, None)
 
@@ -298,8 +301,9 @@ def claimed_line(plan):
     if not os.path.isdir(folder):
         return None
     with contextlib.ExitStack() as stack:
-        if os.path.exists(plan + ".lock"):  # (made before the first claim; opened read-only: nothing is written)
-            fcntl.flock(stack.enter_context(open(plan + ".lock")), fcntl.LOCK_EX)
+        if os.path.exists(plan + ".lock"):  # (made before the first claim; opened to append, as NFS's flock, a
+            # POSIX lock there, needs a file open for writing: nothing is written)
+            fcntl.flock(stack.enter_context(open(plan + ".lock", "a")), fcntl.LOCK_EX)
         for name in sorted(os.listdir(folder)):
             f, holder = try_lock(os.path.join(folder, name), create=False)
             if f is not None:
@@ -347,6 +351,16 @@ def gpu_locks():
     per user, since another user's files there would not open for writing (their runs are the scheduler's to
     keep apart)."""
     return os.environ.get("CYCLIC_GPU_LOCKS") or f"/tmp/cyclic-tradeoff-gpus-{os.getuid()}"
+
+
+def private_folder(folder):
+    """Create the GPU lock folder as this user's alone (0700), and refuse one that is a symlink or another user's (in
+    /tmp anyone may make it first, and a lock file there could be pointed at another file)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PlanError(f"run-plan: the GPU lock folder {folder} is not a folder of this user's alone (a symlink, "
+                        f"another user's, or writable by others); remove it, or set CYCLIC_GPU_LOCKS to one")
 
 
 def gpu_file(gpu):
@@ -435,11 +449,11 @@ def take_gpus(gpus, plan, lock, give_up):
         return {}, None
     ids, width, at_least = gpus
     folder, waiting = gpu_locks(), False
-    os.makedirs(folder, exist_ok=True)
+    private_folder(folder)
     while not give_up():
         with open(os.path.join(folder, "pick"), "a") as pick:  # one taker of the machine looks at a time
             fcntl.flock(pick, fcntl.LOCK_EX)
-            files = {g: try_lock(os.path.join(folder, gpu_file(g)), create=True) for g in ids}
+            files = {g: try_lock(os.path.join(folder, gpu_file(g)), create=True, private=True) for g in ids}
             free = [g for g, (f, _) in files.items() if f is not None]
             take = free[:width] if len(free) >= width else []
             for g in free:
@@ -447,6 +461,7 @@ def take_gpus(gpus, plan, lock, give_up):
                     files[g][0].close()
             held = [json_or_none(holder) or {} for f, holder in files.values() if f is None]
             taken = contextlib.ExitStack()
+            taken.files = [files[g][0] for g in take]  # the run inherits them (Runner.start): its lock, not ours
             for g in take:
                 f = taken.enter_context(files[g][0])
                 f.seek(0)
@@ -489,13 +504,14 @@ class ChildProcesses:
         self.signal, self.signalled_at, self.killed, self.wakeup = None, None, False, None
         self.children, self.lock = {}, threading.RLock()  # child -> started as a signal came (the handler takes it)
 
-    def start(self, line, cmd, env):
-        """Run cmd to its end: its exit status, or None where a signal came first (nothing started)."""
+    def start(self, line, cmd, env, keep=()):
+        """Run cmd to its end: its exit status, or None where a signal came first (nothing started). keep: open files
+        the child holds too (its GPUs' locks: a worker killed mid-run leaves them held by the run)."""
         pipe = subprocess.PIPE if self.prefix else None
         with self.lock:  # no child starts after the handler ran; one started as the signal came is marked for it
             if self.signal:
                 return None
-            p = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
+            p = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True, pass_fds=[f.fileno() for f in keep])
             self.children[p] = bool(select.select([self.wakeup], [], [], 0)[0]) if self.wakeup else False
         pumps = [threading.Thread(target=self.pump, args=(line, s, d)) for s, d in
                  ((p.stdout, sys.stdout), (p.stderr, sys.stderr)) if s is not None]
@@ -606,7 +622,7 @@ class Runner(ChildProcesses):
                     return
                 try:
                     with held:
-                        self.run(line, {**env, **gpus}, cores, held)
+                        self.run(line, {**env, **gpus}, cores, held, getattr(slot, "files", ()))
                 except Exception as e:
                     self.fail(line, f"{type(e).__name__}: {e}")
 
@@ -615,7 +631,7 @@ class Runner(ChildProcesses):
         return take_gpus(self.gpus, self.plan, self.lock, lambda: self.signal or all(
             line["index"] in self.tried for line in self.lines))
 
-    def run(self, line, env, cores, held):
+    def run(self, line, env, cores, held, keep=()):
         cmd = (["taskset", "-c", cores] if cores else []) + command(line)
         if suspect(line["run_dir"]):
             marker = os.path.join(line["run_dir"], CLAIMED_TWICE)
@@ -627,7 +643,7 @@ class Runner(ChildProcesses):
         fd, refusal = tempfile.mkstemp(prefix="refusal-")
         os.close(fd)
         try:
-            rc = self.start(line, cmd, {**os.environ, **env, "TRAIN_REFUSAL_FILE": refusal})
+            rc = self.start(line, cmd, {**os.environ, **env, "TRAIN_REFUSAL_FILE": refusal}, keep)
             refused = bool(rc) and os.path.getsize(refusal) > 0
         finally:
             os.remove(refusal)
@@ -677,6 +693,8 @@ class Runner(ChildProcesses):
     def go(self, workers):
         """Run the workers [(env, cores)] to the end; the exit status (0, 1 failures, 2 refused, 128 + a signal)."""
         check_flock(self.plan)
+        if self.gpus:  # before any worker: a lock folder of others is one line, not a failure per worker
+            private_folder(gpu_locks())
         # a signal's C handler writes this pipe at once; ours runs later, in this thread: a child started in between
         # did not get a terminal's signal
         self.wakeup, written = os.pipe()

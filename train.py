@@ -149,11 +149,23 @@ def finish(run, state, steps_here, data, proc):
         dist.barrier()
         dist.destroy_process_group()
     if run.stopped:
-        if os.environ.get("TORCHELASTIC_RUN_ID") and proc.local_rank == 0:
+        if proc.local_rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and torchrun_parent():
             # torchrun restarts (--max-restarts) workers that stopped on a signal it did not get itself: each node's
             # agent is told to stop too, and ends its workers (they ignore a repeated SIGTERM) without a restart
-            os.kill(os.getppid(), signal.SIGTERM)
+            with contextlib.suppress(OSError):  # (gone already)
+                os.kill(os.getppid(), signal.SIGTERM)
         sys.exit(128 + run.stopped)
+
+
+def torchrun_parent():
+    """Whether this process's parent is torchrun's agent (not a wrapper script of --no-python, not init or a
+    container's pid 1 after the agent died): its command line runs torch.distributed.run or torchrun."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(w == b"torch.distributed.run" or w.endswith(b"torchrun") for w in words)
 
 
 @dataclass(frozen=True)

@@ -38,15 +38,24 @@ def signals_left_to_train_py(worker_id):
 
 
 def workers_killed_at_exit():
-    """At the main process's exit, SIGKILL the daemonic children still alive, DataLoader workers (a run that fails
-    mid-batch leaves them busy): multiprocessing's own exit handler ends them with SIGTERM, which they ignore, and
-    then joins them, forever. atexit calls the handlers last-registered first, so this one, registered after
-    multiprocessing's (at its import), runs before it."""
+    """At the main process's exit, SIGKILL the DataLoader workers still alive (a run that fails mid-batch leaves them
+    busy; other children, a Pool's, are left alone): multiprocessing's own exit handler ends them with SIGTERM,
+    which they ignore, and then joins them, forever. atexit calls the handlers last-registered first, so this one,
+    registered after multiprocessing's (at its import), runs before it."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for each worker killed here
     for p in multiprocessing.active_children():
-        if p.daemon:  # as DataLoader workers are (multiprocessing would end them too, with a SIGTERM)
+        if p.daemon and process_name(p.pid) == "pt_data_worker":  # torch names its workers so; a Pool's are not
             p.kill()
             p.join(5)
+
+
+def process_name(pid):
+    """A process's name (Linux: /proc/PID/comm), or None."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 KILL_AT_EXIT = []  # registered once, with the first workers

@@ -707,8 +707,8 @@ MUTATIONS = [
      "tests/test_data.py::test_a_damaged_image_stops_the_run_with_one_line_naming_it"),
     # issue 39's third review: GPUs across plans, stops, double claims, small gaps
     ("a plan's write tests its claims outside the pick lock (a claiming worker takes a free line for held)",
-     "plan.py", 'fcntl.flock(stack.enter_context(open(plan + ".lock")), fcntl.LOCK_EX)',
-     'stack.enter_context(open(plan + ".lock"))',
+     "plan.py", 'fcntl.flock(stack.enter_context(open(plan + ".lock", "a")), fcntl.LOCK_EX)',
+     'stack.enter_context(open(plan + ".lock", "a"))',
      PLANS + "test_writing_a_plan_again_never_makes_a_worker_take_a_free_line_for_held"),
     ("--nnodes x unchecked (a shell error, then a sweep as if on one node)", "launch.sh",
      'if [[ ! "$NNODES" =~ ^[1-9][0-9]*$ ]]; then', "if false; then",
@@ -751,6 +751,13 @@ MUTATIONS = [
     ("a documented module flag renamed (analysis.compare's --x)", "analysis/compare.py",
      'p.add_argument("--x", choices=axes.AXES', 'p.add_argument("--axis", choices=axes.AXES',
      "tests/test_docs.py::test_every_documented_command_of_ours_passes_its_check"),
+    # issue 39's last review: the GPU locks outlive a killed worker, and are this user's alone
+    ("a worker's GPU locks not inherited by its run (a kill -9 of the worker frees a GPU in use)", "plan.py",
+     "pass_fds=[f.fileno() for f in keep])", "pass_fds=[])",
+     PLANS + "test_a_worker_killed_mid_run_leaves_its_gpus_locked_by_the_run"),
+    ("a GPU lock folder others can write (or a symlink) used", "plan.py",
+     "    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:",
+     "    if False:", PLANS + "test_a_gpu_lock_folder_others_can_write_or_a_symlink_is_refused_in_one_line"),
 ]
 
 

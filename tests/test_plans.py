@@ -19,6 +19,7 @@ import time
 import pytest
 
 from conftest import ENV, ROOT
+from plan import descendants
 from test_resume import TIME_COLUMNS, metrics_without_time
 
 SHIMS = os.path.join(ROOT, "tests", "shims")
@@ -363,6 +364,49 @@ def test_no_two_runs_of_any_plans_share_a_gpu_of_the_machine(tmp_path, fake):
     assert pairs and all(x["env"]["CUDA_VISIBLE_DEVICES"] != y["env"]["CUDA_VISIBLE_DEVICES"] for x, y in pairs)
     assert "launch.sh: run-plan: waiting for 1 free GPU(s) of 0,1, held by pid " in told, told
     assert {e["env"]["TRAIN_CONCURRENT_RUNS"] for e in events() if "/b/" in e["run"]} == {"2"}
+
+
+def test_a_worker_killed_mid_run_leaves_its_gpus_locked_by_the_run(tmp_path, fake):
+    """The GPU locks were the worker's alone: `kill -9` of a worker freed its GPUs while its run trained on (its
+    child lived), and the next worker was given the same GPU. The run holds them too now (inherited files)."""
+    env, events = fake
+    env = two_gpu_machine(env, tmp_path, seconds=6)
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_plan(a / "plan", a, numbered(a, 1), gpus=2)
+    write_plan(b / "plan", b, numbered(b, 1), gpus=1)
+    first = subprocess.Popen([os.path.join(ROOT, "launch.sh"), "run-plan", str(a / "plan"), "--next"], cwd=ROOT,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while not events() and time.time() < deadline:
+        time.sleep(0.1)
+    assert events(), "the first run did not start"
+    for pid in [first.pid] + descendants(first.pid):  # the worker itself (plan.py), not the run
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"plan.py" in f.read():
+                os.kill(pid, signal.SIGKILL)
+    launch("run-plan", str(b / "plan"), "--next", env=env)
+    (run_a, run_b), (end_a, _) = events(), events("end")
+    assert run_b["t"] >= end_a["t"], (run_a, run_b, end_a)  # b waited for a's run, not for a's worker
+    first.wait(60)
+
+
+def test_a_gpu_lock_folder_others_can_write_or_a_symlink_is_refused_in_one_line(tmp_path, fake):
+    """/tmp/cyclic-tradeoff-gpus-UID has a name anyone can guess: made first by another user (or a symlink), its lock
+    files could be pointed at a file of ours, which the lock's record then overwrote."""
+    env, events = fake
+    env = two_gpu_machine(env, tmp_path, seconds=0)
+    write_plan(tmp_path / "a" / "plan", tmp_path / "a", numbered(tmp_path / "a", 1), gpus=1)
+    shared, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    for folder in (shared, tmp_path / "link"):
+        p = launch("run-plan", str(tmp_path / "a" / "plan"), "--next", env=dict(env, CYCLIC_GPU_LOCKS=str(folder)),
+                   check=False)
+        assert p.returncode == 2 and p.stderr.splitlines()[-1].startswith(
+            f"launch.sh: run-plan: the GPU lock folder {folder} is not a folder of this user's alone"), p.stderr
+    assert not events() and not os.listdir(elsewhere)
 
 
 def test_a_signal_ends_every_child_a_failed_run_does_not_stop_the_others_and_none_runs_twice(tmp_path, fake):
