@@ -64,8 +64,13 @@ def check_unlocked(run_dir):
     except OSError:  # a file system without locks: the run itself says so (--no-lock)
         return
     if holder is not None:
-        raise RunDirError(f"--run-dir {run_dir} is in use by another train.py (pid {holder}); wait for it to "
-                          f"finish, stop it, or choose another --run-dir")
+        raise in_use(run_dir, holder)
+
+
+def in_use(run_dir, holder):
+    """The error of a --run-dir whose lock another train.py holds (pid `holder`)."""
+    return RunDirError(f"--run-dir {run_dir} is in use by another train.py (pid {holder}); wait for it to finish, "
+                       f"stop it, or choose another --run-dir")
 
 
 def lock_run_dir(run_dir):
@@ -83,8 +88,7 @@ def lock_run_dir(run_dir):
                           f"--no-lock to run without the lock, and make sure yourself that no second train.py "
                           f"writes this folder (two would mix their rows and checkpoints)")
     if holder is not None:
-        raise RunDirError(f"--run-dir {run_dir} is in use by another train.py (pid {holder}); wait for it to "
-                          f"finish, stop it, or choose another --run-dir")
+        raise in_use(run_dir, holder)
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

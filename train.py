@@ -211,13 +211,18 @@ def check_only(args, setup, methods, proc):
         if e.code:
             raise
         start = "is finished: a run exits at once"
-    here = data_here(args.dataset, args.data_dir) and not (args.download and not data_found(args))
+    here, data = data_here(args.dataset, args.data_dir), None
+    download, args.workers, args.download = args.download, 0, False  # no DataLoader workers, no download for a check
+    if here and download:  # read once here, where it is already (build_run takes it); a run would download it
+        try:
+            data = run_data(args, proc.device)
+        except DataError:
+            here = False
     if not here and args.check != "shape":
         fail(f"--data-dir {args.data_dir or '(default)'}: the data is not here to check; run --check where it is, "
              f"or give --check shape to check the command by its dataset's shape and size", options=True)
-    args.workers, args.download = 0, False  # no DataLoader workers, no download for a check
-    stand_in = None if here else StandIn(args.dataset, proc.device, args.subset, args.image_size)
-    loader = build_run(args, setup, methods, proc.device, proc.rank, proc.world_size, stand_in)[2]
+    data = data if here else StandIn(args.dataset, proc.device, args.subset, args.image_size)
+    loader = build_run(args, setup, methods, proc.device, proc.rank, proc.world_size, data)[2]
     plan = make_plan(args, setup, loader.steps_per_epoch)
     amp = "auto (measured as the run starts)" if precision.measures_precision(args, proc.device, proc.world_size) \
         else setup.amp
@@ -228,14 +233,6 @@ def check_only(args, setup, methods, proc):
           f"{loader.steps_per_epoch} per epoch, x{proc.world_size} ranks; methods {', '.join(setup.methods) or 'none'}"
           f"; amp {amp}")
 
-
-def data_found(args):
-    """Whether a --download dataset is already in --data-dir (a check downloads nothing; a run would)."""
-    try:
-        build_data(args.dataset, args.data_dir, torch.device("cpu"), subset=1)
-        return True
-    except DataError:
-        return False
 
 
 def print_amp(args, setup, methods, proc):
@@ -402,8 +399,7 @@ def build_run(args, setup, methods, device, rank, world_size, data=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     try:
-        data = data or build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers,
-                                  augment=args.augment == "standard", decode=args.decode, image_size=args.image_size)
+        data = data or run_data(args, device)
         model = build_model(args.model, data.num_classes, data.in_chans,
                             {**setup.model_kwargs, **methods.model_kwargs()}).to(device)
         model = methods.apply_model(model)  # surgery (BlurPool, channels-last, an EMA copy), before DDP
@@ -418,6 +414,12 @@ def build_run(args, setup, methods, device, rank, world_size, data=None):
     if loader.steps_per_epoch < 1:
         fail(f"--batch-size {args.batch_size} is larger than the training set; lower it or drop --subset", options=True)
     return data, model, loader
+
+
+def run_data(args, device):
+    """The run's dataset, as its data flags ask (build_data; DataError where it cannot be read)."""
+    return build_data(args.dataset, args.data_dir, device, args.subset, args.download, args.workers,
+                      augment=args.augment == "standard", decode=args.decode, image_size=args.image_size)
 
 
 def check_model_runs(model, data, methods, args):

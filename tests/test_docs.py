@@ -231,6 +231,11 @@ def checked_paths(command, doc_files):
     return words
 
 
+def placeholder_data(words, command):
+    """Whether the words' --data-dir is a placeholder of the command's block (train.py then checks it by shape)."""
+    return given(words, "--data-dir") in command.placeholders
+
+
 def check_train(words, world_size=1, shape=False):
     """train.py's words + --check (shape: data that is not here checked by its shape), in this process at
     `world_size` ranks: (exit status, what it printed)."""
@@ -310,9 +315,8 @@ def test_every_documented_command_of_ours_passes_its_check(command, options, doc
                 f"{command}: {out}/report.md records another command"
         return
     words = checked_paths(command, doc_files)
-    shape = any(given(words, "--data-dir") == p for p in command.placeholders)
     if program == "train.py":
-        code, said = check_train(words[1:], torchrun_world(command.launcher), shape)
+        code, said = check_train(words[1:], torchrun_world(command.launcher), placeholder_data(words, command))
         assert code == 0 and "train.py --check: OK" in said, f"{command}: {said[-1500:]}"
         return
     p = subprocess.run(["./launch.sh", *words[1:]], cwd=ROOT, env=dict(ENV, DRY="1", SKIP_SETUP="1"),
@@ -321,8 +325,7 @@ def test_every_documented_command_of_ours_passes_its_check(command, options, doc
     first = next((shlex.split(line) for line in p.stdout.splitlines() if " train.py " in line), None)
     if first:  # the runs' own options, as the sweep would give them
         launcher, run = ours(first)
-        shape = any(given(run, "--data-dir") == p for p in command.placeholders)
-        code, said = check_train(run[1:], torchrun_world(launcher), shape)
+        code, said = check_train(run[1:], torchrun_world(launcher), placeholder_data(run, command))
         assert code == 0, f"{command}: its first run: {shlex.join(first)}: {said[-1500:]}"
 
 
